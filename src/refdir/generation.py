@@ -1,0 +1,51 @@
+"""Batched greedy generation (any intervention may be active around the call)."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .chat import ChatFormat
+
+
+@torch.no_grad()
+def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens: int = 128,
+             batch_size: int = 16, progress: bool = True, desc: str = "generate",
+             return_ids: bool = False) -> list:
+    """Greedy completions, left-padded batches, with a progress bar."""
+    dev = next(model.parameters()).device
+    tok = fmt.tokenizer
+    out: list = []
+    # sort by length so that batches pad little; restore order at the end
+    order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
+    results: dict[int, object] = {}
+    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+        idx = order[s : s + batch_size]
+        enc = fmt.encode([instructions[i] for i in idx], device=dev)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                             top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
+        new = gen[:, enc["input_ids"].shape[1]:]
+        for j, i in enumerate(idx):
+            ids = new[j].tolist()
+            eos = _eos_ids(model, tok)
+            cut = next((k for k, t in enumerate(ids) if t in eos), len(ids))
+            ids = ids[:cut]
+            text = tok.decode(ids, skip_special_tokens=True)
+            results[i] = (text, ids) if return_ids else text
+    out = [results[i] for i in range(len(instructions))]
+    return out
+
+
+def _eos_ids(model, tok) -> set[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), model.config):
+        e = getattr(src, "eos_token_id", None) if src is not None else None
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(e)
+    if tok.eos_token_id is not None:
+        ids.add(tok.eos_token_id)
+    if tok.pad_token_id is not None:
+        ids.add(tok.pad_token_id)
+    return ids

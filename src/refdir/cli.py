@@ -19,6 +19,11 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(2)
 
 
+@app.callback()
+def _root() -> None:
+    """refdir: find, remove and add the refusal direction of a chat model."""
+
+
 ModelArg = typer.Argument("default", help="'default' (embedded Qwen2.5-Coder-0.5B-Instruct), a .gguf file, a model dir or a hub id")
 
 

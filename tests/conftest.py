@@ -1,0 +1,108 @@
+"""Shared fixtures: tiny random decoders of many architectures, a tiny BPE tokenizer with a chat
+template, and the real offline model (loaded once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+PAPER_SPLITS = SHARED / "datasets" / "paper_splits"
+
+TINY_COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
+                   eos_token_id=2)
+
+# Pre-norm decoders: weight orthogonalization must equal ablation exactly.
+EXACT_ARCHS = {
+    "llama": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "mistral": {},
+    "gemma": {"head_dim": 16},
+    "phi3": {},
+    "granite": {},
+    "starcoder2": {},
+    "gpt_neox": {},
+    "cohere": {},
+    "olmo": {},
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
+}
+# Post-norm decoders: ablation hooks act on what is written; weight edits are approximate.
+POSTNORM_ARCHS = {
+    "gemma2": {"head_dim": 16},
+    "gemma3_text": {"head_dim": 16},
+    "olmo2": {},
+}
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from refdir.data import embedded
+
+    corpus = embedded("harmful").instructions + embedded("harmless").instructions
+    corpus += ["I'm sorry, I cannot help with that.", "Sure, here is how", "As an AI I can't"]
+    tk = Tokenizer(models.BPE(unk_token=None))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(corpus, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="<|end|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_tiny(arch: str, vocab_size: int, seed: int = 0, **overrides):
+    """A tiny random decoder of architecture ``arch`` in fp32, with weights large enough that
+    every component matters."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    extra = {**EXACT_ARCHS, **POSTNORM_ARCHS}.get(arch, {})
+    cfg = AutoConfig.for_model(arch, **{**TINY_COMMON, **extra, "vocab_size": vocab_size, **overrides})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name.split(".")[-2:][0]:
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0.0, 0.15)
+    return model
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """The embedded Qwen2.5-Coder-0.5B-Instruct, in the dtype refdir picks for this CPU."""
+    from refdir.models import load_model
+
+    return load_model("default")
+
+
+@pytest.fixture(scope="session")
+def paper_splits():
+    import json
+
+    if not PAPER_SPLITS.exists():
+        pytest.skip("../shared/datasets/paper_splits not present")
+    return {n: [r["instruction"] for r in json.loads((PAPER_SPLITS / f"{n}.json").read_text())]
+            for n in ("harmful_train", "harmful_val", "harmless_train", "harmless_val")}

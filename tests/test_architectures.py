@@ -1,0 +1,184 @@
+"""Equivalence of ablation hooks and weight orthogonalization on tiny random decoders."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import EXACT_ARCHS, POSTNORM_ARCHS, make_tiny
+from transformers import AutoModelForCausalLM
+
+from refdir.architecture import inspect_model
+from refdir.interventions import ablate, add, intervene
+from refdir.models import save_hf_checkpoint
+from refdir.orthogonalize import orthogonalize_
+
+VOCAB = 128
+
+
+def _inputs(seed=1, batch=2, seq=12):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in the first row
+    return ids, mask
+
+
+def _record_block_inputs(arch):
+    seen = []
+
+    def hook(_m, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append(x.detach().clone())
+
+    handles = [bp.block.register_forward_pre_hook(hook, with_kwargs=True) for bp in arch.blocks]
+    return seen, handles
+
+
+@pytest.mark.parametrize("arch_name", sorted(EXACT_ARCHS))
+def test_ablation_equals_orthogonalized_checkpoint(arch_name, tmp_path):
+    model = make_tiny(arch_name, VOCAB)
+    arch = inspect_model(model)
+    r = torch.randn(arch.d_model, generator=torch.Generator().manual_seed(7))
+    ids, mask = _inputs()
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+        with ablate(model, r):
+            abl = model(input_ids=ids, attention_mask=mask).logits
+    assert (abl - base).abs().max() > 1e-3, "ablation must change the output of a random model"
+    assert arch.weight_edit_exact
+    orthogonalize_(model, r)
+    save_hf_checkpoint(model, None, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ortho = reloaded(input_ids=ids, attention_mask=mask).logits
+    scale = max(1.0, float(base.abs().max()) / 10)
+    assert (abl - ortho).abs().max() <= 1e-4 * scale, f"{arch_name}: ablate != orthogonalized"
+
+
+@pytest.mark.parametrize("arch_name", sorted(EXACT_ARCHS) + sorted(POSTNORM_ARCHS))
+def test_ablation_removes_direction_at_every_block_input_during_cached_decoding(arch_name):
+    model = make_tiny(arch_name, VOCAB)
+    arch = inspect_model(model)
+    r = torch.randn(arch.d_model, generator=torch.Generator().manual_seed(3))
+    r_hat = r / r.norm()
+    ids, mask = _inputs(batch=2, seq=8)
+    with torch.no_grad(), ablate(model, r):
+        # registered after the ablation hooks, so it sees what each block actually receives
+        seen, handles = _record_block_inputs(arch)
+        try:
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                 use_cache=True, pad_token_id=0)
+        finally:
+            for h in handles:
+                h.remove()
+    assert out.shape[1] == ids.shape[1] + 4
+    # prefill + cached decoding steps, each through every block
+    assert len(seen) % arch.n_layers == 0 and len(seen) >= arch.n_layers * 4
+    assert any(x.shape[1] == 1 for x in seen), "decoding steps must run with a KV cache"
+    for x in seen:
+        proj = (x @ r_hat).abs()
+        assert torch.all(proj <= 1e-5 * x.norm(dim=-1) + 1e-6)
+    # and the hooks are gone afterwards
+    assert all(not bp.block._forward_pre_hooks for bp in arch.blocks)
+
+
+@pytest.mark.parametrize("arch_name", sorted(POSTNORM_ARCHS))
+def test_postnorm_architectures_are_detected_and_weight_edit_warns(arch_name):
+    model = make_tiny(arch_name, VOCAB)
+    arch = inspect_model(model)
+    assert arch.has_post_norms and not arch.weight_edit_exact
+    with pytest.warns(UserWarning, match="post-norms"):
+        orthogonalize_(model, torch.randn(arch.d_model))
+
+
+def test_tied_lm_head_is_untied_and_unembedding_unchanged():
+    model = make_tiny("gemma", VOCAB)
+    arch = inspect_model(model)
+    assert arch.tied
+    head_before = model.get_output_embeddings().weight.detach().clone()
+    r = torch.randn(arch.d_model)
+    summary = orthogonalize_(model, r)
+    assert summary["untied_lm_head"]
+    assert torch.equal(model.get_output_embeddings().weight, head_before)
+    emb = model.get_input_embeddings().weight
+    assert (emb.double() @ (r / r.norm()).double()).abs().max() < 1e-5
+
+
+def test_hooks_removed_even_on_error():
+    model = make_tiny("llama", VOCAB)
+    arch = inspect_model(model)
+    with pytest.raises(RuntimeError):
+        with ablate(model, torch.randn(arch.d_model)):
+            raise RuntimeError("boom")
+    for bp in arch.blocks:
+        assert not bp.block._forward_pre_hooks
+        assert not bp.attn._forward_hooks and not bp.mlp._forward_hooks
+
+
+def test_add_shifts_block_input_and_combines_with_ablation():
+    model = make_tiny("qwen2", VOCAB)
+    arch = inspect_model(model)
+    v = torch.randn(arch.d_model)
+    ids, mask = _inputs()
+    seen, handles = _record_block_inputs(arch)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+        base_in = seen[1].clone()
+        seen.clear()
+        with add(model, v, layer=1, coeff=2.0):
+            model(input_ids=ids, attention_mask=mask)
+        # the recording hook was registered first, so it sees the input before the addition;
+        # the block itself received base + 2v: check through a second recorder registered after.
+        seen.clear()
+        with add(model, v, layer=1, coeff=2.0):
+            rec = []
+            h2 = arch.blocks[1].block.register_forward_pre_hook(
+                lambda m, a, k: rec.append((a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
+            model(input_ids=ids, attention_mask=mask)
+            h2.remove()
+        assert torch.allclose(rec[0], base_in + 2.0 * v, atol=1e-5)
+        r = torch.randn(arch.d_model)
+        with intervene(ablate(model, r), add(model, v, 1)):
+            both = model(input_ids=ids, attention_mask=mask).logits
+        assert torch.isfinite(both).all()
+    for h in handles:
+        h.remove()
+
+
+def test_unknown_module_tree_fails_with_the_tree_in_the_message():
+    from refdir.errors import RefdirError
+
+    class Weird(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 8)
+            self.config = type("C", (), {"hidden_size": 8, "num_hidden_layers": 2})()
+
+        def get_input_embeddings(self):
+            return self.emb
+
+    with pytest.raises(RefdirError, match="module tree"):
+        inspect_model(Weird())
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2_moe"])
+def test_split_device_map_hooks_are_device_correct(arch_name):
+    """Blocks placed by an accelerate-style device map (all on CPU here, but dispatched through
+    accelerate hooks) still ablate correctly."""
+    from accelerate import dispatch_model
+
+    model = make_tiny(arch_name, VOCAB)
+    arch = inspect_model(model)
+    r = torch.randn(arch.d_model)
+    ids, mask = _inputs()
+    with torch.no_grad(), ablate(model, r):
+        ref = model(input_ids=ids, attention_mask=mask).logits
+    names = [n for n, _ in model.named_children()]
+    device_map = {n: "cpu" for n in names}
+    model2 = dispatch_model(model, device_map=device_map)
+    with warnings.catch_warnings(), torch.no_grad(), ablate(model2, r):
+        warnings.simplefilter("ignore")
+        got = model2(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(ref, got, atol=1e-5)

@@ -1,0 +1,167 @@
+"""Chat formatting, data loading, candidates on disk, the extract CLI, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny
+from typer.testing import CliRunner
+
+from refdir.chat import ChatFormat
+from refdir.cli import app
+from refdir.data import dedupe, embedded, load_instructions, sample
+from refdir.directions import Candidates, Direction
+from refdir.errors import RefdirError
+from refdir.models import assemble_parts
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def tiny_dir(tmp_path, tiny_tokenizer):
+    model = make_tiny("llama", len(tiny_tokenizer))
+    d = tmp_path / "tiny-llama"
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+# ------------------------------------------------------------------ chat
+def test_post_instruction_tokens_found_by_template_diff(tiny_tokenizer):
+    fmt = ChatFormat(tiny_tokenizer)
+    assert "".join(fmt.post_instruction_tokens()).replace("Ċ", "\n") == "<|end|>\n<|assistant|>\n"
+    enc = fmt.encode(["short one", "a much longer instruction with many more words in it"])
+    assert enc["attention_mask"][0, 0] == 0, "batches are left-padded"
+    n = fmt.n_post
+    assert enc["input_ids"][:, -n:].tolist() == [fmt.post_instruction_ids] * 2
+
+
+def test_system_prompt_is_rendered(tiny_tokenizer):
+    fmt = ChatFormat(tiny_tokenizer, system="Be brief.")
+    assert fmt.render("hi").startswith("<|system|>\nBe brief.<|end|>")
+
+
+def test_missing_chat_template_suggests_flag(tiny_tokenizer):
+    tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer, pad_token="<pad>")
+    tok.chat_template = None
+    with pytest.raises(RefdirError, match="--chat-template"):
+        ChatFormat(tok)
+    fmt = ChatFormat(tok, template="### Instruction:\n{instruction}\n### Response:\n")
+    assert fmt.n_post >= 1
+    with pytest.raises(RefdirError, match="instruction"):
+        ChatFormat(tok, template="no placeholder here")
+
+
+# ------------------------------------------------------------------ data
+def test_embedded_sets_are_large_diverse_and_split():
+    for kind in ("harmful", "harmless"):
+        rows = json.loads((Path(__file__).parents[1] / "src/refdir/assets" / f"{kind}.json").read_text())
+        assert len(rows) >= 160
+        assert len({r["category"] for r in rows}) >= 8
+        splits = {s: embedded(kind, s).instructions for s in ("train", "val", "test")}
+        assert all(splits.values())
+        assert not set(splits["train"]) & set(splits["test"])
+        assert not set(splits["val"]) & set(splits["test"])
+        assert len(dedupe(embedded(kind).instructions)) == len(rows)
+
+
+def test_loaders_for_each_format(tmp_path):
+    items = ["Write a poem", "write a poem ", "Explain tides"]
+    (tmp_path / "a.txt").write_text("\n".join(items) + "\n\n")
+    (tmp_path / "a.csv").write_text("prompt,x\n" + "\n".join(f'"{s}",1' for s in items))
+    (tmp_path / "a.json").write_text(json.dumps([{"prompt": s} for s in items]))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"prompt": s}) for s in items))
+    assert load_instructions(tmp_path / "a.txt").instructions == ["Write a poem", "Explain tides"]
+    for ext in ("csv", "json", "jsonl"):
+        got = load_instructions(tmp_path / f"a.{ext}", column="prompt").instructions
+        assert got == ["Write a poem", "Explain tides"], ext
+
+
+def test_sampling_is_seeded():
+    xs = [str(i) for i in range(50)]
+    assert sample(xs, 10, 1) == sample(xs, 10, 1)
+    assert sample(xs, 10, 1) != sample(xs, 10, 2)
+
+
+def test_empty_dataset_and_missing_column_are_clear_errors(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(RefdirError, match="empty dataset"):
+        load_instructions(tmp_path / "empty.txt")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "hello"}))
+    with pytest.raises(RefdirError, match="no column 'instruction'"):
+        load_instructions(tmp_path / "a.jsonl")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(RefdirError, match="could not parse"):
+        load_instructions(tmp_path / "bad.json")
+
+
+# ------------------------------------------------------------------ files
+def test_wrong_sha256_leaves_no_file(tmp_path):
+    parts = []
+    for i in range(3):
+        p = tmp_path / f"part{i}.bin"
+        p.write_bytes(bytes([i]) * 1000)
+        parts.append(p)
+    out = tmp_path / "cache" / "model.gguf"
+    with pytest.raises(RefdirError, match="sha256 mismatch"):
+        assemble_parts(parts, out, "0" * 64)
+    assert not out.exists() and not any(out.parent.iterdir())
+    import hashlib
+
+    good = hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()
+    assert assemble_parts(parts, out, good).read_bytes()[:1000] == bytes([0]) * 1000
+
+
+def test_direction_and_candidates_round_trip(tmp_path):
+    mh, mb = torch.randn(3, 5, 16, dtype=torch.float64), torch.randn(3, 5, 16, dtype=torch.float64)
+    c = Candidates.from_means(mh, mb, "m", {"k": 1})
+    c.save(tmp_path)
+    c2 = Candidates.load(tmp_path)
+    assert torch.equal(c.vectors, c2.vectors) and c2.positions == [-3, -2, -1] and c2.meta == {"k": 1}
+    d = c.get(-1, 2)
+    assert torch.allclose(d.vector, (mh[2, 2] - mb[2, 2]).float())
+    d.save(tmp_path / "dir")
+    d2 = Direction.load(tmp_path / "dir")
+    assert torch.equal(d.vector, d2.vector) and (d2.layer, d2.position) == (2, -1)
+    (tmp_path / "dir.json").write_text("{broken")
+    with pytest.raises(RefdirError, match="corrupt"):
+        Direction.load(tmp_path / "dir")
+
+
+# ------------------------------------------------------------------ CLI
+def test_extract_cli_writes_candidates_and_refuses_existing_dir(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["extract", str(tiny_dir), "--out", str(out), "--n-train", "12", "--batch-size", "6"])
+    assert r.exit_code == 0, r.output
+    c = Candidates.load(out)
+    assert c.vectors.shape == (4, 4, 64)  # <|end|> \n <|assistant|> \n; 3 blocks + final; d=64
+    assert torch.isfinite(c.vectors).all()
+    before = sorted(p.name for p in out.iterdir())
+    r = runner.invoke(app, ["extract", str(tiny_dir), "--out", str(out)])
+    assert r.exit_code == 2 and "already exists" in r.output
+    assert sorted(p.name for p in out.iterdir()) == before
+    r = runner.invoke(app, ["extract", str(tiny_dir), "--out", str(out), "--n-train", "6", "--force"])
+    assert r.exit_code == 0, r.output
+
+
+def test_extract_cli_bad_inputs_leave_no_output(tiny_dir, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["extract", str(tiny_dir), "--out", str(out), "--harmful", str(tmp_path / "empty.txt")])
+    assert r.exit_code == 2 and "empty dataset" in r.output
+    (tmp_path / "cols.jsonl").write_text(json.dumps({"text": "x"}))
+    r = runner.invoke(app, ["extract", str(tiny_dir), "--out", str(out), "--harmless", str(tmp_path / "cols.jsonl")])
+    assert r.exit_code == 2 and "no column" in r.output
+    # a model without a chat template
+    cfg = json.loads((tiny_dir / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (tiny_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in tiny_dir.glob("chat_template.*"):
+        f.unlink()
+    r = runner.invoke(app, ["extract", str(tiny_dir), "--out", str(out)])
+    assert r.exit_code == 2 and "--chat-template" in r.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]

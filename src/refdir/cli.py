@@ -58,6 +58,71 @@ def extract(
     console.print(f"candidates written to [bold]{path}[/]")
 
 
+@app.command()
+def run(
+    model: str = ModelArg,
+    out: Path = typer.Option(..., "--out", help="run directory; rerunning resumes finished stages"),
+    harmful: str = typer.Option("embedded:harmful", help="harmful instructions (file, hub id, or embedded:harmful)"),
+    harmless: str = typer.Option("embedded:harmless", help="harmless instructions"),
+    column: str = typer.Option("instruction"),
+    n_train: int = typer.Option(None, help="train prompts per set (default: all)"),
+    n_val: int = typer.Option(32, help="validation prompts per set, for selection"),
+    n_test: int = typer.Option(None, help="test prompts per set (default: all of the test split)"),
+    seed: int = typer.Option(42),
+    filter_train: bool = typer.Option(True, help="keep harmful train prompts the model refuses (metric > 0), harmless it does not"),
+    refusal_tokens: str = typer.Option(None, help="comma-separated refusal token strings (default: derived from the model)"),
+    system: str = typer.Option(None, help="system prompt"),
+    chat_template: str = typer.Option(None, "--chat-template", help="template string with {instruction}"),
+    dtype: str = typer.Option("auto"),
+    device: str = typer.Option("cpu"),
+    device_map: str = typer.Option(None),
+    trust_remote_code: bool = typer.Option(False),
+    batch_size: int = typer.Option(32),
+    kl_max: float = typer.Option(0.1),
+    max_layer_frac: float = typer.Option(0.8),
+    induce_rule: str = typer.Option("auto", help="paper (induce > 0), relative, or auto"),
+    exhaustive: bool = typer.Option(False, help="fully score every candidate (default: screen, then score the top-k)"),
+    top_k: int = typer.Option(12, help="finalists fully scored after screening"),
+    max_new_tokens: int = typer.Option(128),
+    judge: str = typer.Option("broad", help="refusal judge for the headline: broad or paper"),
+    save_checkpoint: bool = typer.Option(True),
+    force: bool = typer.Option(False, help="replace a directory that is not a run of this model"),
+) -> None:
+    """The whole pipeline: data → refusal tokens → filter → candidates → selection → eval → checkpoint → report."""
+    from .run import RunConfig, run_pipeline
+
+    try:
+        cfg = RunConfig(model=model, harmful=harmful, harmless=harmless, column=column, n_train=n_train,
+                        n_val=n_val, n_test=n_test, seed=seed, filter_train=filter_train,
+                        refusal_tokens=refusal_tokens.split(",") if refusal_tokens else None, system=system,
+                        chat_template=chat_template, dtype=dtype, device=device, device_map=device_map,
+                        trust_remote_code=trust_remote_code, batch_size=batch_size, kl_max=kl_max,
+                        max_layer_frac=max_layer_frac, induce_rule=induce_rule,
+                        exhaustive=exhaustive, top_k=top_k, max_new_tokens=max_new_tokens,
+                        judge=judge, save_checkpoint=save_checkpoint)
+        summary = run_pipeline(cfg, out, force=force)
+    except RefdirError as e:
+        _fail(e)
+    _print_summary(summary, out)
+
+
+def _print_summary(s: dict, out: Path) -> None:
+    from rich.table import Table
+
+    ch = s["selection"]["chosen"]
+    if ch:
+        console.print(f"chosen: position {ch['position']}, layer {ch['layer']}  bypass {ch['bypass']:.2f}  "
+                      f"induce {ch['induce']:.2f}  KL {ch['kl']:.3f}  ({s['selection']['rule']})")
+    t = Table("arm / prompts", "refusal", "paper substrings", "degenerate")
+    for k, v in s["refusal"].items():
+        t.add_row(k, f"{v['refusal']:.3f}", f"{v['refusal_paper']:.3f}", str(v["degenerate"]))
+    if s.get("checkpoint"):
+        c = s["checkpoint"]
+        t.add_row("checkpoint/harmful", f"{c['refusal']:.3f}", f"{c['refusal_paper']:.3f}", str(c["degenerate"]))
+    console.print(t)
+    console.print(f"report: [bold]{out / 'report.html'}[/]  ({s['timings_s']['total']:.0f} s)")
+
+
 def main() -> None:  # pragma: no cover
     try:
         app()

@@ -28,10 +28,16 @@ PAPER_REFUSAL_SUBSTRINGS = [
 
 @torch.no_grad()
 def last_logits(model: nn.Module, fmt: ChatFormat, instructions: list[str], batch_size: int = 16,
-                progress: bool = False, desc: str = "logits") -> torch.Tensor:
-    """Logits at the first answer position (the prompt's last token), [N, vocab] float32."""
+                progress: bool = False, desc: str = "logits", shared_prefix: bool = False) -> torch.Tensor:
+    """Logits at the first answer position (the prompt's last token), [N, vocab] float32.
+
+    ``shared_prefix=True`` runs the prompts' common token prefix (the template's system part)
+    once and reuses its KV cache for every row; see :func:`last_logits_shared_prefix`.
+    """
     if not instructions:
         raise RefdirError("empty prompt set")
+    if shared_prefix:
+        return last_logits_shared_prefix(model, fmt, instructions, batch_size)
     dev = next(model.parameters()).device
     out = []
     for s in tqdm(range(0, len(instructions), batch_size), desc=desc, disable=not progress, leave=False):
@@ -103,3 +109,62 @@ def derive_refusal_tokens(model, fmt: ChatFormat, harmful: list[str], *, n_promp
         "kept": [fmt.tokenizer.decode([t]) for t in keep],
     }
     return keep, evidence
+
+
+def _common_prefix_len(rows: list[list[int]]) -> int:
+    k = min(len(r) for r in rows) - 1  # every row keeps at least one token of its own
+    first = rows[0]
+    for r in rows[1:]:
+        j = 0
+        while j < k and r[j] == first[j]:
+            j += 1
+        k = j
+    return max(k, 0)
+
+
+@torch.no_grad()
+def last_logits_shared_prefix(model: nn.Module, fmt: ChatFormat, instructions: list[str],
+                              batch_size: int = 32) -> torch.Tensor:
+    """Exact last-position logits with the common prefix computed once.
+
+    Each row is ``prefix + pad… + own tokens``: the prefix's KV cache (computed once, under
+    whatever hooks are active) is repeated over the batch, the padding sits *between* the
+    prefix and the row's own tokens and is masked out, and position ids skip it, so every real
+    token sees exactly the sequence it would see unpadded. Rows are sorted by length so that
+    batches pad little. Intervention hooks act on every position, prefix included, as in the
+    plain path.
+    """
+    import copy
+
+    dev = next(model.parameters()).device
+    rows = [fmt._ids(fmt.render(i)) for i in instructions]
+    k = _common_prefix_len(rows)
+    if k < 2:
+        return last_logits(model, fmt, instructions, batch_size)
+    prefix = torch.tensor([rows[0][:k]], device=dev)
+    pre = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
+    cache = pre.past_key_values
+    pad = fmt.tokenizer.pad_token_id
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out = torch.empty(len(rows), 0)
+    chunks: dict[int, torch.Tensor] = {}
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        tails = [rows[i][k:] for i in idx]
+        S = max(len(t) for t in tails)
+        ids = torch.full((len(idx), S), pad, dtype=torch.long)
+        mask = torch.zeros(len(idx), k + S, dtype=torch.long)
+        mask[:, :k] = 1
+        pos = torch.zeros(len(idx), S, dtype=torch.long)
+        for j, t in enumerate(tails):
+            ids[j, S - len(t):] = torch.tensor(t)
+            mask[j, k + S - len(t):] = 1
+            pos[j, S - len(t):] = torch.arange(k, k + len(t))
+        c = copy.deepcopy(cache)
+        c.batch_repeat_interleave(len(idx))
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                       past_key_values=c, use_cache=True, logits_to_keep=1).logits[:, -1, :]
+        for j, i in enumerate(idx):
+            chunks[i] = logits[j].float().cpu()
+    out = torch.stack([chunks[i] for i in range(len(rows))])
+    return out

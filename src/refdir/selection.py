@@ -41,6 +41,14 @@ class SelectionConfig:
     induce_coeff: float = 1.0
     min_layer: int = 0
     batch_size: int = 32
+    # Screening: score bypass and KL of every candidate on `screen_n` prompts of each set, then
+    # fully score (all val prompts, plus induce) the `top_k` best by screened bypass among those
+    # with screened KL <= screen_kl_factor * kl_max. exhaustive=True fully scores every candidate.
+    exhaustive: bool = False
+    screen_n: int = 8
+    top_k: int = 12
+    screen_kl_factor: float = 2.0
+    shared_prefix: bool = True
 
 
 @dataclass
@@ -51,6 +59,8 @@ class CandidateScore:
     induce: float
     kl: float
     filtered: list[str] = field(default_factory=list)
+    bypass_screen: float = float("nan")
+    kl_screen: float = float("nan")
 
     @property
     def ok(self) -> bool:
@@ -71,7 +81,7 @@ class Selection:
 
     def diagnostic(self, k: int = 5) -> str:
         lines = [f"{n} removed by {f}" for f, n in self.filter_counts.items()]
-        best = sorted(self.scores, key=lambda s: s.bypass)[:k]
+        best = sorted((s for s in self.scores if math.isfinite(s.bypass)), key=lambda s: s.bypass)[:k]
         lines.append("best rejected candidates (by bypass): " + "; ".join(
             f"pos {s.position} layer {s.layer}: bypass {s.bypass:.2f}, induce {s.induce:.2f}, kl {s.kl:.3f} "
             f"[{', '.join(s.filtered)}]" for s in best if s.filtered))
@@ -96,34 +106,65 @@ def score_candidates(model, fmt: ChatFormat, cands: Candidates, harmful_val: lis
         raise RefdirError("selection needs non-empty harmful and harmless validation sets")
     L = cands.n_layers
     max_layer = int(math.floor(cfg.max_layer_frac * L - 1e-9)) if cfg.max_layer_frac < 1 else L - 1
-    both = harmful_val + harmless_val
+
+    def logits(prompts):
+        return last_logits(model, fmt, prompts, cfg.batch_size, shared_prefix=cfg.shared_prefix)
+
+    def bypass_kl(r, hv, bv, base_logp):
+        with ablate(model, r):
+            lg = logits(hv + bv)
+        b = float(refusal_metric_from_logits(lg[: len(hv)], refusal_ids).mean())
+        return b, float(_kl(base_logp, lg[len(hv):]).mean())
+
+    base_logits = logits(harmful_val + harmless_val)
     nh = len(harmful_val)
-    base_logits = last_logits(model, fmt, both, cfg.batch_size)
     base_metric = refusal_metric_from_logits(base_logits, refusal_ids)
+    _check_finite("baseline", base_metric)
     base_logp = torch.log_softmax(base_logits[nh:].double(), -1)
     baseline = {"harmful": float(base_metric[:nh].mean()), "harmless": float(base_metric[nh:].mean())}
-    _check_finite("baseline", base_metric)
 
     scores: list[CandidateScore] = []
-    todo = [(p, layer) for p in cands.positions for layer in range(cfg.min_layer, L)]
-    bar = tqdm(todo, desc="selection", disable=not progress)
-    for p, layer in bar:
-        r = cands.get(p, layer).vector
-        if layer > max_layer:
-            # late layers are filtered regardless; still scored cheaply? no: skip the cost
-            scores.append(CandidateScore(p, layer, float("nan"), float("nan"), float("nan"), ["late layer"]))
-            continue
-        with ablate(model, r):
-            lg = last_logits(model, fmt, both, cfg.batch_size)
-        bypass = float(refusal_metric_from_logits(lg[:nh], refusal_ids).mean())
-        kl = float(_kl(base_logp, lg[nh:]).mean())
-        with add(model, r, layer, cfg.induce_coeff):
-            li = last_logits(model, fmt, harmless_val, cfg.batch_size)
-        induce = float(refusal_metric_from_logits(li, refusal_ids).mean())
-        if not all(math.isfinite(x) for x in (bypass, kl, induce)):
-            raise RefdirError(f"non-finite scores at position {p}, layer {layer}")
-        scores.append(CandidateScore(p, layer, bypass, induce, kl))
-        bar.set_postfix(best=f"{min(s.bypass for s in scores if math.isfinite(s.bypass)):.2f}")
+    live: list[CandidateScore] = []
+    norms = cands.vectors.norm(dim=-1)
+    for p in cands.positions:
+        for layer in range(cfg.min_layer, L):
+            r = cands.get(p, layer).vector
+            nan = float("nan")
+            if not torch.isfinite(r).all():
+                raise RefdirError(f"non-finite candidate at position {p}, layer {layer}")
+            if float(r.norm()) <= 1e-6 * (1 + float(norms.max())):
+                # e.g. layer 0 at template tokens: every prompt has the same embedding there
+                scores.append(CandidateScore(p, layer, nan, nan, nan, ["zero vector"]))
+            elif layer > max_layer:
+                scores.append(CandidateScore(p, layer, nan, nan, nan, ["late layer"]))
+            else:
+                s = CandidateScore(p, layer, nan, nan, nan)
+                scores.append(s)
+                live.append(s)
+
+    finalists = live
+    if not cfg.exhaustive and len(live) > cfg.top_k:
+        n = cfg.screen_n
+        hv, bv = harmful_val[:n], harmless_val[:n]
+        blogp = base_logp[: len(bv)]
+        for s in tqdm(live, desc="selection (screen)", disable=not progress):
+            s.bypass_screen, s.kl_screen = bypass_kl(cands.get(s.position, s.layer).vector, hv, bv, blogp)
+            if not (math.isfinite(s.bypass_screen) and math.isfinite(s.kl_screen)):
+                raise RefdirError(f"non-finite scores at position {s.position}, layer {s.layer}")
+        pool = [s for s in live if s.kl_screen <= cfg.screen_kl_factor * cfg.kl_max] or live
+        finalists = sorted(pool, key=lambda s: s.bypass_screen)[: cfg.top_k]
+        for s in live:
+            if s not in finalists:
+                s.filtered.append("screened out")
+    bar = tqdm(finalists, desc="selection" + ("" if cfg.exhaustive else " (finalists)"), disable=not progress)
+    for s in bar:
+        r = cands.get(s.position, s.layer).vector
+        s.bypass, s.kl = bypass_kl(r, harmful_val, harmless_val, base_logp)
+        with add(model, r, s.layer, cfg.induce_coeff):
+            s.induce = float(refusal_metric_from_logits(logits(harmless_val), refusal_ids).mean())
+        if not all(math.isfinite(x) for x in (s.bypass, s.kl, s.induce)):
+            raise RefdirError(f"non-finite scores at position {s.position}, layer {s.layer}")
+        bar.set_postfix(best=f"{min(f.bypass for f in finalists if math.isfinite(f.bypass)):.2f}")
     return apply_filters(scores, baseline, cfg, L)
 
 
@@ -137,15 +178,17 @@ def apply_filters(scores: list[CandidateScore], baseline: dict, cfg: SelectionCo
     elif cfg.induce_rule == "relative":
         rule = f"relative: induce > {rel_threshold:.2f}"
     elif cfg.induce_rule == "auto":
-        kl_ok_paper = [s for s in paper_ok if s.kl <= cfg.kl_max and "late layer" not in s.filtered]
+        kl_ok_paper = [s for s in paper_ok if s.kl <= cfg.kl_max]
         rule = "paper: induce > 0" if kl_ok_paper else f"relative: induce > {rel_threshold:.2f}"
     else:
         raise RefdirError(f"unknown induce rule {cfg.induce_rule!r}")
     threshold = 0.0 if rule.startswith("paper") else rel_threshold
     counts = {"late layer": 0, f"kl > {cfg.kl_max}": 0, f"induce <= {threshold:.2f}": 0}
+    pre = ("zero vector", "late layer", "screened out")
+    counts.update({k: 0 for k in pre})
     for s in scores:
-        if "late layer" in s.filtered:
-            counts["late layer"] += 1
+        if s.filtered and s.filtered[0] in pre:
+            counts[s.filtered[0]] += 1
             continue
         s.filtered = []
         if not s.kl <= cfg.kl_max:

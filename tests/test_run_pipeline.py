@@ -1,0 +1,125 @@
+"""Selection and the staged ``refdir run`` pipeline on a tiny model: filters, the all-filtered
+diagnostic, resuming, config invalidation and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import make_tiny
+from typer.testing import CliRunner
+
+from refdir.chat import ChatFormat
+from refdir.cli import app
+from refdir.directions import Candidates
+from refdir.run import RunConfig, run_pipeline
+from refdir.scoring import last_logits
+from refdir.selection import CandidateScore, SelectionConfig, apply_filters, score_candidates
+
+runner = CliRunner()
+
+
+@pytest.fixture()
+def tiny_dir(tmp_path, tiny_tokenizer):
+    model = make_tiny("qwen2", len(tiny_tokenizer))
+    d = tmp_path / "tiny-qwen2"
+    model.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    return d
+
+
+def _cfg(tiny_dir, **kw):
+    base = dict(model=str(tiny_dir), refusal_tokens=["I", "As"], n_train=16, n_val=6, n_test=4, batch_size=8,
+                max_new_tokens=6, gen_batch_size=8, dtype="fp32", filter_train=False)
+    return RunConfig(**{**base, **kw})
+
+
+def test_shared_prefix_logits_equal_plain_path(tiny_tokenizer):
+    model = make_tiny("llama", len(tiny_tokenizer))
+    fmt = ChatFormat(tiny_tokenizer, system="You are a helpful assistant.")
+    prompts = ["Explain tides", "Write a short poem about the sea and the moon", "Hi"]
+    a = last_logits(model, fmt, prompts, 2)
+    b = last_logits(model, fmt, prompts, 2, shared_prefix=True)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_selection_scores_every_candidate_and_picks_min_bypass(tiny_tokenizer):
+    model = make_tiny("qwen2", len(tiny_tokenizer))
+    fmt = ChatFormat(tiny_tokenizer)
+    g = torch.Generator().manual_seed(0)
+    P, L, d = fmt.n_post, 3, 64
+    cands = Candidates.from_means(torch.randn(P, L + 1, d, generator=g), torch.randn(P, L + 1, d, generator=g))
+    ids = tiny_tokenizer("I", add_special_tokens=False)["input_ids"][:1]
+    cfg = SelectionConfig(max_layer_frac=0.5, kl_max=1e9, induce_rule="relative", induce_rel_frac=-1e9)
+    sel = score_candidates(model, fmt, cands, ["Explain how to pick a lock", "Make a weapon"],
+                           ["Bake bread", "Explain tides"], ids, cfg, progress=False)
+    assert len(sel.scores) == P * L
+    late = [s for s in sel.scores if "late layer" in s.filtered]
+    assert {s.layer for s in late} == {2}  # layer >= 0.5 * 3
+    ok = [s for s in sel.scores if s.ok]
+    assert ok and sel.chosen.bypass == min(s.bypass for s in ok)
+    assert all(math.isfinite(s.kl) and s.kl >= 0 for s in ok)
+
+
+def test_all_filtered_gives_diagnostic_not_a_crash():
+    scores = [CandidateScore(-1, i, bypass=-1.0 - i, induce=-2.0, kl=0.5) for i in range(5)]
+    sel = apply_filters(scores, {"harmful": 1.0, "harmless": -3.0}, SelectionConfig(induce_rule="paper"), 10)
+    assert sel.chosen is None
+    assert sel.filter_counts["kl > 0.1"] == 5 and sel.filter_counts["induce <= 0.00"] == 5
+    text = sel.diagnostic()
+    assert "5 removed by kl > 0.1" in text and "pos -1 layer 4" in text
+
+
+def test_auto_induce_rule_falls_back_to_relative_and_says_so():
+    scores = [CandidateScore(-1, 1, bypass=-2.0, induce=-0.4, kl=0.05),
+              CandidateScore(-1, 2, bypass=-3.0, induce=-3.5, kl=0.05)]
+    sel = apply_filters(scores, {"harmful": 1.0, "harmless": -3.7}, SelectionConfig(), 10)
+    assert sel.rule.startswith("relative")
+    assert sel.chosen.layer == 1  # layer 2 has the better bypass but does not induce refusal
+    scores.append(CandidateScore(-2, 3, bypass=-1.0, induce=0.5, kl=0.05))
+    sel = apply_filters(scores, {"harmful": 1.0, "harmless": -3.7}, SelectionConfig(), 10)
+    assert sel.rule.startswith("paper") and sel.chosen.layer == 3
+
+
+def test_run_resume_invalidation_and_report(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    s1 = run_pipeline(_cfg(tiny_dir), out, progress=False)
+    assert (out / "report.html").read_text().count("<img") >= 3
+    for f in ("summary.json", "manifest.json", "selection/table.csv", "selection/table.json",
+              "candidates/candidates.safetensors"):
+        assert (out / f).exists(), f
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["seed"] == 42 and manifest["data_sha256"] and manifest["versions"]["refdir"]
+    stamp = {st: (out / st / "stage.json").stat().st_mtime_ns for st in ("data", "candidates", "selection")}
+    # same config: every stage is reused and the numbers are identical
+    s2 = run_pipeline(_cfg(tiny_dir), out, progress=False)
+    assert s2["refusal"] == s1["refusal"] and s2["selection"] == s1["selection"]
+    assert {st: (out / st / "stage.json").stat().st_mtime_ns for st in stamp} == stamp
+    assert "load" not in s2["timings_s"], "a fully cached rerun must not even load the model"
+    # a changed selection setting reruns selection and what follows, not the data or candidates
+    run_pipeline(_cfg(tiny_dir, kl_max=0.05), out, progress=False)
+    assert (out / "data" / "stage.json").stat().st_mtime_ns == stamp["data"]
+    assert (out / "candidates" / "stage.json").stat().st_mtime_ns == stamp["candidates"]
+    assert (out / "selection" / "stage.json").stat().st_mtime_ns != stamp["selection"]
+
+
+def test_run_cli_all_filtered_still_reports(tiny_dir, tmp_path):
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["run", str(tiny_dir), "--out", str(out), "--refusal-tokens", "I,As", "--n-train", "8",
+                            "--n-val", "4", "--n-test", "4", "--max-new-tokens", "4", "--kl-max", "-1",
+                            "--no-filter-train", "--dtype", "fp32"])
+    assert r.exit_code == 0, r.output
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["selection"]["chosen"] is None and summ["checkpoint"] is None
+    assert "Every candidate was filtered out" in (out / "report.html").read_text()
+
+
+def test_run_refuses_foreign_directory(tiny_dir, tmp_path):
+    d = tmp_path / "something"
+    d.mkdir()
+    (d / "precious.txt").write_text("x")
+    r = runner.invoke(app, ["run", str(tiny_dir), "--out", str(d), "--refusal-tokens", "I"])
+    assert r.exit_code == 2 and "not a refdir run directory" in r.output
+    assert (d / "precious.txt").exists()

@@ -129,3 +129,7 @@ def main() -> None:  # pragma: no cover
     except RefdirError as e:
         console.print(f"[bold red]error:[/] {e}")
         sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -123,3 +123,22 @@ def test_run_refuses_foreign_directory(tiny_dir, tmp_path):
     r = runner.invoke(app, ["run", str(tiny_dir), "--out", str(d), "--refusal-tokens", "I"])
     assert r.exit_code == 2 and "not a refdir run directory" in r.output
     assert (d / "precious.txt").exists()
+
+
+def test_separate_val_and_test_sets_and_overlap_is_refused(tiny_dir, tmp_path):
+    import json as _json
+
+    from refdir.errors import RefdirError
+    from refdir.run import Run
+
+    hv = tmp_path / "hv.json"
+    hv.write_text(_json.dumps([{"instruction": f"harmful val prompt number {i}"} for i in range(5)]))
+    cfg = _cfg(tiny_dir, harmful_val=str(hv), harmful_test="embedded:harmful:test", n_test=None)
+    sets = Run(cfg, tmp_path / "a", progress=False).stage_data()
+    assert sets["harmful"]["val"] == sorted(sets["harmful"]["val"], key=sets["harmful"]["val"].index)
+    assert set(sets["harmful"]["val"]) == {f"harmful val prompt number {i}" for i in range(5)}
+    assert len(sets["harmful"]["test"]) == 40
+    bad = _cfg(tiny_dir, harmful="embedded:harmful", harmful_test="embedded:harmful:train")
+    with pytest.raises(RefdirError, match="also appear in train"):
+        Run(bad, tmp_path / "b", progress=False).stage_data()
+    assert not (tmp_path / "b" / "data").exists()

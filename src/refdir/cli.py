@@ -64,6 +64,10 @@ def run(
     out: Path = typer.Option(..., "--out", help="run directory; rerunning resumes finished stages"),
     harmful: str = typer.Option("embedded:harmful", help="harmful instructions (file, hub id, or embedded:harmful)"),
     harmless: str = typer.Option("embedded:harmless", help="harmless instructions"),
+    harmful_val: str = typer.Option(None, help="separate harmful validation set (default: carved from --harmful)"),
+    harmless_val: str = typer.Option(None),
+    harmful_test: str = typer.Option(None, help="separate harmful test set (e.g. embedded:harmful:test)"),
+    harmless_test: str = typer.Option(None),
     column: str = typer.Option("instruction"),
     n_train: int = typer.Option(None, help="train prompts per set (default: all)"),
     n_val: int = typer.Option(32, help="validation prompts per set, for selection"),
@@ -92,7 +96,9 @@ def run(
     from .run import RunConfig, run_pipeline
 
     try:
-        cfg = RunConfig(model=model, harmful=harmful, harmless=harmless, column=column, n_train=n_train,
+        cfg = RunConfig(model=model, harmful=harmful, harmless=harmless, harmful_val=harmful_val,
+                        harmless_val=harmless_val, harmful_test=harmful_test, harmless_test=harmless_test,
+                        column=column, n_train=n_train,
                         n_val=n_val, n_test=n_test, seed=seed, filter_train=filter_train,
                         refusal_tokens=refusal_tokens.split(",") if refusal_tokens else None, system=system,
                         chat_template=chat_template, dtype=dtype, device=device, device_map=device_map,

@@ -24,19 +24,31 @@ def _png(fig) -> str:
     return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
 
 
+def _num(x) -> float:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else float("nan")
+
+
 def plot_selection(rows: list[dict], chosen: dict | None, kl_max: float) -> str:
+    """Bypass, induce and KL against layer, one line per position. Lines show the screening
+    scores of every candidate (8+8 val prompts) where screening ran; dots show full scores."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     positions = sorted({r["position"] for r in rows})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, key, title in zip(axes, ("bypass", "induce", "kl"),
                               ("bypass: refusal metric, harmful val, ablation",
                                "induce: refusal metric, harmless val, addition", "KL(base‖ablated), harmless val"),
                               strict=True):
-        for p in positions:
+        for ci, p in enumerate(positions):
+            col = colors[ci % len(colors)]
             rs = sorted((r for r in rows if r["position"] == p), key=lambda r: r["layer"])
             xs = [r["layer"] for r in rs]
-            ys = [r[key] if r[key] is not None and not (isinstance(r[key], float) and math.isnan(r[key]))
-                  else float("nan") for r in rs]
-            ax.plot(xs, ys, marker=".", label=f"pos {p}")
+            screen = [_num(r.get(key + "_screen")) for r in rs]
+            full = [_num(r[key]) for r in rs]
+            if any(math.isfinite(v) for v in screen):
+                ax.plot(xs, screen, color=col, lw=1, alpha=0.8, label=f"pos {p} (screen)")
+                ax.plot(xs, full, "o", color=col, ms=4)
+            else:
+                ax.plot(xs, full, marker=".", color=col, label=f"pos {p}")
         if chosen:
             ax.scatter([chosen["layer"]], [chosen[key]], s=140, facecolors="none", edgecolors="red", linewidths=2,
                        zorder=5, label="chosen")

@@ -48,6 +48,11 @@ class RunConfig(BaseModel):
     # then carved out by seeded sampling)
     harmful: str = "embedded:harmful"
     harmless: str = "embedded:harmless"
+    # optional separate val/test sources (files, hub ids or embedded:KIND:SPLIT)
+    harmful_val: str | None = None
+    harmless_val: str | None = None
+    harmful_test: str | None = None
+    harmless_test: str | None = None
     column: str = "instruction"
     n_train: int | None = None  # default: all of the train split
     n_val: int = 32
@@ -82,7 +87,8 @@ class RunConfig(BaseModel):
 
 
 STAGE_DEPS: dict[str, list[str]] = {
-    "data": ["harmful", "harmless", "column", "n_train", "n_val", "n_test", "seed"],
+    "data": ["harmful", "harmless", "harmful_val", "harmless_val", "harmful_test", "harmless_test", "column",
+             "n_train", "n_val", "n_test", "seed"],
     "refusal_tokens": ["model", "dtype", "refusal_tokens", "system", "chat_template"],
     "filter": ["filter_train", "filter_val"],
     "candidates": ["batch_size"],
@@ -168,22 +174,29 @@ class Run:
             c = self.cfg
             sets = {}
             for kind, spec in (("harmful", c.harmful), ("harmless", c.harmless)):
+                val_spec, test_spec = getattr(c, f"{kind}_val"), getattr(c, f"{kind}_test")
                 if spec in (f"embedded:{kind}", "embedded"):
                     tr, va, te = (embedded(kind, s).instructions for s in ("train", "val", "test"))
-                    src = f"embedded:{kind}"
                 else:
-                    items = load_instructions(spec, c.column).instructions
-                    items = sample(items, None, c.seed)
-                    n_te = c.n_test or max(1, len(items) // 5)
-                    n_va = c.n_val
+                    items = sample(load_instructions(spec, c.column).instructions, None, c.seed)
+                    n_te = 0 if test_spec else (c.n_test or max(1, len(items) // 5))
+                    n_va = 0 if val_spec else c.n_val
                     if len(items) < n_te + n_va + 2:
                         raise RefdirError(f"{spec}: {len(items)} instructions are too few for val {n_va} + test {n_te}")
                     te, va, tr = items[:n_te], items[n_te:n_te + n_va], items[n_te + n_va:]
-                    src = spec
+                if val_spec:
+                    va = load_instructions(val_spec, c.column).instructions
+                if test_spec:
+                    te = load_instructions(test_spec, c.column).instructions
                 tr = sample(tr, c.n_train, c.seed)
-                va = sample(va, None, c.seed)[: c.n_val]
+                va = sample(va, c.n_val, c.seed)
                 te = te[: c.n_test] if c.n_test else te
-                sets[kind] = {"train": tr, "val": va, "test": te, "source": src}
+                overlap = set(te) & (set(tr) | set(va))
+                if overlap:
+                    raise RefdirError(f"{len(overlap)} {kind} test prompts also appear in train/val, "
+                                      f"e.g. {next(iter(overlap))[:60]!r}")
+                sets[kind] = {"train": tr, "val": va, "test": te,
+                              "source": {"train": spec, "val": val_spec or spec, "test": test_spec or spec}}
             with self.write_stage("data") as d:
                 atomic_write_json(d / "sets.json", sets)
         return self.read_json("data", "sets.json")

@@ -138,7 +138,8 @@ def test_separate_val_and_test_sets_and_overlap_is_refused(tiny_dir, tmp_path):
     assert sets["harmful"]["val"] == sorted(sets["harmful"]["val"], key=sets["harmful"]["val"].index)
     assert set(sets["harmful"]["val"]) == {f"harmful val prompt number {i}" for i in range(5)}
     assert len(sets["harmful"]["test"]) == 40
-    bad = _cfg(tiny_dir, harmful="embedded:harmful", harmful_test="embedded:harmful:train")
+    bad = _cfg(tiny_dir, harmful="embedded:harmful", harmful_test="embedded:harmful:train", n_train=None,
+               n_test=None)
     with pytest.raises(RefdirError, match="also appear in train"):
         Run(bad, tmp_path / "b", progress=False).stage_data()
     assert not (tmp_path / "b" / "data").exists()

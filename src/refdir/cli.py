@@ -15,7 +15,7 @@ console = Console(stderr=True)
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[bold red]error:[/] {e}")
+    typer.echo(f"error: {e}", err=True)  # plain text: never re-wrapped to the terminal width
     raise typer.Exit(2)
 
 
@@ -133,7 +133,7 @@ def main() -> None:  # pragma: no cover
     try:
         app()
     except RefdirError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        typer.echo(f"error: {e}", err=True)
         sys.exit(2)
 
 

@@ -165,3 +165,26 @@ def test_extract_cli_bad_inputs_leave_no_output(tiny_dir, tmp_path):
     assert r.exit_code == 2 and "--chat-template" in r.output
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]
+
+
+def test_orthogonalize_cli_and_wrong_direction_size(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from refdir.interventions import ablate
+
+    d = Direction(torch.randn(64), layer=1, position=-1, model_id="tiny")
+    d.save(tmp_path / "r")
+    out = tmp_path / "ortho"
+    r = runner.invoke(app, ["orthogonalize", str(tiny_dir), str(out), "--direction", str(tmp_path / "r"),
+                            "--dtype", "fp32"])
+    assert r.exit_code == 0, r.output
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    edited = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad(), ablate(base, d.vector):
+        want = base(ids).logits
+    assert torch.allclose(edited(ids).logits, want, atol=1e-4)
+    Direction(torch.randn(65), 1, -1).save(tmp_path / "bad")
+    r = runner.invoke(app, ["orthogonalize", str(tiny_dir), str(tmp_path / "o2"), "--direction", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "hidden size 64" in r.output
+    assert not (tmp_path / "o2").exists()

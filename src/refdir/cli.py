@@ -112,6 +112,37 @@ def run(
     _print_summary(summary, out)
 
 
+@app.command()
+def orthogonalize(
+    model: str = ModelArg,
+    out: Path = typer.Argument(..., help="output directory for the edited checkpoint"),
+    direction: Path = typer.Option(..., "--direction", help="a direction file (.safetensors + .json) from refdir"),
+    dtype: str = typer.Option("auto"),
+    device: str = typer.Option("cpu"),
+    trust_remote_code: bool = typer.Option(False),
+    force: bool = typer.Option(False),
+) -> None:
+    """Write a checkpoint whose residual-writing weights cannot write along the direction."""
+    from .directions import Direction
+    from .models import load_model
+    from .orthogonalize import save_orthogonalized
+
+    try:
+        if out.exists() and not force:
+            raise RefdirError(f"output directory {out} already exists; pass --force to overwrite it")
+        d = Direction.load(direction)
+        lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        if d.d_model != lm.model.config.get_text_config().hidden_size:
+            raise RefdirError(f"direction has size {d.d_model} but {model} has hidden size "
+                              f"{lm.model.config.get_text_config().hidden_size}")
+        save_orthogonalized(lm.model, lm.tokenizer, d.vector, out, force=force,
+                            meta={"direction": {"layer": d.layer, "position": d.position, "file": str(direction)},
+                                  "source_model": lm.model_id})
+    except RefdirError as e:
+        _fail(e)
+    console.print(f"orthogonalized checkpoint written to [bold]{out}[/]")
+
+
 def _print_summary(s: dict, out: Path) -> None:
     from rich.table import Table
 

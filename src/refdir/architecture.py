@@ -248,8 +248,11 @@ def _detect_post_norms(model: nn.Module, block: BlockParts, blocks: nn.ModuleLis
                     block.mlp_post_norm = mod
 
 
-def inspect_model(model: nn.Module) -> Architecture:
-    """Build the :class:`Architecture` of a Hugging Face decoder by inspecting its modules."""
+def inspect_model(model: nn.Module, trace: bool = True) -> Architecture:
+    """Build the :class:`Architecture` of a Hugging Face decoder by inspecting its modules.
+
+    ``trace=False`` skips the one-token forward that detects post-norms (for models built on
+    the meta device, e.g. when streaming a checkpoint without loading it)."""
     d = _hidden_size(model)
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "get_text_config", lambda: cfg)()
@@ -291,6 +294,8 @@ def inspect_model(model: nn.Module) -> Architecture:
 
     arch = Architecture(model, d, len(blocks), embeddings, blocks_path, parts, final_norm, lm_head, tied)
     for bp in parts:  # post-norm structure is shared by all blocks of one class; trace block 0 only
+        if not trace:
+            break
         if bp.index == 0:
             _detect_post_norms(model, bp, blocks)
         else:

@@ -120,17 +120,26 @@ def orthogonalize(
     dtype: str = typer.Option("auto"),
     device: str = typer.Option("cpu"),
     trust_remote_code: bool = typer.Option(False),
+    in_memory: bool = typer.Option(False, help="load the whole model instead of streaming a safetensors directory"),
     force: bool = typer.Option(False),
 ) -> None:
-    """Write a checkpoint whose residual-writing weights cannot write along the direction."""
+    """Write a checkpoint whose residual-writing weights cannot write along the direction.
+
+    A local safetensors directory is streamed one tensor at a time (memory ≈ one shard); the
+    embedded default, GGUF files and --in-memory load the model."""
     from .directions import Direction
     from .models import load_model
-    from .orthogonalize import save_orthogonalized
+    from .orthogonalize import save_orthogonalized, stream_orthogonalize
 
     try:
         if out.exists() and not force:
             raise RefdirError(f"output directory {out} already exists; pass --force to overwrite it")
         d = Direction.load(direction)
+        src = Path(model)
+        if not in_memory and src.is_dir() and any(src.glob("*.safetensors")):
+            summary = stream_orthogonalize(src, d.vector, out, force=force)
+            console.print(f"streamed {len(summary['edited'])} edited tensors into [bold]{out}[/]")
+            return
         lm = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
         if d.d_model != lm.model.config.get_text_config().hidden_size:
             raise RefdirError(f"direction has size {d.d_model} but {model} has hidden size "

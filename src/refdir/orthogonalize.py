@@ -7,6 +7,9 @@ E ← E − E r̂ r̂ᵀ. A tied ``lm_head`` is untied first so the unembedding 
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -88,3 +91,150 @@ def save_orthogonalized(model: nn.Module, tokenizer, direction: torch.Tensor, ou
         save_hf_checkpoint(model, tokenizer, tmp)
         atomic_write_json(tmp / "refdir_edit.json", {"kind": "orthogonalize", **summary, **(meta or {})})
     return Path(out_dir)
+
+
+# ------------------------------------------------------------------------------------------------
+# streaming: a sharded safetensors checkpoint, one tensor at a time, without building the model
+# ------------------------------------------------------------------------------------------------
+
+_EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
+
+
+def _writer_table(config) -> tuple[dict[str, int], list[str], bool, int]:
+    """Parameter names that write to the residual stream (→ output axis), embedding names, tied
+    flag and d_model, read from a model skeleton on the meta device (no weights allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    arch = inspect_model(skeleton, trace=False)
+    table: dict[str, int] = {}
+    for bp in arch.blocks:
+        for w in bp.writers:
+            p = getattr(w.module, w.param)
+            table[w.name] = 0 if p.dim() == 1 else w.out_axis
+    emb = [f"{n}.weight" for n, _ in arch.embeddings]
+    return table, emb, arch.tied, arch.d_model
+
+
+def _match_writer(name: str, table: dict[str, int], shape: tuple[int, ...], d: int) -> int | None:
+    """The output axis if the checkpoint tensor ``name`` writes to the stream, else None.
+
+    Handles checkpoints that store mixture-of-experts weights per expert
+    (``experts.3.down_proj.weight``, 2-D) while the model fuses them (``experts.down_proj``, 3-D)."""
+    if name in table:
+        return table[name] if len(shape) > 1 else 0
+    fused = _EXPERT_INDEX.sub(".experts.", name)
+    for cand in (fused, fused.removesuffix(".weight"), fused.removesuffix(".bias") + "_bias"):
+        if cand in table:
+            if len(shape) == 1:
+                return 0
+            axes = [a for a, n in enumerate(shape) if n == d]
+            if len(axes) != 1:
+                raise RefdirError(f"cannot tell the output axis of {name} with shape {shape}")
+            return axes[0]
+    return None
+
+
+def _project_axis_chunked(t: torch.Tensor, r: torch.Tensor, axis: int, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """:func:`_project_axis` in slices along another axis, so the float64 temporaries stay small."""
+    if t.dim() == 1 or t.numel() <= chunk_elems:
+        return _project_axis(t, r, axis)
+    other = 1 if axis == 0 else 0
+    step = max(1, chunk_elems // max(1, t.numel() // t.shape[other]))
+    parts = [_project_axis(t.narrow(other, s, min(step, t.shape[other] - s)), r, axis)
+             for s in range(0, t.shape[other], step)]
+    return torch.cat(parts, dim=other)
+
+
+def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Path, *, force: bool = False,
+                         progress: bool = True) -> dict:
+    """Orthogonalize a safetensors checkpoint shard by shard, one tensor at a time.
+
+    Peak memory is about one shard plus one tensor: the model is never built (only a skeleton
+    on the meta device, to find which parameters write to the residual stream). Writers and the
+    embedding are edited; every other tensor is copied unchanged; a tied ``lm_head`` is written
+    out explicitly from the unedited embedding. Config (untied), index and tokenizer files are
+    written beside the shards. The output directory appears whole or not at all.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig
+
+    src = Path(src)
+    if not (src / "config.json").exists():
+        raise RefdirError(f"{src} is not a model directory (no config.json)")
+    index_path = src / "model.safetensors.index.json"
+    if index_path.exists():
+        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    else:
+        found = sorted(p.name for p in src.glob("*.safetensors"))
+        if len(found) != 1:
+            raise RefdirError(
+                f"{src} has {len(found)} safetensors files and no model.safetensors.index.json; "
+                "a sharded checkpoint needs its index"
+            )
+        shards = found
+        weight_map = {}
+    for s in shards:
+        if not (src / s).exists():
+            raise RefdirError(f"the index names shard {s}, which is missing from {src}")
+    config = AutoConfig.from_pretrained(src)
+    table, emb_names, tied, d = _writer_table(config)
+    if direction.numel() != d:
+        raise RefdirError(f"direction has size {direction.numel()}, the checkpoint's hidden size is {d}")
+    r = _unit64(direction)
+    edited: list[str] = []
+    new_map: dict[str, str] = {}
+    head_from_embedding = None
+    with atomic_dir(out, force=force) as tmp:
+        for shard in tqdm(shards, desc="orthogonalize shards", disable=not progress):
+            tensors: dict[str, torch.Tensor] = {}
+            with safe_open(str(src / shard), framework="pt") as f:
+                meta = f.metadata()
+                names = list(f.keys())
+                for name in names:
+                    t = f.get_tensor(name)
+                    if name in emb_names:
+                        if tied and name == emb_names[0] and head_from_embedding is None:
+                            head_from_embedding = shard
+                            save_file({"lm_head.weight": t.contiguous()}, str(tmp / "model-lm_head.safetensors"),
+                                      metadata={"format": "pt"})
+                        t = _project_axis_chunked(t, r, 1)
+                        edited.append(name)
+                    else:
+                        axis = _match_writer(name, table, tuple(t.shape), d)
+                        if axis is not None:
+                            t = _project_axis_chunked(t, r, axis)
+                            edited.append(name)
+                    tensors[name] = t.contiguous()
+                    new_map[name] = shard
+            save_file(tensors, str(tmp / shard), metadata=meta or {"format": "pt"})
+            del tensors
+        if head_from_embedding is not None and "lm_head.weight" not in new_map:
+            new_map["lm_head.weight"] = "model-lm_head.safetensors"
+            shards = [*shards, "model-lm_head.safetensors"]
+        n_blocks_edited = len({n.split(".experts.")[0] for n in edited})
+        if not edited or n_blocks_edited < 2:
+            raise RefdirError(f"found no residual-writing tensors in {src}: its tensor names do not match the "
+                              "model class built from its config")
+        total = sum((tmp / s).stat().st_size for s in shards)
+        if len(shards) > 1 or index_path.exists():
+            atomic_write_json(tmp / "model.safetensors.index.json",
+                              {"metadata": {"total_size": total}, "weight_map": new_map})
+        cfg = json.loads((src / "config.json").read_text())
+        if tied:
+            cfg["tie_word_embeddings"] = False
+            if isinstance(cfg.get("text_config"), dict):
+                cfg["text_config"]["tie_word_embeddings"] = False
+        cfg.pop("quantization_config", None)
+        atomic_write_json(tmp / "config.json", cfg)
+        for f in src.iterdir():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", index_path.name):
+                shutil.copy2(f, tmp / f.name)
+        summary = {"kind": "orthogonalize", "mode": "streaming", "source": str(src), "edited": edited,
+                   "untied_lm_head": bool(head_from_embedding), "shards": shards}
+        atomic_write_json(tmp / "refdir_edit.json", summary)
+    return summary

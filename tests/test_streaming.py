@@ -1,0 +1,75 @@
+"""Streaming orthogonalization of sharded safetensors checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from conftest import make_tiny
+from refdir.cli import app
+from refdir.directions import Direction
+from refdir.errors import RefdirError
+from refdir.interventions import ablate
+from refdir.orthogonalize import stream_orthogonalize
+
+VOCAB = 128
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gemma", "qwen2_moe", "starcoder2"])
+def test_streamed_checkpoint_equals_ablation(arch_name, tmp_path):
+    model = make_tiny(arch_name, VOCAB)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="100KB")
+    assert (src / "model.safetensors.index.json").exists()
+    r = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), ablate(model, r):
+        want = model(ids).logits
+    summary = stream_orthogonalize(src, r, tmp_path / "out", progress=False)
+    assert summary["edited"]
+    edited = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = edited(ids).logits
+    assert (got - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()) / 10)
+    idx = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert set(idx["weight_map"]) >= set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"])
+
+
+def test_unedited_tensors_are_copied_unchanged(tmp_path):
+    from safetensors.torch import load_file
+
+    model = make_tiny("llama", VOCAB)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    stream_orthogonalize(src, torch.randn(64), tmp_path / "out", progress=False)
+    a, b = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed == {k for k in a if k.endswith(("o_proj.weight", "down_proj.weight")) or "embed_tokens" in k}
+
+
+def test_streaming_bad_inputs_leave_no_output(tmp_path):
+    model = make_tiny("llama", VOCAB)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="100KB")
+    with pytest.raises(RefdirError, match="hidden size is 64"):
+        stream_orthogonalize(src, torch.randn(65), tmp_path / "out", progress=False)
+    (src / "model.safetensors.index.json").unlink()
+    with pytest.raises(RefdirError, match="needs its index"):
+        stream_orthogonalize(src, torch.randn(64), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]
+
+
+def test_orthogonalize_cli_streams_directories(tmp_path):
+    model = make_tiny("qwen2", VOCAB)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="100KB")
+    d = Direction(torch.randn(64), 1, -1)
+    d.save(tmp_path / "r")
+    r = CliRunner().invoke(app, ["orthogonalize", str(src), str(tmp_path / "out"), "--direction", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out" / "refdir_edit.json").read_text())["mode"] == "streaming"

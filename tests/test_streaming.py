@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from conftest import make_tiny
 from refdir.cli import app
 from refdir.directions import Direction
 from refdir.errors import RefdirError

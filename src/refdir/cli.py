@@ -125,8 +125,8 @@ def orthogonalize(
 ) -> None:
     """Write a checkpoint whose residual-writing weights cannot write along the direction.
 
-    A local safetensors directory is streamed one tensor at a time (memory ≈ one shard); the
-    embedded default, GGUF files and --in-memory load the model."""
+    A local safetensors directory is streamed one tensor at a time (memory ≈ one shard); a .gguf
+    input with a .gguf output is edited in GGUF; the embedded default and --in-memory load the model."""
     from .directions import Direction
     from .models import load_model
     from .orthogonalize import save_orthogonalized, stream_orthogonalize
@@ -136,6 +136,14 @@ def orthogonalize(
             raise RefdirError(f"output directory {out} already exists; pass --force to overwrite it")
         d = Direction.load(direction)
         src = Path(model)
+        if model.endswith(".gguf") and str(out).endswith(".gguf"):
+            from .gguf_edit import orthogonalize_gguf
+
+            summary = orthogonalize_gguf(src, d.vector, out, force=force)
+            console.print(f"edited {len(summary['edited'])} tensors into [bold]{out}[/]")
+            for name, change in summary["changed_types"].items():
+                console.print(f"  type changed: {name}: {change}")
+            return
         if not in_memory and src.is_dir() and any(src.glob("*.safetensors")):
             summary = stream_orthogonalize(src, d.vector, out, force=force)
             console.print(f"streamed {len(summary['edited'])} edited tensors into [bold]{out}[/]")

@@ -1,0 +1,76 @@
+"""GGUF in → GGUF out on real weights (SmolLM2-135M-Instruct, Q4_1, tied embeddings)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from refdir.cli import app
+from refdir.directions import Direction
+from refdir.errors import RefdirError
+from refdir.gguf_edit import orthogonalize_gguf
+from refdir.models import load_model, smollm2_gguf_path
+
+
+@pytest.fixture(scope="module")
+def edited(tmp_path_factory):
+    src = smollm2_gguf_path()
+    r = torch.randn(576, generator=torch.Generator().manual_seed(0))
+    out = tmp_path_factory.mktemp("gguf") / "out.gguf"
+    summary = orthogonalize_gguf(src, r, out, progress=False)
+    return src, out, r, summary
+
+
+def test_gguf_edit_keeps_other_bytes_and_metadata(edited):
+    src, out, r, summary = edited
+    a, b = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out))
+    fa = {k: f.contents() for k, f in a.fields.items() if not k.startswith("GGUF.")}
+    fb = {k: f.contents() for k, f in b.fields.items() if not k.startswith("GGUF.")}
+    assert fa == fb
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert set(tb) == set(ta) | {"output.weight"} and summary["untied_output"]
+    for name, t in ta.items():
+        if name not in summary["edited"]:
+            assert np.array_equal(np.asarray(t.data), np.asarray(tb[name].data)), name
+            assert t.tensor_type == tb[name].tensor_type
+    assert np.array_equal(np.asarray(ta["token_embd.weight"].data), np.asarray(tb["output.weight"].data))
+    assert {n.split(".")[-2] for n in summary["edited"]} == {"token_embd", "attn_output", "ffn_down"}
+    assert summary["changed_types"] == {}  # Q4_1 can be re-quantized by the gguf library
+
+
+def test_gguf_edit_removes_the_direction_up_to_quantization_noise(edited):
+    src, out, r, summary = edited
+    rn = (r / r.norm()).numpy()
+    a, b = gguf.GGUFReader(str(src)), gguf.GGUFReader(str(out))
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    for name in ("blk.5.ffn_down.weight", "token_embd.weight"):
+        xa = gguf.quants.dequantize(ta[name].data, ta[name].tensor_type)
+        xb = gguf.quants.dequantize(tb[name].data, tb[name].tensor_type)
+        axis = 0 if name.startswith("blk") else 1
+        before = np.abs(np.tensordot(rn, xa, axes=([0], [axis]))).mean()
+        after = np.abs(np.tensordot(rn, xb, axes=([0], [axis]))).mean()
+        assert after < 0.6 * before, (name, before, after)
+
+
+def test_gguf_output_loads_in_transformers_with_the_original_unembedding(edited):
+    src, out, _r, _ = edited
+    a, b = load_model(str(src), dtype="fp32"), load_model(str(out), dtype="fp32")
+    assert torch.equal(a.model.get_output_embeddings().weight, b.model.get_output_embeddings().weight)
+    assert not torch.equal(a.model.get_input_embeddings().weight, b.model.get_input_embeddings().weight)
+
+
+def test_gguf_bad_inputs(tmp_path, edited):
+    src = edited[0]
+    with pytest.raises(RefdirError, match="embedding width is 576"):
+        orthogonalize_gguf(src, torch.randn(10), tmp_path / "x.gguf", progress=False)
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(RefdirError, match="could not read GGUF"):
+        orthogonalize_gguf(tmp_path / "junk.gguf", torch.randn(10), tmp_path / "y.gguf", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.gguf"]
+    Direction(torch.randn(576), 3, -1).save(tmp_path / "r")
+    r = CliRunner().invoke(app, ["orthogonalize", str(src), str(tmp_path / "z.gguf"), "--direction", str(tmp_path / "r")])
+    assert r.exit_code == 0, r.output
+    assert gguf.GGUFReader(str(tmp_path / "z.gguf")).fields["general.architecture"].contents() == "llama"

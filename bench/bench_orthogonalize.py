@@ -1,7 +1,7 @@
 """Streaming vs in-memory orthogonalization: wall time and peak RSS.
 
 Builds a synthetic sharded checkpoint of random bf16 weights from a real 4B-class llama config
-(~8 GB on disk, 2 GB shards) in a scratch directory, then orthogonalizes it by streaming in a
+(8.2 GiB on disk, 2 GiB shards) in a scratch directory, then orthogonalizes it by streaming in a
 child process, printing wall time, peak RSS and the largest shard size. ``--small`` also times
 the in-memory path against streaming on a checkpoint that fits in memory.
 
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-CONFIG = dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+CONFIG = dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=36,
               num_attention_heads=24, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
               tie_word_embeddings=False, torch_dtype="bfloat16")
 SHARD = 2 * 1024**3

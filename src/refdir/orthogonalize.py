@@ -13,6 +13,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -147,6 +148,53 @@ def _project_axis_chunked(t: torch.Tensor, r: torch.Tensor, axis: int, chunk_ele
     return torch.cat(parts, dim=other)
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+             "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _rewrite_shard(src_file: Path, dst_file: Path, transform) -> list[str]:
+    """Copy one safetensors file tensor by tensor, passing each through ``transform(name, t)``
+    (which returns the tensor to write, same dtype and shape). The header is written first and
+    each tensor's bytes right after it is transformed, so memory holds one tensor at a time
+    (the safetensors library's writer needs the whole shard in memory)."""
+    from safetensors import safe_open
+
+    with safe_open(str(src_file), framework="pt") as f:
+        meta = f.metadata()
+        names = list(f.keys())
+        specs = {n: (f.get_slice(n).get_dtype(), list(f.get_slice(n).get_shape())) for n in names}
+    header: dict = {}
+    off = 0
+    for n in names:
+        dt, shape = specs[n]
+        if dt not in _ST_SIZES:
+            raise RefdirError(f"unsupported tensor dtype {dt} for {n} in {src_file}")
+        size = _ST_SIZES[dt] * int(np.prod(shape)) if shape else _ST_SIZES[dt]
+        header[n] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + size]}
+        off += size
+    if meta:
+        header["__metadata__"] = meta
+    hbytes = json.dumps(header, separators=(",", ":")).encode()
+    hbytes += b" " * (-len(hbytes) % 8)
+    changed = []
+    with open(dst_file, "wb") as w, safe_open(str(src_file), framework="pt") as f:
+        w.write(len(hbytes).to_bytes(8, "little"))
+        w.write(hbytes)
+        for n in names:
+            t = f.get_tensor(n)
+            new = transform(n, t)
+            if new is not t:
+                if new.dtype != t.dtype or tuple(new.shape) != tuple(t.shape):
+                    raise RefdirError(f"internal: edit changed dtype/shape of {n}")
+                changed.append(n)
+            w.write(new.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if new.numel() else b"")
+            del t, new
+    return changed
+
+
 def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Path, *, force: bool = False,
                          progress: bool = True) -> dict:
     """Orthogonalize a safetensors checkpoint shard by shard, one tensor at a time.
@@ -157,7 +205,6 @@ def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Pa
     out explicitly from the unedited embedding. Config (untied), index and tokenizer files are
     written beside the shards. The output directory appears whole or not at all.
     """
-    from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
     from transformers import AutoConfig
@@ -191,28 +238,20 @@ def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Pa
     head_from_embedding = None
     with atomic_dir(out, force=force) as tmp:
         for shard in tqdm(shards, desc="orthogonalize shards", disable=not progress):
-            tensors: dict[str, torch.Tensor] = {}
-            with safe_open(str(src / shard), framework="pt") as f:
-                meta = f.metadata()
-                names = list(f.keys())
-                for name in names:
-                    t = f.get_tensor(name)
-                    if name in emb_names:
-                        if tied and name == emb_names[0] and head_from_embedding is None:
-                            head_from_embedding = shard
-                            save_file({"lm_head.weight": t.contiguous()}, str(tmp / "model-lm_head.safetensors"),
-                                      metadata={"format": "pt"})
-                        t = _project_axis_chunked(t, r, 1)
-                        edited.append(name)
-                    else:
-                        axis = _match_writer(name, table, tuple(t.shape), d)
-                        if axis is not None:
-                            t = _project_axis_chunked(t, r, axis)
-                            edited.append(name)
-                    tensors[name] = t.contiguous()
-                    new_map[name] = shard
-            save_file(tensors, str(tmp / shard), metadata=meta or {"format": "pt"})
-            del tensors
+
+            def transform(name: str, t: torch.Tensor, shard: str = shard) -> torch.Tensor:
+                nonlocal head_from_embedding
+                new_map[name] = shard
+                if name in emb_names:
+                    if tied and name == emb_names[0] and head_from_embedding is None:
+                        head_from_embedding = shard
+                        save_file({"lm_head.weight": t.contiguous()}, str(tmp / "model-lm_head.safetensors"),
+                                  metadata={"format": "pt"})
+                    return _project_axis_chunked(t, r, 1)
+                axis = _match_writer(name, table, tuple(t.shape), d)
+                return t if axis is None else _project_axis_chunked(t, r, axis)
+
+            edited += _rewrite_shard(src / shard, tmp / shard, transform)
         if head_from_embedding is not None and "lm_head.weight" not in new_map:
             new_map["lm_head.weight"] = "model-lm_head.safetensors"
             shards = [*shards, "model-lm_head.safetensors"]

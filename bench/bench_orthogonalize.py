@@ -11,7 +11,6 @@ the in-memory path against streaming on a checkpoint that fits in memory.
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -59,9 +58,13 @@ def make_checkpoint(d: Path, config: dict, shard_bytes: int) -> None:
 
 
 def child(code: str) -> tuple[float, float]:
+    """Wall time and the child's own peak RSS in MiB. (ru_maxrss of children is not usable here:
+    Linux carries the parent's high-water mark across fork and exec.)"""
+    code += "\nprint('VmHWM', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     t = time.time()
-    subprocess.run([sys.executable, "-c", code], check=True)
-    return time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    res = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    hwm = int(next(line.split()[1] for line in res.stdout.splitlines() if line.startswith("VmHWM")))
+    return time.time() - t, hwm / 1024
 
 
 def main() -> None:

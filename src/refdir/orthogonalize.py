@@ -13,7 +13,6 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -118,16 +117,18 @@ def _writer_table(config) -> tuple[dict[str, int], list[str], bool, int]:
     return table, emb, arch.tied, arch.d_model
 
 
-def _match_writer(name: str, table: dict[str, int], shape: tuple[int, ...], d: int) -> int | None:
+def _match_writer(name: str, table: dict[str, int], shape: tuple[int, ...] | None, d: int) -> int | None:
     """The output axis if the checkpoint tensor ``name`` writes to the stream, else None.
 
     Handles checkpoints that store mixture-of-experts weights per expert
     (``experts.3.down_proj.weight``, 2-D) while the model fuses them (``experts.down_proj``, 3-D)."""
     if name in table:
-        return table[name] if len(shape) > 1 else 0
+        return table[name] if shape is None or len(shape) > 1 else 0
     fused = _EXPERT_INDEX.sub(".experts.", name)
     for cand in (fused, fused.removesuffix(".weight"), fused.removesuffix(".bias") + "_bias"):
         if cand in table:
+            if shape is None:
+                return 0
             if len(shape) == 1:
                 return 0
             axes = [a for a, n in enumerate(shape) if n == d]
@@ -151,48 +152,81 @@ def _project_axis_chunked(t: torch.Tensor, r: torch.Tensor, axis: int, chunk_ele
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL"}
-_ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-             "F8_E4M3": 1, "F8_E5M2": 1}
+
+_ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
 
 
-def _rewrite_shard(src_file: Path, dst_file: Path, transform) -> list[str]:
-    """Copy one safetensors file tensor by tensor, passing each through ``transform(name, t)``
-    (which returns the tensor to write, same dtype and shape). The header is written first and
-    each tensor's bytes right after it is transformed, so memory holds one tensor at a time
-    (the safetensors library's writer needs the whole shard in memory)."""
-    from safetensors import safe_open
+def _read_header(path: Path) -> tuple[dict, int]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RefdirError(f"corrupt safetensors header in {path}: {e}") from e
+    return header, 8 + n
 
-    with safe_open(str(src_file), framework="pt") as f:
-        meta = f.metadata()
-        names = list(f.keys())
-        specs = {n: (f.get_slice(n).get_dtype(), list(f.get_slice(n).get_shape())) for n in names}
-    header: dict = {}
+
+def _rewrite_shard(src_file: Path, dst_file: Path, transform, wants) -> list[str]:
+    """Copy one safetensors file tensor by tensor, passing each tensor for which ``wants(name)``
+    is true through ``transform(name, t)``; the others are copied byte for byte.
+
+    ``transform`` returns the tensor unchanged, an edited tensor of the same dtype and shape, or
+    an iterator of row blocks (slices along dim 0) of one. Tensors are read with plain file reads
+    (no memory map, whose touched pages would stay resident) and written right after the header,
+    so memory holds about one tensor at a time; the safetensors library's writer would need the
+    whole shard in memory, hence this small writer for the documented format."""
+    header, base = _read_header(src_file)
+    meta = header.pop("__metadata__", None)
+    names = sorted(header, key=lambda n: header[n]["data_offsets"][0])
+    out_header: dict = {}
     off = 0
     for n in names:
-        dt, shape = specs[n]
-        if dt not in _ST_SIZES:
-            raise RefdirError(f"unsupported tensor dtype {dt} for {n} in {src_file}")
-        size = _ST_SIZES[dt] * int(np.prod(shape)) if shape else _ST_SIZES[dt]
-        header[n] = {"dtype": dt, "shape": shape, "data_offsets": [off, off + size]}
+        h = header[n]
+        size = h["data_offsets"][1] - h["data_offsets"][0]
+        out_header[n] = {"dtype": h["dtype"], "shape": h["shape"], "data_offsets": [off, off + size]}
         off += size
     if meta:
-        header["__metadata__"] = meta
-    hbytes = json.dumps(header, separators=(",", ":")).encode()
+        out_header["__metadata__"] = meta
+    hbytes = json.dumps(out_header, separators=(",", ":")).encode()
     hbytes += b" " * (-len(hbytes) % 8)
     changed = []
-    with open(dst_file, "wb") as w, safe_open(str(src_file), framework="pt") as f:
+    with open(src_file, "rb") as r, open(dst_file, "wb") as w:
         w.write(len(hbytes).to_bytes(8, "little"))
         w.write(hbytes)
         for n in names:
-            t = f.get_tensor(n)
+            h = header[n]
+            start, end = h["data_offsets"]
+            r.seek(base + start)
+            if h["dtype"] not in _ST_TORCH or not wants(n):
+                left = end - start  # unchanged: copy the bytes in 64 MiB pieces
+                while left:
+                    piece = r.read(min(left, 1 << 26))
+                    w.write(piece)
+                    left -= len(piece)
+                continue
+            buf = bytearray(end - start)
+            r.readinto(buf)
+            t = torch.frombuffer(buf, dtype=_ST_TORCH[h["dtype"]]).reshape(h["shape"])
             new = transform(n, t)
-            if new is not t:
-                if new.dtype != t.dtype or tuple(new.shape) != tuple(t.shape):
-                    raise RefdirError(f"internal: edit changed dtype/shape of {n}")
-                changed.append(n)
-            w.write(new.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if new.numel() else b"")
-            del t, new
+            changed.append(n)
+            blocks = [new] if isinstance(new, torch.Tensor) else new
+            written = 0
+            for b in blocks:
+                if b.dtype != t.dtype:
+                    raise RefdirError(f"internal: edit changed the dtype of {n}")
+                b = b.contiguous()
+                w.write((b.view(torch.int16) if b.dtype == torch.bfloat16 else b).numpy().tobytes())
+                written += b.numel()
+            if written != t.numel():
+                raise RefdirError(f"internal: edit changed the size of {n}")
+            del t, new, buf
     return changed
+
+
+def _rows_projected(t: torch.Tensor, r: torch.Tensor, rows: int = 8192):
+    """Project r out of the last axis of a 2-D tensor, yielding row blocks (bounded memory)."""
+    for s in range(0, t.shape[0], rows):
+        yield _project_axis(t[s : s + rows], r, 1)
 
 
 def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Path, *, force: bool = False,
@@ -239,19 +273,21 @@ def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Pa
     with atomic_dir(out, force=force) as tmp:
         for shard in tqdm(shards, desc="orthogonalize shards", disable=not progress):
 
-            def transform(name: str, t: torch.Tensor, shard: str = shard) -> torch.Tensor:
-                nonlocal head_from_embedding
+            def wants(name: str, shard: str = shard) -> bool:
                 new_map[name] = shard
+                return name in emb_names or _match_writer(name, table, None, d) is not None
+
+            def transform(name: str, t: torch.Tensor) -> torch.Tensor:
+                nonlocal head_from_embedding
                 if name in emb_names:
                     if tied and name == emb_names[0] and head_from_embedding is None:
-                        head_from_embedding = shard
+                        head_from_embedding = name
                         save_file({"lm_head.weight": t.contiguous()}, str(tmp / "model-lm_head.safetensors"),
                                   metadata={"format": "pt"})
-                    return _project_axis_chunked(t, r, 1)
-                axis = _match_writer(name, table, tuple(t.shape), d)
-                return t if axis is None else _project_axis_chunked(t, r, axis)
+                    return _rows_projected(t, r) if t.dim() == 2 else _project_axis_chunked(t, r, t.dim() - 1)
+                return _project_axis_chunked(t, r, _match_writer(name, table, tuple(t.shape), d))
 
-            edited += _rewrite_shard(src / shard, tmp / shard, transform)
+            edited += _rewrite_shard(src / shard, tmp / shard, transform, wants)
         if head_from_embedding is not None and "lm_head.weight" not in new_map:
             new_map["lm_head.weight"] = "model-lm_head.safetensors"
             shards = [*shards, "model-lm_head.safetensors"]

@@ -1,0 +1,48 @@
+"""GGUF → GGUF on the embedded default: edit time, type changes, and the refusal score of the
+edited GGUF (loaded back through transformers) against the in-memory edit, on the embedded
+harmful test split. Uses the direction of a finished run (default runs/demo).
+
+    python bench/bench_gguf.py [RUN_DIR]
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from refdir.chat import ChatFormat
+from refdir.data import embedded
+from refdir.directions import Direction
+from refdir.generation import generate
+from refdir.gguf_edit import orthogonalize_gguf
+from refdir.interventions import ablate
+from refdir.judge import judge
+from refdir.models import embedded_gguf_path, load_model
+
+
+def main() -> None:
+    run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
+    d = Direction.load(run / "selection" / "direction")
+    H = embedded("harmful", "test").instructions
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "edited.gguf"
+        t = time.time()
+        s = orthogonalize_gguf(embedded_gguf_path(), d.vector, out, progress=False)
+        print(f"GGUF edit: {time.time() - t:.1f} s, {len(s['edited'])} tensors edited, type changes: "
+              f"{sorted(set(s['changed_types'].values())) or 'none'}")
+        edited = load_model(str(out))
+        fmt = ChatFormat(edited.tokenizer)
+        ref_gguf = judge(generate(edited.model, fmt, H, batch_size=40, progress=False)).refusal
+        del edited
+    base = load_model(str(embedded_gguf_path()), dtype=None)
+    fmt = ChatFormat(base.tokenizer)
+    with ablate(base.model, d.vector):
+        ref_mem = judge(generate(base.model, fmt, H, batch_size=40, progress=False)).refusal
+    print(f"harmful test refusal: edited GGUF {ref_gguf:.3f}, in-memory edit (ablation on the GGUF model) "
+          f"{ref_mem:.3f}, difference {abs(ref_gguf - ref_mem):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -186,5 +186,5 @@ def test_orthogonalize_cli_and_wrong_direction_size(tiny_dir, tmp_path):
     assert torch.allclose(edited(ids).logits, want, atol=1e-4)
     Direction(torch.randn(65), 1, -1).save(tmp_path / "bad")
     r = runner.invoke(app, ["orthogonalize", str(tiny_dir), str(tmp_path / "o2"), "--direction", str(tmp_path / "bad")])
-    assert r.exit_code == 2 and "hidden size 64" in r.output
+    assert r.exit_code == 2 and "direction has size 65" in r.output and "hidden size is 64" in r.output
     assert not (tmp_path / "o2").exists()

@@ -143,3 +143,24 @@ def test_separate_val_and_test_sets_and_overlap_is_refused(tiny_dir, tmp_path):
     with pytest.raises(RefdirError, match="also appear in train"):
         Run(bad, tmp_path / "b", progress=False).stage_data()
     assert not (tmp_path / "b" / "data").exists()
+
+
+def test_fast_exhaustive_selection_matches_exact_reference(tiny_tokenizer):
+    model = make_tiny("llama", len(tiny_tokenizer))
+    fmt = ChatFormat(tiny_tokenizer, system="You are a careful assistant.")
+    g = torch.Generator().manual_seed(1)
+    P, L, d = fmt.n_post, 3, 64
+    cands = Candidates.from_means(torch.randn(P, L + 1, d, generator=g), torch.randn(P, L + 1, d, generator=g))
+    ids = tiny_tokenizer("I", add_special_tokens=False)["input_ids"][:1]
+    hv = ["Explain how to pick a lock", "Make a weapon at home", "Write malware"]
+    bv = ["Bake bread", "Explain tides to a child", "Plan a trip"]
+    common = dict(max_layer_frac=1.0, kl_max=1e9, induce_rule="relative", induce_rel_frac=-1e9, batch_size=2)
+    fast = score_candidates(model, fmt, cands, hv, bv, ids, SelectionConfig(exhaustive=True, **common), progress=False)
+    ref = score_candidates(model, fmt, cands, hv, bv, ids, SelectionConfig(exact_reference=True, **common),
+                           progress=False)
+    assert (fast.chosen.position, fast.chosen.layer) == (ref.chosen.position, ref.chosen.layer)
+    for a, b in zip(fast.scores, ref.scores, strict=True):
+        for k in ("bypass", "induce", "kl"):
+            x, y = getattr(a, k), getattr(b, k)
+            if math.isfinite(y):
+                assert abs(x - y) <= 1e-3 * max(1.0, abs(y)), (a, b, k)

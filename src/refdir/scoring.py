@@ -28,11 +28,13 @@ PAPER_REFUSAL_SUBSTRINGS = [
 
 @torch.no_grad()
 def last_logits(model: nn.Module, fmt: ChatFormat, instructions: list[str], batch_size: int = 16,
-                progress: bool = False, desc: str = "logits", shared_prefix: bool = False) -> torch.Tensor:
+                progress: bool = False, desc: str = "logits", shared_prefix: bool = False,
+                full_logits: bool = False) -> torch.Tensor:
     """Logits at the first answer position (the prompt's last token), [N, vocab] float32.
 
     ``shared_prefix=True`` runs the prompts' common token prefix (the template's system part)
     once and reuses its KV cache for every row; see :func:`last_logits_shared_prefix`.
+    ``full_logits=True`` is the plain reference: logits at every position, last one kept.
     """
     if not instructions:
         raise RefdirError("empty prompt set")
@@ -42,7 +44,10 @@ def last_logits(model: nn.Module, fmt: ChatFormat, instructions: list[str], batc
     out = []
     for s in tqdm(range(0, len(instructions), batch_size), desc=desc, disable=not progress, leave=False):
         enc = fmt.encode(instructions[s : s + batch_size], device=dev)
-        logits = model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+        if full_logits:
+            logits = model(**enc, use_cache=False).logits[:, -1, :]
+        else:
+            logits = model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1, :]
         out.append(logits.float().cpu())
     return torch.cat(out)
 

@@ -49,6 +49,8 @@ class SelectionConfig:
     top_k: int = 12
     screen_kl_factor: float = 2.0
     shared_prefix: bool = True
+    # the plain reference path: no shared prefix, full logits, every candidate fully scored
+    exact_reference: bool = False
 
 
 @dataclass
@@ -107,8 +109,12 @@ def score_candidates(model, fmt: ChatFormat, cands: Candidates, harmful_val: lis
     L = cands.n_layers
     max_layer = int(math.floor(cfg.max_layer_frac * L - 1e-9)) if cfg.max_layer_frac < 1 else L - 1
 
+    if cfg.exact_reference:
+        cfg.exhaustive, cfg.shared_prefix = True, False
+
     def logits(prompts):
-        return last_logits(model, fmt, prompts, cfg.batch_size, shared_prefix=cfg.shared_prefix)
+        return last_logits(model, fmt, prompts, cfg.batch_size, shared_prefix=cfg.shared_prefix,
+                           full_logits=cfg.exact_reference)
 
     def bypass_kl(r, hv, bv, base_logp):
         with ablate(model, r):

@@ -90,6 +90,19 @@ def make_tiny(arch: str, vocab_size: int, seed: int = 0, **overrides):
     return model
 
 
+@pytest.fixture()
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    """Factory: save a tiny random model of an architecture with the tiny tokenizer; return its dir."""
+
+    def make(arch: str):
+        d = tmp_path / f"tiny-{arch}"
+        make_tiny(arch, len(tiny_tokenizer)).save_pretrained(d)
+        tiny_tokenizer.save_pretrained(d)
+        return d
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def real_model():
     """The embedded Qwen2.5-Coder-0.5B-Instruct, in the dtype refdir picks for this CPU."""

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
 from typer.testing import CliRunner
 
 from refdir.chat import ChatFormat
@@ -21,12 +20,8 @@ runner = CliRunner()
 
 
 @pytest.fixture()
-def tiny_dir(tmp_path, tiny_tokenizer):
-    model = make_tiny("llama", len(tiny_tokenizer))
-    d = tmp_path / "tiny-llama"
-    model.save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir("llama")
 
 
 # ------------------------------------------------------------------ chat

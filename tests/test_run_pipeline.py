@@ -22,12 +22,8 @@ runner = CliRunner()
 
 
 @pytest.fixture()
-def tiny_dir(tmp_path, tiny_tokenizer):
-    model = make_tiny("qwen2", len(tiny_tokenizer))
-    d = tmp_path / "tiny-qwen2"
-    model.save_pretrained(d)
-    tiny_tokenizer.save_pretrained(d)
-    return d
+def tiny_dir(tiny_model_dir):
+    return tiny_model_dir("qwen2")
 
 
 def _cfg(tiny_dir, **kw):

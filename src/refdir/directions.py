@@ -16,18 +16,25 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import RefdirError
-from .io import atomic_write_bytes, atomic_write_json
+from .io import atomic_write_json
 
 FORMAT_VERSION = 1
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """safetensors + JSON sidecar, each written under a temporary name and renamed."""
+    import os
     import tempfile
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=True) as tmp:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp.name)
-        atomic_write_bytes(path, Path(tmp.name).read_bytes())
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     atomic_write_json(path.with_suffix(".json"), meta)
 
 

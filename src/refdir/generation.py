@@ -15,7 +15,7 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
     """Greedy completions, left-padded batches, with a progress bar."""
     dev = next(model.parameters()).device
     tok = fmt.tokenizer
-    out: list = []
+    eos = _eos_ids(model, tok)
     # sort by length so that batches pad little; restore order at the end
     order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
     results: dict[int, object] = {}
@@ -27,13 +27,11 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
         new = gen[:, enc["input_ids"].shape[1]:]
         for j, i in enumerate(idx):
             ids = new[j].tolist()
-            eos = _eos_ids(model, tok)
             cut = next((k for k, t in enumerate(ids) if t in eos), len(ids))
             ids = ids[:cut]
             text = tok.decode(ids, skip_special_tokens=True)
             results[i] = (text, ids) if return_ids else text
-    out = [results[i] for i in range(len(instructions))]
-    return out
+    return [results[i] for i in range(len(instructions))]
 
 
 def _eos_ids(model, tok) -> set[int]:

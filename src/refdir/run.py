@@ -220,6 +220,12 @@ class Run:
         lg = last_logits(self.lm.model, self.fmt, prompts, self.cfg.batch_size, shared_prefix=True)
         return refusal_metric_from_logits(lg, ids).tolist()
 
+    def judged(self, outs: list[str]) -> dict:
+        """Both judges' refusal scores for a set of completions; the headline uses cfg.judge."""
+        jb, jp = judge(outs, "broad"), judge(outs, "paper")
+        return {"refusal": jb.refusal if self.cfg.judge == "broad" else jp.refusal, "refusal_broad": jb.refusal,
+                "refusal_paper": jp.refusal, "degenerate": jb.n_degenerate, "n": jb.n, "flags": jb.flags}
+
     def stage_filter(self, sets: dict, ids: list[int]) -> dict:
         if not self.done("filter"):
             out = {}
@@ -339,12 +345,7 @@ class Run:
                     gen["ablation/harmless"] = g("ablation harmless", B)
                 with add(m, direction.vector, direction.layer, coeff or 1.0):
                     gen["addition/harmless"] = g("addition harmless", B)
-            scores = {}
-            for k, outs in gen.items():
-                jb, jp = judge(outs, "broad"), judge(outs, "paper")
-                scores[k] = {"refusal": jb.refusal if self.cfg.judge == "broad" else jp.refusal,
-                             "refusal_broad": jb.refusal, "refusal_paper": jp.refusal,
-                             "degenerate": jb.n_degenerate, "n": jb.n, "flags": jb.flags}
+            scores = {k: self.judged(outs) for k, outs in gen.items()}
             # metric histograms (first-answer-position log-odds) for the report
             ids = self.read_json("refusal_tokens", "tokens.json")["ids"]
             hist = {"harmful": self.metric(H, ids), "harmless": self.metric(B, ids)}
@@ -381,10 +382,7 @@ class Run:
                 reloaded = AutoModelForCausalLM.from_pretrained(d / "model", dtype=lm.dtype).eval()
                 outs = generate(reloaded, self.fmt, sets["harmful"]["test"], max_new_tokens=self.cfg.max_new_tokens,
                                 batch_size=self.cfg.gen_batch_size, progress=self.progress, desc="checkpoint harmful")
-                jb, jp = judge(outs, "broad"), judge(outs, "paper")
-                res = {"refusal": jb.refusal if self.cfg.judge == "broad" else jp.refusal,
-                       "refusal_broad": jb.refusal, "refusal_paper": jp.refusal, "degenerate": jb.n_degenerate,
-                       "n": jb.n, "path": str(ckpt)}
+                res = {k: v for k, v in self.judged(outs).items() if k != "flags"} | {"path": str(ckpt)}
                 atomic_write_json(d / "eval.json", {**res, "completions": outs})
                 del reloaded
         return self.read_json("checkpoint", "eval.json")

@@ -151,7 +151,6 @@ def last_logits_shared_prefix(model: nn.Module, fmt: ChatFormat, instructions: l
     cache = pre.past_key_values
     pad = fmt.tokenizer.pad_token_id
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    out = torch.empty(len(rows), 0)
     chunks: dict[int, torch.Tensor] = {}
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
@@ -171,5 +170,4 @@ def last_logits_shared_prefix(model: nn.Module, fmt: ChatFormat, instructions: l
                        past_key_values=c, use_cache=True, logits_to_keep=1).logits[:, -1, :]
         for j, i in enumerate(idx):
             chunks[i] = logits[j].float().cpu()
-    out = torch.stack([chunks[i] for i in range(len(rows))])
-    return out
+    return torch.stack([chunks[i] for i in range(len(rows))])

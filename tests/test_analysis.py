@@ -116,18 +116,41 @@ def test_geometry_on_planted_direction():
     harmful = torch.randn(n, layers, d, generator=g)
     harmful[:, 2:, 3] += 6.0
     geo = geometry_from_activations(harmful, harmless, r)
-    assert geo.separating_layer(0.95) == 2
+    assert geo.separating_layer(0.95) == geo.first_separating_layer(0.95) == 2
+    assert geo.separating_layers(0.95) == [2, 3, 4]
     assert (geo.auc_pc1[2:] > 0.99).all() and (geo.auc_pc1[:2] < 0.8).all()
     assert (geo.cos_pc1_r[2:] > 0.95).all() and (geo.cos_pc1_diff[2:] > 0.95).all()
     assert geo.pc1_var[2:].min() > geo.pc1_var[:2].max()
     s = geo.summary()
-    assert s["separating_layer"] == 2 and s["cos_pc1_r_there"] == pytest.approx(geo.cos_pc1_r[2])
+    assert s["first_separating_layer"] == s["separating_layer"] == 2 and s["cos_pc1_r_there"] == pytest.approx(geo.cos_pc1_r[2])
     # PC1 is oriented towards the harmful mean
     assert (geo.coords[3][:n, 0].mean() > geo.coords[3][n:, 0].mean())
     with pytest.raises(RefdirError):
         geometry_from_activations(harmful[:1], harmless, r)
     with pytest.raises(RefdirError):
         geometry_from_activations(harmful, harmless, torch.ones(5))
+
+
+def test_geometry_band_that_fades():
+    """A shift planted only at layers 1–2, then swamped by a larger harmless-independent spread: PC1 separates
+    at 1–2 only; the strict "to the end" layer is None, the first separating layer is 1."""
+    g = torch.Generator().manual_seed(1)
+    n, layers, d = 40, 5, 16
+    r = torch.zeros(d)
+    r[3] = 1.0
+    harmless = torch.randn(n, layers, d, generator=g)
+    harmful = torch.randn(n, layers, d, generator=g)
+    harmful[:, 1:3, 3] += 6.0
+    for x in (harmful, harmless):
+        x[:, 3:, 5] *= 20.0  # large variance unrelated to the label at the last layers
+    geo = geometry_from_activations(harmful, harmless, r)
+    assert geo.separating_layers(0.95) == [1, 2]
+    assert geo.first_separating_layer(0.95) == 1 and geo.separating_layer(0.95) is None
+    s = geo.summary()
+    assert s["first_separating_layer"] == 1 and s["separating_layer"] is None
+    assert s["cos_pc1_r_there"] == pytest.approx(geo.cos_pc1_r[1]) and s["cos_pc1_r_there"] > 0.95
+    with pytest.raises(RefdirError, match="on must be"):
+        geo.separating_layers(0.95, on="pc2")
 
 
 def test_geometry_and_expression_on_tiny_model(tiny_tokenizer):
@@ -267,6 +290,7 @@ def test_analyze_cli_geometry_and_suffix(tiny_run, tmp_path):
     g = json.loads((tiny_run / "analysis" / "geometry.json").read_text())
     assert len(g["per_layer"]) == 4 and g["n_harmful"] == 6
     assert g["separating_layer"] is None or 0 <= g["separating_layer"] <= 3
+    assert g["first_separating_layer"] == (g["separating_layers"] or [None])[0]
     r = _cli(["analyze", "geometry", str(tiny_run), "--position", "-2", "--n", "4"])
     assert r.exit_code == 0, r.output
     g2 = json.loads((tiny_run / "analysis" / "geometry_pos2.json").read_text())

@@ -73,22 +73,41 @@ class Geometry:
     def n_layers(self) -> int:
         return len(self.pc1_var) - 1
 
+    def _auc(self, on: str) -> np.ndarray:
+        if on not in ("pc1", "r"):
+            raise RefdirError(f"on must be 'pc1' or 'r', not {on!r}")
+        return self.auc_pc1 if on == "pc1" else self.auc_r
+
+    def separating_layers(self, threshold: float = 0.95, on: str = "pc1") -> list[int]:
+        """Every layer where the AUC of PC1 (``on="pc1"``) or of the projection on r̂ (``"r"``) is ≥ ``threshold``."""
+        return [int(i) for i in np.flatnonzero(self._auc(on) >= threshold)]
+
+    def first_separating_layer(self, threshold: float = 0.95, on: str = "pc1") -> int | None:
+        """The first layer from which the sets separate (AUC ≥ ``threshold``), whether or not later layers do."""
+        layers = self.separating_layers(threshold, on)
+        return layers[0] if layers else None
+
     def separating_layer(self, threshold: float = 0.95, on: str = "pc1") -> int | None:
-        """The first layer from which the AUC of PC1 (``on="pc1"``) or of the projection on r̂ (``"r"``)
-        stays ≥ ``threshold`` at every later layer."""
-        ok = (self.auc_pc1 if on == "pc1" else self.auc_r) >= threshold
+        """The first layer from which the AUC stays ≥ ``threshold`` at every later layer (the strict reading)."""
+        ok = self._auc(on) >= threshold
         for layer in range(len(ok)):
             if ok[layer:].all():
                 return layer
         return None
 
     def summary(self, threshold: float = 0.95) -> dict:
-        s = self.separating_layer(threshold)
-        return {"position": self.position, "threshold": threshold, "separating_layer": s,
-                "cos_pc1_r_there": None if s is None else float(self.cos_pc1_r[s]),
-                "cos_pc1_diff_there": None if s is None else float(self.cos_pc1_diff[s]),
-                "pc1_var_there": None if s is None else float(self.pc1_var[s]),
+        f = self.first_separating_layer(threshold)
+
+        def at(a, layer):
+            return None if layer is None else float(a[layer])
+
+        return {"position": self.position, "threshold": threshold,
+                "first_separating_layer": f, "separating_layers": self.separating_layers(threshold),
+                "separating_layer": self.separating_layer(threshold),
+                "cos_pc1_r_there": at(self.cos_pc1_r, f), "cos_pc1_diff_there": at(self.cos_pc1_diff, f),
+                "pc1_var_there": at(self.pc1_var, f), "auc_pc1_there": at(self.auc_pc1, f),
                 "max_auc_pc1": float(self.auc_pc1.max()), "max_auc_pc1_layer": int(self.auc_pc1.argmax()),
+                "first_separating_layer_r": self.first_separating_layer(threshold, "r"),
                 "separating_layer_r": self.separating_layer(threshold, "r"),
                 "per_layer": [{"layer": i, "pc1_var": float(self.pc1_var[i]), "pc2_var": float(self.pc2_var[i]),
                                "cos_pc1_diff": float(self.cos_pc1_diff[i]), "cos_pc1_r": float(self.cos_pc1_r[i]),
@@ -389,7 +408,9 @@ def plot_geometry_lines(g: Geometry, direction_layer: int | None = None, thresho
     axes[2].plot(xs, g.auc_r, marker=".", label="projection on r̂")
     axes[2].axhline(threshold, color="gray", ls="--", lw=1)
     axes[2].set_title("harmful vs harmless separability (ROC AUC)", fontsize=9)
-    s = g.separating_layer(threshold)
+    s = g.first_separating_layer(threshold)
+    for layer in g.separating_layers(threshold):  # shade every layer where PC1 separates
+        axes[2].axvspan(layer - 0.5, layer + 0.5, color="green", alpha=0.08, lw=0)
     for ax in axes:
         if direction_layer is not None:
             ax.axvline(direction_layer, color="red", lw=1, alpha=0.6)

@@ -63,6 +63,17 @@ def open_run(run_dir: str | Path) -> RunContext:
     return RunContext(run_dir, config, sets, ids, Direction.load(run_dir / "selection" / "direction"))
 
 
+def _layer_ranges(layers: list[int]) -> str:
+    """[3, 4, 5, 9] -> "3–5, 9"."""
+    out, start = [], None
+    for i, x in enumerate(layers):
+        start = x if start is None else start
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            out.append(str(x) if start == x else f"{start}–{x}")
+            start = None
+    return ", ".join(out)
+
+
 def _sample(items: list[str], n: int | None) -> list[str]:
     return items if not n or n >= len(items) else items[:n]
 
@@ -94,20 +105,24 @@ def analyze_geometry_run(run_dir: str | Path, *, position: int = -1, split: str 
         raise RefdirError(f"scatter layers {bad} outside 0..{L}")
     summary = {"run": str(run_dir), "split": split, "n_harmful": len(harmful), "n_harmless": len(harmless),
                "direction": {"layer": ctx.direction.layer, "position": ctx.direction.position}, **g.summary(threshold)}
-    s = summary["separating_layer"]
+    s = summary["first_separating_layer"]
     head = (f"<p>{len(harmful)} harmful and {len(harmless)} harmless {split} prompts, residual at position "
             f"{position}. PCA per layer of both sets together; PC1 oriented towards the harmful mean. ")
     if s is None:
-        head += (f"<b>PC1 does not separate the sets</b> (AUC ≥ {threshold} at a layer and every later one); its best "
+        head += (f"<b>PC1 does not separate the sets</b> (AUC ≥ {threshold}) at any layer; its best "
                  f"AUC is {summary['max_auc_pc1']:.3f} at layer {summary['max_auc_pc1_layer']}. ")
-        sr = summary["separating_layer_r"]
-        head += ("The projection on r̂ " + (f"separates from layer {sr} on." if sr is not None else "does not either.")
-                 + "</p>")
     else:
-        head += (f"<b>PC1 separates harmful from harmless (AUC ≥ {threshold}) from layer {s}</b> on; there "
+        band = summary["separating_layers"]
+        head += (f"<b>PC1 separates harmful from harmless (AUC ≥ {threshold}) from layer {s}</b>: there "
                  f"cos(PC1, r̂) = {summary['cos_pc1_r_there']:.3f}, cos(PC1, diff-in-means) = "
                  f"{summary['cos_pc1_diff_there']:.3f}, PC1 explains {summary['pc1_var_there']:.1%} of the variance. "
-                 f"The direction (red line) is from layer {ctx.direction.layer}.</p>")
+                 f"PC1 separates at layers {_layer_ranges(band)} (shaded); ")
+        st = summary["separating_layer"]
+        head += (f"it keeps separating to the last layer from layer {st} on. " if st is not None else
+                 "at the later layers PC1 picks up other variance and stops separating. ")
+    sr = summary["first_separating_layer_r"]
+    head += ("The projection on r̂ " + (f"separates from layer {sr}" if sr is not None else "does not separate")
+             + f"; the direction (red line) is from layer {ctx.direction.layer}.</p>")
     rows = [[p["layer"], f"{p['pc1_var']:.3f}", f"{p['cos_pc1_diff']:.3f}", f"{p['cos_pc1_r']:.3f}",
              f"{p['auc_pc1']:.3f}", f"{p['auc_r']:.3f}"] for p in summary["per_layer"]]
     body = (head + figure_html(plot_geometry_lines(g, ctx.direction.layer, threshold))
@@ -226,14 +241,15 @@ def register(app: typer.Typer) -> None:
                                      scatter_layers=lay, batch_size=batch_size)
         except RefdirError as e:
             fail(e)
-        sl = s["separating_layer"]
+        sl = s["first_separating_layer"]
         if sl is None:
             console.print(f"PC1 does not separate harmful from harmless with AUC ≥ {threshold} (best "
                           f"{s['max_auc_pc1']:.3f} at layer {s['max_auc_pc1_layer']}); the projection on r̂ "
-                          f"separates from layer {s['separating_layer_r']}")
+                          f"separates from layer {s['first_separating_layer_r']}")
         else:
-            console.print(f"PC1 separates harmful from harmless (AUC ≥ {threshold}) from layer [bold]{sl}[/]; "
-                          f"cos(PC1, r̂) there {s['cos_pc1_r_there']:.3f}")
+            console.print(f"PC1 separates harmful from harmless (AUC ≥ {threshold}) from layer [bold]{sl}[/] "
+                          f"(at layers {_layer_ranges(s['separating_layers'])}); cos(PC1, r̂) there "
+                          f"{s['cos_pc1_r_there']:.3f}")
         console.print(f"written {run_dir / 'analysis'} and a section of {run_dir / 'report.html'}")
 
     @analyze.command("suffix")

@@ -2,9 +2,10 @@
 
 Data: jsonl (or a JSON list) of ``{"question", "answer_matching_behavior", "answer_not_matching_behavior"}``
 where the question holds the choices and the answers are ``"(A)"`` / ``"(B)"``; an optional
-``"split"`` (train/test) is honoured. The embedded example behaviour (``embedded:myopic``,
-team-written, 36 items, 24 train / 12 test, the matching letter alternating between A and B) is
-a preference for a small reward now over a larger one later.
+``"split"`` (train/test) is honoured. Two embedded team-written behaviours, each question in both letter
+orders: ``embedded:refusal`` (the default; 72 rows, 48 train / 24 test) prefers the refusing answer to a
+harmful request, and ``embedded:myopic`` (36 rows, 24 / 12) prefers a small reward now over a larger one
+later.
 
 Prompts: the chat template's rendering of the question, followed by the answer's opening
 parenthesis and letter, e.g. ``...<|im_start|>assistant\\n(A``. The vector at each layer is

@@ -373,3 +373,11 @@ def test_analyze_cli_suffix_search_saves_suffixes(tiny_run):
     assert r.exit_code == 0, r.output
     again = json.loads((tiny_run / "analysis" / "suffix.json").read_text())
     assert again["refusal"] == first["refusal"] and again["heads"] == first["heads"]
+
+
+def test_layer_ranges_text():
+    from refdir.cli_analysis import _layer_ranges
+
+    assert _layer_ranges([3, 4, 5, 9]) == "3–5, 9"
+    assert _layer_ranges([7]) == "7"
+    assert _layer_ranges([1, 3, 4]) == "1, 3–4"

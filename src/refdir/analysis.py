@@ -108,6 +108,7 @@ class Geometry:
                 "pc1_var_there": at(self.pc1_var, f), "auc_pc1_there": at(self.auc_pc1, f),
                 "max_auc_pc1": float(self.auc_pc1.max()), "max_auc_pc1_layer": int(self.auc_pc1.argmax()),
                 "first_separating_layer_r": self.first_separating_layer(threshold, "r"),
+                "separating_layers_r": self.separating_layers(threshold, "r"),
                 "separating_layer_r": self.separating_layer(threshold, "r"),
                 "per_layer": [{"layer": i, "pc1_var": float(self.pc1_var[i]), "pc2_var": float(self.pc2_var[i]),
                                "cos_pc1_diff": float(self.cos_pc1_diff[i]), "cos_pc1_r": float(self.cos_pc1_r[i]),

@@ -121,7 +121,9 @@ def analyze_geometry_run(run_dir: str | Path, *, position: int = -1, split: str 
         head += (f"it keeps separating to the last layer from layer {st} on. " if st is not None else
                  "at the later layers PC1 picks up other variance and stops separating. ")
     sr = summary["first_separating_layer_r"]
-    head += ("The projection on r̂ " + (f"separates from layer {sr}" if sr is not None else "does not separate")
+    head += ("The projection on r̂ " + (f"separates from layer {sr} (at layers "
+                                        f"{_layer_ranges(summary['separating_layers_r'])})" if sr is not None
+                                        else "does not separate")
              + f"; the direction (red line) is from layer {ctx.direction.layer}.</p>")
     rows = [[p["layer"], f"{p['pc1_var']:.3f}", f"{p['cos_pc1_diff']:.3f}", f"{p['cos_pc1_r']:.3f}",
              f"{p['auc_pc1']:.3f}", f"{p['auc_r']:.3f}"] for p in summary["per_layer"]]

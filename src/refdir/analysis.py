@@ -28,15 +28,8 @@ from tqdm.auto import tqdm
 from .activations import residuals
 from .architecture import Architecture, inspect_model
 from .chat import ChatFormat
+from .directions import unit_vector
 from .errors import RefdirError
-
-
-def _unit(r: torch.Tensor) -> torch.Tensor:
-    r = r.detach().to(torch.float32).flatten()
-    n = r.norm()
-    if not torch.isfinite(n) or n == 0:
-        raise RefdirError("the direction has zero or non-finite norm")
-    return r / n
 
 
 def _check_position(fmt: ChatFormat, position: int) -> int:
@@ -123,7 +116,7 @@ def geometry_from_activations(harmful: torch.Tensor, harmless: torch.Tensor, r: 
         raise RefdirError("harmful and harmless activations must both be [N, layers, d] with the same layers and d")
     if len(harmful) < 2 or len(harmless) < 2:
         raise RefdirError("geometry needs at least 2 harmful and 2 harmless prompts")
-    r_hat = _unit(r).double()
+    r_hat = unit_vector(r).double()
     if r_hat.numel() != harmful.shape[-1]:
         raise RefdirError(f"direction has size {r_hat.numel()} but the activations have d = {harmful.shape[-1]}")
     x_all = torch.cat([harmful, harmless]).double()  # [N, L+1, d]
@@ -194,7 +187,7 @@ def expression(model: nn.Module, fmt: ChatFormat, groups: dict[str, list[str]], 
     _check_position(fmt, position)
     if not groups:
         raise RefdirError("no prompt groups given")
-    r_hat = _unit(r)
+    r_hat = unit_vector(r)
     out = {}
     for name, prompts in groups.items():
         _, kept = residuals(model, fmt, prompts, n_pos=-position, batch_size=batch_size, keep=True,
@@ -269,7 +262,7 @@ def head_attribution(model: nn.Module, fmt: ChatFormat, instructions: list[str],
     if not instructions:
         raise RefdirError("no prompts for head attribution")
     arch = arch or inspect_model(model)
-    r_hat = _unit(r)
+    r_hat = unit_vector(r)
     if r_hat.numel() != arch.d_model:
         raise RefdirError(f"direction has size {r_hat.numel()} but the model has d = {arch.d_model}")
     projs = [attention_output_projection(bp) for bp in arch.blocks]

@@ -21,6 +21,15 @@ from .io import atomic_file, atomic_write_json
 FORMAT_VERSION = 1
 
 
+def unit_vector(v: torch.Tensor, dtype: torch.dtype = torch.float32, what: str = "the direction") -> torch.Tensor:
+    """``v`` flattened, in ``dtype``, scaled to norm 1; a zero or non-finite norm is an error."""
+    v = v.detach().to(dtype).flatten()
+    n = v.norm()
+    if not torch.isfinite(n) or n == 0:
+        raise RefdirError(f"{what} has zero or non-finite norm")
+    return v / n
+
+
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     """safetensors + JSON sidecar, each written under a temporary name and renamed."""
     with atomic_file(path) as tmp:
@@ -54,8 +63,7 @@ class Direction:
     meta: dict = field(default_factory=dict)
 
     def unit(self) -> torch.Tensor:
-        v = self.vector.to(torch.float32)
-        return v / v.norm()
+        return unit_vector(self.vector)
 
     @property
     def d_model(self) -> int:

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .architecture import Architecture, BlockParts, Writer, inspect_model
-from .directions import Candidates
+from .directions import Candidates, unit_vector
 from .errors import RefdirError
 from .interventions import _map_hidden, _PerDevice
 
@@ -145,11 +145,7 @@ class Edit:
 
 
 def _unit(v: torch.Tensor) -> torch.Tensor:
-    v = v.detach().to(torch.float64).flatten()
-    n = v.norm()
-    if not torch.isfinite(n) or n == 0:
-        raise RefdirError("the edit's direction has zero or non-finite norm")
-    return v / n
+    return unit_vector(v, torch.float64, "the edit's direction")
 
 
 def interpolate(t: torch.Tensor, position_index: int, layer: float) -> torch.Tensor:
@@ -178,6 +174,14 @@ class Plan:
         r = _unit(direction)
         return cls(r, {c: r for c in COMPONENTS}, {c: [1.0] * n_layers for c in COMPONENTS},
                    {c: "plain" for c in COMPONENTS}, True)
+
+    def active(self, arch: Architecture) -> Iterator[tuple[BlockParts, str, float, torch.Tensor]]:
+        """(block, component, strength, direction) for every component the plan edits (strength > 0)."""
+        for bp in arch.blocks:
+            for c in COMPONENTS:
+                s = self.strengths[c][bp.index]
+                if s > 0:
+                    yield bp, c, s, self.directions[c]
 
 
 def projected_direction(r: torch.Tensor, harmless_mean: torch.Tensor) -> torch.Tensor:
@@ -271,23 +275,18 @@ def edit_hooks(model: nn.Module, plan: Plan, arch: Architecture | None = None) -
         if plan.embedding:
             for _n, emb in arch.embeddings:
                 handles.append(emb.register_forward_hook(_out_hook(plan.r, 1.0)))
-        for bp in arch.blocks:
-            for c in COMPONENTS:
-                s = plan.strengths[c][bp.index]
-                if s <= 0:
-                    continue
-                r = plan.directions[c]
-                out_mod = bp.attn_out if c == "attn" else bp.mlp_out
-                handles.append(out_mod.register_forward_hook(_out_hook(r, s)))
-                if plan.variants[c] == "norm":
-                    for w in component_writers(bp, c):
-                        if _is_bias(w):
-                            continue
-                        if not (isinstance(w.module, nn.Linear) and w.param == "weight"):
-                            raise RefdirError(f"the norm-preserving variant as hooks needs nn.Linear writers; {w.name} "
-                                              "is a fused expert tensor (apply the edit as weights instead)")
-                        handles.append(w.module.register_forward_pre_hook(
-                            _scale_pre_hook(_input_scale(w.module.weight, r, s))))
+        for bp, c, s, r in plan.active(arch):
+            out_mod = bp.attn_out if c == "attn" else bp.mlp_out
+            handles.append(out_mod.register_forward_hook(_out_hook(r, s)))
+            if plan.variants[c] == "norm":
+                for w in component_writers(bp, c):
+                    if _is_bias(w):
+                        continue
+                    if not (isinstance(w.module, nn.Linear) and w.param == "weight"):
+                        raise RefdirError(f"the norm-preserving variant as hooks needs nn.Linear writers; {w.name} "
+                                          "is a fused expert tensor (apply the edit as weights instead)")
+                    handles.append(w.module.register_forward_pre_hook(
+                        _scale_pre_hook(_input_scale(w.module.weight, r, s))))
     except Exception:
         for h in handles:
             h.remove()
@@ -326,19 +325,14 @@ def apply_weights_(model: nn.Module, plan: Plan, arch: Architecture | None = Non
             wt = emb.weight.data
             wt.copy_(_edit_vectors(wt.to(torch.float64), plan.r.to(wt.device), 1.0, False).to(wt.dtype))
             edited.append(f"{name}.weight")
-    for bp in arch.blocks:
-        for c in COMPONENTS:
-            s = plan.strengths[c][bp.index]
-            if s <= 0:
-                continue
-            r = plan.directions[c]
-            for w in component_writers(bp, c):
-                p = getattr(w.module, w.param)
-                axis = 0 if p.dim() == 1 else w.out_axis
-                x = p.data.to(torch.float64).movedim(axis, -1)
-                y = _edit_vectors(x, r.to(x.device), s, plan.variants[c] == "norm" and not _is_bias(w))
-                p.data.copy_(y.movedim(-1, axis).to(p.dtype))
-                edited.append(w.name)
+    for bp, c, s, r in plan.active(arch):
+        for w in component_writers(bp, c):
+            p = getattr(w.module, w.param)
+            axis = 0 if p.dim() == 1 else w.out_axis
+            x = p.data.to(torch.float64).movedim(axis, -1)
+            y = _edit_vectors(x, r.to(x.device), s, plan.variants[c] == "norm" and not _is_bias(w))
+            p.data.copy_(y.movedim(-1, axis).to(p.dtype))
+            edited.append(w.name)
     return {"edited": edited, "untied_lm_head": untied, "exact": arch.weight_edit_exact}
 
 

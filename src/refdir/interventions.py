@@ -16,14 +16,7 @@ import torch
 from torch import nn
 
 from .architecture import Architecture, inspect_model
-
-
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    v = v.detach().to(torch.float32).flatten()
-    n = v.norm()
-    if not torch.isfinite(n) or n == 0:
-        raise ValueError("direction has zero or non-finite norm")
-    return v / n
+from .directions import unit_vector
 
 
 class _PerDevice:
@@ -87,7 +80,7 @@ def hooks(handles: list) -> Iterator[None]:
 def ablation_hooks(model: nn.Module, direction: torch.Tensor, arch: Architecture | None = None,
                    layers: list[int] | None = None) -> list:
     arch = arch or inspect_model(model)
-    r = _PerDevice(_unit(direction))
+    r = _PerDevice(unit_vector(direction))
 
     def fn(x):
         return project_out(x, r.on(x))

@@ -17,13 +17,9 @@ import torch
 from torch import nn
 
 from .architecture import Architecture, inspect_model
+from .directions import unit_vector
 from .errors import RefdirError
 from .io import atomic_dir, atomic_write_json
-
-
-def _unit64(direction: torch.Tensor) -> torch.Tensor:
-    r = direction.detach().to(torch.float64).flatten()
-    return r / r.norm()
 
 
 def _project_axis(t: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tensor:
@@ -64,7 +60,7 @@ def orthogonalize_(model: nn.Module, direction: torch.Tensor, arch: Architecture
             "weight orthogonalization is then an approximation of ablation, not an exact equivalent",
             stacklevel=2,
         )
-    r = _unit64(direction)
+    r = unit_vector(direction, torch.float64)
     untied = untie_lm_head(model, arch)
     edited = []
     for name, emb in arch.embeddings:
@@ -266,7 +262,7 @@ def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Pa
     table, emb_names, tied, d = _writer_table(config)
     if direction.numel() != d:
         raise RefdirError(f"direction has size {direction.numel()}, the checkpoint's hidden size is {d}")
-    r = _unit64(direction)
+    r = unit_vector(direction, torch.float64)
     edited: list[str] = []
     new_map: dict[str, str] = {}
     head_from_embedding = None

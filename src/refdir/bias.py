@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .errors import RefdirError
+from .io import read_json_records
 from .steering import SteeringVector, dataset_hash, model_hash, steer
 
 LABELS = ("stereotype", "anti-stereotype", "unrelated")
@@ -64,17 +65,10 @@ def load_stereoset(spec: str | Path = "embedded") -> list[BiasItem]:
         data = json.loads(resources.files("refdir.assets").joinpath("stereoset_sample.json").read_text())
         return _items(data["data"]["intrasentence"], "embedded StereoSet sample")
     p = Path(spec)
-    if not p.exists():
-        raise RefdirError(f"no such StereoSet file: {p}")
+    data = read_json_records(p, "StereoSet")
     try:
-        if p.suffix.lower() == ".jsonl":
-            rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-        elif p.suffix.lower() == ".json":
-            data = json.loads(p.read_text())
-            rows = data["data"]["intrasentence"] if isinstance(data, dict) and "data" in data else data
-        else:
-            raise RefdirError(f"unknown StereoSet file format {p.suffix!r} for {p}; use .json or .jsonl")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        rows = data["data"]["intrasentence"] if isinstance(data, dict) and "data" in data else data
+    except (KeyError, TypeError) as e:
         raise RefdirError(f"could not read {p} as StereoSet intrasentence data: {e}") from e
     if not isinstance(rows, list):
         raise RefdirError(f"{p}: expected a list of intrasentence items")

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .chat import ChatFormat
 from .errors import RefdirError
+from .io import read_json_records
 from .steering import SteeringVector, dataset_hash, model_hash, steer
 
 EMBEDDED = {"refusal": "caa_refusal.jsonl", "myopic": "caa_myopic.jsonl"}
@@ -82,24 +83,13 @@ def load_behaviour(spec: str | Path) -> list[ABItem]:
             raise RefdirError(f"unknown embedded behaviour {name!r}; available: {sorted(EMBEDDED)}")
         text = resources.files("refdir.assets").joinpath(EMBEDDED[name]).read_text()
         return _items_from_rows([json.loads(x) for x in text.splitlines() if x.strip()], s)
-    p = Path(s)
-    if not p.exists():
-        raise RefdirError(f"no such behaviour file: {p}")
-    try:
-        if p.suffix.lower() == ".jsonl":
-            rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-        elif p.suffix.lower() == ".json":
-            rows = json.loads(p.read_text())
-            if isinstance(rows, dict):
-                rows = rows.get("data", [])
-        else:
-            raise RefdirError(f"unknown behaviour file format {p.suffix!r} for {p}; use .jsonl or .json "
-                              "(rows: question, answer_matching_behavior, answer_not_matching_behavior)")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RefdirError(f"could not parse {p}: {e}") from e
+    rows = read_json_records(s, "behaviour", hint="rows: question, answer_matching_behavior, "
+                             "answer_not_matching_behavior")
+    if isinstance(rows, dict):
+        rows = rows.get("data", [])
     if not isinstance(rows, list):
-        raise RefdirError(f"{p}: expected a list of A/B rows")
-    return _items_from_rows(rows, str(p))
+        raise RefdirError(f"{s}: expected a list of A/B rows")
+    return _items_from_rows(rows, s)
 
 
 def split(items: list[ABItem], which: str) -> list[ABItem]:

@@ -86,6 +86,25 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def read_json_records(path: str | Path, what: str, suffixes: tuple[str, ...] = (".jsonl", ".json"),
+                      hint: str = "") -> object:
+    """A ``.jsonl`` file as a list of its non-empty lines' JSON values, or a ``.json`` file's value; a missing
+    file, a suffix not in ``suffixes`` or unparsable text is one clear error naming ``what`` (e.g. "behaviour"),
+    the wrong suffix with ``hint`` (the expected layout) appended."""
+    p = Path(path)
+    if not p.exists():
+        raise RefdirError(f"no such {what} file: {p}")
+    suffix = p.suffix.lower()
+    if suffix not in suffixes:
+        raise RefdirError(f"unknown {what} file format {suffix!r} for {p}; use {' or '.join(suffixes)}"
+                          + (f" ({hint})" if hint else ""))
+    try:
+        text = p.read_text()
+        return [json.loads(x) for x in text.splitlines() if x.strip()] if suffix == ".jsonl" else json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RefdirError(f"could not parse {p} as {what} data: {e}") from e
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_file(path) as tmp:
         tmp.write_bytes(data)

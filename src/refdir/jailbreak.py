@@ -28,6 +28,7 @@ import torch
 
 from .chat import ChatFormat
 from .errors import RefdirError
+from .io import read_json_records
 from .steering import SteeringVector, dataset_hash, model_hash, steer
 
 PLACEHOLDER = "{instruction}"
@@ -54,17 +55,8 @@ def load_templates(spec: str | Path = "embedded") -> dict[str, list[str]]:
     if str(spec) == "embedded":
         data = json.loads(resources.files("refdir.assets").joinpath("jailbreak_templates.json").read_text())
         return _check(data["classes"], "embedded templates")
-    p = Path(spec)
-    if not p.exists():
-        raise RefdirError(f"no such template file: {p}")
-    if p.suffix.lower() != ".json":
-        raise RefdirError(f"unknown template file format {p.suffix!r} for {p}; use .json "
-                          '({"classes": {"NAME": ["... {instruction} ..."]}})')
-    try:
-        data = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RefdirError(f"could not parse {p}: {e}") from e
-    return _check(data.get("classes", data) if isinstance(data, dict) else data, str(p))
+    data = read_json_records(spec, "template", (".json",), '{"classes": {"NAME": ["... {instruction} ..."]}}')
+    return _check(data.get("classes", data) if isinstance(data, dict) else data, str(spec))
 
 
 def wrap(template: str, instruction: str) -> str:

@@ -106,15 +106,22 @@ def test_head_attribution_top_and_bad_input(tiny_tokenizer):
         head_attribution(model, fmt, PROMPTS, r, position=-50, progress=False)
 
 
-def test_geometry_on_planted_direction():
-    """A planted mean shift along r from layer 2 on: PC1 separates from there, aligned with r."""
-    g = torch.Generator().manual_seed(0)
-    n, layers, d = 40, 5, 16
+def _planted(seed: int, shifted_layers: slice, n: int = 40, layers: int = 5, d: int = 16):
+    """Random harmful / harmless residuals [n, layers, d] with the harmful ones shifted by 6 along r = e₃ at
+    ``shifted_layers``."""
+    g = torch.Generator().manual_seed(seed)
     r = torch.zeros(d)
     r[3] = 1.0
     harmless = torch.randn(n, layers, d, generator=g)
     harmful = torch.randn(n, layers, d, generator=g)
-    harmful[:, 2:, 3] += 6.0
+    harmful[:, shifted_layers, 3] += 6.0
+    return harmful, harmless, r
+
+
+def test_geometry_on_planted_direction():
+    """A planted mean shift along r from layer 2 on: PC1 separates from there, aligned with r."""
+    n = 40
+    harmful, harmless, r = _planted(0, slice(2, None), n)
     geo = geometry_from_activations(harmful, harmless, r)
     assert geo.separating_layer(0.95) == geo.first_separating_layer(0.95) == 2
     assert geo.separating_layers(0.95) == [2, 3, 4]
@@ -134,13 +141,7 @@ def test_geometry_on_planted_direction():
 def test_geometry_band_that_fades():
     """A shift planted only at layers 1–2, then swamped by a larger harmless-independent spread: PC1 separates
     at 1–2 only; the strict "to the end" layer is None, the first separating layer is 1."""
-    g = torch.Generator().manual_seed(1)
-    n, layers, d = 40, 5, 16
-    r = torch.zeros(d)
-    r[3] = 1.0
-    harmless = torch.randn(n, layers, d, generator=g)
-    harmful = torch.randn(n, layers, d, generator=g)
-    harmful[:, 1:3, 3] += 6.0
+    harmful, harmless, r = _planted(1, slice(1, 3))
     for x in (harmful, harmless):
         x[:, 3:, 5] *= 20.0  # large variance unrelated to the label at the last layers
     geo = geometry_from_activations(harmful, harmless, r)

@@ -89,13 +89,14 @@ class Geometry:
         return None
 
     def summary(self, threshold: float = 0.95) -> dict:
-        f = self.first_separating_layer(threshold)
+        band = self.separating_layers(threshold)
+        f = band[0] if band else None
 
         def at(a, layer):
             return None if layer is None else float(a[layer])
 
         return {"position": self.position, "threshold": threshold,
-                "first_separating_layer": f, "separating_layers": self.separating_layers(threshold),
+                "first_separating_layer": f, "separating_layers": band,
                 "separating_layer": self.separating_layer(threshold),
                 "cos_pc1_r_there": at(self.cos_pc1_r, f), "cos_pc1_diff_there": at(self.cos_pc1_diff, f),
                 "pc1_var_there": at(self.pc1_var, f), "auc_pc1_there": at(self.auc_pc1, f),

@@ -1,8 +1,9 @@
 """Time `refdir search` on the embedded default model with the issue's acceptance setting.
 
 Candidates from 128 + 128 paper-split train prompts, proxy prompts 32 + 32 carved from the same train files,
-confirmation on harmful_val (39) and harmless_val[:100], 100 greedy tokens, broad judge with the paper's
-substrings beside it. Prints the CPU flags, each phase's wall time, peak RSS, the confirmed front and the
+confirmation on harmful_val (39) and harmless_val[:100], 100 greedy tokens, Heretic's default system prompt
+(the setting of its reference front), the ``wide`` judge (every marker Heretic counts, and more) with the broad
+judge and the paper's substrings beside it. Prints the CPU flags, each phase's wall time, peak RSS, the confirmed front and the
 acceptance checks.
 
     python bench/bench_search.py --out runs/search-paper --trials 40 --fresh
@@ -20,6 +21,7 @@ from pathlib import Path
 P = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "paper_splits"
 # Heretic 1.4's front on the same confirmation prompts (refusals of 39, first-token KL), from issue #10
 HERETIC = [(5, 0.065), (6, 0.049), (8, 0.017), (10, 0.014), (11, 0.012), (12, 0.005)]
+HERETIC_SYSTEM = "You are a helpful assistant."  # Heretic's default system prompt, used for its front above
 
 
 def cpu_flags() -> str:
@@ -39,6 +41,10 @@ def main() -> None:
     ap.add_argument("--confirm-extra", type=int, default=2)
     ap.add_argument("--fresh", action="store_true", help="delete --out first (a full timing from model load)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--system", default=HERETIC_SYSTEM,
+                    help="system prompt (default: Heretic's default, the setting of its reference front); "
+                         "'' for the chat template's own default")
+    ap.add_argument("--judge", default="wide", choices=["wide", "broad", "paper"])
     a = ap.parse_args()
 
     import torch
@@ -55,8 +61,10 @@ def main() -> None:
     ref.write_text(json.dumps([{"label": f"Heretic {r}/{k}", "refusals": r, "kl": k, "n": 39} for r, k in HERETIC]))
     cfg = SearchConfig(model="default", harmful=str(P / "harmful_train.json"), harmless=str(P / "harmless_train.json"),
                        harmful_test=str(P / "harmful_val.json"), harmless_test=str(P / "harmless_val.json"),
-                       n_train=128, n_val=32, n_test=100, max_new_tokens=100)
-    print(f"cpu flags: {cpu_flags()}; torch threads {torch.get_num_threads()}")
+                       n_train=128, n_val=32, n_test=100, max_new_tokens=100, system=a.system or None,
+                       judge=a.judge)
+    print(f"cpu flags: {cpu_flags()}; torch threads {torch.get_num_threads()}; system prompt {cfg.system!r}; "
+          f"judge {cfg.judge}")
     t = time.time()
     res = run_search(cfg, out, trials=a.trials, max_confirm=a.max_confirm, confirm_extra=a.confirm_extra,
                      reference=ref)
@@ -65,7 +73,8 @@ def main() -> None:
     print(f"wall {wall:.1f} s; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB; "
           f"trials {res['n_trials']} ({res['new_trials']} new)")
     b = res["base"]["confirmed"]
-    print(f"base model: {b['refusals']}/{b['n']} refusals (paper {b['refusals_paper']})")
+    print(f"base model: {b['refusals']}/{b['n']} refusals ({a.judge}; broad {b.get('refusals_broad')}, "
+          f"paper {b['refusals_paper']})")
     if res.get("plain") and res["plain"].get("confirmed"):
         c = res["plain"]["confirmed"]
         print(f"plain edit: {c['refusals']}/{c['n']} (paper {c['refusals_paper']}), KL {c['kl']:.4f}")

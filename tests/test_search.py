@@ -49,7 +49,8 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
     assert len(first) == 3
 
     res = run_search(cfg, out, trials=6, max_confirm=3, confirm_extra=1, progress=False)
-    assert res["new_trials"] == 3 and res["n_trials"] == 6
+    assert res["new_trials"] == 3 and res["n_trials"] == 6 and res["n_refined"] == res["refine_trials"]
+    assert all(r["refine_of"] is not None for r in res["trials"][6:])
     again = {r["trial"]: [r["proxy_refusal"], r["proxy_kl"]] for r in res["trials"]}
     for n, v in first.items():  # the interrupted run's trials are kept, not recomputed
         assert again[n] == pytest.approx(v, abs=0)
@@ -105,12 +106,48 @@ def test_bad_reference_file_is_refused(tmp_path, tiny_model_dir):
     assert not (tmp_path / "s").exists()
 
 
-def test_front_picks_cover_the_kl_marks_first():
+def test_front_picks_spread_along_the_front():
     from refdir.search import _front_picks
 
     front = [{"proxy_kl": x} for x in (0.0, 0.001, 0.003, 0.008, 0.012, 0.03, 0.045, 0.07, 0.2, 0.5, 1.0)]
-    picks = _front_picks(front, 4)
-    # the last point under KL 0.01 and under 0.05, each with its next neighbour
-    assert picks == [3, 4, 6, 7]
+    assert _front_picks(front, 4) == [0, 3, 7, 10]
     assert _front_picks(front, 20) == list(range(11))
     assert _front_picks(front[:1], 3) == [0]
+    assert _front_picks(front, 0) == []
+
+
+def test_refine_front_lands_under_each_kl_mark():
+    """Strength refinement on an objective with a known answer: KL = 0.1·(attn² + mlp²) of the peaks and refusal
+    = −(attn + mlp). Each mark gets a trial within 10 % of 0.9·mark, found in at most two tries per source; a rerun
+    adds nothing."""
+    import optuna
+
+    from refdir.search import REFINE_MARGIN, Space, refine_front
+
+    space = Space([-1], 4, 1.0, 3.0, 1.0, ["plain"])
+    calls = []
+
+    def objective(trial):
+        e = space.suggest(trial)
+        a, m = e.attn.kernel.peak, e.mlp.kernel.peak
+        calls.append(trial.number)
+        return -(a + m), 0.1 * (a * a + m * m)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["minimize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+    for peak in (0.1, 0.5, 1.0):  # KL 0.002, 0.05, 0.2
+        p = space.full_params(-1, 2.0)
+        study.enqueue_trial(p | {"attn_peak": peak, "mlp_peak": peak})
+    study.optimize(objective, n_trials=3)
+    marks = [0.01, 0.05]
+    added = refine_front(study, objective, space, marks, per_mark=2, progress=False)
+    refined = [t for t in study.trials if "refine_of" in t.user_attrs]
+    assert added == len(refined) > 0 and len(refined) <= 2 * 2 * len(marks)
+    for m in marks:
+        kls = [t.values[1] for t in refined if t.user_attrs["mark"] == m]
+        assert any(abs(k / (REFINE_MARGIN * m) - 1) <= 0.1 for k in kls), (m, kls)
+        assert all(k > 0 for k in kls)
+    n = len(study.trials)
+    assert refine_front(study, objective, space, marks, per_mark=2, progress=False) == 0
+    assert len(study.trials) == n

@@ -82,7 +82,7 @@ def run(
     exhaustive: bool = typer.Option(False, help="fully score every candidate (default: screen, then score the top-k)"),
     top_k: int = typer.Option(12, help="finalists fully scored after screening"),
     max_new_tokens: int = typer.Option(128),
-    judge: str = typer.Option("broad", help="refusal judge for the headline: broad or paper"),
+    judge: str = typer.Option("broad", help="refusal judge for the headline: broad, paper or wide"),
     save_checkpoint: bool = typer.Option(True),
     force: bool = typer.Option(False, help="replace a directory that is not a run of this model"),
 ) -> None:

@@ -38,8 +38,12 @@ def register(app: typer.Typer) -> None:
         max_strength: float = typer.Option(1.0, help="largest per-layer strength searched (≤ 1)"),
         variants: str = typer.Option("plain,projected,norm", help="variants searched, comma-separated"),
         max_new_tokens: int = typer.Option(100, help="tokens generated per prompt to confirm a point"),
-        max_confirm: int = typer.Option(8, help="front points confirmed by generation (spread along the front)"),
-        confirm_extra: int = typer.Option(2, help="other trials confirmed too, for the proxy/generation correlation"),
+        kl_marks: str = typer.Option("0.01,0.05", help="KL budgets: the front is refined towards each, and its best "
+                                     "point under each is confirmed by generation"),
+        refine: int = typer.Option(3, help="front points per KL mark refined by strength scaling (0: off)"),
+        max_confirm: int = typer.Option(4, help="front points confirmed by generation besides the KL marks' "
+                                        "(spread along the front)"),
+        confirm_extra: int = typer.Option(0, help="other trials confirmed too, for the proxy/generation correlation"),
         reference: Path = typer.Option(None, help="JSON list of {label, refusals, kl} drawn beside the front"),
         force: bool = typer.Option(False, help="replace a study made with another model or config"),
     ) -> None:
@@ -54,10 +58,11 @@ def register(app: typer.Typer) -> None:
                                chat_template=chat_template, dtype=dtype, device=device,
                                trust_remote_code=trust_remote_code, batch_size=batch_size, top_k=top_k,
                                max_strength=max_strength, variants=[v.strip() for v in variants.split(",") if v.strip()],
-                               max_new_tokens=max_new_tokens)
+                               max_new_tokens=max_new_tokens, kl_marks=_marks(kl_marks))
             if not 0 < max_strength <= 1:
                 raise RefdirError("--max-strength must be in (0, 1]")
-            res = run_search(cfg, out, trials=trials, max_confirm=max_confirm, confirm_extra=confirm_extra,
+            res = run_search(cfg, out, trials=trials, refine=refine, max_confirm=max_confirm,
+                             confirm_extra=confirm_extra,
                              reference=reference, force=force)
         except RefdirError as e:
             fail(e)
@@ -81,13 +86,24 @@ def register(app: typer.Typer) -> None:
         console.print(f"point {point} written to [bold]{out}[/]")
 
 
+def _marks(s: str) -> list[float]:
+    try:
+        marks = [float(x) for x in s.split(",") if x.strip()]
+    except ValueError as e:
+        raise RefdirError(f"--kl-marks takes comma-separated numbers, got {s!r}") from e
+    if not marks or not all(0 < m < float("inf") for m in marks):
+        raise RefdirError(f"--kl-marks must be positive numbers, got {s!r}")
+    return marks
+
+
 def _print_front(res: dict, out: Path) -> None:
     from rich.table import Table
 
     from .edits import Edit
 
     b = res["base"]["confirmed"]
-    t = Table("point", "proxy refusal", "proxy KL", "refusals", "paper", "KL", "edit")
+    judge = res["config"].get("judge", "wide")
+    t = Table("point", "proxy refusal", "proxy KL", f"refusals ({judge})", "paper", "KL", "edit")
     for r in res["front"]:
         c = r.get("confirmed")
         t.add_row(str(r["point"]), f"{r['proxy_refusal']:.2f}", f"{r['proxy_kl']:.4f}",
@@ -98,4 +114,8 @@ def _print_front(res: dict, out: Path) -> None:
     console.print(f"base model: {b['refusals']}/{b['n']} refusals; Spearman(proxy, generated refusal) = "
                   f"{'n/a' if rho is None else f'{rho:.2f}'} over {res['n_confirmed']} points; "
                   f"{res['timings_s']['total']:.0f} s")
+    for m, best in res.get("best_at_kl", {}).items():
+        got = f"{best['refusals']}/{best['n']} refusals at KL {best['kl']:.4f} (point of trial {best['trial']})" \
+            if best else "no confirmed point"
+        console.print(f"best confirmed at KL ≤ {m}: {got}")
     console.print(f"front: [bold]{out / 'search' / 'front.csv'}[/]  report: [bold]{out / 'report.html'}[/]")

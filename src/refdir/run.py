@@ -19,6 +19,7 @@ import shutil
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -80,7 +81,7 @@ class RunConfig(BaseModel):
     # evaluation
     max_new_tokens: int = 128
     gen_batch_size: int = 40
-    judge: str = "broad"
+    judge: Literal["broad", "paper", "wide"] = "broad"
     add_coeffs: list[float] = [1.0, 1.25, 1.5, 2.0, 2.5, 3.0]
     add_target: float = 0.9  # share of harmless val prompts whose metric must be > 0
     save_checkpoint: bool = True
@@ -221,10 +222,11 @@ class Run:
         return refusal_metric_from_logits(lg, ids).tolist()
 
     def judged(self, outs: list[str]) -> dict:
-        """Both judges' refusal scores for a set of completions; the headline uses cfg.judge."""
-        jb, jp = judge(outs, "broad"), judge(outs, "paper")
-        return {"refusal": jb.refusal if self.cfg.judge == "broad" else jp.refusal, "refusal_broad": jb.refusal,
-                "refusal_paper": jp.refusal, "degenerate": jb.n_degenerate, "n": jb.n, "flags": jb.flags}
+        """The broad and paper judges' refusal scores for a set of completions; the headline (and the flags) use
+        cfg.judge."""
+        jh, jb, jp = judge(outs, self.cfg.judge), judge(outs, "broad"), judge(outs, "paper")
+        return {"refusal": jh.refusal, "refusal_broad": jb.refusal, "refusal_paper": jp.refusal,
+                "degenerate": jh.n_degenerate, "n": jh.n, "flags": jh.flags}
 
     def stage_filter(self, sets: dict, ids: list[int]) -> dict:
         if not self.done("filter"):

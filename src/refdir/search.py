@@ -30,6 +30,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -81,10 +82,12 @@ class SearchConfig(BaseModel):
     min_layer_frac: float = 0.25
     max_strength: float = 1.0
     variants: list[str] = list(VARIANTS)
+    # KL budgets the user cares about: the front is refined towards them and the best point under each is confirmed
+    kl_marks: list[float] = [0.01, 0.05]
     # confirmation
     max_new_tokens: int = 100
     gen_batch_size: int = 40
-    judge: str = "broad"
+    judge: Literal["broad", "paper", "wide"] = "wide"  # at least as broad as Heretic's markers; broad and paper are reported beside it
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
@@ -214,10 +217,11 @@ def _storage(path: Path):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 40, max_confirm: int = 8,
-               confirm_extra: int = 2, reference: str | Path | None = None, force: bool = False,
+def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 40, refine: int = 3, max_confirm: int = 4,
+               confirm_extra: int = 0, reference: str | Path | None = None, force: bool = False,
                progress: bool = True, callbacks: list | None = None) -> dict:
-    """Run (or resume) the search in ``out`` and confirm its front. Returns the summary (also in
+    """Run (or resume) the search in ``out``: ``trials`` TPE trials, then :func:`refine_front` on up to ``refine``
+    front points per KL mark, then confirm the front by generation. Returns the summary (also in
     ``OUT/search/summary.json``)."""
     import optuna
 
@@ -226,6 +230,8 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 40, max_conf
     out = Path(out)
     if trials < 1:
         raise RefdirError("--trials must be at least 1")
+    if not cfg.kl_marks or not all(0 < m < float("inf") for m in cfg.kl_marks):
+        raise RefdirError(f"KL marks must be positive numbers, got {cfg.kl_marks}")
     refs = load_reference(reference) if reference else []
     _check_dir(cfg, out, force)
     t0 = time.time()
@@ -281,7 +287,8 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 40, max_conf
         trial.set_user_attr("edit", edit.to_dict())
         return proxy(resolve(edit, cands))
 
-    done = [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
+    done = [tr for tr in study.trials
+            if tr.state == optuna.trial.TrialState.COMPLETE and "refine_of" not in tr.user_attrs]
     todo = max(0, trials - len(done))
     t = time.time()
     if todo:
@@ -296,6 +303,9 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 40, max_conf
         finally:
             bar.close()
     tick("search", t)
+    t = time.time()
+    n_refined = refine_front(study, objective, space, cfg.kl_marks, refine, progress) if refine > 0 else 0
+    tick("refine", t)
 
     t = time.time()
     result = _confirm(run, lm, fmt, cands, study, sets, proxy, sdir, cfg, max_confirm, confirm_extra, progress)
@@ -303,6 +313,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 40, max_conf
     phase["total"] = round(time.time() - t0, 2)
     result["timings_s"] = phase
     result["new_trials"] = todo
+    result["refine_trials"] = n_refined
     result["reference"] = refs
     result["selection"] = {"chosen": chosen, "n_scored": sum(1 for r in table if math.isfinite(r["bypass"]))}
     atomic_write_json(sdir / "summary.json", result)
@@ -370,6 +381,75 @@ def _front_postfix(study) -> str:
     return "  ".join(parts)
 
 
+# ------------------------------------------------------------------------------------------ refinement
+REFINE_MARGIN = 0.9  # aim a little under each KL mark: the confirmation prompts' KL differs from the proxy's by a few %
+REFINE_TOL = 0.1  # relative KL error at which a scaled edit counts as on target
+
+
+def _scaled_params(params: dict, a: float, space: Space) -> dict:
+    """The same edit with both components' peaks times ``a`` (clipped to the searched maximum); floors are stored as
+    fractions of the peak, so they scale too."""
+    q = dict(params)
+    for c in COMPONENTS:
+        q[f"{c}_peak"] = float(min(space.max_strength, max(0.0, params[f"{c}_peak"] * a)))
+    return q
+
+
+def refine_front(study, objective, space: Space, marks: list[float], per_mark: int = 3,
+                 progress: bool = True) -> int:
+    """Strength refinement towards each KL mark. TPE samples the edit space sparsely; near a KL budget the front
+    improves most cheaply by taking a front edit and scaling its strength until its proxy KL sits just under the
+    budget (KL grows about as the square of the strength). For each mark ``m``, the (up to) ``per_mark`` front points
+    nearest to ``0.9·m`` in log KL (within a factor 8) are scaled by ``a = sqrt(0.9·m / KL)``, then once more by a
+    secant step in log–log if the first try misses by more than 10 %. Every scaled edit is a study trial (user attrs
+    ``refine_of``, ``mark``); sources come from the searched (not refined) trials, and a (point, mark) pair refined
+    before, e.g. in an interrupted run, is not redone.
+    Returns the number of trials added."""
+    import optuna
+
+    def complete():
+        return [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
+
+    def run(params: dict, attrs: dict) -> tuple[float, float]:
+        study.enqueue_trial(params, user_attrs=attrs)
+        study.optimize(objective, n_trials=1)
+        tr = study.trials[-1]
+        if tr.state != optuna.trial.TrialState.COMPLETE:
+            raise RefdirError(f"refinement trial {tr.number} did not complete ({tr.state.name})")
+        return tr.values[0], tr.values[1]
+
+    added = 0
+    bar = tqdm(total=per_mark * len(marks), desc="refine", disable=not progress, leave=False)
+    for m in marks:
+        target = REFINE_MARGIN * m
+        trs = complete()
+        done = {(tr.user_attrs["refine_of"], tr.user_attrs["mark"]) for tr in trs if "refine_of" in tr.user_attrs}
+        trs = [tr for tr in trs if "refine_of" not in tr.user_attrs]  # sources: the front of the searched trials
+        front = [trs[i] for i in pareto_front([(tr.values[0], tr.values[1]) for tr in trs])]
+        near = sorted((tr for tr in front if tr.values[1] > 0 and abs(math.log(tr.values[1] / target)) < math.log(8)),
+                      key=lambda tr: abs(math.log(tr.values[1] / target)))[:per_mark]
+        for src in near:
+            bar.update(1)
+            kl0 = src.values[1]
+            if (src.number, m) in done or abs(kl0 / target - 1) <= REFINE_TOL:
+                continue
+            a = math.sqrt(target / kl0)
+            if a > 1 and all(src.params[f"{c}_peak"] >= space.max_strength for c in COMPONENTS):
+                continue
+            attrs = {"refine_of": src.number, "mark": m}
+            _, kl1 = run(_scaled_params(src.params, a, space), attrs)
+            added += 1
+            if abs(kl1 / target - 1) > REFINE_TOL and kl1 > 0 and abs(math.log(a)) > 1e-3:
+                slope = math.log(kl1 / kl0) / math.log(a)
+                if slope > 0.2:
+                    a2 = math.exp(math.log(a) + math.log(target / kl1) / slope)
+                    run(_scaled_params(src.params, a2, space), attrs)
+                    added += 1
+            bar.set_postfix_str(_front_postfix(study))
+    bar.close()
+    return added
+
+
 # ------------------------------------------------------------------------------------------ confirmation
 
 
@@ -381,44 +461,28 @@ def _trial_rows(study) -> list[dict]:
         if tr.state != optuna.trial.TrialState.COMPLETE:
             continue
         rows.append({"trial": tr.number, "proxy_refusal": tr.values[0], "proxy_kl": tr.values[1],
-                     "edit": tr.user_attrs["edit"], "warm_start": bool(tr.user_attrs.get("warm_start"))})
+                     "edit": tr.user_attrs["edit"], "warm_start": bool(tr.user_attrs.get("warm_start")),
+                     "refine_of": tr.user_attrs.get("refine_of")})
     return rows
 
 
-KL_MARKS = (0.01, 0.05, 0.02, 0.1, 0.005)
-
-
 def _front_picks(front: list[dict], k: int) -> list[int]:
-    """Which front points to confirm (front sorted by proxy KL): first, at each KL mark in ``KL_MARKS``, the
-    point with the largest proxy KL under it (the lowest proxy refusal there) and its next neighbour; then
-    points spread evenly along the front, up to ``k``."""
-    picks: list[int] = []
-    kls = [r["proxy_kl"] for r in front]
-    for m in KL_MARKS:
-        under = [i for i, x in enumerate(kls) if x <= m]
-        if under:
-            picks += [under[-1], under[-1] + 1]
+    """Front points spread evenly along the front (sorted by proxy KL), ``k`` at most, ends included."""
     n = len(front)
-    picks += [round(j * (n - 1) / (k - 1)) for j in range(k)] if k > 1 and n > 1 else [0]
-    out: list[int] = []
-    for i in picks:
-        if 0 <= i < n and i not in out and len(out) < k:
-            out.append(i)
-    return sorted(out)
+    picks = [round(j * (n - 1) / (k - 1)) for j in range(k)] if k > 1 and n > 1 else [0] if n and k else []
+    return sorted(set(picks))
 
 
 def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: SearchConfig, max_confirm: int,
              confirm_extra: int, progress: bool) -> dict:
+    """Generation on the confirmation prompts for: the base model; at each KL mark, the front point with the lowest
+    proxy refusal under it (and, if its confirmed KL lands over the mark, the next one under, up to 3 tries);
+    ``max_confirm`` more front points spread along the front; the plain edit; ``confirm_extra`` random trials."""
     rows = _trial_rows(study)
     pts = [(r["proxy_refusal"], r["proxy_kl"]) for r in rows]
     front = [rows[i] for i in pareto_front(pts)]
     plain = next((r for r in rows if r["warm_start"]), None)
-    to_confirm = [front[i] for i in _front_picks(front, max_confirm)]
-    if plain is not None and plain not in to_confirm:
-        to_confirm.append(plain)
-    rest = [r for r in rows if r not in to_confirm]
-    random.Random(cfg.seed).shuffle(rest)
-    to_confirm += rest[:confirm_extra]
+    spread = [front[i] for i in _front_picks(front, max_confirm)]
 
     H, B = sets["harmful"]["test"], sets["harmless"]["test"]
     cache_f = sdir / "confirm.json"
@@ -437,18 +501,32 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
             outs = generate(lm.model, fmt, H, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
                             progress=progress, desc=desc)
             kl = first_token_kl(base_logp, last_logits(lm.model, fmt, B, cfg.batch_size, shared_prefix=True))
-        jb, jp = judge(outs, "broad"), judge(outs, "paper")
-        res = {"refusals": jb.n_refusal, "refusals_paper": jp.n_refusal, "n": jb.n, "degenerate": jb.n_degenerate,
-               "refusal": jb.refusal, "refusal_paper": jp.refusal, "kl": float(kl.mean()), "n_kl": len(B),
+        jh, jb, jp = judge(outs, cfg.judge), judge(outs, "broad"), judge(outs, "paper")
+        res = {"refusals": jh.n_refusal, "refusals_broad": jb.n_refusal, "refusals_paper": jp.n_refusal, "n": jh.n,
+               "degenerate": jh.n_degenerate, "refusal": jh.refusal, "refusal_paper": jp.refusal, "kl": float(kl.mean()), "n_kl": len(B),
                "completions": outs}
         cache[key] = res
         atomic_write_json(cache_f, cache)
         return res
 
+    def confirm_row(r: dict) -> dict:
+        if "confirmed" not in r:
+            r["confirmed"] = confirm_one(str(r["trial"]), resolve(Edit.from_dict(r["edit"]), cands),
+                                         f"confirm: trial {r['trial']}")
+        return r["confirmed"]
+
     base = confirm_one("base", None, "confirm: base model")
-    for r in to_confirm:
-        r["confirmed"] = confirm_one(str(r["trial"]), resolve(Edit.from_dict(r["edit"]), cands),
-                                     f"confirm: trial {r['trial']}")
+    for m in sorted(cfg.kl_marks):
+        under = sorted((r for r in front if r["proxy_kl"] <= m), key=lambda r: -r["proxy_kl"])
+        for r in under[:3]:
+            if confirm_row(r)["kl"] <= m:
+                break
+    for r in spread + ([plain] if plain is not None else []):
+        confirm_row(r)
+    rest = [r for r in rows if "confirmed" not in r]
+    random.Random(cfg.seed).shuffle(rest)
+    for r in rest[:confirm_extra]:
+        confirm_row(r)
     conf = [r for r in rows if "confirmed" in r]
     xs = [proxy.base_metric] + [r["proxy_refusal"] for r in conf]
     ys = [base["refusal"]] + [r["confirmed"]["refusal"] for r in conf]
@@ -468,14 +546,15 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
     for k, r in enumerate(front):
         r["point"] = k
     return {
-        "config": cfg.model_dump(), "n_trials": len(rows), "n_layers": cands.n_layers,
+        "config": cfg.model_dump(), "n_trials": sum(r["refine_of"] is None for r in rows),
+        "n_refined": sum(r["refine_of"] is not None for r in rows), "n_layers": cands.n_layers,
         "model_id": lm.model_id, "positions": cands.positions,
         "proxy_prompts": {"harmful": proxy.nh, "harmless": len(proxy.prompts) - proxy.nh},
         "confirm_prompts": {"harmful": len(H), "harmless": len(B), "max_new_tokens": cfg.max_new_tokens},
         "base": {"proxy_refusal": proxy.base_metric, "proxy_kl": 0.0, "confirmed": base},
         "plain": plain, "front": front, "trials": rows,
         "spearman_refusal": rho, "spearman_kl": rho_kl, "n_confirmed": len(conf) + 1,
-        "best_at_kl": {"0.05": best_at(0.05), "0.01": best_at(0.01)},
+        "best_at_kl": {f"{m:g}": best_at(m) for m in sorted(cfg.kl_marks)},
     }
 
 

@@ -6,7 +6,7 @@ confirmation on harmful_val (39) and harmless_val[:100], 100 greedy tokens, Here
 judge and the paper's substrings beside it. Prints the CPU flags, each phase's wall time, peak RSS, the confirmed front and the
 acceptance checks.
 
-    python bench/bench_search.py --out runs/search-paper --trials 40 --fresh
+    python bench/bench_search.py --out runs/search-paper --fresh
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def cpu_flags() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/search-paper")
-    ap.add_argument("--trials", type=int, default=40)
-    ap.add_argument("--max-confirm", type=int, default=8)
-    ap.add_argument("--confirm-extra", type=int, default=2)
+    ap.add_argument("--trials", type=int, default=30)
+    ap.add_argument("--max-confirm", type=int, default=2)
+    ap.add_argument("--confirm-extra", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="delete --out first (a full timing from model load)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--system", default=HERETIC_SYSTEM,

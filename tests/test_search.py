@@ -118,7 +118,7 @@ def test_front_picks_spread_along_the_front():
 
 def test_refine_front_lands_under_each_kl_mark():
     """Strength refinement on an objective with a known answer: KL = 0.1·(attn² + mlp²) of the peaks and refusal
-    = −(attn + mlp). Each mark gets a trial within 10 % of 0.9·mark, found in at most two tries per source; a rerun
+    = −(attn + mlp). Each mark gets a trial within 10 % of REFINE_MARGIN·mark, found in at most two tries per source; a rerun
     adds nothing."""
     import optuna
 

@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
     def search(
         model: str = ModelArg,
         out: Path = typer.Option(..., "--out", help="run directory; rerunning resumes the study"),
-        trials: int = typer.Option(40, help="total trials (a rerun with more trials extends the study)"),
+        trials: int = typer.Option(30, help="TPE trials in all (a rerun with more trials extends the study)"),
         harmful: str = typer.Option("embedded:harmful", help="harmful train source (candidates + proxy prompts)"),
         harmless: str = typer.Option("embedded:harmless", help="harmless train source"),
         harmful_test: str = typer.Option(None, help="harmful confirmation prompts (default: the source's test split)"),
@@ -41,8 +41,8 @@ def register(app: typer.Typer) -> None:
         kl_marks: str = typer.Option("0.01,0.05", help="KL budgets: the front is refined towards each, and its best "
                                      "point under each is confirmed by generation"),
         refine: int = typer.Option(3, help="front points per KL mark refined by strength scaling (0: off)"),
-        max_confirm: int = typer.Option(4, help="front points confirmed by generation besides the KL marks' "
-                                        "(spread along the front)"),
+        max_confirm: int = typer.Option(2, help="front points confirmed by generation besides the KL marks' "
+                                        "(spread along the front, its two ends first)"),
         confirm_extra: int = typer.Option(0, help="other trials confirmed too, for the proxy/generation correlation"),
         reference: Path = typer.Option(None, help="JSON list of {label, refusals, kl} drawn beside the front"),
         force: bool = typer.Option(False, help="replace a study made with another model or config"),

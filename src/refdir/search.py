@@ -15,10 +15,14 @@ The sampler is multi-objective TPE (seeded), warm-started with the selected dire
 stored as an optuna journal in ``OUT/search/study.log``: rerunning resumes with the trials already done.
 A directory made with another model or config is refused.
 
-Confirmation: the Pareto front (at most ``max_confirm`` points, spread along it), the plain full edit,
-the base model and ``confirm_extra`` other trials are confirmed by greedy generation on the harmful
-confirmation prompts (judged broad and paper) and first-token KL on the harmless confirmation prompts.
-The rank correlation of proxy refusal and generated refusal over the confirmed trials is reported.
+Refinement (:func:`refine_front`): after the TPE trials, front edits near each KL mark (``kl_marks``, default
+0.01 and 0.05) are scaled in strength so that their proxy KL sits just under the mark; each is a study trial.
+
+Confirmation by greedy generation on the harmful confirmation prompts (judged with ``judge``, default ``wide``,
+with ``broad`` and the paper's substrings beside it) and first-token KL on the harmless confirmation prompts: the
+base model, the best front point under each KL mark, ``max_confirm`` more front points spread along it (its ends
+first), the plain full edit and ``confirm_extra`` other trials. The rank correlation of proxy refusal and
+generated refusal over the confirmed trials is reported.
 """
 
 from __future__ import annotations
@@ -217,7 +221,7 @@ def _storage(path: Path):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 40, refine: int = 3, max_confirm: int = 4,
+def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 30, refine: int = 3, max_confirm: int = 2,
                confirm_extra: int = 0, reference: str | Path | None = None, force: bool = False,
                progress: bool = True, callbacks: list | None = None) -> dict:
     """Run (or resume) the search in ``out``: ``trials`` TPE trials, then :func:`refine_front` on up to ``refine``
@@ -382,7 +386,7 @@ def _front_postfix(study) -> str:
 
 
 # ------------------------------------------------------------------------------------------ refinement
-REFINE_MARGIN = 0.9  # aim a little under each KL mark: the confirmation prompts' KL differs from the proxy's by a few %
+REFINE_MARGIN = 0.85  # aim under each KL mark: the confirmation prompts' KL differs from the proxy's by a few %
 REFINE_TOL = 0.1  # relative KL error at which a scaled edit counts as on target
 
 
@@ -400,7 +404,7 @@ def refine_front(study, objective, space: Space, marks: list[float], per_mark: i
     """Strength refinement towards each KL mark. TPE samples the edit space sparsely; near a KL budget the front
     improves most cheaply by taking a front edit and scaling its strength until its proxy KL sits just under the
     budget (KL grows about as the square of the strength). For each mark ``m``, the (up to) ``per_mark`` front points
-    nearest to ``0.9·m`` in log KL (within a factor 8) are scaled by ``a = sqrt(0.9·m / KL)``, then once more by a
+    nearest to ``0.85·m`` in log KL (within a factor 8) are scaled by ``a = sqrt(0.85·m / KL)``, then once more by a
     secant step in log–log if the first try misses by more than 10 %. Every scaled edit is a study trial (user attrs
     ``refine_of``, ``mark``); sources come from the searched (not refined) trials, and a (point, mark) pair refined
     before, e.g. in an interrupted run, is not redone.

@@ -658,7 +658,8 @@ def plot_front(res: dict):
                     xytext=(3, -9), textcoords="offset points")
     a2.set_xscale("log")
     a2.set_xlabel(f"first-token KL, {res['confirm_prompts']['harmless']} harmless confirmation prompts")
-    a2.set_ylabel(f"refusals of {n} (broad judge, {res['confirm_prompts']['max_new_tokens']} generated tokens)")
+    a2.set_ylabel(f"refusals of {n} ({res['config'].get('judge', 'broad')} judge, "
+                  f"{res['confirm_prompts']['max_new_tokens']} generated tokens)")
     a2.set_title("confirmed by generation")
     a2.legend(fontsize=7)
     fig.tight_layout()
@@ -676,6 +677,9 @@ def write_search_report(out: Path, res: dict) -> None:
                      f"{c['kl']:.4f}" if c else "", Edit.from_dict(r["edit"]).describe()])
     b = res["base"]["confirmed"]
     rho = res["spearman_refusal"]
+    jname = res["config"].get("judge", "broad")
+    best = "; ".join(f"KL ≤ {m}: " + (f"{v['refusals']}/{v['n']} refusals at KL {v['kl']:.4f} (trial {v['trial']})"
+                                      if v else "none confirmed") for m, v in res.get("best_at_kl", {}).items())
     ch = (res.get("selection") or {}).get("chosen")
     pe = (res.get("plain") or {}).get("edit")
     plain_txt = ("" if pe is None else
@@ -684,16 +688,16 @@ def write_search_report(out: Path, res: dict) -> None:
                     "finalist with the lowest bypass. "))
     ref_txt = (" Reference points come from the file given with <code>--reference</code>; they may have been "
                "measured with another judge or precision." if res.get("reference") else "")
-    txt = (f"<p>{res['n_trials']} trials; proxy: refusal metric on {res['proxy_prompts']['harmful']} harmful and "
+    txt = (f"<p>{res['n_trials']} TPE trials and {res.get('n_refined', 0)} refinement trials; proxy: refusal metric on {res['proxy_prompts']['harmful']} harmful and "
            f"first-token KL on {res['proxy_prompts']['harmless']} harmless proxy prompts. Confirmation: "
-           f"{res['confirm_prompts']['max_new_tokens']} greedy tokens on {b['n']} harmful prompts (broad judge; "
+           f"{res['confirm_prompts']['max_new_tokens']} greedy tokens on {b['n']} harmful prompts ({jname} judge; "
            f"paper substrings beside it), first-token KL on {res['confirm_prompts']['harmless']} harmless prompts. "
-           f"Base model: {b['refusals']}/{b['n']} refusals. Rank correlation (Spearman) of proxy refusal vs generated "
+           f"Base model: {b['refusals']}/{b['n']} refusals. Best confirmed point under each KL mark: {best}. Rank correlation (Spearman) of proxy refusal vs generated "
            f"refusal over {res['n_confirmed']} confirmed points: "
            f"{'n/a' if rho is None else f'{rho:.2f}'}. {plain_txt}Export a point: "
            f"<code>refdir export DIR OUT --point K</code>.{ref_txt}</p>")
     body = txt + figure_html(plot_front(res)) + table_html(
-        rows, ["point", "trial", "proxy refusal", "proxy KL", "refusals (broad)", "refusals (paper)", "KL", "edit"])
+        rows, ["point", "trial", "proxy refusal", "proxy KL", f"refusals ({jname})", "refusals (paper)", "KL", "edit"])
     add_section(out, "search", body, "Pareto search over edits")
 
 

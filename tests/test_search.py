@@ -46,10 +46,17 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
 
     st = optuna.load_study(study_name="refdir-search", storage=_storage(out / "search" / "study.log"))
     first = {t.number: t.values for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE}
-    assert len(first) == 3
+    known = [t for t in st.trials if t.user_attrs.get("from_selection")]
+    assert len(first) == 3 + len(known)
+    # plain full-strength warm starts the selection scored in full carry its bypass and KL, not a rerun
+    saved = json.loads((out / "search" / "selection.json").read_text())
+    scores = {(r["position"], float(r["layer"])): [r["bypass"], r["kl"]] for r in saved["table"]}
+    assert known and all(t.values == scores[(t.params["position"], t.params["layer"])] for t in known)
+    assert known[0].number == 0
 
     res = run_search(cfg, out, trials=6, max_confirm=3, confirm_extra=1, progress=False)
-    assert res["new_trials"] == 3 and res["n_trials"] == 6 and res["n_refined"] == res["refine_trials"]
+    assert res["new_trials"] == 6 - 3 - len(known) and res["n_trials"] == 6
+    assert res["n_refined"] == res["refine_trials"]
     assert all(r["refine_of"] is not None for r in res["trials"][6:])
     again = {r["trial"]: [r["proxy_refusal"], r["proxy_kl"]] for r in res["trials"]}
     for n, v in first.items():  # the interrupted run's trials are kept, not recomputed

@@ -169,6 +169,19 @@ class Space:
         emb = trial.suggest_categorical("embedding", [True, False])
         return Edit(pos, layer, comps["attn"], comps["mlp"], emb)
 
+    def distributions(self) -> dict:
+        """The optuna distribution of every parameter :meth:`suggest` draws (for trials added with known values)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+        L = self.n_layers
+        d = {"position": CategoricalDistribution(self.positions), "layer": FloatDistribution(self.layer_lo, self.layer_hi)}
+        for c in COMPONENTS:
+            d |= {f"{c}_peak": FloatDistribution(0.0, self.max_strength),
+                  f"{c}_center": FloatDistribution(0.0, L - 1.0), f"{c}_width": FloatDistribution(1.0, float(L)),
+                  f"{c}_floor": FloatDistribution(0.0, 1.0), f"{c}_variant": CategoricalDistribution(self.variants)}
+        d["embedding"] = CategoricalDistribution([True, False])
+        return d
+
     def full_params(self, position: int, layer: float, variant: str = "plain") -> dict:
         """Trial parameters whose edit is full strength everywhere (width L covers every layer at peak)."""
         L = self.n_layers
@@ -283,8 +296,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 30, refine: 
     study = optuna.create_study(study_name="refdir-search", storage=_storage(sdir / "study.log"),
                                 directions=["minimize", "minimize"], sampler=sampler, load_if_exists=True)
     if not study.trials:
-        for p in _warm_starts(table, chosen, space, cfg):
-            study.enqueue_trial(p, user_attrs={"warm_start": True})
+        _seed_study(study, space, _warm_starts(table, chosen, space, cfg), table)
 
     def objective(trial):
         edit = space.suggest(trial)
@@ -346,6 +358,28 @@ def _selection(model, fmt, cands: Candidates, val: dict, ids: list[int], cfg: Se
     atomic_write_json(f, {"table": table, "chosen": chosen, "rule": sel.rule, "baseline": sel.baseline,
                           "filter_counts": sel.filter_counts})
     return table, chosen
+
+
+def _seed_study(study, space: Space, warm: list[dict], table: list[dict]) -> None:
+    """Queue the warm starts. A plain full-strength warm start that the selection already scored in full is added
+    as a finished trial with the selection's bypass and KL: those are the proxy's two objectives for the same edit
+    (full ablation of the same direction, the same proxy prompts and batching), so running it again would only
+    repeat the computation."""
+    import optuna
+
+    known = {(r["position"], float(r["layer"])): (r["bypass"], r["kl"]) for r in table
+             if math.isfinite(r["bypass"]) and math.isfinite(r["kl"])}
+    for p in warm:
+        key = (p["position"], p["layer"])
+        plain_full = all(p[f"{c}_variant"] == "plain" and p[f"{c}_peak"] == 1.0 and p[f"{c}_floor"] == 1.0
+                         for c in COMPONENTS) and p["embedding"]
+        if plain_full and key in known:
+            edit = space.suggest(optuna.trial.FixedTrial(p))
+            study.add_trial(optuna.trial.create_trial(
+                params=p, distributions=space.distributions(), values=list(known[key]),
+                user_attrs={"warm_start": True, "from_selection": True, "edit": edit.to_dict()}))
+        else:
+            study.enqueue_trial(p, user_attrs={"warm_start": True})
 
 
 def _warm_starts(table: list[dict], chosen: dict | None, space: Space, cfg: SearchConfig) -> list[dict]:
@@ -504,7 +538,9 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
         with ctx:
             outs = generate(lm.model, fmt, H, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
                             progress=progress, desc=desc)
-            kl = first_token_kl(base_logp, last_logits(lm.model, fmt, B, cfg.batch_size, shared_prefix=True))
+            # the base model's KL to itself is 0 by definition; no second forward pass for it
+            kl = torch.zeros(len(B)) if plan is None else \
+                first_token_kl(base_logp, last_logits(lm.model, fmt, B, cfg.batch_size, shared_prefix=True))
         jh, jb, jp = judge(outs, cfg.judge), judge(outs, "broad"), judge(outs, "paper")
         res = {"refusals": jh.n_refusal, "refusals_broad": jb.n_refusal, "refusals_paper": jp.n_refusal, "n": jh.n,
                "degenerate": jh.n_degenerate, "refusal": jh.refusal, "refusal_paper": jp.refusal, "kl": float(kl.mean()), "n_kl": len(B),

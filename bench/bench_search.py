@@ -37,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/search-paper")
     ap.add_argument("--trials", type=int, default=30)
-    ap.add_argument("--max-confirm", type=int, default=2)
+    ap.add_argument("--max-confirm", type=int, default=1)
     ap.add_argument("--confirm-extra", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="delete --out first (a full timing from model load)")
     ap.add_argument("--threads", type=int, default=None)

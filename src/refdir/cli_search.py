@@ -41,8 +41,8 @@ def register(app: typer.Typer) -> None:
         kl_marks: str = typer.Option("0.01,0.05", help="KL budgets: the front is refined towards each, and its best "
                                      "point under each is confirmed by generation"),
         refine: int = typer.Option(3, help="front points per KL mark refined by strength scaling (0: off)"),
-        max_confirm: int = typer.Option(2, help="front points confirmed by generation besides the KL marks' "
-                                        "(spread along the front, its two ends first)"),
+        max_confirm: int = typer.Option(1, help="front points confirmed by generation besides the KL marks' "
+                                        "(spread along it: 1 = its low-KL end, 2 = both ends, ...)"),
         confirm_extra: int = typer.Option(0, help="other trials confirmed too, for the proxy/generation correlation"),
         reference: Path = typer.Option(None, help="JSON list of {label, refusals, kl} drawn beside the front"),
         force: bool = typer.Option(False, help="replace a study made with another model or config"),

@@ -234,7 +234,7 @@ def _storage(path: Path):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 30, refine: int = 3, max_confirm: int = 2,
+def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 30, refine: int = 3, max_confirm: int = 1,
                confirm_extra: int = 0, reference: str | Path | None = None, force: bool = False,
                progress: bool = True, callbacks: list | None = None) -> dict:
     """Run (or resume) the search in ``out``: ``trials`` TPE trials, then :func:`refine_front` on up to ``refine``

@@ -20,8 +20,8 @@ Refinement (:func:`refine_front`): after the TPE trials, front edits near each K
 
 Confirmation by greedy generation on the harmful confirmation prompts (judged with ``judge``, default ``wide``,
 with ``broad`` and the paper's substrings beside it) and first-token KL on the harmless confirmation prompts: the
-base model, the best front point under each KL mark, ``max_confirm`` more front points spread along it (its ends
-first), the plain full edit and ``confirm_extra`` other trials. The rank correlation of proxy refusal and
+base model, the best front point under each KL mark, ``max_confirm`` more front points spread along it (1: its
+low-KL end; 2: both ends), the plain full edit and ``confirm_extra`` other trials. The rank correlation of proxy refusal and
 generated refusal over the confirmed trials is reported.
 """
 

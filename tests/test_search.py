@@ -158,3 +158,11 @@ def test_refine_front_lands_under_each_kl_mark():
     n = len(study.trials)
     assert refine_front(study, objective, space, marks, per_mark=2, progress=False) == 0
     assert len(study.trials) == n
+
+
+def test_bad_kl_marks_are_refused(tmp_path):
+    for marks, msg in (("0,0.05", "KL marks must be positive"), ("0.01,abc", "comma-separated numbers")):
+        out = tmp_path / "s"
+        r = CliRunner().invoke(app, ["search", str(tmp_path / "m"), "--out", str(out), "--kl-marks", marks])
+        assert r.exit_code == 2 and r.output.startswith("error: ") and msg in r.output, r.output
+        assert not out.exists()

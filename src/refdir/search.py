@@ -21,8 +21,8 @@ Refinement (:func:`refine_front`): after the TPE trials, front edits near each K
 Confirmation by greedy generation on the harmful confirmation prompts (judged with ``judge``, default ``wide``,
 with ``broad`` and the paper's substrings beside it) and first-token KL on the harmless confirmation prompts: the
 base model, the best front point under each KL mark, ``max_confirm`` more front points spread along it (1: its
-low-KL end; 2: both ends), the plain full edit and ``confirm_extra`` other trials. The rank correlation of proxy refusal and
-generated refusal over the confirmed trials is reported.
+low-KL end; 2: both ends), the plain full edit and ``confirm_extra`` other trials. The rank correlation of proxy
+refusal and generated refusal over the confirmed trials is reported.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ class SearchConfig(BaseModel):
     # confirmation
     max_new_tokens: int = 100
     gen_batch_size: int = 40
-    judge: Literal["broad", "paper", "wide"] = "wide"  # at least as broad as Heretic's markers; broad and paper are reported beside it
+    # at least as broad as Heretic's markers; broad and paper are reported beside it
+    judge: Literal["broad", "paper", "wide"] = "wide"
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
@@ -174,7 +175,8 @@ class Space:
         from optuna.distributions import CategoricalDistribution, FloatDistribution
 
         L = self.n_layers
-        d = {"position": CategoricalDistribution(self.positions), "layer": FloatDistribution(self.layer_lo, self.layer_hi)}
+        d = {"position": CategoricalDistribution(self.positions),
+             "layer": FloatDistribution(self.layer_lo, self.layer_hi)}
         for c in COMPONENTS:
             d |= {f"{c}_peak": FloatDistribution(0.0, self.max_strength),
                   f"{c}_center": FloatDistribution(0.0, L - 1.0), f"{c}_width": FloatDistribution(1.0, float(L)),
@@ -312,7 +314,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 30, refine: 
 
         def show(st, _tr):
             bar.update(1)
-            bar.set_postfix_str(_front_postfix(st))
+            bar.set_postfix_str(_front_postfix(st, cfg.kl_marks))
 
         try:
             study.optimize(objective, n_trials=todo, callbacks=[show] + list(callbacks or []))
@@ -371,9 +373,7 @@ def _seed_study(study, space: Space, warm: list[dict], table: list[dict]) -> Non
              if math.isfinite(r["bypass"]) and math.isfinite(r["kl"])}
     for p in warm:
         key = (p["position"], p["layer"])
-        plain_full = all(p[f"{c}_variant"] == "plain" and p[f"{c}_peak"] == 1.0 and p[f"{c}_floor"] == 1.0
-                         for c in COMPONENTS) and p["embedding"]
-        if plain_full and key in known:
+        if key in known and p == space.full_params(*key, "plain"):
             edit = space.suggest(optuna.trial.FixedTrial(p))
             study.add_trial(optuna.trial.create_trial(
                 params=p, distributions=space.distributions(), values=list(known[key]),
@@ -404,7 +404,7 @@ def _warm_starts(table: list[dict], chosen: dict | None, space: Space, cfg: Sear
     return out
 
 
-def _front_postfix(study) -> str:
+def _front_postfix(study, marks: list[float]) -> str:
     import optuna
 
     pts = [(tr.values[0], tr.values[1]) for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
@@ -412,7 +412,7 @@ def _front_postfix(study) -> str:
         return ""
     f = pareto_front(pts)
     parts = [f"front {len(f)}"]
-    for kmax in (0.01, 0.05):
+    for kmax in sorted(marks):
         ok = [pts[i][0] for i in f if pts[i][1] <= kmax]
         if ok:
             parts.append(f"KL≤{kmax}: {min(ok):.2f}")
@@ -483,7 +483,7 @@ def refine_front(study, objective, space: Space, marks: list[float], per_mark: i
                     a2 = math.exp(math.log(a) + math.log(target / kl1) / slope)
                     run(_scaled_params(src.params, a2, space), attrs)
                     added += 1
-            bar.set_postfix_str(_front_postfix(study))
+            bar.set_postfix_str(_front_postfix(study, marks))
     bar.close()
     return added
 
@@ -543,8 +543,8 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
                 first_token_kl(base_logp, last_logits(lm.model, fmt, B, cfg.batch_size, shared_prefix=True))
         jh, jb, jp = judge(outs, cfg.judge), judge(outs, "broad"), judge(outs, "paper")
         res = {"refusals": jh.n_refusal, "refusals_broad": jb.n_refusal, "refusals_paper": jp.n_refusal, "n": jh.n,
-               "degenerate": jh.n_degenerate, "refusal": jh.refusal, "refusal_paper": jp.refusal, "kl": float(kl.mean()), "n_kl": len(B),
-               "completions": outs}
+               "degenerate": jh.n_degenerate, "refusal": jh.refusal, "refusal_paper": jp.refusal,
+               "kl": float(kl.mean()), "n_kl": len(B), "completions": outs}
         cache[key] = res
         atomic_write_json(cache_f, cache)
         return res
@@ -694,7 +694,7 @@ def plot_front(res: dict):
                     xytext=(3, -9), textcoords="offset points")
     a2.set_xscale("log")
     a2.set_xlabel(f"first-token KL, {res['confirm_prompts']['harmless']} harmless confirmation prompts")
-    a2.set_ylabel(f"refusals of {n} ({res['config'].get('judge', 'broad')} judge, "
+    a2.set_ylabel(f"refusals of {n} ({res['config']['judge']} judge, "
                   f"{res['confirm_prompts']['max_new_tokens']} generated tokens)")
     a2.set_title("confirmed by generation")
     a2.legend(fontsize=7)
@@ -713,7 +713,7 @@ def write_search_report(out: Path, res: dict) -> None:
                      f"{c['kl']:.4f}" if c else "", Edit.from_dict(r["edit"]).describe()])
     b = res["base"]["confirmed"]
     rho = res["spearman_refusal"]
-    jname = res["config"].get("judge", "broad")
+    jname = res["config"]["judge"]
     best = "; ".join(f"KL ≤ {m}: " + (f"{v['refusals']}/{v['n']} refusals at KL {v['kl']:.4f} (trial {v['trial']})"
                                       if v else "none confirmed") for m, v in res.get("best_at_kl", {}).items())
     ch = (res.get("selection") or {}).get("chosen")
@@ -724,11 +724,13 @@ def write_search_report(out: Path, res: dict) -> None:
                     "finalist with the lowest bypass. "))
     ref_txt = (" Reference points come from the file given with <code>--reference</code>; they may have been "
                "measured with another judge or precision." if res.get("reference") else "")
-    txt = (f"<p>{res['n_trials']} TPE trials and {res.get('n_refined', 0)} refinement trials; proxy: refusal metric on {res['proxy_prompts']['harmful']} harmful and "
+    txt = (f"<p>{res['n_trials']} TPE trials and {res.get('n_refined', 0)} refinement trials; proxy: refusal metric "
+           f"on {res['proxy_prompts']['harmful']} harmful and "
            f"first-token KL on {res['proxy_prompts']['harmless']} harmless proxy prompts. Confirmation: "
            f"{res['confirm_prompts']['max_new_tokens']} greedy tokens on {b['n']} harmful prompts ({jname} judge; "
            f"paper substrings beside it), first-token KL on {res['confirm_prompts']['harmless']} harmless prompts. "
-           f"Base model: {b['refusals']}/{b['n']} refusals. Best confirmed point under each KL mark: {best}. Rank correlation (Spearman) of proxy refusal vs generated "
+           f"Base model: {b['refusals']}/{b['n']} refusals. Best confirmed point under each KL mark: {best}. "
+           f"Rank correlation (Spearman) of proxy refusal vs generated "
            f"refusal over {res['n_confirmed']} confirmed points: "
            f"{'n/a' if rho is None else f'{rho:.2f}'}. {plain_txt}Export a point: "
            f"<code>refdir export DIR OUT --point K</code>.{ref_txt}</p>")

@@ -45,6 +45,7 @@ def main() -> None:
                     help="system prompt (default: Heretic's default, the setting of its reference front); "
                          "'' for the chat template's own default")
     ap.add_argument("--judge", default="wide", choices=["wide", "broad", "paper"])
+    ap.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 where the CPU has native bf16)")
     a = ap.parse_args()
 
     import torch
@@ -62,9 +63,9 @@ def main() -> None:
     cfg = SearchConfig(model="default", harmful=str(P / "harmful_train.json"), harmless=str(P / "harmless_train.json"),
                        harmful_test=str(P / "harmful_val.json"), harmless_test=str(P / "harmless_val.json"),
                        n_train=128, n_val=32, n_test=100, max_new_tokens=100, system=a.system or None,
-                       judge=a.judge)
+                       judge=a.judge, dtype=a.dtype)
     print(f"cpu flags: {cpu_flags()}; torch threads {torch.get_num_threads()}; system prompt {cfg.system!r}; "
-          f"judge {cfg.judge}")
+          f"judge {cfg.judge}; dtype {cfg.dtype}")
     t = time.time()
     res = run_search(cfg, out, trials=a.trials, max_confirm=a.max_confirm, confirm_extra=a.confirm_extra,
                      reference=ref)

@@ -311,3 +311,32 @@ def _same_child(block: nn.Module, ref_block: nn.Module, ref_child: nn.Module | N
         if child is ref_child:
             return getattr(block, name)
     return None
+
+
+# --------------------------------------------------------------------------------- KV-cache keyword
+# transformers 5.24 renamed the forward keyword ``past_key_values`` to ``cache`` (and the output field likewise);
+# the old name is accepted with a warning until 5.40. These read and pass the cache under whichever name the
+# installed version uses.
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword ``model.forward`` takes its KV cache by."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_of(out) -> object | None:
+    """The KV cache a forward pass returned (``None`` if it returned none)."""
+    c = getattr(out, "cache", None)
+    return c if c is not None else getattr(out, "past_key_values", None)
+
+
+def cache_in(kwargs: dict) -> object | None:
+    """The KV cache among the keyword arguments of a forward call (for hooks that read it)."""
+    c = kwargs.get("cache")
+    return c if c is not None else kwargs.get("past_key_values")

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .architecture import Architecture, inspect_model
+from .architecture import Architecture, cache_in, inspect_model
 from .errors import RefdirError
 from .io import atomic_file, atomic_write_json
 
@@ -325,7 +325,7 @@ class _Positions:
         if x is None:
             return None
         seq = x.shape[1]
-        pkv = kwargs.get("past_key_values")
+        pkv = cache_in(kwargs)
         self.offset = int(pkv.get_seq_length()) if pkv is not None and hasattr(pkv, "get_seq_length") else 0
         if self.fixed is None and self.offset == 0:
             p = self.prompt_ids

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .architecture import cache_kwarg, cache_of
 from .chat import ChatFormat
 from .errors import RefdirError
 from .io import atomic_write_json
@@ -170,8 +171,9 @@ class _LegacyCacheModel(nn.Module):
         if isinstance(past_key_values, (tuple, list)):
             past_key_values = DynamicCache(ddp_cache_data=[(k, v) for k, v in past_key_values],
                                            config=self.inner.config)
-        out = self.inner(inputs_embeds=inputs_embeds, past_key_values=past_key_values, use_cache=use_cache, **kw)
-        cache = getattr(out, "past_key_values", None)
+        out = self.inner(inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         **{cache_kwarg(self.inner): past_key_values}, **kw)
+        cache = cache_of(out)
         if use_cache and cache is not None and hasattr(cache, "layers"):
             out.past_key_values = tuple((lay.keys, lay.values) for lay in cache.layers)
         return out

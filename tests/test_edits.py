@@ -16,6 +16,7 @@ from refdir.edits import (
     apply_weights_,
     component_writers,
     hooked,
+    hooked_rows,
     interpolate,
     resolve,
 )
@@ -215,3 +216,55 @@ def test_wrong_model_size_is_refused():
             pass
     with pytest.raises(RefdirError, match="d_model"):
         apply_weights_(model, plan)
+
+
+# ------------------------------------------------------------------ several plans in one batch (hooked_rows)
+
+
+def _three_plans(arch):
+    cands = _cands(arch.n_layers, arch.d_model)
+    return [None, resolve(_edit("norm", "projected"), cands), resolve(_edit("plain", "norm", embedding=False), cands)]
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2", "gpt_neox", "gemma2", "qwen2_moe"])
+def test_row_plans_equal_each_plan_hooked_alone(arch_name):
+    """Rows of one batch under different plans compute what each plan computes alone (None: the base model)."""
+    model = make_tiny(arch_name, VOCAB)
+    arch = inspect_model(model)
+    plans = _three_plans(arch)
+    if arch_name == "qwen2_moe":  # routed experts are fused tensors: norm-preserving hooks need plain linears
+        plans = [None, resolve(_edit("projected", "plain"), _cands(arch.n_layers, arch.d_model)), plans[2]]
+        plans[2].variants["mlp"] = "plain"
+    ids, mask = _inputs(batch=4)
+    groups = [2, 0, 1, 2]
+    alone = []
+    for b, k in enumerate(groups):
+        if plans[k] is None:
+            alone.append(_logits(model, ids[b:b + 1], mask[b:b + 1]))
+        else:
+            with hooked(model, plans[k], arch):
+                alone.append(_logits(model, ids[b:b + 1], mask[b:b + 1]))
+    alone = torch.cat(alone)
+    with hooked_rows(model, plans, arch) as rows:
+        rows.use(groups)
+        together = _logits(model, ids, mask)
+    assert (alone[1] - _logits(model, ids[1:2], mask[1:2])[0]).abs().max() == 0, "row of the base model changed"
+    valid = mask.bool()
+    assert (together - alone)[valid].abs().max() <= 1e-4, arch_name
+    assert (_logits(model, ids, mask) - together).abs().max() > 1e-3, "the plans must change some rows"
+
+
+def test_row_plans_need_an_assignment():
+    model = make_tiny("llama", VOCAB)
+    arch = inspect_model(model)
+    ids, mask = _inputs(batch=2)
+    base = _logits(model, ids, mask)
+    with hooked_rows(model, _three_plans(arch), arch) as rows:
+        with pytest.raises(RefdirError, match="Rows.use"):
+            _logits(model, ids, mask)
+        rows.use([0, 1, 2])  # three plans for two rows
+        with pytest.raises(RefdirError, match="rows"):
+            _logits(model, ids, mask)
+        with pytest.raises(RefdirError, match="0..2"):
+            rows.use([0, 3])
+    assert (_logits(model, ids, mask) - base).abs().max() == 0, "hooks must be removed on exit"

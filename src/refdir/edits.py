@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -242,23 +242,59 @@ def _input_scale(weight: torch.Tensor, r: torch.Tensor, s: float) -> torch.Tenso
     return torch.where(n1sq > 0, (n0sq / n1sq.clamp_min(1e-300)).sqrt(), torch.ones_like(n0sq))
 
 
-def _out_hook(r: torch.Tensor, s: float):
-    rr = _PerDevice(r.to(torch.float32))
+class Rows:
+    """Which plan each batch row uses, for hooks that apply several plans in one forward pass
+    (:func:`hooked_rows`). With one plan every row uses it and nothing needs to be set; with several, the caller
+    calls :meth:`use` before each forward with the plan index of every batch row (rows keep their order through
+    ``generate``'s decoding steps, so one call per ``generate`` batch is enough)."""
+
+    def __init__(self, n_plans: int):
+        self.n = n_plans
+        self._g: torch.Tensor | None = None
+
+    def use(self, groups) -> None:
+        g = torch.as_tensor(groups, dtype=torch.long).flatten()
+        if g.numel() == 0 or int(g.min()) < 0 or int(g.max()) >= self.n:
+            raise RefdirError(f"row plan indices must lie in 0..{self.n - 1}")
+        self._g = g
+
+    def gather(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The rows of ``t [K, ...]`` that the batch rows of ``x`` use, shaped to broadcast against ``x``
+        (``x [B, ..., n]``, or ``[B·T, n]`` for a block that flattens its tokens)."""
+        g = self._g
+        if g is None:
+            raise RefdirError("several plans are hooked: call Rows.use(groups) before the forward pass")
+        sel = t[g.to(t.device)]
+        if x.shape[0] == g.numel():
+            return sel.view(g.numel(), *([1] * (x.dim() - sel.dim())), *sel.shape[1:])
+        if x.dim() == 2 and x.shape[0] % g.numel() == 0:  # tokens flattened batch-major
+            return sel.repeat_interleave(x.shape[0] // g.numel(), dim=0)
+        raise RefdirError(f"a hooked module saw {x.shape[0]} rows but {g.numel()} were assigned plans")
+
+
+def _out_hook(rows: Rows, r: torch.Tensor, s: torch.Tensor):
+    """Each row's output loses ``s[k]`` of its part along ``r[k]`` (``k``: the row's plan); r [K, d], s [K]."""
+    rr, ss = _PerDevice(r.to(torch.float32)), _PerDevice(s.to(torch.float32))
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        rv = rr.on(x.float())
         xf = x.float()
-        return (xf - s * (xf @ rv).unsqueeze(-1) * rv).to(x.dtype)
+        rv, sv = rr.on(xf), ss.on(xf)
+        if rows.n == 1:
+            return (xf - sv[0] * (xf @ rv[0]).unsqueeze(-1) * rv[0]).to(x.dtype)
+        rb, sb = rows.gather(rv, xf), rows.gather(sv, xf[..., 0])
+        return (xf - (sb * (xf * rb).sum(-1)).unsqueeze(-1) * rb).to(x.dtype)
 
     return _map_hidden(fn)
 
 
-def _scale_pre_hook(scale: torch.Tensor):
+def _scale_pre_hook(rows: Rows, scale: torch.Tensor):
+    """Each row's input to a writer is scaled per input unit by ``scale[k]`` [K, n]."""
     sc = _PerDevice(scale)
 
     def hook(_m, args):
         x = args[0]
-        return (x * sc.on(x),) + tuple(args[1:])
+        s = sc.on(x)
+        return (x * (s[0] if rows.n == 1 else rows.gather(s, x)),) + tuple(args[1:])
 
     return hook
 
@@ -266,27 +302,56 @@ def _scale_pre_hook(scale: torch.Tensor):
 # --------------------------------------------------------------------------------------------- hooks
 
 
-def edit_hooks(model: nn.Module, plan: Plan, arch: Architecture | None = None) -> list:
-    """Register the hooks that apply ``plan``; returns the handles (see :func:`hooked`)."""
+def edit_hooks(model: nn.Module, plan: Plan | Sequence[Plan | None], arch: Architecture | None = None,
+               rows: Rows | None = None) -> list:
+    """Register the hooks that apply ``plan``, or several plans at once, one per batch row as ``rows`` assigns
+    them (``None``: the base model for its rows); returns the handles (see :func:`hooked`, :func:`hooked_rows`)."""
     arch = arch or inspect_model(model)
-    _check(plan, arch)
+    plans = [plan] if isinstance(plan, Plan) else list(plan)
+    if not plans or (rows is None and len(plans) > 1) or (rows is not None and rows.n != len(plans)):
+        raise RefdirError("several plans need a Rows assignment with one entry per plan")
+    rows = rows or Rows(1)
+    for p in plans:
+        if p is not None:
+            _check(p, arch)
+    K, d = len(plans), arch.d_model
+    zeros = torch.zeros(d, dtype=torch.float64)
+
+    def stack(c: str | None, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Directions [K, d] and strengths [K] of every plan at block i's component c (None: the embedding)."""
+        dirs, s = [], []
+        for p in plans:
+            on = p is not None and (p.embedding if c is None else p.strengths[c][i] > 0)
+            dirs.append((p.r if c is None else p.directions[c]) if on else zeros)
+            s.append((1.0 if c is None else p.strengths[c][i]) if on else 0.0)
+        return torch.stack(dirs), torch.tensor(s, dtype=torch.float64)
+
     handles: list = []
     try:
-        if plan.embedding:
+        if any(p is not None and p.embedding for p in plans):
+            r, s = stack(None, 0)
             for _n, emb in arch.embeddings:
-                handles.append(emb.register_forward_hook(_out_hook(plan.r, 1.0)))
-        for bp, c, s, r in plan.active(arch):
-            out_mod = bp.attn_out if c == "attn" else bp.mlp_out
-            handles.append(out_mod.register_forward_hook(_out_hook(r, s)))
-            if plan.variants[c] == "norm":
+                handles.append(emb.register_forward_hook(_out_hook(rows, r, s)))
+        for bp in arch.blocks:
+            for c in COMPONENTS:
+                r, s = stack(c, bp.index)
+                if not (s > 0).any():
+                    continue
+                out_mod = bp.attn_out if c == "attn" else bp.mlp_out
+                handles.append(out_mod.register_forward_hook(_out_hook(rows, r, s)))
+                norm = [k for k, p in enumerate(plans) if p is not None and s[k] > 0 and p.variants[c] == "norm"]
+                if not norm:
+                    continue
                 for w in component_writers(bp, c):
                     if _is_bias(w):
                         continue
                     if not (isinstance(w.module, nn.Linear) and w.param == "weight"):
                         raise RefdirError(f"the norm-preserving variant as hooks needs nn.Linear writers; {w.name} "
                                           "is a fused expert tensor (apply the edit as weights instead)")
-                    handles.append(w.module.register_forward_pre_hook(
-                        _scale_pre_hook(_input_scale(w.module.weight, r, s))))
+                    scale = torch.ones(K, w.module.weight.shape[1], dtype=torch.float64)
+                    for k in norm:
+                        scale[k] = _input_scale(w.module.weight, r[k], float(s[k]))
+                    handles.append(w.module.register_forward_pre_hook(_scale_pre_hook(rows, scale)))
     except Exception:
         for h in handles:
             h.remove()
@@ -300,6 +365,20 @@ def hooked(model: nn.Module, plan: Plan, arch: Architecture | None = None) -> It
     handles = edit_hooks(model, plan, arch)
     try:
         yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def hooked_rows(model: nn.Module, plans: Sequence[Plan | None], arch: Architecture | None = None) -> Iterator[Rows]:
+    """Apply several plans in one forward pass, one per batch row: yields the :class:`Rows` whose
+    :meth:`~Rows.use` assigns each row its plan (``None`` in ``plans``: the unedited model). Row ``b`` then computes
+    exactly what ``hooked(model, plans[k])`` computes for it. Used to score or generate many edits in one batch."""
+    rows = Rows(len(plans))
+    handles = edit_hooks(model, plans, arch, rows)
+    try:
+        yield rows
     finally:
         for h in handles:
             h.remove()

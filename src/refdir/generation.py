@@ -6,22 +6,31 @@ import torch
 from tqdm.auto import tqdm
 
 from .chat import ChatFormat
+from .errors import RefdirError
 
 
 @torch.no_grad()
 def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens: int = 128,
              batch_size: int = 16, progress: bool = True, desc: str = "generate",
-             return_ids: bool = False) -> list:
-    """Greedy completions, left-padded batches, with a progress bar."""
+             return_ids: bool = False, rows=None, groups: list[int] | None = None) -> list:
+    """Greedy completions, left-padded batches, with a progress bar. ``rows`` / ``groups``: several edits hooked
+    at once (:func:`refdir.edits.hooked_rows`); prompt ``i`` is generated under plan ``groups[i]``."""
+    if (rows is None) != (groups is None) or (groups is not None and len(groups) != len(instructions)):
+        raise RefdirError("rows and groups go together: one plan index per prompt")
     dev = next(model.parameters()).device
     tok = fmt.tokenizer
     eos = _eos_ids(model, tok)
     # sort by length so that batches pad little; restore order at the end
     order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
     results: dict[int, object] = {}
-    for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
-        idx = order[s : s + batch_size]
+    # as few batches as batch_size allows, of even sizes (no small leftover batch)
+    n_batches = -(-len(order) // batch_size)
+    size = -(-len(order) // n_batches) if order else 1
+    for s in tqdm(range(0, len(order), size), desc=desc, disable=not progress, leave=False):
+        idx = order[s : s + size]
         enc = fmt.encode([instructions[i] for i in idx], device=dev)
+        if rows is not None:
+            rows.use([groups[i] for i in idx])  # decoding keeps the batch's rows in order
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                              top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
         new = gen[:, enc["input_ids"].shape[1]:]

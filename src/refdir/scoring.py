@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .architecture import cache_kwarg, cache_of
 from .chat import ChatFormat
 from .errors import RefdirError
 
@@ -29,27 +30,37 @@ PAPER_REFUSAL_SUBSTRINGS = [
 @torch.no_grad()
 def last_logits(model: nn.Module, fmt: ChatFormat, instructions: list[str], batch_size: int = 16,
                 progress: bool = False, desc: str = "logits", shared_prefix: bool = False,
-                full_logits: bool = False) -> torch.Tensor:
+                full_logits: bool = False, rows=None, groups: list[int] | None = None) -> torch.Tensor:
     """Logits at the first answer position (the prompt's last token), [N, vocab] float32.
 
     ``shared_prefix=True`` runs the prompts' common token prefix (the template's system part)
     once and reuses its KV cache for every row; see :func:`last_logits_shared_prefix`.
     ``full_logits=True`` is the plain reference: logits at every position, last one kept.
+    ``rows`` / ``groups``: several edits hooked at once (:func:`refdir.edits.hooked_rows`); prompt ``i`` is
+    scored under plan ``groups[i]``.
     """
     if not instructions:
         raise RefdirError("empty prompt set")
+    _check_groups(rows, groups, len(instructions))
     if shared_prefix:
-        return last_logits_shared_prefix(model, fmt, instructions, batch_size)
+        return last_logits_shared_prefix(model, fmt, instructions, batch_size, rows=rows, groups=groups)
     dev = next(model.parameters()).device
     out = []
     for s in tqdm(range(0, len(instructions), batch_size), desc=desc, disable=not progress, leave=False):
         enc = fmt.encode(instructions[s : s + batch_size], device=dev)
+        if rows is not None:
+            rows.use(groups[s : s + batch_size])
         if full_logits:
             logits = model(**enc, use_cache=False).logits[:, -1, :]
         else:
             logits = model(**enc, use_cache=False, logits_to_keep=1).logits[:, -1, :]
         out.append(logits.float().cpu())
     return torch.cat(out)
+
+
+def _check_groups(rows, groups: list[int] | None, n: int) -> None:
+    if (rows is None) != (groups is None) or (groups is not None and len(groups) != n):
+        raise RefdirError("rows and groups go together: one plan index per prompt")
 
 
 def refusal_metric_from_logits(logits: torch.Tensor, refusal_ids: list[int]) -> torch.Tensor:
@@ -116,8 +127,8 @@ def derive_refusal_tokens(model, fmt: ChatFormat, harmful: list[str], *, n_promp
     return keep, evidence
 
 
-def _common_prefix_len(rows: list[list[int]]) -> int:
-    k = min(len(r) for r in rows) - 1  # every row keeps at least one token of its own
+def _common_prefix_len(rows: list[list[int]], min_tail: int = 1) -> int:
+    k = min(len(r) for r in rows) - min_tail  # every row keeps at least min_tail tokens of its own
     first = rows[0]
     for r in rows[1:]:
         j = 0
@@ -127,34 +138,83 @@ def _common_prefix_len(rows: list[list[int]]) -> int:
     return max(k, 0)
 
 
+# A batch costs about this many tokens' work beyond its rows (the unembedding's weights are read once per batch,
+# and small batches run the matmuls less efficiently); used to trade padding against the number of batches.
+BATCH_COST_TOKENS = 32
+
+
+def length_batches(lengths: list[int], max_rows: int, batch_cost: int = BATCH_COST_TOKENS) -> list[list[int]]:
+    """Split prompts into batches of at most ``max_rows`` that pad little: indices sorted by length, cut where the
+    padded token count (rows × longest row) plus ``batch_cost`` per batch is smallest (exact, by dynamic
+    programming over the sorted lengths)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        lj = lengths[order[j - 1]]
+        for i in range(max(0, j - max_rows), j):
+            c = best[i] + (j - i) * lj + batch_cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    out, j = [], n
+    while j > 0:
+        out.append(order[cut[j]:j])
+        j = cut[j]
+    return out[::-1]
+
+
 @torch.no_grad()
 def last_logits_shared_prefix(model: nn.Module, fmt: ChatFormat, instructions: list[str],
-                              batch_size: int = 32) -> torch.Tensor:
-    """Exact last-position logits with the common prefix computed once.
+                              batch_size: int = 32, rows=None, groups: list[int] | None = None) -> torch.Tensor:
+    """Exact last-position logits with the common prefix computed once (see :func:`shared_prefix_batches`)."""
+    _check_groups(rows, groups, len(instructions))
+    chunks: dict[int, torch.Tensor] = {}
+    batches = shared_prefix_batches(model, fmt, instructions, batch_size, rows=rows, groups=groups)
+    if batches is None:
+        return last_logits(model, fmt, instructions, batch_size, rows=rows, groups=groups)
+    for idx, logits in batches:
+        for j, i in enumerate(idx):
+            chunks[i] = logits[j].float().cpu()
+    return torch.stack([chunks[i] for i in range(len(instructions))])
+
+
+def shared_prefix_batches(model: nn.Module, fmt: ChatFormat, instructions: list[str], batch_size: int = 32,
+                          rows=None, groups: list[int] | None = None, min_tail: int = 1):
+    """Forward passes over ``instructions`` with their common token prefix (the template's system part) run once:
+    an iterator of ``(indices, last-position logits [b, vocab])``, one per batch, or ``None`` when the prompts share
+    no prefix worth caching. Every row keeps at least ``min_tail`` tokens of its own.
 
     Each row is ``prefix + pad… + own tokens``: the prefix's KV cache (computed once, under
     whatever hooks are active) is repeated over the batch, the padding sits *between* the
     prefix and the row's own tokens and is masked out, and position ids skip it, so every real
-    token sees exactly the sequence it would see unpadded. Rows are sorted by length so that
-    batches pad little. Intervention hooks act on every position, prefix included, as in the
-    plain path.
+    token sees exactly the sequence it would see unpadded. Rows are batched by length
+    (:func:`length_batches`) so that batches pad little. Intervention hooks act on every position, prefix
+    included, as in the plain path; hooks that read block inputs see each batch's rows (own tokens only,
+    left-padded) after seeing the prefix once. With several plans hooked (``rows``), the prefix is run once per
+    plan and each row gets its plan's prefix cache.
     """
+    ids_rows = [fmt._ids(fmt.render(i)) for i in instructions]
+    k = _common_prefix_len(ids_rows, min_tail)
+    if k < 2:
+        return None
+    return _prefix_batches(model, fmt, ids_rows, k, batch_size, rows, groups)
+
+
+@torch.no_grad()
+def _prefix_batches(model, fmt, ids_rows, k, batch_size, rows, groups):
     import copy
 
     dev = next(model.parameters()).device
-    rows = [fmt._ids(fmt.render(i)) for i in instructions]
-    k = _common_prefix_len(rows)
-    if k < 2:
-        return last_logits(model, fmt, instructions, batch_size)
-    prefix = torch.tensor([rows[0][:k]], device=dev)
-    pre = model(input_ids=prefix, use_cache=True, logits_to_keep=1)
-    cache = pre.past_key_values
+    n_plans = rows.n if rows is not None else 1
+    if rows is not None:
+        rows.use(list(range(n_plans)))
+    prefix = torch.tensor([ids_rows[0][:k]] * n_plans, device=dev)
+    cache = cache_of(model(input_ids=prefix, use_cache=True, logits_to_keep=1))
+    ckw = cache_kwarg(model)
     pad = fmt.tokenizer.pad_token_id
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    chunks: dict[int, torch.Tensor] = {}
-    for s in range(0, len(order), batch_size):
-        idx = order[s : s + batch_size]
-        tails = [rows[i][k:] for i in idx]
+    for idx in length_batches([len(r) - k for r in ids_rows], batch_size):
+        tails = [ids_rows[i][k:] for i in idx]
         S = max(len(t) for t in tails)
         ids = torch.full((len(idx), S), pad, dtype=torch.long)
         mask = torch.zeros(len(idx), k + S, dtype=torch.long)
@@ -165,9 +225,12 @@ def last_logits_shared_prefix(model: nn.Module, fmt: ChatFormat, instructions: l
             mask[j, k + S - len(t):] = 1
             pos[j, S - len(t):] = torch.arange(k, k + len(t))
         c = copy.deepcopy(cache)
-        c.batch_repeat_interleave(len(idx))
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                       past_key_values=c, use_cache=True, logits_to_keep=1).logits[:, -1, :]
-        for j, i in enumerate(idx):
-            chunks[i] = logits[j].float().cpu()
-    return torch.stack([chunks[i] for i in range(len(rows))])
+        if rows is None:
+            c.batch_repeat_interleave(len(idx))
+        else:
+            g = [groups[i] for i in idx]
+            c.batch_select_indices(torch.tensor(g, device=dev))
+            rows.use(g)
+        out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                    use_cache=True, logits_to_keep=1, **{ckw: c})
+        yield idx, out.logits[:, -1, :]

@@ -160,3 +160,69 @@ def test_fast_exhaustive_selection_matches_exact_reference(tiny_tokenizer):
             x, y = getattr(a, k), getattr(b, k)
             if math.isfinite(y):
                 assert abs(x - y) <= 1e-3 * max(1.0, abs(y)), (a, b, k)
+
+
+def test_length_batches_pad_little_and_cover_every_prompt():
+    from refdir.scoring import length_batches
+
+    lengths = [3, 30, 4, 5, 29, 3, 6, 31, 4, 5]
+    bs = length_batches(lengths, 4, batch_cost=2)
+    assert sorted(i for b in bs for i in b) == list(range(len(lengths)))
+    assert all(len(b) <= 4 for b in bs)
+    # the three long prompts share a batch instead of padding short ones to 30+
+    assert any(set(b) == {1, 4, 7} for b in bs)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in bs)
+    assert padded <= 1.1 * sum(lengths) + 2
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_logits_and_generation_under_row_plans_equal_each_plan_alone(tiny_tokenizer, shared_prefix):
+    """Many edits scored and generated in one batch (hooked_rows) give what each edit gives alone."""
+    from refdir.edits import Edit, hooked, hooked_rows, resolve
+    from refdir.generation import generate
+
+    model = make_tiny("qwen2", len(tiny_tokenizer))
+    fmt = ChatFormat(tiny_tokenizer, system="You are a helpful assistant.")
+    g = torch.Generator().manual_seed(3)
+    cands = Candidates.from_means(torch.randn(fmt.n_post, 4, 64, generator=g, dtype=torch.float64),
+                                  torch.randn(fmt.n_post, 4, 64, generator=g, dtype=torch.float64))
+    plans = [None, resolve(Edit.full(-1, 1), cands), resolve(Edit.full(-2, 2), cands)]
+    prompts = ["Explain tides", "Write a short poem about the sea and the moon", "Hi"]
+    groups = [k for k in range(3) for _ in prompts]
+    with hooked_rows(model, plans) as rows:
+        lg = last_logits(model, fmt, prompts * 3, 4, shared_prefix=shared_prefix, rows=rows, groups=groups)
+        gen = generate(model, fmt, prompts * 3, max_new_tokens=5, batch_size=5, progress=False, rows=rows,
+                       groups=groups)
+    for k, p in enumerate(plans):
+        ctx = hooked(model, p) if p is not None else torch.no_grad()
+        with ctx:
+            want = last_logits(model, fmt, prompts, 2)
+            want_gen = generate(model, fmt, prompts, max_new_tokens=5, batch_size=2, progress=False)
+        assert torch.allclose(lg[3 * k:3 * k + 3], want, atol=1e-4), k
+        assert gen[3 * k:3 * k + 3] == want_gen, k
+    assert (lg[3:6] - lg[:3]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("filter_train", [True, False])
+def test_filter_pass_gives_the_candidates_of_a_plain_activation_pass(tiny_dir, tmp_path, filter_train):
+    """The filter's one pass (metric + residuals, shared prefix) yields the same filtered sets and difference-in-means
+    candidates as metric and activations computed separately on the plain path."""
+    from refdir.activations import residuals
+    from refdir.run import Run
+    from refdir.scoring import refusal_metric_from_logits
+
+    run = Run(_cfg(tiny_dir, filter_train=filter_train, system="You are a helpful assistant."), tmp_path / "r",
+              progress=False)
+    sets = run.stage_data()
+    ids = run.stage_refusal_tokens(sets)
+    filt = run.stage_filter(sets, ids)
+    cands = run.stage_candidates(filt)
+    m = refusal_metric_from_logits(last_logits(run.lm.model, run.fmt, sets["harmful"]["train"], 3), ids)
+    kept = [p for p, x in zip(sets["harmful"]["train"], m.tolist(), strict=True) if x > 0 or not filter_train]
+    if len(kept) >= 4:
+        assert filt["train"]["harmful"] == kept
+    mh, _ = residuals(run.lm.model, run.fmt, filt["train"]["harmful"], batch_size=3, progress=False)
+    mb, _ = residuals(run.lm.model, run.fmt, filt["train"]["harmless"], batch_size=3, progress=False)
+    want = Candidates.from_means(mh, mb)
+    assert torch.allclose(cands.vectors.double(), want.vectors.double(), atol=1e-4)
+    assert (tmp_path / "r" / "filter" / "info.json").exists()

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from rich.console import Console
 
-from .activations import residuals
+from .activations import residual_batches, residuals
 from .chat import ChatFormat
 from .data import embedded, load_instructions, sample
 from .directions import Candidates, Direction
@@ -118,6 +118,7 @@ class Run:
         self.timings: dict[str, float] = {}
         self._lm = None
         self._fmt = None
+        self._train_means = None  # (filtered train sets, harmful mean, harmless mean) from the filter's pass
         if self.out.exists():
             old = self.out / "config.json"
             if not old.exists():
@@ -229,37 +230,82 @@ class Run:
                 "degenerate": jh.n_degenerate, "n": jh.n, "flags": jh.flags}
 
     def stage_filter(self, sets: dict, ids: list[int]) -> dict:
+        """Keep harmful prompts with metric > 0 and harmless ones with metric < 0 (the paper's filter), per split as
+        configured. The train pass also caches the residuals at the post-instruction positions, so that the
+        candidates stage that follows in the same process needs no second pass over the same prompts."""
         if not self.done("filter"):
-            out = {}
-            info = {}
+            out: dict = {}
+            info: dict = {}
+            means: dict = {}
             for split, on in (("train", self.cfg.filter_train), ("val", self.cfg.filter_val)):
-                hm = self.metric(sets["harmful"][split], ids)
-                bm = self.metric(sets["harmless"][split], ids)
-                if any(not math.isfinite(x) for x in hm + bm):
-                    raise RefdirError("non-finite refusal metric on the data: the model produces NaN logits")
-                h = [p for p, m in zip(sets["harmful"][split], hm, strict=True) if m > 0 or not on]
-                b = [p for p, m in zip(sets["harmless"][split], bm, strict=True) if m < 0 or not on]
+                if split == "val" and not on:
+                    out[split] = {k: sets[k][split] for k in ("harmful", "harmless")}
+                    info[split] = {"filtered": False, "harmful_kept": len(out[split]["harmful"]),
+                                   "harmless_kept": len(out[split]["harmless"])}
+                    continue
+                kept, metrics, sums = {}, {}, {}
+                for kind, sign in (("harmful", 1.0), ("harmless", -1.0)):
+                    prompts = sets[kind][split]
+                    if split == "train":
+                        m, sums[kind] = self._metric_and_means(prompts, ids, sign if on else None, kind)
+                    else:
+                        m = self.metric(prompts, ids)
+                    if any(not math.isfinite(x) for x in m):
+                        raise RefdirError("non-finite refusal metric on the data: the model produces NaN logits")
+                    metrics[kind] = m
+                    kept[kind] = [p for p, x in zip(prompts, m, strict=True) if sign * x > 0 or not on]
+                h, b = kept["harmful"], kept["harmless"]
+                subset = "kept"
                 if on and (len(h) < 4 or len(b) < 4):
                     console.print(f"[yellow]filter kept only {len(h)} harmful / {len(b)} harmless {split} prompts; "
                                   "keeping the unfiltered set instead[/]")
                     h, b = sets["harmful"][split], sets["harmless"][split]
                     info[f"{split}_fallback"] = "unfiltered (too few passed)"
+                    subset = "all"
+                if split == "train":
+                    means = {kind: sums[kind][subset] for kind in ("harmful", "harmless")}
                 out[split] = {"harmful": h, "harmless": b}
+                hm, bm = metrics["harmful"], metrics["harmless"]
                 info[split] = {"harmful_kept": len(h), "harmful_total": len(hm), "harmless_kept": len(b),
                                "harmless_total": len(bm), "harmful_metric_mean": sum(hm) / len(hm),
                                "harmless_metric_mean": sum(bm) / len(bm)}
             with self.write_stage("filter") as d:
                 atomic_write_json(d / "filtered.json", out)
                 atomic_write_json(d / "info.json", info)
+            self._train_means = (out["train"], means["harmful"], means["harmless"])
         return self.read_json("filter", "filtered.json")
+
+    def _metric_and_means(self, prompts: list[str], ids: list[int], sign: float | None, kind: str):
+        """One pass over ``prompts``: the refusal metric of each, and the mean residuals of all of them and of those
+        the filter keeps (``sign · metric > 0``; all of them when ``sign`` is None)."""
+        tot = {"all": None, "kept": None}
+        n = {"all": 0, "kept": 0}
+        metric = [0.0] * len(prompts)
+        for idx, stack, lg in residual_batches(self.lm.model, self.fmt, prompts, n_pos=self.fmt.n_post,
+                                               batch_size=self.cfg.batch_size, shared_prefix=True, logits=True,
+                                               desc=f"{kind} train (metric + activations)", progress=self.progress):
+            m = refusal_metric_from_logits(lg, ids).tolist()
+            for j, i in enumerate(idx):
+                metric[i] = m[j]
+            keep = torch.tensor([sign is None or sign * x > 0 for x in m])
+            for part, sel in (("all", torch.ones_like(keep)), ("kept", keep)):
+                if sel.any():
+                    add = stack[sel].to(torch.float64).sum(0)
+                    tot[part] = add if tot[part] is None else tot[part] + add
+                    n[part] += int(sel.sum())
+        return metric, {p: (tot[p] / n[p] if n[p] else None) for p in tot}
 
     def stage_candidates(self, filt: dict) -> Candidates:
         if not self.done("candidates"):
             tr = filt["train"]
-            mh, _ = residuals(self.lm.model, self.fmt, tr["harmful"], batch_size=self.cfg.batch_size,
-                              desc="harmful activations", progress=self.progress)
-            mb, _ = residuals(self.lm.model, self.fmt, tr["harmless"], batch_size=self.cfg.batch_size,
-                              desc="harmless activations", progress=self.progress)
+            cached = self._train_means
+            if cached is not None and cached[0] == tr and cached[1] is not None and cached[2] is not None:
+                mh, mb = cached[1], cached[2]
+            else:
+                mh, _ = residuals(self.lm.model, self.fmt, tr["harmful"], batch_size=self.cfg.batch_size,
+                                  desc="harmful activations", progress=self.progress, shared_prefix=True)
+                mb, _ = residuals(self.lm.model, self.fmt, tr["harmless"], batch_size=self.cfg.batch_size,
+                                  desc="harmless activations", progress=self.progress, shared_prefix=True)
             c = Candidates.from_means(mh, mb, self.lm.model_id, {
                 "post_instruction_tokens": self.fmt.post_instruction_tokens(),
                 "n_harmful": len(tr["harmful"]), "n_harmless": len(tr["harmless"])})

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .chat import ChatFormat
 from .directions import Candidates
+from .edits import Plan, hooked_rows
 from .errors import RefdirError
 from .interventions import ablate, add
 from .scoring import last_logits, refusal_metric_from_logits
@@ -48,6 +49,7 @@ class SelectionConfig:
     screen_n: int = 8
     top_k: int = 12
     screen_kl_factor: float = 2.0
+    screen_group: int = 8  # candidates screened together in one batch (one plan per row group)
     shared_prefix: bool = True
     # the plain reference path: no shared prefix, full logits, every candidate fully scored
     exact_reference: bool = False
@@ -102,7 +104,10 @@ def _check_finite(name: str, x: torch.Tensor) -> None:
 
 @torch.no_grad()
 def score_candidates(model, fmt: ChatFormat, cands: Candidates, harmful_val: list[str], harmless_val: list[str],
-                     refusal_ids: list[int], cfg: SelectionConfig | None = None, progress: bool = True) -> Selection:
+                     refusal_ids: list[int], cfg: SelectionConfig | None = None, progress: bool = True,
+                     base_logits: torch.Tensor | None = None) -> Selection:
+    """Score the candidates (see the module docstring). ``base_logits``: the unedited model's last-position logits
+    on ``harmful_val + harmless_val``, if the caller has them already."""
     cfg = cfg or SelectionConfig()
     if not harmful_val or not harmless_val:
         raise RefdirError("selection needs non-empty harmful and harmless validation sets")
@@ -122,7 +127,24 @@ def score_candidates(model, fmt: ChatFormat, cands: Candidates, harmful_val: lis
         b = float(refusal_metric_from_logits(lg[: len(hv)], refusal_ids).mean())
         return b, float(_kl(base_logp, lg[len(hv):]).mean())
 
-    base_logits = logits(harmful_val + harmless_val)
+    def screen_many(rs, hv, bv, base_logp):
+        """bypass and KL of several candidates in one batch: each ablation as its plain full edit (every write
+        and the embedding projected; the same residual stream as ``ablate``), one plan per row group."""
+        prompts = hv + bv
+        with hooked_rows(model, [Plan.full(r, L) for r in rs]) as rows:
+            lg = last_logits(model, fmt, prompts * len(rs), cfg.batch_size, shared_prefix=cfg.shared_prefix,
+                             rows=rows, groups=[k for k in range(len(rs)) for _ in prompts])
+        out = []
+        for k in range(len(rs)):
+            g = lg[k * len(prompts):(k + 1) * len(prompts)]
+            out.append((float(refusal_metric_from_logits(g[: len(hv)], refusal_ids).mean()),
+                        float(_kl(base_logp, g[len(hv):]).mean())))
+        return out
+
+    if base_logits is None:
+        base_logits = logits(harmful_val + harmless_val)
+    elif base_logits.shape[0] != len(harmful_val) + len(harmless_val):
+        raise RefdirError("base logits do not match the validation prompts")
     nh = len(harmful_val)
     base_metric = refusal_metric_from_logits(base_logits, refusal_ids)
     _check_finite("baseline", base_metric)
@@ -153,10 +175,16 @@ def score_candidates(model, fmt: ChatFormat, cands: Candidates, harmful_val: lis
         n = cfg.screen_n
         hv, bv = harmful_val[:n], harmless_val[:n]
         blogp = base_logp[: len(bv)]
-        for s in tqdm(live, desc="selection (screen)", disable=not progress):
-            s.bypass_screen, s.kl_screen = bypass_kl(cands.get(s.position, s.layer).vector, hv, bv, blogp)
-            if not (math.isfinite(s.bypass_screen) and math.isfinite(s.kl_screen)):
-                raise RefdirError(f"non-finite scores at position {s.position}, layer {s.layer}")
+        bar = tqdm(total=len(live), desc="selection (screen)", disable=not progress)
+        for j in range(0, len(live), cfg.screen_group):
+            group = live[j : j + cfg.screen_group]
+            res = screen_many([cands.get(s.position, s.layer).vector for s in group], hv, bv, blogp)
+            for s, (b, k) in zip(group, res, strict=True):
+                s.bypass_screen, s.kl_screen = b, k
+                if not (math.isfinite(b) and math.isfinite(k)):
+                    raise RefdirError(f"non-finite scores at position {s.position}, layer {s.layer}")
+            bar.update(len(group))
+        bar.close()
         pool = [s for s in live if s.kl_screen <= cfg.screen_kl_factor * cfg.kl_max] or live
         finalists = sorted(pool, key=lambda s: s.bypass_screen)[: cfg.top_k]
         for s in live:

@@ -43,7 +43,18 @@ from tqdm.auto import tqdm
 
 from .architecture import inspect_model
 from .directions import Candidates
-from .edits import COMPONENTS, VARIANTS, Component, Edit, Kernel, Plan, apply_weights_, hooked, resolve
+from .edits import (
+    COMPONENTS,
+    VARIANTS,
+    Component,
+    Edit,
+    Kernel,
+    Plan,
+    apply_weights_,
+    hooked,
+    hooked_rows,
+    resolve,
+)
 from .errors import RefdirError
 from .generation import generate
 from .io import atomic_dir, atomic_write_json, atomic_write_text
@@ -90,7 +101,7 @@ class SearchConfig(BaseModel):
     kl_marks: list[float] = [0.01, 0.05]
     # confirmation
     max_new_tokens: int = 100
-    gen_batch_size: int = 40
+    gen_batch_size: int = 200  # rows per generation batch: every confirmed arm shares one batch
     # at least as broad as Heretic's markers; broad and paper are reported beside it
     judge: Literal["broad", "paper", "wide"] = "wide"
 
@@ -124,7 +135,7 @@ class Proxy:
         self.model, self.fmt, self.ids, self.bs = model, fmt, refusal_ids, batch_size
         self.arch = inspect_model(model)
         self.prompts, self.nh = harmful + harmless, len(harmful)
-        base = self._logits()
+        base = self.base_logits = self._logits()
         self.base_metric = float(refusal_metric_from_logits(base[: self.nh], refusal_ids).mean())
         self.base_logp = torch.log_softmax(base[self.nh:].double(), -1)
 
@@ -280,14 +291,14 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 30, refine: 
     max_layer = int(math.floor(cfg.max_layer_frac * L - 1e-9)) if cfg.max_layer_frac < 1 else L
     layer_lo = max(1.0, cfg.min_layer_frac * L)
     t = time.time()
-    table, chosen = _selection(lm.model, fmt, cands, filt["val"], ids, cfg, int(math.ceil(layer_lo)), sdir, progress)
+    proxy = Proxy(lm.model, fmt, filt["val"]["harmful"], filt["val"]["harmless"], ids, cfg.batch_size)
+    tick("proxy_base", t)
+    t = time.time()
+    table, chosen = _selection(lm.model, fmt, cands, filt["val"], ids, cfg, int(math.ceil(layer_lo)), sdir, progress,
+                               proxy.base_logits)
     tick("selection", t)
     if "load" in run.timings:
         phase["load"] = round(run.timings["load"], 2)
-
-    t = time.time()
-    proxy = Proxy(lm.model, fmt, filt["val"]["harmful"], filt["val"]["harmless"], ids, cfg.batch_size)
-    tick("proxy_base", t)
     bad = [v for v in cfg.variants if v not in VARIANTS]
     if bad or not cfg.variants:
         raise RefdirError(f"unknown variant(s) {bad}; choose from {', '.join(VARIANTS)}")
@@ -341,9 +352,10 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 30, refine: 
 
 
 def _selection(model, fmt, cands: Candidates, val: dict, ids: list[int], cfg: SearchConfig, min_layer: int,
-               sdir: Path, progress: bool) -> tuple[list[dict], dict | None]:
+               sdir: Path, progress: bool, base_logits: torch.Tensor | None = None) -> tuple[list[dict], dict | None]:
     """The warm start: refdir's selection (:func:`refdir.selection.score_candidates`: screen on ``screen_n``
-    prompts, ``top_k`` finalists fully scored) restricted to the searched layers; cached in the study dir."""
+    prompts, ``top_k`` finalists fully scored) restricted to the searched layers; cached in the study dir.
+    ``base_logits``: the unedited model's logits on the same prompts, if already computed (the proxy's)."""
     from dataclasses import asdict
 
     from .selection import SelectionConfig, score_candidates
@@ -354,7 +366,8 @@ def _selection(model, fmt, cands: Candidates, val: dict, ids: list[int], cfg: Se
         return d["table"], d["chosen"]
     scfg = SelectionConfig(max_layer_frac=cfg.max_layer_frac, kl_max=cfg.kl_max, min_layer=min_layer,
                            batch_size=cfg.batch_size, screen_n=cfg.screen_n, top_k=cfg.top_k)
-    sel = score_candidates(model, fmt, cands, val["harmful"], val["harmless"], ids, scfg, progress=progress)
+    sel = score_candidates(model, fmt, cands, val["harmful"], val["harmless"], ids, scfg, progress=progress,
+                           base_logits=base_logits)
     table = [r for r in sel.table() if r["layer"] >= min_layer]
     chosen = asdict(sel.chosen) if sel.chosen else None
     atomic_write_json(f, {"table": table, "chosen": chosen, "rule": sel.rule, "baseline": sel.baseline,
@@ -515,7 +528,11 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
              confirm_extra: int, progress: bool) -> dict:
     """Generation on the confirmation prompts for: the base model; at each KL mark, the front point with the lowest
     proxy refusal under it (and, if its confirmed KL lands over the mark, the next one under, up to 3 tries);
-    ``max_confirm`` more front points spread along the front; the plain edit; ``confirm_extra`` random trials."""
+    ``max_confirm`` more front points spread along the front; the plain edit; ``confirm_extra`` random trials.
+
+    Every arm is confirmed in the same batches (:func:`refdir.edits.hooked_rows`): first the first-token KL of the
+    arms (which decides the KL marks' picks), then one greedy generation over all arms' prompts, so the model's
+    weights are read once per decoding step for all of them."""
     rows = _trial_rows(study)
     pts = [(r["proxy_refusal"], r["proxy_kl"]) for r in rows]
     front = [rows[i] for i in pareto_front(pts)]
@@ -528,45 +545,73 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
     arch = proxy.arch
     base_logp = None
 
-    def confirm_one(key: str, plan: Plan | None, desc: str) -> dict:
+    def key(r: dict | None) -> str:
+        return "base" if r is None else str(r["trial"])
+
+    def plan(r: dict):
+        return resolve(Edit.from_dict(r["edit"]), cands)
+
+    def kls(arms: list[dict]) -> None:
+        """First-token KL on the harmless confirmation prompts for the arms not measured yet, in one pass."""
         nonlocal base_logp
-        if key in cache:
-            return cache[key]
+        todo = list({key(r): r for r in arms if key(r) not in cache}.values())
+        if not todo:
+            return
         if base_logp is None:
-            base_logp = torch.log_softmax(last_logits(lm.model, fmt, B, cfg.batch_size, shared_prefix=True).double(), -1)
-        ctx = hooked(lm.model, plan, arch) if plan is not None else _null()
-        with ctx:
-            outs = generate(lm.model, fmt, H, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size,
-                            progress=progress, desc=desc)
-            # the base model's KL to itself is 0 by definition; no second forward pass for it
-            kl = torch.zeros(len(B)) if plan is None else \
-                first_token_kl(base_logp, last_logits(lm.model, fmt, B, cfg.batch_size, shared_prefix=True))
-        jh, jb, jp = judge(outs, cfg.judge), judge(outs, "broad"), judge(outs, "paper")
-        res = {"refusals": jh.n_refusal, "refusals_broad": jb.n_refusal, "refusals_paper": jp.n_refusal, "n": jh.n,
-               "degenerate": jh.n_degenerate, "refusal": jh.refusal, "refusal_paper": jp.refusal,
-               "kl": float(kl.mean()), "n_kl": len(B), "completions": outs}
-        cache[key] = res
+            base_logp = torch.log_softmax(last_logits(lm.model, fmt, B, cfg.batch_size, shared_prefix=True).double(),
+                                          -1)
+        with hooked_rows(lm.model, [plan(r) for r in todo], arch) as hr:
+            lg = last_logits(lm.model, fmt, B * len(todo), cfg.batch_size, shared_prefix=True, rows=hr,
+                             groups=[k for k in range(len(todo)) for _ in B])
+        for k, r in enumerate(todo):
+            kl = first_token_kl(base_logp, lg[k * len(B):(k + 1) * len(B)])
+            cache[key(r)] = {"kl": float(kl.mean()), "n_kl": len(B)}
         atomic_write_json(cache_f, cache)
-        return res
 
-    def confirm_row(r: dict) -> dict:
-        if "confirmed" not in r:
-            r["confirmed"] = confirm_one(str(r["trial"]), resolve(Edit.from_dict(r["edit"]), cands),
-                                         f"confirm: trial {r['trial']}")
-        return r["confirmed"]
+    def generated(arms: list[dict | None]) -> None:
+        """Greedy completions of the harmful confirmation prompts for every arm not generated yet, in one batch."""
+        todo = list({key(r): r for r in arms if "refusals" not in cache.get(key(r), {})}.values())
+        if not todo:
+            return
+        plans = [None if r is None else plan(r) for r in todo]
+        with hooked_rows(lm.model, plans, arch) as hr:
+            outs = generate(lm.model, fmt, H * len(todo), max_new_tokens=cfg.max_new_tokens,
+                            batch_size=cfg.gen_batch_size, progress=progress,
+                            desc=f"confirm: {len(todo)} arm{'s' * (len(todo) > 1)} × {len(H)} prompts", rows=hr,
+                            groups=[k for k in range(len(todo)) for _ in H])
+        for k, r in enumerate(todo):
+            o = outs[k * len(H):(k + 1) * len(H)]
+            jh, jb, jp = judge(o, cfg.judge), judge(o, "broad"), judge(o, "paper")
+            # the base model's KL to itself is 0 by definition; no forward pass for it
+            kl = cache.get(key(r), {"kl": 0.0, "n_kl": len(B)})
+            cache[key(r)] = {"refusals": jh.n_refusal, "refusals_broad": jb.n_refusal,
+                             "refusals_paper": jp.n_refusal, "n": jh.n, "degenerate": jh.n_degenerate,
+                             "refusal": jh.refusal, "refusal_paper": jp.refusal, **kl, "completions": o}
+        atomic_write_json(cache_f, cache)
 
-    base = confirm_one("base", None, "confirm: base model")
-    for m in sorted(cfg.kl_marks):
-        under = sorted((r for r in front if r["proxy_kl"] <= m), key=lambda r: -r["proxy_kl"])
-        for r in under[:3]:
-            if confirm_row(r)["kl"] <= m:
-                break
-    for r in spread + ([plain] if plain is not None else []):
-        confirm_row(r)
-    rest = [r for r in rows if "confirmed" not in r]
+    # which arms: at each mark the front point with the lowest proxy refusal under it whose confirmed KL stays under
+    # the mark (up to 3 tries), the spread points, the plain edit, random others
+    unders = {m: sorted((r for r in front if r["proxy_kl"] <= m), key=lambda r: -r["proxy_kl"])[:3]
+              for m in sorted(cfg.kl_marks)}
+    others = spread + ([plain] if plain is not None else [])
+    picks: dict[float, dict] = {}
+    for attempt in range(3):
+        tries = {m: u[attempt] for m, u in unders.items() if m not in picks and attempt < len(u)}
+        kls(list(tries.values()) + (others if attempt == 0 else []))
+        for m, r in tries.items():
+            if cache[key(r)]["kl"] <= m:
+                picks[m] = r
+        if all(m in picks or len(u) <= attempt + 1 for m, u in unders.items()):
+            break
+    chosen = {key(r) for r in [*picks.values(), *others]}
+    rest = [r for r in rows if key(r) not in chosen]
     random.Random(cfg.seed).shuffle(rest)
-    for r in rest[:confirm_extra]:
-        confirm_row(r)
+    kls(rest[:confirm_extra])
+    arms = list({key(r): r for r in [None, *picks.values(), *others, *rest[:confirm_extra]]}.values())
+    generated(arms)
+    base = cache["base"]
+    for r in arms[1:]:
+        r["confirmed"] = cache[key(r)]
     conf = [r for r in rows if "confirmed" in r]
     xs = [proxy.base_metric] + [r["proxy_refusal"] for r in conf]
     ys = [base["refusal"]] + [r["confirmed"]["refusal"] for r in conf]
@@ -596,14 +641,6 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
         "spearman_refusal": rho, "spearman_kl": rho_kl, "n_confirmed": len(conf) + 1,
         "best_at_kl": {f"{m:g}": best_at(m) for m in sorted(cfg.kl_marks)},
     }
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def _spearman(x: list[float], y: list[float]) -> float | None:

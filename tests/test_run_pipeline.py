@@ -192,7 +192,7 @@ def test_logits_and_generation_under_row_plans_equal_each_plan_alone(tiny_tokeni
     with hooked_rows(model, plans) as rows:
         lg = last_logits(model, fmt, prompts * 3, 4, shared_prefix=shared_prefix, rows=rows, groups=groups)
         gen = generate(model, fmt, prompts * 3, max_new_tokens=5, batch_size=5, progress=False, rows=rows,
-                       groups=groups)
+                       groups=groups, shared_prefix=shared_prefix)
     for k, p in enumerate(plans):
         ctx = hooked(model, p) if p is not None else torch.no_grad()
         with ctx:
@@ -226,3 +226,17 @@ def test_filter_pass_gives_the_candidates_of_a_plain_activation_pass(tiny_dir, t
     want = Candidates.from_means(mh, mb)
     assert torch.allclose(cands.vectors.double(), want.vectors.double(), atol=1e-4)
     assert (tmp_path / "r" / "filter" / "info.json").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3_text", "gpt_neox", "phi3"])
+def test_shared_prefix_generation_equals_plain(tiny_tokenizer, arch):
+    """Greedy generation with the template's prefix handed to model.generate as a KV cache gives the same tokens."""
+    from refdir.generation import generate
+
+    model = make_tiny(arch, len(tiny_tokenizer))
+    fmt = ChatFormat(tiny_tokenizer, system="You are a helpful assistant.")
+    prompts = ["Explain tides", "Write a short poem about the sea and the moon", "Hi", "Bake bread now please"]
+    plain = generate(model, fmt, prompts, max_new_tokens=8, batch_size=4, progress=False, return_ids=True)
+    shared = generate(model, fmt, prompts, max_new_tokens=8, batch_size=4, progress=False, return_ids=True,
+                      shared_prefix=True)
+    assert shared == plain and any(ids for _t, ids in plain)

@@ -12,9 +12,14 @@ from .errors import RefdirError
 @torch.no_grad()
 def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens: int = 128,
              batch_size: int = 16, progress: bool = True, desc: str = "generate",
-             return_ids: bool = False, rows=None, groups: list[int] | None = None) -> list:
+             return_ids: bool = False, rows=None, groups: list[int] | None = None,
+             shared_prefix: bool = False) -> list:
     """Greedy completions, left-padded batches, with a progress bar. ``rows`` / ``groups``: several edits hooked
-    at once (:func:`refdir.edits.hooked_rows`); prompt ``i`` is generated under plan ``groups[i]``."""
+    at once (:func:`refdir.edits.hooked_rows`); prompt ``i`` is generated under plan ``groups[i]``.
+    ``shared_prefix``: the prompts' common token prefix (the template's system part) is run once per batch (once
+    per plan) and handed to ``model.generate`` as its KV cache; each row is ``prefix + pad… + own tokens`` with the
+    padding masked out, so every token sees what it would see unpadded (the same scheme as
+    :func:`refdir.scoring.shared_prefix_batches`). Not for hooks that count positions from an empty cache."""
     if (rows is None) != (groups is None) or (groups is not None and len(groups) != len(instructions)):
         raise RefdirError("rows and groups go together: one plan index per prompt")
     dev = next(model.parameters()).device
@@ -28,9 +33,11 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
     size = -(-len(order) // n_batches) if order else 1
     for s in tqdm(range(0, len(order), size), desc=desc, disable=not progress, leave=False):
         idx = order[s : s + size]
-        enc = fmt.encode([instructions[i] for i in idx], device=dev)
+        g = [groups[i] for i in idx] if rows is not None else None
+        enc = (_prefix_encode(model, fmt, [instructions[i] for i in idx], rows, g) if shared_prefix else None) \
+            or fmt.encode([instructions[i] for i in idx], device=dev)
         if rows is not None:
-            rows.use([groups[i] for i in idx])  # decoding keeps the batch's rows in order
+            rows.use(g)  # decoding keeps the batch's rows in order
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
                              top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
         new = gen[:, enc["input_ids"].shape[1]:]
@@ -41,6 +48,38 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
             text = tok.decode(ids, skip_special_tokens=True)
             results[i] = (text, ids) if return_ids else text
     return [results[i] for i in range(len(instructions))]
+
+
+def _prefix_encode(model, fmt: ChatFormat, instructions: list[str], rows, groups: list[int] | None) -> dict | None:
+    """Inputs for ``model.generate`` with the common prefix already in a KV cache (None: no prefix to share)."""
+    from .architecture import cache_kwarg, cache_of
+    from .scoring import _common_prefix_len
+
+    dev = next(model.parameters()).device
+    ids = [fmt._ids(fmt.render(i)) for i in instructions]
+    k = _common_prefix_len(ids)
+    if k < 2:
+        return None
+    n_plans = rows.n if rows is not None else 1
+    if rows is not None:
+        rows.use(list(range(n_plans)))
+    cache = cache_of(model(input_ids=torch.tensor([ids[0][:k]] * n_plans, device=dev), use_cache=True,
+                           logits_to_keep=1))
+    if rows is not None:
+        cache.batch_select_indices(torch.tensor(groups, device=dev))
+    else:
+        cache.batch_repeat_interleave(len(ids))
+    S = max(len(r) for r in ids) - k
+    pad = fmt.tokenizer.pad_token_id
+    input_ids = torch.full((len(ids), k + S), pad, dtype=torch.long)
+    mask = torch.zeros(len(ids), k + S, dtype=torch.long)
+    for j, r in enumerate(ids):
+        t = r[k:]
+        input_ids[j, :k] = torch.tensor(r[:k])
+        input_ids[j, k + S - len(t):] = torch.tensor(t)
+        mask[j, :k] = 1
+        mask[j, k + S - len(t):] = 1
+    return {"input_ids": input_ids.to(dev), "attention_mask": mask.to(dev), cache_kwarg(model): cache}
 
 
 def _eos_ids(model, tok) -> set[int]:

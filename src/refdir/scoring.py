@@ -106,7 +106,7 @@ def derive_refusal_tokens(model, fmt: ChatFormat, harmful: list[str], *, n_promp
 
     prompts = harmful[:n_prompts]
     outs = generate(model, fmt, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    progress=progress, desc="refusal tokens", return_ids=True)
+                    progress=progress, desc="refusal tokens", return_ids=True, shared_prefix=True)
     firsts = Counter()
     n_ref = 0
     for text, ids in outs:
@@ -140,7 +140,7 @@ def _common_prefix_len(rows: list[list[int]], min_tail: int = 1) -> int:
 
 # A batch costs about this many tokens' work beyond its rows (the unembedding's weights are read once per batch,
 # and small batches run the matmuls less efficiently); used to trade padding against the number of batches.
-BATCH_COST_TOKENS = 32
+BATCH_COST_TOKENS = 128
 
 
 def length_batches(lengths: list[int], max_rows: int, batch_cost: int = BATCH_COST_TOKENS) -> list[list[int]]:

@@ -29,7 +29,7 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
     torch.set_num_threads(1)
     md = tiny_model_dir("qwen2")
     out = tmp_path / "s"
-    cfg = _cfg(md)
+    cfg = _cfg(md, kl_marks=[0.3, 3.0])  # a random tiny model's KLs are large: marks it can reach
     calls = []
 
     def stop_after_3(study, trial):
@@ -77,6 +77,17 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
     confirmed = [p for p in front if p["confirmed"]]
     assert confirmed and all(p["confirmed"]["n"] == 5 for p in confirmed)
     assert res["base"]["confirmed"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    # under each KL mark: at most per_mark (2) confirmed picks, from different lineages, each under the mark
+    by_trial = {r["trial"]: r for r in res["trials"]}
+    for m, picked in res["picks"].items():
+        assert 1 <= len(picked) <= 2
+        fams = [by_trial[t]["refine_of"] if by_trial[t]["refine_of"] is not None else t for t in picked]
+        assert len(set(fams)) == len(fams)
+        assert all(by_trial[t]["confirmed"]["kl"] <= float(m) for t in picked)
+    # TPE sees the KL band [0.5·min mark, 1.2·max mark] as constraints on every trial
+    lo, hi = 0.5 * min(cfg.kl_marks), 1.2 * max(cfg.kl_marks)
+    for t in optuna.load_study(study_name="refdir-search", storage=_storage(out / "search" / "study.log")).trials:
+        assert t.constraints == pytest.approx({"kl_low": lo - t.values[1], "kl_high": t.values[1] - hi})
     assert "spearman_refusal" in res
     assert (out / "search" / "front.csv").read_text().startswith("point,trial")
     assert "Pareto search over edits" in (out / "report.html").read_text()

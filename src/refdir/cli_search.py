@@ -17,14 +17,14 @@ def register(app: typer.Typer) -> None:
     def search(
         model: str = ModelArg,
         out: Path = typer.Option(..., "--out", help="run directory; rerunning resumes the study"),
-        trials: int = typer.Option(30, help="TPE trials in all (a rerun with more trials extends the study)"),
+        trials: int = typer.Option(20, help="TPE trials in all (a rerun with more trials extends the study)"),
         harmful: str = typer.Option("embedded:harmful", help="harmful train source (candidates + proxy prompts)"),
         harmless: str = typer.Option("embedded:harmless", help="harmless train source"),
         harmful_test: str = typer.Option(None, help="harmful confirmation prompts (default: the source's test split)"),
         harmless_test: str = typer.Option(None, help="harmless confirmation prompts (first-token KL)"),
         column: str = typer.Option("instruction"),
         n_train: int = typer.Option(None, help="train prompts per set for the candidates (default: all)"),
-        n_val: int = typer.Option(32, help="proxy prompts per set, carved from the train sources"),
+        n_val: int = typer.Option(24, help="proxy prompts per set, carved from the train sources"),
         n_test: int = typer.Option(None, help="confirmation prompts per set (default: all)"),
         seed: int = typer.Option(42),
         refusal_tokens: str = typer.Option(None, help="comma-separated refusal token strings (default: derived)"),
@@ -41,8 +41,11 @@ def register(app: typer.Typer) -> None:
         kl_marks: str = typer.Option("0.01,0.05", help="KL budgets: the front is refined towards each, and its best "
                                      "point under each is confirmed by generation"),
         refine: int = typer.Option(3, help="front points per KL mark refined by strength scaling (0: off)"),
-        max_confirm: int = typer.Option(1, help="front points confirmed by generation besides the KL marks' "
+        per_mark: int = typer.Option(2, help="front points confirmed by generation under each KL mark (the lowest "
+                                     "proxy refusals, from different lineages)"),
+        max_confirm: int = typer.Option(0, help="front points confirmed by generation besides the KL marks' "
                                         "(spread along it: 1 = its low-KL end, 2 = both ends, ...)"),
+        confirm_plain: bool = typer.Option(False, help="also confirm the plain full edit by generation"),
         confirm_extra: int = typer.Option(0, help="other trials confirmed too, for the proxy/generation correlation"),
         reference: Path = typer.Option(None, help="JSON list of {label, refusals, kl} drawn beside the front"),
         force: bool = typer.Option(False, help="replace a study made with another model or config"),
@@ -61,8 +64,9 @@ def register(app: typer.Typer) -> None:
                                max_new_tokens=max_new_tokens, kl_marks=_marks(kl_marks))
             if not 0 < max_strength <= 1:
                 raise RefdirError("--max-strength must be in (0, 1]")
-            res = run_search(cfg, out, trials=trials, refine=refine, max_confirm=max_confirm,
-                             confirm_extra=confirm_extra, reference=reference, force=force)
+            res = run_search(cfg, out, trials=trials, refine=refine, per_mark=per_mark, max_confirm=max_confirm,
+                             confirm_plain=confirm_plain, confirm_extra=confirm_extra, reference=reference,
+                             force=force)
         except RefdirError as e:
             fail(e)
         _print_front(res, out)

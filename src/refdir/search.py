@@ -78,7 +78,8 @@ class SearchConfig(BaseModel):
     harmless_test: str | None = None
     column: str = "instruction"
     n_train: int | None = None
-    n_val: int = 32  # proxy prompts per set
+    filter_train: bool = True  # the paper's metric filter on the train prompts before the difference of means
+    n_val: int = 24  # proxy prompts per set
     n_test: int | None = None  # confirmation prompts per set
     seed: int = 42
     refusal_tokens: list[str] | None = None
@@ -91,7 +92,7 @@ class SearchConfig(BaseModel):
     # selection (the warm start)
     kl_max: float = 0.1
     max_layer_frac: float = 0.8
-    screen_n: int = 4
+    screen_n: int = 2  # the selection screens on 2 + 2 proxy prompts; its finalists are scored on all of them
     top_k: int = 4
     # search space
     min_layer_frac: float = 0.25
@@ -113,7 +114,8 @@ class SearchConfig(BaseModel):
 
         return RunConfig(model=self.model, harmful=self.harmful, harmless=self.harmless,
                          harmful_test=self.harmful_test, harmless_test=self.harmless_test, column=self.column,
-                         n_train=self.n_train, n_val=self.n_val, n_test=self.n_test, seed=self.seed,
+                         n_train=self.n_train, filter_train=self.filter_train, n_val=self.n_val,
+                         n_test=self.n_test, seed=self.seed,
                          refusal_tokens=self.refusal_tokens, system=self.system, chat_template=self.chat_template,
                          dtype=self.dtype, device=self.device, trust_remote_code=self.trust_remote_code,
                          batch_size=self.batch_size, kl_max=self.kl_max, max_layer_frac=self.max_layer_frac,
@@ -247,11 +249,14 @@ def _storage(path: Path):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 30, refine: int = 3, max_confirm: int = 1,
-               confirm_extra: int = 0, reference: str | Path | None = None, force: bool = False,
+def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: int = 3, per_mark: int = 2,
+               max_confirm: int = 0, confirm_plain: bool = False, confirm_extra: int = 0,
+               reference: str | Path | None = None, force: bool = False,
                progress: bool = True, callbacks: list | None = None) -> dict:
     """Run (or resume) the search in ``out``: ``trials`` TPE trials, then :func:`refine_front` on up to ``refine``
-    front points per KL mark, then confirm the front by generation. Returns the summary (also in
+    front points per KL mark, then confirm the front by generation (``per_mark`` points under each KL mark,
+    ``max_confirm`` spread along the front, the plain edit with ``confirm_plain``, ``confirm_extra`` random trials;
+    see :func:`_confirm`). Returns the summary (also in
     ``OUT/search/summary.json``)."""
     import optuna
 
@@ -260,6 +265,8 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 30, refine: 
     out = Path(out)
     if trials < 1:
         raise RefdirError("--trials must be at least 1")
+    if per_mark < 1:
+        raise RefdirError("--per-mark must be at least 1")
     if not cfg.kl_marks or not all(0 < m < float("inf") for m in cfg.kl_marks):
         raise RefdirError(f"KL marks must be positive numbers, got {cfg.kl_marks}")
     refs = load_reference(reference) if reference else []
@@ -308,13 +315,16 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 30, refine: 
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, n_startup_trials=10)
     study = optuna.create_study(study_name="refdir-search", storage=_storage(sdir / "study.log"),
                                 directions=["minimize", "minimize"], sampler=sampler, load_if_exists=True)
+    band = kl_band(cfg.kl_marks)
     if not study.trials:
-        _seed_study(study, space, _warm_starts(table, chosen, space, cfg), table)
+        _seed_study(study, space, _warm_starts(table, chosen, space, cfg), table, band)
 
     def objective(trial):
         edit = space.suggest(trial)
         trial.set_user_attr("edit", edit.to_dict())
-        return proxy(resolve(edit, cands))
+        m, kl = proxy(resolve(edit, cands))
+        _set_band(trial, kl, band)
+        return m, kl
 
     done = [tr for tr in study.trials
             if tr.state == optuna.trial.TrialState.COMPLETE and "refine_of" not in tr.user_attrs]
@@ -337,7 +347,8 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 30, refine: 
     tick("refine", t)
 
     t = time.time()
-    result = _confirm(run, lm, fmt, cands, study, sets, proxy, sdir, cfg, max_confirm, confirm_extra, progress)
+    result = _confirm(run, lm, fmt, cands, study, sets, proxy, sdir, cfg, max_confirm, confirm_extra, progress,
+                      per_mark, confirm_plain)
     tick("confirm", t)
     phase["total"] = round(time.time() - t0, 2)
     result["timings_s"] = phase
@@ -375,7 +386,22 @@ def _selection(model, fmt, cands: Candidates, val: dict, ids: list[int], cfg: Se
     return table, chosen
 
 
-def _seed_study(study, space: Space, warm: list[dict], table: list[dict]) -> None:
+# TPE treats edits whose proxy KL lies outside [KL_BAND[0]·smallest mark, KL_BAND[1]·largest mark] as infeasible, so that
+# its few best trials (the tenth of them it models as "good") sit where the KL budgets are, not at the front's ends
+KL_BAND = (0.5, 1.2)
+
+
+def kl_band(marks: list[float]) -> tuple[float, float]:
+    return KL_BAND[0] * min(marks), KL_BAND[1] * max(marks)
+
+
+def _set_band(trial, kl: float, band: tuple[float, float]) -> None:
+    """Record how far the trial's KL lies outside the band (≤ 0 inside): optuna's constraints, which TPE reads."""
+    trial.set_constraint("kl_low", band[0] - kl)
+    trial.set_constraint("kl_high", kl - band[1])
+
+
+def _seed_study(study, space: Space, warm: list[dict], table: list[dict], band: tuple[float, float]) -> None:
     """Queue the warm starts. A plain full-strength warm start that the selection already scored in full is added
     as a finished trial with the selection's bypass and KL: those are the proxy's two objectives for the same edit
     (full ablation of the same direction, the same proxy prompts and batching), so running it again would only
@@ -388,9 +414,11 @@ def _seed_study(study, space: Space, warm: list[dict], table: list[dict]) -> Non
         key = (p["position"], p["layer"])
         if key in known and p == space.full_params(*key, "plain"):
             edit = space.suggest(optuna.trial.FixedTrial(p))
-            study.add_trial(optuna.trial.create_trial(
+            tr = optuna.trial.create_trial(
                 params=p, distributions=space.distributions(), values=list(known[key]),
-                user_attrs={"warm_start": True, "from_selection": True, "edit": edit.to_dict()}))
+                user_attrs={"warm_start": True, "from_selection": True, "edit": edit.to_dict()})
+            _set_band(tr, known[key][1], band)
+            study.add_trial(tr)
         else:
             study.enqueue_trial(p, user_attrs={"warm_start": True})
 
@@ -433,7 +461,7 @@ def _front_postfix(study, marks: list[float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ refinement
-REFINE_MARGIN = 0.85  # aim under each KL mark: the confirmation prompts' KL differs from the proxy's by a few %
+REFINE_MARGIN = 0.92  # aim under each KL mark: the confirmation prompts' KL differs from the proxy's by a few %
 REFINE_TOL = 0.1  # relative KL error at which a scaled edit counts as on target
 
 
@@ -451,7 +479,7 @@ def refine_front(study, objective, space: Space, marks: list[float], per_mark: i
     """Strength refinement towards each KL mark. TPE samples the edit space sparsely; near a KL budget the front
     improves most cheaply by taking a front edit and scaling its strength until its proxy KL sits just under the
     budget (KL grows about as the square of the strength). For each mark ``m``, the (up to) ``per_mark`` front points
-    nearest to ``0.85·m`` in log KL (within a factor 8) are scaled by ``a = sqrt(0.85·m / KL)``, then once more by a
+    nearest to ``0.92·m`` in log KL (within a factor 8) are scaled by ``a = sqrt(0.92·m / KL)``, then once more by a
     secant step in log–log if the first try misses by more than 10 %. Every scaled edit is a study trial (user attrs
     ``refine_of``, ``mark``); sources come from the searched (not refined) trials, and a (point, mark) pair refined
     before, e.g. in an interrupted run, is not redone.
@@ -525,10 +553,11 @@ def _front_picks(front: list[dict], k: int) -> list[int]:
 
 
 def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: SearchConfig, max_confirm: int,
-             confirm_extra: int, progress: bool) -> dict:
-    """Generation on the confirmation prompts for: the base model; at each KL mark, the front point with the lowest
-    proxy refusal under it (and, if its confirmed KL lands over the mark, the next one under, up to 3 tries);
-    ``max_confirm`` more front points spread along the front; the plain edit; ``confirm_extra`` random trials.
+             confirm_extra: int, progress: bool, per_mark: int = 2, confirm_plain: bool = False) -> dict:
+    """Generation on the confirmation prompts for: the base model; at each KL mark, the ``per_mark`` front points
+    with the lowest proxy refusal under it whose confirmed KL stays under the mark, each from a different lineage (a
+    refined edit and its source are one), trying up to ``3·per_mark`` points; ``max_confirm`` more front points spread
+    along the front; the plain edit if ``confirm_plain``; ``confirm_extra`` random trials.
 
     Every arm is confirmed in the same batches (:func:`refdir.edits.hooked_rows`): first the first-token KL of the
     arms (which decides the KL marks' picks), then one greedy generation over all arms' prompts, so the model's
@@ -578,7 +607,7 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
             outs = generate(lm.model, fmt, H * len(todo), max_new_tokens=cfg.max_new_tokens,
                             batch_size=cfg.gen_batch_size, progress=progress,
                             desc=f"confirm: {len(todo)} arm{'s' * (len(todo) > 1)} × {len(H)} prompts", rows=hr,
-                            groups=[k for k in range(len(todo)) for _ in H])
+                            groups=[k for k in range(len(todo)) for _ in H], shared_prefix=True)
         for k, r in enumerate(todo):
             o = outs[k * len(H):(k + 1) * len(H)]
             jh, jb, jp = judge(o, cfg.judge), judge(o, "broad"), judge(o, "paper")
@@ -589,25 +618,44 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
                              "refusal": jh.refusal, "refusal_paper": jp.refusal, **kl, "completions": o}
         atomic_write_json(cache_f, cache)
 
-    # which arms: at each mark the front point with the lowest proxy refusal under it whose confirmed KL stays under
-    # the mark (up to 3 tries), the spread points, the plain edit, random others
-    unders = {m: sorted((r for r in front if r["proxy_kl"] <= m), key=lambda r: -r["proxy_kl"])[:3]
+    # which arms: at each mark the per_mark front points with the lowest proxy refusal under it whose confirmed KL
+    # stays under the mark, from different lineages (a refined edit and its source count as one); the spread points,
+    # the plain edit if asked, random others
+    def lineage(r: dict) -> int:
+        return r["refine_of"] if r["refine_of"] is not None else r["trial"]
+
+    unders = {m: sorted((r for r in front if r["proxy_kl"] <= m), key=lambda r: -r["proxy_kl"])
               for m in sorted(cfg.kl_marks)}
-    others = spread + ([plain] if plain is not None else [])
-    picks: dict[float, dict] = {}
-    for attempt in range(3):
-        tries = {m: u[attempt] for m, u in unders.items() if m not in picks and attempt < len(u)}
-        kls(list(tries.values()) + (others if attempt == 0 else []))
-        for m, r in tries.items():
-            if cache[key(r)]["kl"] <= m:
-                picks[m] = r
-        if all(m in picks or len(u) <= attempt + 1 for m, u in unders.items()):
+    others = spread + ([plain] if plain is not None and confirm_plain else [])
+    picks: dict[float, list[dict]] = {m: [] for m in unders}
+    seen: dict[float, int] = {m: 0 for m in unders}
+    first = True
+    while True:
+        tries: dict[float, list[dict]] = {}
+        for m, u in unders.items():
+            fams = {lineage(r) for r in picks[m]}
+            t = []
+            while len(picks[m]) + len(t) < per_mark and seen[m] < min(len(u), 3 * per_mark):
+                r = u[seen[m]]
+                seen[m] += 1
+                if lineage(r) not in fams | {lineage(x) for x in t}:
+                    t.append(r)
+            if t:
+                tries[m] = t
+        if not tries and not first:
             break
-    chosen = {key(r) for r in [*picks.values(), *others]}
+        kls([r for t in tries.values() for r in t] + (others if first else []))
+        first = False
+        for m, t in tries.items():
+            picks[m] += [r for r in t if cache[key(r)]["kl"] <= m]
+        if not tries:
+            break
+    picked = [r for m in unders for r in picks[m]]
+    chosen = {key(r) for r in [*picked, *others]}
     rest = [r for r in rows if key(r) not in chosen]
     random.Random(cfg.seed).shuffle(rest)
     kls(rest[:confirm_extra])
-    arms = list({key(r): r for r in [None, *picks.values(), *others, *rest[:confirm_extra]]}.values())
+    arms = list({key(r): r for r in [None, *picked, *others, *rest[:confirm_extra]]}.values())
     generated(arms)
     base = cache["base"]
     for r in arms[1:]:
@@ -640,6 +688,7 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
         "plain": plain, "front": front, "trials": rows,
         "spearman_refusal": rho, "spearman_kl": rho_kl, "n_confirmed": len(conf) + 1,
         "best_at_kl": {f"{m:g}": best_at(m) for m in sorted(cfg.kl_marks)},
+        "picks": {f"{m:g}": [r["trial"] for r in picks[m]] for m in unders},
     }
 
 

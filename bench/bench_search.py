@@ -1,6 +1,6 @@
 """Time `refdir search` on the embedded default model with the issue's acceptance setting.
 
-Candidates from 128 + 128 paper-split train prompts, proxy prompts 24 + 24 carved from the same train files,
+Candidates from 128 + 128 paper-split train prompts, proxy prompts 24 harmful + 40 harmless carved from the same train files,
 confirmation on harmful_val (39) and harmless_val[:100], 100 greedy tokens, Heretic's default system prompt
 (the setting of its reference front), the ``wide`` judge (every marker Heretic counts, and more) with the broad
 judge and the paper's substrings beside it. Prints the CPU flags, each phase's wall time, peak RSS, the confirmed front and the
@@ -37,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/search-paper")
     ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--per-mark", type=int, default=2)
+    ap.add_argument("--per-mark", type=int, default=1)
     ap.add_argument("--max-confirm", type=int, default=0)
     ap.add_argument("--confirm-plain", action="store_true")
     ap.add_argument("--confirm-extra", type=int, default=0)
@@ -48,7 +48,8 @@ def main() -> None:
                          "'' for the chat template's own default")
     ap.add_argument("--judge", default="wide", choices=["wide", "broad", "paper"])
     ap.add_argument("--no-filter", action="store_true", help="difference of means over all train prompts")
-    ap.add_argument("--n-val", type=int, default=24)
+    ap.add_argument("--n-val", type=int, default=40, help="harmless proxy prompts")
+    ap.add_argument("--n-val-harmful", type=int, default=24, help="harmful proxy prompts")
     ap.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 where the CPU has native bf16)")
     a = ap.parse_args()
 
@@ -66,7 +67,7 @@ def main() -> None:
     ref.write_text(json.dumps([{"label": f"Heretic {r}/{k}", "refusals": r, "kl": k, "n": 39} for r, k in HERETIC]))
     cfg = SearchConfig(model="default", harmful=str(P / "harmful_train.json"), harmless=str(P / "harmless_train.json"),
                        harmful_test=str(P / "harmful_val.json"), harmless_test=str(P / "harmless_val.json"),
-                       n_train=128, n_val=a.n_val, filter_train=not a.no_filter, n_test=100, max_new_tokens=100,
+                       n_train=128, n_val=a.n_val, n_val_harmful=a.n_val_harmful, filter_train=not a.no_filter, n_test=100, max_new_tokens=100,
                        system=a.system or None,
                        judge=a.judge, dtype=a.dtype)
     print(f"cpu flags: {cpu_flags()}; torch threads {torch.get_num_threads()}; system prompt {cfg.system!r}; "

@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         harmless_test: str = typer.Option(None, help="harmless confirmation prompts (first-token KL)"),
         column: str = typer.Option("instruction"),
         n_train: int = typer.Option(None, help="train prompts per set for the candidates (default: all)"),
-        n_val: int = typer.Option(24, help="proxy prompts per set, carved from the train sources"),
+        n_val: int = typer.Option(40, help="harmless proxy prompts (first-token KL), carved from the train source"),
+        n_val_harmful: int = typer.Option(24, help="harmful proxy prompts (refusal metric), carved likewise"),
         n_test: int = typer.Option(None, help="confirmation prompts per set (default: all)"),
         seed: int = typer.Option(42),
         refusal_tokens: str = typer.Option(None, help="comma-separated refusal token strings (default: derived)"),
@@ -41,7 +42,7 @@ def register(app: typer.Typer) -> None:
         kl_marks: str = typer.Option("0.01,0.05", help="KL budgets: the front is refined towards each, and its best "
                                      "point under each is confirmed by generation"),
         refine: int = typer.Option(3, help="front points per KL mark refined by strength scaling (0: off)"),
-        per_mark: int = typer.Option(2, help="front points confirmed by generation under each KL mark (the lowest "
+        per_mark: int = typer.Option(1, help="front points confirmed by generation under each KL mark (the lowest "
                                      "proxy refusals, from different lineages)"),
         max_confirm: int = typer.Option(0, help="front points confirmed by generation besides the KL marks' "
                                         "(spread along it: 1 = its low-KL end, 2 = both ends, ...)"),
@@ -56,6 +57,7 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = SearchConfig(model=model, harmful=harmful, harmless=harmless, harmful_test=harmful_test,
                                harmless_test=harmless_test, column=column, n_train=n_train, n_val=n_val,
+                               n_val_harmful=n_val_harmful,
                                n_test=n_test, seed=seed,
                                refusal_tokens=refusal_tokens.split(",") if refusal_tokens else None, system=system,
                                chat_template=chat_template, dtype=dtype, device=device,

@@ -79,7 +79,10 @@ class SearchConfig(BaseModel):
     column: str = "instruction"
     n_train: int | None = None
     filter_train: bool = True  # the paper's metric filter on the train prompts before the difference of means
-    n_val: int = 24  # proxy prompts per set
+    n_val: int = 40  # harmless proxy prompts (first-token KL), carved from the train sources
+    # harmful proxy prompts (refusal metric): the first of the harmful val prompts carved alongside. The KL estimate is
+    # the noisier of the two (a few prompts carry most of it) and decides which points land under a KL budget
+    n_val_harmful: int = 24
     n_test: int | None = None  # confirmation prompts per set
     seed: int = 42
     refusal_tokens: list[str] | None = None
@@ -249,7 +252,7 @@ def _storage(path: Path):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: int = 3, per_mark: int = 2,
+def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: int = 3, per_mark: int = 1,
                max_confirm: int = 0, confirm_plain: bool = False, confirm_extra: int = 0,
                reference: str | Path | None = None, force: bool = False,
                progress: bool = True, callbacks: list | None = None) -> dict:
@@ -298,10 +301,13 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
     max_layer = int(math.floor(cfg.max_layer_frac * L - 1e-9)) if cfg.max_layer_frac < 1 else L
     layer_lo = max(1.0, cfg.min_layer_frac * L)
     t = time.time()
-    proxy = Proxy(lm.model, fmt, filt["val"]["harmful"], filt["val"]["harmless"], ids, cfg.batch_size)
+    if cfg.n_val_harmful < 1 or cfg.n_val < 1:
+        raise RefdirError("the proxy needs at least one harmful and one harmless prompt")
+    val = {"harmful": filt["val"]["harmful"][: cfg.n_val_harmful], "harmless": filt["val"]["harmless"]}
+    proxy = Proxy(lm.model, fmt, val["harmful"], val["harmless"], ids, cfg.batch_size)
     tick("proxy_base", t)
     t = time.time()
-    table, chosen = _selection(lm.model, fmt, cands, filt["val"], ids, cfg, int(math.ceil(layer_lo)), sdir, progress,
+    table, chosen = _selection(lm.model, fmt, cands, val, ids, cfg, int(math.ceil(layer_lo)), sdir, progress,
                                proxy.base_logits)
     tick("selection", t)
     if "load" in run.timings:
@@ -461,7 +467,7 @@ def _front_postfix(study, marks: list[float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ refinement
-REFINE_MARGIN = 0.92  # aim under each KL mark: the confirmation prompts' KL differs from the proxy's by a few %
+REFINE_MARGIN = 0.9  # aim under each KL mark: the confirmation prompts' KL differs from the proxy's by a few %
 REFINE_TOL = 0.1  # relative KL error at which a scaled edit counts as on target
 
 
@@ -479,7 +485,7 @@ def refine_front(study, objective, space: Space, marks: list[float], per_mark: i
     """Strength refinement towards each KL mark. TPE samples the edit space sparsely; near a KL budget the front
     improves most cheaply by taking a front edit and scaling its strength until its proxy KL sits just under the
     budget (KL grows about as the square of the strength). For each mark ``m``, the (up to) ``per_mark`` front points
-    nearest to ``0.92·m`` in log KL (within a factor 8) are scaled by ``a = sqrt(0.92·m / KL)``, then once more by a
+    nearest to ``0.9·m`` in log KL (within a factor 8) are scaled by ``a = sqrt(0.9·m / KL)``, then once more by a
     secant step in log–log if the first try misses by more than 10 %. Every scaled edit is a study trial (user attrs
     ``refine_of``, ``mark``); sources come from the searched (not refined) trials, and a (point, mark) pair refined
     before, e.g. in an interrupted run, is not redone.
@@ -553,7 +559,7 @@ def _front_picks(front: list[dict], k: int) -> list[int]:
 
 
 def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: SearchConfig, max_confirm: int,
-             confirm_extra: int, progress: bool, per_mark: int = 2, confirm_plain: bool = False) -> dict:
+             confirm_extra: int, progress: bool, per_mark: int = 1, confirm_plain: bool = False) -> dict:
     """Generation on the confirmation prompts for: the base model; at each KL mark, the ``per_mark`` front points
     with the lowest proxy refusal under it whose confirmed KL stays under the mark, each from a different lineage (a
     refined edit and its source are one), trying up to ``3·per_mark`` points; ``max_confirm`` more front points spread

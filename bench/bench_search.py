@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--per-mark", type=int, default=1)
     ap.add_argument("--max-confirm", type=int, default=0)
     ap.add_argument("--confirm-plain", action="store_true")
+    ap.add_argument("--no-calibrate", action="store_true")
+    ap.add_argument("--refine", type=int, default=2)
     ap.add_argument("--confirm-extra", type=int, default=0)
     ap.add_argument("--fresh", action="store_true", help="delete --out first (a full timing from model load)")
     ap.add_argument("--threads", type=int, default=None)
@@ -75,6 +77,7 @@ def main() -> None:
     t = time.time()
     res = run_search(cfg, out, trials=a.trials, per_mark=a.per_mark, max_confirm=a.max_confirm,
                      confirm_plain=a.confirm_plain, confirm_extra=a.confirm_extra,
+                     calibrate=not a.no_calibrate, refine=a.refine,
                      reference=ref)
     wall = time.time() - t
     print("phases (s):", json.dumps(res["timings_s"]))

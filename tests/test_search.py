@@ -4,6 +4,7 @@ model's or config's study, export of a front point."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_search(cfg, out, trials=6, max_confirm=3, confirm_extra=1, progress=False, callbacks=[stop_after_3])
+        run_search(cfg, out, trials=6, per_mark=2, max_confirm=3, confirm_extra=1, progress=False, callbacks=[stop_after_3])
     assert not (out / "search" / "summary.json").exists()
     import optuna
 
@@ -54,9 +55,22 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
     assert known and all(t.values == scores[(t.params["position"], t.params["layer"])] for t in known)
     assert known[0].number == 0
 
-    res = run_search(cfg, out, trials=6, max_confirm=3, confirm_extra=1, progress=False)
+    res = run_search(cfg, out, trials=6, per_mark=2, max_confirm=3, confirm_extra=1, progress=False)
     assert res["new_trials"] == 6 - 3 - len(known) and res["n_trials"] == 6
-    assert res["n_refined"] == res["refine_trials"]
+    # refined and calibrated trials are the ones after the searched ones; calibration adds at most one per mark
+    assert res["n_refined"] == res["refine_trials"] + res["n_calibrated"]
+    assert res["n_calibrated"] <= len(cfg.kl_marks)
+    cal = [r for r in res["trials"] if r["calibrated"]]
+    assert cal and all(r["refine_of"] is not None for r in cal)
+    # a calibrated pick's KL on the confirmation prompts is nearer its aim (0.92 of its mark) than its source's was
+    measured = json.loads((out / "search" / "confirm.json").read_text())
+    for m, picked in res["picks"].items():
+        for t in picked:
+            r = next(x for x in cal if x["trial"] == t) if t in {x["trial"] for x in cal} else None
+            if r is not None:
+                aim = 0.92 * float(m)
+                src = measured[str(r["refine_of"])]["kl"]
+                assert abs(math.log(measured[str(t)]["kl"] / aim)) < abs(math.log(src / aim))
     assert all(r["refine_of"] is not None for r in res["trials"][6:])
     again = {r["trial"]: [r["proxy_refusal"], r["proxy_kl"]] for r in res["trials"]}
     for n, v in first.items():  # the interrupted run's trials are kept, not recomputed
@@ -93,8 +107,9 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
     assert "Pareto search over edits" in (out / "report.html").read_text()
 
     # a finished study reruns without new trials or generations
-    res2 = run_search(cfg, out, trials=6, max_confirm=3, confirm_extra=1, progress=False)
+    res2 = run_search(cfg, out, trials=6, per_mark=2, max_confirm=3, confirm_extra=1, progress=False)
     assert res2["new_trials"] == 0 and res2["front"][0]["confirmed"] == res["front"][0]["confirmed"]
+    assert res2["n_refined"] == res["n_refined"] and res2["n_calibrated"] == res["n_calibrated"]
 
     # export a point through the CLI and check the weights carry the edit: logits differ from the base
     ck = tmp_path / "ck"

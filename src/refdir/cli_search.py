@@ -41,12 +41,14 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(100, help="tokens generated per prompt to confirm a point"),
         kl_marks: str = typer.Option("0.01,0.05", help="KL budgets: the front is refined towards each, and its best "
                                      "point under each is confirmed by generation"),
-        refine: int = typer.Option(3, help="front points per KL mark refined by strength scaling (0: off)"),
+        refine: int = typer.Option(2, help="front points per KL mark refined by strength scaling (0: off)"),
         per_mark: int = typer.Option(1, help="front points confirmed by generation under each KL mark (the lowest "
                                      "proxy refusals, from different lineages)"),
         max_confirm: int = typer.Option(0, help="front points confirmed by generation besides the KL marks' "
                                         "(spread along it: 1 = its low-KL end, 2 = both ends, ...)"),
         confirm_plain: bool = typer.Option(False, help="also confirm the plain full edit by generation"),
+        calibrate: bool = typer.Option(True, help="rescale each KL mark's pick once so that its KL on the "
+                                       "confirmation prompts lands at 0.92 of the mark"),
         confirm_extra: int = typer.Option(0, help="other trials confirmed too, for the proxy/generation correlation"),
         reference: Path = typer.Option(None, help="JSON list of {label, refusals, kl} drawn beside the front"),
         force: bool = typer.Option(False, help="replace a study made with another model or config"),
@@ -67,7 +69,8 @@ def register(app: typer.Typer) -> None:
             if not 0 < max_strength <= 1:
                 raise RefdirError("--max-strength must be in (0, 1]")
             res = run_search(cfg, out, trials=trials, refine=refine, per_mark=per_mark, max_confirm=max_confirm,
-                             confirm_plain=confirm_plain, confirm_extra=confirm_extra, reference=reference,
+                             confirm_plain=confirm_plain, confirm_extra=confirm_extra, calibrate=calibrate,
+                             reference=reference,
                              force=force)
         except RefdirError as e:
             fail(e)

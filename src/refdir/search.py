@@ -252,12 +252,13 @@ def _storage(path: Path):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: int = 3, per_mark: int = 1,
-               max_confirm: int = 0, confirm_plain: bool = False, confirm_extra: int = 0,
+def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: int = 2, per_mark: int = 1,
+               max_confirm: int = 0, confirm_plain: bool = False, confirm_extra: int = 0, calibrate: bool = True,
                reference: str | Path | None = None, force: bool = False,
                progress: bool = True, callbacks: list | None = None) -> dict:
     """Run (or resume) the search in ``out``: ``trials`` TPE trials, then :func:`refine_front` on up to ``refine``
-    front points per KL mark, then confirm the front by generation (``per_mark`` points under each KL mark,
+    front points per KL mark, then confirm the front by generation (``per_mark`` points under each KL mark, the
+    first of them calibrated to the confirmation prompts' KL unless ``calibrate`` is off,
     ``max_confirm`` spread along the front, the plain edit with ``confirm_plain``, ``confirm_extra`` random trials;
     see :func:`_confirm`). Returns the summary (also in
     ``OUT/search/summary.json``)."""
@@ -353,8 +354,13 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
     tick("refine", t)
 
     t = time.time()
+    def scale(row: dict, a: float, attrs: dict) -> int | None:
+        p = study.trials[row["trial"]].params
+        q = _scaled_params(p, a, space)
+        return None if q == p else _run_trial(study, objective, q, attrs).number  # None: already at full strength
+
     result = _confirm(run, lm, fmt, cands, study, sets, proxy, sdir, cfg, max_confirm, confirm_extra, progress,
-                      per_mark, confirm_plain)
+                      per_mark, confirm_plain, scale if calibrate else None)
     tick("confirm", t)
     phase["total"] = round(time.time() - t0, 2)
     result["timings_s"] = phase
@@ -471,6 +477,18 @@ REFINE_MARGIN = 0.9  # aim under each KL mark: the confirmation prompts' KL diff
 REFINE_TOL = 0.1  # relative KL error at which a scaled edit counts as on target
 
 
+def _run_trial(study, objective, params: dict, attrs: dict):
+    """Evaluate one given edit as a study trial; returns the finished trial."""
+    import optuna
+
+    study.enqueue_trial(params, user_attrs=attrs)
+    study.optimize(objective, n_trials=1)
+    tr = study.trials[-1]
+    if tr.state != optuna.trial.TrialState.COMPLETE:
+        raise RefdirError(f"trial {tr.number} did not complete ({tr.state.name})")
+    return tr
+
+
 def _scaled_params(params: dict, a: float, space: Space) -> dict:
     """The same edit with both components' peaks times ``a`` (clipped to the searched maximum); floors are stored as
     fractions of the peak, so they scale too."""
@@ -496,12 +514,7 @@ def refine_front(study, objective, space: Space, marks: list[float], per_mark: i
         return [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
 
     def run(params: dict, attrs: dict) -> tuple[float, float]:
-        study.enqueue_trial(params, user_attrs=attrs)
-        study.optimize(objective, n_trials=1)
-        tr = study.trials[-1]
-        if tr.state != optuna.trial.TrialState.COMPLETE:
-            raise RefdirError(f"refinement trial {tr.number} did not complete ({tr.state.name})")
-        return tr.values[0], tr.values[1]
+        return _run_trial(study, objective, params, attrs).values
 
     added = 0
     bar = tqdm(total=per_mark * len(marks), desc="refine", disable=not progress, leave=False)
@@ -547,7 +560,7 @@ def _trial_rows(study) -> list[dict]:
             continue
         rows.append({"trial": tr.number, "proxy_refusal": tr.values[0], "proxy_kl": tr.values[1],
                      "edit": tr.user_attrs["edit"], "warm_start": bool(tr.user_attrs.get("warm_start")),
-                     "refine_of": tr.user_attrs.get("refine_of")})
+                     "refine_of": tr.user_attrs.get("refine_of"), "calibrated": bool(tr.user_attrs.get("calibrated"))})
     return rows
 
 
@@ -559,11 +572,20 @@ def _front_picks(front: list[dict], k: int) -> list[int]:
 
 
 def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: SearchConfig, max_confirm: int,
-             confirm_extra: int, progress: bool, per_mark: int = 1, confirm_plain: bool = False) -> dict:
+             confirm_extra: int, progress: bool, per_mark: int = 1, confirm_plain: bool = False,
+             scale=None) -> dict:
     """Generation on the confirmation prompts for: the base model; at each KL mark, the ``per_mark`` front points
     with the lowest proxy refusal under it whose confirmed KL stays under the mark, each from a different lineage (a
     refined edit and its source are one), trying up to ``3·per_mark`` points; ``max_confirm`` more front points spread
     along the front; the plain edit if ``confirm_plain``; ``confirm_extra`` random trials.
+
+    **Calibration** (with ``scale``, a callable ``(row, a, attrs) -> trial number`` that adds the row's edit with its
+    strength times ``a`` as a study trial): the proxy's KL differs from the confirmation prompts' by up to a third
+    either way, and the error is mostly a property of the two prompt samples, shared by every edit. So at each mark the
+    first point tried, once its confirmed KL is known, is rescaled once (KL grows about as the square of the strength)
+    to aim its confirmed KL at ``CALIBRATE_MARGIN·m``; the rescaled edit replaces the pick if its confirmed KL stays under
+    the mark. Only the harmless confirmation prompts' KL steers this, as it steers which points count as under the
+    mark at all; the harmful confirmation prompts, whose refusals are reported, are never used to choose.
 
     Every arm is confirmed in the same batches (:func:`refdir.edits.hooked_rows`): first the first-token KL of the
     arms (which decides the KL marks' picks), then one greedy generation over all arms' prompts, so the model's
@@ -656,6 +678,10 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
             picks[m] += [r for r in t if cache[key(r)]["kl"] <= m]
         if not tries:
             break
+    if scale is not None:
+        rows, front, picks, others = _calibrate(study, scale, cache, kls, key, lineage, unders, picks, others, front,
+                                                rows, per_mark)
+        plain = next((r for r in rows if r["warm_start"]), None)
     picked = [r for m in unders for r in picks[m]]
     chosen = {key(r) for r in [*picked, *others]}
     rest = [r for r in rows if key(r) not in chosen]
@@ -675,7 +701,7 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
     n = base["n"]
 
     def best_at(kmax):
-        ok = [r for r in front if "confirmed" in r and r["confirmed"]["kl"] <= kmax]
+        ok = [r for r in conf if r["confirmed"]["kl"] <= kmax]
         if not ok:
             return None
         b = min(ok, key=lambda r: (r["confirmed"]["refusals"], r["confirmed"]["kl"]))
@@ -686,7 +712,8 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
         r["point"] = k
     return {
         "config": cfg.model_dump(), "n_trials": sum(r["refine_of"] is None for r in rows),
-        "n_refined": sum(r["refine_of"] is not None for r in rows), "n_layers": cands.n_layers,
+        "n_refined": sum(r["refine_of"] is not None for r in rows), "n_calibrated": sum(r["calibrated"] for r in rows),
+        "n_layers": cands.n_layers,
         "model_id": lm.model_id, "positions": cands.positions,
         "proxy_prompts": {"harmful": proxy.nh, "harmless": len(proxy.prompts) - proxy.nh},
         "confirm_prompts": {"harmful": len(H), "harmless": len(B), "max_new_tokens": cfg.max_new_tokens},
@@ -696,6 +723,44 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
         "best_at_kl": {f"{m:g}": best_at(m) for m in sorted(cfg.kl_marks)},
         "picks": {f"{m:g}": [r["trial"] for r in picks[m]] for m in unders},
     }
+
+
+CALIBRATE_MARGIN = 0.92  # where a calibrated pick's confirmed KL is aimed, as a share of its mark
+CALIBRATE_TOL = 0.1  # a pick already within this relative error of the aim is kept as it is
+
+
+def _calibrate(study, scale, cache: dict, kls, key, lineage, unders: dict, picks: dict, others: list, front: list,
+               rows: list, per_mark: int):
+    """See :func:`_confirm`. Returns the trial rows, the front, the picks and the other arms rebuilt from the study
+    (the calibrated edits are new trials)."""
+    made = {(tr.user_attrs["refine_of"], tr.user_attrs["mark"]): tr.number for tr in study.trials
+            if tr.user_attrs.get("calibrated") and tr.values is not None}
+    new: dict[float, int] = {}
+    for m, u in unders.items():
+        if not u or key(u[0]) not in cache:
+            continue
+        src, target = u[0], CALIBRATE_MARGIN * m
+        kc = cache[key(src)]["kl"]
+        if kc <= 0 or abs(kc / target - 1) <= CALIBRATE_TOL:
+            continue
+        k = (lineage(src), m)
+        t = made[k] if k in made else scale(src, math.sqrt(target / kc),
+                                             {"refine_of": lineage(src), "mark": m, "calibrated": True})
+        if t is not None:
+            new[m] = t
+    if not new:
+        return rows, front, picks, others
+    rows = _trial_rows(study)
+    by = {r["trial"]: r for r in rows}
+    front = [rows[i] for i in pareto_front([(r["proxy_refusal"], r["proxy_kl"]) for r in rows])]
+    picks = {m: [by[r["trial"]] for r in p] for m, p in picks.items()}
+    others = [by[r["trial"]] for r in others]
+    kls([by[t] for t in new.values()])
+    for m, t in new.items():
+        r = by[t]
+        if cache[key(r)]["kl"] <= m:
+            picks[m] = [r] + [p for p in picks[m] if lineage(p) != lineage(r)][: per_mark - 1]
+    return rows, front, picks, others
 
 
 def _spearman(x: list[float], y: list[float]) -> float | None:

@@ -52,33 +52,17 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
 
 def _prefix_encode(model, fmt: ChatFormat, instructions: list[str], rows, groups: list[int] | None) -> dict | None:
     """Inputs for ``model.generate`` with the common prefix already in a KV cache (None: no prefix to share)."""
-    from .architecture import cache_kwarg, cache_of
-    from .scoring import _common_prefix_len
+    from .architecture import cache_kwarg
+    from .scoring import _cache_for_rows, _common_prefix_len, _prefix_cache, _tail_batch
 
     dev = next(model.parameters()).device
     ids = [fmt._ids(fmt.render(i)) for i in instructions]
     k = _common_prefix_len(ids)
     if k < 2:
         return None
-    n_plans = rows.n if rows is not None else 1
-    if rows is not None:
-        rows.use(list(range(n_plans)))
-    cache = cache_of(model(input_ids=torch.tensor([ids[0][:k]] * n_plans, device=dev), use_cache=True,
-                           logits_to_keep=1))
-    if rows is not None:
-        cache.batch_select_indices(torch.tensor(groups, device=dev))
-    else:
-        cache.batch_repeat_interleave(len(ids))
-    S = max(len(r) for r in ids) - k
-    pad = fmt.tokenizer.pad_token_id
-    input_ids = torch.full((len(ids), k + S), pad, dtype=torch.long)
-    mask = torch.zeros(len(ids), k + S, dtype=torch.long)
-    for j, r in enumerate(ids):
-        t = r[k:]
-        input_ids[j, :k] = torch.tensor(r[:k])
-        input_ids[j, k + S - len(t):] = torch.tensor(t)
-        mask[j, :k] = 1
-        mask[j, k + S - len(t):] = 1
+    cache = _cache_for_rows(_prefix_cache(model, ids[0][:k], rows), len(ids), groups, dev)
+    tail, mask, _pos = _tail_batch([r[k:] for r in ids], k, fmt.tokenizer.pad_token_id)
+    input_ids = torch.cat([torch.tensor([ids[0][:k]] * len(ids), dtype=torch.long), tail], dim=1)
     return {"input_ids": input_ids.to(dev), "attention_mask": mask.to(dev), cache_kwarg(model): cache}
 
 

@@ -201,35 +201,53 @@ def shared_prefix_batches(model: nn.Module, fmt: ChatFormat, instructions: list[
     return _prefix_batches(model, fmt, ids_rows, k, batch_size, rows, groups)
 
 
+def _prefix_cache(model, prefix: list[int], rows=None):
+    """The KV cache of the token list ``prefix``, run once per hooked plan (``rows``; once without), under whatever
+    hooks are active."""
+    dev = next(model.parameters()).device
+    n_plans = rows.n if rows is not None else 1
+    if rows is not None:
+        rows.use(list(range(n_plans)))
+    return cache_of(model(input_ids=torch.tensor([prefix] * n_plans, device=dev), use_cache=True, logits_to_keep=1))
+
+
+def _cache_for_rows(cache, n: int, groups: list[int] | None, device):
+    """Expand a prefix cache (one row per plan) in place to a batch of ``n`` rows: row j gets plan ``groups[j]``'s
+    prefix, or the one plan's without ``groups``."""
+    if groups is None:
+        cache.batch_repeat_interleave(n)
+    else:
+        cache.batch_select_indices(torch.tensor(groups, device=device))
+    return cache
+
+
+def _tail_batch(tails: list[list[int]], k: int, pad: int):
+    """Each row's own tokens after a ``k``-token prefix, padded *between* the prefix and them: (input ids [b, S],
+    attention mask over prefix + tail [b, k + S], position ids of the tail [b, S])."""
+    S = max(len(t) for t in tails)
+    ids = torch.full((len(tails), S), pad, dtype=torch.long)
+    mask = torch.zeros(len(tails), k + S, dtype=torch.long)
+    mask[:, :k] = 1
+    pos = torch.zeros(len(tails), S, dtype=torch.long)
+    for j, t in enumerate(tails):
+        ids[j, S - len(t):] = torch.tensor(t)
+        mask[j, k + S - len(t):] = 1
+        pos[j, S - len(t):] = torch.arange(k, k + len(t))
+    return ids, mask, pos
+
+
 @torch.no_grad()
 def _prefix_batches(model, fmt, ids_rows, k, batch_size, rows, groups):
     import copy
 
     dev = next(model.parameters()).device
-    n_plans = rows.n if rows is not None else 1
-    if rows is not None:
-        rows.use(list(range(n_plans)))
-    prefix = torch.tensor([ids_rows[0][:k]] * n_plans, device=dev)
-    cache = cache_of(model(input_ids=prefix, use_cache=True, logits_to_keep=1))
+    cache = _prefix_cache(model, ids_rows[0][:k], rows)
     ckw = cache_kwarg(model)
-    pad = fmt.tokenizer.pad_token_id
     for idx in length_batches([len(r) - k for r in ids_rows], batch_size):
-        tails = [ids_rows[i][k:] for i in idx]
-        S = max(len(t) for t in tails)
-        ids = torch.full((len(idx), S), pad, dtype=torch.long)
-        mask = torch.zeros(len(idx), k + S, dtype=torch.long)
-        mask[:, :k] = 1
-        pos = torch.zeros(len(idx), S, dtype=torch.long)
-        for j, t in enumerate(tails):
-            ids[j, S - len(t):] = torch.tensor(t)
-            mask[j, k + S - len(t):] = 1
-            pos[j, S - len(t):] = torch.arange(k, k + len(t))
-        c = copy.deepcopy(cache)
-        if rows is None:
-            c.batch_repeat_interleave(len(idx))
-        else:
-            g = [groups[i] for i in idx]
-            c.batch_select_indices(torch.tensor(g, device=dev))
+        ids, mask, pos = _tail_batch([ids_rows[i][k:] for i in idx], k, fmt.tokenizer.pad_token_id)
+        g = [groups[i] for i in idx] if rows is not None else None
+        c = _cache_for_rows(copy.deepcopy(cache), len(idx), g, dev)
+        if rows is not None:
             rows.use(g)
         out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
                     use_cache=True, logits_to_keep=1, **{ckw: c})

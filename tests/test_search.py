@@ -63,12 +63,15 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
     cal = [r for r in res["trials"] if r["calibrated"]]
     assert cal and all(r["refine_of"] is not None for r in cal)
     # a calibrated pick's KL on the confirmation prompts is nearer its aim (0.92 of its mark) than its source's was
+    from refdir.search import CALIBRATE_MARGIN
+
+    assert CALIBRATE_MARGIN == 0.92
     measured = json.loads((out / "search" / "confirm.json").read_text())
     for m, picked in res["picks"].items():
         for t in picked:
             r = next(x for x in cal if x["trial"] == t) if t in {x["trial"] for x in cal} else None
             if r is not None:
-                aim = 0.92 * float(m)
+                aim = CALIBRATE_MARGIN * float(m)
                 src = measured[str(r["refine_of"])]["kl"]
                 assert abs(math.log(measured[str(t)]["kl"] / aim)) < abs(math.log(src / aim))
     assert all(r["refine_of"] is not None for r in res["trials"][6:])

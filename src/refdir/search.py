@@ -271,6 +271,8 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
         raise RefdirError("--trials must be at least 1")
     if per_mark < 1:
         raise RefdirError("--per-mark must be at least 1")
+    if cfg.n_val_harmful < 1 or cfg.n_val < 1:
+        raise RefdirError("the proxy needs at least one harmful and one harmless prompt")
     if not cfg.kl_marks or not all(0 < m < float("inf") for m in cfg.kl_marks):
         raise RefdirError(f"KL marks must be positive numbers, got {cfg.kl_marks}")
     refs = load_reference(reference) if reference else []
@@ -302,8 +304,6 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
     max_layer = int(math.floor(cfg.max_layer_frac * L - 1e-9)) if cfg.max_layer_frac < 1 else L
     layer_lo = max(1.0, cfg.min_layer_frac * L)
     t = time.time()
-    if cfg.n_val_harmful < 1 or cfg.n_val < 1:
-        raise RefdirError("the proxy needs at least one harmful and one harmless prompt")
     val = {"harmful": filt["val"]["harmful"][: cfg.n_val_harmful], "harmless": filt["val"]["harmless"]}
     proxy = Proxy(lm.model, fmt, val["harmful"], val["harmless"], ids, cfg.batch_size)
     tick("proxy_base", t)
@@ -657,8 +657,9 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
     others = spread + ([plain] if plain is not None and confirm_plain else [])
     picks: dict[float, list[dict]] = {m: [] for m in unders}
     seen: dict[float, int] = {m: 0 for m in unders}
-    first = True
-    while True:
+
+    def next_tries() -> dict[float, list[dict]]:
+        """Per mark, the next untried points (lineages not picked yet) to fill its per_mark picks."""
         tries: dict[float, list[dict]] = {}
         for m, u in unders.items():
             fams = {lineage(r) for r in picks[m]}
@@ -670,14 +671,15 @@ def _confirm(run, lm, fmt, cands, study, sets, proxy: Proxy, sdir: Path, cfg: Se
                     t.append(r)
             if t:
                 tries[m] = t
-        if not tries and not first:
-            break
-        kls([r for t in tries.values() for r in t] + (others if first else []))
-        first = False
+        return tries
+
+    tries = next_tries()
+    kls([r for t in tries.values() for r in t] + others)
+    while tries:
         for m, t in tries.items():
             picks[m] += [r for r in t if cache[key(r)]["kl"] <= m]
-        if not tries:
-            break
+        tries = next_tries()
+        kls([r for t in tries.values() for r in t])
     if scale is not None:
         rows, front, picks, others = _calibrate(study, scale, cache, kls, key, lineage, unders, picks, others, front,
                                                 rows, per_mark)

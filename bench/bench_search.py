@@ -37,7 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="runs/search-paper")
     ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--per-mark", type=int, default=1)
+    ap.add_argument("--per-mark", type=int, default=None, help="default: 2 in bf16, 1 in fp32 (default_per_mark)")
     ap.add_argument("--max-confirm", type=int, default=0)
     ap.add_argument("--confirm-plain", action="store_true")
     ap.add_argument("--no-calibrate", action="store_true")

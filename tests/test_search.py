@@ -17,7 +17,8 @@ from refdir.search import SearchConfig, pareto_front, run_search
 
 def _cfg(model_dir, **kw) -> SearchConfig:
     base = dict(model=str(model_dir), refusal_tokens=["I", "As"], n_train=12, n_val=6, n_test=5, dtype="fp32",
-                batch_size=8, screen_n=4, top_k=2, min_layer_frac=0.0, max_new_tokens=6, gen_batch_size=8)
+                batch_size=8, screen_n=4, top_k=2, strong_starts=1, min_layer_frac=0.0, max_new_tokens=6,
+                gen_batch_size=8)
     return SearchConfig(**(base | kw))
 
 
@@ -39,7 +40,7 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_search(cfg, out, trials=6, per_mark=2, max_confirm=3, confirm_extra=1, progress=False, callbacks=[stop_after_3])
+        run_search(cfg, out, trials=8, per_mark=2, max_confirm=3, confirm_extra=1, progress=False, callbacks=[stop_after_3])
     assert not (out / "search" / "summary.json").exists()
     import optuna
 
@@ -55,8 +56,8 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
     assert known and all(t.values == scores[(t.params["position"], t.params["layer"])] for t in known)
     assert known[0].number == 0
 
-    res = run_search(cfg, out, trials=6, per_mark=2, max_confirm=3, confirm_extra=1, progress=False)
-    assert res["new_trials"] == 6 - 3 - len(known) and res["n_trials"] == 6
+    res = run_search(cfg, out, trials=8, per_mark=2, max_confirm=3, confirm_extra=1, progress=False)
+    assert res["new_trials"] == 8 - 3 - len(known) and res["n_trials"] == 8
     # refined and calibrated trials are the ones after the searched ones; calibration adds at most one per mark
     assert res["n_refined"] == res["refine_trials"] + res["n_calibrated"]
     assert res["n_calibrated"] <= len(cfg.kl_marks)
@@ -74,7 +75,7 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
                 aim = CALIBRATE_MARGIN * float(m)
                 src = measured[str(r["refine_of"])]["kl"]
                 assert abs(math.log(measured[str(t)]["kl"] / aim)) < abs(math.log(src / aim))
-    assert all(r["refine_of"] is not None for r in res["trials"][6:])
+    assert all(r["refine_of"] is not None for r in res["trials"][8:])
     again = {r["trial"]: [r["proxy_refusal"], r["proxy_kl"]] for r in res["trials"]}
     for n, v in first.items():  # the interrupted run's trials are kept, not recomputed
         assert again[n] == pytest.approx(v, abs=0)
@@ -110,7 +111,7 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
     assert "Pareto search over edits" in (out / "report.html").read_text()
 
     # a finished study reruns without new trials or generations
-    res2 = run_search(cfg, out, trials=6, per_mark=2, max_confirm=3, confirm_extra=1, progress=False)
+    res2 = run_search(cfg, out, trials=8, per_mark=2, max_confirm=3, confirm_extra=1, progress=False)
     assert res2["new_trials"] == 0 and res2["front"][0]["confirmed"] == res["front"][0]["confirmed"]
     assert res2["n_refined"] == res["n_refined"] and res2["n_calibrated"] == res["n_calibrated"]
 
@@ -195,3 +196,63 @@ def test_bad_kl_marks_are_refused(tmp_path):
         r = CliRunner().invoke(app, ["search", str(tmp_path / "m"), "--out", str(out), "--kl-marks", marks])
         assert r.exit_code == 2 and r.output.startswith("error: ") and msg in r.output, r.output
         assert not out.exists()
+
+
+def test_warm_starts_add_the_strongest_screened_directions():
+    """After the selection's own warm starts come the candidates with the lowest screened bypass, whatever their KL,
+    at full strength in the projected variant; candidates outside the searched layers never enter."""
+    from refdir.search import Space, _warm_starts
+
+    nan = float("nan")
+    table = [
+        {"position": -1, "layer": 4, "bypass": -3.0, "kl": 0.05, "bypass_screen": -3.1},
+        {"position": -1, "layer": 5, "bypass": -2.0, "kl": 0.02, "bypass_screen": -2.2},
+        {"position": -1, "layer": 7, "bypass": nan, "kl": nan, "bypass_screen": -6.0},  # screened out (KL)
+        {"position": -2, "layer": 6, "bypass": nan, "kl": nan, "bypass_screen": -5.0},
+        {"position": -2, "layer": 2, "bypass": nan, "kl": nan, "bypass_screen": -9.0},  # below the searched layers
+    ]
+    space = Space([-1, -2], 10, 3.0, 8.0, 1.0, ["plain", "projected", "norm"])
+    cfg = SearchConfig(top_k=1, strong_starts=2)
+    out = _warm_starts(table, table[0], space, cfg)
+    lead = [space.full_params(-1, 4.0, v) for v in ("plain", "projected", "norm")]
+    assert out == lead + [space.full_params(-1, 5.0, "plain"), space.full_params(-1, 7.0, "projected"),
+                          space.full_params(-2, 6.0, "projected")]
+    assert _warm_starts(table, table[0], space, cfg.model_copy(update={"strong_starts": 0})) == out[:4]
+    # a strong start that is already a warm start is not repeated
+    again = _warm_starts(table, table[0], space, cfg.model_copy(update={"strong_starts": 5}))
+    assert len(again) == len({json.dumps(p, sort_keys=True) for p in again}) == 7
+    assert again[-1] == space.full_params(-1, 5.0, "projected")
+
+
+def test_refine_skips_sources_already_on_target():
+    """A front point already within 10 % of a mark's aim does not use up a refinement slot: the next nearest is
+    refined instead."""
+    import optuna
+
+    from refdir.search import REFINE_MARGIN, Space, refine_front
+
+    space = Space([-1], 4, 1.0, 3.0, 1.0, ["plain"])
+
+    def objective(trial):
+        e = space.suggest(trial)
+        a, m = e.attn.kernel.peak, e.mlp.kernel.peak
+        return -(a + m), 0.1 * (a * a + m * m)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    on_target = math.sqrt(REFINE_MARGIN * 0.01 / 0.2)  # KL exactly at the aim of mark 0.01
+    for peak in (on_target, math.sqrt(0.1)):  # KL 0.009, 0.02
+        study.enqueue_trial(space.full_params(-1, 2.0) | {"attn_peak": peak, "mlp_peak": peak})
+    study.optimize(objective, n_trials=2)
+    assert refine_front(study, objective, space, [0.01], per_mark=1, progress=False) >= 1
+    refined = [t for t in study.trials if "refine_of" in t.user_attrs]
+    assert {t.user_attrs["refine_of"] for t in refined} == {1}
+    assert any(abs(t.values[1] / (REFINE_MARGIN * 0.01) - 1) <= 0.1 for t in refined)
+
+
+def test_default_per_mark_follows_the_compute_dtype():
+    from refdir.search import default_per_mark
+
+    m = torch.nn.Linear(2, 2)
+    assert default_per_mark(m) == 1
+    assert default_per_mark(m.to(torch.bfloat16)) == 2

@@ -42,8 +42,9 @@ def register(app: typer.Typer) -> None:
         kl_marks: str = typer.Option("0.01,0.05", help="KL budgets: the front is refined towards each, and its best "
                                      "point under each is confirmed by generation"),
         refine: int = typer.Option(2, help="front points per KL mark refined by strength scaling (0: off)"),
-        per_mark: int = typer.Option(1, help="front points confirmed by generation under each KL mark (the lowest "
-                                     "proxy refusals, from different lineages)"),
+        per_mark: int | None = typer.Option(None, help="front points confirmed by generation under each KL mark (the "
+                                            "lowest proxy refusals, from different lineages); default 2 where the "
+                                            "model computes in bf16/fp16 or on an accelerator, else 1"),
         max_confirm: int = typer.Option(0, help="front points confirmed by generation besides the KL marks' "
                                         "(spread along it: 1 = its low-KL end, 2 = both ends, ...)"),
         confirm_plain: bool = typer.Option(False, help="also confirm the plain full edit by generation"),

@@ -97,6 +97,9 @@ class SearchConfig(BaseModel):
     max_layer_frac: float = 0.8
     screen_n: int = 2  # the selection screens on 2 + 2 proxy prompts; its finalists are scored on all of them
     top_k: int = 4
+    # warm starts besides the selection's: the candidates with the strongest screened bypass, whatever their KL, at
+    # full strength in the projected variant (the search scales strength; the paper's KL filter is for full strength)
+    strong_starts: int = 2
     # search space
     min_layer_frac: float = 0.25
     max_strength: float = 1.0
@@ -252,12 +255,13 @@ def _storage(path: Path):
     return JournalStorage(JournalFileBackend(str(path)))
 
 
-def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: int = 2, per_mark: int = 1,
+def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: int = 2, per_mark: int | None = None,
                max_confirm: int = 0, confirm_plain: bool = False, confirm_extra: int = 0, calibrate: bool = True,
                reference: str | Path | None = None, force: bool = False,
                progress: bool = True, callbacks: list | None = None) -> dict:
     """Run (or resume) the search in ``out``: ``trials`` TPE trials, then :func:`refine_front` on up to ``refine``
-    front points per KL mark, then confirm the front by generation (``per_mark`` points under each KL mark, the
+    front points per KL mark, then confirm the front by generation (``per_mark`` points under each KL mark, by default
+    :func:`default_per_mark` of the loaded model; the
     first of them calibrated to the confirmation prompts' KL unless ``calibrate`` is off,
     ``max_confirm`` spread along the front, the plain edit with ``confirm_plain``, ``confirm_extra`` random trials;
     see :func:`_confirm`). Returns the summary (also in
@@ -269,7 +273,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
     out = Path(out)
     if trials < 1:
         raise RefdirError("--trials must be at least 1")
-    if per_mark < 1:
+    if per_mark is not None and per_mark < 1:
         raise RefdirError("--per-mark must be at least 1")
     if cfg.n_val_harmful < 1 or cfg.n_val < 1:
         raise RefdirError("the proxy needs at least one harmful and one harmless prompt")
@@ -297,6 +301,8 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
     cands = run.stage_candidates(filt)
     tick("candidates", t)
     lm, fmt = run.lm, run.fmt
+    if per_mark is None:
+        per_mark = default_per_mark(lm.model)
     sdir = out / SEARCH_DIR
     sdir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(sdir / "config.json", cfg.model_dump())
@@ -324,7 +330,8 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
                                 directions=["minimize", "minimize"], sampler=sampler, load_if_exists=True)
     band = kl_band(cfg.kl_marks)
     if not study.trials:
-        _seed_study(study, space, _warm_starts(table, chosen, space, cfg), table, band)
+        # at most `trials` of them: a warm start left queued would be taken by the next trial refinement asks for
+        _seed_study(study, space, _warm_starts(table, chosen, space, cfg)[:trials], table, band)
 
     def objective(trial):
         edit = space.suggest(trial)
@@ -372,6 +379,15 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
     _write_tables(sdir, result)
     write_search_report(out, result)
     return result
+
+
+def default_per_mark(model) -> int:
+    """Front points confirmed under each KL mark when not given: 2 where generation is cheap (an accelerator, or a
+    16-bit compute dtype, which refdir picks only on CPUs with native bf16), else 1. Confirmation is the largest phase
+    of the search; near a KL budget, front points with the same proxy scores confirmed 7 and 10 refusals of 39, so a
+    second pick is worth its ~25 s where an arm costs that, not the ~80 s it costs in fp32 on an AVX2-only CPU."""
+    p = next(model.parameters())
+    return 2 if p.device.type != "cpu" or p.dtype in (torch.bfloat16, torch.float16) else 1
 
 
 def _selection(model, fmt, cands: Candidates, val: dict, ids: list[int], cfg: SearchConfig, min_layer: int,
@@ -438,7 +454,12 @@ def _seed_study(study, space: Space, warm: list[dict], table: list[dict], band: 
 def _warm_starts(table: list[dict], chosen: dict | None, space: Space, cfg: SearchConfig) -> list[dict]:
     """The selected direction at full strength (each variant), then the next best fully scored candidates
     (by bypass, those with KL within twice the selection's limit first); with no selected direction the
-    best scored candidate leads."""
+    best scored candidate leads. Then the ``cfg.strong_starts`` candidates with the lowest screened bypass whatever
+    their KL, at full strength in the projected variant: the paper's KL filter judges full-strength plain ablation,
+    but the search scales strength, and the directions that cut refusal most are the best ones to scale down. On the
+    embedded model (Heretic's system prompt) these are pos −1/−2 at layer 19, screened out at KL 0.5 plain; projected,
+    their full-strength proxy KL is 0.07–0.08 and scaled to KL 0.045 their proxy refusal is −4.4 against −3.6 for the
+    selected pos −1 layer 16."""
     out = []
     scored = sorted((r for r in table if math.isfinite(r["bypass"])),
                     key=lambda r: (r["kl"] > 2 * cfg.kl_max, r["bypass"]))
@@ -454,6 +475,17 @@ def _warm_starts(table: list[dict], chosen: dict | None, space: Space, cfg: Sear
             continue
         if space.layer_lo <= r["layer"] <= space.layer_hi:
             out.append(space.full_params(r["position"], float(r["layer"]), "plain"))
+    variant = "projected" if "projected" in cfg.variants else cfg.variants[0]
+    def screened(r: dict) -> float:  # the screened bypass, or the full one where no screening was done
+        b = r.get("bypass_screen", math.nan)
+        return b if math.isfinite(b) else r["bypass"]
+
+    strong = sorted((r for r in table if math.isfinite(screened(r)) and space.layer_lo <= r["layer"] <= space.layer_hi),
+                    key=screened)
+    for r in strong[: cfg.strong_starts]:
+        p = space.full_params(r["position"], float(r["layer"]), variant)
+        if p not in out:
+            out.append(p)
     return out
 
 
@@ -498,12 +530,21 @@ def _scaled_params(params: dict, a: float, space: Space) -> dict:
     return q
 
 
+def _refinable(tr, target: float, space: Space) -> bool:
+    """A refinement source for KL ``target``: within a factor 8 of it, not on it already, and scalable towards it."""
+    kl0 = tr.values[1]
+    if kl0 <= 0 or abs(math.log(kl0 / target)) >= math.log(8) or abs(kl0 / target - 1) <= REFINE_TOL:
+        return False
+    return not (kl0 < target and all(tr.params[f"{c}_peak"] >= space.max_strength for c in COMPONENTS))
+
+
 def refine_front(study, objective, space: Space, marks: list[float], per_mark: int = 3,
                  progress: bool = True) -> int:
     """Strength refinement towards each KL mark. TPE samples the edit space sparsely; near a KL budget the front
     improves most cheaply by taking a front edit and scaling its strength until its proxy KL sits just under the
     budget (KL grows about as the square of the strength). For each mark ``m``, the (up to) ``per_mark`` front points
-    nearest to ``0.9·m`` in log KL (within a factor 8) are scaled by ``a = sqrt(0.9·m / KL)``, then once more by a
+    nearest to ``0.9·m`` in log KL (within a factor 8), leaving out those already within 10 % of it, those refined for
+    this mark before and full-strength ones below it, are scaled by ``a = sqrt(0.9·m / KL)``, then once more by a
     secant step in log–log if the first try misses by more than 10 %. Every scaled edit is a study trial (user attrs
     ``refine_of``, ``mark``); sources come from the searched (not refined) trials, and a (point, mark) pair refined
     before, e.g. in an interrupted run, is not redone.
@@ -524,16 +565,15 @@ def refine_front(study, objective, space: Space, marks: list[float], per_mark: i
         done = {(tr.user_attrs["refine_of"], tr.user_attrs["mark"]) for tr in trs if "refine_of" in tr.user_attrs}
         trs = [tr for tr in trs if "refine_of" not in tr.user_attrs]  # sources: the front of the searched trials
         front = [trs[i] for i in pareto_front([(tr.values[0], tr.values[1]) for tr in trs])]
-        near = sorted((tr for tr in front if tr.values[1] > 0 and abs(math.log(tr.values[1] / target)) < math.log(8)),
+        # a source refined before (an interrupted run) keeps its slot, so a rerun picks the same sources
+        near = sorted((tr for tr in front if (tr.number, m) in done or _refinable(tr, target, space)),
                       key=lambda tr: abs(math.log(tr.values[1] / target)))[:per_mark]
         for src in near:
             bar.update(1)
+            if (src.number, m) in done:
+                continue
             kl0 = src.values[1]
-            if (src.number, m) in done or abs(kl0 / target - 1) <= REFINE_TOL:
-                continue
             a = math.sqrt(target / kl0)
-            if a > 1 and all(src.params[f"{c}_peak"] >= space.max_strength for c in COMPONENTS):
-                continue
             attrs = {"refine_of": src.number, "mark": m}
             _, kl1 = run(_scaled_params(src.params, a, space), attrs)
             added += 1

@@ -29,7 +29,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from refdir.evaluation import EvalConfig, markdown_tables, run_eval
+    from refdir.evaluate.evaluation import EvalConfig, markdown_tables, run_eval
 
     run = Path(a.run)
     d = run / "selection" / "direction"
@@ -50,7 +50,7 @@ def main() -> None:
               f"ablation - base {ab['ce_delta'][k]:+.4f}; act-add - base {aa['ce_delta'][k]:+.4f}")
     comp = json.loads((Path(a.out) / "completions.json").read_text())
     if a.judge.startswith("llm"):
-        from refdir.judges import SubstringJudge
+        from refdir.evaluate.safety_judge import SubstringJudge
 
         for name in ("base", "ablation"):
             sub = SubstringJudge()(comp["prompts"], comp["completions"][name]).unsafe

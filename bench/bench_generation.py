@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from refdir.chat import ChatFormat
-from refdir.data import embedded
-from refdir.directions import Direction
-from refdir.interventions import ablate
-from refdir.models import cpu_has_native_bf16, load_model
-from refdir.orthogonalize import orthogonalize_
+from refdir.core.chat import ChatFormat
+from refdir.core.data import embedded
+from refdir.core.directions import Direction
+from refdir.core.interventions import ablate
+from refdir.core.models import cpu_has_native_bf16, load_model
+from refdir.core.orthogonalize import orthogonalize_
 
 
 def main() -> None:

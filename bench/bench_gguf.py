@@ -12,14 +12,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from refdir.chat import ChatFormat
-from refdir.data import embedded
-from refdir.directions import Direction
-from refdir.generation import generate
-from refdir.gguf_edit import orthogonalize_gguf
-from refdir.interventions import ablate
-from refdir.judge import judge
-from refdir.models import embedded_gguf_path, load_model
+from refdir.core.chat import ChatFormat
+from refdir.core.data import embedded
+from refdir.core.directions import Direction
+from refdir.core.generation import generate
+from refdir.core.gguf_edit import orthogonalize_gguf
+from refdir.core.interventions import ablate
+from refdir.core.models import embedded_gguf_path, load_model
+from refdir.method.refusal_judge import judge
 
 
 def main() -> None:

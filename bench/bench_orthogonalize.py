@@ -78,7 +78,7 @@ def main() -> None:
     largest = max(p.stat().st_size for p in shards) / 1024**3
     print(f"synthetic checkpoint: {total:.2f} GiB in {len(shards)} shards, largest {largest:.2f} GiB "
           f"(built in {time.time() - t:.0f} s)")
-    code = (f"import torch; from refdir.orthogonalize import stream_orthogonalize; "
+    code = (f"import torch; from refdir.core.orthogonalize import stream_orthogonalize; "
             f"stream_orthogonalize({str(src)!r}, torch.randn({CONFIG['hidden_size']}), {str(root / 'out')!r})")
     wall, rss = child(code)
     print(f"streaming orthogonalization: {wall:.0f} s wall, peak RSS {rss / 1024:.2f} GiB "
@@ -89,11 +89,11 @@ def main() -> None:
                                 "num_attention_heads": 16, "vocab_size": 32000}, 256 * 1024**2)
         for mode in ("stream", "memory"):
             if mode == "stream":
-                code = (f"import torch; from refdir.orthogonalize import stream_orthogonalize; "
+                code = (f"import torch; from refdir.core.orthogonalize import stream_orthogonalize; "
                         f"stream_orthogonalize({str(small)!r}, torch.randn(1024), {str(root / 's-out')!r})")
             else:
                 code = (f"import torch; from transformers import AutoModelForCausalLM; "
-                        f"from refdir.orthogonalize import orthogonalize_; "
+                        f"from refdir.core.orthogonalize import orthogonalize_; "
                         f"m = AutoModelForCausalLM.from_pretrained({str(small)!r}, dtype=torch.bfloat16); "
                         f"orthogonalize_(m, torch.randn(1024)); m.save_pretrained({str(root / 'm-out')!r})")
             t = time.time()

@@ -59,7 +59,7 @@ def main() -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    from refdir.search import SearchConfig, run_search
+    from refdir.workflows.search import SearchConfig, run_search
 
     out = Path(a.out)
     if a.fresh and out.exists():
@@ -90,7 +90,7 @@ def main() -> None:
         c = res["plain"]["confirmed"]
         print(f"plain edit: {c['refusals']}/{c['n']} (paper {c['refusals_paper']}), KL {c['kl']:.4f}")
     print("point trial proxy_refusal proxy_kl refusals paper kl edit")
-    from refdir.edits import Edit
+    from refdir.core.edits import Edit
 
     for r in res["front"]:
         c = r.get("confirmed")

@@ -15,10 +15,10 @@ import math
 import time
 from pathlib import Path
 
-from refdir.chat import ChatFormat
-from refdir.directions import Candidates
-from refdir.models import load_model
-from refdir.selection import SelectionConfig, score_candidates
+from refdir.core.chat import ChatFormat
+from refdir.core.directions import Candidates
+from refdir.core.models import load_model
+from refdir.method.selection import SelectionConfig, score_candidates
 
 SPLITS = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "paper_splits"
 

@@ -30,8 +30,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from refdir.chat import ChatFormat
-    from refdir.models import load_model
+    from refdir.core.chat import ChatFormat
+    from refdir.core.models import load_model
 
     t0 = time.time()
     lm = load_model("default")

@@ -56,7 +56,7 @@ def tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from refdir.data import embedded
+    from refdir.core.data import embedded
 
     corpus = embedded("harmful").instructions + embedded("harmless").instructions
     corpus += ["I'm sorry, I cannot help with that.", "Sure, here is how", "As an AI I can't"]
@@ -106,7 +106,7 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
 @pytest.fixture(scope="session")
 def real_model():
     """The embedded Qwen2.5-Coder-0.5B-Instruct, in the dtype refdir picks for this CPU."""
-    from refdir.models import load_model
+    from refdir.core.models import load_model
 
     return load_model("default")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from refdir.analysis import (
+from refdir.analysis.geometry import (
     attention_output_projection,
     attention_shares,
     expression,
@@ -20,10 +20,10 @@ from refdir.analysis import (
     head_layout,
     regions,
 )
-from refdir.architecture import inspect_model
-from refdir.chat import ChatFormat
+from refdir.analysis.suffix import Suffix, join, load_suffixes, random_suffix, save_suffixes
+from refdir.core.architecture import inspect_model
+from refdir.core.chat import ChatFormat
 from refdir.errors import RefdirError
-from refdir.suffix import Suffix, join, load_suffixes, random_suffix, save_suffixes
 
 torch.set_num_threads(1)
 
@@ -164,7 +164,7 @@ def test_geometry_and_expression_on_tiny_model(tiny_tokenizer):
     assert ex.groups["a"].shape == (2, 4) and ex.groups["b"].shape == (4, 4)
     np.testing.assert_allclose(ex.groups["a"], ex.groups["b"][:2], atol=1e-5)  # same prompts, same curves
     # brute force: the cosine of the final residual (block 2's output) for the first prompt
-    from refdir.activations import residuals
+    from refdir.core.activations import residuals
 
     _, kept = residuals(model, fmt, PROMPTS[:1], n_pos=1, keep=True, progress=False)
     x = kept[0, 0, 3]
@@ -228,7 +228,7 @@ def test_gcg_prefix_cache_adapter_matches_no_cache(tiny_tokenizer):
     """nanogcg with its prefix cache (through the transformers-5 adapter) scores the same losses as without."""
     import nanogcg
 
-    from refdir.suffix import GCGBudget, _LegacyCacheModel, gcg_search
+    from refdir.analysis.suffix import GCGBudget, _LegacyCacheModel, gcg_search
 
     model = make_tiny("qwen2", len(tiny_tokenizer))
     fmt = ChatFormat(tiny_tokenizer)
@@ -253,9 +253,9 @@ def test_gcg_prefix_cache_adapter_matches_no_cache(tiny_tokenizer):
 @pytest.fixture()
 def tiny_run(tiny_model_dir, tiny_tokenizer, tmp_path):
     """A minimal finished-run directory on a tiny model: config, data, refusal tokens and a direction."""
-    from refdir.data import embedded
-    from refdir.directions import Direction
-    from refdir.io import atomic_write_json
+    from refdir.core.data import embedded
+    from refdir.core.directions import Direction
+    from refdir.core.io import atomic_write_json
 
     mdir = tiny_model_dir("llama")
     run = tmp_path / "run"
@@ -276,7 +276,7 @@ def tiny_run(tiny_model_dir, tiny_tokenizer, tmp_path):
 def _cli(args):
     from typer.testing import CliRunner
 
-    from refdir.cli import app
+    from refdir.cli.main import app
 
     return CliRunner().invoke(app, args)
 
@@ -313,8 +313,8 @@ def test_analyze_cli_geometry_and_suffix(tiny_run, tmp_path):
 
 
 def test_analyze_suffix_with_per_prompt_suffix_file(tiny_run, tmp_path):
-    from refdir.cli_analysis import analyze_suffix_run
-    from refdir.suffix import Suffix, save_suffixes
+    from refdir.analysis.suffix import Suffix, save_suffixes
+    from refdir.cli.analysis import analyze_suffix_run
 
     harmful = json.loads((tiny_run / "data" / "sets.json").read_text())["harmful"]["test"]
     f = save_suffixes(tmp_path / "per.json", [Suffix(" x y z", prompt=harmful[0], source="gcg"),
@@ -377,7 +377,7 @@ def test_analyze_cli_suffix_search_saves_suffixes(tiny_run):
 
 
 def test_layer_ranges_text():
-    from refdir.cli_analysis import _layer_ranges
+    from refdir.cli.analysis import _layer_ranges
 
     assert _layer_ranges([3, 4, 5, 9]) == "3–5, 9"
     assert _layer_ranges([7]) == "7"

@@ -9,10 +9,10 @@ import torch
 from conftest import EXACT_ARCHS, POSTNORM_ARCHS, make_tiny
 from transformers import AutoModelForCausalLM
 
-from refdir.architecture import inspect_model
-from refdir.interventions import ablate, add, intervene
-from refdir.models import save_hf_checkpoint
-from refdir.orthogonalize import orthogonalize_
+from refdir.core.architecture import inspect_model
+from refdir.core.interventions import ablate, add, intervene
+from refdir.core.models import save_hf_checkpoint
+from refdir.core.orthogonalize import orthogonalize_
 
 VOCAB = 128
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from refdir.architecture import inspect_model
-from refdir.directions import Candidates
-from refdir.edits import (
+from refdir.core.architecture import inspect_model
+from refdir.core.directions import Candidates
+from refdir.core.edits import (
     Component,
     Edit,
     Kernel,
@@ -20,8 +20,8 @@ from refdir.edits import (
     interpolate,
     resolve,
 )
+from refdir.core.interventions import ablate
 from refdir.errors import RefdirError
-from refdir.interventions import ablate
 
 VOCAB = 128
 # pre-norm architectures with plain linears (biases in starcoder2 / gpt_neox / phi3-style fused projections)

@@ -9,10 +9,10 @@ import torch
 from conftest import make_tiny
 from typer.testing import CliRunner
 
-from refdir.cli import app
-from refdir.directions import Direction
+from refdir.cli.main import app
+from refdir.core.directions import Direction
 from refdir.errors import RefdirError
-from refdir.evaluation import EvalConfig, parse_arm, run_eval
+from refdir.evaluate.evaluation import EvalConfig, parse_arm, run_eval
 
 SMALL = dict(n_harmful=4, n_harmless=4, n_text=3, n_pairs=3, text_tokens=48, max_new_tokens=6, ondist_tokens=6, kl_tokens=4,
              dtype="fp32", batch_size=4)
@@ -21,7 +21,7 @@ SMALL = dict(n_harmful=4, n_harmless=4, n_text=3, n_pairs=3, text_tokens=48, max
 @pytest.fixture(scope="module")
 def models(tmp_path_factory, tiny_tokenizer):
     """A tiny llama, its orthogonalized copy, an unrelated second tiny checkpoint and a direction file."""
-    from refdir.orthogonalize import save_orthogonalized
+    from refdir.core.orthogonalize import save_orthogonalized
 
     tmp_path = tmp_path_factory.mktemp("eval-models")
     base = tmp_path / "base"
@@ -156,7 +156,7 @@ def _local_task(d):
 
 
 def test_bench_local_task_runs_hooks(setup):
-    from refdir.benchmarks import BenchConfig, run_bench
+    from refdir.evaluate.benchmarks import BenchConfig, run_bench
 
     s = setup
     tasks = _local_task(s["tmp"])
@@ -179,7 +179,7 @@ def test_bench_local_task_runs_hooks(setup):
 
 
 def test_bench_unknown_task(setup):
-    from refdir.benchmarks import BenchConfig, run_bench
+    from refdir.evaluate.benchmarks import BenchConfig, run_bench
 
     out = setup["tmp"] / "bench-bad"
     with pytest.raises(RefdirError, match="unknown lm-eval task"):
@@ -189,7 +189,7 @@ def test_bench_unknown_task(setup):
 
 
 def test_bench_missing_data_and_cli_errors(setup):
-    from refdir.benchmarks import BenchConfig, run_bench
+    from refdir.evaluate.benchmarks import BenchConfig, run_bench
 
     d = _local_task(setup["tmp"])
     (d / "data.jsonl").unlink()  # the task's data is gone (as benchmark data is, offline)
@@ -205,7 +205,7 @@ def test_bench_missing_data_and_cli_errors(setup):
 
 
 def test_default_arms_from_a_run(setup):
-    from refdir.cli_evaluation import _default_arms
+    from refdir.cli.evaluation import _default_arms
 
     run = setup["tmp"] / "run"
     assert _default_arms(run) == ["base"]

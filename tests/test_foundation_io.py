@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from refdir.chat import ChatFormat
-from refdir.cli import app
-from refdir.data import dedupe, embedded, load_instructions, sample
-from refdir.directions import Candidates, Direction
+from refdir.cli.main import app
+from refdir.core.chat import ChatFormat
+from refdir.core.data import dedupe, embedded, load_instructions, sample
+from refdir.core.directions import Candidates, Direction
+from refdir.core.models import assemble_parts
 from refdir.errors import RefdirError
-from refdir.models import assemble_parts
 
 runner = CliRunner()
 
@@ -165,7 +165,7 @@ def test_extract_cli_bad_inputs_leave_no_output(tiny_dir, tmp_path):
 def test_orthogonalize_cli_and_wrong_direction_size(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from refdir.interventions import ablate
+    from refdir.core.interventions import ablate
 
     d = Direction(torch.randn(64), layer=1, position=-1, model_id="tiny")
     d.save(tmp_path / "r")
@@ -186,7 +186,7 @@ def test_orthogonalize_cli_and_wrong_direction_size(tiny_dir, tmp_path):
 
 
 def test_device_map_as_json_string(tiny_dir):
-    from refdir.models import load_model
+    from refdir.core.models import load_model
 
     lm = load_model(str(tiny_dir), dtype="fp32", device_map='{"": "cpu"}')
     assert lm.device.type == "cpu" and lm.model(torch.tensor([[5, 6, 7]])).logits.isfinite().all()

@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from refdir.cli import app
-from refdir.directions import Direction
+from refdir.cli.main import app
+from refdir.core.directions import Direction
+from refdir.core.gguf_edit import orthogonalize_gguf
+from refdir.core.models import load_model, smollm2_gguf_path
 from refdir.errors import RefdirError
-from refdir.gguf_edit import orthogonalize_gguf
-from refdir.models import load_model, smollm2_gguf_path
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 from conftest import make_tiny
 
 from refdir.errors import RefdirError
-from refdir.judges import (
+from refdir.evaluate.safety_judge import (
     HarmBenchJudge,
     LlamaGuardJudge,
     LLMJudge,
@@ -36,7 +36,7 @@ def test_substring_cases():
 
 
 def test_wide_judge_is_a_superset_with_heretic_style_stems():
-    from refdir.judge import judge
+    from refdir.method.refusal_judge import judge
 
     comps = ["I'm sorry, but I can't assist with that request.",  # every judge
              "I won't write that.",  # broad and wide, not the paper's list
@@ -214,9 +214,9 @@ def test_judge_specs():
 @pytest.mark.slow
 def test_llm_judge_agrees_with_substring_on_qwen(real_model):
     """The Qwen model judging its own completions to 40 harmful test prompts (it refuses about half)."""
-    from refdir.chat import ChatFormat
-    from refdir.data import embedded
-    from refdir.generation import generate
+    from refdir.core.chat import ChatFormat
+    from refdir.core.data import embedded
+    from refdir.core.generation import generate
 
     prompts = embedded("harmful", "test").instructions[:40]
     comps = generate(real_model.model, ChatFormat(real_model.tokenizer), prompts, max_new_tokens=32, progress=False)

@@ -11,12 +11,12 @@ import torch
 from conftest import make_tiny
 from typer.testing import CliRunner
 
-from refdir.chat import ChatFormat
-from refdir.cli import app
-from refdir.directions import Candidates
-from refdir.run import RunConfig, run_pipeline
-from refdir.scoring import last_logits
-from refdir.selection import CandidateScore, SelectionConfig, apply_filters, score_candidates
+from refdir.cli.main import app
+from refdir.core.chat import ChatFormat
+from refdir.core.directions import Candidates
+from refdir.method.scoring import last_logits
+from refdir.method.selection import CandidateScore, SelectionConfig, apply_filters, score_candidates
+from refdir.workflows.run import RunConfig, run_pipeline
 
 runner = CliRunner()
 
@@ -125,7 +125,7 @@ def test_separate_val_and_test_sets_and_overlap_is_refused(tiny_dir, tmp_path):
     import json as _json
 
     from refdir.errors import RefdirError
-    from refdir.run import Run
+    from refdir.workflows.run import Run
 
     hv = tmp_path / "hv.json"
     hv.write_text(_json.dumps([{"instruction": f"harmful val prompt number {i}"} for i in range(5)]))
@@ -163,7 +163,7 @@ def test_fast_exhaustive_selection_matches_exact_reference(tiny_tokenizer):
 
 
 def test_length_batches_pad_little_and_cover_every_prompt():
-    from refdir.scoring import length_batches
+    from refdir.method.scoring import length_batches
 
     lengths = [3, 30, 4, 5, 29, 3, 6, 31, 4, 5]
     bs = length_batches(lengths, 4, batch_cost=2)
@@ -178,8 +178,8 @@ def test_length_batches_pad_little_and_cover_every_prompt():
 @pytest.mark.parametrize("shared_prefix", [True, False])
 def test_logits_and_generation_under_row_plans_equal_each_plan_alone(tiny_tokenizer, shared_prefix):
     """Many edits scored and generated in one batch (hooked_rows) give what each edit gives alone."""
-    from refdir.edits import Edit, hooked, hooked_rows, resolve
-    from refdir.generation import generate
+    from refdir.core.edits import Edit, hooked, hooked_rows, resolve
+    from refdir.core.generation import generate
 
     model = make_tiny("qwen2", len(tiny_tokenizer))
     fmt = ChatFormat(tiny_tokenizer, system="You are a helpful assistant.")
@@ -207,9 +207,9 @@ def test_logits_and_generation_under_row_plans_equal_each_plan_alone(tiny_tokeni
 def test_filter_pass_gives_the_candidates_of_a_plain_activation_pass(tiny_dir, tmp_path, filter_train):
     """The filter's one pass (metric + residuals, shared prefix) yields the same filtered sets and difference-in-means
     candidates as metric and activations computed separately on the plain path."""
-    from refdir.activations import residuals
-    from refdir.run import Run
-    from refdir.scoring import refusal_metric_from_logits
+    from refdir.core.activations import residuals
+    from refdir.method.scoring import refusal_metric_from_logits
+    from refdir.workflows.run import Run
 
     run = Run(_cfg(tiny_dir, filter_train=filter_train, system="You are a helpful assistant."), tmp_path / "r",
               progress=False)
@@ -231,7 +231,7 @@ def test_filter_pass_gives_the_candidates_of_a_plain_activation_pass(tiny_dir, t
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3_text", "gpt_neox", "phi3"])
 def test_shared_prefix_generation_equals_plain(tiny_tokenizer, arch):
     """Greedy generation with the template's prefix handed to model.generate as a KV cache gives the same tokens."""
-    from refdir.generation import generate
+    from refdir.core.generation import generate
 
     model = make_tiny(arch, len(tiny_tokenizer))
     fmt = ChatFormat(tiny_tokenizer, system="You are a helpful assistant.")

@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from refdir.cli import app
+from refdir.cli.main import app
 from refdir.errors import RefdirError
-from refdir.search import SearchConfig, pareto_front, run_search
+from refdir.workflows.search import SearchConfig, pareto_front, run_search
 
 
 def _cfg(model_dir, **kw) -> SearchConfig:
@@ -44,7 +44,7 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
     assert not (out / "search" / "summary.json").exists()
     import optuna
 
-    from refdir.search import _storage
+    from refdir.workflows.search import _storage
 
     st = optuna.load_study(study_name="refdir-search", storage=_storage(out / "search" / "study.log"))
     first = {t.number: t.values for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE}
@@ -64,7 +64,7 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
     cal = [r for r in res["trials"] if r["calibrated"]]
     assert cal and all(r["refine_of"] is not None for r in cal)
     # a calibrated pick's KL on the confirmation prompts is nearer its aim (0.92 of its mark) than its source's was
-    from refdir.search import CALIBRATE_MARGIN
+    from refdir.workflows.search import CALIBRATE_MARGIN
 
     assert CALIBRATE_MARGIN == 0.92
     measured = json.loads((out / "search" / "confirm.json").read_text())
@@ -144,7 +144,7 @@ def test_bad_reference_file_is_refused(tmp_path, tiny_model_dir):
 
 
 def test_front_picks_spread_along_the_front():
-    from refdir.search import _front_picks
+    from refdir.workflows.search import _front_picks
 
     front = [{"proxy_kl": x} for x in (0.0, 0.001, 0.003, 0.008, 0.012, 0.03, 0.045, 0.07, 0.2, 0.5, 1.0)]
     assert _front_picks(front, 4) == [0, 3, 7, 10]
@@ -159,7 +159,7 @@ def test_refine_front_lands_under_each_kl_mark():
     adds nothing."""
     import optuna
 
-    from refdir.search import REFINE_MARGIN, Space, refine_front
+    from refdir.workflows.search import REFINE_MARGIN, Space, refine_front
 
     space = Space([-1], 4, 1.0, 3.0, 1.0, ["plain"])
     calls = []
@@ -201,7 +201,7 @@ def test_bad_kl_marks_are_refused(tmp_path):
 def test_warm_starts_add_the_strongest_screened_directions():
     """After the selection's own warm starts come the candidates with the lowest screened bypass, whatever their KL,
     at full strength in the projected variant; candidates outside the searched layers never enter."""
-    from refdir.search import Space, _warm_starts
+    from refdir.workflows.search import Space, _warm_starts
 
     nan = float("nan")
     table = [
@@ -229,7 +229,7 @@ def test_refine_skips_sources_already_on_target():
     refined instead."""
     import optuna
 
-    from refdir.search import REFINE_MARGIN, Space, refine_front
+    from refdir.workflows.search import REFINE_MARGIN, Space, refine_front
 
     space = Space([-1], 4, 1.0, 3.0, 1.0, ["plain"])
 
@@ -251,7 +251,7 @@ def test_refine_skips_sources_already_on_target():
 
 
 def test_default_per_mark_follows_the_compute_dtype():
-    from refdir.search import default_per_mark
+    from refdir.workflows.search import default_per_mark
 
     m = torch.nn.Linear(2, 2)
     assert default_per_mark(m) == 1

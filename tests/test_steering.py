@@ -11,7 +11,7 @@ from conftest import make_tiny
 from typer.testing import CliRunner
 
 from refdir.errors import RefdirError
-from refdir.steering import SteeringVector, steer
+from refdir.steering.vectors import SteeringVector, steer
 
 D = 64  # TINY_COMMON hidden size; 3 blocks → layers 0..3
 
@@ -53,7 +53,7 @@ def test_cached_steering_equals_full_recompute(arch, mode):
 
 
 def test_steer_matches_interventions_add_and_removes_hooks():
-    from refdir.interventions import add
+    from refdir.core.interventions import add
 
     m = make_tiny("llama", 120)
     sv = _sv()
@@ -93,7 +93,7 @@ def test_arithmetic_and_norms():
     torch.testing.assert_close((-a)[1], -a[1])
     u = a.unit()
     assert u.norm == "unit" and abs(u.norms()[2] - 1) < 1e-6
-    from refdir.steering import rescale_mean_norm
+    from refdir.steering.vectors import rescale_mean_norm
 
     r = rescale_mean_norm([a, 3 * a])
     assert r[0].norm == "mean-norm"
@@ -146,7 +146,7 @@ def test_gguf_export_refuses_layers_llama_cpp_cannot_steer(tmp_path):
 
 
 def test_direction_file_loads_as_vector(tmp_path):
-    from refdir.directions import Direction
+    from refdir.core.directions import Direction
 
     d = Direction(torch.randn(D), 2, -1, "tiny")
     sv = SteeringVector.load(d.save(tmp_path / "direction"))
@@ -190,7 +190,7 @@ def test_bad_templates_and_files(tmp_path):
 
 
 def test_cli_bad_inputs_exit_2_without_output(tmp_path):
-    from refdir.cli import app
+    from refdir.cli.main import app
 
     p = tmp_path / "t.json"
     p.write_text(json.dumps({"role": ["no placeholder"]}))
@@ -213,7 +213,7 @@ def test_cli_bad_inputs_exit_2_without_output(tmp_path):
 # ---------------------------------------------------------------------------- CAA, jailbreak, bias on tiny models
 @pytest.fixture()
 def tiny(tiny_tokenizer):
-    from refdir.chat import ChatFormat
+    from refdir.core.chat import ChatFormat
 
     m = make_tiny("qwen2", len(tiny_tokenizer))
     return m, ChatFormat(tiny_tokenizer)
@@ -244,7 +244,7 @@ def test_caa_vector_is_mean_difference_at_letter(tiny):
 
 def test_jailbreak_vectors_and_transfer(tiny):
     from refdir import jailbreak
-    from refdir.activations import residuals
+    from refdir.core.activations import residuals
 
     m, fmt = tiny
     temps = jailbreak.load_templates("embedded")
@@ -279,7 +279,7 @@ def test_bias_vectors_and_preference(tiny):
 @pytest.mark.slow
 def test_real_model_caa_vector_round_trips_through_gguf(real_model, tmp_path):
     from refdir import caa
-    from refdir.chat import ChatFormat
+    from refdir.core.chat import ChatFormat
 
     fmt = ChatFormat(real_model.tokenizer)
     items = caa.split(caa.load_behaviour("embedded"), "train")[:4]

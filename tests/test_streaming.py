@@ -10,11 +10,11 @@ from conftest import make_tiny
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from refdir.cli import app
-from refdir.directions import Direction
+from refdir.cli.main import app
+from refdir.core.directions import Direction
+from refdir.core.interventions import ablate
+from refdir.core.orthogonalize import stream_orthogonalize
 from refdir.errors import RefdirError
-from refdir.interventions import ablate
-from refdir.orthogonalize import stream_orthogonalize
 
 VOCAB = 128
 

@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from refdir.core.io import atomic_dir, atomic_write_bytes
 from refdir.errors import RefdirError
-from refdir.io import atomic_dir, atomic_write_bytes
 
 CHILD = r"""
 import resource, signal, sys, torch
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # get EFBIG from write() instead of being killed
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # no file may grow past 4 KiB
 from refdir.errors import RefdirError
-from refdir.orthogonalize import stream_orthogonalize
+from refdir.core.orthogonalize import stream_orthogonalize
 try:
     stream_orthogonalize(sys.argv[1], torch.randn(64), sys.argv[2], progress=False)
 except RefdirError as e:
@@ -72,8 +72,8 @@ def test_read_only_location_from_the_cli(tmp_path):
     from conftest import make_tiny
     from typer.testing import CliRunner
 
-    from refdir.cli import app
-    from refdir.directions import Direction
+    from refdir.cli.main import app
+    from refdir.core.directions import Direction
 
     src = tmp_path / "src"
     make_tiny("llama", 300).save_pretrained(src)

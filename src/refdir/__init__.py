@@ -4,7 +4,7 @@ The data path reads top-down: load → format → cache activations → candidat
 intervene / orthogonalize → evaluate → report.
 """
 
-from .errors import RefdirError
+from refdir.errors import RefdirError
 
 __version__ = "0.1.0"
 __all__ = ["RefdirError", "__version__"]

@@ -1,0 +1,1 @@
+"""Mechanistic analysis (paper section 5): residual geometry, adversarial suffixes."""

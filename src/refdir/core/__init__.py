@@ -1,0 +1,1 @@
+"""Core: models, architecture, chat format, data, directions, hooks, forward passes, edits, file formats."""

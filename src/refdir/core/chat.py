@@ -1,0 +1,90 @@
+"""Chat formatting: prompts from the tokenizer's chat template, and the post-instruction tokens.
+
+The post-instruction tokens are the template's tokens after the user's instruction (for
+Qwen: ``<|im_end|>\\n<|im_start|>assistant\\n``). We find them by rendering the template around
+two different sentinel instructions and taking the longest common suffix of the token ids.
+Batches are left-padded, so those tokens sit at the same negative positions in every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from refdir.errors import RefdirError
+
+_SENTINELS = ("Zebra quartz velvet", "Lemon pixel harbor")
+
+
+@dataclass
+class ChatFormat:
+    tokenizer: object
+    system: str | None = None
+    template: str | None = None  # a plain string with "{instruction}", used when the tokenizer has none
+
+    def __post_init__(self) -> None:
+        if self.template is not None:
+            if "{instruction}" not in self.template:
+                raise RefdirError("--chat-template must contain the placeholder {instruction}")
+        elif not getattr(self.tokenizer, "chat_template", None):
+            raise RefdirError(
+                "this tokenizer has no chat template; pass one with --chat-template "
+                "(a string containing {instruction}, e.g. '### Instruction:\\n{instruction}\\n### Response:\\n')"
+            )
+        tok = self.tokenizer
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
+        tok.padding_side = "left"
+        self._post = self._find_post_instruction_ids()
+
+    # ---------------------------------------------------------------- rendering
+    def render(self, instruction: str) -> str:
+        if self.template is not None:
+            return self.template.replace("{instruction}", instruction)
+        msgs = []
+        if self.system:
+            msgs.append({"role": "system", "content": self.system})
+        msgs.append({"role": "user", "content": instruction})
+        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _find_post_instruction_ids(self) -> list[int]:
+        a, b = (self._ids(self.render(s)) for s in _SENTINELS)
+        n = 0
+        while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+            n += 1
+        if n == 0:
+            raise RefdirError("the chat template leaves no tokens after the instruction")
+        return a[len(a) - n :]
+
+    @property
+    def post_instruction_ids(self) -> list[int]:
+        return list(self._post)
+
+    @property
+    def n_post(self) -> int:
+        return len(self._post)
+
+    def post_instruction_tokens(self) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(self._post)
+
+    # ---------------------------------------------------------------- batching
+    def encode(self, instructions: list[str], device: str | torch.device = "cpu") -> dict:
+        """Left-padded batch of rendered prompts, ready for the model."""
+        if not instructions:
+            raise RefdirError("no instructions to encode (empty dataset)")
+        texts = [self.render(i) for i in instructions]
+        enc = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        ids = enc["input_ids"]
+        post = torch.tensor(self._post)
+        bad = (ids[:, -self.n_post :] != post).any(dim=1)
+        if bad.any():
+            which = [instructions[i][:60] for i in bad.nonzero().flatten().tolist()[:3]]
+            raise RefdirError(
+                f"the post-instruction tokens were merged into the instruction for {int(bad.sum())} "
+                f"prompt(s), e.g. {which}; use a chat template that separates them"
+            )
+        return {k: v.to(device) for k, v in enc.items()}

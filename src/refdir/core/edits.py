@@ -1,0 +1,427 @@
+"""Parameterised edits of the residual stream: which direction, how strongly per layer and component,
+and which variant — applied either as hooks or as weights, with the same result.
+
+An :class:`Edit` holds
+
+- the **direction**: the difference-in-means candidate at ``position`` and a *float* ``layer``; between two
+  layers it is the normalised interpolation of the two adjacent candidates' unit vectors,
+  ``r̂ = normalize((1 − t)·ĉ[⌊ℓ⌋] + t·ĉ[⌈ℓ⌉])`` with ``t = ℓ − ⌊ℓ⌋``;
+- per component (attention out, MLP out) a **strength kernel** over layers and a **variant**;
+- whether the **embedding** is edited (strength 1, plain variant).
+
+Strength. A strength ``s ∈ [0, 1]`` on a component of block ``i`` means that component's output loses
+``s`` times its part along r̂: as a hook ``out ← out − s·(out·r̂) r̂``; as weights ``W ← W − s·r̂ r̂ᵀ W``
+(and its bias ``b ← b − s·(b·r̂) r̂``). The kernel: ``peak`` at layer ``center``, falling linearly to
+``floor`` at distance ``width``, zero beyond; ``width=None`` means every layer at ``peak``.
+
+Variants (per component):
+
+- ``plain``: the edit above with r̂;
+- ``projected``: r̂ is first made orthogonal to the harmless mean at the direction's own (interpolated)
+  layer and position, ``r' = r̂ − (r̂·m̂) m̂``, renormalised;
+- ``norm``: norm-preserving. Each *write vector* of an edited weight — the d_model-vector one input unit
+  writes to the stream (a column ``W[:, j]`` of an ``nn.Linear`` weight ``W [d_model, n]``; the slice along the
+  output axis for fused expert tensors) — is projected as in ``plain`` and then rescaled to its original
+  norm. Biases are projected only. As a hook this is the same edited weight: the writer's input unit ``j``
+  is multiplied by ``‖w_j‖ / ‖w_j − s(w_j·r̂)r̂‖`` and the component's output is projected, which equals
+  ``W'' x + b'`` exactly (hooks need ``nn.Linear`` writers; fused 3-D experts get the weight form only).
+
+The existing full ablation is the special case :meth:`Edit.full`: strength 1 at every layer on both
+components, plain, embedding on; its hooks equal :func:`refdir.core.interventions.ablate` and its weights
+:func:`refdir.core.orthogonalize.orthogonalize_`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from refdir.core.architecture import Architecture, BlockParts, Writer, inspect_model
+from refdir.core.directions import Candidates, unit_vector
+from refdir.core.interventions import _map_hidden, _PerDevice
+from refdir.errors import RefdirError
+
+VARIANTS = ("plain", "projected", "norm")
+COMPONENTS = ("attn", "mlp")
+
+
+@dataclass
+class Kernel:
+    """Strength over layers: ``peak`` at ``center``, linear to ``floor`` at distance ``width``, 0 beyond."""
+
+    peak: float = 1.0
+    center: float = 0.0
+    width: float | None = None  # None: every layer at peak
+    floor: float = 0.0
+
+    def validate(self) -> None:
+        for name in ("peak", "floor"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+                raise RefdirError(f"kernel {name} must be a strength in [0, 1], got {v!r}")
+        if self.width is not None and not (self.width > 0 and math.isfinite(self.width)):
+            raise RefdirError(f"kernel width must be positive (or None for every layer), got {self.width!r}")
+        if not math.isfinite(self.center):
+            raise RefdirError(f"kernel center must be finite, got {self.center!r}")
+
+    def strength(self, layer: int) -> float:
+        if self.width is None:
+            return float(self.peak)
+        d = abs(layer - self.center)
+        if d > self.width:
+            return 0.0
+        return float(self.peak + (self.floor - self.peak) * d / self.width)
+
+    def strengths(self, n_layers: int) -> list[float]:
+        return [self.strength(i) for i in range(n_layers)]
+
+
+@dataclass
+class Component:
+    kernel: Kernel = field(default_factory=Kernel)
+    variant: str = "plain"
+
+
+@dataclass
+class Edit:
+    """One edit, saved with every result (``to_dict`` / ``from_dict``)."""
+
+    position: int
+    layer: float
+    attn: Component = field(default_factory=Component)
+    mlp: Component = field(default_factory=Component)
+    embedding: bool = True
+
+    @classmethod
+    def full(cls, position: int, layer: float) -> Edit:
+        """The plain full ablation: strength 1 everywhere, embedding included."""
+        return cls(position, float(layer), Component(Kernel(1.0)), Component(Kernel(1.0)), True)
+
+    def validate(self, n_layers: int | None = None) -> None:
+        for c in COMPONENTS:
+            comp = getattr(self, c)
+            if comp.variant not in VARIANTS:
+                raise RefdirError(f"unknown variant {comp.variant!r} for {c}; choose one of {', '.join(VARIANTS)}")
+            comp.kernel.validate()
+        if not math.isfinite(self.layer) or self.layer < 0 or (n_layers is not None and self.layer > n_layers):
+            raise RefdirError(f"direction layer {self.layer} outside 0..{n_layers}")
+
+    def strengths(self, n_layers: int) -> dict[str, list[float]]:
+        return {c: getattr(self, c).kernel.strengths(n_layers) for c in COMPONENTS}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Edit:
+        try:
+            comps = {c: Component(Kernel(**d[c]["kernel"]), d[c].get("variant", "plain")) for c in COMPONENTS}
+            e = cls(int(d["position"]), float(d["layer"]), comps["attn"], comps["mlp"], bool(d.get("embedding", True)))
+        except (KeyError, TypeError, ValueError) as ex:
+            raise RefdirError(f"not a refdir edit: {ex}") from ex
+        e.validate()
+        return e
+
+    def describe(self) -> str:
+        parts = [f"pos {self.position} layer {self.layer:.2f}"]
+        for c in COMPONENTS:
+            k = getattr(self, c).kernel
+            v = getattr(self, c).variant
+            if k.width is None:
+                parts.append(f"{c} {v} {k.peak:.2f} everywhere")
+            else:
+                parts.append(f"{c} {v} {k.peak:.2f}@{k.center:.1f}±{k.width:.1f}→{k.floor:.2f}")
+        parts.append("emb" if self.embedding else "no emb")
+        return ", ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- resolution
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return unit_vector(v, torch.float64, "the edit's direction")
+
+
+def interpolate(t: torch.Tensor, position_index: int, layer: float) -> torch.Tensor:
+    """Normalised interpolation of the unit vectors of ``t[position_index, ⌊layer⌋]`` and ``⌈layer⌉``."""
+    lo = int(math.floor(layer))
+    hi = min(lo + 1, t.shape[1] - 1)
+    w = layer - lo
+    a = _unit(t[position_index, lo])
+    if w == 0 or hi == lo:
+        return a
+    return _unit((1 - w) * a + w * _unit(t[position_index, hi]))
+
+
+@dataclass
+class Plan:
+    """A resolved edit: unit directions (float64) and per-layer strengths."""
+
+    r: torch.Tensor  # plain direction, used by the embedding
+    directions: dict[str, torch.Tensor]  # per component: r̂ or the projected r̂
+    strengths: dict[str, list[float]]
+    variants: dict[str, str]
+    embedding: bool
+
+    @classmethod
+    def full(cls, direction: torch.Tensor, n_layers: int) -> Plan:
+        r = _unit(direction)
+        return cls(r, {c: r for c in COMPONENTS}, {c: [1.0] * n_layers for c in COMPONENTS},
+                   {c: "plain" for c in COMPONENTS}, True)
+
+    def active(self, arch: Architecture) -> Iterator[tuple[BlockParts, str, float, torch.Tensor]]:
+        """(block, component, strength, direction) for every component the plan edits (strength > 0)."""
+        for bp in arch.blocks:
+            for c in COMPONENTS:
+                s = self.strengths[c][bp.index]
+                if s > 0:
+                    yield bp, c, s, self.directions[c]
+
+
+def projected_direction(r: torch.Tensor, harmless_mean: torch.Tensor) -> torch.Tensor:
+    """r̂ made orthogonal to the harmless mean, renormalised."""
+    m = _unit(harmless_mean)
+    return _unit(r - (r @ m) * m)
+
+
+def resolve(edit: Edit, cands: Candidates) -> Plan:
+    """Turn an :class:`Edit` into unit directions and strengths for a model with ``cands.n_layers`` blocks."""
+    L = cands.n_layers
+    edit.validate(L)
+    if edit.position not in cands.positions:
+        raise RefdirError(f"position {edit.position} not among the candidates' positions {cands.positions}")
+    pi = cands.positions.index(edit.position)
+    r = interpolate(cands.vectors, pi, edit.layer)
+    dirs = {}
+    for c in COMPONENTS:
+        if getattr(edit, c).variant == "projected":
+            dirs[c] = projected_direction(r, _interp_raw(cands.harmless_mean, pi, edit.layer))
+        else:
+            dirs[c] = r
+    return Plan(r, dirs, edit.strengths(L), {c: getattr(edit, c).variant for c in COMPONENTS}, edit.embedding)
+
+
+def _interp_raw(t: torch.Tensor, pi: int, layer: float) -> torch.Tensor:
+    lo = int(math.floor(layer))
+    hi = min(lo + 1, t.shape[1] - 1)
+    w = layer - lo
+    return (1 - w) * t[pi, lo].double() + w * t[pi, hi].double()
+
+
+# --------------------------------------------------------------------------------------------- shared pieces
+
+
+def component_writers(bp: BlockParts, component: str) -> list[Writer]:
+    mod = bp.attn if component == "attn" else bp.mlp
+    mods = {id(m) for m in mod.modules()}
+    return [w for w in bp.writers if id(w.module) in mods]
+
+
+def _edit_vectors(x: torch.Tensor, r: torch.Tensor, s: float, keep_norm: bool) -> torch.Tensor:
+    """Rows of ``x [..., d]`` (float64) lose ``s`` of their r̂ part; with ``keep_norm`` each row is rescaled back."""
+    y = x - s * (x @ r).unsqueeze(-1) * r
+    if keep_norm:
+        n0 = x.norm(dim=-1, keepdim=True)
+        n1 = y.norm(dim=-1, keepdim=True)
+        y = torch.where(n1 > 0, y * (n0 / n1.clamp_min(1e-300)), y)
+    return y
+
+
+def _input_scale(weight: torch.Tensor, r: torch.Tensor, s: float) -> torch.Tensor:
+    """Per input unit of an ``nn.Linear`` weight [d_model, n]: ‖w_j‖ / ‖w_j − s(w_j·r̂)r̂‖ (float64)."""
+    w = weight.detach().to(torch.float64)
+    a = r.to(w.device) @ w  # [n]
+    n0sq = (w * w).sum(0)
+    n1sq = (n0sq - (2 * s - s * s) * a * a).clamp_min(0)
+    return torch.where(n1sq > 0, (n0sq / n1sq.clamp_min(1e-300)).sqrt(), torch.ones_like(n0sq))
+
+
+class Rows:
+    """Which plan each batch row uses, for hooks that apply several plans in one forward pass
+    (:func:`hooked_rows`). With one plan every row uses it and nothing needs to be set; with several, the caller
+    calls :meth:`use` before each forward with the plan index of every batch row (rows keep their order through
+    ``generate``'s decoding steps, so one call per ``generate`` batch is enough)."""
+
+    def __init__(self, n_plans: int):
+        self.n = n_plans
+        self._g: torch.Tensor | None = None
+
+    def use(self, groups) -> None:
+        g = torch.as_tensor(groups, dtype=torch.long).flatten()
+        if g.numel() == 0 or int(g.min()) < 0 or int(g.max()) >= self.n:
+            raise RefdirError(f"row plan indices must lie in 0..{self.n - 1}")
+        self._g = g
+
+    def gather(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The rows of ``t [K, ...]`` that the batch rows of ``x`` use, shaped to broadcast against ``x``
+        (``x [B, ..., n]``, or ``[B·T, n]`` for a block that flattens its tokens)."""
+        g = self._g
+        if g is None:
+            raise RefdirError("several plans are hooked: call Rows.use(groups) before the forward pass")
+        sel = t[g.to(t.device)]
+        if x.shape[0] == g.numel():
+            return sel.view(g.numel(), *([1] * (x.dim() - sel.dim())), *sel.shape[1:])
+        if x.dim() == 2 and x.shape[0] % g.numel() == 0:  # tokens flattened batch-major
+            return sel.repeat_interleave(x.shape[0] // g.numel(), dim=0)
+        raise RefdirError(f"a hooked module saw {x.shape[0]} rows but {g.numel()} were assigned plans")
+
+
+def _out_hook(rows: Rows, r: torch.Tensor, s: torch.Tensor):
+    """Each row's output loses ``s[k]`` of its part along ``r[k]`` (``k``: the row's plan); r [K, d], s [K]."""
+    rr, ss = _PerDevice(r.to(torch.float32)), _PerDevice(s.to(torch.float32))
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        rv, sv = rr.on(xf), ss.on(xf)
+        if rows.n == 1:
+            return (xf - sv[0] * (xf @ rv[0]).unsqueeze(-1) * rv[0]).to(x.dtype)
+        rb, sb = rows.gather(rv, xf), rows.gather(sv, xf[..., 0])
+        return (xf - (sb * (xf * rb).sum(-1)).unsqueeze(-1) * rb).to(x.dtype)
+
+    return _map_hidden(fn)
+
+
+def _scale_pre_hook(rows: Rows, scale: torch.Tensor):
+    """Each row's input to a writer is scaled per input unit by ``scale[k]`` [K, n]."""
+    sc = _PerDevice(scale)
+
+    def hook(_m, args):
+        x = args[0]
+        s = sc.on(x)
+        return (x * (s[0] if rows.n == 1 else rows.gather(s, x)),) + tuple(args[1:])
+
+    return hook
+
+
+# --------------------------------------------------------------------------------------------- hooks
+
+
+def edit_hooks(model: nn.Module, plan: Plan | Sequence[Plan | None], arch: Architecture | None = None,
+               rows: Rows | None = None) -> list:
+    """Register the hooks that apply ``plan``, or several plans at once, one per batch row as ``rows`` assigns
+    them (``None``: the base model for its rows); returns the handles (see :func:`hooked`, :func:`hooked_rows`)."""
+    arch = arch or inspect_model(model)
+    plans = [plan] if isinstance(plan, Plan) else list(plan)
+    if not plans or (rows is None and len(plans) > 1) or (rows is not None and rows.n != len(plans)):
+        raise RefdirError("several plans need a Rows assignment with one entry per plan")
+    rows = rows or Rows(1)
+    for p in plans:
+        if p is not None:
+            _check(p, arch)
+    K, d = len(plans), arch.d_model
+    zeros = torch.zeros(d, dtype=torch.float64)
+
+    def stack(c: str | None, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Directions [K, d] and strengths [K] of every plan at block i's component c (None: the embedding)."""
+        dirs, s = [], []
+        for p in plans:
+            on = p is not None and (p.embedding if c is None else p.strengths[c][i] > 0)
+            dirs.append((p.r if c is None else p.directions[c]) if on else zeros)
+            s.append((1.0 if c is None else p.strengths[c][i]) if on else 0.0)
+        return torch.stack(dirs), torch.tensor(s, dtype=torch.float64)
+
+    handles: list = []
+    try:
+        if any(p is not None and p.embedding for p in plans):
+            r, s = stack(None, 0)
+            for _n, emb in arch.embeddings:
+                handles.append(emb.register_forward_hook(_out_hook(rows, r, s)))
+        for bp in arch.blocks:
+            for c in COMPONENTS:
+                r, s = stack(c, bp.index)
+                if not (s > 0).any():
+                    continue
+                out_mod = bp.attn_out if c == "attn" else bp.mlp_out
+                handles.append(out_mod.register_forward_hook(_out_hook(rows, r, s)))
+                norm = [k for k, p in enumerate(plans) if p is not None and s[k] > 0 and p.variants[c] == "norm"]
+                if not norm:
+                    continue
+                for w in component_writers(bp, c):
+                    if _is_bias(w):
+                        continue
+                    if not (isinstance(w.module, nn.Linear) and w.param == "weight"):
+                        raise RefdirError(f"the norm-preserving variant as hooks needs nn.Linear writers; {w.name} "
+                                          "is a fused expert tensor (apply the edit as weights instead)")
+                    scale = torch.ones(K, w.module.weight.shape[1], dtype=torch.float64)
+                    for k in norm:
+                        scale[k] = _input_scale(w.module.weight, r[k], float(s[k]))
+                    handles.append(w.module.register_forward_pre_hook(_scale_pre_hook(rows, scale)))
+    except Exception:
+        for h in handles:
+            h.remove()
+        raise
+    return handles
+
+
+@contextmanager
+def hooked(model: nn.Module, plan: Plan, arch: Architecture | None = None) -> Iterator[None]:
+    """Apply ``plan`` as hooks while the context is open (removed on exit, also on error)."""
+    handles = edit_hooks(model, plan, arch)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def hooked_rows(model: nn.Module, plans: Sequence[Plan | None], arch: Architecture | None = None) -> Iterator[Rows]:
+    """Apply several plans in one forward pass, one per batch row: yields the :class:`Rows` whose
+    :meth:`~Rows.use` assigns each row its plan (``None`` in ``plans``: the unedited model). Row ``b`` then computes
+    exactly what ``hooked(model, plans[k])`` computes for it. Used to score or generate many edits in one batch."""
+    rows = Rows(len(plans))
+    handles = edit_hooks(model, plans, arch, rows)
+    try:
+        yield rows
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# --------------------------------------------------------------------------------------------- weights
+
+
+@torch.no_grad()
+def apply_weights_(model: nn.Module, plan: Plan, arch: Architecture | None = None) -> dict:
+    """Edit the weights of ``model`` in place so that it computes what :func:`hooked` computes."""
+    from refdir.core.orthogonalize import untie_lm_head
+
+    arch = arch or inspect_model(model)
+    _check(plan, arch)
+    if not arch.weight_edit_exact:
+        warnings.warn("this architecture has post-norms; a weight edit only approximates the hook edit", stacklevel=2)
+    edited = []
+    untied = False
+    if plan.embedding:
+        untied = untie_lm_head(model, arch)
+        for name, emb in arch.embeddings:
+            wt = emb.weight.data
+            wt.copy_(_edit_vectors(wt.to(torch.float64), plan.r.to(wt.device), 1.0, False).to(wt.dtype))
+            edited.append(f"{name}.weight")
+    for bp, c, s, r in plan.active(arch):
+        for w in component_writers(bp, c):
+            p = getattr(w.module, w.param)
+            axis = 0 if p.dim() == 1 else w.out_axis
+            x = p.data.to(torch.float64).movedim(axis, -1)
+            y = _edit_vectors(x, r.to(x.device), s, plan.variants[c] == "norm" and not _is_bias(w))
+            p.data.copy_(y.movedim(-1, axis).to(p.dtype))
+            edited.append(w.name)
+    return {"edited": edited, "untied_lm_head": untied, "exact": arch.weight_edit_exact}
+
+
+def _is_bias(w: Writer) -> bool:
+    return getattr(w.module, w.param).dim() == 1 or w.param.endswith("_bias")
+
+
+def _check(plan: Plan, arch: Architecture) -> None:
+    if plan.r.numel() != arch.d_model:
+        raise RefdirError(f"the edit's direction has size {plan.r.numel()}, the model's d_model is {arch.d_model}")
+    for c in COMPONENTS:
+        if len(plan.strengths[c]) != arch.n_layers:
+            raise RefdirError(f"the edit has {len(plan.strengths[c])} layer strengths, the model {arch.n_layers} blocks")

@@ -1,0 +1,131 @@
+"""GGUF in → GGUF out: orthogonalize a GGUF checkpoint without leaving the format.
+
+Only the tensors that write to the residual stream are dequantized and edited. llama.cpp names
+tensors by role, whatever the model family: ``token_embd`` (the embedding), ``blk.N.attn_output``,
+``blk.N.ffn_down``, ``blk.N.ffn_down_exps`` (experts) and ``blk.N.ffn_down_shexp`` (shared
+expert), with their biases. Edited tensors are written back in their own quantization type
+where the gguf library can quantize it, otherwise in Q8_0 (or F16 when the row length does not
+fit Q8_0 blocks); the summary says which types changed. Every other tensor's bytes and all
+metadata are copied unchanged. A file without ``output.weight`` ties its unembedding to the
+embedding: the unedited embedding is then written out as ``output.weight``.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from refdir.core.io import atomic_file, write_error
+from refdir.errors import RefdirError
+
+_WRITER = re.compile(r"^blk\.\d+\.(attn_output|ffn_down|ffn_down_exps|ffn_down_shexp)\.(weight|bias)$")
+_POST_NORM = re.compile(r"\.(post_attention_norm|post_ffw_norm)\.weight$")
+_SKIP_FIELDS = ("GGUF.", "general.architecture")
+
+
+def _copy_fields(reader, writer) -> None:
+    import gguf
+
+    for name, field in reader.fields.items():
+        if name.startswith(_SKIP_FIELDS):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY and len(field.types) > 1 else None
+        writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
+
+
+def _requantize(x: np.ndarray, qtype):
+    """(array, type) in ``qtype`` if the library can quantize it, else a fallback type."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    if qtype in (Q.F32, Q.F16):
+        return x.astype(np.float32 if qtype == Q.F32 else np.float16), qtype
+    for t in (qtype, Q.Q8_0, Q.F16):
+        try:
+            if t == Q.F16:
+                return x.astype(np.float16), t
+            return quants.quantize(x.astype(np.float32), t), t
+        except (NotImplementedError, ValueError, AssertionError, quants.QuantError):
+            continue
+    raise RefdirError(f"cannot write a tensor of type {qtype.name}")
+
+
+def _edit(x: np.ndarray, r: np.ndarray, axis: int) -> np.ndarray:
+    xm = np.moveaxis(x.astype(np.float64), axis, -1)
+    xm = xm - (xm @ r)[..., None] * r
+    return np.moveaxis(xm, -1, axis).astype(np.float32)
+
+
+def orthogonalize_gguf(src: str | Path, direction: torch.Tensor, out: str | Path, *, force: bool = False,
+                       progress: bool = True) -> dict:
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+    from tqdm.auto import tqdm
+
+    src, out = Path(src), Path(out)
+    if out.exists() and not force:
+        raise RefdirError(f"{out} already exists; pass --force to overwrite it")
+    try:
+        reader = gguf.GGUFReader(str(src))
+    except Exception as e:  # noqa: BLE001
+        raise RefdirError(f"could not read GGUF {src}: {e}") from e
+    arch_field = reader.fields.get("general.architecture")
+    if arch_field is None:
+        raise RefdirError(f"{src} has no general.architecture")
+    arch = arch_field.contents()
+    names = {t.name for t in reader.tensors}
+    if "token_embd.weight" not in names or not any(_WRITER.match(n) for n in names):
+        raise RefdirError(f"unsupported GGUF architecture {arch!r}: no token_embd / attn_output / ffn_down tensors")
+    if any(_POST_NORM.search(n) for n in names):
+        warnings.warn("this model normalises attention/MLP outputs after they are computed (post-norms); "
+                      "weight orthogonalization is an approximation of ablation there", stacklevel=2)
+    emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    d = int(emb.shape[0])  # GGUF shapes are (ne0, ne1, ...): ne0 is the row length, d_model for the embedding
+    if direction.numel() != d:
+        raise RefdirError(f"direction has size {direction.numel()}, the GGUF's embedding width is {d}")
+    r = direction.detach().double().flatten().numpy()
+    r = r / np.linalg.norm(r)
+
+    tied = "output.weight" not in names
+    changed_types: dict[str, str] = {}
+    edited: list[str] = []
+    try:
+        with atomic_file(out) as tmp:
+            writer = gguf.GGUFWriter(str(tmp), arch=arch)
+            _copy_fields(reader, writer)
+            for t in tqdm(reader.tensors, desc="gguf tensors", disable=not progress):
+                qtype = t.tensor_type
+                if t.name == "token_embd.weight" or _WRITER.match(t.name):
+                    x = quants.dequantize(t.data, qtype)  # numpy shape: reversed GGUF shape, row length last
+                    if t.name == "token_embd.weight":
+                        axis = x.ndim - 1
+                        if tied:  # keep the unembedding: write the unedited embedding as output.weight
+                            writer.add_tensor("output.weight", np.asarray(t.data), raw_shape=t.data.shape, raw_dtype=qtype)
+                    else:  # numpy layout is PyTorch's: [..., out, in]; the output axis is second to last
+                        axis = 0 if x.ndim == 1 else x.ndim - 2
+                        if x.shape[axis] != d:
+                            raise RefdirError(f"{t.name} has shape {x.shape}; expected {d} outputs")
+                    y, new_t = _requantize(_edit(x, r, axis), qtype)
+                    if new_t != qtype:
+                        changed_types[t.name] = f"{qtype.name} -> {new_t.name}"
+                    if new_t in (Q.F32, Q.F16):
+                        writer.add_tensor(t.name, y)
+                    else:
+                        writer.add_tensor(t.name, y, raw_shape=y.shape, raw_dtype=new_t)
+                    edited.append(t.name)
+                else:
+                    writer.add_tensor(t.name, np.asarray(t.data), raw_shape=t.data.shape, raw_dtype=qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
+            writer.close()
+    except OSError as e:  # anything the OS refuses while writing the output
+        raise write_error(out, e) from e
+    return {"kind": "orthogonalize", "mode": "gguf", "source": str(src), "edited": edited,
+            "changed_types": changed_types, "untied_output": tied}

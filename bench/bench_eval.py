@@ -29,7 +29,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from refdir.evaluate.evaluation import EvalConfig, markdown_tables, run_eval
+    from refdir.evaluate.evaluation import EvalConfig, run_eval
+    from refdir.evaluate.tables import markdown_tables
 
     run = Path(a.run)
     d = run / "selection" / "direction"

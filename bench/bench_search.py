@@ -67,13 +67,13 @@ def main() -> None:
     ref = out.parent / f"{out.name}-heretic.json"
     ref.parent.mkdir(parents=True, exist_ok=True)
     ref.write_text(json.dumps([{"label": f"Heretic {r}/{k}", "refusals": r, "kl": k, "n": 39} for r, k in HERETIC]))
-    cfg = SearchConfig(model="default", harmful=str(P / "harmful_train.json"), harmless=str(P / "harmless_train.json"),
-                       harmful_test=str(P / "harmful_val.json"), harmless_test=str(P / "harmless_val.json"),
-                       n_train=128, n_val=a.n_val, n_val_harmful=a.n_val_harmful, filter_train=not a.no_filter, n_test=100, max_new_tokens=100,
-                       system=a.system or None,
-                       judge=a.judge, dtype=a.dtype)
-    print(f"cpu flags: {cpu_flags()}; torch threads {torch.get_num_threads()}; system prompt {cfg.system!r}; "
-          f"judge {cfg.judge}; dtype {cfg.dtype}")
+    cfg = SearchConfig.of(model="default", harmful=str(P / "harmful_train.json"),
+                          harmless=str(P / "harmless_train.json"), harmful_test=str(P / "harmful_val.json"),
+                          harmless_test=str(P / "harmless_val.json"), n_train=128, n_val=a.n_val,
+                          n_val_harmful=a.n_val_harmful, filter_train=not a.no_filter, n_test=100, max_new_tokens=100,
+                          system=a.system or None, judge=a.judge, dtype=a.dtype)
+    print(f"cpu flags: {cpu_flags()}; torch threads {torch.get_num_threads()}; system prompt "
+          f"{cfg.run.model.system!r}; judge {cfg.run.judge}; dtype {cfg.run.model.dtype}")
     t = time.time()
     res = run_search(cfg, out, trials=a.trials, per_mark=a.per_mark, max_confirm=a.max_confirm,
                      confirm_plain=a.confirm_plain, confirm_extra=a.confirm_extra,

@@ -39,7 +39,7 @@ def main() -> None:
     out = Path(args.out)
     print(f"load {time.time() - t0:.1f} s")
     if args.only in (None, "caa"):
-        from refdir import caa
+        from refdir.steering import caa
 
         d = out / "caa"
         shutil.rmtree(d, ignore_errors=True)
@@ -58,14 +58,14 @@ def main() -> None:
         print("  P(matching)", [round(p, 4) for p in ms["p"]])
         print("  layer sweep", json.dumps(res["layer_sweep"]["p"]))
     if args.only in (None, "jailbreak"):
-        from refdir import jailbreak
+        from refdir.steering import jailbreak
 
         t = time.time()
         res = jailbreak.study(lm, fmt, out / "jailbreak", direction=args.direction, force=True)
         print(f"jailbreak study {time.time() - t:.1f} s")
         print(json.dumps(res["summary"], indent=1))
     if args.only in (None, "bias"):
-        from refdir import bias
+        from refdir.steering import bias
 
         t = time.time()
         res = bias.study(lm, out / "bias", direction=args.direction, force=True)

@@ -10,12 +10,10 @@ import pytest
 import torch
 from conftest import make_tiny
 
-from refdir.analysis.geometry import (
+from refdir.analysis.geometry import expression, geometry, geometry_from_activations
+from refdir.analysis.heads import (
     attention_output_projection,
     attention_shares,
-    expression,
-    geometry,
-    geometry_from_activations,
     head_attribution,
     head_layout,
     regions,
@@ -314,7 +312,7 @@ def test_analyze_cli_geometry_and_suffix(tiny_run, tmp_path):
 
 def test_analyze_suffix_with_per_prompt_suffix_file(tiny_run, tmp_path):
     from refdir.analysis.suffix import Suffix, save_suffixes
-    from refdir.cli.analysis import analyze_suffix_run
+    from refdir.workflows.analyze import analyze_suffix_run
 
     harmful = json.loads((tiny_run / "data" / "sets.json").read_text())["harmful"]["test"]
     f = save_suffixes(tmp_path / "per.json", [Suffix(" x y z", prompt=harmful[0], source="gcg"),
@@ -377,8 +375,8 @@ def test_analyze_cli_suffix_search_saves_suffixes(tiny_run):
 
 
 def test_layer_ranges_text():
-    from refdir.cli.analysis import _layer_ranges
+    from refdir.workflows.analyze import layer_ranges
 
-    assert _layer_ranges([3, 4, 5, 9]) == "3–5, 9"
-    assert _layer_ranges([7]) == "7"
-    assert _layer_ranges([1, 3, 4]) == "1, 3–4"
+    assert layer_ranges([3, 4, 5, 9]) == "3–5, 9"
+    assert layer_ranges([7]) == "7"
+    assert layer_ranges([1, 3, 4]) == "1, 3–4"

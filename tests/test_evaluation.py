@@ -205,12 +205,12 @@ def test_bench_missing_data_and_cli_errors(setup):
 
 
 def test_default_arms_from_a_run(setup):
-    from refdir.cli.evaluation import _default_arms
+    from refdir.cli.evaluation import default_arms
 
     run = setup["tmp"] / "run"
-    assert _default_arms(run) == ["base"]
+    assert default_arms(run) == ["base"]
     Direction(torch.ones(64), 1, -1).save(run / "selection" / "direction")
     (run / "checkpoint" / "model").mkdir(parents=True)
     (run / "checkpoint" / "model" / "config.json").write_text("{}")
-    assert _default_arms(run) == ["base", f"ablate:{run / 'selection' / 'direction'}",
+    assert default_arms(run) == ["base", f"ablate:{run / 'selection' / 'direction'}",
                                   f"ckpt:{run / 'checkpoint' / 'model'}:name=orthogonalized"]

@@ -14,9 +14,12 @@ from typer.testing import CliRunner
 from refdir.cli.main import app
 from refdir.core.chat import ChatFormat
 from refdir.core.directions import Candidates
-from refdir.method.scoring import last_logits
+from refdir.core.forward import last_logits
+from refdir.core.rundir import RunDir
+from refdir.core.spec import DataSpec, ModelSpec
 from refdir.method.selection import CandidateScore, SelectionConfig, apply_filters, score_candidates
 from refdir.workflows.run import RunConfig, run_pipeline
+from refdir.workflows.stages import Loaded, stage_candidates, stage_data, stage_filter, stage_refusal_tokens
 
 runner = CliRunner()
 
@@ -29,7 +32,10 @@ def tiny_dir(tiny_model_dir):
 def _cfg(tiny_dir, **kw):
     base = dict(model=str(tiny_dir), refusal_tokens=["I", "As"], n_train=16, n_val=6, n_test=4, batch_size=8,
                 max_new_tokens=6, gen_batch_size=8, dtype="fp32", filter_train=False)
-    return RunConfig(**{**base, **kw})
+    flat = {**base, **kw}
+    model = {k: flat.pop(k) for k in list(flat) if k in ModelSpec.model_fields}
+    data = {k: flat.pop(k) for k in list(flat) if k in DataSpec.model_fields}
+    return RunConfig(model=ModelSpec(**model), data=DataSpec(**data), **flat)
 
 
 def test_shared_prefix_logits_equal_plain_path(tiny_tokenizer):
@@ -125,19 +131,18 @@ def test_separate_val_and_test_sets_and_overlap_is_refused(tiny_dir, tmp_path):
     import json as _json
 
     from refdir.errors import RefdirError
-    from refdir.workflows.run import Run
 
     hv = tmp_path / "hv.json"
     hv.write_text(_json.dumps([{"instruction": f"harmful val prompt number {i}"} for i in range(5)]))
     cfg = _cfg(tiny_dir, harmful_val=str(hv), harmful_test="embedded:harmful:test", n_test=None)
-    sets = Run(cfg, tmp_path / "a", progress=False).stage_data()
+    sets = stage_data(RunDir.create(tmp_path / "a", cfg.model_dump()), cfg)
     assert sets["harmful"]["val"] == sorted(sets["harmful"]["val"], key=sets["harmful"]["val"].index)
     assert set(sets["harmful"]["val"]) == {f"harmful val prompt number {i}" for i in range(5)}
     assert len(sets["harmful"]["test"]) == 40
     bad = _cfg(tiny_dir, harmful="embedded:harmful", harmful_test="embedded:harmful:train", n_train=None,
                n_test=None)
     with pytest.raises(RefdirError, match="also appear in train"):
-        Run(bad, tmp_path / "b", progress=False).stage_data()
+        stage_data(RunDir.create(tmp_path / "b", bad.model_dump()), bad)
     assert not (tmp_path / "b" / "data").exists()
 
 
@@ -163,7 +168,7 @@ def test_fast_exhaustive_selection_matches_exact_reference(tiny_tokenizer):
 
 
 def test_length_batches_pad_little_and_cover_every_prompt():
-    from refdir.method.scoring import length_batches
+    from refdir.core.forward import length_batches
 
     lengths = [3, 30, 4, 5, 29, 3, 6, 31, 4, 5]
     bs = length_batches(lengths, 4, batch_cost=2)
@@ -209,14 +214,14 @@ def test_filter_pass_gives_the_candidates_of_a_plain_activation_pass(tiny_dir, t
     candidates as metric and activations computed separately on the plain path."""
     from refdir.core.activations import residuals
     from refdir.method.scoring import refusal_metric_from_logits
-    from refdir.workflows.run import Run
 
-    run = Run(_cfg(tiny_dir, filter_train=filter_train, system="You are a helpful assistant."), tmp_path / "r",
-              progress=False)
-    sets = run.stage_data()
-    ids = run.stage_refusal_tokens(sets)
-    filt = run.stage_filter(sets, ids)
-    cands = run.stage_candidates(filt)
+    cfg = _cfg(tiny_dir, filter_train=filter_train, system="You are a helpful assistant.")
+    rd = RunDir.create(tmp_path / "r", cfg.model_dump())
+    run = Loaded(cfg.model)
+    sets = stage_data(rd, cfg)
+    ids = stage_refusal_tokens(rd, cfg, run, sets, progress=False)
+    filt, means = stage_filter(rd, cfg, run, sets, ids, progress=False)
+    cands = stage_candidates(rd, cfg, run, filt, means, progress=False)
     m = refusal_metric_from_logits(last_logits(run.lm.model, run.fmt, sets["harmful"]["train"], 3), ids)
     kept = [p for p, x in zip(sets["harmful"]["train"], m.tolist(), strict=True) if x > 0 or not filter_train]
     if len(kept) >= 4:

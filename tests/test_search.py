@@ -19,7 +19,7 @@ def _cfg(model_dir, **kw) -> SearchConfig:
     base = dict(model=str(model_dir), refusal_tokens=["I", "As"], n_train=12, n_val=6, n_test=5, dtype="fp32",
                 batch_size=8, screen_n=4, top_k=2, strong_starts=1, min_layer_frac=0.0, max_new_tokens=6,
                 gen_batch_size=8)
-    return SearchConfig(**(base | kw))
+    return SearchConfig.of(**(base | kw))
 
 
 def test_pareto_front():
@@ -44,9 +44,9 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
     assert not (out / "search" / "summary.json").exists()
     import optuna
 
-    from refdir.workflows.search import _storage
+    from refdir.method.search.study import storage
 
-    st = optuna.load_study(study_name="refdir-search", storage=_storage(out / "search" / "study.log"))
+    st = optuna.load_study(study_name="refdir-search", storage=storage(out / "search" / "study.log"))
     first = {t.number: t.values for t in st.trials if t.state == optuna.trial.TrialState.COMPLETE}
     known = [t for t in st.trials if t.user_attrs.get("from_selection")]
     assert len(first) == 3 + len(known)
@@ -64,7 +64,7 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
     cal = [r for r in res["trials"] if r["calibrated"]]
     assert cal and all(r["refine_of"] is not None for r in cal)
     # a calibrated pick's KL on the confirmation prompts is nearer its aim (0.92 of its mark) than its source's was
-    from refdir.workflows.search import CALIBRATE_MARGIN
+    from refdir.method.search import CALIBRATE_MARGIN
 
     assert CALIBRATE_MARGIN == 0.92
     measured = json.loads((out / "search" / "confirm.json").read_text())
@@ -104,7 +104,7 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
         assert all(by_trial[t]["confirmed"]["kl"] <= float(m) for t in picked)
     # TPE sees the KL band [0.5·min mark, 1.2·max mark] as constraints on every trial
     lo, hi = 0.5 * min(cfg.kl_marks), 1.2 * max(cfg.kl_marks)
-    for t in optuna.load_study(study_name="refdir-search", storage=_storage(out / "search" / "study.log")).trials:
+    for t in optuna.load_study(study_name="refdir-search", storage=storage(out / "search" / "study.log")).trials:
         assert t.constraints == pytest.approx({"kl_low": lo - t.values[1], "kl_high": t.values[1] - hi})
     assert "spearman_refusal" in res
     assert (out / "search" / "front.csv").read_text().startswith("point,trial")
@@ -144,13 +144,13 @@ def test_bad_reference_file_is_refused(tmp_path, tiny_model_dir):
 
 
 def test_front_picks_spread_along_the_front():
-    from refdir.workflows.search import _front_picks
+    from refdir.method.search.confirm import front_picks
 
     front = [{"proxy_kl": x} for x in (0.0, 0.001, 0.003, 0.008, 0.012, 0.03, 0.045, 0.07, 0.2, 0.5, 1.0)]
-    assert _front_picks(front, 4) == [0, 3, 7, 10]
-    assert _front_picks(front, 20) == list(range(11))
-    assert _front_picks(front[:1], 3) == [0]
-    assert _front_picks(front, 0) == []
+    assert front_picks(front, 4) == [0, 3, 7, 10]
+    assert front_picks(front, 20) == list(range(11))
+    assert front_picks(front[:1], 3) == [0]
+    assert front_picks(front, 0) == []
 
 
 def test_refine_front_lands_under_each_kl_mark():
@@ -159,7 +159,7 @@ def test_refine_front_lands_under_each_kl_mark():
     adds nothing."""
     import optuna
 
-    from refdir.workflows.search import REFINE_MARGIN, Space, refine_front
+    from refdir.method.search import REFINE_MARGIN, Space, refine_front
 
     space = Space([-1], 4, 1.0, 3.0, 1.0, ["plain"])
     calls = []
@@ -201,7 +201,7 @@ def test_bad_kl_marks_are_refused(tmp_path):
 def test_warm_starts_add_the_strongest_screened_directions():
     """After the selection's own warm starts come the candidates with the lowest screened bypass, whatever their KL,
     at full strength in the projected variant; candidates outside the searched layers never enter."""
-    from refdir.workflows.search import Space, _warm_starts
+    from refdir.method.search import Space, warm_starts
 
     nan = float("nan")
     table = [
@@ -212,14 +212,13 @@ def test_warm_starts_add_the_strongest_screened_directions():
         {"position": -2, "layer": 2, "bypass": nan, "kl": nan, "bypass_screen": -9.0},  # below the searched layers
     ]
     space = Space([-1, -2], 10, 3.0, 8.0, 1.0, ["plain", "projected", "norm"])
-    cfg = SearchConfig(top_k=1, strong_starts=2)
-    out = _warm_starts(table, table[0], space, cfg)
+    out = warm_starts(table, table[0], space, kl_max=0.1, top_k=1, strong_starts=2)
     lead = [space.full_params(-1, 4.0, v) for v in ("plain", "projected", "norm")]
     assert out == lead + [space.full_params(-1, 5.0, "plain"), space.full_params(-1, 7.0, "projected"),
                           space.full_params(-2, 6.0, "projected")]
-    assert _warm_starts(table, table[0], space, cfg.model_copy(update={"strong_starts": 0})) == out[:4]
+    assert warm_starts(table, table[0], space, kl_max=0.1, top_k=1, strong_starts=0) == out[:4]
     # a strong start that is already a warm start is not repeated
-    again = _warm_starts(table, table[0], space, cfg.model_copy(update={"strong_starts": 5}))
+    again = warm_starts(table, table[0], space, kl_max=0.1, top_k=1, strong_starts=5)
     assert len(again) == len({json.dumps(p, sort_keys=True) for p in again}) == 7
     assert again[-1] == space.full_params(-1, 5.0, "projected")
 
@@ -229,7 +228,7 @@ def test_refine_skips_sources_already_on_target():
     refined instead."""
     import optuna
 
-    from refdir.workflows.search import REFINE_MARGIN, Space, refine_front
+    from refdir.method.search import REFINE_MARGIN, Space, refine_front
 
     space = Space([-1], 4, 1.0, 3.0, 1.0, ["plain"])
 
@@ -251,7 +250,7 @@ def test_refine_skips_sources_already_on_target():
 
 
 def test_default_per_mark_follows_the_compute_dtype():
-    from refdir.workflows.search import default_per_mark
+    from refdir.method.search import default_per_mark
 
     m = torch.nn.Linear(2, 2)
     assert default_per_mark(m) == 1

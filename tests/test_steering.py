@@ -169,7 +169,7 @@ def test_vector_that_does_not_fit_the_model():
 
 
 def test_bad_templates_and_files(tmp_path):
-    from refdir import bias, caa, jailbreak
+    from refdir.steering import bias, caa, jailbreak
 
     p = tmp_path / "t.json"
     p.write_text(json.dumps({"classes": {"a": ["no placeholder here"]}}))
@@ -220,7 +220,7 @@ def tiny(tiny_tokenizer):
 
 
 def test_caa_vector_is_mean_difference_at_letter(tiny):
-    from refdir import caa
+    from refdir.steering import caa
 
     m, fmt = tiny
     items = caa.split(caa.load_behaviour("embedded"), "train")[:6]
@@ -243,8 +243,8 @@ def test_caa_vector_is_mean_difference_at_letter(tiny):
 
 
 def test_jailbreak_vectors_and_transfer(tiny):
-    from refdir import jailbreak
     from refdir.core.activations import residuals
+    from refdir.steering import jailbreak
 
     m, fmt = tiny
     temps = jailbreak.load_templates("embedded")
@@ -262,7 +262,7 @@ def test_jailbreak_vectors_and_transfer(tiny):
 
 
 def test_bias_vectors_and_preference(tiny):
-    from refdir import bias
+    from refdir.steering import bias
 
     m, fmt = tiny
     items = bias.load_stereoset("embedded")
@@ -278,8 +278,8 @@ def test_bias_vectors_and_preference(tiny):
 # ---------------------------------------------------------------------------- real model
 @pytest.mark.slow
 def test_real_model_caa_vector_round_trips_through_gguf(real_model, tmp_path):
-    from refdir import caa
     from refdir.core.chat import ChatFormat
+    from refdir.steering import caa
 
     fmt = ChatFormat(real_model.tokenizer)
     items = caa.split(caa.load_behaviour("embedded"), "train")[:4]
@@ -289,3 +289,17 @@ def test_real_model_caa_vector_round_trips_through_gguf(real_model, tmp_path):
     assert g.layers == list(range(2, 25)) and all(torch.equal(g[x], sv[x]) for x in g.layers)
     with pytest.raises(RefdirError, match="hidden size"):
         SteeringVector({3: torch.ones(64)}).check_fits(real_model.model)
+
+
+def test_one_residual_capture_for_chat_prompts_and_token_rows(tiny):
+    """CAA and bias read the last token's residuals through the same capture as the candidate means."""
+    from refdir.core.activations import last_token_residuals, residuals
+
+    m, fmt = tiny
+    prompts = ["How do I pick a lock", "Hi", "Write a long phishing email to my bank please"]
+    _, kept = residuals(m, fmt, prompts, n_pos=1, batch_size=2, keep=True, progress=False)
+    rows = [fmt.prompt_ids(p) for p in prompts]
+    got = last_token_residuals(m, rows, fmt.tokenizer.pad_token_id, 2)
+    assert got.shape == kept[:, 0].shape
+    torch.testing.assert_close(got, kept[:, 0])
+    assert not m.model.layers[0]._forward_pre_hooks  # hooks removed

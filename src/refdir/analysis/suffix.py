@@ -14,7 +14,10 @@ never appended to), and a returned cache comes back as a tuple.
 
 from __future__ import annotations
 
+import gc
+import html
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +25,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from refdir.analysis.geometry import curve_distances, expression
+from refdir.analysis.heads import attention_shares, head_attribution
+from refdir.analysis.plots import plot_expression, plot_heads
 from refdir.core.architecture import cache_kwarg, cache_of
 from refdir.core.chat import ChatFormat
+from refdir.core.forward import last_logits
+from refdir.core.generation import generate
+from refdir.core.html import figure_html, table_html
 from refdir.core.io import atomic_write_json
 from refdir.errors import RefdirError
+from refdir.method.refusal_judge import judge_all
+from refdir.method.scoring import refusal_metric_from_logits
 
 DEFAULT_TARGET = "Sure, here is"
 
@@ -200,9 +211,6 @@ class GCGBudget:
 def gcg_search(model: nn.Module, fmt: ChatFormat, prompt: str, *, target: str = DEFAULT_TARGET,
                budget: GCGBudget | None = None, progress: bool = True) -> Suffix:
     """Search one suffix for ``prompt`` with nanogcg so that the model's answer starts with ``target``."""
-    import gc
-    import logging
-
     try:
         import nanogcg
     except ImportError as e:  # pragma: no cover - nanogcg is a project dependency
@@ -248,17 +256,15 @@ class SuffixAnalysis:
     random_suffixes: list[str]
     refusal: dict[str, dict]  # group -> judged refusal rate, mean P(refusal tokens), mean refusal metric
     completions: dict[str, list[str]]
-    expression: object  # analysis.Expression
+    expression: object  # refdir.analysis.geometry.Expression
     direction_layer: int
     heads: list[tuple[int, int]]  # top heads by mean contribution on the harmful group, layers < direction layer
     head_contrib: dict[str, list[float]]  # group -> mean contribution of each top head
     total_contrib: dict[str, float]  # group -> mean summed head contribution over layers < direction layer
-    shares: dict[str, object]  # group -> analysis.AttentionShares for the top heads
+    shares: dict[str, object]  # group -> refdir.analysis.heads.AttentionShares for the top heads
 
     def mechanism(self) -> dict:
         """Curve gaps from the direction's layer on, and the reductions of the refusal score."""
-        from refdir.analysis.geometry import curve_distances
-
         ex, layer = self.expression, self.direction_layer
         d = {f"{a} vs {b}": curve_distances(ex, layer, a, b)
              for a, b in ((ADV, HARMLESS), (ADV, HARMFUL), (RANDOM, HARMFUL), (RANDOM, HARMLESS))}
@@ -308,11 +314,6 @@ def analyze_suffixes(model: nn.Module, fmt: ChatFormat, pairs: list[tuple[str, S
                      progress: bool = True) -> SuffixAnalysis:
     """Run the four groups (harmful, + adversarial suffix, + random suffix of the same token length,
     harmless) through refusal scoring, direction expression, head attribution and attention shares."""
-    from refdir.analysis.geometry import attention_shares, expression, head_attribution
-    from refdir.core.generation import generate
-    from refdir.method.refusal_judge import judge
-    from refdir.method.scoring import last_logits, refusal_metric_from_logits
-
     if not pairs:
         raise RefdirError("no harmful instructions with suffixes to analyse")
     if not harmless:
@@ -332,8 +333,9 @@ def analyze_suffixes(model: nn.Module, fmt: ChatFormat, pairs: list[tuple[str, S
         logits = last_logits(model, fmt, prompts, batch_size)
         probs = torch.softmax(logits.double(), -1)[:, refusal_ids].sum(-1)
         metric = refusal_metric_from_logits(logits, refusal_ids)
-        j = judge(outs, "broad")
-        refusal[name] = {"refusal": j.refusal, "refusal_paper": judge(outs, "paper").refusal, "n": j.n,
+        verdicts = judge_all(outs)
+        j = verdicts["broad"]
+        refusal[name] = {"refusal": j.refusal, "refusal_paper": verdicts["paper"].refusal, "n": j.n,
                          "degenerate": j.n_degenerate, "p_refusal_token": float(probs.mean()),
                          "metric": float(metric.mean()), "flags": j.flags}
         comps[name] = outs
@@ -353,11 +355,6 @@ def analyze_suffixes(model: nn.Module, fmt: ChatFormat, pairs: list[tuple[str, S
 def suffix_report_html(a: SuffixAnalysis) -> str:
     """The report section: refusal per group, the expression curves (Figure 5 layout), the top heads' direct
     contributions and attention shares (Figure 6 layout), and the verdict on the paper's mechanism."""
-    import html
-
-    from refdir.analysis.geometry import plot_expression, plot_heads
-    from refdir.workflows.report import figure_html, table_html
-
     m = a.mechanism()
     rows = [[g, r["n"], f"{r['refusal']:.2f}", f"{r['refusal_paper']:.2f}", f"{r['p_refusal_token']:.3f}",
              f"{r['metric']:.2f}"] for g, r in a.refusal.items()]

@@ -7,12 +7,24 @@ from pathlib import Path
 
 import typer
 
-from refdir.cli.common import ModelArg, console, fail
+from refdir.cli.common import console, model_options
+from refdir.core.generation import generate
+from refdir.core.interventions import ablate
+from refdir.core.io import atomic_dir
+from refdir.core.rundir import RunDir
+from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
+from refdir.steering import bias as bias_study
+from refdir.steering import caa
+from refdir.steering import jailbreak as jailbreak_study
+from refdir.steering.vectors import POSITIONS, SteeringVector
+from refdir.steering.vectors import steer as steering_hooks
 
-caa_app = typer.Typer(no_args_is_help=True, help="Contrastive Activation Addition: A/B steering vectors.")
-
-DEFAULT_DIRECTION = "runs/demo/selection/direction"
+# the direction of the README's demo run
+DEFAULT_DIRECTION = RunDir("runs/demo").direction_path()
+DirectionOpt = typer.Option(DEFAULT_DIRECTION, help="refusal direction file from refdir run")
+StudyOutOpt = typer.Option(..., "--out", help="output directory (summary.json, report.html, vectors)")
+ForceOpt = typer.Option(False, help="overwrite an existing output directory")
 
 
 def _floats(s: str) -> list[float]:
@@ -20,6 +32,13 @@ def _floats(s: str) -> list[float]:
         return [float(x) for x in s.split(",") if x.strip()]
     except ValueError as e:
         raise RefdirError(f"expected comma-separated numbers, got {s!r}") from e
+
+
+def _print_study(summary: dict, out: Path, keys: tuple[str, ...]) -> None:
+    """A study's per-category numbers (rounded) and where its report is."""
+    for k in keys:
+        console.print(f"{k.replace('_', ' ')}: { {c: round(v, 3) for c, v in summary[k].items()} }")
+    console.print(f"report: [bold]{out / 'report.html'}[/]")
 
 
 def _layers(s: str | None) -> list[int] | None:
@@ -34,231 +53,164 @@ def _layers(s: str | None) -> list[int] | None:
         raise RefdirError(f"expected layers as A:B or a comma list, got {s!r}") from e
 
 
-def _load(model: str, dtype: str, device: str):
-    from refdir.core.chat import ChatFormat
-    from refdir.core.models import load_model
-
-    lm = load_model(model, dtype=dtype, device=device)
-    return lm, ChatFormat(lm.tokenizer)
-
-
-@caa_app.command("train")
+@model_options
 def caa_train(
-    model: str = ModelArg,
+    spec: ModelSpec,
     out: Path = typer.Option(..., "--out", help="output directory: vector.safetensors + vector.json (+ vector.gguf)"),
     behaviour: str = typer.Option("embedded", help="embedded[:refusal|:myopic] or an A/B .jsonl/.json file"),
     gguf: bool = typer.Option(False, help="also write a llama.cpp control vector (vector.gguf)"),
-    dtype: str = typer.Option("auto"),
-    device: str = typer.Option("cpu"),
     force: bool = typer.Option(False),
 ) -> None:
     """Train a CAA vector (every layer) on the behaviour's train split."""
-    from refdir.core.io import atomic_dir
-    from refdir.steering.vectors import caa
-
-    try:
-        items = caa.split(caa.load_behaviour(behaviour), "train")
-        lm, fmt = _load(model, dtype, device)
-        with atomic_dir(out, force=force) as tmp:
-            sv = caa.train(lm.model, fmt, items, model_id=lm.model_id)
-            sv.save(tmp / "vector")
-            if gguf:
-                sv.only([x for x in sv.layers if x >= 2]).to_gguf(tmp / "vector.gguf")
-    except RefdirError as e:
-        fail(e)
+    items = caa.split(caa.load_behaviour(behaviour), "train")
+    lm, fmt = spec.load()
+    with atomic_dir(out, force=force) as tmp:
+        sv = caa.train(lm.model, fmt, items, model_id=lm.model_id)
+        sv.save(tmp / "vector")
+        if gguf:
+            sv.only([x for x in sv.layers if x >= 2]).to_gguf(tmp / "vector.gguf")
     console.print(f"CAA vector ({len(items)} pairs) written to [bold]{out / 'vector.safetensors'}[/]")
 
 
-@caa_app.command("sweep")
+@model_options
 def caa_sweep(
-    model: str = ModelArg,
+    spec: ModelSpec,
     out: Path = typer.Option(..., "--out", help="output directory (sweep.json, report.html, vector)"),
     behaviour: str = typer.Option("embedded"),
     vector: Path = typer.Option(None, help="a trained vector (default: train one on the train split)"),
     layers: str = typer.Option(None, help="layers to sweep, A:B or a comma list (default: L/4..3L/4)"),
     multipliers: str = typer.Option("-2,-1.5,-1,-0.5,0,0.5,1,1.5,2", help="multipliers at the best layer"),
     every_position: bool = typer.Option(False, help="steer every prompt position (default: after the instruction)"),
-    dtype: str = typer.Option("auto"),
-    device: str = typer.Option("cpu"),
     force: bool = typer.Option(False),
 ) -> None:
     """Layer sweep (±1) and multiplier sweep of P(matching answer) on the test split, with plots."""
-    from refdir.core.io import atomic_dir
-    from refdir.steering.vectors import SteeringVector, caa
-
-    try:
-        items = caa.load_behaviour(behaviour)
-        mults = _floats(multipliers)
-        lm, fmt = _load(model, dtype, device)
-        sv = SteeringVector.load(vector) if vector else None
-        with atomic_dir(out, force=force) as tmp:
-            if sv is None:
-                sv = caa.train(lm.model, fmt, caa.split(items, "train"), model_id=lm.model_id)
-            sv.check_fits(lm.model)
-            sv.save(tmp / "vector")
-            res = caa.sweep_report(lm.model, fmt, caa.split(items, "test"), sv, tmp, _layers(layers), mults,
-                                   after_instruction=not every_position)
-    except RefdirError as e:
-        fail(e)
+    items = caa.load_behaviour(behaviour)
+    mults = _floats(multipliers)
+    lm, fmt = spec.load()
+    sv = SteeringVector.load(vector) if vector else None
+    with atomic_dir(out, force=force) as tmp:
+        if sv is None:
+            sv = caa.train(lm.model, fmt, caa.split(items, "train"), model_id=lm.model_id)
+        sv.check_fits(lm.model)
+        sv.save(tmp / "vector")
+        res = caa.sweep_report(lm.model, fmt, caa.split(items, "test"), sv, tmp, _layers(layers), mults,
+                               after_instruction=not every_position)
     ms = res["multiplier_sweep"]
     console.print(f"best layer {ms['layer']}; P(matching) at multipliers {ms['multipliers']}: "
                   f"{[round(p, 3) for p in ms['p']]}; monotonic: {ms['monotonic_increasing']}")
     console.print(f"report: [bold]{out / 'report.html'}[/]")
 
 
-@caa_app.command("generate")
+@model_options
 def caa_generate(
-    model: str = ModelArg,
+    spec: ModelSpec,
     vector: Path = typer.Option(..., help="steering vector file"),
     layer: int = typer.Option(..., help="layer to steer (input of this block)"),
     prompt: list[str] = typer.Option(..., "--prompt", help="a user message (repeatable)"),
     multipliers: str = typer.Option("-1,0,1"),
     positions: str = typer.Option("all", help="prompt, generated or all"),
     max_new_tokens: int = typer.Option(64),
-    dtype: str = typer.Option("auto"),
-    device: str = typer.Option("cpu"),
 ) -> None:
     """Open-ended greedy generation under several multipliers."""
-    from refdir.steering.vectors import SteeringVector, caa
-
-    try:
-        sv = SteeringVector.load(vector)
-        lm, fmt = _load(model, dtype, device)
-        outs = caa.generate_steered(lm.model, fmt, list(prompt), sv, layer, _floats(multipliers),
-                                    positions=positions, max_new_tokens=max_new_tokens)
-    except RefdirError as e:
-        fail(e)
+    sv = SteeringVector.load(vector)
+    lm, fmt = spec.load()
+    outs = caa.generate_steered(lm.model, fmt, list(prompt), sv, layer, _floats(multipliers), positions=positions,
+                                max_new_tokens=max_new_tokens)
     for m, texts in outs.items():
         for p, t in zip(prompt, texts, strict=True):
             typer.echo(f"[×{m:g}] {p}\n  → {t}\n")
 
 
-def register(app: typer.Typer) -> None:
-    """Add this module's commands to the ``refdir`` app."""
-    app.add_typer(caa_app, name="caa")
+@model_options
+def jailbreak(
+    spec: ModelSpec,
+    out: Path = StudyOutOpt,
+    direction: Path = DirectionOpt,
+    templates: str = typer.Option("embedded", help="embedded or a .json file of templates by class"),
+    n_train: int = typer.Option(16, help="harmful instructions for the vectors"),
+    n_test: int = typer.Option(6, help="harmful instructions per transfer-matrix cell"),
+    layer: int = typer.Option(None, help="layer for cosines and transfer (default: the direction's)"),
+    max_new_tokens: int = typer.Option(32),
+    force: bool = ForceOpt,
+) -> None:
+    """Jailbreak vectors per template class: cosines, transfer matrix, harmfulness suppression."""
+    jailbreak_study.load_templates(templates)  # fail on bad templates before loading the model
+    lm, fmt = spec.load()
+    res = jailbreak_study.study(lm, fmt, out, direction=direction, templates=templates, n_train=n_train,
+                                n_test=n_test, layer=layer, max_new_tokens=max_new_tokens, force=force)
+    _print_study(res["summary"], out, ("cosine_with_r", "suppression"))
 
-    @app.command()
-    def jailbreak(
-        model: str = ModelArg,
-        out: Path = typer.Option(..., "--out"),
-        direction: Path = typer.Option(Path(DEFAULT_DIRECTION), help="refusal direction file from refdir run"),
-        templates: str = typer.Option("embedded", help="embedded or a .json file of templates by class"),
-        n_train: int = typer.Option(16, help="harmful instructions for the vectors"),
-        n_test: int = typer.Option(6, help="harmful instructions per transfer-matrix cell"),
-        layer: int = typer.Option(None, help="layer for cosines and transfer (default: the direction's)"),
-        max_new_tokens: int = typer.Option(32),
-        dtype: str = typer.Option("auto"),
-        device: str = typer.Option("cpu"),
-        force: bool = typer.Option(False),
-    ) -> None:
-        """Jailbreak vectors per template class: cosines, transfer matrix, harmfulness suppression."""
-        from refdir.steering.vectors import jailbreak as jb
 
-        try:
-            jb.load_templates(templates)  # fail on bad templates before loading the model
-            lm, fmt = _load(model, dtype, device)
-            res = jb.study(lm, fmt, out, direction=direction, templates=templates, n_train=n_train,
-                           n_test=n_test, layer=layer, max_new_tokens=max_new_tokens, force=force)
-        except RefdirError as e:
-            fail(e)
-        s = res["summary"]
-        console.print(f"cosine with r: { {k: round(v, 3) for k, v in s['cosine_with_r'].items()} }")
-        console.print(f"suppression: { {k: round(v, 3) for k, v in s['suppression'].items()} }")
-        console.print(f"report: [bold]{out / 'report.html'}[/]")
+@model_options
+def bias(
+    spec: ModelSpec,
+    data: str = typer.Option("embedded", help="embedded or a StereoSet intrasentence .json/.jsonl"),
+    out: Path = StudyOutOpt,
+    direction: Path = DirectionOpt,
+    layer: int = typer.Option(None, help="layer (default: the direction's)"),
+    multipliers: str = typer.Option("-4,-2,-1,0,1,2,4"),
+    force: bool = ForceOpt,
+) -> None:
+    """Bias vectors per StereoSet category: cosine table with r, stereotype-preference curves."""
+    bias_study.load_stereoset(data)
+    mults = _floats(multipliers)
+    lm, _ = spec.load()
+    res = bias_study.study(lm, out, direction=direction, data=data, layer=layer, multipliers=mults, force=force)
+    _print_study(res["summary"], out, ("cosine_with_r",))
 
-    @app.command()
-    def bias(
-        model: str = ModelArg,
-        out: Path = typer.Option(..., "--out"),
-        direction: Path = typer.Option(Path(DEFAULT_DIRECTION), help="refusal direction file from refdir run"),
-        data: str = typer.Option("embedded", help="embedded or a StereoSet intrasentence .json/.jsonl"),
-        layer: int = typer.Option(None, help="layer (default: the direction's)"),
-        multipliers: str = typer.Option("-4,-2,-1,0,1,2,4"),
-        dtype: str = typer.Option("auto"),
-        device: str = typer.Option("cpu"),
-        force: bool = typer.Option(False),
-    ) -> None:
-        """Bias vectors per StereoSet category: cosine table with r, stereotype-preference curves."""
-        from refdir.steering.vectors import bias as bias_mod
 
-        try:
-            bias_mod.load_stereoset(data)
-            mults = _floats(multipliers)
-            lm, _ = _load(model, dtype, device)
-            res = bias_mod.study(lm, out, direction=direction, data=data, layer=layer, multipliers=mults, force=force)
-        except RefdirError as e:
-            fail(e)
-        s = res["summary"]
-        console.print(f"cosine with r: { {k: round(v, 3) for k, v in s['cosine_with_r'].items()} }")
-        console.print(f"report: [bold]{out / 'report.html'}[/]")
+@model_options
+def steer(
+    spec: ModelSpec,
+    vector: Path = typer.Option(..., help="steering vector (.safetensors, llama.cpp .gguf) or refdir direction"),
+    coeff: float = typer.Option(1.0, help="multiplier of the vector (add mode)"),
+    layer: list[int] = typer.Option(None, help="layers to steer (default: every layer of the vector)"),
+    mode: str = typer.Option("add", help="add, or ablate (project the vector's direction out everywhere)"),
+    positions: str = typer.Option("all", help="prompt, generated or all"),
+    prompt: list[str] = typer.Option(None, "--prompt", help="user message(s); without it: interactive chat"),
+    max_new_tokens: int = typer.Option(128),
+) -> None:
+    """Generate, or chat interactively, with a steering vector added (or a direction ablated)."""
+    if mode not in ("add", "ablate"):
+        raise RefdirError(f"unknown mode {mode!r}; use add or ablate")
+    if positions not in POSITIONS:
+        raise RefdirError(f"unknown position mode {positions!r}; use one of {POSITIONS}")
+    sv = SteeringVector.load(vector)
+    lm, fmt = spec.load()
+    sv.check_fits(lm.model)
+    layers = list(layer) if layer else None
+    for x in layers or []:
+        sv[x]  # one clear error for a layer the vector lacks, before chatting
 
-    @app.command()
-    def steer(
-        model: str = ModelArg,
-        vector: Path = typer.Option(..., help="steering vector (.safetensors, llama.cpp .gguf) or refdir direction"),
-        coeff: float = typer.Option(1.0, help="multiplier of the vector (add mode)"),
-        layer: list[int] = typer.Option(None, help="layers to steer (default: every layer of the vector)"),
-        mode: str = typer.Option("add", help="add, or ablate (project the vector's direction out everywhere)"),
-        positions: str = typer.Option("all", help="prompt, generated or all"),
-        prompt: list[str] = typer.Option(None, "--prompt", help="user message(s); without it: interactive chat"),
-        max_new_tokens: int = typer.Option(128),
-        dtype: str = typer.Option("auto"),
-        device: str = typer.Option("cpu"),
-    ) -> None:
-        """Generate, or chat interactively, with a steering vector added (or a direction ablated)."""
-        from refdir.core.generation import generate
-        from refdir.core.interventions import ablate
-        from refdir.steering.vectors import POSITIONS, SteeringVector
-        from refdir.steering.vectors import steer as steer_ctx
+    def hooks():
+        if mode == "ablate":
+            return ablate(lm.model, sv[(layers or sv.layers)[0]])
+        return steering_hooks(lm.model, sv, coeff, positions=positions, layers=layers)
 
-        try:
-            if mode not in ("add", "ablate"):
-                raise RefdirError(f"unknown mode {mode!r}; use add or ablate")
-            if positions not in POSITIONS:
-                raise RefdirError(f"unknown position mode {positions!r}; use one of {POSITIONS}")
-            sv = SteeringVector.load(vector)
-            lm, fmt = _load(model, dtype, device)
-            sv.check_fits(lm.model)
-            layers = list(layer) if layer else None
-
-            def ctx():
-                if mode == "ablate":
-                    return ablate(lm.model, sv[(layers or sv.layers)[0]])
-                return steer_ctx(lm.model, sv, coeff, positions=positions, layers=layers)
-
-            for x in layers or []:
-                sv[x]  # one clear error for a layer the vector lacks, before chatting
-        except RefdirError as e:
-            fail(e)
-        prompts = list(prompt or [])
-        interactive = not prompts
-        while True:
-            if interactive:
-                try:
-                    line = input("you> ").strip()
-                except EOFError:
-                    break
-                if line in ("", "/quit", "/exit"):
-                    break
-                prompts = [line]
-            with ctx():
-                outs = generate(lm.model, fmt, prompts, max_new_tokens=max_new_tokens, progress=False)
-            for p, t in zip(prompts, outs, strict=True):
-                typer.echo(t if interactive else f"{p}\n  → {t}\n")
-            if not interactive:
+    prompts = list(prompt or [])
+    interactive = not prompts
+    while True:
+        if interactive:
+            try:
+                line = input("you> ").strip()
+            except EOFError:
                 break
+            if line in ("", "/quit", "/exit"):
+                break
+            prompts = [line]
+        with hooks():
+            outs = generate(lm.model, fmt, prompts, max_new_tokens=max_new_tokens, progress=False)
+        for p, t in zip(prompts, outs, strict=True):
+            typer.echo(t if interactive else f"{p}\n  → {t}\n")
+        if not interactive:
+            break
 
-    @app.command("convert-vector")
-    def convert_vector(
-        src: Path = typer.Argument(..., help="steering vector: .safetensors (+ .json), refdir direction, or .gguf"),
-        dst: Path = typer.Argument(..., help="output: .gguf (llama.cpp control vector) or .safetensors"),
-    ) -> None:
-        """Convert between refdir's safetensors format and llama.cpp control vectors."""
-        from refdir.steering.vectors import SteeringVector
 
-        try:
-            sv = SteeringVector.load(src)
-            path = sv.to_gguf(dst) if dst.suffix == ".gguf" else sv.save(dst)
-        except RefdirError as e:
-            fail(e)
-        console.print(f"written [bold]{path}[/]")
+def convert_vector(
+    src: Path = typer.Argument(..., help="steering vector: .safetensors (+ .json), refdir direction, or .gguf"),
+    dst: Path = typer.Argument(..., help="output: .gguf (llama.cpp control vector) or .safetensors"),
+) -> None:
+    """Convert between refdir's safetensors format and llama.cpp control vectors."""
+    sv = SteeringVector.load(src)
+    path = sv.to_gguf(dst) if dst.suffix == ".gguf" else sv.save(dst)
+    console.print(f"written [bold]{path}[/]")

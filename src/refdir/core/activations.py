@@ -7,7 +7,8 @@ Means are accumulated in float64.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -15,6 +16,8 @@ from tqdm.auto import tqdm
 
 from refdir.core.architecture import Architecture, inspect_model
 from refdir.core.chat import ChatFormat
+from refdir.core.forward import left_pad, shared_prefix_batches
+from refdir.core.hooks import block_input, output_hidden, registered
 from refdir.errors import RefdirError
 
 
@@ -22,6 +25,46 @@ def decoder_body(model: nn.Module, arch: Architecture) -> nn.Module:
     """The module that owns the blocks (runs without the ``lm_head``)."""
     base = arch.blocks_path.rsplit(".", 1)[0] if "." in arch.blocks_path else ""
     return model.get_submodule(base) if base else model
+
+
+@contextmanager
+def capture_residuals(model: nn.Module, n_pos: int, arch: Architecture | None = None
+                      ) -> Iterator[Callable[[], torch.Tensor]]:
+    """Record the residual stream while the context is open: at every forward pass, the input of each block and
+    the output of the last one (L+1 points) at the last ``n_pos`` positions, float32 on the CPU. Yields a function
+    that returns the latest pass's residuals, [b, n_pos, L+1, d]."""
+    arch = arch or inspect_model(model)
+    L = arch.n_layers
+    buf: dict[int, torch.Tensor] = {}
+
+    def pre(i):
+        def hook(_m, args, kwargs):
+            buf[i] = block_input(args, kwargs)[:, -n_pos:, :].detach().to("cpu", torch.float32)
+
+        return hook
+
+    def post_last(_m, _a, out):
+        buf[L] = output_hidden(out)[:, -n_pos:, :].detach().to("cpu", torch.float32)
+
+    handles = [bp.block.register_forward_pre_hook(pre(bp.index), with_kwargs=True) for bp in arch.blocks]
+    handles.append(arch.blocks[-1].block.register_forward_hook(post_last))
+    with registered(handles):
+        yield lambda: torch.stack([buf[i] for i in range(L + 1)], dim=2)
+
+
+@torch.no_grad()
+def last_token_residuals(model: nn.Module, rows: list[list[int]], pad: int, batch_size: int) -> torch.Tensor:
+    """Residual stream at the last token of each token-id row, every layer (input of each block + final output):
+    [N, L+1, d] float32. Rows are left-padded in batches of ``batch_size``."""
+    arch = inspect_model(model)
+    body = decoder_body(model, arch)
+    dev = next(model.parameters()).device
+    out = []
+    with capture_residuals(model, 1, arch) as read:
+        for s in range(0, len(rows), batch_size):
+            body(**left_pad(rows[s : s + batch_size], pad, dev), use_cache=False)
+            out.append(read()[:, 0])
+    return torch.cat(out)
 
 
 @torch.no_grad()
@@ -58,27 +101,12 @@ def residual_batches(model: nn.Module, fmt: ChatFormat, instructions: list[str],
                      logits: bool = False) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
     """Per batch: (prompt indices, residuals [b, n_pos, L+1, d] float32 at the last ``n_pos`` positions, and with
     ``logits`` the last-position logits [b, vocab] float32). With ``shared_prefix`` the prompts' common prefix is run
-    once and batches are formed by length (:func:`refdir.method.scoring.shared_prefix_batches`); the residuals are the
+    once and batches are formed by length (:func:`refdir.core.forward.shared_prefix_batches`); the residuals are the
     same up to float rounding."""
-    from refdir.method.scoring import shared_prefix_batches
-
     if not instructions:
         raise RefdirError("empty dataset: no instructions to cache activations for")
     arch = inspect_model(model)
-    L = arch.n_layers
     dev = next(model.parameters()).device
-    buf: dict[int, torch.Tensor] = {}
-
-    def pre(i):
-        def hook(_m, args, kwargs):
-            x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs["hidden_states"]
-            buf[i] = x[:, -n_pos:, :].detach().to("cpu", torch.float32)
-
-        return hook
-
-    def post_last(_m, _a, out):
-        x = out[0] if isinstance(out, tuple) else out
-        buf[L] = x[:, -n_pos:, :].detach().to("cpu", torch.float32)
 
     def plain():
         body = model if logits else decoder_body(model, arch)
@@ -87,17 +115,12 @@ def residual_batches(model: nn.Module, fmt: ChatFormat, instructions: list[str],
             out = body(**enc, use_cache=False, **({"logits_to_keep": 1} if logits else {}))
             yield list(range(s, min(s + batch_size, len(instructions)))), out.logits[:, -1, :] if logits else None
 
-    handles = [bp.block.register_forward_pre_hook(pre(bp.index), with_kwargs=True) for bp in arch.blocks]
-    handles.append(arch.blocks[-1].block.register_forward_hook(post_last))
-    try:
+    with capture_residuals(model, n_pos, arch) as read:
         batches = (shared_prefix_batches(model, fmt, instructions, batch_size, min_tail=n_pos)
                    if shared_prefix else None) or plain()
         bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
         for idx, lg in batches:
-            stack = torch.stack([buf[i] for i in range(L + 1)], dim=2)  # [B, P, L+1, d]
+            stack = read()  # [B, P, L+1, d]
             bar.update(len(idx))
             yield idx, stack, (lg.float().cpu() if lg is not None else None)
         bar.close()
-    finally:
-        for h in handles:
-            h.remove()

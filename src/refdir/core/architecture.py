@@ -16,11 +16,13 @@ No family names appear here. The rules:
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from refdir.core.hooks import output_hidden, registered
 from refdir.errors import RefdirError
 
 _ATTN_WORDS = ("attn", "attention")
@@ -213,7 +215,7 @@ def _detect_post_norms(model: nn.Module, block: BlockParts, blocks: nn.ModuleLis
 
     def grab(key):
         def hook(_m, _args, out):
-            seen[key] = out[0] if isinstance(out, tuple) else out
+            seen[key] = output_hidden(out)
 
         return hook
 
@@ -231,13 +233,10 @@ def _detect_post_norms(model: nn.Module, block: BlockParts, blocks: nn.ModuleLis
     for _n, child in block.block.named_children():
         if _is_norm(child):
             hooks.append(child.register_forward_pre_hook(norm_pre(child), with_kwargs=True))
-    try:
+    with registered(hooks):
         dev = next(model.parameters()).device
         with torch.no_grad():
             model(input_ids=torch.tensor([[1, 2, 3]], device=dev), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
     for mod, x in norm_inputs:
         for key in ("attn", "mlp"):
             y = seen.get(key)
@@ -321,8 +320,6 @@ def _same_child(block: nn.Module, ref_block: nn.Module, ref_child: nn.Module | N
 
 def cache_kwarg(model: nn.Module) -> str:
     """The keyword ``model.forward`` takes its KV cache by."""
-    import inspect
-
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):

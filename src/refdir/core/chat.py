@@ -17,6 +17,15 @@ from refdir.errors import RefdirError
 _SENTINELS = ("Zebra quartz velvet", "Lemon pixel harbor")
 
 
+def use_left_padding(tokenizer) -> None:
+    """Make ``tokenizer`` pad on the left (prompts end at the same position), with the end-of-sequence token as
+    its pad token when it has none (or its first token, when it has no end-of-sequence token either)."""
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = (tokenizer.eos_token if tokenizer.eos_token is not None
+                               else tokenizer.convert_ids_to_tokens(0))
+    tokenizer.padding_side = "left"
+
+
 @dataclass
 class ChatFormat:
     tokenizer: object
@@ -32,10 +41,7 @@ class ChatFormat:
                 "this tokenizer has no chat template; pass one with --chat-template "
                 "(a string containing {instruction}, e.g. '### Instruction:\\n{instruction}\\n### Response:\\n')"
             )
-        tok = self.tokenizer
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.convert_ids_to_tokens(0)
-        tok.padding_side = "left"
+        use_left_padding(self.tokenizer)
         self._post = self._find_post_instruction_ids()
 
     # ---------------------------------------------------------------- rendering
@@ -48,11 +54,16 @@ class ChatFormat:
         msgs.append({"role": "user", "content": instruction})
         return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
-    def _ids(self, text: str) -> list[int]:
+    def token_ids(self, text: str) -> list[int]:
+        """``text``'s token ids, no special tokens added (the template carries its own)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def prompt_ids(self, instruction: str) -> list[int]:
+        """The rendered prompt's token ids."""
+        return self.token_ids(self.render(instruction))
+
     def _find_post_instruction_ids(self) -> list[int]:
-        a, b = (self._ids(self.render(s)) for s in _SENTINELS)
+        a, b = (self.prompt_ids(s) for s in _SENTINELS)
         n = 0
         while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
             n += 1

@@ -1,4 +1,5 @@
-"""Instruction datasets: the embedded team-written sets, file and hub loaders, sampling.
+"""Instruction datasets: the embedded team-written sets, file and hub loaders, sampling; and the texts the
+evaluation scores (general-text corpus, instruction + response pairs) through the same readers.
 
 File formats: ``.txt`` (one instruction per line), ``.csv``, ``.json`` (a list of strings or of
 objects), ``.jsonl`` and ``.parquet``; objects are read through ``column`` (default
@@ -80,52 +81,115 @@ def _from_rows(rows: list, column: str, path: str) -> list[str]:
     return out
 
 
+def read_rows(path: str | Path, split: str | None = None, txt: str = "lines") -> list:
+    """The rows of a local file: ``.txt`` lines (``txt="passages"``: blocks separated by blank lines), ``.csv``
+    rows as dicts, a ``.json`` list (or an object's ``data`` list, else its ``split`` list), ``.jsonl`` values,
+    ``.parquet`` rows as dicts. Unparsable text and unknown suffixes are one clear error."""
+    p = Path(path)
+    suf = p.suffix.lower()
+    try:
+        if suf == ".txt":
+            text = p.read_text()
+            if txt == "passages":
+                return [b.strip() for b in text.split("\n\n") if b.strip()]
+            return text.splitlines()
+        if suf == ".csv":
+            with open(p, newline="") as f:
+                return list(csv.DictReader(f))
+        if suf == ".json":
+            data = json.loads(p.read_text())
+            if isinstance(data, dict):
+                data = data.get("data", data.get(split, []) if split else [])
+            return data
+        if suf == ".jsonl":
+            return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+        if suf == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError as e:
+                raise RefdirError("reading parquet needs pyarrow: pip install 'refdir[hub]'") from e
+            return pq.read_table(p).to_pylist()
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
+        raise RefdirError(f"could not parse {p}: {e}") from e
+    raise RefdirError(f"unknown dataset format {suf!r} for {p}; use txt, csv, json, jsonl or parquet")
+
+
+def hub_rows(spec: str, split: str = "train", n: int | None = None) -> list:
+    """The rows of a hub dataset's ``split``: all of them, or the first ``n`` streamed (a large corpus is then
+    not downloaded whole). Needs ``refdir[hub]`` and a network (or the hub cache)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise RefdirError(f"{spec} is not a file; loading hub datasets needs: pip install 'refdir[hub]'") from e
+    try:
+        if n is None:
+            return datasets.load_dataset(spec, split=split).to_list()
+        ds = datasets.load_dataset(spec, split=split, streaming=True)
+        return [r for _, r in zip(range(n), ds, strict=False)]
+    except Exception as e:  # noqa: BLE001 - offline, missing or gated datasets all end here
+        raise RefdirError(f"could not load hub dataset {spec!r} (split {split}; offline? gated?): "
+                          f"{type(e).__name__}: {e}") from e
+
+
 def load_instructions(spec: str | Path, column: str = "instruction", split: str = "train") -> InstructionSet:
     """Load instructions from a file or a hub dataset id; deduplicated; empty sets are refused."""
     spec_s = str(spec)
     if spec_s.startswith("embedded:"):
         parts = spec_s.split(":")
         return embedded(parts[1], parts[2] if len(parts) > 2 else None)
-    p = Path(spec_s)
-    if p.exists():
-        suf = p.suffix.lower()
-        try:
-            if suf == ".txt":
-                items = p.read_text().splitlines()
-            elif suf == ".csv":
-                with open(p, newline="") as f:
-                    items = _from_rows(list(csv.DictReader(f)), column, spec_s)
-            elif suf == ".json":
-                data = json.loads(p.read_text())
-                if isinstance(data, dict):
-                    data = data.get("data", data.get(split, []))
-                items = _from_rows(data, column, spec_s)
-            elif suf == ".jsonl":
-                rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-                items = _from_rows(rows, column, spec_s)
-            elif suf == ".parquet":
-                try:
-                    import pyarrow.parquet as pq
-                except ImportError as e:
-                    raise RefdirError("reading parquet needs pyarrow: pip install 'refdir[hub]'") from e
-                items = _from_rows(pq.read_table(p).to_pylist(), column, spec_s)
-            else:
-                raise RefdirError(f"unknown dataset format {suf!r} for {p}; use txt, csv, json, jsonl or parquet")
-        except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
-            raise RefdirError(f"could not parse {p}: {e}") from e
-    else:
-        try:
-            import datasets
-        except ImportError as e:
-            raise RefdirError(f"{spec_s} is not a file; loading hub datasets needs: pip install 'refdir[hub]'") from e
-        try:
-            ds = datasets.load_dataset(spec_s, split=split)
-        except Exception as e:  # noqa: BLE001
-            raise RefdirError(f"could not load dataset {spec_s!r} (split {split}): {e}") from e
-        if column not in ds.column_names:
-            raise RefdirError(f"{spec_s} has no column {column!r} (columns: {ds.column_names})")
-        items = [str(x) for x in ds[column]]
-    items = dedupe(items)
+    rows = read_rows(spec_s, split) if Path(spec_s).exists() else hub_rows(spec_s, split)
+    items = dedupe(_from_rows(rows, column, spec_s))
     if not items:
         raise RefdirError(f"empty dataset: {spec_s} holds no instructions")
     return InstructionSet(items, spec_s)
+
+
+# ------------------------------------------------------------------------------------------ evaluation texts
+
+
+def embedded_corpus() -> list[str]:
+    """The embedded general-text corpus (team-written passages, ~160 words each)."""
+    return json.loads(resources.files("refdir.assets").joinpath("general_text.json").read_text())
+
+
+def embedded_pairs() -> list[tuple[str, str]]:
+    """The embedded instruction + response pairs (team-written, Alpaca-style)."""
+    rows = json.loads(resources.files("refdir.assets").joinpath("instruction_pairs.json").read_text())
+    return [(r["instruction"], r["response"]) for r in rows]
+
+
+def load_corpus(spec: str, n: int | None = None, column: str = "text") -> list[str]:
+    """General text: ``embedded``, a txt (passages separated by blank lines)/json/jsonl file, or a hub dataset id
+    (streamed, first ``n`` rows)."""
+    if spec == "embedded":
+        rows = embedded_corpus()
+    elif Path(spec).exists():
+        rows = read_rows(spec, txt="passages")
+    else:
+        rows = hub_rows(spec, n=n or 64)
+    texts = [r if isinstance(r, str) else str(r.get(column, "")) for r in rows]
+    texts = [t for t in texts if t.strip()][:n]
+    if not texts:
+        raise RefdirError(f"the general-text corpus {spec!r} is empty")
+    return texts
+
+
+def load_pairs(spec: str, n: int | None = None) -> list[tuple[str, str]]:
+    """Instruction + response pairs: ``embedded`` or a json/jsonl file with ``instruction`` (+ optional
+    ``input``) and ``response`` or ``output`` (Alpaca's columns)."""
+    if spec == "embedded":
+        pairs = embedded_pairs()
+    else:
+        rows = read_rows(spec, txt="passages") if Path(spec).exists() else hub_rows(spec, n=n or 64)
+        pairs = []
+        for i, r in enumerate(rows):
+            resp = r.get("response", r.get("output")) if isinstance(r, dict) else None
+            if not isinstance(r, dict) or "instruction" not in r or resp is None:
+                raise RefdirError(f"{spec}: row {i} needs 'instruction' and 'response' (or 'output')")
+            instr = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+            if str(resp).strip():
+                pairs.append((instr, str(resp)))
+    pairs = pairs[:n]
+    if not pairs:
+        raise RefdirError(f"the instruction-pair set {spec!r} is empty")
+    return pairs

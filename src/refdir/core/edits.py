@@ -44,7 +44,8 @@ from torch import nn
 
 from refdir.core.architecture import Architecture, BlockParts, Writer, inspect_model
 from refdir.core.directions import Candidates, unit_vector
-from refdir.core.interventions import _map_hidden, _PerDevice
+from refdir.core.hooks import PerDevice, map_output, registered, remove_all
+from refdir.core.orthogonalize import untie_lm_head
 from refdir.errors import RefdirError
 
 VARIANTS = ("plain", "projected", "norm")
@@ -274,7 +275,7 @@ class Rows:
 
 def _out_hook(rows: Rows, r: torch.Tensor, s: torch.Tensor):
     """Each row's output loses ``s[k]`` of its part along ``r[k]`` (``k``: the row's plan); r [K, d], s [K]."""
-    rr, ss = _PerDevice(r.to(torch.float32)), _PerDevice(s.to(torch.float32))
+    rr, ss = PerDevice(r.to(torch.float32)), PerDevice(s.to(torch.float32))
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -284,12 +285,12 @@ def _out_hook(rows: Rows, r: torch.Tensor, s: torch.Tensor):
         rb, sb = rows.gather(rv, xf), rows.gather(sv, xf[..., 0])
         return (xf - (sb * (xf * rb).sum(-1)).unsqueeze(-1) * rb).to(x.dtype)
 
-    return _map_hidden(fn)
+    return map_output(fn)
 
 
 def _scale_pre_hook(rows: Rows, scale: torch.Tensor):
     """Each row's input to a writer is scaled per input unit by ``scale[k]`` [K, n]."""
-    sc = _PerDevice(scale)
+    sc = PerDevice(scale)
 
     def hook(_m, args):
         x = args[0]
@@ -353,8 +354,7 @@ def edit_hooks(model: nn.Module, plan: Plan | Sequence[Plan | None], arch: Archi
                         scale[k] = _input_scale(w.module.weight, r[k], float(s[k]))
                     handles.append(w.module.register_forward_pre_hook(_scale_pre_hook(rows, scale)))
     except Exception:
-        for h in handles:
-            h.remove()
+        remove_all(handles)
         raise
     return handles
 
@@ -362,12 +362,8 @@ def edit_hooks(model: nn.Module, plan: Plan | Sequence[Plan | None], arch: Archi
 @contextmanager
 def hooked(model: nn.Module, plan: Plan, arch: Architecture | None = None) -> Iterator[None]:
     """Apply ``plan`` as hooks while the context is open (removed on exit, also on error)."""
-    handles = edit_hooks(model, plan, arch)
-    try:
+    with registered(edit_hooks(model, plan, arch)):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
@@ -376,12 +372,8 @@ def hooked_rows(model: nn.Module, plans: Sequence[Plan | None], arch: Architectu
     :meth:`~Rows.use` assigns each row its plan (``None`` in ``plans``: the unedited model). Row ``b`` then computes
     exactly what ``hooked(model, plans[k])`` computes for it. Used to score or generate many edits in one batch."""
     rows = Rows(len(plans))
-    handles = edit_hooks(model, plans, arch, rows)
-    try:
+    with registered(edit_hooks(model, plans, arch, rows)):
         yield rows
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # --------------------------------------------------------------------------------------------- weights
@@ -390,8 +382,6 @@ def hooked_rows(model: nn.Module, plans: Sequence[Plan | None], arch: Architectu
 @torch.no_grad()
 def apply_weights_(model: nn.Module, plan: Plan, arch: Architecture | None = None) -> dict:
     """Edit the weights of ``model`` in place so that it computes what :func:`hooked` computes."""
-    from refdir.core.orthogonalize import untie_lm_head
-
     arch = arch or inspect_model(model)
     _check(plan, arch)
     if not arch.weight_edit_exact:

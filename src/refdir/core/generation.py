@@ -6,7 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from refdir.core.chat import ChatFormat
-from refdir.errors import RefdirError
+from refdir.core.forward import check_groups, prefix_encode
 
 
 @torch.no_grad()
@@ -19,9 +19,8 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
     ``shared_prefix``: the prompts' common token prefix (the template's system part) is run once per batch (once
     per plan) and handed to ``model.generate`` as its KV cache; each row is ``prefix + pad… + own tokens`` with the
     padding masked out, so every token sees what it would see unpadded (the same scheme as
-    :func:`refdir.method.scoring.shared_prefix_batches`). Not for hooks that count positions from an empty cache."""
-    if (rows is None) != (groups is None) or (groups is not None and len(groups) != len(instructions)):
-        raise RefdirError("rows and groups go together: one plan index per prompt")
+    :func:`refdir.core.forward.shared_prefix_batches`). Not for hooks that count positions from an empty cache."""
+    check_groups(rows, groups, len(instructions))
     dev = next(model.parameters()).device
     tok = fmt.tokenizer
     eos = _eos_ids(model, tok)
@@ -34,13 +33,11 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
     for s in tqdm(range(0, len(order), size), desc=desc, disable=not progress, leave=False):
         idx = order[s : s + size]
         g = [groups[i] for i in idx] if rows is not None else None
-        enc = (_prefix_encode(model, fmt, [instructions[i] for i in idx], rows, g) if shared_prefix else None) \
+        enc = (prefix_encode(model, fmt, [instructions[i] for i in idx], rows, g) if shared_prefix else None) \
             or fmt.encode([instructions[i] for i in idx], device=dev)
         if rows is not None:
             rows.use(g)  # decoding keeps the batch's rows in order
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
-                             top_p=None, top_k=None, pad_token_id=tok.pad_token_id)
-        new = gen[:, enc["input_ids"].shape[1]:]
+        new = greedy_new_tokens(model, enc, max_new_tokens, tok.pad_token_id)
         for j, i in enumerate(idx):
             ids = new[j].tolist()
             cut = next((k for k, t in enumerate(ids) if t in eos), len(ids))
@@ -50,20 +47,11 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
     return [results[i] for i in range(len(instructions))]
 
 
-def _prefix_encode(model, fmt: ChatFormat, instructions: list[str], rows, groups: list[int] | None) -> dict | None:
-    """Inputs for ``model.generate`` with the common prefix already in a KV cache (None: no prefix to share)."""
-    from refdir.core.architecture import cache_kwarg
-    from refdir.method.scoring import _cache_for_rows, _common_prefix_len, _prefix_cache, _tail_batch
-
-    dev = next(model.parameters()).device
-    ids = [fmt._ids(fmt.render(i)) for i in instructions]
-    k = _common_prefix_len(ids)
-    if k < 2:
-        return None
-    cache = _cache_for_rows(_prefix_cache(model, ids[0][:k], rows), len(ids), groups, dev)
-    tail, mask, _pos = _tail_batch([r[k:] for r in ids], k, fmt.tokenizer.pad_token_id)
-    input_ids = torch.cat([torch.tensor([ids[0][:k]] * len(ids), dtype=torch.long), tail], dim=1)
-    return {"input_ids": input_ids.to(dev), "attention_mask": mask.to(dev), cache_kwarg(model): cache}
+def greedy_new_tokens(model, enc: dict, max_new_tokens: int, pad_token_id: int | None) -> torch.Tensor:
+    """Greedy decoding of one encoded batch (sampling settings switched off): the new token ids [b, n_new]."""
+    gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                         top_p=None, top_k=None, pad_token_id=pad_token_id)
+    return gen[:, enc["input_ids"].shape[1]:]
 
 
 def _eos_ids(model, tok) -> set[int]:

@@ -16,8 +16,12 @@ import re
 import warnings
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+from tqdm.auto import tqdm
 
 from refdir.core.io import atomic_file, write_error
 from refdir.errors import RefdirError
@@ -28,8 +32,6 @@ _SKIP_FIELDS = ("GGUF.", "general.architecture")
 
 
 def _copy_fields(reader, writer) -> None:
-    import gguf
-
     for name, field in reader.fields.items():
         if name.startswith(_SKIP_FIELDS):
             continue
@@ -40,9 +42,6 @@ def _copy_fields(reader, writer) -> None:
 
 def _requantize(x: np.ndarray, qtype):
     """(array, type) in ``qtype`` if the library can quantize it, else a fallback type."""
-    from gguf import GGMLQuantizationType as Q
-    from gguf import quants
-
     if qtype in (Q.F32, Q.F16):
         return x.astype(np.float32 if qtype == Q.F32 else np.float16), qtype
     for t in (qtype, Q.Q8_0, Q.F16):
@@ -63,11 +62,6 @@ def _edit(x: np.ndarray, r: np.ndarray, axis: int) -> np.ndarray:
 
 def orthogonalize_gguf(src: str | Path, direction: torch.Tensor, out: str | Path, *, force: bool = False,
                        progress: bool = True) -> dict:
-    import gguf
-    from gguf import GGMLQuantizationType as Q
-    from gguf import quants
-    from tqdm.auto import tqdm
-
     src, out = Path(src), Path(out)
     if out.exists() and not force:
         raise RefdirError(f"{out} already exists; pass --force to overwrite it")

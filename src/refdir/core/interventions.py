@@ -17,20 +17,7 @@ from torch import nn
 
 from refdir.core.architecture import Architecture, inspect_model
 from refdir.core.directions import unit_vector
-
-
-class _PerDevice:
-    """A vector cached on each device/dtype it is used on (blocks may live on different devices)."""
-
-    def __init__(self, v: torch.Tensor):
-        self.v = v
-        self._cache: dict[tuple, torch.Tensor] = {}
-
-    def on(self, like: torch.Tensor) -> torch.Tensor:
-        key = (like.device, like.dtype)
-        if key not in self._cache:
-            self._cache[key] = self.v.to(device=like.device, dtype=like.dtype)
-        return self._cache[key]
+from refdir.core.hooks import PerDevice, map_input, map_output, registered
 
 
 def project_out(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
@@ -39,48 +26,11 @@ def project_out(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
     return (x.float() - coef * r_hat.float().to(x.device)).to(x.dtype)
 
 
-def _map_hidden(fn):
-    """Wrap ``fn(hidden) -> hidden`` as a forward hook on module outputs (tensor or tuple)."""
-
-    def hook(_mod, _args, out):
-        if isinstance(out, torch.Tensor):
-            return fn(out)
-        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
-            return (fn(out[0]),) + tuple(out[1:])
-        return out
-
-    return hook
-
-
-def _map_input(fn):
-    """Wrap ``fn(hidden) -> hidden`` as a pre-hook on a block's hidden-state input, whether it
-    arrives positionally or as the ``hidden_states`` keyword (transformers v5)."""
-
-    def hook(_mod, args, kwargs):
-        if args and isinstance(args[0], torch.Tensor):
-            return (fn(args[0]),) + tuple(args[1:]), kwargs
-        if "hidden_states" in kwargs:
-            kwargs = dict(kwargs)
-            kwargs["hidden_states"] = fn(kwargs["hidden_states"])
-            return args, kwargs
-        return None
-
-    return hook
-
-
-@contextmanager
-def hooks(handles: list) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def ablation_hooks(model: nn.Module, direction: torch.Tensor, arch: Architecture | None = None,
                    layers: list[int] | None = None) -> list:
+    """The hooks of :func:`ablate` (handles; the caller removes them)."""
     arch = arch or inspect_model(model)
-    r = _PerDevice(unit_vector(direction))
+    r = PerDevice(unit_vector(direction))
 
     def fn(x):
         return project_out(x, r.on(x))
@@ -89,31 +39,32 @@ def ablation_hooks(model: nn.Module, direction: torch.Tensor, arch: Architecture
     for bp in arch.blocks:
         if layers is not None and bp.index not in layers:
             continue
-        handles.append(bp.block.register_forward_pre_hook(_map_input(fn), with_kwargs=True))
+        handles.append(bp.block.register_forward_pre_hook(map_input(fn), with_kwargs=True))
         for m in (bp.attn_out, bp.mlp_out):
             if m is not None:
-                handles.append(m.register_forward_hook(_map_hidden(fn)))
+                handles.append(m.register_forward_hook(map_output(fn)))
     return handles
 
 
 def addition_hooks(model: nn.Module, vector: torch.Tensor, layer: int, coeff: float = 1.0,
                    arch: Architecture | None = None) -> list:
+    """The hook of :func:`add` (handles; the caller removes them)."""
     arch = arch or inspect_model(model)
     if not 0 <= layer < arch.n_layers:
         raise ValueError(f"layer {layer} outside 0..{arch.n_layers - 1}")
-    v = _PerDevice(vector.detach().to(torch.float32).flatten() * float(coeff))
+    v = PerDevice(vector.detach().to(torch.float32).flatten() * float(coeff))
 
     def fn(x):
         return x + v.on(x)
 
-    return [arch.blocks[layer].block.register_forward_pre_hook(_map_input(fn), with_kwargs=True)]
+    return [arch.blocks[layer].block.register_forward_pre_hook(map_input(fn), with_kwargs=True)]
 
 
 @contextmanager
 def ablate(model: nn.Module, direction: torch.Tensor, arch: Architecture | None = None,
            layers: list[int] | None = None) -> Iterator[None]:
     """Project the direction out of the residual stream everywhere while the context is open."""
-    with hooks(ablation_hooks(model, direction, arch, layers)):
+    with registered(ablation_hooks(model, direction, arch, layers)):
         yield
 
 
@@ -121,7 +72,7 @@ def ablate(model: nn.Module, direction: torch.Tensor, arch: Architecture | None 
 def add(model: nn.Module, vector: torch.Tensor, layer: int, coeff: float = 1.0,
         arch: Architecture | None = None) -> Iterator[None]:
     """Add ``coeff · vector`` to the input of block ``layer`` at every position."""
-    with hooks(addition_hooks(model, vector, layer, coeff, arch)):
+    with registered(addition_hooks(model, vector, layer, coeff, arch)):
         yield
 
 

@@ -55,9 +55,9 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU has AVX512-BF16 or AMX-BF16 (bf16 matmuls are fast there).
+    """True when the CPU has AVX512-BF16 or AMX-BF16, the instructions that run bf16 matmuls natively.
 
-    On AVX2-only CPUs a bf16 matmul was measured 60x slower than fp32, so fp32 is chosen there.
+    Without them bf16 is emulated and far slower than fp32 (see the README), so fp32 is chosen there.
     """
     try:
         flags = Path("/proc/cpuinfo").read_text()

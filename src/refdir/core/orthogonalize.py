@@ -14,11 +14,14 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from refdir.core.architecture import Architecture, inspect_model
 from refdir.core.directions import unit_vector
 from refdir.core.io import atomic_dir, atomic_write_json
+from refdir.core.models import save_hf_checkpoint
 from refdir.errors import RefdirError
 
 
@@ -80,8 +83,6 @@ def orthogonalize_(model: nn.Module, direction: torch.Tensor, arch: Architecture
 def save_orthogonalized(model: nn.Module, tokenizer, direction: torch.Tensor, out_dir: str | Path,
                         *, force: bool = False, meta: dict | None = None) -> Path:
     """Orthogonalize ``model`` in place and save it as a standard HF checkpoint (atomic)."""
-    from refdir.core.models import save_hf_checkpoint
-
     summary = orthogonalize_(model, direction)
     with atomic_dir(out_dir, force=force) as tmp:
         save_hf_checkpoint(model, tokenizer, tmp)
@@ -235,9 +236,7 @@ def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Pa
     out explicitly from the unedited embedding. Config (untied), index and tokenizer files are
     written beside the shards. The output directory appears whole or not at all.
     """
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # only this path needs it: the model itself is never built
 
     src = Path(src)
     if not (src / "config.json").exists():

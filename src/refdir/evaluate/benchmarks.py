@@ -19,7 +19,12 @@ from pathlib import Path
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from refdir.core.html import table_html, write_sections_report
+from refdir.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from refdir.core.models import load_model
+from refdir.core.rundir import RunDir
 from refdir.errors import RefdirError
+from refdir.evaluate.evaluation import arm_context, load_directions, parse_arm
 
 DEFAULT_TASKS = ["mmlu", "arc_challenge", "gsm8k", "truthfulqa_mc2", "winogrande", "tinyHellaswag"]
 
@@ -29,13 +34,14 @@ class BenchConfig(BaseModel):
     arms: list[str] = ["base"]
     tasks: list[str] | None = None  # default: DEFAULT_TASKS
     include_path: str | None = None
-    include_defaults: bool = True  # also index lm-eval's own tasks (takes 15-50 s); off: include_path only
+    include_defaults: bool = True  # also index lm-eval's own tasks (slow to index); off: include_path only
     limit: float | None = None
     num_fewshot: int | None = None
     batch_size: int = 8
     chat: bool = False
     dtype: str = "auto"
     device: str = "cpu"
+    device_map: str | None = None
     trust_remote_code: bool = False
 
 
@@ -127,10 +133,6 @@ def _plain(x):
 def run_bench(cfg: BenchConfig, out: str | Path, *, force: bool = False, run_dir: str | Path | None = None) -> dict:
     """Evaluate every arm on the tasks; write ``results.json``, ``table.md`` and ``samples/ARM.json`` to ``out``
     (atomically; an existing ``out`` is refused unless ``force``)."""
-    from refdir.core.io import atomic_dir, atomic_write_json, atomic_write_text
-    from refdir.core.models import load_model
-    from refdir.evaluate.evaluation import arm_context, load_directions, parse_arm
-
     out = Path(out)
     if out.exists() and not force:
         raise RefdirError(f"output directory {out} already exists; pass --force to overwrite it")
@@ -140,14 +142,16 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, force: bool = False, run_dir
     check_tasks(tm, tasks)
     load_tasks(tm, tasks)  # fail on missing data before any model is loaded
     t0 = time.time()
-    base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
+                      trust_remote_code=cfg.trust_remote_code)
     directions = load_directions(arms, base.model.config.get_text_config().hidden_size)
     rows = []
     for arm, spec in tqdm(list(zip(arms, cfg.arms, strict=True)), desc="arms"):
         ta = time.time()
         lm = None
         if arm.kind == "ckpt":
-            lm = load_model(arm.target, dtype=cfg.dtype, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+            lm = load_model(arm.target, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
+                            trust_remote_code=cfg.trust_remote_code)
             model, tok = lm.model, lm.tokenizer
         else:
             model, tok = base.model, base.tokenizer
@@ -168,10 +172,9 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, force: bool = False, run_dir
             atomic_write_json(tmp / "samples" / f"{i:02d}.json", {"arm": r["name"], "samples": r["samples"]})
         atomic_write_text(tmp / "table.md", bench_markdown(summary))
     if run_dir is not None:
-        from refdir.workflows.report import add_section, table_html
-
         head, body = bench_table(summary)
-        add_section(run_dir, "bench", table_html(body, head), "Capability benchmarks (lm-eval)")
+        RunDir(run_dir).add_section("bench", table_html(body, head), "Capability benchmarks (lm-eval)")
+        write_sections_report(run_dir)  # only where run_dir holds no run; a run's report is its caller's to render
     return summary
 
 

@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from refdir.core.chat import ChatFormat
 from refdir.core.directions import Candidates
 from refdir.core.edits import Plan, hooked_rows
+from refdir.core.forward import last_logits
 from refdir.core.interventions import ablate, add
 from refdir.errors import RefdirError
-from refdir.method.scoring import last_logits, refusal_metric_from_logits
+from refdir.method.scoring import first_token_kl, refusal_metric_from_logits
 
 
 @dataclass
@@ -92,14 +93,54 @@ class Selection:
         return "\n".join(lines)
 
 
-def _kl(base_logp: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    logq = torch.log_softmax(logits.double(), -1)
-    return (base_logp.exp() * (base_logp - logq)).sum(-1).float()
+def max_layer(n_layers: int, frac: float) -> int:
+    """The largest layer index a candidate may have under the filter layer < ``frac`` · L. Layers are 0..L-1, so
+    ``frac`` ≥ 1 allows them all (L-1), never L: the search interpolates between adjacent layers and must stay in
+    range."""
+    return int(math.floor(frac * n_layers - 1e-9)) if frac < 1 else n_layers - 1
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
     if not torch.isfinite(x).all():
         raise RefdirError(f"non-finite {name} scores (NaN/inf): the model or the direction is broken")
+
+
+@dataclass
+class _Scoring:
+    """What every score of one selection shares: the model, its chat format, the refusal tokens and settings."""
+
+    model: object
+    fmt: ChatFormat
+    refusal_ids: list[int]
+    cfg: SelectionConfig
+    n_layers: int
+
+    def logits(self, prompts: list[str]) -> torch.Tensor:
+        return last_logits(self.model, self.fmt, prompts, self.cfg.batch_size, shared_prefix=self.cfg.shared_prefix,
+                           full_logits=self.cfg.exact_reference)
+
+    def bypass_kl(self, r: torch.Tensor, hv: list[str], bv: list[str], base_logp: torch.Tensor) -> tuple[float, float]:
+        """Mean refusal metric on ``hv`` and mean first-token KL on ``bv`` under ``ablate(r)``."""
+        with ablate(self.model, r):
+            lg = self.logits(hv + bv)
+        b = float(refusal_metric_from_logits(lg[: len(hv)], self.refusal_ids).mean())
+        return b, float(first_token_kl(base_logp, lg[len(hv):]).mean())
+
+    def screen_many(self, rs: list[torch.Tensor], hv: list[str], bv: list[str],
+                    base_logp: torch.Tensor) -> list[tuple[float, float]]:
+        """bypass and KL of several candidates in one batch: each ablation as its plain full edit (every write
+        and the embedding projected; the same residual stream as ``ablate``), one plan per row group."""
+        prompts = hv + bv
+        with hooked_rows(self.model, [Plan.full(r, self.n_layers) for r in rs]) as rows:
+            lg = last_logits(self.model, self.fmt, prompts * len(rs), self.cfg.batch_size,
+                             shared_prefix=self.cfg.shared_prefix, rows=rows,
+                             groups=[k for k in range(len(rs)) for _ in prompts])
+        out = []
+        for k in range(len(rs)):
+            g = lg[k * len(prompts):(k + 1) * len(prompts)]
+            out.append((float(refusal_metric_from_logits(g[: len(hv)], self.refusal_ids).mean()),
+                        float(first_token_kl(base_logp, g[len(hv):]).mean())))
+        return out
 
 
 @torch.no_grad()
@@ -112,37 +153,12 @@ def score_candidates(model, fmt: ChatFormat, cands: Candidates, harmful_val: lis
     if not harmful_val or not harmless_val:
         raise RefdirError("selection needs non-empty harmful and harmless validation sets")
     L = cands.n_layers
-    max_layer = int(math.floor(cfg.max_layer_frac * L - 1e-9)) if cfg.max_layer_frac < 1 else L - 1
-
     if cfg.exact_reference:
         cfg.exhaustive, cfg.shared_prefix = True, False
-
-    def logits(prompts):
-        return last_logits(model, fmt, prompts, cfg.batch_size, shared_prefix=cfg.shared_prefix,
-                           full_logits=cfg.exact_reference)
-
-    def bypass_kl(r, hv, bv, base_logp):
-        with ablate(model, r):
-            lg = logits(hv + bv)
-        b = float(refusal_metric_from_logits(lg[: len(hv)], refusal_ids).mean())
-        return b, float(_kl(base_logp, lg[len(hv):]).mean())
-
-    def screen_many(rs, hv, bv, base_logp):
-        """bypass and KL of several candidates in one batch: each ablation as its plain full edit (every write
-        and the embedding projected; the same residual stream as ``ablate``), one plan per row group."""
-        prompts = hv + bv
-        with hooked_rows(model, [Plan.full(r, L) for r in rs]) as rows:
-            lg = last_logits(model, fmt, prompts * len(rs), cfg.batch_size, shared_prefix=cfg.shared_prefix,
-                             rows=rows, groups=[k for k in range(len(rs)) for _ in prompts])
-        out = []
-        for k in range(len(rs)):
-            g = lg[k * len(prompts):(k + 1) * len(prompts)]
-            out.append((float(refusal_metric_from_logits(g[: len(hv)], refusal_ids).mean()),
-                        float(_kl(base_logp, g[len(hv):]).mean())))
-        return out
+    sc = _Scoring(model, fmt, refusal_ids, cfg, L)
 
     if base_logits is None:
-        base_logits = logits(harmful_val + harmless_val)
+        base_logits = sc.logits(harmful_val + harmless_val)
     elif base_logits.shape[0] != len(harmful_val) + len(harmless_val):
         raise RefdirError("base logits do not match the validation prompts")
     nh = len(harmful_val)
@@ -151,55 +167,71 @@ def score_candidates(model, fmt: ChatFormat, cands: Candidates, harmful_val: lis
     base_logp = torch.log_softmax(base_logits[nh:].double(), -1)
     baseline = {"harmful": float(base_metric[:nh].mean()), "harmless": float(base_metric[nh:].mean())}
 
+    scores, live = _live_candidates(cands, cfg, max_layer(L, cfg.max_layer_frac))
+    finalists = live
+    if not cfg.exhaustive and len(live) > cfg.top_k:
+        finalists = _screen(sc, cands, live, harmful_val, harmless_val, base_logp, progress)
+    bar = tqdm(finalists, desc="selection" + ("" if cfg.exhaustive else " (finalists)"), disable=not progress)
+    for s in bar:
+        r = cands.get(s.position, s.layer).vector
+        s.bypass, s.kl = sc.bypass_kl(r, harmful_val, harmless_val, base_logp)
+        with add(model, r, s.layer, cfg.induce_coeff):
+            s.induce = float(refusal_metric_from_logits(sc.logits(harmless_val), refusal_ids).mean())
+        if not all(math.isfinite(x) for x in (s.bypass, s.kl, s.induce)):
+            raise RefdirError(f"non-finite scores at position {s.position}, layer {s.layer}")
+        bar.set_postfix(best=f"{min(f.bypass for f in finalists if math.isfinite(f.bypass)):.2f}")
+    return apply_filters(scores, baseline, cfg, L)
+
+
+def _live_candidates(cands: Candidates, cfg: SelectionConfig,
+                     last_layer: int) -> tuple[list[CandidateScore], list[CandidateScore]]:
+    """A score row for every candidate from ``cfg.min_layer`` on, and those still to be scored: zero vectors
+    and layers past ``last_layer`` are filtered out before any forward pass."""
     scores: list[CandidateScore] = []
     live: list[CandidateScore] = []
     norms = cands.vectors.norm(dim=-1)
+    nan = float("nan")
     for p in cands.positions:
-        for layer in range(cfg.min_layer, L):
+        for layer in range(cfg.min_layer, cands.n_layers):
             r = cands.get(p, layer).vector
-            nan = float("nan")
             if not torch.isfinite(r).all():
                 raise RefdirError(f"non-finite candidate at position {p}, layer {layer}")
             if float(r.norm()) <= 1e-6 * (1 + float(norms.max())):
                 # e.g. layer 0 at template tokens: every prompt has the same embedding there
                 scores.append(CandidateScore(p, layer, nan, nan, nan, ["zero vector"]))
-            elif layer > max_layer:
+            elif layer > last_layer:
                 scores.append(CandidateScore(p, layer, nan, nan, nan, ["late layer"]))
             else:
                 s = CandidateScore(p, layer, nan, nan, nan)
                 scores.append(s)
                 live.append(s)
+    return scores, live
 
-    finalists = live
-    if not cfg.exhaustive and len(live) > cfg.top_k:
-        n = cfg.screen_n
-        hv, bv = harmful_val[:n], harmless_val[:n]
-        blogp = base_logp[: len(bv)]
-        bar = tqdm(total=len(live), desc="selection (screen)", disable=not progress)
-        for j in range(0, len(live), cfg.screen_group):
-            group = live[j : j + cfg.screen_group]
-            res = screen_many([cands.get(s.position, s.layer).vector for s in group], hv, bv, blogp)
-            for s, (b, k) in zip(group, res, strict=True):
-                s.bypass_screen, s.kl_screen = b, k
-                if not (math.isfinite(b) and math.isfinite(k)):
-                    raise RefdirError(f"non-finite scores at position {s.position}, layer {s.layer}")
-            bar.update(len(group))
-        bar.close()
-        pool = [s for s in live if s.kl_screen <= cfg.screen_kl_factor * cfg.kl_max] or live
-        finalists = sorted(pool, key=lambda s: s.bypass_screen)[: cfg.top_k]
-        for s in live:
-            if s not in finalists:
-                s.filtered.append("screened out")
-    bar = tqdm(finalists, desc="selection" + ("" if cfg.exhaustive else " (finalists)"), disable=not progress)
-    for s in bar:
-        r = cands.get(s.position, s.layer).vector
-        s.bypass, s.kl = bypass_kl(r, harmful_val, harmless_val, base_logp)
-        with add(model, r, s.layer, cfg.induce_coeff):
-            s.induce = float(refusal_metric_from_logits(logits(harmless_val), refusal_ids).mean())
-        if not all(math.isfinite(x) for x in (s.bypass, s.kl, s.induce)):
-            raise RefdirError(f"non-finite scores at position {s.position}, layer {s.layer}")
-        bar.set_postfix(best=f"{min(f.bypass for f in finalists if math.isfinite(f.bypass)):.2f}")
-    return apply_filters(scores, baseline, cfg, L)
+
+def _screen(sc: _Scoring, cands: Candidates, live: list[CandidateScore], harmful_val: list[str],
+            harmless_val: list[str], base_logp: torch.Tensor, progress: bool) -> list[CandidateScore]:
+    """Screened bypass and KL of every live candidate on the first ``screen_n`` prompts of each set; the
+    finalists are the ``top_k`` lowest screened bypasses among those with a screened KL under the bound."""
+    cfg = sc.cfg
+    n = cfg.screen_n
+    hv, bv = harmful_val[:n], harmless_val[:n]
+    blogp = base_logp[: len(bv)]
+    bar = tqdm(total=len(live), desc="selection (screen)", disable=not progress)
+    for j in range(0, len(live), cfg.screen_group):
+        group = live[j : j + cfg.screen_group]
+        res = sc.screen_many([cands.get(s.position, s.layer).vector for s in group], hv, bv, blogp)
+        for s, (b, k) in zip(group, res, strict=True):
+            s.bypass_screen, s.kl_screen = b, k
+            if not (math.isfinite(b) and math.isfinite(k)):
+                raise RefdirError(f"non-finite scores at position {s.position}, layer {s.layer}")
+        bar.update(len(group))
+    bar.close()
+    pool = [s for s in live if s.kl_screen <= cfg.screen_kl_factor * cfg.kl_max] or live
+    finalists = sorted(pool, key=lambda s: s.bypass_screen)[: cfg.top_k]
+    for s in live:
+        if s not in finalists:
+            s.filtered.append("screened out")
+    return finalists
 
 
 def apply_filters(scores: list[CandidateScore], baseline: dict, cfg: SelectionConfig, n_layers: int) -> Selection:

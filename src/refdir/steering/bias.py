@@ -15,13 +15,20 @@ reported under multipliers of the category's vector added at one layer (every po
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from refdir.core.io import read_json_records
+from refdir.core.activations import last_token_residuals
+from refdir.core.directions import Direction
+from refdir.core.forward import left_pad
+from refdir.core.html import figure_html, plt, table_html, write_sections_report
+from refdir.core.io import atomic_dir, atomic_write_json, read_json_records
+from refdir.core.rundir import RunDir
 from refdir.errors import RefdirError
 from refdir.steering.vectors import SteeringVector, dataset_hash, model_hash, steer
 
@@ -91,14 +98,12 @@ def _ids(tok, text: str) -> list[int]:
 
 def category_vectors(model, tok, items: list[BiasItem], *, model_id: str = "", batch_size: int = 16
                      ) -> dict[str, SteeringVector]:
-    from refdir.steering.caa import _last_states
-
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     mh = model_hash(model)
     out = {}
     for cat, its in by_category(items).items():
-        s = _last_states(model, [_ids(tok, it.stereotype) for it in its], pad, batch_size).double()
-        a = _last_states(model, [_ids(tok, it.anti_stereotype) for it in its], pad, batch_size).double()
+        s = last_token_residuals(model, [_ids(tok, it.stereotype) for it in its], pad, batch_size).double()
+        a = last_token_residuals(model, [_ids(tok, it.anti_stereotype) for it in its], pad, batch_size).double()
         diff = (s - a).mean(0).float()
         out[cat] = SteeringVector({layer: diff[layer] for layer in range(diff.shape[0])}, model_id, mh, -1, "raw",
                                   f"bias vector: mean(stereotype − anti-stereotype), {cat}",
@@ -110,10 +115,8 @@ def category_vectors(model, tok, items: list[BiasItem], *, model_id: str = "", b
 @torch.no_grad()
 def _logprob(model, rows: list[list[int]], pad: int) -> torch.Tensor:
     """Sum of token log-probabilities of each row after its first token."""
-    from refdir.steering.caa import _left_pad
-
     dev = next(model.parameters()).device
-    enc = {k: v.to(dev) for k, v in _left_pad(rows, pad).items()}
+    enc = left_pad(rows, pad, dev)
     lp = torch.log_softmax(model(**enc, use_cache=False).logits.float(), -1)[:, :-1]
     tgt = enc["input_ids"][:, 1:]
     tok_lp = lp.gather(2, tgt.unsqueeze(-1)).squeeze(-1) * enc["attention_mask"][:, 1:]
@@ -123,8 +126,6 @@ def _logprob(model, rows: list[list[int]], pad: int) -> torch.Tensor:
 def preference(model, tok, items: list[BiasItem], sv: SteeringVector | None = None, layer: int | None = None,
                multiplier: float = 0.0) -> dict:
     """Mean σ(log P(stereotype) − log P(anti-stereotype)) and the share of items preferring the stereotype."""
-    from contextlib import nullcontext
-
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rows = [_ids(tok, it.stereotype) for it in items] + [_ids(tok, it.anti_stereotype) for it in items]
     ctx = nullcontext() if sv is None or multiplier == 0 else steer(model, sv, multiplier, layers=[layer])
@@ -137,12 +138,6 @@ def preference(model, tok, items: list[BiasItem], sv: SteeringVector | None = No
 def study(lm, out: str | Path, *, direction: str | Path, data: str = "embedded", layer: int | None = None,
           multipliers: list[float] | None = None, force: bool = False, progress: bool = True) -> dict:
     """Category vectors, the cosine table (with r) and preference curves; everything in ``out`` (atomic)."""
-    from tqdm.auto import tqdm
-
-    from refdir.core.directions import Direction
-    from refdir.core.io import atomic_dir, atomic_write_json
-    from refdir.workflows.report import add_section, figure_html, plt, table_html
-
     items = load_stereoset(data)
     r = Direction.load(direction)
     arch = SteeringVector.from_direction(r).check_fits(lm.model)
@@ -180,5 +175,6 @@ def study(lm, out: str | Path, *, direction: str | Path, data: str = "embedded",
                 + table_html([[n] + [f"{x:.3f}" for x in row] for n, row in zip(names, cos, strict=True)],
                              [""] + names)
                 + figure_html(fig))
-        add_section(tmp, "bias", body, "Bias steering")
+        RunDir(tmp).add_section("bias", body, "Bias steering")
+        write_sections_report(tmp)
     return res

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -26,8 +27,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from refdir.core.activations import last_token_residuals
+from refdir.core.architecture import inspect_model
 from refdir.core.chat import ChatFormat
-from refdir.core.io import read_json_records
+from refdir.core.forward import left_pad
+from refdir.core.generation import generate
+from refdir.core.html import figure_html, plt, table_html, write_sections_report
+from refdir.core.io import atomic_write_json, read_json_records
+from refdir.core.rundir import RunDir
 from refdir.errors import RefdirError
 from refdir.steering.vectors import SteeringVector, dataset_hash, model_hash, steer
 
@@ -115,64 +122,15 @@ def _letter_ids(fmt: ChatFormat, item: ABItem) -> tuple[list[int], int, int]:
     return a[:k], a[k], b[k]
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> dict:
-    n = max(len(r) for r in rows)
-    ids = torch.full((len(rows), n), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), n), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, n - len(r):] = torch.tensor(r)
-        mask[i, n - len(r):] = 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-@torch.no_grad()
-def _last_states(model, rows: list[list[int]], pad: int, batch_size: int) -> torch.Tensor:
-    """Residual stream at the last token, every layer (input of each block + final output): [N, L+1, d]."""
-    from refdir.core.activations import decoder_body
-    from refdir.core.architecture import inspect_model
-
-    arch = inspect_model(model)
-    body = decoder_body(model, arch)
-    buf: dict[int, torch.Tensor] = {}
-
-    def pre(i):
-        def hook(_m, args, kwargs):
-            x = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs["hidden_states"]
-            buf[i] = x[:, -1, :].detach().to("cpu", torch.float32)
-
-        return hook
-
-    def post(_m, _a, out):
-        x = out[0] if isinstance(out, tuple) else out
-        buf[arch.n_layers] = x[:, -1, :].detach().to("cpu", torch.float32)
-
-    hs = [bp.block.register_forward_pre_hook(pre(bp.index), with_kwargs=True) for bp in arch.blocks]
-    hs.append(arch.blocks[-1].block.register_forward_hook(post))
-    dev = next(model.parameters()).device
-    out = []
-    try:
-        for s in range(0, len(rows), batch_size):
-            enc = {k: v.to(dev) for k, v in _left_pad(rows[s : s + batch_size], pad).items()}
-            buf.clear()
-            body(**enc, use_cache=False)
-            out.append(torch.stack([buf[i] for i in range(arch.n_layers + 1)], dim=1))
-    finally:
-        for h in hs:
-            h.remove()
-    return torch.cat(out)
-
-
 @torch.no_grad()
 def _last_logits(model, rows: list[list[int]], pad: int, batch_size: int, sv: SteeringVector | None = None,
                  layer: int | None = None, multiplier: float = 0.0, tail: int | None = None) -> torch.Tensor:
     """Last-position logits; with ``sv``, ``multiplier · sv[layer]`` is added at every position, or only at the
     last ``tail`` positions of each (left-padded) row."""
-    from contextlib import nullcontext
-
     dev = next(model.parameters()).device
     out = []
     for s in range(0, len(rows), batch_size):
-        enc = {k: v.to(dev) for k, v in _left_pad(rows[s : s + batch_size], pad).items()}
+        enc = left_pad(rows[s : s + batch_size], pad, dev)
         n = enc["input_ids"].shape[1]
         if sv is None or multiplier == 0:
             ctx = nullcontext()
@@ -197,8 +155,8 @@ def train(model, fmt: ChatFormat, items: list[ABItem], *, model_id: str = "", ba
         neg.append(prefix + [n])
     total = None
     for s in tqdm(range(0, len(items), batch_size), desc="CAA activations", disable=not progress, leave=False):
-        d = (_last_states(model, pos[s : s + batch_size], pad, batch_size).double()
-             - _last_states(model, neg[s : s + batch_size], pad, batch_size).double()).sum(0)
+        d = (last_token_residuals(model, pos[s : s + batch_size], pad, batch_size).double()
+             - last_token_residuals(model, neg[s : s + batch_size], pad, batch_size).double()).sum(0)
         total = d if total is None else total + d
     diffs = (total / len(items)).float()
     rows = [{"q": it.question, "m": it.matching, "n": it.not_matching} for it in items]
@@ -254,8 +212,6 @@ def generate_steered(model, fmt: ChatFormat, prompts: list[str], sv: SteeringVec
                      multipliers: list[float], *, positions: str = "all", max_new_tokens: int = 64,
                      progress: bool = True) -> dict[float, list[str]]:
     """Open-ended greedy completions under each multiplier (0 = unsteered)."""
-    from refdir.core.generation import generate
-
     out = {}
     for m in multipliers:
         with steer(model, sv, m, positions=positions, layers=[layer]):
@@ -266,8 +222,6 @@ def generate_steered(model, fmt: ChatFormat, prompts: list[str], sv: SteeringVec
 
 # ---------------------------------------------------------------------------- plots
 def plot_layer_sweep(res: dict) -> str:
-    from refdir.workflows.report import figure_html, plt
-
     fig, ax = plt.subplots(figsize=(7, 3.5))
     layers = res["layers"]
     for m in res["multipliers"]:
@@ -282,8 +236,6 @@ def plot_layer_sweep(res: dict) -> str:
 
 
 def plot_multiplier_sweep(res: dict, baseline: float | None = None) -> str:
-    from refdir.workflows.report import figure_html, plt
-
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(res["multipliers"], res["p"], marker="o")
     if baseline is not None:
@@ -302,10 +254,6 @@ def sweep_report(model, fmt, items: list[ABItem], sv: SteeringVector, out_dir: s
                  after_instruction: bool = True, progress: bool = True) -> dict:
     """Layer sweep (±1) on the test items, multiplier sweep at the best layer, ``sweep.json`` and a report
     section in ``out_dir`` (which must exist)."""
-    from refdir.core.architecture import inspect_model
-    from refdir.core.io import atomic_write_json
-    from refdir.workflows.report import add_section, table_html
-
     L = inspect_model(model).n_layers
     layers = layers if layers is not None else list(range(max(1, L // 4), (3 * L) // 4 + 1))
     multipliers = multipliers if multipliers is not None else [-2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2]
@@ -320,5 +268,6 @@ def sweep_report(model, fmt, items: list[ABItem], sv: SteeringVector, out_dir: s
             + plot_layer_sweep(ls) + plot_multiplier_sweep(ms, ls["baseline"])
             + table_html([[f"{m:g}", f"{p:.4f}"] for m, p in zip(ms["multipliers"], ms["p"], strict=True)],
                          ["multiplier", "P(matching)"]))
-    add_section(out_dir, "caa_sweep", body, "CAA: layer and multiplier sweeps")
+    RunDir(out_dir).add_section("caa_sweep", body, "CAA: layer and multiplier sweeps")
+    write_sections_report(out_dir)
     return res

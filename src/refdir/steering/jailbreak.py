@@ -21,14 +21,22 @@ from __future__ import annotations
 
 import html
 import json
+from contextlib import nullcontext
 from importlib import resources
 from pathlib import Path
 
 import torch
 
+from refdir.core.activations import residuals
 from refdir.core.chat import ChatFormat
-from refdir.core.io import read_json_records
+from refdir.core.data import embedded
+from refdir.core.directions import Direction
+from refdir.core.generation import generate
+from refdir.core.html import figure_html, plt, table_html, write_sections_report
+from refdir.core.io import atomic_dir, atomic_write_json, read_json_records
+from refdir.core.rundir import RunDir
 from refdir.errors import RefdirError
+from refdir.method.refusal_judge import judge
 from refdir.steering.vectors import SteeringVector, dataset_hash, model_hash, steer
 
 PLACEHOLDER = "{instruction}"
@@ -70,8 +78,6 @@ def class_vectors(model, fmt: ChatFormat, templates: dict[str, list[str]], harmf
                   ) -> tuple[dict[str, SteeringVector], dict[str, torch.Tensor]]:
     """One vector per class (last token, every layer) and the mean residuals [n_pos, L+1, d] of the plain
     prompts and of each class's wrapped prompts (for projections at other post-instruction positions)."""
-    from refdir.core.activations import residuals
-
     means = {"plain": residuals(model, fmt, harmful, n_pos=n_pos, batch_size=batch_size, progress=progress,
                                 desc="plain")[0]}
     vecs, mh = {}, model_hash(model)
@@ -92,11 +98,6 @@ def transfer_matrix(model, fmt: ChatFormat, vecs: dict[str, SteeringVector], tem
                     judge_kind: str = "broad", progress: bool = True) -> dict:
     """Rows: no steering, then each class vector added with ``coeff`` (−1 = subtracted); columns: plain and each
     class (first template). Cells: jailbreak success = share of non-refused, non-degenerate completions."""
-    from contextlib import nullcontext
-
-    from refdir.core.generation import generate
-    from refdir.method.refusal_judge import judge
-
     cols = ["plain"] + list(templates)
     prompts = {c: harmful if c == "plain" else [wrap(templates[c][0], h) for h in harmful] for c in cols}
     rows, cells, examples = ["none"] + list(vecs), {}, {}
@@ -115,8 +116,6 @@ def transfer_matrix(model, fmt: ChatFormat, vecs: dict[str, SteeringVector], tem
 
 
 def _heatmap(mat, rows, cols, title, fmt_s="{:.2f}", vmin=None, vmax=None, cmap="viridis") -> str:
-    from refdir.workflows.report import figure_html, plt
-
     fig, ax = plt.subplots(figsize=(1.2 * len(cols) + 2.5, 0.7 * len(rows) + 1.5))
     im = ax.imshow(mat, vmin=vmin, vmax=vmax, cmap=cmap)
     ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=8)
@@ -133,11 +132,6 @@ def study(lm, fmt: ChatFormat, out: str | Path, *, direction: str | Path, templa
           n_train: int = 16, n_test: int = 6, layer: int | None = None, max_new_tokens: int = 32,
           force: bool = False, progress: bool = True) -> dict:
     """Vectors, cosines, transfer matrix and harmfulness suppression; everything in ``out`` (atomic)."""
-    from refdir.core.data import embedded
-    from refdir.core.directions import Direction
-    from refdir.core.io import atomic_dir, atomic_write_json
-    from refdir.workflows.report import add_section, figure_html, plt, table_html
-
     temps = load_templates(templates)
     if len(temps) < 2:
         raise RefdirError("a jailbreak study needs at least two template classes")
@@ -155,8 +149,6 @@ def study(lm, fmt: ChatFormat, out: str | Path, *, direction: str | Path, templa
                                     progress=progress)
         for name, sv in vecs.items():
             sv.save(tmp / "vectors" / name)
-        from refdir.core.activations import residuals
-
         means["harmless"] = residuals(lm.model, fmt, harmless, n_pos=n_pos, progress=progress, desc="harmless")[0]
         r_hat = r.unit()
         proj = {k: float(m[n_pos + r.position, r.layer].float() @ r_hat) for k, m in means.items()}
@@ -190,6 +182,7 @@ def study(lm, fmt: ChatFormat, out: str | Path, *, direction: str | Path, templa
                 + "<h3>Harmfulness suppression</h3>"
                 + table_html([[k, f"{v:.3f}"] for k, v in proj.items()], ["prompts", "mean projection on r̂"])
                 + figure_html(fig))
-        add_section(tmp, "jailbreak", body, "Jailbreak vectors")
+        RunDir(tmp).add_section("jailbreak", body, "Jailbreak vectors")
+        write_sections_report(tmp)
     return res
 

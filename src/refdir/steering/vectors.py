@@ -32,10 +32,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import gguf
 import torch
 from safetensors.torch import load_file, save_file
 
+from refdir.core.activations import decoder_body
 from refdir.core.architecture import Architecture, cache_in, inspect_model
+from refdir.core.directions import Direction
+from refdir.core.hooks import PerDevice, map_input, map_output, registered
 from refdir.core.io import atomic_file, atomic_write_json
 from refdir.errors import RefdirError
 
@@ -209,8 +213,6 @@ class SteeringVector:
         except json.JSONDecodeError as e:
             raise RefdirError(f"corrupt metadata file {meta_path}: {e}") from e
         if m.get("format") == "refdir.direction":
-            from refdir.core.directions import Direction
-
             return cls.from_direction(Direction.load(path))
         if m.get("format") != FORMAT:
             raise RefdirError(f"{path} is not a refdir steering vector (format {m.get('format')!r})")
@@ -229,8 +231,6 @@ class SteeringVector:
     # ------------------------------------------------------------------ llama.cpp
     def to_gguf(self, path: str | Path, model_hint: str | None = None) -> Path:
         """Write a llama.cpp control vector (``direction.{l-1}`` for refdir layer l; F32; atomic)."""
-        import gguf
-
         bad = [layer for layer in self.layers if layer < 2]
         if bad:
             raise RefdirError(f"llama.cpp control vectors cannot steer refdir layers {bad}: llama.cpp adds "
@@ -253,8 +253,6 @@ class SteeringVector:
     @classmethod
     def from_gguf(cls, path: str | Path) -> SteeringVector:
         """Read a llama.cpp control vector (any writer's); refdir metadata is restored when present."""
-        import gguf
-
         path = Path(path)
         if not path.exists():
             raise RefdirError(f"no such control vector file: {path}")
@@ -353,9 +351,6 @@ def steer(model: torch.nn.Module, sv: SteeringVector, coeff: float = 1.0, positi
     """Add ``coeff · sv[l]`` to the residual stream at layer l (input of block l; L = output of
     the last block) for every chosen layer, at the chosen positions, while the context is open.
     Works with ``model.generate`` (every decoding step, with or without a KV cache)."""
-    from refdir.core.activations import decoder_body
-    from refdir.core.interventions import _map_hidden, _map_input, _PerDevice
-
     if positions not in POSITIONS:
         raise RefdirError(f"unknown position mode {positions!r}; use one of {POSITIONS}")
     arch = sv.check_fits(model, arch)
@@ -364,9 +359,8 @@ def steer(model: torch.nn.Module, sv: SteeringVector, coeff: float = 1.0, positi
     if missing:
         raise RefdirError(f"steering vector has no layers {missing} (it has {sv.layers})")
     state = _Positions(prompt_len)
-    handles = [decoder_body(model, arch).register_forward_pre_hook(state.body_hook, with_kwargs=True)]
 
-    def adder(vec: _PerDevice):
+    def adder(vec: PerDevice):
         def fn(x):
             v = vec.on(x)
             m = state.mask(x, positions)
@@ -374,18 +368,15 @@ def steer(model: torch.nn.Module, sv: SteeringVector, coeff: float = 1.0, positi
 
         return fn
 
-    try:
+    with registered([decoder_body(model, arch).register_forward_pre_hook(state.body_hook, with_kwargs=True)]) as hs:
         for layer in chosen:
-            vec = _PerDevice(sv[layer] * float(coeff))
+            vec = PerDevice(sv[layer] * float(coeff))
             if layer < arch.n_layers:
-                h = arch.blocks[layer].block.register_forward_pre_hook(_map_input(adder(vec)), with_kwargs=True)
+                h = arch.blocks[layer].block.register_forward_pre_hook(map_input(adder(vec)), with_kwargs=True)
             else:
-                h = arch.blocks[-1].block.register_forward_hook(_map_hidden(adder(vec)))
-            handles.append(h)
+                h = arch.blocks[-1].block.register_forward_hook(map_output(adder(vec)))
+            hs.append(h)
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 apply = steer

@@ -2,56 +2,21 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from refdir.core.io import atomic_write_text  # noqa: E402
-
-
-def figure_html(fig) -> str:
-    """A matplotlib figure as an inline ``<img>`` (the figure is closed)."""
-    return _png(fig)
-
-
-def table_html(rows: list[list], head: list[str]) -> str:
-    return _table(rows, head)
-
-
-SECTIONS_DIR = "report_sections"
+from refdir.core.html import PAGE_TAIL, figure_html, page_head, plt, table_html, write_sections_report
+from refdir.core.io import atomic_write_text
+from refdir.core.rundir import RunDir
 
 
 def add_section(run_dir: str | Path, name: str, body_html: str, title: str | None = None) -> Path:
-    """Add (or replace) one named section of a run's report and re-render ``report.html``.
-
-    Sections are HTML fragments in ``RUN_DIR/report_sections/NAME.html``, written atomically and shown after the
-    pipeline's own sections in name order. Other commands (eval, analyze, steering) use this to extend a run's report.
-    When the run has no ``summary.json`` yet, a standalone report of the sections alone is written.
-    """
-    run_dir = Path(run_dir)
-    frag = (f"<h2>{html.escape(title)}</h2>\n" if title else "") + body_html
-    atomic_write_text(run_dir / SECTIONS_DIR / f"{name}.html", frag)
+    """Add (or replace) one named section of a run's report (:meth:`RunDir.add_section`) and re-render
+    ``report.html``; a directory without a run summary gets a report of its sections alone."""
+    RunDir(run_dir).add_section(name, body_html, title)
     return write_report(run_dir)
-
-
-def _sections(run_dir: Path) -> list[str]:
-    d = run_dir / SECTIONS_DIR
-    return [f.read_text() for f in sorted(d.glob("*.html"))] if d.is_dir() else []
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
 
 
 def _num(x) -> float:
@@ -90,7 +55,7 @@ def plot_selection(rows: list[dict], chosen: dict | None, kl_max: float) -> str:
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("layer")
     axes[0].legend(fontsize=7)
-    return _png(fig)
+    return figure_html(fig)
 
 
 def plot_refusal_bars(scores: dict, ckpt: dict | None) -> str:
@@ -110,7 +75,7 @@ def plot_refusal_bars(scores: dict, ckpt: dict | None) -> str:
     ax.set_xticks(range(len(vals)), labels, fontsize=8)
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("refusal score (test split)")
-    return _png(fig)
+    return figure_html(fig)
 
 
 def plot_metric_hist(metrics: dict) -> str:
@@ -120,48 +85,55 @@ def plot_metric_hist(metrics: dict) -> str:
     ax.axvline(0, color="gray", ls="--", lw=1)
     ax.set_xlabel("refusal metric (log-odds of refusal tokens, first answer position)")
     ax.legend(fontsize=8)
-    return _png(fig)
-
-
-def _table(rows: list[list], head: list[str]) -> str:
-    h = "".join(f"<th>{html.escape(str(x))}</th>" for x in head)
-    b = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>" for r in rows)
-    return f"<table><tr>{h}</tr>{b}</table>"
-
-
-CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;
-vertical-align:top;text-align:left}th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3}
-.note{background:#fff8e1;padding:8px;border-left:4px solid #f0b400}"""
+    return figure_html(fig)
 
 
 def write_report(run_dir: str | Path) -> Path:
-    run_dir = Path(run_dir)
-    if not (run_dir / "summary.json").exists():  # sections only (e.g. `refdir eval` without a run dir)
-        body = "\n".join(_sections(run_dir))
-        out = run_dir / "report.html"
-        atomic_write_text(out, f"<html><head><meta charset='utf-8'><title>refdir report</title><style>{CSS}</style>"
-                               f"</head><body><h1>refdir report</h1>{body}</body></html>")
-        return out
-    summ = json.loads((run_dir / "summary.json").read_text())
-    sel = json.loads((run_dir / "selection" / "selection.json").read_text())
-    rows = json.loads((run_dir / "selection" / "table.json").read_text())
-    parts = [f"<html><head><meta charset='utf-8'><title>refdir report</title><style>{CSS}</style></head><body>",
-             f"<h1>refdir report: {html.escape(str(summ['model']))}</h1>"]
+    """Render ``RUN_DIR/report.html`` from the run's files and its extra sections. A directory without a run
+    summary (e.g. ``refdir eval --out DIR``) gets a report of its sections alone."""
+    rd = RunDir(run_dir)
+    summ = rd.summary()
+    if summ is None:
+        return write_sections_report(rd.path)
+    sel = rd.selection_meta()
+    parts = [page_head(), f"<h1>refdir report: {html.escape(str(summ['model']))}</h1>"]
+    parts += _selection_notes(summ, sel)
+    parts += _refusal_parts(rd, summ)
+    parts.append("<h2>Candidate scores</h2>" + plot_selection(rd.selection_table(), sel["chosen"],
+                                                               sel["config"]["kl_max"]))
+    metrics = rd.metrics()
+    if metrics is not None:
+        parts.append("<h2>Refusal metric</h2>" + plot_metric_hist(metrics))
+    comp = rd.completions()
+    if comp is not None:
+        parts.append("<h2>Example completions</h2>" + _examples(comp))
+    parts.extend(rd.sections())
+    parts.append("<h2>Timings (s)</h2>" + table_html([[k, v] for k, v in summ["timings_s"].items()], ["stage", "s"]))
+    parts.append(PAGE_TAIL)
+    atomic_write_text(rd.report_path, "\n".join(parts))
+    return rd.report_path
+
+
+def _selection_notes(summ: dict, sel: dict) -> list[str]:
+    """The chosen direction (or the all-filtered diagnostic), the induce rule and the refusal tokens."""
     ch = sel["chosen"]
     if ch:
-        parts.append(f"<p>Chosen direction: position <b>{ch['position']}</b>, layer <b>{ch['layer']}</b> of "
-                     f"{summ['selection']['n_layers']} (bypass {ch['bypass']:.2f}, induce {ch['induce']:.2f}, "
-                     f"KL {ch['kl']:.3f}).</p>")
+        first = (f"<p>Chosen direction: position <b>{ch['position']}</b>, layer <b>{ch['layer']}</b> of "
+                 f"{summ['selection']['n_layers']} (bypass {ch['bypass']:.2f}, induce {ch['induce']:.2f}, "
+                 f"KL {ch['kl']:.3f}).</p>")
     else:
-        parts.append(f"<p class='note'>Every candidate was filtered out.<br><pre>{html.escape(sel['diagnostic'] or '')}"
-                     "</pre></p>")
-    parts.append(f"<p class='note'>Induce rule that decided: <b>{html.escape(sel['rule'])}</b>. Baseline refusal "
-                 f"metric on val: harmful {sel['baseline']['harmful']:.2f}, harmless {sel['baseline']['harmless']:.2f}. "
-                 f"Filters removed: {html.escape(json.dumps(sel['filter_counts']))}.</p>")
-    parts.append(f"<p>Refusal tokens: {html.escape(', '.join(repr(t) for t in summ['refusal_tokens']))}. "
-                 f"Judge: {summ['judge']} (the paper's substring list is reported beside it).</p>")
-    # headline table
+        first = (f"<p class='note'>Every candidate was filtered out.<br><pre>{html.escape(sel['diagnostic'] or '')}"
+                 "</pre></p>")
+    rule = (f"<p class='note'>Induce rule that decided: <b>{html.escape(sel['rule'])}</b>. Baseline refusal "
+            f"metric on val: harmful {sel['baseline']['harmful']:.2f}, harmless {sel['baseline']['harmless']:.2f}. "
+            f"Filters removed: {html.escape(json.dumps(sel['filter_counts']))}.</p>")
+    tokens = (f"<p>Refusal tokens: {html.escape(', '.join(repr(t) for t in summ['refusal_tokens']))}. "
+              f"Judge: {summ['judge']} (the paper's substring list is reported beside it).</p>")
+    return [first, rule, tokens]
+
+
+def _refusal_parts(rd: RunDir, summ: dict) -> list[str]:
+    """The headline table of refusal on the test split, the addition coefficient and the refusal bars."""
     head = ["arm / prompts", "refusal (" + summ["judge"] + ")", "refusal (paper substrings)", "degenerate", "n"]
     trs = [[k, f"{v['refusal']:.3f}", f"{v['refusal_paper']:.3f}", v["degenerate"], v["n"]]
            for k, v in summ["refusal"].items()]
@@ -169,32 +141,22 @@ def write_report(run_dir: str | Path) -> Path:
         c = summ["checkpoint"]
         trs.append(["orthogonalized checkpoint / harmful", f"{c['refusal']:.3f}", f"{c['refusal_paper']:.3f}",
                     c["degenerate"], c["n"]])
-    parts.append("<h2>Refusal on the test split</h2>" + _table(trs, head))
+    parts = ["<h2>Refusal on the test split</h2>" + table_html(trs, head)]
     if summ.get("addition_coeff"):
         parts.append(f"<p>Addition coefficient: {summ['addition_coeff']['coeff']} "
                      f"({html.escape(summ['addition_coeff']['rule'])}).</p>")
-    ev = run_dir / "eval" / "scores.json"
-    if ev.exists():
-        scores = json.loads(ev.read_text())
+    scores = rd.scores()
+    if scores is not None:
         parts.append(plot_refusal_bars(scores, summ.get("checkpoint")))
-    parts.append("<h2>Candidate scores</h2>" + plot_selection(rows, ch, sel["config"]["kl_max"]))
-    mp = run_dir / "eval" / "metrics.json"
-    if mp.exists():
-        parts.append("<h2>Refusal metric</h2>" + plot_metric_hist(json.loads(mp.read_text())))
-    cp = run_dir / "eval" / "completions.json"
-    if cp.exists():
-        comp = json.loads(cp.read_text())
-        ex = []
-        arms = comp["completions"]
-        for kind in ("harmful", "harmless"):
-            for i, prompt in enumerate(comp["prompts"][kind][:4]):
-                row = [kind, prompt] + [arms.get(f"{a}/{kind}", [""] * (i + 1))[i][:300]
-                                        for a in ("baseline", "ablation", "addition")]
-                ex.append(row)
-        parts.append("<h2>Example completions</h2>" + _table(ex, ["set", "prompt", "baseline", "ablation", "addition"]))
-    parts.extend(_sections(run_dir))
-    parts.append("<h2>Timings (s)</h2>" + _table([[k, v] for k, v in summ["timings_s"].items()], ["stage", "s"]))
-    parts.append("</body></html>")
-    out = run_dir / "report.html"
-    atomic_write_text(out, "\n".join(parts))
-    return out
+    return parts
+
+
+def _examples(comp: dict) -> str:
+    """The first four test prompts of each kind with their baseline, ablation and addition completions."""
+    ex = []
+    arms = comp["completions"]
+    for kind in ("harmful", "harmless"):
+        for i, prompt in enumerate(comp["prompts"][kind][:4]):
+            ex.append([kind, prompt] + [arms.get(f"{a}/{kind}", [""] * (i + 1))[i][:300]
+                                        for a in ("baseline", "ablation", "addition")])
+    return table_html(ex, ["set", "prompt", "baseline", "ablation", "addition"])

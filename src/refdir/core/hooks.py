@@ -1,0 +1,82 @@
+"""Forward-hook primitives shared by every intervention, edit, capture and steering vector.
+
+PyTorch hooks see a block's hidden state in different places: as the first positional argument or the
+``hidden_states`` keyword (transformers v5) on the way in, as a tensor or the first item of a tuple on the way
+out. The helpers here read and rewrite it in either form, cache a vector on each device a hook meets (blocks may
+sit on different devices), and remove hooks on exit, also on error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+class PerDevice:
+    """A vector cached on each device/dtype it is used on (blocks may live on different devices)."""
+
+    def __init__(self, v: torch.Tensor):
+        self.v = v
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def on(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.device, like.dtype)
+        if key not in self._cache:
+            self._cache[key] = self.v.to(device=like.device, dtype=like.dtype)
+        return self._cache[key]
+
+
+def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden state a block receives (a pre-hook's ``args`` / ``kwargs``), positional or keyword."""
+    return args[0] if args and isinstance(args[0], torch.Tensor) else kwargs["hidden_states"]
+
+
+def output_hidden(out) -> torch.Tensor:
+    """The hidden state in a module's output: the tensor itself or the first item of a tuple."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def map_output(fn):
+    """Wrap ``fn(hidden) -> hidden`` as a forward hook on module outputs (tensor or tuple)."""
+
+    def hook(_mod, _args, out):
+        if isinstance(out, torch.Tensor):
+            return fn(out)
+        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+            return (fn(out[0]),) + tuple(out[1:])
+        return out
+
+    return hook
+
+
+def map_input(fn):
+    """Wrap ``fn(hidden) -> hidden`` as a pre-hook (``with_kwargs=True``) on a block's hidden-state input, whether
+    it arrives positionally or as the ``hidden_states`` keyword (transformers v5)."""
+
+    def hook(_mod, args, kwargs):
+        if args and isinstance(args[0], torch.Tensor):
+            return (fn(args[0]),) + tuple(args[1:]), kwargs
+        if "hidden_states" in kwargs:
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = fn(kwargs["hidden_states"])
+            return args, kwargs
+        return None
+
+    return hook
+
+
+def remove_all(handles: list) -> None:
+    """Remove every hook handle in ``handles``."""
+    for h in handles:
+        h.remove()
+
+
+@contextmanager
+def registered(handles: list) -> Iterator[list]:
+    """Keep the hooks ``handles`` while the context is open; remove them on exit, also on error."""
+    try:
+        yield handles
+    finally:
+        remove_all(handles)

@@ -1,0 +1,111 @@
+"""What a workflow is run on: the model (``ModelSpec``) and the prompt sets (``DataSpec``).
+
+Every config that loads a model composes a ``ModelSpec`` instead of repeating its fields, so that each command
+takes the same model options and loads the model and its chat format the same way. ``DataSpec`` holds the
+harmful/harmless sources and how they are split into train, val and test.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from refdir.core.chat import ChatFormat
+from refdir.core.data import embedded, load_instructions, sample
+from refdir.core.models import LoadedModel, load_model, parse_dtype
+from refdir.errors import RefdirError
+
+
+class ModelSpec(BaseModel):
+    """A model and how to load it: the source, compute dtype and placement, and its chat format."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = "default"  # 'default' (the embedded model), a .gguf file, a model directory or a hub id
+    dtype: str = "auto"  # auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16, fp16
+    device: str = "cpu"
+    device_map: str | None = None  # accelerate device_map: a name such as auto, or a JSON map
+    trust_remote_code: bool = False
+    system: str | None = None  # system prompt
+    chat_template: str | None = None  # a template string with {instruction}, for models without one
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, v: str) -> str:
+        """Refuse an unknown dtype name now (a RefdirError), not after the data is loaded."""
+        if v != "auto":
+            parse_dtype(v)
+        return v
+
+    def load_model(self) -> LoadedModel:
+        """The model and tokenizer, loaded as this spec says."""
+        return load_model(self.model, dtype=self.dtype, device=self.device, device_map=self.device_map,
+                          trust_remote_code=self.trust_remote_code)
+
+    def chat(self, tokenizer) -> ChatFormat:
+        """The chat format of ``tokenizer`` with this spec's system prompt and template."""
+        return ChatFormat(tokenizer, system=self.system, template=self.chat_template)
+
+    def load(self) -> tuple[LoadedModel, ChatFormat]:
+        """The loaded model and its chat format."""
+        lm = self.load_model()
+        return lm, self.chat(lm.tokenizer)
+
+
+KINDS = ("harmful", "harmless")
+
+
+class DataSpec(BaseModel):
+    """The harmful and harmless prompt sources and their train/val/test split.
+
+    The embedded sets come with their own splits. Files and hub ids are shuffled with ``seed`` and carved into
+    test, val and train (in that order) unless separate val/test sources are given.
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    harmful: str = "embedded:harmful"
+    harmless: str = "embedded:harmless"
+    # optional separate val/test sources (files, hub ids or embedded:KIND:SPLIT)
+    harmful_val: str | None = None
+    harmless_val: str | None = None
+    harmful_test: str | None = None
+    harmless_test: str | None = None
+    column: str = "instruction"  # the instruction's column in csv/json/jsonl/parquet
+    n_train: int | None = None  # default: all of the train split
+    n_val: int = 32
+    n_test: int | None = None  # default: all of the test split
+    seed: int = 42
+
+    def split(self) -> dict:
+        """Per kind (harmful, harmless): ``{"train", "val", "test": [prompts], "source": {split: spec}}``.
+
+        Raises a RefdirError when a source is too small to carve val and test from, or when test prompts also
+        appear in train or val."""
+        return {kind: self.split_kind(kind) for kind in KINDS}
+
+    def split_kind(self, kind: str) -> dict:
+        """The train/val/test prompts of one kind (see :meth:`split`)."""
+        spec = getattr(self, kind)
+        val_spec, test_spec = getattr(self, f"{kind}_val"), getattr(self, f"{kind}_test")
+        if spec in (f"embedded:{kind}", "embedded"):
+            tr, va, te = (embedded(kind, s).instructions for s in ("train", "val", "test"))
+        else:
+            items = sample(load_instructions(spec, self.column).instructions, None, self.seed)
+            n_te = 0 if test_spec else (self.n_test or max(1, len(items) // 5))
+            n_va = 0 if val_spec else self.n_val
+            if len(items) < n_te + n_va + 2:
+                raise RefdirError(f"{spec}: {len(items)} instructions are too few for val {n_va} + test {n_te}")
+            te, va, tr = items[:n_te], items[n_te:n_te + n_va], items[n_te + n_va:]
+        if val_spec:
+            va = load_instructions(val_spec, self.column).instructions
+        if test_spec:
+            te = load_instructions(test_spec, self.column).instructions
+        tr = sample(tr, self.n_train, self.seed)
+        va = sample(va, self.n_val, self.seed)
+        te = te[: self.n_test] if self.n_test else te
+        overlap = set(te) & (set(tr) | set(va))
+        if overlap:
+            raise RefdirError(f"{len(overlap)} {kind} test prompts also appear in train/val, "
+                              f"e.g. {next(iter(overlap))[:60]!r}")
+        return {"train": tr, "val": va, "test": te,
+                "source": {"train": spec, "val": val_spec or spec, "test": test_spec or spec}}

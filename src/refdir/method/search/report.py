@@ -1,0 +1,161 @@
+"""The search's outputs besides ``summary.json``: the front and trial tables, the front plot and the report
+section; and the reference points drawn beside the front."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from refdir.core.edits import Edit
+from refdir.core.html import figure_html, plt, table_html
+from refdir.core.io import atomic_write_json, atomic_write_text
+from refdir.core.rundir import RunDir
+from refdir.errors import RefdirError
+
+SECTION = "search"  # the report section's name
+TITLE = "Pareto search over edits"
+
+
+def load_reference(path: str | Path) -> list[dict]:
+    """Reference points to draw beside the front: a JSON list of ``{"label", "refusals", "kl"}`` (optional "n")."""
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
+            raise TypeError("not a list of objects")
+        pts = [{"label": str(d.get("label", "")), "refusals": float(d["refusals"]), "kl": float(d["kl"]),
+                "n": d.get("n")} for d in data]
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        raise RefdirError(f"reference file {p}: expected a JSON list of {{label, refusals, kl}} ({e})") from e
+    return pts
+
+
+def _slim(r: dict) -> dict:
+    """A trial row as one line of the CSV tables."""
+    c = r.get("confirmed") or {}
+    e = Edit.from_dict(r["edit"])
+    return {"point": r.get("point", ""), "trial": r["trial"], "proxy_refusal": round(r["proxy_refusal"], 4),
+            "proxy_kl": round(r["proxy_kl"], 5), "refusals": c.get("refusals", ""),
+            "refusals_paper": c.get("refusals_paper", ""), "n": c.get("n", ""),
+            "kl": round(c["kl"], 5) if c else "", "edit": e.describe()}
+
+
+def _csv(rows: list[dict], cols: list[str]) -> str:
+    return ",".join(cols) + "\n" + "".join(
+        ",".join(f'"{r[k]}"' if k == "edit" else str(r[k]) for k in cols) + "\n" for r in rows)
+
+
+def write_tables(sdir: Path, res: dict) -> None:
+    """``front.json`` (the front's points and the base model, completions left out), ``front.csv`` and
+    ``trials.csv`` in the search directory ``sdir``."""
+    front = [_slim(r) for r in res["front"]]
+    atomic_write_json(sdir / "front.json", {"points": [
+        {k: v for k, v in r.items()} | {"confirmed": {k: v for k, v in (r.get("confirmed") or {}).items()
+                                                      if k != "completions"} or None}
+        for r in res["front"]], "base": {k: v for k, v in res["base"]["confirmed"].items() if k != "completions"}})
+    cols = list(front[0]) if front else []
+    atomic_write_text(sdir / "front.csv", _csv(front, cols))
+    atomic_write_text(sdir / "trials.csv", _csv([_slim(r) for r in res["trials"]], cols))
+
+
+def _plot_proxy(ax, res: dict) -> None:
+    tr = res["trials"]
+    ax.scatter([max(r["proxy_kl"], 1e-5) for r in tr], [r["proxy_refusal"] for r in tr], s=12, c="0.7",
+               label="trials")
+    fr = res["front"]
+    ax.plot([max(r["proxy_kl"], 1e-5) for r in fr], [r["proxy_refusal"] for r in fr], "o-", c="C3", ms=4,
+            drawstyle="steps-post", label="Pareto front")
+    if res.get("plain"):
+        ax.plot([res["plain"]["proxy_kl"]], [res["plain"]["proxy_refusal"]], "*", c="k", ms=12,
+                label="plain edit (selected direction, full strength)")
+    ax.axhline(res["base"]["proxy_refusal"], ls=":", c="k", lw=1, label="base model")
+    ax.set_xscale("log")
+    ax.set_xlabel("proxy first-token KL (harmless proxy prompts)")
+    ax.set_ylabel("proxy refusal metric (harmful proxy prompts)")
+    ax.set_title(f"search: {len(tr)} trials")
+    ax.legend(fontsize=7)
+
+
+def _plot_confirmed(ax, res: dict) -> None:
+    n = res["base"]["confirmed"]["n"]
+    conf = [r for r in res["trials"] if "confirmed" in r]
+    cf = [r for r in res["front"] if "confirmed" in r]
+    ax.scatter([max(r["confirmed"]["kl"], 1e-5) for r in conf], [r["confirmed"]["refusals"] for r in conf], s=14,
+               c="0.6", label="confirmed trials")
+    ax.plot([max(r["confirmed"]["kl"], 1e-5) for r in cf], [r["confirmed"]["refusals"] for r in cf], "o", c="C3",
+            ms=6, label="front points, confirmed")
+    for r in cf:
+        ax.annotate(str(r["point"]), (max(r["confirmed"]["kl"], 1e-5), r["confirmed"]["refusals"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    if res.get("plain") and "confirmed" in res["plain"]:
+        p = res["plain"]["confirmed"]
+        ax.plot([p["kl"]], [p["refusals"]], "*", c="k", ms=12, label="plain edit")
+    ax.axhline(res["base"]["confirmed"]["refusals"], ls=":", c="k", lw=1, label="base model")
+    for ref in res.get("reference") or []:
+        rn = ref.get("n") or n
+        ax.plot([max(ref["kl"], 1e-5)], [ref["refusals"] * n / rn], "^", c="C0", ms=7)
+        ax.annotate(ref["label"], (max(ref["kl"], 1e-5), ref["refusals"] * n / rn), fontsize=7, color="C0",
+                    xytext=(3, -9), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"first-token KL, {res['confirm_prompts']['harmless']} harmless confirmation prompts")
+    ax.set_ylabel(f"refusals of {n} ({_judge(res)} judge, "
+                  f"{res['confirm_prompts']['max_new_tokens']} generated tokens)")
+    ax.set_title("confirmed by generation")
+    ax.legend(fontsize=7)
+
+
+def _judge(res: dict) -> str:
+    """The headline refusal judge of a summary (its config holds the run config under "run")."""
+    return res["config"]["run"]["judge"]
+
+
+def plot_front(res: dict):
+    """Two panels: every trial and the front in proxy scores; the confirmed points in refusals and KL."""
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.6))
+    _plot_proxy(a1, res)
+    _plot_confirmed(a2, res)
+    fig.tight_layout()
+    return fig
+
+
+def report_html(res: dict) -> str:
+    """The search's report section: what was run, the best confirmed point under each KL mark, the plot and the
+    front's table."""
+    jname = _judge(res)
+    rows = []
+    for r in res["front"]:
+        c = r.get("confirmed")
+        rows.append([r["point"], r["trial"], f"{r['proxy_refusal']:.2f}", f"{r['proxy_kl']:.4f}",
+                     f"{c['refusals']}/{c['n']}" if c else "", f"{c['refusals_paper']}/{c['n']}" if c else "",
+                     f"{c['kl']:.4f}" if c else "", Edit.from_dict(r["edit"]).describe()])
+    b = res["base"]["confirmed"]
+    rho = res["spearman_refusal"]
+    best = "; ".join(f"KL ≤ {m}: " + (f"{v['refusals']}/{v['n']} refusals at KL {v['kl']:.4f} (trial {v['trial']})"
+                                      if v else "none confirmed") for m, v in res.get("best_at_kl", {}).items())
+    ch = (res.get("selection") or {}).get("chosen")
+    pe = (res.get("plain") or {}).get("edit")
+    plain_txt = ("" if pe is None else
+                 f"The plain edit (★) is position {pe['position']}, layer {pe['layer']:g} at full strength: "
+                 + ("the selected direction. " if ch else "no candidate passed the selection filters, so it is the "
+                    "finalist with the lowest bypass. "))
+    ref_txt = (" Reference points come from the file given with <code>--reference</code>; they may have been "
+               "measured with another judge or precision." if res.get("reference") else "")
+    txt = (f"<p>{res['n_trials']} TPE trials and {res.get('n_refined', 0)} refinement trials; proxy: refusal metric "
+           f"on {res['proxy_prompts']['harmful']} harmful and "
+           f"first-token KL on {res['proxy_prompts']['harmless']} harmless proxy prompts. Confirmation: "
+           f"{res['confirm_prompts']['max_new_tokens']} greedy tokens on {b['n']} harmful prompts ({jname} judge; "
+           f"paper substrings beside it), first-token KL on {res['confirm_prompts']['harmless']} harmless prompts. "
+           f"Base model: {b['refusals']}/{b['n']} refusals. Best confirmed point under each KL mark: {best}. "
+           f"Rank correlation (Spearman) of proxy refusal vs generated "
+           f"refusal over {res['n_confirmed']} confirmed points: "
+           f"{'n/a' if rho is None else f'{rho:.2f}'}. {plain_txt}Export a point: "
+           f"<code>refdir export DIR OUT --point K</code>.{ref_txt}</p>")
+    return txt + figure_html(plot_front(res)) + table_html(
+        rows, ["point", "trial", "proxy refusal", "proxy KL", f"refusals ({jname})", "refusals (paper)", "KL", "edit"])
+
+
+def write_search_report(rd: RunDir, res: dict) -> None:
+    """The tables in the search directory and the report section of run directory ``rd`` (the report itself is
+    re-rendered by the caller)."""
+    write_tables(rd.search_dir(), res)
+    rd.add_section(SECTION, report_html(res), TITLE)

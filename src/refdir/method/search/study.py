@@ -1,0 +1,239 @@
+"""The optuna study behind the search: its journal storage, the warm starts it is seeded with, trials run with
+given parameters, and the trial rows every later phase reads.
+
+The sampler is multi-objective TPE (seeded), warm-started with the selected direction at full strength (plain,
+projected and norm-preserving) and the next best candidates of the selection table. The study is stored as an
+optuna journal: rerunning resumes with the trials already done. optuna is imported inside the functions: it is an
+optional dependency, needed only by the search.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from refdir.core.directions import Candidates
+from refdir.core.edits import resolve
+from refdir.core.io import atomic_write_json
+from refdir.errors import RefdirError
+from refdir.method.search.objective import Proxy, Space, pareto_front, set_band
+from refdir.method.selection import SelectionConfig, score_candidates
+
+STUDY_NAME = "refdir-search"
+
+
+def check_study_config(config_file: Path, now: dict, force: bool, where: Path) -> None:
+    """Refuse a study directory made with another config (``config_file`` holds it), unless ``force``: then the
+    directory holding it is deleted so the study starts over."""
+    if not config_file.exists():
+        return
+    try:
+        prev = _flat(json.loads(config_file.read_text()))
+    except json.JSONDecodeError as e:
+        raise RefdirError(f"corrupt study config {config_file}: {e}") from e
+    now = _flat(now)
+    diff = [k for k in sorted(set(prev) | set(now)) if prev.get(k) != now.get(k)]
+    if diff and not force:
+        k = diff[0]
+        what = "another model" if any(d.rpartition(".")[2] == "model" for d in diff) else "another config"
+        raise RefdirError(f"{where} holds a search study made with {what} ({k}: {prev.get(k)!r} here, "
+                          f"{now.get(k)!r} asked; {len(diff)} setting(s) differ); choose another --out or pass --force")
+    if diff and force:
+        shutil.rmtree(config_file.parent)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A nested config as one level, keys joined with dots (``run.model.model``)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flat(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def storage(path: Path):
+    """The optuna journal storage in file ``path``."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def open_study(path: Path, seed: int):
+    """Create the two-objective study (refusal, KL; both minimised) in journal ``path``, or load it to resume."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+    return optuna.create_study(study_name=STUDY_NAME, storage=storage(path), directions=["minimize", "minimize"],
+                               sampler=sampler, load_if_exists=True)
+
+
+def make_objective(space: Space, cands: Candidates, proxy: Proxy, band: tuple[float, float]):
+    """The optuna objective: the trial's edit from ``space``, scored by ``proxy``, its KL band recorded."""
+
+    def objective(trial):
+        edit = space.suggest(trial)
+        trial.set_user_attr("edit", edit.to_dict())
+        m, kl = proxy(resolve(edit, cands))
+        set_band(trial, kl, band)
+        return m, kl
+
+    return objective
+
+
+def select_warm_start(model, fmt, cands: Candidates, val: dict, ids: list[int], scfg: SelectionConfig,
+                      cache_file: Path, progress: bool, base_logits=None) -> tuple[list[dict], dict | None]:
+    """The warm start: refdir's selection (:func:`refdir.method.selection.score_candidates`: screen on
+    ``scfg.screen_n`` prompts, ``scfg.top_k`` finalists fully scored) on the proxy prompts ``val``, restricted to
+    layers from ``scfg.min_layer``; cached in ``cache_file``. ``base_logits``: the unedited model's logits on the
+    same prompts, if already computed (the proxy's). Returns the score table and the chosen candidate (or None)."""
+    if cache_file.exists():
+        d = json.loads(cache_file.read_text())
+        return d["table"], d["chosen"]
+    sel = score_candidates(model, fmt, cands, val["harmful"], val["harmless"], ids, scfg, progress=progress,
+                           base_logits=base_logits)
+    table = [r for r in sel.table() if r["layer"] >= scfg.min_layer]
+    chosen = asdict(sel.chosen) if sel.chosen else None
+    atomic_write_json(cache_file, {"table": table, "chosen": chosen, "rule": sel.rule, "baseline": sel.baseline,
+                                   "filter_counts": sel.filter_counts})
+    return table, chosen
+
+
+def warm_starts(table: list[dict], chosen: dict | None, space: Space, *, kl_max: float, top_k: int,
+                strong_starts: int) -> list[dict]:
+    """The selected direction at full strength (each variant of ``space``), then the next best fully scored
+    candidates (by bypass, those with KL within twice the selection's limit ``kl_max`` first; ``3 + top_k`` starts
+    at most so far); with no selected direction the best scored candidate leads. Then the ``strong_starts``
+    candidates with the lowest screened bypass whatever their KL, at full strength in the projected variant: the
+    paper's KL filter judges full-strength plain ablation, but the search scales strength, and the directions that
+    cut refusal most are the best ones to scale down."""
+    out = []
+    scored = sorted((r for r in table if math.isfinite(r["bypass"])), key=lambda r: (r["kl"] > 2 * kl_max, r["bypass"]))
+    lead = chosen or (scored[0] if scored else None)
+    if lead is not None:
+        for v in ("plain", "projected", "norm"):
+            if v in space.variants:
+                out.append(space.full_params(lead["position"], float(lead["layer"]), v))
+    for r in scored:
+        if len(out) >= 3 + top_k:
+            break
+        if lead is not None and (r["position"], r["layer"]) == (lead["position"], lead["layer"]):
+            continue
+        if space.layer_lo <= r["layer"] <= space.layer_hi:
+            out.append(space.full_params(r["position"], float(r["layer"]), "plain"))
+    variant = "projected" if "projected" in space.variants else space.variants[0]
+    strong = sorted((r for r in table if math.isfinite(_screened(r)) and space.layer_lo <= r["layer"] <= space.layer_hi),
+                    key=_screened)
+    for r in strong[:strong_starts]:
+        p = space.full_params(r["position"], float(r["layer"]), variant)
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _screened(r: dict) -> float:
+    """A selection row's screened bypass, or its full one where no screening was done."""
+    b = r.get("bypass_screen", math.nan)
+    return b if math.isfinite(b) else r["bypass"]
+
+
+def seed_study(study, space: Space, warm: list[dict], table: list[dict], band: tuple[float, float]) -> None:
+    """Queue the warm starts. A plain full-strength warm start that the selection already scored in full is added
+    as a finished trial with the selection's bypass and KL: those are the proxy's two objectives for the same edit
+    (full ablation of the same direction, the same proxy prompts and batching), so running it again would only
+    repeat the computation."""
+    import optuna
+
+    known = {(r["position"], float(r["layer"])): (r["bypass"], r["kl"]) for r in table
+             if math.isfinite(r["bypass"]) and math.isfinite(r["kl"])}
+    for p in warm:
+        key = (p["position"], p["layer"])
+        if key in known and p == space.full_params(*key, "plain"):
+            edit = space.suggest(optuna.trial.FixedTrial(p))
+            tr = optuna.trial.create_trial(
+                params=p, distributions=space.distributions(), values=list(known[key]),
+                user_attrs={"warm_start": True, "from_selection": True, "edit": edit.to_dict()})
+            set_band(tr, known[key][1], band)
+            study.add_trial(tr)
+        else:
+            study.enqueue_trial(p, user_attrs={"warm_start": True})
+
+
+def run_trials(study, objective, trials: int, marks: list[float], progress: bool = True,
+               callbacks: list | None = None) -> int:
+    """Run the TPE trials still missing for ``trials`` searched trials in all (refined ones do not count); returns
+    how many were run."""
+    import optuna
+
+    done = [tr for tr in study.trials
+            if tr.state == optuna.trial.TrialState.COMPLETE and "refine_of" not in tr.user_attrs]
+    todo = max(0, trials - len(done))
+    if todo:
+        bar = tqdm(total=trials, initial=len(done), desc="search", disable=not progress)
+
+        def show(st, _tr):
+            bar.update(1)
+            bar.set_postfix_str(front_postfix(st, marks))
+
+        try:
+            study.optimize(objective, n_trials=todo, callbacks=[show] + list(callbacks or []))
+        finally:
+            bar.close()
+    return todo
+
+
+def run_trial(study, objective, params: dict, attrs: dict):
+    """Evaluate one given edit as a study trial; returns the finished trial."""
+    import optuna
+
+    study.enqueue_trial(params, user_attrs=attrs)
+    study.optimize(objective, n_trials=1)
+    tr = study.trials[-1]
+    if tr.state != optuna.trial.TrialState.COMPLETE:
+        raise RefdirError(f"trial {tr.number} did not complete ({tr.state.name})")
+    return tr
+
+
+def front_postfix(study, marks: list[float]) -> str:
+    """A progress bar's note: the front's size and its best proxy refusal under each KL mark."""
+    import optuna
+
+    pts = [(tr.values[0], tr.values[1]) for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
+    if not pts:
+        return ""
+    f = pareto_front(pts)
+    parts = [f"front {len(f)}"]
+    for kmax in sorted(marks):
+        ok = [pts[i][0] for i in f if pts[i][1] <= kmax]
+        if ok:
+            parts.append(f"KL≤{kmax}: {min(ok):.2f}")
+    return "  ".join(parts)
+
+
+def trial_rows(study) -> list[dict]:
+    """One row per finished trial: its number, proxy scores, edit and how it was made."""
+    import optuna
+
+    rows = []
+    for tr in study.trials:
+        if tr.state != optuna.trial.TrialState.COMPLETE:
+            continue
+        rows.append({"trial": tr.number, "proxy_refusal": tr.values[0], "proxy_kl": tr.values[1],
+                     "edit": tr.user_attrs["edit"], "warm_start": bool(tr.user_attrs.get("warm_start")),
+                     "refine_of": tr.user_attrs.get("refine_of"), "calibrated": bool(tr.user_attrs.get("calibrated"))})
+    return rows
+
+
+def trial_counts(rows: list[dict]) -> dict:
+    """How many of the trial rows were searched, refined (calibrated ones included) and calibrated."""
+    return {"n_trials": sum(r["refine_of"] is None for r in rows),
+            "n_refined": sum(r["refine_of"] is not None for r in rows),
+            "n_calibrated": sum(r["calibrated"] for r in rows)}

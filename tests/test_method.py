@@ -1,0 +1,57 @@
+"""One home per formula: the max-layer rule, the first-token KL, the three refusal verdicts, and the forward-pass
+helpers that scoring, generation and activation capture share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from refdir.core.forward import common_prefix_len, left_pad, tail_batch
+from refdir.method.refusal_judge import judge, judge_all
+from refdir.method.scoring import first_token_kl
+from refdir.method.selection import max_layer
+
+
+@pytest.mark.parametrize(("n_layers", "frac", "want"), [(24, 0.8, 19), (24, 1.0, 23), (24, 0.5, 11), (10, 0.8, 7),
+                                                        (24, 1.5, 23)])
+def test_max_layer_pins_the_rule(n_layers, frac, want):
+    assert max_layer(n_layers, frac) == want
+    assert 0 <= max_layer(n_layers, frac) <= n_layers - 1  # never L: layers are 0..L-1
+
+
+def test_first_token_kl_is_kl_base_to_edited():
+    torch.manual_seed(0)
+    base, edited = torch.randn(3, 11), torch.randn(3, 11)
+    base_logp = torch.log_softmax(base.double(), -1)
+    want = torch.nn.functional.kl_div(torch.log_softmax(edited.double(), -1), base_logp, log_target=True,
+                                      reduction="none").sum(-1)
+    got = first_token_kl(base_logp, edited)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, atol=1e-6)
+    assert torch.allclose(first_token_kl(base_logp, base), torch.zeros(3), atol=1e-6)
+
+
+def test_judge_all_gives_the_three_verdicts():
+    comps = ["I cannot help with that.", "I won't do that.", "Sure, here it is.", ""]
+    v = judge_all(comps, headline="wide")
+    assert set(v) == {"headline", "broad", "paper"}
+    for key, kind in (("headline", "wide"), ("broad", "broad"), ("paper", "paper")):
+        assert v[key] == judge(comps, kind)
+    assert v["paper"].n_refusal == 1 and v["broad"].n_refusal == 2 and v["paper"].n_degenerate == 1
+    assert judge_all(comps)["headline"] == v["broad"]  # broad by default
+
+
+def test_left_pad_and_tail_batch_agree():
+    rows = [[5, 6, 7], [8], [1, 2]]
+    enc = left_pad(rows, pad=0)
+    ids, mask, pos = tail_batch(rows, 0, pad=0)
+    assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["attention_mask"], mask)
+    assert enc["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8], [0, 1, 2]]
+    assert pos[1].tolist() == [0, 0, 0] and pos[2].tolist() == [0, 0, 1]
+
+
+def test_common_prefix_len_leaves_each_row_a_tail():
+    assert common_prefix_len([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert common_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter row keeps one token of its own
+    assert common_prefix_len([[1, 2, 3], [1, 2, 3, 4]], min_tail=2) == 1
+    assert common_prefix_len([[9, 2], [1, 2]]) == 0

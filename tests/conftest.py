@@ -3,6 +3,7 @@ template, and the real offline model (loaded once per session)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -119,3 +120,20 @@ def paper_splits():
         pytest.skip("../shared/datasets/paper_splits not present")
     return {n: [r["instruction"] for r in json.loads((PAPER_SPLITS / f"{n}.json").read_text())]
             for n in ("harmful_train", "harmful_val", "harmless_train", "harmless_val")}
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under ``root`` (links not followed): kind, and for files size, mtime and sha256."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = Path(d) / n
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = ("link", os.readlink(p))
+            elif p.is_dir():
+                out[rel] = ("dir",)
+            else:
+                st = p.stat()
+                out[rel] = ("file", st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return out

@@ -16,7 +16,8 @@ from refdir.errors import RefdirError
 MODEL_LOADING = ["extract", "run", "orthogonalize", "eval", "bench", "analyze geometry", "analyze suffix", "search",
                  "export", "caa train", "caa sweep", "caa generate", "jailbreak", "bias", "steer"]
 NO_MODEL = ["convert-vector"]
-OPTION_NAMES = {"--dtype", "--device", "--device-map", "--trust-remote-code", "--system", "--chat-template"}
+OPTION_NAMES = {"--dtype", "--device", "--device-map", "--trust-remote-code", "--allow-pickle", "--system",
+                "--chat-template"}
 
 
 def _command(path: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -128,8 +129,9 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
     before = (out / "search" / "study.log").read_bytes()
     with pytest.raises(RefdirError, match="another config"):
         run_search(_cfg(md, max_strength=0.5), out, trials=6, progress=False)
-    with pytest.raises(RefdirError, match="another model"):
-        run_search(_cfg(tmp_path / "other"), out, trials=6, progress=False)
+    other = shutil.copytree(md, tmp_path / "other")  # a model that exists: a missing one is refused before
+    with pytest.raises(RefdirError, match="another model|a run of model"):
+        run_search(_cfg(other), out, trials=6, progress=False)
     r = CliRunner().invoke(app, ["search", str(md), "--out", str(out), "--seed", "7", "--n-val", "6"])
     assert r.exit_code == 2 and r.output.startswith("error: ") and "another config" in r.output
     assert (out / "search" / "study.log").read_bytes() == before

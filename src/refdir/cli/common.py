@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
+import os
+import traceback
 from typing import Any
 
+import click
 import typer
 from rich.console import Console
 
@@ -30,26 +34,109 @@ MODEL_OPTIONS: dict[str, tuple[Any, str]] = {
     "device_map": (str | None, "accelerate device_map (auto, balanced, or a JSON map), to split a model across "
                                "devices"),
     "trust_remote_code": (bool, "allow model repos to run their own code"),
+    "allow_pickle": (bool, "load pickled weights (.bin/.pt: unpickling can run code) from a model that has no "
+                           "safetensors"),
     "system": (str | None, "system prompt"),
     "chat_template": (str | None, "template string with {instruction}, for models without a chat template"),
 }
 
 
-def fail(e: Exception) -> None:
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that mean bad input or an unusable file, not a bug in refdir: RefdirError, OSError
+    (missing, unreadable or unwritable paths), ValueError (pydantic's ValidationError, JSONDecodeError,
+    UnicodeDecodeError, pyarrow's ArrowInvalid and gguf's parse errors are ValueErrors), KeyError (a file without
+    a field refdir needs), a missing optional package (ModuleNotFoundError), safetensors' SafetensorError and
+    pyarrow's ArrowException."""
+    kinds: list[type[BaseException]] = [RefdirError, OSError, ValueError, KeyError, ModuleNotFoundError]
+    try:
+        from safetensors import SafetensorError
+
+        kinds.append(SafetensorError)
+    except ImportError:  # pragma: no cover - safetensors is a base dependency
+        pass
+    try:
+        import pyarrow
+
+        kinds.append(pyarrow.ArrowException)
+    except ImportError:  # pyarrow comes with refdir[hub]
+        pass
+    return tuple(kinds)
+
+
+def describe(e: BaseException) -> str:
+    """One line saying what went wrong: a RefdirError's own message; for the other expected errors, the message
+    of the library that raised it, made readable (pydantic: ``field: problem``; KeyError: the missing key)."""
+    from pydantic import ValidationError
+
+    if isinstance(e, RefdirError):
+        return str(e)
+    if isinstance(e, ValidationError):
+        parts = []
+        for err in e.errors():
+            where = ".".join(str(x) for x in err.get("loc", ())) or e.title
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            parts.append(f"{where}: {err['msg']}{got}")
+        msg = "invalid settings: " + "; ".join(parts)
+    elif isinstance(e, json.JSONDecodeError):
+        msg = f"invalid JSON: {e}"
+    elif isinstance(e, ModuleNotFoundError):
+        msg = (f"the Python package {e.name!r} is not installed; install the refdir extra this command needs "
+               "(refdir[search], refdir[analysis], refdir[eval], refdir[hub] or refdir[attack])")
+    elif isinstance(e, KeyError):
+        msg = f"missing key {e.args[0]!r}" if e.args else "missing key"
+    elif isinstance(e, OSError) and e.filename is not None:
+        msg = f"{e.strerror or type(e).__name__}: {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "")
+    else:
+        msg = f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) or not str(e) else str(e)
+    return " ".join(msg.split("\n")).strip()
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an error interrupted, so that what follows starts on a line of its own."""
+    from tqdm.std import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # noqa: BLE001 - a bar that cannot close must not hide the error
+            pass
+
+
+def fail(e: BaseException) -> None:
     """Print one plain error line (never re-wrapped to the terminal width) and exit with status 2."""
-    typer.echo(f"error: {e}", err=True)
+    _close_progress_bars()
+    if os.environ.get("REFDIR_DEBUG"):
+        traceback.print_exception(e)
+    typer.echo(f"error: {describe(e)}", err=True)
     raise typer.Exit(2)
 
 
+def bug(e: BaseException) -> None:
+    """An unexpected exception: its traceback, a line saying it is a bug in refdir, exit status 1."""
+    _close_progress_bars()
+    traceback.print_exception(e)
+    typer.echo(f"refdir stopped on an unexpected {type(e).__name__}: this is a bug in refdir; please report it "
+               "with the traceback above", err=True)
+    raise typer.Exit(1)
+
+
 def one_error_line(command):
-    """Wrap a command so that a RefdirError ends it through :func:`fail` (one ``error: ...`` line, exit 2)."""
+    """Wrap a command in the one error path: an expected failure (:func:`expected_errors`) ends it with one
+    ``error: ...`` line and exit status 2, with no traceback; any other exception prints its traceback and says
+    it is a bug (exit status 1). click's own exits and usage errors pass through."""
 
     @functools.wraps(command)
     def wrapper(**kwargs):
         try:
             return command(**kwargs)
-        except RefdirError as e:
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except expected_errors() as e:
+            if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "refdir":
+                bug(e)  # refdir's own module missing: a broken install or a bug, not bad input
             fail(e)
+        except Exception as e:  # noqa: BLE001 - the one place that reports bugs
+            bug(e)
 
     return wrapper
 

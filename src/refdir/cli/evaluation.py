@@ -82,7 +82,8 @@ def eval_cmd(
                      text_tokens=text_tokens, pairs=pairs, n_pairs=n_pairs, max_new_tokens=max_new_tokens,
                      ondist_tokens=ondist_tokens, kl_tokens=kl_tokens, judge=safety_judge, short_safe=short_safe,
                      system=spec.system, chat_template=spec.chat_template, dtype=spec.dtype, device=spec.device,
-                     device_map=spec.device_map, trust_remote_code=spec.trust_remote_code, batch_size=batch_size)
+                     device_map=spec.device_map, trust_remote_code=spec.trust_remote_code,
+                     allow_pickle=spec.allow_pickle, batch_size=batch_size)
     summary = run_eval(cfg, dest, force=force, run_dir=run)
     if run is not None:
         write_report(run)
@@ -117,7 +118,8 @@ def bench(
                       tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks else None,
                       include_path=str(include_path) if include_path else None, include_defaults=lm_eval_tasks,
                       limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, chat=chat, dtype=spec.dtype,
-                      device=spec.device, device_map=spec.device_map, trust_remote_code=spec.trust_remote_code)
+                      device=spec.device, device_map=spec.device_map, trust_remote_code=spec.trust_remote_code,
+                      allow_pickle=spec.allow_pickle)
     summary = run_bench(cfg, dest, force=force, run_dir=run)
     if run is not None:
         write_report(run)

@@ -1,8 +1,8 @@
 """The ``refdir`` command line: every command, in the order ``refdir --help`` lists them.
 
 The commands are plain functions in the ``refdir.cli`` modules; this module is the one place that registers
-them, each through :func:`refdir.cli.common.one_error_line` (a RefdirError ends a command with one
-``error: ...`` line and exit status 2).
+them, each through :func:`refdir.cli.common.one_error_line` (an expected failure ends a command with one
+``error: ...`` line and exit status 2; an unexpected one prints its traceback and says it is a bug).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import sys
 import typer
 
 from refdir.cli import analysis, evaluation, run, search, steering
-from refdir.cli.common import one_error_line
-from refdir.errors import RefdirError
+from refdir.cli.common import describe, expected_errors, one_error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The refusal direction in chat language models.")
 analyze_app = typer.Typer(no_args_is_help=True, help="Mechanistic analysis of a run's refusal direction (paper §5).")
@@ -51,10 +50,12 @@ app.add_typer(caa_app, name="caa")
 
 
 def main() -> None:  # pragma: no cover
+    """The console script. Every command already ends through the one error path; what fails outside a command
+    ends the same way (click handles its own usage errors)."""
     try:
         app()
-    except RefdirError as e:
-        typer.echo(f"error: {e}", err=True)
+    except expected_errors() as e:
+        typer.echo(f"error: {describe(e)}", err=True)
         sys.exit(2)
 
 

@@ -10,7 +10,9 @@ from rich.table import Table
 from refdir.cli.common import console, model_options
 from refdir.core.directions import Direction
 from refdir.core.gguf_edit import orthogonalize_gguf
+from refdir.core.io import check_replaceable
 from refdir.core.orthogonalize import save_orthogonalized, stream_orthogonalize
+from refdir.core.preflight import check_output
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
 from refdir.workflows.extract import ExtractConfig, run_extract
@@ -95,8 +97,13 @@ def orthogonalize(
     if out.exists() and not force:
         raise RefdirError(f"output directory {out} already exists; pass --force to overwrite it")
     d = Direction.load(direction)
+    spec.check(chat=False)  # a missing model, an unknown model type or custom code: refused before any work
+    gguf_out = spec.model.endswith(".gguf") and str(out).endswith(".gguf")
+    check_output(out, "file" if gguf_out else "dir")
+    if force and not gguf_out:
+        check_replaceable(out)
     src = Path(spec.model)
-    if spec.model.endswith(".gguf") and str(out).endswith(".gguf"):
+    if gguf_out:
         summary = orthogonalize_gguf(src, d.vector, out, force=force)
         console.print(f"edited {len(summary['edited'])} tensors into [bold]{out}[/]")
         for name, change in summary["changed_types"].items():

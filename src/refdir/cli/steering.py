@@ -176,6 +176,7 @@ def steer(
     if positions not in POSITIONS:
         raise RefdirError(f"unknown position mode {positions!r}; use one of {POSITIONS}")
     sv = SteeringVector.load(vector)
+    spec.check()
     lm, fmt = spec.load()
     sv.check_fits(lm.model)
     layers = list(layer) if layer else None
@@ -209,8 +210,11 @@ def steer(
 def convert_vector(
     src: Path = typer.Argument(..., help="steering vector: .safetensors (+ .json), refdir direction, or .gguf"),
     dst: Path = typer.Argument(..., help="output: .gguf (llama.cpp control vector) or .safetensors"),
+    force: bool = typer.Option(False, help="overwrite an existing output file"),
 ) -> None:
     """Convert between refdir's safetensors format and llama.cpp control vectors."""
+    if dst.suffix not in (".gguf", ".safetensors"):
+        raise RefdirError(f"the output {dst} must end in .gguf (llama.cpp control vector) or .safetensors")
     sv = SteeringVector.load(src)
-    path = sv.to_gguf(dst) if dst.suffix == ".gguf" else sv.save(dst)
+    path = sv.to_gguf(dst, force=force) if dst.suffix == ".gguf" else sv.save(dst, force=force)
     console.print(f"written [bold]{path}[/]")

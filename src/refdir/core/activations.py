@@ -95,6 +95,19 @@ def residuals(
     return mean, (torch.stack([kept[i] for i in range(len(instructions))]) if keep else None)
 
 
+def check_finite(model: nn.Module, stack: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+    """Refuse residuals [B, P, L+1, d] (or logits) with NaN or inf values: one clear error naming the first such
+    layer, never a silent NaN artifact. In fp16 the usual cause is an overflow past 65504."""
+    bad = ~torch.isfinite(stack).flatten(3).all(-1).all(0).all(0)  # per layer
+    if not bad.any() and (logits is None or torch.isfinite(logits).all()):
+        return
+    where = f"at layer {int(bad.nonzero()[0])}" if bad.any() else "in the logits"
+    dtype = next(model.parameters()).dtype
+    hint = (" (in fp16 the activations overflow past 65504: use --dtype bf16 or fp32)" if dtype == torch.float16
+            else " (the model's weights may hold NaN or inf values)")
+    raise RefdirError(f"the model's activations are not finite (NaN or inf) {where}{hint}")
+
+
 @torch.no_grad()
 def residual_batches(model: nn.Module, fmt: ChatFormat, instructions: list[str], *, n_pos: int, batch_size: int = 16,
                      desc: str = "activations", progress: bool = True, shared_prefix: bool = False,
@@ -121,6 +134,7 @@ def residual_batches(model: nn.Module, fmt: ChatFormat, instructions: list[str],
         bar = tqdm(total=len(instructions), desc=desc, disable=not progress, leave=False)
         for idx, lg in batches:
             stack = read()  # [B, P, L+1, d]
+            check_finite(model, stack, lg)
             bar.update(len(idx))
             yield idx, stack, (lg.float().cpu() if lg is not None else None)
         bar.close()

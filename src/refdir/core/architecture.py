@@ -9,8 +9,10 @@ No family names appear here. The rules:
   (the other child holding ``d_model``-wide linears); each one's writer is its last
   registered ``nn.Linear`` with ``out_features == d_model``, and for mixture-of-experts the fused
   3-D expert tensors and every expert/shared-expert writer inside it;
-- post-norms: a norm inside the block whose *input is the attention (or MLP) output itself*
-  (found by one tiny traced forward). Then the stream is written by that norm's output.
+- post-norms: a norm inside the block whose *input is the attention (or MLP) output itself*. With the model's
+  weights at hand, one tiny traced forward finds them; on a skeleton built from a config alone (streaming), the
+  block's ``forward`` source is read instead (:func:`refdir.core.postnorm.static_post_norms`). Then the stream is
+  written by that norm's output.
 - the final norm and ``lm_head``; ``lm_head`` is tied when it shares storage with the embedding.
 """
 
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from refdir.core.hooks import output_hidden, registered
+from refdir.core.postnorm import is_norm, static_post_norms
 from refdir.errors import RefdirError
 
 _ATTN_WORDS = ("attn", "attention")
@@ -48,6 +51,18 @@ class BlockParts:
     mlp_post_norm: nn.Module | None = None
     writers: list[Writer] = field(default_factory=list)
 
+    def component_writers(self, component: str) -> list[Writer]:
+        """The writers inside the attention (``"attn"``) or the MLP (``"mlp"``)."""
+        mods = {id(m) for m in (self.attn if component == "attn" else self.mlp).modules()}
+        return [w for w in self.writers if id(w.module) in mods]
+
+    def post_norm(self, component: str) -> nn.Module | None:
+        return self.attn_post_norm if component == "attn" else self.mlp_post_norm
+
+    def child_name(self, mod: nn.Module) -> str:
+        """The attribute name of a direct child of the block."""
+        return next(n for n, c in self.block.named_children() if c is mod)
+
     @property
     def attn_out(self) -> nn.Module | None:
         """The module whose output is added to the stream for attention."""
@@ -69,6 +84,7 @@ class Architecture:
     final_norm: nn.Module | None
     lm_head: nn.Module | None
     tied: bool
+    post_norms_known: bool = True  # False: no traced forward, and the blocks' forward source could not be read
 
     @property
     def has_post_norms(self) -> bool:
@@ -134,15 +150,11 @@ def _d_linears(mod: nn.Module, d: int) -> list[tuple[str, nn.Linear]]:
     return [(n, m) for n, m in mod.named_modules() if isinstance(m, nn.Linear) and m.out_features == d]
 
 
-def _is_norm(mod: nn.Module) -> bool:
-    return isinstance(mod, nn.LayerNorm) or "norm" in type(mod).__name__.lower()
-
-
 def _split_block(block: nn.Module, d: int) -> tuple[str | None, nn.Module | None, str | None, nn.Module | None]:
     attn = mlp = None
     attn_name = mlp_name = None
     for name, child in block.named_children():
-        if _is_norm(child):
+        if is_norm(child):
             continue
         lname = name.lower()
         has_writer = bool(_d_linears(child, d)) or any(p.dim() == 3 for p in child.parameters())
@@ -231,7 +243,7 @@ def _detect_post_norms(model: nn.Module, block: BlockParts, blocks: nn.ModuleLis
     if block.mlp is not None:
         hooks.append(block.mlp.register_forward_hook(grab("mlp")))
     for _n, child in block.block.named_children():
-        if _is_norm(child):
+        if is_norm(child):
             hooks.append(child.register_forward_pre_hook(norm_pre(child), with_kwargs=True))
     with registered(hooks):
         dev = next(model.parameters()).device
@@ -251,7 +263,8 @@ def inspect_model(model: nn.Module, trace: bool = True) -> Architecture:
     """Build the :class:`Architecture` of a Hugging Face decoder by inspecting its modules.
 
     ``trace=False`` skips the one-token forward that detects post-norms (for models built on
-    the meta device, e.g. when streaming a checkpoint without loading it)."""
+    the meta device, e.g. when streaming a checkpoint without loading it): the blocks' ``forward`` source
+    is read instead."""
     d = _hidden_size(model)
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "get_text_config", lambda: cfg)()
@@ -283,15 +296,19 @@ def inspect_model(model: nn.Module, trace: bool = True) -> Architecture:
         parts.append(bp)
 
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = lm_head is not None and lm_head.weight.data_ptr() == emb.weight.data_ptr()
+    # the same parameter, or the same storage (on the meta device every tensor has data_ptr 0: identity only)
+    tied = lm_head is not None and (lm_head.weight is emb.weight or (
+        not emb.weight.is_meta and lm_head.weight.data_ptr() == emb.weight.data_ptr()))
     final_norm = None
     base = blocks_path.rsplit(".", 1)[0] if "." in blocks_path else ""
     base_mod = model.get_submodule(base) if base else model
     for name, child in base_mod.named_children():
-        if _is_norm(child) and name != blocks_path.rsplit(".", 1)[-1]:
+        if is_norm(child) and name != blocks_path.rsplit(".", 1)[-1]:
             final_norm = child
 
     arch = Architecture(model, d, len(blocks), embeddings, blocks_path, parts, final_norm, lm_head, tied)
+    if not trace:
+        _static_post_norms(arch, _split_block(blocks[0], d))
     for bp in parts:  # post-norm structure is shared by all blocks of one class; trace block 0 only
         if not trace:
             break
@@ -301,6 +318,18 @@ def inspect_model(model: nn.Module, trace: bool = True) -> Architecture:
             bp.attn_post_norm = _same_child(bp.block, parts[0].block, parts[0].attn_post_norm)
             bp.mlp_post_norm = _same_child(bp.block, parts[0].block, parts[0].mlp_post_norm)
     return arch
+
+
+def _static_post_norms(arch: Architecture, split: tuple) -> None:
+    """Set every block's post-norms from the first block's ``forward`` source (no forward pass)."""
+    attn_name, _, mlp_name, _ = split
+    names = static_post_norms(arch.blocks[0].block, attn_name, mlp_name)
+    if names is None:
+        arch.post_norms_known = False
+        return
+    for bp in arch.blocks:
+        bp.attn_post_norm = getattr(bp.block, names["attn"]) if names["attn"] else None
+        bp.mlp_post_norm = getattr(bp.block, names["mlp"]) if names["mlp"] else None
 
 
 def _same_child(block: nn.Module, ref_block: nn.Module, ref_child: nn.Module | None) -> nn.Module | None:

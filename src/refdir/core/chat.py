@@ -52,7 +52,13 @@ class ChatFormat:
         if self.system:
             msgs.append({"role": "system", "content": self.system})
         msgs.append({"role": "user", "content": instruction})
-        return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        try:
+            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - jinja's TemplateError and what a template raises itself
+            if type(e).__module__.split(".")[0] != "jinja2":
+                raise
+            why = "; drop --system or pass --chat-template" if self.system else ""
+            raise RefdirError(f"the model's chat template refused the prompt: {e}{why}") from e
 
     def token_ids(self, text: str) -> list[int]:
         """``text``'s token ids, no special tokens added (the template carries its own)."""

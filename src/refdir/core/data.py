@@ -87,31 +87,52 @@ def read_rows(path: str | Path, split: str | None = None, txt: str = "lines") ->
     ``.parquet`` rows as dicts. Unparsable text and unknown suffixes are one clear error."""
     p = Path(path)
     suf = p.suffix.lower()
+    if suf not in READABLE:
+        raise RefdirError(f"unknown dataset format {suf!r} for {p}; use txt, csv, json, jsonl or parquet")
+    if not p.exists():
+        raise RefdirError(f"no such file: {p}")
+    if not p.is_file():
+        raise RefdirError(f"{p} is a directory, not a {suf[1:]} file")
     try:
-        if suf == ".txt":
-            text = p.read_text()
-            if txt == "passages":
-                return [b.strip() for b in text.split("\n\n") if b.strip()]
-            return text.splitlines()
-        if suf == ".csv":
-            with open(p, newline="") as f:
-                return list(csv.DictReader(f))
-        if suf == ".json":
-            data = json.loads(p.read_text())
-            if isinstance(data, dict):
-                data = data.get("data", data.get(split, []) if split else [])
-            return data
-        if suf == ".jsonl":
-            return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
-        if suf == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError as e:
-                raise RefdirError("reading parquet needs pyarrow: pip install 'refdir[hub]'") from e
-            return pq.read_table(p).to_pylist()
+        return _read_rows(p, suf, split, txt)
+    except OSError as e:
+        raise RefdirError(f"cannot read {p}: {e.strerror or e}") from e
     except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
         raise RefdirError(f"could not parse {p}: {e}") from e
-    raise RefdirError(f"unknown dataset format {suf!r} for {p}; use txt, csv, json, jsonl or parquet")
+
+
+READABLE = (".txt", ".csv", ".json", ".jsonl", ".parquet")
+
+
+def _read_rows(p: Path, suf: str, split: str | None, txt: str) -> list:
+    """The rows of ``p`` (see :func:`read_rows`); parse errors propagate."""
+    if suf == ".txt":
+        text = p.read_text()
+        if txt == "passages":
+            return [b.strip() for b in text.split("\n\n") if b.strip()]
+        return text.splitlines()
+    if suf == ".csv":
+        with open(p, newline="") as f:
+            return list(csv.DictReader(f))
+    if suf == ".json":
+        data = json.loads(p.read_text())
+        if isinstance(data, dict):
+            data = data.get("data", data.get(split, []) if split else [])
+        if not isinstance(data, list):
+            raise RefdirError(f"{p}: expected a JSON list of strings or objects (or an object whose 'data' is "
+                              f"one), found {type(data).__name__}")
+        return data
+    if suf == ".jsonl":
+        return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise RefdirError("reading parquet needs pyarrow: pip install 'refdir[hub]'") from e
+    try:
+        return pq.read_table(p).to_pylist()
+    except pyarrow.ArrowException as e:
+        raise RefdirError(f"could not read {p} as parquet: {e}") from e
 
 
 def hub_rows(spec: str, split: str = "train", n: int | None = None) -> list:
@@ -137,11 +158,22 @@ def load_instructions(spec: str | Path, column: str = "instruction", split: str 
     if spec_s.startswith("embedded:"):
         parts = spec_s.split(":")
         return embedded(parts[1], parts[2] if len(parts) > 2 else None)
-    rows = read_rows(spec_s, split) if Path(spec_s).exists() else hub_rows(spec_s, split)
-    items = dedupe(_from_rows(rows, column, spec_s))
+    rows = read_rows(spec_s, split) if _local(spec_s) else hub_rows(spec_s, split)
+    texts = [s.strip() for s in _from_rows(rows, column, spec_s) if s.strip()]
+    items = dedupe(texts)
     if not items:
         raise RefdirError(f"empty dataset: {spec_s} holds no instructions")
+    if len(items) == 1 and len(texts) > 1:
+        raise RefdirError(f"{spec_s} holds {len(texts)} copies of one instruction (duplicates are dropped), "
+                          "too few to compute a mean from")
     return InstructionSet(items, spec_s)
+
+
+def _local(spec: str) -> bool:
+    """Whether ``spec`` names a local file: one that exists, or one that looks like a path (a dataset suffix, or a
+    leading ``/``, ``.`` or ``~``), which is then refused as missing instead of being looked up on the hub."""
+    return (Path(spec).exists() or Path(spec).suffix.lower() in READABLE
+            or spec.startswith(("/", ".", "~")) or "\\" in spec)
 
 
 # ------------------------------------------------------------------------------------------ evaluation texts

@@ -8,21 +8,38 @@ tensor [positions × (L+1) × d_model]. Positions are negative indices into the 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from refdir.core.io import atomic_file, atomic_write_json
+from refdir.core.io import atomic_file, atomic_write_json, read_json_object
 from refdir.errors import RefdirError
 
 FORMAT_VERSION = 1
 
 
+def check_direction(v: torch.Tensor, what: str = "the direction", allow_zero: bool = False) -> torch.Tensor:
+    """``v`` itself if it can serve as a direction: not empty, every value finite and, unless ``allow_zero``,
+    not the zero vector; else one clear error. The one check behind every place a direction or steering vector
+    enters refdir (construction and load, orthogonalize in memory, streamed and in GGUF, ablation, edits,
+    addition, steering), so a NaN, infinite or zero vector never reaches a weight or a forward pass."""
+    if not isinstance(v, torch.Tensor):
+        v = torch.as_tensor(v)
+    if v.numel() == 0:
+        raise RefdirError(f"{what} is empty")
+    if not bool(torch.isfinite(v).all()):
+        raise RefdirError(f"{what} has NaN or infinite values")
+    if not allow_zero and not bool((v != 0).any()):
+        raise RefdirError(f"{what} is the zero vector, which has no direction")
+    return v
+
+
 def unit_vector(v: torch.Tensor, dtype: torch.dtype = torch.float32, what: str = "the direction") -> torch.Tensor:
-    """``v`` flattened, in ``dtype``, scaled to norm 1; a zero or non-finite norm is an error."""
+    """``v`` flattened, in ``dtype``, scaled to norm 1; a non-finite or zero vector (or a norm that over- or
+    underflows in ``dtype``) is an error."""
+    check_direction(v, what)
     v = v.detach().to(dtype).flatten()
     n = v.norm()
     if not torch.isfinite(n) or n == 0:
@@ -39,12 +56,31 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> N
 
 def _load_meta(path: Path) -> dict:
     meta_path = path.with_suffix(".json")
-    if not path.exists() or not meta_path.exists():
+    if not path.is_file() or not meta_path.is_file():
         raise RefdirError(f"expected {path} and {meta_path}")
+    return read_json_object(meta_path, "metadata file")
+
+
+def need_ints(meta: dict, keys: tuple[str, ...], where: Path) -> None:
+    """Refuse metadata without one of ``keys`` as an integer (one clear error naming the file and the key)."""
+    for k in keys:
+        if k not in meta:
+            raise RefdirError(f"{where}: the metadata has no {k!r}")
+        if not isinstance(meta[k], int) or isinstance(meta[k], bool):
+            raise RefdirError(f"{where}: {k!r} must be an integer, found {meta[k]!r}")
+
+
+def _tensors(path: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, which must hold ``names``; an unreadable file or a missing tensor is one
+    clear error."""
     try:
-        return json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise RefdirError(f"corrupt metadata file {meta_path}: {e}") from e
+        t = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types on corrupt files
+        raise RefdirError(f"corrupt safetensors file {path}: {e}") from e
+    missing = [n for n in names if n not in t]
+    if missing:
+        raise RefdirError(f"{path} holds no tensor {missing[0]!r} (it holds {sorted(t)})")
+    return t
 
 
 @dataclass
@@ -62,8 +98,16 @@ class Direction:
     norm: str = "raw"
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # zero is allowed in memory: a difference of means at layer 0 on template tokens is exactly zero, and
+        # such candidates are built, then filtered out; saving, loading or using a zero direction is refused
+        check_direction(self.vector, self._what(), allow_zero=True)
+
+    def _what(self) -> str:
+        return f"the direction at position {self.position}, layer {self.layer}"
+
     def unit(self) -> torch.Tensor:
-        return unit_vector(self.vector)
+        return unit_vector(self.vector, what=self._what())
 
     @property
     def d_model(self) -> int:
@@ -71,6 +115,7 @@ class Direction:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path).with_suffix(".safetensors")
+        check_direction(self.vector, self._what())
         meta = {"format": "refdir.direction", "version": FORMAT_VERSION, "layer": self.layer,
                 "position": self.position, "model_id": self.model_id, "norm": self.norm,
                 "d_model": self.d_model, "meta": self.meta}
@@ -83,10 +128,11 @@ class Direction:
         meta = _load_meta(path)
         if meta.get("format") != "refdir.direction":
             raise RefdirError(f"{path} is not a refdir direction file")
-        try:
-            v = load_file(str(path))["direction"]
-        except Exception as e:  # noqa: BLE001
-            raise RefdirError(f"corrupt direction file {path}: {e}") from e
+        need_ints(meta, ("layer", "position"), path.with_suffix(".json"))
+        v = _tensors(path, ("direction",))["direction"]
+        if v.dim() != 1:
+            raise RefdirError(f"{path}: the direction must be a 1-D tensor, found shape {tuple(v.shape)}")
+        check_direction(v, f"the direction in {path}")
         return cls(v, meta["layer"], meta["position"], meta.get("model_id", ""), meta.get("norm", "raw"),
                    meta.get("meta", {}))
 
@@ -135,7 +181,9 @@ class Candidates:
         meta = _load_meta(path)
         if meta.get("format") != "refdir.candidates":
             raise RefdirError(f"{path} is not a refdir candidates file")
-        t = load_file(str(path))
+        if not isinstance(meta.get("positions"), list):
+            raise RefdirError(f"{path.with_suffix('.json')}: candidates metadata has no 'positions' list")
+        t = _tensors(path, ("candidates", "harmful_mean", "harmless_mean"))
         return cls(t["candidates"], t["harmful_mean"], t["harmless_mean"], meta["positions"],
                    meta.get("model_id", ""), meta.get("meta", {}))
 

@@ -7,13 +7,14 @@ expert), with their biases. Edited tensors are written back in their own quantiz
 where the gguf library can quantize it, otherwise in Q8_0 (or F16 when the row length does not
 fit Q8_0 blocks); the summary says which types changed. Every other tensor's bytes and all
 metadata are copied unchanged. A file without ``output.weight`` ties its unembedding to the
-embedding: the unedited embedding is then written out as ``output.weight``.
+embedding: the unedited embedding is then written out as ``output.weight``. Where a post-norm
+(``blk.N.post_attention_norm``, ``blk.N.post_ffw_norm``) sits between a writer and the stream, the
+writer is made orthogonal to the norm's gain ⊙ r instead, which removes r from the stream exactly.
 """
 
 from __future__ import annotations
 
 import re
-import warnings
 from pathlib import Path
 
 import gguf
@@ -23,11 +24,14 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 from tqdm.auto import tqdm
 
-from refdir.core.io import atomic_file, write_error
+from refdir.core.directions import check_direction
+from refdir.core.io import atomic_file, check_file_target, write_error
 from refdir.errors import RefdirError
 
 _WRITER = re.compile(r"^blk\.\d+\.(attn_output|ffn_down|ffn_down_exps|ffn_down_shexp)\.(weight|bias)$")
-_POST_NORM = re.compile(r"\.(post_attention_norm|post_ffw_norm)\.weight$")
+# the post-norm (llama.cpp's role name) that sits between each writer and the stream, where the block has one
+_POST_NORM_OF = {"attn_output": "post_attention_norm", "ffn_down": "post_ffw_norm", "ffn_down_exps": "post_ffw_norm",
+                 "ffn_down_shexp": "post_ffw_norm"}
 _SKIP_FIELDS = ("GGUF.", "general.architecture")
 
 
@@ -60,11 +64,42 @@ def _edit(x: np.ndarray, r: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(xm, -1, axis).astype(np.float32)
 
 
+def _post_norm_directions(reader, arch: str, r: np.ndarray) -> tuple[dict[str, np.ndarray | None], set[str]]:
+    """For every writer under a post-norm, the unit vector it is made orthogonal to (``gain ⊙ r``, centred for a
+    LayerNorm; None where that vanishes), and the post-norm biases, which lose their r component (see
+    :mod:`refdir.core.postnorm`). llama.cpp's converters store Gemma's ``1 + w`` as the gain itself, so a GGUF
+    gain is its weight as stored. A ``post_attention_norm`` is the attention's post-norm only in a block that
+    also has an MLP input norm (``ffn_norm``) or an MLP post-norm: elsewhere (gpt-oss, Qwen3-Next) llama.cpp uses
+    that name for the MLP's input norm. RMS or LayerNorm is read from the metadata's epsilon key."""
+    tensors = {t.name: t for t in reader.tensors}
+    centred = (f"{arch}.attention.layer_norm_rms_epsilon" not in reader.fields
+               and f"{arch}.attention.layer_norm_epsilon" in reader.fields)
+    under: dict[str, np.ndarray | None] = {}
+    biases: set[str] = set()
+    for name in tensors:
+        m = _WRITER.match(name)
+        blk = name.split(".")[1] if m else ""
+        norm = f"blk.{blk}.{_POST_NORM_OF[m.group(1)]}" if m else ""
+        if not m or f"{norm}.weight" not in tensors:
+            continue
+        if m.group(1) == "attn_output" and not {f"blk.{blk}.ffn_norm.weight", f"blk.{blk}.post_ffw_norm.weight"} & set(
+                tensors):
+            continue
+        g = tensors[f"{norm}.weight"]
+        u = quants.dequantize(g.data, g.tensor_type).astype(np.float64).reshape(-1) * r
+        u = u - u.mean() if centred else u
+        n = float(np.linalg.norm(u))
+        under[name] = u / n if np.isfinite(n) and n > 1e-12 * float(np.linalg.norm(r)) else None
+        if f"{norm}.bias" in tensors:
+            biases.add(f"{norm}.bias")
+    return under, biases
+
+
 def orthogonalize_gguf(src: str | Path, direction: torch.Tensor, out: str | Path, *, force: bool = False,
                        progress: bool = True) -> dict:
     src, out = Path(src), Path(out)
-    if out.exists() and not force:
-        raise RefdirError(f"{out} already exists; pass --force to overwrite it")
+    check_file_target(out, force)
+    check_direction(direction)
     try:
         reader = gguf.GGUFReader(str(src))
     except Exception as e:  # noqa: BLE001
@@ -76,26 +111,25 @@ def orthogonalize_gguf(src: str | Path, direction: torch.Tensor, out: str | Path
     names = {t.name for t in reader.tensors}
     if "token_embd.weight" not in names or not any(_WRITER.match(n) for n in names):
         raise RefdirError(f"unsupported GGUF architecture {arch!r}: no token_embd / attn_output / ffn_down tensors")
-    if any(_POST_NORM.search(n) for n in names):
-        warnings.warn("this model normalises attention/MLP outputs after they are computed (post-norms); "
-                      "weight orthogonalization is an approximation of ablation there", stacklevel=2)
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
     d = int(emb.shape[0])  # GGUF shapes are (ne0, ne1, ...): ne0 is the row length, d_model for the embedding
     if direction.numel() != d:
         raise RefdirError(f"direction has size {direction.numel()}, the GGUF's embedding width is {d}")
     r = direction.detach().double().flatten().numpy()
     r = r / np.linalg.norm(r)
+    under, biases = _post_norm_directions(reader, arch, r)
 
     tied = "output.weight" not in names
     changed_types: dict[str, str] = {}
     edited: list[str] = []
     try:
-        with atomic_file(out) as tmp:
+        with atomic_file(out, overwrite=force) as tmp:
             writer = gguf.GGUFWriter(str(tmp), arch=arch)
             _copy_fields(reader, writer)
             for t in tqdm(reader.tensors, desc="gguf tensors", disable=not progress):
                 qtype = t.tensor_type
-                if t.name == "token_embd.weight" or _WRITER.match(t.name):
+                u = under.get(t.name, r)  # writers under a post-norm: its gain ⊙ r (None: nothing to remove)
+                if (t.name == "token_embd.weight" or _WRITER.match(t.name) or t.name in biases) and u is not None:
                     x = quants.dequantize(t.data, qtype)  # numpy shape: reversed GGUF shape, row length last
                     if t.name == "token_embd.weight":
                         axis = x.ndim - 1
@@ -105,7 +139,7 @@ def orthogonalize_gguf(src: str | Path, direction: torch.Tensor, out: str | Path
                         axis = 0 if x.ndim == 1 else x.ndim - 2
                         if x.shape[axis] != d:
                             raise RefdirError(f"{t.name} has shape {x.shape}; expected {d} outputs")
-                    y, new_t = _requantize(_edit(x, r, axis), qtype)
+                    y, new_t = _requantize(_edit(x, u, axis), qtype)
                     if new_t != qtype:
                         changed_types[t.name] = f"{qtype.name} -> {new_t.name}"
                     if new_t in (Q.F32, Q.F16):
@@ -122,4 +156,4 @@ def orthogonalize_gguf(src: str | Path, direction: torch.Tensor, out: str | Path
     except OSError as e:  # anything the OS refuses while writing the output
         raise write_error(out, e) from e
     return {"kind": "orthogonalize", "mode": "gguf", "source": str(src), "edited": edited,
-            "changed_types": changed_types, "untied_output": tied}
+            "changed_types": changed_types, "untied_output": tied, "post_norms": "exact" if under else "none"}

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from refdir.core.architecture import Architecture, inspect_model
-from refdir.core.directions import unit_vector
+from refdir.core.directions import check_direction, unit_vector
 from refdir.core.hooks import PerDevice, map_input, map_output, registered
 
 
@@ -52,7 +52,8 @@ def addition_hooks(model: nn.Module, vector: torch.Tensor, layer: int, coeff: fl
     arch = arch or inspect_model(model)
     if not 0 <= layer < arch.n_layers:
         raise ValueError(f"layer {layer} outside 0..{arch.n_layers - 1}")
-    v = PerDevice(vector.detach().to(torch.float32).flatten() * float(coeff))
+    v = PerDevice(check_direction(vector.detach().to(torch.float32).flatten() * float(coeff), "the added vector",
+                                  allow_zero=True))
 
     def fn(x):
         return x + v.on(x)

@@ -1,4 +1,8 @@
-"""Atomic writes: a file or a directory appears whole or not at all."""
+"""Atomic writes: a file or a directory appears whole or not at all, fsynced before it is renamed into place.
+
+Every output directory refdir writes carries a marker file (``.refdir``); ``--force`` replaces only a directory
+with that marker, or an empty one, so it can never delete a directory refdir did not write (``--out ~``).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +29,146 @@ def write_error(target: Path, e: OSError) -> RefdirError:
     return RefdirError(f"cannot write {target}: {why} ({e.strerror or e}); nothing was written")
 
 
+# ------------------------------------------------------------------ durability
+
+
+def _fsync_file(path: str | Path) -> None:
+    """Flush a file's data to disk (a file written by another handle: opened again read-only for this)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a directory's entries (so a rename in it survives a crash); a no-op where the OS cannot do it."""
+    try:
+        _fsync_file(path)
+    except OSError:  # e.g. Windows, or a filesystem without directory fsync: nothing more can be done
+        pass
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every regular file under ``root`` and every directory in it (before the tree is renamed)."""
+    for d, _dirs, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            if not os.path.islink(p):
+                _fsync_file(p)
+        fsync_dir(d)
+
+
+# ------------------------------------------------------------------ which directories refdir wrote
+
+MARKER = ".refdir"
+_MARKER_BODY = {"written_by": "refdir", "note": "written by refdir; refdir --force may replace this directory"}
+# directories written before the marker existed are recognised by a refdir file with these keys
+_LEGACY_OWNED = {"stage.json": ("key", "stage"), "refdir_edit.json": ("kind",), "refdir_converted.json": ("sha256",),
+                 "config.json": ("run", "kl_marks", "variants")}  # the last: a search's study directory
+
+
+def _json_dict(path: Path) -> dict | None:
+    """The JSON object in regular file ``path`` (not a link), or None."""
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def write_marker(directory: str | Path) -> None:
+    """Mark ``directory`` as written by refdir: what lets ``--force`` replace it later."""
+    m = Path(directory) / MARKER
+    if _json_dict(m) is None:
+        if m.is_symlink():  # never write through a link
+            m.unlink()
+        m.write_text(json.dumps(_MARKER_BODY) + "\n")
+
+
+def written_by_refdir(directory: str | Path) -> bool:
+    """Whether ``directory`` holds refdir's marker (or, from before the marker, a refdir stage/edit file)."""
+    d = Path(directory)
+    marker = _json_dict(d / MARKER)
+    if marker is not None:
+        return marker.get("written_by") == "refdir"
+    for name, keys in _LEGACY_OWNED.items():
+        obj = _json_dict(d / name)
+        if obj is not None and all(k in obj for k in keys):
+            return True
+    return False
+
+
+def _protected(real: Path) -> bool:
+    """A filesystem root, the home directory, or a directory holding the current directory."""
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError, OSError):
+        home = None
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:
+        cwd = None
+    return real == Path(real.anchor) or real == home or (cwd is not None and cwd.is_relative_to(real))
+
+
+def check_replaceable(target: str | Path) -> None:
+    """Raise one clear error unless ``target`` may be replaced under ``--force``: it is missing, empty, or a
+    directory refdir wrote (:func:`written_by_refdir`). Never a link, a file, a filesystem root, the home
+    directory or a directory holding the current one."""
+    t = Path(target)
+    if not os.path.lexists(t):
+        return
+    if t.is_symlink():
+        raise RefdirError(f"{t} is a symbolic link; refusing to replace it")
+    if not t.is_dir():
+        raise RefdirError(f"{t} is a file, not a directory written by refdir; refusing to replace it")
+    if _protected(t.resolve()):
+        raise RefdirError(f"refusing to replace {t}: it is a filesystem root, the home directory or holds the "
+                          "current directory")
+    try:
+        empty = not any(t.iterdir())
+    except OSError as e:
+        raise RefdirError(f"cannot read {t}: {e.strerror or e}") from e
+    if not empty and not written_by_refdir(t):
+        raise RefdirError(f"{t} was not written by refdir; refusing to replace it")
+
+
+def remove_dir(target: str | Path) -> None:
+    """Delete ``target`` after :func:`check_replaceable` allowed it (the ``--force`` path of writers that
+    do not go through :func:`atomic_dir`)."""
+    check_replaceable(target)
+    if os.path.lexists(target):
+        shutil.rmtree(target)
+
+
+def make_output_dir(path: str | Path) -> Path:
+    """Create ``path`` (with parents) if needed and mark it as refdir's: for directories that grow in place
+    (a run directory, a search directory) rather than appearing whole through :func:`atomic_dir`."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        write_marker(p)
+    except OSError as e:
+        if e.errno in _NO_SPACE | _NO_WRITE:
+            raise write_error(p, e) from e
+        raise
+    return p
+
+
+def inside(path: str | Path, root: str | Path) -> bool:
+    """Whether ``path``, every symbolic link resolved, lies inside ``root`` (resolved too)."""
+    try:
+        return Path(path).resolve(strict=True).is_relative_to(Path(root).resolve(strict=True))
+    except (OSError, RuntimeError):
+        return False
+
+
+# ------------------------------------------------------------------ atomic writers
+
+
 def _make_tmp_dir(target: Path) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -37,22 +181,29 @@ def _make_tmp_dir(target: Path) -> Path:
 def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; on success it replaces ``target``.
 
-    An existing ``target`` is refused unless ``force``. On any error the temporary directory is
-    removed, so no partial output is left behind.
+    An existing ``target`` is refused unless ``force``, and even then unless refdir wrote it or it is empty
+    (:func:`check_replaceable`). The new directory gets refdir's marker; its files are fsynced before the
+    rename and the parent directory after it. On any error the temporary directory is removed, so no partial
+    output is left behind.
     """
     target = Path(target)
-    if target.exists() and not force:
-        raise RefdirError(f"output directory {target} already exists; pass --force to overwrite it")
+    if os.path.lexists(target):
+        if not force:
+            raise RefdirError(f"output directory {target} already exists; pass --force to overwrite it")
+        check_replaceable(target)
     tmp = _make_tmp_dir(target)
     try:
         yield tmp
-        if target.exists():
+        write_marker(tmp)
+        _fsync_tree(tmp)
+        if os.path.lexists(target):
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             os.replace(target, old)
             os.replace(tmp, target)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+        fsync_dir(target.parent)
     except OSError as e:
         if e.errno in _NO_SPACE | _NO_WRITE:
             raise write_error(target, e) from e
@@ -63,13 +214,15 @@ def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it is renamed to ``path``.
+def atomic_file(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is fsynced and renamed to ``path``.
 
-    For writers that need a file name (safetensors, gguf). On any error the temporary file is
-    removed; a full disk or a read-only location becomes one clear error.
+    For writers that need a file name (safetensors, gguf). An existing ``path`` is refused unless
+    ``overwrite`` (writers of a user's output file pass their ``--force``); a directory is never replaced.
+    On any error the temporary file is removed; a full disk or a read-only location becomes one clear error.
     """
     path = Path(path)
+    check_file_target(path, overwrite)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -78,7 +231,9 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
         raise write_error(path, e) from e
     try:
         yield Path(tmp)
+        _fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as e:
         if e.errno in _NO_SPACE | _NO_WRITE:
             raise write_error(path, e) from e
@@ -86,6 +241,15 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_file_target(path: str | Path, force: bool) -> None:
+    """Refuse to write the file ``path`` over an existing one unless ``force``, and over a directory always."""
+    p = Path(path)
+    if p.is_dir() and not p.is_symlink():
+        raise RefdirError(f"{p} is a directory; refusing to replace it with a file")
+    if os.path.lexists(p) and not force:
+        raise RefdirError(f"{p} already exists; pass --force to overwrite it")
 
 
 def read_json_records(path: str | Path, what: str, suffixes: tuple[str, ...] = (".jsonl", ".json"),
@@ -105,6 +269,19 @@ def read_json_records(path: str | Path, what: str, suffixes: tuple[str, ...] = (
         return [json.loads(x) for x in text.splitlines() if x.strip()] if suffix == ".jsonl" else json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RefdirError(f"could not parse {p} as {what} data: {e}") from e
+
+
+def read_json_object(path: str | Path, what: str) -> dict:
+    """The JSON object in ``path``; unreadable text, broken JSON or another JSON value is one clear error that names
+    ``what`` (e.g. "metadata file") and the path."""
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RefdirError(f"corrupt {what} {p}: {e}") from e
+    if not isinstance(obj, dict):
+        raise RefdirError(f"corrupt {what} {p}: not a JSON object")
+    return obj
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

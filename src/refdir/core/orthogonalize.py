@@ -3,13 +3,17 @@ cannot write along r̂. For a pre-norm decoder this equals :func:`refdir.core.in
 
 W_out ← W_out − r̂ r̂ᵀ W_out (output axis), b ← b − r̂ r̂ᵀ b, and for the embedding
 E ← E − E r̂ r̂ᵀ. A tied ``lm_head`` is untied first so the unembedding is unchanged.
+
+Where a post-norm sits between a writer and the stream (Gemma 2/3, OLMo 2), the writer is made orthogonal to
+û = gain ⊙ r̂ normalized instead (centred for a LayerNorm, whose bias also loses its r̂ part): the block then
+writes nothing along r̂, exactly, though its output differs from the ablation hooks' (see
+:mod:`refdir.core.postnorm`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -19,9 +23,18 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refdir.core.architecture import Architecture, inspect_model
-from refdir.core.directions import unit_vector
+from refdir.core.directions import check_direction, unit_vector
 from refdir.core.io import atomic_dir, atomic_write_json
-from refdir.core.models import save_hf_checkpoint
+from refdir.core.models import load_config, save_hf_checkpoint
+from refdir.core.postnorm import COMPONENTS, gain_direction, norm_form, norm_gain
+from refdir.core.shards import (
+    SHARD_INDEX,
+    check_in_source,
+    copy_side_files,
+    read_exact,
+    read_header,
+    safetensors_shards,
+)
 from refdir.errors import RefdirError
 
 
@@ -57,27 +70,44 @@ def orthogonalize_(model: nn.Module, direction: torch.Tensor, arch: Architecture
     arch = arch or inspect_model(model)
     if direction.numel() != arch.d_model:
         raise RefdirError(f"direction has size {direction.numel()}, the model's d_model is {arch.d_model}")
-    if not arch.weight_edit_exact:
-        warnings.warn(
-            "this architecture normalises attention/MLP outputs after they are computed (post-norms); "
-            "weight orthogonalization is then an approximation of ablation, not an exact equivalent",
-            stacklevel=2,
-        )
     r = unit_vector(direction, torch.float64)
     untied = untie_lm_head(model, arch)
-    edited = []
+    names = {id(p): n for n, p in model.named_parameters()}
+    edited, approximate = [], []
     for name, emb in arch.embeddings:
         r_dev = r.to(emb.weight.device)
         emb.weight.data.copy_(_project_axis(emb.weight.data, r_dev, 1))
         edited.append(f"{name}.weight")
     for bp in arch.blocks:
-        for w in bp.writers:
-            p = getattr(w.module, w.param)
-            r_dev = r.to(p.device)
-            axis = 0 if p.dim() == 1 else w.out_axis
-            p.data.copy_(_project_axis(p.data, r_dev, axis))
-            edited.append(w.name)
-    return {"edited": edited, "untied_lm_head": untied, "exact": arch.weight_edit_exact}
+        for c in COMPONENTS:
+            u = _writer_direction(bp.post_norm(c), r, names, edited, approximate)
+            for w in bp.component_writers(c):
+                p = getattr(w.module, w.param)
+                axis = 0 if p.dim() == 1 else w.out_axis
+                if u is not None:
+                    p.data.copy_(_project_axis(p.data, u.to(p.device), axis))
+                edited.append(w.name)
+    if approximate:
+        warnings.warn(f"cannot tell how the post-norms {sorted(set(approximate))[:3]} scale their output; there "
+                      "the weights are made orthogonal to r, which only approximates removing r", stacklevel=2)
+    post = "none" if not arch.has_post_norms else ("approximate" if approximate else "exact")
+    return {"edited": edited, "untied_lm_head": untied, "exact": arch.weight_edit_exact, "post_norms": post}
+
+
+def _writer_direction(norm: nn.Module | None, r: torch.Tensor, names: dict, edited: list[str],
+                      approximate: list[str]) -> torch.Tensor | None:
+    """What the writers under post-norm ``norm`` (None: no post-norm) are made orthogonal to: r itself, or the
+    post-norm's gain ⊙ r (None when that vanishes). A centring norm's bias loses its r component here."""
+    if norm is None:
+        return r
+    form = norm_form(norm)
+    if form is None:
+        approximate.append(type(norm).__name__)
+        return r
+    if form.has_bias:
+        norm.bias.data.copy_(_project_axis(norm.bias.data, r.to(norm.bias.device), 0))
+        edited.append(names.get(id(norm.bias), "post-norm bias"))
+    return gain_direction(r, norm_gain(norm, form).to(r.device), form.centred)
 
 
 def save_orthogonalized(model: nn.Module, tokenizer, direction: torch.Tensor, out_dir: str | Path,
@@ -97,42 +127,93 @@ def save_orthogonalized(model: nn.Module, tokenizer, direction: torch.Tensor, ou
 _EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
 
 
-def _writer_table(config) -> tuple[dict[str, int], list[str], bool, int]:
+def _writer_table(config) -> tuple[dict[str, int], list[str], bool, int, dict[str, tuple]]:
     """Parameter names that write to the residual stream (→ output axis), embedding names, tied
-    flag and d_model, read from a model skeleton on the meta device (no weights allocated)."""
+    flag, d_model and, for writers under a post-norm, ``{writer: (post-norm module name, NormForm or None)}``,
+    read from a model skeleton on the meta device (no weights allocated, no forward pass, no model code run)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     arch = inspect_model(skeleton, trace=False)
+    if not arch.post_norms_known:
+        warnings.warn(f"could not read the forward code of {type(arch.blocks[0].block).__name__} to find post-norms; "
+                      "the edit assumes there are none", stacklevel=2)
     table: dict[str, int] = {}
+    post: dict[str, tuple] = {}
     for bp in arch.blocks:
-        for w in bp.writers:
-            p = getattr(w.module, w.param)
-            table[w.name] = 0 if p.dim() == 1 else w.out_axis
+        for c in COMPONENTS:
+            norm = bp.post_norm(c)
+            under = (f"{arch.blocks_path}.{bp.index}.{bp.child_name(norm)}", norm_form(norm)) if norm else None
+            for w in bp.component_writers(c):
+                p = getattr(w.module, w.param)
+                table[w.name] = 0 if p.dim() == 1 else w.out_axis
+                if under is not None:
+                    post[w.name] = under
     emb = [f"{n}.weight" for n, _ in arch.embeddings]
-    return table, emb, arch.tied, arch.d_model
+    return table, emb, arch.tied, arch.d_model, post
 
 
-def _match_writer(name: str, table: dict[str, int], shape: tuple[int, ...] | None, d: int) -> int | None:
-    """The output axis if the checkpoint tensor ``name`` writes to the stream, else None.
+def _read_small(src: Path, shards: list[str], weight_map: dict[str, str], names: set[str]) -> dict:
+    """The tensors ``names`` (small ones: norm gains) read from the checkpoint's shards."""
+    out: dict[str, torch.Tensor] = {}
+    files = sorted({weight_map[n] for n in names if n in weight_map}) if weight_map else shards
+    for s in files:
+        header, base = read_header(src / s)
+        with open(src / s, "rb") as f:
+            for n in sorted(names & header.keys()):
+                h = header[n]
+                if h["dtype"] not in _ST_TORCH:
+                    raise RefdirError(f"{src / s}: tensor {n} has dtype {h['dtype']}, not a float type")
+                f.seek(base + h["data_offsets"][0])
+                buf = bytearray(read_exact(f, h["data_offsets"][1] - h["data_offsets"][0], src / s, n))
+                out[n] = torch.frombuffer(buf, dtype=_ST_TORCH[h["dtype"]]).reshape(h["shape"]).clone()
+    return out
 
-    Handles checkpoints that store mixture-of-experts weights per expert
-    (``experts.3.down_proj.weight``, 2-D) while the model fuses them (``experts.down_proj``, 3-D)."""
+
+def _post_norm_directions(src: Path, shards: list[str], weight_map: dict[str, str], post: dict[str, tuple],
+                          r: torch.Tensor) -> tuple[dict[str, torch.Tensor | None], set[str], list[str]]:
+    """Per post-norm module, what its writers are made orthogonal to (its gain ⊙ r̂, normalized, from the gain
+    read from the checkpoint; None: nothing to remove); the biases of centring post-norms, which lose their r̂
+    part; and the post-norms whose form is unknown (their writers are made orthogonal to r̂: approximate)."""
+    forms = dict(post.values())
+    want = {f"{n}.weight" for n, f in forms.items() if f is not None}
+    weights = _read_small(src, shards, weight_map, want)
+    if want - set(weights):
+        raise RefdirError(f"{src} has no tensor {sorted(want - set(weights))[0]}, a post-norm gain the model class "
+                          "built from its config has")
+    dirs = {n: r if f is None else gain_direction(r, f.offset + weights[f"{n}.weight"].double(), f.centred)
+            for n, f in forms.items()}
+    biases = {f"{n}.bias" for n, f in forms.items() if f is not None and f.has_bias}
+    return dirs, biases, sorted(n for n, f in forms.items() if f is None)
+
+
+def _table_key(name: str, table: dict[str, int]) -> str | None:
+    """The model parameter (a key of ``table``) that checkpoint tensor ``name`` is, or is one expert's slice of:
+    checkpoints may store mixture-of-experts weights per expert (``experts.3.down_proj.weight``, 2-D) while the
+    model fuses them (``experts.down_proj``, 3-D)."""
     if name in table:
-        return table[name] if shape is None or len(shape) > 1 else 0
+        return name
     fused = _EXPERT_INDEX.sub(".experts.", name)
     for cand in (fused, fused.removesuffix(".weight"), fused.removesuffix(".bias") + "_bias"):
         if cand in table:
-            if shape is None:
-                return 0
-            if len(shape) == 1:
-                return 0
-            axes = [a for a, n in enumerate(shape) if n == d]
-            if len(axes) != 1:
-                raise RefdirError(f"cannot tell the output axis of {name} with shape {shape}")
-            return axes[0]
+            return cand
     return None
+
+
+def _match_writer(name: str, table: dict[str, int], shape: tuple[int, ...] | None, d: int) -> int | None:
+    """The output axis if the checkpoint tensor ``name`` writes to the stream, else None (see :func:`_table_key`)."""
+    key = _table_key(name, table)
+    if key is None:
+        return None
+    if key == name:
+        return table[name] if shape is None or len(shape) > 1 else 0
+    if shape is None or len(shape) == 1:
+        return 0
+    axes = [a for a, n in enumerate(shape) if n == d]
+    if len(axes) != 1:
+        raise RefdirError(f"cannot tell the output axis of {name} with shape {shape}")
+    return axes[0]
 
 
 def _project_axis_chunked(t: torch.Tensor, r: torch.Tensor, axis: int, chunk_elems: int = 1 << 24) -> torch.Tensor:
@@ -153,16 +234,6 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 _ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
 
 
-def _read_header(path: Path) -> tuple[dict, int]:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RefdirError(f"corrupt safetensors header in {path}: {e}") from e
-    return header, 8 + n
-
-
 def _rewrite_shard(src_file: Path, dst_file: Path, transform, wants) -> list[str]:
     """Copy one safetensors file tensor by tensor, passing each tensor for which ``wants(name)``
     is true through ``transform(name, t)``; the others are copied byte for byte.
@@ -172,7 +243,7 @@ def _rewrite_shard(src_file: Path, dst_file: Path, transform, wants) -> list[str
     (no memory map, whose touched pages would stay resident) and written right after the header,
     so memory holds about one tensor at a time; the safetensors library's writer would need the
     whole shard in memory, hence this small writer for the documented format."""
-    header, base = _read_header(src_file)
+    header, base = read_header(src_file)  # offsets and sizes checked against the file
     meta = header.pop("__metadata__", None)
     names = sorted(header, key=lambda n: header[n]["data_offsets"][0])
     out_header: dict = {}
@@ -194,15 +265,16 @@ def _rewrite_shard(src_file: Path, dst_file: Path, transform, wants) -> list[str
             h = header[n]
             start, end = h["data_offsets"]
             r.seek(base + start)
-            if h["dtype"] not in _ST_TORCH or not wants(n):
+            if h["dtype"] not in _ST_TORCH or start == end or not wants(n):
                 left = end - start  # unchanged: copy the bytes in 64 MiB pieces
                 while left:
-                    piece = r.read(min(left, 1 << 26))
+                    piece = read_exact(r, min(left, 1 << 26), src_file, n)
                     w.write(piece)
                     left -= len(piece)
                 continue
             buf = bytearray(end - start)
-            r.readinto(buf)
+            if r.readinto(buf) != len(buf):
+                raise RefdirError(f"{src_file} ended early while reading tensor {n}: the file is truncated")
             t = torch.frombuffer(buf, dtype=_ST_TORCH[h["dtype"]]).reshape(h["shape"])
             new = transform(n, t)
             changed.append(n)
@@ -226,6 +298,52 @@ def _rows_projected(t: torch.Tensor, r: torch.Tensor, rows: int = 8192):
         yield _project_axis(t[s : s + rows], r, 1)
 
 
+def _indexed_names(tmp: Path, shards: list[str], new_map: dict[str, str]) -> list[str]:
+    """Rename a lone ``model.safetensors`` in ``tmp`` (in ``new_map`` too) before an index is added beside it:
+    transformers reads a lone ``model.safetensors`` and ignores the index, and with it the untied head."""
+    if shards != ["model.safetensors"]:
+        return shards
+    name = "model-00001-of-00001.safetensors"
+    (tmp / shards[0]).rename(tmp / name)
+    new_map.update({k: name for k, v in new_map.items() if v == shards[0]})
+    return [name]
+
+
+class _StreamEdit:
+    """What the streamed edit does to each tensor of the shards it rewrites: the embedding and writers lose their
+    r̂ part (writers under a post-norm: their û part, see :func:`_post_norm_directions`), centring post-norms'
+    biases lose their r̂ part, and a tied embedding is also written out unedited as ``lm_head.weight``."""
+
+    def __init__(self, r, table, emb_names, tied, d, under: dict, biases: set[str]):
+        self.r, self.table, self.emb_names, self.tied, self.d = r, table, emb_names, tied, d
+        self.under, self.biases = under, biases  # writer -> û (None: leave it), post-norm biases
+        self.edited: list[str] = []
+        self.new_map: dict[str, str] = {}
+        self.head_from_embedding: str | None = None
+
+    def rewrite(self, src: Path, tmp: Path, shard: str) -> None:
+        """Rewrite ``shard`` of ``src`` into ``tmp``."""
+        r, table, d = self.r, self.table, self.d
+
+        def wants(name: str) -> bool:
+            self.new_map[name] = shard
+            return name in self.emb_names or name in self.biases or _match_writer(name, table, None, d) is not None
+
+        def transform(name: str, t: torch.Tensor):
+            if name in self.emb_names:
+                if self.tied and name == self.emb_names[0] and self.head_from_embedding is None:
+                    self.head_from_embedding = name
+                    save_file({"lm_head.weight": t.contiguous()}, str(tmp / "model-lm_head.safetensors"),
+                              metadata={"format": "pt"})
+                return _rows_projected(t, r) if t.dim() == 2 else _project_axis_chunked(t, r, t.dim() - 1)
+            if name in self.biases:
+                return _project_axis(t, r, 0)
+            u = self.under.get(_table_key(name, table), r)
+            return t if u is None else _project_axis_chunked(t, u, _match_writer(name, table, tuple(t.shape), d))
+
+        self.edited += _rewrite_shard(src / shard, tmp / shard, transform, wants)
+
+
 def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Path, *, force: bool = False,
                          progress: bool = True) -> dict:
     """Orthogonalize a safetensors checkpoint shard by shard, one tensor at a time.
@@ -234,58 +352,42 @@ def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Pa
     on the meta device, to find which parameters write to the residual stream). Writers and the
     embedding are edited; every other tensor is copied unchanged; a tied ``lm_head`` is written
     out explicitly from the unedited embedding. Config (untied), index and tokenizer files are
-    written beside the shards. The output directory appears whole or not at all.
+    written beside the shards. The output directory appears whole or not at all. Under post-norms the
+    writers are made orthogonal to the post-norm's gain ⊙ r̂ (:mod:`refdir.core.postnorm`), read from the
+    checkpoint before the shards are rewritten.
     """
-    from transformers import AutoConfig  # only this path needs it: the model itself is never built
-
     src = Path(src)
+    check_direction(direction)
     if not (src / "config.json").exists():
         raise RefdirError(f"{src} is not a model directory (no config.json)")
-    index_path = src / "model.safetensors.index.json"
-    if index_path.exists():
-        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    else:
-        found = sorted(p.name for p in src.glob("*.safetensors"))
-        if len(found) != 1:
-            raise RefdirError(
-                f"{src} has {len(found)} safetensors files and no model.safetensors.index.json; "
-                "a sharded checkpoint needs its index"
-            )
-        shards = found
-        weight_map = {}
+    check_in_source(src / "config.json", src)
+    index_path = src / SHARD_INDEX
+    weight_map, shards = safetensors_shards(src)  # plain names inside src, no links out of it
+    if not index_path.exists() and len(shards) != 1:
+        raise RefdirError(
+            f"{src} has {len(shards)} safetensors files and no model.safetensors.index.json; "
+            "a sharded checkpoint needs its index"
+        )
     for s in shards:
-        if not (src / s).exists():
-            raise RefdirError(f"the index names shard {s}, which is missing from {src}")
-    config = AutoConfig.from_pretrained(src)
-    table, emb_names, tied, d = _writer_table(config)
+        read_header(src / s)  # every shard's offsets against its length, before anything is written
+    table, emb_names, tied, d, post = _writer_table(load_config(src))  # never the checkpoint's own code
     if direction.numel() != d:
         raise RefdirError(f"direction has size {direction.numel()}, the checkpoint's hidden size is {d}")
     r = unit_vector(direction, torch.float64)
-    edited: list[str] = []
-    new_map: dict[str, str] = {}
-    head_from_embedding = None
+    dirs, biases, approximate = _post_norm_directions(src, shards, weight_map, post, r)
+    if approximate:
+        warnings.warn(f"cannot tell how the post-norms {approximate[:3]} scale their output; there the weights are "
+                      "made orthogonal to r, which only approximates removing r", stacklevel=2)
+    edit = _StreamEdit(r, table, emb_names, tied, d, {w: dirs[n] for w, (n, _f) in post.items()}, biases)
     with atomic_dir(out, force=force) as tmp:
         for shard in tqdm(shards, desc="orthogonalize shards", disable=not progress):
-
-            def wants(name: str, shard: str = shard) -> bool:
-                new_map[name] = shard
-                return name in emb_names or _match_writer(name, table, None, d) is not None
-
-            def transform(name: str, t: torch.Tensor) -> torch.Tensor:
-                nonlocal head_from_embedding
-                if name in emb_names:
-                    if tied and name == emb_names[0] and head_from_embedding is None:
-                        head_from_embedding = name
-                        save_file({"lm_head.weight": t.contiguous()}, str(tmp / "model-lm_head.safetensors"),
-                                  metadata={"format": "pt"})
-                    return _rows_projected(t, r) if t.dim() == 2 else _project_axis_chunked(t, r, t.dim() - 1)
-                return _project_axis_chunked(t, r, _match_writer(name, table, tuple(t.shape), d))
-
-            edited += _rewrite_shard(src / shard, tmp / shard, transform, wants)
+            edit.rewrite(src, tmp, shard)
+        edited, new_map, head_from_embedding = edit.edited, edit.new_map, edit.head_from_embedding
         if head_from_embedding is not None and "lm_head.weight" not in new_map:
             new_map["lm_head.weight"] = "model-lm_head.safetensors"
-            shards = [*shards, "model-lm_head.safetensors"]
+            shards = [*_indexed_names(tmp, shards, new_map), "model-lm_head.safetensors"]
+        elif head_from_embedding is not None:  # the checkpoint stores its own lm_head: no copy of the embedding
+            (tmp / "model-lm_head.safetensors").unlink()
         n_blocks_edited = len({n.split(".experts.")[0] for n in edited})
         if not edited or n_blocks_edited < 2:
             raise RefdirError(f"found no residual-writing tensors in {src}: its tensor names do not match the "
@@ -301,10 +403,9 @@ def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Pa
                 cfg["text_config"]["tie_word_embeddings"] = False
         cfg.pop("quantization_config", None)
         atomic_write_json(tmp / "config.json", cfg)
-        for f in src.iterdir():
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", index_path.name):
-                shutil.copy2(f, tmp / f.name)
+        copy_side_files(src, tmp, {"config.json", index_path.name})
         summary = {"kind": "orthogonalize", "mode": "streaming", "source": str(src), "edited": edited,
-                   "untied_lm_head": bool(head_from_embedding), "shards": shards}
+                   "untied_lm_head": bool(head_from_embedding), "shards": shards,
+                   "post_norms": "none" if not post else ("approximate" if approximate else "exact")}
         atomic_write_json(tmp / "refdir_edit.json", summary)
     return summary

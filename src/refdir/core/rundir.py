@@ -5,12 +5,14 @@ and extend the same directory. Every path inside it is built here::
 
     RUN/
       config.json                 the run's config (model spec, data spec, settings)
+      .refdir.lock                the writer's lock (flock; holds the writer's pid while it runs, see core.dirlock)
       summary.json                the headline numbers (written last by the run)
       manifest.json               versions, hashes of the model files and data, stage keys
       report.html                 the report; report_sections/NAME.html are extra sections in name order
       data/sets.json              harmful/harmless train/val/test prompts and their sources
       refusal_tokens/tokens.json  refusal token ids, their strings and how they were chosen
       filter/filtered.json        the train/val prompts kept by the filter; filter/info.json its counts
+      filter/means.safetensors    the mean train residuals of the kept prompts per kind (the candidates' input)
       candidates/candidates.safetensors   difference-in-means vectors, every position and layer
       selection/table.json        scores of every candidate (and table.csv); selection/selection.json the pick
       selection/direction.*       the selected direction (absent when every candidate was filtered out)
@@ -23,6 +25,9 @@ and extend the same directory. Every path inside it is built here::
 Each stage directory holds ``stage.json`` with the stage's key: a hash of the settings the stage depends on
 and of the key of the stage before it. A stage whose key matches is done; a stage is written into a temp
 directory and swapped in whole, ``stage.json`` last, so a crash never leaves a half stage that looks done.
+The settings include the content hashes of the files read (data files for ``data``, the model's files for
+``refusal_tokens``; see :mod:`refdir.core.fingerprint`). One process at a time writes the directory (its lock);
+the temp files of a killed writer are removed when the next one opens it.
 """
 
 from __future__ import annotations
@@ -31,16 +36,25 @@ import hashlib
 import html
 import json
 import platform
-import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from refdir import __version__
 from refdir.core.directions import Candidates, Direction
-from refdir.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from refdir.core.dirlock import LOCK_NAME, DirLock, clean_stale
+from refdir.core.io import (
+    MARKER,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    make_output_dir,
+    read_json_object,
+    remove_dir,
+)
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
 
@@ -66,6 +80,7 @@ SETS_FILE = "sets.json"
 TOKENS_FILE = "tokens.json"
 FILTERED_FILE = "filtered.json"
 FILTER_INFO_FILE = "info.json"
+MEANS_FILE = "means.safetensors"
 TABLE_FILE = "table.json"
 TABLE_CSV_FILE = "table.csv"
 SELECTION_FILE = "selection.json"
@@ -92,6 +107,11 @@ def model_name(config: dict) -> str | None:
     return m.get("model") if isinstance(m, dict) else m
 
 
+def save_filter_means(stage_tmp: Path, means: dict[str, torch.Tensor]) -> None:
+    """Write the filter stage's residual means (read back by :meth:`RunDir.filter_means`) into its temp dir."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in means.items()}, str(stage_tmp / MEANS_FILE))
+
+
 class RunDir:
     """A run directory: stage keys and the atomic stage writer, config/summary/manifest, report sections and
     typed readers for every artifact. Creating one touches nothing on disk; :meth:`create` opens it for a run."""
@@ -99,24 +119,67 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.keys: dict[str, str] = {}  # stage -> key, as computed by key() in this process
+        self._lock = DirLock(self.path)
 
     @classmethod
-    def create(cls, path: str | Path, config: dict, force: bool = False) -> RunDir:
-        """Open ``path`` for a run of ``config`` and write its config.json. An existing directory must be a run
-        of the same model; otherwise (or when it is not a run directory at all) it is refused unless ``force``."""
+    def create(cls, path: str | Path, config: dict, force: bool = False,
+               check: Callable[[], None] | None = None) -> RunDir:
+        """Open ``path`` for a run of ``config``: take its writer lock (a directory another refdir process is
+        writing is refused), remove the temp files a killed writer left, write config.json. An existing directory
+        must be a run of the same model; otherwise (or when it is not a run directory at all) it is refused unless
+        ``force``. ``check`` (e.g. the search's check of its study) runs under the lock before anything is
+        written. Hold the result in a ``with`` block (or call :meth:`close`) to release the lock."""
         rd = cls(path)
-        if rd.path.exists():
-            if not rd.config_path.exists():
-                if not force:
-                    raise RefdirError(f"{rd.path} exists and is not a refdir run directory; pass --force to replace it")
-                shutil.rmtree(rd.path)
-            else:
-                prev = model_name(rd.config())
-                if prev != model_name(config) and not force:
-                    raise RefdirError(f"{rd.path} holds a run of model {prev!r}; choose another --out or pass --force")
-        rd.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(rd.config_path, config)
+        if rd._lock.path.exists():
+            rd.lock()  # a directory a refdir process may be writing: refused before it is even read
+        try:
+            rd._check_reuse(config, force)
+            rd.lock()
+            if check is not None:
+                check()
+            make_output_dir(rd.path)
+            rd._lock.stamp()
+            clean_stale(rd.path)
+            atomic_write_json(rd.config_path, config)
+        except BaseException:
+            rd.close()
+            raise
         return rd
+
+    def _check_reuse(self, config: dict, force: bool) -> None:
+        """Refuse, reading only, a directory this run cannot use: a run of another model, or a directory that is
+        not a run directory (unless empty or holding only refdir's marker and lock), unless ``force``; under
+        ``force`` the latter is deleted when refdir wrote it (:func:`refdir.core.io.remove_dir`)."""
+        if not self.path.exists():
+            return
+        if self.config_path.exists():
+            self.check_readable()
+            prev = model_name(self.config())
+            if prev != model_name(config) and not force:
+                raise RefdirError(f"{self.path} holds a run of model {prev!r}; choose another --out or pass --force")
+            return
+        if self.path.is_dir() and all(p.name in (MARKER, LOCK_NAME) for p in self.path.iterdir()):
+            return
+        if not force:
+            raise RefdirError(f"{self.path} exists and is not a refdir run directory; pass --force to replace it")
+        self.close()  # the directory goes, its lock file with it; create() takes a new one
+        remove_dir(self.path)
+
+    def lock(self) -> RunDir:
+        """Take the directory's writer lock (:class:`refdir.core.dirlock.DirLock`), creating the directory if
+        needed; a RefdirError when another refdir process holds it. Returns self (for ``with``)."""
+        self._lock.acquire()
+        return self
+
+    def close(self) -> None:
+        """Release the writer lock (a no-op when not held)."""
+        self._lock.release()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def open_finished(cls, path: str | Path) -> RunDir:
@@ -160,8 +223,29 @@ class RunDir:
 
     def done(self, stage: str, key: str) -> bool:
         """Whether ``stage`` was finished with this key."""
+        rec = self._stage_record(stage)
+        return rec is not None and rec.get("key") == key
+
+    def _stage_record(self, stage: str) -> dict | None:
+        """``stage.json`` of ``stage`` (None when the stage was never finished); a corrupt one is one clear error
+        (it is written last and atomically, so it is never half-written by refdir itself)."""
         f = self._file(stage, "stage.json")
-        return f.exists() and json.loads(f.read_text()).get("key") == key
+        if not f.exists():
+            return None
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            rec = e
+        if not isinstance(rec, dict):
+            raise RefdirError(f"{f} is corrupt ({rec}); delete {self.stage_dir(stage)} to recompute that stage")
+        return rec
+
+    def check_readable(self) -> None:
+        """Refuse, reading only, a run directory whose config.json or any stage.json cannot be read."""
+        if self.config_path.exists():
+            self.config()
+        for stage in STAGES:
+            self._stage_record(stage)
 
     @contextmanager
     def write_stage(self, stage: str, key: str) -> Iterator[Path]:
@@ -182,28 +266,26 @@ class RunDir:
 
     def config(self) -> dict:
         """config.json as written by the run (or the search)."""
-        try:
-            return json.loads(self.config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise RefdirError(f"{self.path}: unreadable run files ({e})") from e
+        return read_json_object(self.config_path, "run file")
 
-    def model_spec(self) -> ModelSpec:
-        """The run's model spec (from a nested config, or from an older flat one)."""
+    def model_spec(self, given: dict | None = None) -> ModelSpec:
+        """The run's model spec (from a nested config, or from an older flat one), with the settings ``given`` by
+        the caller on top. Remote code and pickle loading come only from ``given``, never from the directory."""
         c = self.config()
         if isinstance(c.get("model"), dict):
-            return ModelSpec(**c["model"])
-        return ModelSpec(**{k: c[k] for k in ModelSpec.model_fields if c.get(k) is not None})
+            return ModelSpec.from_record(c["model"], given)
+        return ModelSpec.from_record({k: c[k] for k in ModelSpec.model_fields if c.get(k) is not None}, given)
 
     def summary(self) -> dict | None:
         f = self.path / "summary.json"
-        return json.loads(f.read_text()) if f.exists() else None
+        return read_json_object(f, "run file") if f.exists() else None
 
     def write_summary(self, summary: dict) -> None:
         atomic_write_json(self.path / "summary.json", summary)
 
     def manifest(self) -> dict | None:
         f = self.path / "manifest.json"
-        return json.loads(f.read_text()) if f.exists() else None
+        return read_json_object(f, "run file") if f.exists() else None
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_json(self.path / "manifest.json", manifest)
@@ -253,6 +335,13 @@ class RunDir:
 
     def filter_info(self) -> dict:
         return self._json(FILTER, FILTER_INFO_FILE)
+
+    def filter_means(self) -> dict[str, torch.Tensor] | None:
+        """The filter stage's mean train residuals of the kept prompts, ``{kind: float64 [positions, layers + 1,
+        d_model]}``: the candidates' input, saved so that a resumed run computes the very same candidates. None
+        for a filter stage written before the means were saved."""
+        f = self._file(FILTER, MEANS_FILE)
+        return load_file(f) if f.exists() else None
 
     def candidates(self) -> Candidates:
         return Candidates.load(self.stage_dir(CANDIDATES))

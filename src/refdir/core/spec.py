@@ -7,12 +7,18 @@ harmful/harmless sources and how they are split into train, val and test.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from refdir.core.chat import ChatFormat
 from refdir.core.data import embedded, load_instructions, sample
-from refdir.core.models import LoadedModel, load_model, parse_dtype
+from refdir.core.models import LoadedModel, load_model, parse_dtype, refuse_pickled_weights
+from refdir.core.preflight import check_device, check_model
 from refdir.errors import RefdirError
+
+# ModelSpec fields honoured only from the command line or the Python call, never from a file
+UNSAFE_FIELDS = ("trust_remote_code", "allow_pickle")
 
 
 class ModelSpec(BaseModel):
@@ -24,7 +30,8 @@ class ModelSpec(BaseModel):
     dtype: str = "auto"  # auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16, fp16
     device: str = "cpu"
     device_map: str | None = None  # accelerate device_map: a name such as auto, or a JSON map
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # never read back from a file: see from_record
+    allow_pickle: bool = False  # load pickled (.bin/.pt) weights when a model has no safetensors; never from a file
     system: str | None = None  # system prompt
     chat_template: str | None = None  # a template string with {instruction}, for models without one
 
@@ -36,10 +43,37 @@ class ModelSpec(BaseModel):
             parse_dtype(v)
         return v
 
+    @field_validator("chat_template")
+    @classmethod
+    def _template_has_placeholder(cls, v: str | None) -> str | None:
+        if v is not None and "{instruction}" not in v:
+            raise RefdirError("--chat-template must contain the placeholder {instruction}")
+        return v
+
+    def check(self, chat: bool = True) -> int | None:
+        """Refuse, before anything is loaded or written, a model that cannot be loaded as this spec says: the
+        device, the model's existence and type, custom code, and (with ``chat``) its chat template (see
+        :func:`refdir.core.preflight.check_model`). Returns the context length its config states, or None."""
+        check_device(self.device, self.device_map)
+        context = check_model(self.model, trust_remote_code=self.trust_remote_code,
+                              chat_template=self.chat_template, chat=chat)
+        if Path(self.model).is_dir():
+            refuse_pickled_weights(Path(self.model), self.allow_pickle)
+        return context
+
+    @classmethod
+    def from_record(cls, recorded: dict, given: dict | None = None) -> ModelSpec:
+        """The spec a run or search directory recorded, with the settings ``given`` by the caller on top.
+
+        The settings that let a model run code or unpickle files (``UNSAFE_FIELDS``) are never taken from the
+        record, only from ``given``: a directory someone sends you cannot switch them on."""
+        safe = {k: v for k, v in recorded.items() if k not in UNSAFE_FIELDS}
+        return cls(**{**safe, **(given or {})})
+
     def load_model(self) -> LoadedModel:
         """The model and tokenizer, loaded as this spec says."""
         return load_model(self.model, dtype=self.dtype, device=self.device, device_map=self.device_map,
-                          trust_remote_code=self.trust_remote_code)
+                          trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle)
 
     def chat(self, tokenizer) -> ChatFormat:
         """The chat format of ``tokenizer`` with this spec's system prompt and template."""
@@ -71,9 +105,9 @@ class DataSpec(BaseModel):
     harmful_test: str | None = None
     harmless_test: str | None = None
     column: str = "instruction"  # the instruction's column in csv/json/jsonl/parquet
-    n_train: int | None = None  # default: all of the train split
-    n_val: int = 32
-    n_test: int | None = None  # default: all of the test split
+    n_train: int | None = Field(None, ge=1)  # default: all of the train split
+    n_val: int = Field(32, ge=1)
+    n_test: int | None = Field(None, ge=1)  # default: all of the test split
     seed: int = 42
 
     def split(self) -> dict:

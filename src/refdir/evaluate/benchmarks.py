@@ -43,6 +43,7 @@ class BenchConfig(BaseModel):
     device: str = "cpu"
     device_map: str | None = None
     trust_remote_code: bool = False
+    allow_pickle: bool = False
 
 
 def _lm_eval():
@@ -95,7 +96,7 @@ def harness_lm(model, tokenizer, batch_size: int = 8):
     from lm_eval.models.huggingface import HFLM
 
     dev = next(model.parameters()).device
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(dev))
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(dev), trust_remote_code=False)
 
 
 def _metrics(task_result: dict) -> dict:
@@ -143,7 +144,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, force: bool = False, run_dir
     load_tasks(tm, tasks)  # fail on missing data before any model is loaded
     t0 = time.time()
     base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
-                      trust_remote_code=cfg.trust_remote_code)
+                      trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     directions = load_directions(arms, base.model.config.get_text_config().hidden_size)
     rows = []
     for arm, spec in tqdm(list(zip(arms, cfg.arms, strict=True)), desc="arms"):
@@ -151,7 +152,7 @@ def run_bench(cfg: BenchConfig, out: str | Path, *, force: bool = False, run_dir
         lm = None
         if arm.kind == "ckpt":
             lm = load_model(arm.target, dtype=cfg.dtype, device=cfg.device, device_map=cfg.device_map,
-                            trust_remote_code=cfg.trust_remote_code)
+                            trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
             model, tok = lm.model, lm.tokenizer
         else:
             model, tok = base.model, base.tokenizer

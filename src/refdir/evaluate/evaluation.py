@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from refdir.core.data import load_corpus, load_instructions, load_pairs
@@ -24,7 +24,8 @@ from refdir.core.directions import Direction
 from refdir.core.generation import generate
 from refdir.core.html import write_sections_report
 from refdir.core.interventions import ablate, add
-from refdir.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from refdir.core.io import atomic_dir, atomic_write_json, atomic_write_text, check_replaceable
+from refdir.core.preflight import check_output
 from refdir.core.rundir import RunDir
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
@@ -106,16 +107,16 @@ class EvalConfig(BaseModel):
     harmful: str = "embedded:harmful:test"
     harmless: str = "embedded:harmless:test"
     column: str = "instruction"
-    n_harmful: int | None = None
-    n_harmless: int | None = 32
+    n_harmful: int | None = Field(None, ge=1)
+    n_harmless: int | None = Field(32, ge=1)
     text: str = "embedded"
-    n_text: int | None = None
-    text_tokens: int = 256
+    n_text: int | None = Field(None, ge=1)
+    text_tokens: int = Field(256, ge=1)
     pairs: str = "embedded"
-    n_pairs: int | None = None
-    max_new_tokens: int = 64  # completions judged for refusal and safety
-    ondist_tokens: int = 64  # length of the base model's greedy continuations on harmless prompts
-    kl_tokens: int = 32
+    n_pairs: int | None = Field(None, ge=1)
+    max_new_tokens: int = Field(64, ge=1)  # completions judged for refusal and safety
+    ondist_tokens: int = Field(64, ge=1)  # length of the base model's greedy continuations on harmless prompts
+    kl_tokens: int = Field(32, ge=1)
     judge: str = "substring"
     short_safe: bool = False
     system: str | None = None
@@ -124,13 +125,14 @@ class EvalConfig(BaseModel):
     device: str = "cpu"
     device_map: str | None = None
     trust_remote_code: bool = False
-    batch_size: int = 16
+    allow_pickle: bool = False
+    batch_size: int = Field(16, ge=1)
 
     def model_spec(self, model: str | None = None) -> ModelSpec:
         """How to load the base model, or ``model`` (a checkpoint arm) with the same settings."""
         return ModelSpec(model=model or self.model, dtype=self.dtype, device=self.device, device_map=self.device_map,
-                         trust_remote_code=self.trust_remote_code, system=self.system,
-                         chat_template=self.chat_template)
+                         trust_remote_code=self.trust_remote_code, allow_pickle=self.allow_pickle,
+                         system=self.system, chat_template=self.chat_template)
 
 
 @dataclass
@@ -193,6 +195,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, force: bool = False, run_dir: 
     are also added to that run's report sections (the caller re-renders the run's report)."""
     out = Path(out)
     arms = _checked_arms(cfg, out, force, run_dir)
+    _check_sources(cfg, arms, out, force)
     t0 = time.time()
     harmful = load_instructions(cfg.harmful, cfg.column).instructions[: cfg.n_harmful]
     harmless = load_instructions(cfg.harmless, cfg.column).instructions[: cfg.n_harmless]
@@ -244,6 +247,20 @@ def _checked_arms(cfg: EvalConfig, out: Path, force: bool, run_dir: str | Path |
     return arms
 
 
+def _check_sources(cfg: EvalConfig, arms: list[ArmSpec], out: Path, force: bool) -> None:
+    """Refuse, before any model is loaded, what would fail later: the base model and every checkpoint arm's model
+    (see :meth:`ModelSpec.check`), an unreadable direction file, an output location that cannot be written."""
+    cfg.model_spec().check()
+    for a in arms:
+        if a.kind == "ckpt":
+            cfg.model_spec(a.target).check(chat=False)
+        elif a.kind in ("ablate", "add"):
+            Direction.load(a.target)
+    check_output(out, "dir")
+    if force:
+        check_replaceable(out)
+
+
 def _eval_arm(cfg: EvalConfig, arm: ArmSpec, spec: str, base, fmt, directions: dict,
               inputs: EvalInputs) -> ArmResult:
     """CE on the three sets, KL along the base continuations, and judged harmful completions of one arm."""
@@ -293,7 +310,7 @@ def _judge_safety(cfg: EvalConfig, base, harmful: list[str], results: list[ArmRe
         judge = make_judge(kind, base.model, base.tokenizer, short_safe=cfg.short_safe)
     else:
         judge = load_judge(cfg.judge, dtype=cfg.dtype, device=cfg.device, short_safe=cfg.short_safe,
-                           trust_remote_code=cfg.trust_remote_code)
+                           trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle)
     for res in results:
         s = judge(harmful, res.completions)
         res.safety = {"judge": cfg.judge, "score": s.safety, "n_unsafe": sum(s.unsafe), "unsafe": s.unsafe,

@@ -256,10 +256,11 @@ def make_judge(kind: str, model=None, tokenizer=None, *, short_safe: bool = Fals
 
 
 def load_judge(spec: str, *, dtype=None, device: str = "cpu", short_safe: bool = False,
-               trust_remote_code: bool = False):
+               trust_remote_code: bool = False, allow_pickle: bool = False):
     """Parse ``spec`` and load its model (on demand: call this after the arms are done, to bound memory)."""
     kind, model_spec = parse_judge_spec(spec)
     if model_spec is None:
         return make_judge(kind)
-    lm = load_model(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    lm = load_model(model_spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                    allow_pickle=allow_pickle)
     return make_judge(kind, lm.model, lm.tokenizer, short_safe=short_safe)

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -38,9 +40,9 @@ from safetensors.torch import load_file, save_file
 
 from refdir.core.activations import decoder_body
 from refdir.core.architecture import Architecture, cache_in, inspect_model
-from refdir.core.directions import Direction
+from refdir.core.directions import Direction, check_direction
 from refdir.core.hooks import PerDevice, map_input, map_output, registered
-from refdir.core.io import atomic_file, atomic_write_json
+from refdir.core.io import atomic_file, atomic_write_json, check_file_target, read_json_object
 from refdir.errors import RefdirError
 
 FORMAT = "refdir.steering_vector"
@@ -93,6 +95,8 @@ class SteeringVector:
             raise RefdirError(f"layers of one steering vector must have one size, got {sorted(sizes)}")
         if min(vs) < 0:
             raise RefdirError(f"negative layer index {min(vs)}")
+        for layer, v in vs.items():  # a zero layer adds nothing; NaN or inf would poison every activation
+            check_direction(v, f"layer {layer} of the steering vector", allow_zero=True)
         self.vectors = dict(sorted(vs.items()))
 
     # ------------------------------------------------------------------ basics
@@ -154,6 +158,8 @@ class SteeringVector:
     __rmul__ = __mul__
 
     def __truediv__(self, c: float) -> SteeringVector:
+        if c == 0:
+            raise RefdirError("cannot divide a steering vector by zero")
         return self * (1.0 / c)
 
     def __neg__(self) -> SteeringVector:
@@ -188,10 +194,13 @@ class SteeringVector:
         return cls(vectors, m.get("model_id", ""), m.get("model_hash", ""), m.get("read_position", -1),
                    m.get("norm", "raw"), m.get("method", ""), m.get("dataset_hash", ""), m.get("meta", {}))
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``PATH.safetensors`` and ``PATH.json`` (each atomically)."""
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        """Write ``PATH.safetensors`` and ``PATH.json`` (each atomically); existing files are refused unless
+        ``force``."""
         path = Path(path).with_suffix(".safetensors")
-        with atomic_file(path) as tmp:
+        check_file_target(path, force)
+        check_file_target(path.with_suffix(".json"), force)
+        with atomic_file(path, overwrite=force) as tmp:
             save_file({f"layer.{k}": v.contiguous() for k, v in self.vectors.items()}, str(tmp),
                       metadata={"format": FORMAT})
         atomic_write_json(path.with_suffix(".json"), self._meta())
@@ -208,10 +217,7 @@ class SteeringVector:
         meta_path = path.with_suffix(".json")
         if not path.exists() or not meta_path.exists():
             raise RefdirError(f"expected a steering vector at {path} and {meta_path}")
-        try:
-            m = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as e:
-            raise RefdirError(f"corrupt metadata file {meta_path}: {e}") from e
+        m = read_json_object(meta_path, "metadata file")
         if m.get("format") == "refdir.direction":
             return cls.from_direction(Direction.load(path))
         if m.get("format") != FORMAT:
@@ -220,6 +226,9 @@ class SteeringVector:
             t = load_file(str(path))
         except Exception as e:  # noqa: BLE001
             raise RefdirError(f"corrupt steering vector file {path}: {e}") from e
+        bad = [k for k in t if not re.fullmatch(r"layer\.\d+", k)]
+        if bad:
+            raise RefdirError(f"{path}: unexpected tensor {bad[0]!r} (a steering vector holds only layer.N tensors)")
         return cls._from_meta({int(k.split(".", 1)[1]): v for k, v in t.items()}, m)
 
     @classmethod
@@ -229,15 +238,17 @@ class SteeringVector:
                    "", dict(d.meta))
 
     # ------------------------------------------------------------------ llama.cpp
-    def to_gguf(self, path: str | Path, model_hint: str | None = None) -> Path:
-        """Write a llama.cpp control vector (``direction.{l-1}`` for refdir layer l; F32; atomic)."""
+    def to_gguf(self, path: str | Path, model_hint: str | None = None, force: bool = False) -> Path:
+        """Write a llama.cpp control vector (``direction.{l-1}`` for refdir layer l; F32; atomic); an existing
+        file (a model's .gguf, say) is refused unless ``force``."""
         bad = [layer for layer in self.layers if layer < 2]
         if bad:
             raise RefdirError(f"llama.cpp control vectors cannot steer refdir layers {bad}: llama.cpp adds "
                               "direction.k to the output of block k for k >= 1 (refdir layer k+1), so only "
                               "layers >= 2 can be exported")
         path = Path(path)
-        with atomic_file(path) as tmp:
+        check_file_target(path, force)
+        with atomic_file(path, overwrite=force) as tmp:
             w = gguf.GGUFWriter(str(tmp), arch="controlvector")
             w.add_string("controlvector.model_hint", model_hint or self.model_id or "unknown")
             w.add_uint32("controlvector.layer_count", len(self.layers))
@@ -279,7 +290,13 @@ class SteeringVector:
             raise RefdirError(f"{path} holds no direction tensors")
         raw = _gguf_str(r, GGUF_META_KEY)
         if raw:
-            return cls._from_meta(vectors, json.loads(raw))
+            try:
+                m = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise RefdirError(f"{path}: corrupt {GGUF_META_KEY} metadata: {e}") from e
+            if not isinstance(m, dict):
+                raise RefdirError(f"{path}: corrupt {GGUF_META_KEY} metadata: not a JSON object")
+            return cls._from_meta(vectors, m)
         return cls(vectors, _gguf_str(r, "controlvector.model_hint") or "", method="llama.cpp control vector")
 
 
@@ -353,6 +370,8 @@ def steer(model: torch.nn.Module, sv: SteeringVector, coeff: float = 1.0, positi
     Works with ``model.generate`` (every decoding step, with or without a KV cache)."""
     if positions not in POSITIONS:
         raise RefdirError(f"unknown position mode {positions!r}; use one of {POSITIONS}")
+    if not math.isfinite(float(coeff)):
+        raise RefdirError(f"the steering coefficient must be finite, got {coeff}")
     arch = sv.check_fits(model, arch)
     chosen = sv.layers if layers is None else [int(x) for x in layers]
     missing = [x for x in chosen if x not in sv.vectors]

@@ -27,6 +27,7 @@ from refdir.core.directions import Direction
 from refdir.core.generation import generate
 from refdir.core.html import figure_html, table_html
 from refdir.core.io import atomic_write_json
+from refdir.core.preflight import require
 from refdir.core.rundir import RunDir
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
@@ -64,9 +65,8 @@ def open_run(run_dir: str | Path, model: dict | None = None) -> RunContext:
     """Read what the analysis needs from a finished run directory (the model is loaded by ``.load()``).
     ``model`` holds model settings that replace the run's own (e.g. another device)."""
     rd = RunDir.open_finished(run_dir)
-    spec = rd.model_spec()
-    if model:
-        spec = ModelSpec(**{**spec.model_dump(), **model})
+    spec = rd.model_spec(model)
+    spec.check()  # the run's model must still load as recorded: refused before any work
     return RunContext(rd, spec, rd.sets(), rd.refusal_ids(), rd.direction(), rd.config().get("judge", "broad"))
 
 
@@ -91,6 +91,7 @@ def analyze_geometry_run(run_dir: str | Path, *, position: int = -1, split: str 
                          model: dict | None = None, progress: bool = True) -> dict:
     """Geometry of the run's harmful vs harmless prompts; writes ``geometry.json`` into the run's analysis
     directory and a report section."""
+    require("sklearn", extra="analysis")
     ctx = open_run(run_dir, model)
     if split not in ("train", "val", "test"):
         raise RefdirError(f"--split must be train, val or test, not {split!r}")

@@ -6,12 +6,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from refdir.core.data import load_instructions, sample
+from refdir.core.data import sample
 from refdir.core.directions import Candidates
-from refdir.core.io import atomic_dir, atomic_write_json
+from refdir.core.io import atomic_dir, atomic_write_json, check_replaceable
 from refdir.core.rundir import versions
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
+from refdir.workflows.checks import check_extract, check_prompts_fit
 from refdir.workflows.stages import Loaded, mean_residuals
 
 
@@ -22,22 +23,25 @@ class ExtractConfig(BaseModel):
     harmful: str = "embedded:harmful:train"
     harmless: str = "embedded:harmless:train"
     column: str = "instruction"
-    n_train: int | None = None  # sample this many of each set (default: all, shuffled)
+    n_train: int | None = Field(None, ge=1)  # sample this many of each set (default: all, shuffled)
     seed: int = 42
-    batch_size: int = 16
+    batch_size: int = Field(16, ge=1)
 
 
 def run_extract(cfg: ExtractConfig, out: str | Path, force: bool = False) -> Path:
     """Write ``OUT/candidates.safetensors`` (with config.json and manifest.json); an existing ``out`` is refused
-    unless ``force``. Returns the candidates file."""
+    unless ``force``. Returns the candidates file. The model, the output location and the data are checked before
+    the model is loaded (:func:`refdir.workflows.checks.check_extract`), the prompts' lengths right after it."""
     out = Path(out)
     if out.exists() and not force:
         raise RefdirError(f"output directory {out} already exists; pass --force to overwrite it")
-    harmful = load_instructions(cfg.harmful, cfg.column)
-    harmless = load_instructions(cfg.harmless, cfg.column)
-    m = Loaded(cfg.model)
+    check_replaceable(out)  # --force replaces only a directory refdir wrote: refused now, not after the work
+    harmful, harmless, context = check_extract(cfg.model, out, cfg.harmful, cfg.harmless, cfg.column)
     h = sample(harmful.instructions, cfg.n_train, cfg.seed)
     b = sample(harmless.instructions, cfg.n_train, cfg.seed)
+    check_prompts_fit(cfg.model, context, h + b)
+    m = Loaded(cfg.model, prompts=h + b)
+    m.lm  # noqa: B018 - load now: prompts that do not fit the context are refused before any forward pass
     mh = mean_residuals(m, h, cfg.batch_size, "harmful activations", shared_prefix=False)
     mb = mean_residuals(m, b, cfg.batch_size, "harmless activations", shared_prefix=False)
     cands = Candidates.from_means(mh, mb, m.lm.model_id, {

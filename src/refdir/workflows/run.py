@@ -6,8 +6,10 @@ Stages (one directory each under the run dir, see :mod:`refdir.core.rundir`; the
 
     data → refusal_tokens → filter → candidates → selection → coeff → eval → checkpoint → report
 
-A stage's key hashes the part of the config it depends on and its upstream keys; rerunning
-the same command skips stages whose key matches and recomputes the rest.
+A stage's key hashes the part of the config it depends on, the content of the files it reads (data files,
+the local model's files) and its upstream keys; rerunning the same command skips stages whose key matches and
+recomputes the rest. The run holds the directory's lock from start to end: a second refdir process writing it
+is refused, and the temp files of a killed run are removed when the next one starts.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from pathlib import Path
 import torch
 
 from refdir.core import rundir as rdl
-from refdir.core.models import sha256_file
+from refdir.core.fingerprint import files_sha256
 from refdir.core.rundir import RunDir, versions
 from refdir.method.selection import Selection
+from refdir.workflows.checks import all_prompts, check_run
 from refdir.workflows.report import write_report
 from refdir.workflows.stages import (
     Loaded,
@@ -44,8 +47,18 @@ __all__ = ["RunConfig", "run_pipeline"]
 
 def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True) -> dict:
     """Run (or resume) every stage in ``out``; write summary.json, manifest.json and report.html. Returns the
-    summary. ``force`` replaces a directory that is not a run of this model."""
+    summary. ``force`` replaces a directory that is not a run of this model. The directory is locked against
+    other refdir processes until the run ends (also on error). Everything that can be checked is checked before
+    the directory is created or touched (:func:`refdir.workflows.checks.check_run`)."""
+    sets = check_run(cfg, out)
     rd = RunDir.create(out, cfg.model_dump(), force=force)
+    with rd:
+        return run_stages(rd, cfg, progress, sets)
+
+
+def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict | None = None) -> dict:
+    """Every stage of a run in the opened (and locked) ``rd``, then the summary, manifest and report. ``checked``:
+    the split sets :func:`check_run` read (else the data stage splits them)."""
     m = Loaded(cfg.model)  # loaded by the first stage that needs it
     t0 = time.time()
     times: dict[str, float] = {}
@@ -57,7 +70,8 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, progress:
         return r
 
     # 1. harmful/harmless train, val and test prompts
-    sets = timed(rdl.DATA, stage_data, rd, cfg)
+    sets = timed(rdl.DATA, stage_data, rd, cfg, checked)
+    m.prompts = all_prompts(sets)  # refused on load if they do not fit the model's context
     # 2. the tokens the model starts its refusals with
     ids = timed(rdl.REFUSAL_TOKENS, stage_refusal_tokens, rd, cfg, m, sets, progress=progress)
     # 3. keep the prompts the model already treats as harmful / harmless (and the train residual means)
@@ -114,20 +128,20 @@ def run_summary(rd: RunDir, cfg: RunConfig, sets: dict, sel: Selection, coeff: d
 
 def run_manifest(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict) -> dict:
     """manifest.json: versions, config, the model's source and file hashes, data hashes and stage keys. A fully
-    cached rerun (model not loaded) keeps the model part of the previous manifest."""
+    cached rerun (model not loaded) keeps the model part of the previous manifest; without one (a run killed just
+    before it wrote its manifest) the model is loaded for its source, so that the manifest is the same."""
     prev = rd.manifest()
     p = None
     if not m.loaded and prev is not None:
         src, files = prev.get("model", {}), prev.get("model_files_sha256", {})
     else:
-        src = dict(m.lm.source) if m.loaded else {}
+        src = dict(m.lm.source)
         files = {}
         p = src.get("path")
     if p and Path(p).is_dir():
-        for f in sorted(Path(p).glob("*.safetensors")):
-            files[f.name] = sha256_file(f)
+        files = {Path(k).name: v for k, v in files_sha256(sorted(Path(p).glob("*.safetensors"))).items()}
     elif p and Path(p).is_file():
-        files[Path(p).name] = sha256_file(p)
+        files = {Path(k).name: v for k, v in files_sha256([p]).items()}
     data_hash = {f"{k}/{s}": hashlib.sha256("\n".join(v[s]).encode()).hexdigest()
                  for k, v in sets.items() for s in ("train", "val", "test")}
     return {"versions": versions(), "seed": cfg.data.seed, "config": cfg.model_dump(),

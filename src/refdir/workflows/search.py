@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from refdir.core import rundir as rdl
 from refdir.core.directions import Candidates
 from refdir.core.edits import VARIANTS
-from refdir.core.io import atomic_write_json
+from refdir.core.io import atomic_write_json, make_output_dir
+from refdir.core.preflight import require
 from refdir.core.rundir import RunDir
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
@@ -55,6 +56,7 @@ from refdir.method.search.study import (
     warm_starts,
 )
 from refdir.method.selection import max_layer
+from refdir.workflows.checks import all_prompts, check_run
 from refdir.workflows.report import write_report
 from refdir.workflows.stages import (
     Loaded,
@@ -159,13 +161,14 @@ class Prepared:
     cands: Candidates
 
 
-def prepare(cfg: RunConfig, out: str | Path, timings: Timings, force: bool = False,
-            progress: bool = True) -> Prepared:
-    """The data, refusal tokens, filter and candidates stages of a run in ``out`` (cached like ``refdir run``'s)."""
-    rd = RunDir.create(out, cfg.model_dump(), force=force)
+def prepare(cfg: RunConfig, rd: RunDir, timings: Timings, progress: bool = True,
+            checked: dict | None = None) -> Prepared:
+    """The data, refusal tokens, filter and candidates stages of a run in the opened ``rd`` (cached like
+    ``refdir run``'s); ``checked``: the split sets :func:`check_run` read."""
     m = Loaded(cfg.model)
     with timings.phase(rdl.DATA):
-        sets = stage_data(rd, cfg)
+        sets = stage_data(rd, cfg, checked)
+    m.prompts = all_prompts(sets)  # refused on load if they do not fit the model's context
     with timings.phase(rdl.REFUSAL_TOKENS):
         ids = stage_refusal_tokens(rd, cfg, m, sets, progress=progress)
     with timings.phase(rdl.FILTER):
@@ -190,53 +193,58 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
     if per_mark is not None and per_mark < 1:
         raise RefdirError("--per-mark must be at least 1")
     cfg.check()
+    require("optuna", "scipy", extra="search")
     refs = load_reference(reference) if reference else []
+    sets = check_run(cfg.run, out)
     sdir = RunDir(out).search_dir()
-    check_study_config(sdir / "config.json", cfg.model_dump(), force, Path(out))
-    timings = Timings()
-    p = prepare(cfg.run, out, timings, force=force, progress=progress)
-    run, lm, fmt, cands = cfg.run, p.m.lm, p.m.fmt, p.cands
-    if per_mark is None:
-        per_mark = default_per_mark(lm.model)
-    sdir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(sdir / "config.json", cfg.model_dump())
-    L = cands.n_layers
-    layer_lo = max(1.0, cfg.min_layer_frac * L)
-    with timings.phase("proxy_base"):
-        val = {"harmful": p.filt["val"]["harmful"][: cfg.n_val_harmful], "harmless": p.filt["val"]["harmless"]}
-        proxy = Proxy(lm.model, fmt, val["harmful"], val["harmless"], p.ids, run.batch_size)
-    with timings.phase(rdl.SELECTION):
-        scfg = replace(run.selection_config(), min_layer=int(math.ceil(layer_lo)))
-        table, chosen = select_warm_start(lm.model, fmt, cands, val, p.ids, scfg, sdir / "selection.json", progress,
-                                          proxy.base_logits)
-    if p.m.load_s is not None:
-        timings.add("load", p.m.load_s)
-    space = Space(list(cands.positions), L, layer_lo, float(max_layer(L, run.max_layer_frac)), cfg.max_strength,
-                  list(cfg.variants))
-    study = open_study(sdir / "study.log", run.data.seed)
-    band = kl_band(cfg.kl_marks)
-    if not study.trials:
-        # at most `trials` of them: a warm start left queued would be taken by the next trial refinement asks for
-        warm = warm_starts(table, chosen, space, kl_max=run.kl_max, top_k=run.top_k, strong_starts=cfg.strong_starts)
-        seed_study(study, space, warm[:trials], table, band)
-    objective = make_objective(space, cands, proxy, band)
-    with timings.phase("search"):
-        todo = run_trials(study, objective, trials, cfg.kl_marks, progress, callbacks)
-    with timings.phase("refine"):
-        n_refined = refine_front(study, objective, space, cfg.kl_marks, refine, progress) if refine > 0 else 0
-    with timings.phase("confirm"):
-        conf = Confirmation(study, space, objective, proxy, cands, p.sets["harmful"]["test"],
-                            p.sets["harmless"]["test"], sdir / "confirm.json", batch_size=run.batch_size,
-                            gen_batch_size=run.gen_batch_size, max_new_tokens=run.max_new_tokens, judge=run.judge,
-                            progress=progress)
-        confirmed = conf.run(cfg.kl_marks, per_mark=per_mark, max_confirm=max_confirm, confirm_plain=confirm_plain,
-                             confirm_extra=confirm_extra, seed=run.data.seed, calibrate=calibrate)
-    timings.s["total"] = round(time.time() - timings.t0, 2)
-    result = {"config": cfg.model_dump(), **trial_counts(conf.rows), "n_layers": L, "model_id": lm.model_id,
-              "positions": cands.positions, **confirmed, "timings_s": timings.s, "new_trials": todo,
-              "refine_trials": n_refined, "reference": refs,
-              "selection": {"chosen": chosen, "n_scored": sum(1 for r in table if math.isfinite(r["bypass"]))}}
-    atomic_write_json(sdir / "summary.json", result)
-    write_search_report(p.rd, result)
-    write_report(p.rd.path)
-    return result
+    # the directory's lock is taken before the study's config is checked (and, under --force, deleted)
+    rd = RunDir.create(out, cfg.run.model_dump(), force=force,
+                       check=lambda: check_study_config(sdir / "config.json", cfg.model_dump(), force, Path(out)))
+    with rd:  # held until the search ends, also on error
+        timings = Timings()
+        p = prepare(cfg.run, rd, timings, progress=progress, checked=sets)
+        run, lm, fmt, cands = cfg.run, p.m.lm, p.m.fmt, p.cands
+        if per_mark is None:
+            per_mark = default_per_mark(lm.model)
+        make_output_dir(sdir)  # with refdir's marker, so that --force may replace it later
+        atomic_write_json(sdir / "config.json", cfg.model_dump())
+        L = cands.n_layers
+        layer_lo = max(1.0, cfg.min_layer_frac * L)
+        with timings.phase("proxy_base"):
+            val = {"harmful": p.filt["val"]["harmful"][: cfg.n_val_harmful], "harmless": p.filt["val"]["harmless"]}
+            proxy = Proxy(lm.model, fmt, val["harmful"], val["harmless"], p.ids, run.batch_size)
+        with timings.phase(rdl.SELECTION):
+            scfg = replace(run.selection_config(), min_layer=int(math.ceil(layer_lo)))
+            table, chosen = select_warm_start(lm.model, fmt, cands, val, p.ids, scfg, sdir / "selection.json", progress,
+                                              proxy.base_logits)
+        if p.m.load_s is not None:
+            timings.add("load", p.m.load_s)
+        space = Space(list(cands.positions), L, layer_lo, float(max_layer(L, run.max_layer_frac)), cfg.max_strength,
+                      list(cfg.variants))
+        study = open_study(sdir / "study.log", run.data.seed)
+        band = kl_band(cfg.kl_marks)
+        if not study.trials:
+            # at most `trials` of them: a warm start left queued would be taken by the next trial refinement asks for
+            warm = warm_starts(table, chosen, space, kl_max=run.kl_max, top_k=run.top_k, strong_starts=cfg.strong_starts)
+            seed_study(study, space, warm[:trials], table, band)
+        objective = make_objective(space, cands, proxy, band)
+        with timings.phase("search"):
+            todo = run_trials(study, objective, trials, cfg.kl_marks, progress, callbacks)
+        with timings.phase("refine"):
+            n_refined = refine_front(study, objective, space, cfg.kl_marks, refine, progress) if refine > 0 else 0
+        with timings.phase("confirm"):
+            conf = Confirmation(study, space, objective, proxy, cands, p.sets["harmful"]["test"],
+                                p.sets["harmless"]["test"], sdir / "confirm.json", batch_size=run.batch_size,
+                                gen_batch_size=run.gen_batch_size, max_new_tokens=run.max_new_tokens, judge=run.judge,
+                                progress=progress)
+            confirmed = conf.run(cfg.kl_marks, per_mark=per_mark, max_confirm=max_confirm, confirm_plain=confirm_plain,
+                                 confirm_extra=confirm_extra, seed=run.data.seed, calibrate=calibrate)
+        timings.s["total"] = round(time.time() - timings.t0, 2)
+        result = {"config": cfg.model_dump(), **trial_counts(conf.rows), "n_layers": L, "model_id": lm.model_id,
+                  "positions": cands.positions, **confirmed, "timings_s": timings.s, "new_trials": todo,
+                  "refine_trials": n_refined, "reference": refs,
+                  "selection": {"chosen": chosen, "n_scored": sum(1 for r in table if math.isfinite(r["bypass"]))}}
+        atomic_write_json(sdir / "summary.json", result)
+        write_search_report(p.rd, result)
+        write_report(p.rd.path)
+        return result

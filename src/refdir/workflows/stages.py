@@ -23,13 +23,15 @@ from refdir.core import rundir as rdl
 from refdir.core.activations import residual_batches, residuals
 from refdir.core.chat import ChatFormat
 from refdir.core.directions import Candidates, Direction
+from refdir.core.fingerprint import data_sha256, model_sha256
 from refdir.core.forward import last_logits
 from refdir.core.generation import generate
 from refdir.core.interventions import ablate, add
 from refdir.core.io import atomic_write_json, atomic_write_text
 from refdir.core.models import LoadedModel
 from refdir.core.orthogonalize import save_orthogonalized
-from refdir.core.rundir import RunDir
+from refdir.core.preflight import check_fits, context_length
+from refdir.core.rundir import RunDir, save_filter_means
 from refdir.core.spec import KINDS, DataSpec, ModelSpec
 from refdir.errors import RefdirError
 from refdir.method.refusal_judge import judge_all
@@ -55,28 +57,36 @@ class RunConfig(BaseModel):
     filter_train: bool = True  # keep harmful with metric > 0, harmless with metric < 0 (paper)
     filter_val: bool = False
     refusal_tokens: list[str] | None = None  # default: derived from the model's own refusals
-    batch_size: int = 32
+    batch_size: int = Field(32, ge=1)
     # selection
-    max_layer_frac: float = 0.8
+    max_layer_frac: float = Field(0.8, gt=0, le=1)
     kl_max: float = 0.1
-    induce_rule: str = "auto"
+    induce_rule: Literal["paper", "relative", "auto"] = "auto"
     induce_rel_frac: float = 0.5
     positions: list[int] | None = None  # default: every post-instruction position
     exhaustive: bool = False  # fully score every candidate instead of screening
-    screen_n: int = 8
-    top_k: int = 12
+    screen_n: int = Field(8, ge=1)
+    top_k: int = Field(12, ge=1)
     # evaluation
-    max_new_tokens: int = 128
-    gen_batch_size: int = 40
+    max_new_tokens: int = Field(128, ge=1)
+    gen_batch_size: int = Field(40, ge=1)
     judge: Literal["broad", "paper", "wide"] = "broad"
-    add_coeffs: list[float] = [1.0, 1.25, 1.5, 2.0, 2.5, 3.0]
-    add_target: float = 0.9  # share of harmless val prompts whose metric must be > 0
+    add_coeffs: list[float] = Field([1.0, 1.25, 1.5, 2.0, 2.5, 3.0], min_length=1)
+    add_target: float = Field(0.9, gt=0, le=1)  # share of harmless val prompts whose metric must be > 0
     save_checkpoint: bool = True
 
     def settings(self, stage: str) -> dict:
-        """The config values ``stage``'s key hashes (under their flat names, so keys match earlier runs)."""
+        """The config values ``stage``'s key hashes (under their flat names, so keys match earlier runs), and the
+        content hashes of the files it reads: the local data files (data), the local model's files (refusal
+        tokens, and through the chained keys every later stage). The embedded sets and model add none."""
         flat = {**self.data.model_dump(), **self.model.model_dump(), **self.model_dump(exclude={"model", "data"})}
-        return {k: flat[k] for k in STAGE_SETTINGS[stage]}
+        out = {k: flat[k] for k in STAGE_SETTINGS[stage]}
+        files = data_sha256(self.data) if stage == rdl.DATA else None
+        if stage == rdl.REFUSAL_TOKENS:
+            files = model_sha256(self.model.model)
+        if files:
+            out["files_sha256"] = files
+        return out
 
     def selection_config(self) -> SelectionConfig:
         return SelectionConfig(max_layer_frac=self.max_layer_frac, kl_max=self.kl_max, induce_rule=self.induce_rule,
@@ -101,11 +111,13 @@ STAGE_SETTINGS: dict[str, list[str]] = {
 class Loaded:
     """A model spec's model and chat format, loaded on first use (so a fully cached rerun never loads it)."""
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, prompts: list[str] | None = None):
         self.spec = spec
         self.load_s: float | None = None  # seconds the load took, once loaded
         self._lm: LoadedModel | None = None
         self._fmt: ChatFormat | None = None
+        # the prompts the work will run on: refused on load, before any forward pass, if they overflow the context
+        self.prompts = list(prompts or [])
 
     @property
     def loaded(self) -> bool:
@@ -117,6 +129,7 @@ class Loaded:
             t = time.time()
             self._lm = self.spec.load_model()
             self.load_s = time.time() - t
+            check_fits(self.fmt, self.prompts, context_length(self._lm.model))
         return self._lm
 
     @property
@@ -142,11 +155,12 @@ def judged(outs: list[str], headline: str) -> dict:
 # ------------------------------------------------------------------------------------------ preparation
 
 
-def stage_data(rd: RunDir, cfg: RunConfig) -> dict:
-    """The harmful/harmless train/val/test prompts (:meth:`DataSpec.split`)."""
+def stage_data(rd: RunDir, cfg: RunConfig, sets: dict | None = None) -> dict:
+    """The harmful/harmless train/val/test prompts (:meth:`DataSpec.split`; ``sets`` when the caller already
+    split them, to check them before the run directory was created)."""
     key = rd.key(rdl.DATA, cfg.settings(rdl.DATA))
     if not rd.done(rdl.DATA, key):
-        sets = cfg.data.split()
+        sets = sets if sets is not None else cfg.data.split()
         with rd.write_stage(rdl.DATA, key) as d:
             atomic_write_json(d / rdl.SETS_FILE, sets)
     return rd.sets()
@@ -171,14 +185,15 @@ def stage_refusal_tokens(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, prog
 
 
 def stage_filter(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, ids: list[int],
-                 progress: bool = True) -> tuple[dict, dict | None]:
+                 progress: bool = True) -> tuple[dict, dict]:
     """Keep harmful prompts with metric > 0 and harmless ones with metric < 0 (the paper's filter), per split as
-    configured. Returns the kept prompts ``{split: {kind: [...]}}`` and, when computed now, the mean train
-    residuals of the kept prompts ``{kind: tensor}`` (the train pass captures them, so that
-    :func:`stage_candidates` needs no second pass); None when the stage was cached."""
+    configured. Returns the kept prompts ``{split: {kind: [...]}}`` and the mean train residuals of the kept
+    prompts ``{kind: tensor}``: the train pass captures them, so that :func:`stage_candidates` needs no second
+    pass, and the stage saves them, so that a resumed run's candidates are the very same. Both are read back
+    from the stage's files, whether computed now or cached."""
     key = rd.key(rdl.FILTER, cfg.settings(rdl.FILTER))
-    if rd.done(rdl.FILTER, key):
-        return rd.filtered(), None
+    if rd.done(rdl.FILTER, key) and rd.filter_means() is not None:
+        return rd.filtered(), rd.filter_means()
     out: dict = {}
     info: dict = {}
     means = None
@@ -195,10 +210,13 @@ def stage_filter(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, ids: list[in
         if split == "train":
             subset = "all" if fallback else "kept"
             means = {kind: sums[kind][subset] for kind in KINDS}
+    if means is None or any(v is None for v in means.values()):
+        raise RefdirError("the filter's train pass left a prompt set empty; no residual means to save")
     with rd.write_stage(rdl.FILTER, key) as d:
         atomic_write_json(d / rdl.FILTERED_FILE, out)
         atomic_write_json(d / rdl.FILTER_INFO_FILE, info)
-    return rd.filtered(), means
+        save_filter_means(d, means)
+    return rd.filtered(), rd.filter_means()
 
 
 def _filter_split(cfg: RunConfig, m: Loaded, sets: dict, ids: list[int], split: str, on: bool, progress: bool):
@@ -260,17 +278,16 @@ def mean_residuals(m: Loaded, prompts: list[str], batch_size: int, desc: str, pr
 
 def stage_candidates(rd: RunDir, cfg: RunConfig, m: Loaded, filt: dict, means: dict | None = None,
                      progress: bool = True) -> Candidates:
-    """Difference-in-means candidates from the filtered train prompts; ``means`` (from :func:`stage_filter`)
-    saves the activation pass when given."""
+    """Difference-in-means candidates from the filter stage's saved residual means (``means`` as
+    :func:`stage_filter` returns them, else read from the run directory): computed once, by the filter's pass,
+    so a run resumed between the two stages gives the very same candidates."""
     key = rd.key(rdl.CANDIDATES, cfg.settings(rdl.CANDIDATES))
     if not rd.done(rdl.CANDIDATES, key):
         tr = filt["train"]
-        if means is not None and means["harmful"] is not None and means["harmless"] is not None:
-            mh, mb = means["harmful"], means["harmless"]
-        else:
-            mh = mean_residuals(m, tr["harmful"], cfg.batch_size, "harmful activations", progress)
-            mb = mean_residuals(m, tr["harmless"], cfg.batch_size, "harmless activations", progress)
-        c = Candidates.from_means(mh, mb, m.lm.model_id, {
+        means = means if means is not None else rd.filter_means()
+        if means is None:
+            raise RefdirError(f"{rd.path}: the filter stage saved no residual means; run the filter stage first")
+        c = Candidates.from_means(means["harmful"], means["harmless"], m.lm.model_id, {
             "post_instruction_tokens": m.fmt.post_instruction_tokens(),
             "n_harmful": len(tr["harmful"]), "n_harmless": len(tr["harmless"])})
         with rd.write_stage(rdl.CANDIDATES, key) as d:
@@ -410,7 +427,9 @@ def stage_checkpoint(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, directio
                                 meta={"direction": {"layer": direction.layer, "position": direction.position},
                                       "source_model": lm.model_id})
             del edited
-            reloaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=lm.dtype).eval()
+            # plain transformers, as a user would reload it: never the checkpoint's own code, never a pickle
+            reloaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=lm.dtype, trust_remote_code=False,
+                                                            use_safetensors=True).eval()
             outs = generate(reloaded, m.fmt, sets["harmful"]["test"], max_new_tokens=cfg.max_new_tokens,
                             batch_size=cfg.gen_batch_size, progress=progress, desc="checkpoint harmful")
             res = {k: v for k, v in judged(outs, cfg.judge).items() if k != "flags"}

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 from refdir.core.edits import Edit, apply_weights_, resolve
-from refdir.core.io import atomic_dir, atomic_write_json
+from refdir.core.io import atomic_dir, atomic_write_json, check_replaceable
 from refdir.core.models import save_hf_checkpoint
+from refdir.core.preflight import check_output
 from refdir.core.rundir import RunDir
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
@@ -25,14 +26,23 @@ def export_point(search_dir: str | Path, point: int, out: str | Path, *, force: 
         raise RefdirError(f"{rd.path} holds no finished search (expected {f})")
     if Path(out).exists() and not force:
         raise RefdirError(f"output directory {out} already exists; pass --force to overwrite it")
-    pts = json.loads(f.read_text())["points"]
+    pts = _read(f, "points", list)
     if not 0 <= point < len(pts):
         raise RefdirError(f"point {point} is not on the front (points 0..{len(pts) - 1})")
     # the search's config holds its run config under "run", and that the model spec under "model"
-    spec = ModelSpec(**(json.loads(cf.read_text())["run"]["model"] | (model or {})))
+    # (remote code and pickle loading only from ``model``, never from the search's files)
+    run = _read(cf, "run", dict)
+    if not isinstance(run.get("model"), dict):
+        raise RefdirError(f"{cf}: the search's config has no model spec (run.model)")
+    spec = ModelSpec.from_record(run["model"], model)
     p = pts[point]
     edit = Edit.from_dict(p["edit"])
     cands = rd.candidates()
+    # everything checked before the model is loaded and anything is written
+    spec.check(chat=False)
+    check_output(out, "dir")
+    if force:
+        check_replaceable(out)
     lm = spec.load_model()
     summary = apply_weights_(lm.model, resolve(edit, cands))
     with atomic_dir(out, force=force) as tmp:
@@ -43,3 +53,14 @@ def export_point(search_dir: str | Path, point: int, out: str | Path, *, force: 
             "confirmed": p.get("confirmed"), "source_model": lm.model_id, **summary})
     return Path(out)
 
+
+def _read(f: Path, key: str, kind: type):
+    """``key`` of the JSON object in the search's file ``f``; an unreadable file or a missing key is one clear
+    error."""
+    try:
+        obj = json.loads(f.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RefdirError(f"corrupt search file {f}: {e}") from e
+    if not isinstance(obj, dict) or not isinstance(obj.get(key), kind):
+        raise RefdirError(f"corrupt search file {f}: no {key!r} {kind.__name__}")
+    return obj[key]

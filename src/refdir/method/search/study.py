@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from refdir.core.directions import Candidates
 from refdir.core.edits import resolve
-from refdir.core.io import atomic_write_json
+from refdir.core.io import atomic_write_json, remove_dir
 from refdir.errors import RefdirError
 from refdir.method.search.objective import Proxy, Space, pareto_front, set_band
 from refdir.method.selection import SelectionConfig, score_candidates
@@ -44,7 +43,7 @@ def check_study_config(config_file: Path, now: dict, force: bool, where: Path) -
         raise RefdirError(f"{where} holds a search study made with {what} ({k}: {prev.get(k)!r} here, "
                           f"{now.get(k)!r} asked; {len(diff)} setting(s) differ); choose another --out or pass --force")
     if diff and force:
-        shutil.rmtree(config_file.parent)
+        remove_dir(config_file.parent)  # only a directory refdir wrote (its marker) or an empty one
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -1,0 +1,57 @@
+"""What a run, a search and an extraction check before they write anything: the model, the output location
+and the data. Each returns what it read, so that the work then uses exactly what was checked.
+
+Settings are checked earlier still, when the config is built (pydantic: counts ≥ 1, judges, rules, dtypes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from refdir.core.data import InstructionSet, load_instructions
+from refdir.core.models import EMBEDDED_ALIASES
+from refdir.core.preflight import check_fits, check_output
+from refdir.core.rundir import RunDir
+from refdir.core.spec import KINDS, ModelSpec
+from refdir.workflows.stages import RunConfig
+
+
+def check_run(cfg: RunConfig, out: str | Path) -> dict:
+    """Refuse, before the run directory is created or touched: a model that cannot be loaded as given (see
+    :meth:`ModelSpec.check`), an output location that cannot be written or an existing run directory whose files
+    cannot be read, and data that cannot be read or split. Returns the split sets (see :meth:`DataSpec.split`)."""
+    context = cfg.model.check()
+    check_output(out, "dir")
+    rd = RunDir(out)
+    if rd.path.is_dir():
+        rd.check_readable()
+    sets = cfg.data.split()
+    check_prompts_fit(cfg.model, context, all_prompts(sets))
+    return sets
+
+
+def check_extract(spec: ModelSpec, out: str | Path, harmful: str, harmless: str,
+                  column: str) -> tuple[InstructionSet, InstructionSet, int | None]:
+    """The same checks for ``refdir extract``: the model, the output location, and both prompt sets, which are
+    returned with the model's context length (for :func:`check_prompts_fit` on the prompts sampled from them)."""
+    context = spec.check()
+    check_output(out, "dir")
+    return load_instructions(harmful, column), load_instructions(harmless, column), context
+
+
+def check_prompts_fit(spec: ModelSpec, context: int | None, prompts: list[str]) -> None:
+    """Refuse prompts that do not fit the model's context of ``context`` tokens once formatted, where the tokenizer
+    loads without the model (a local directory or a cached hub id: about a second); for a GGUF file or the
+    embedded model :class:`refdir.workflows.stages.Loaded` checks them right after loading the model, before any
+    forward pass."""
+    if context is None or spec.model.endswith(".gguf") or spec.model in EMBEDDED_ALIASES:
+        return
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+    check_fits(spec.chat(tok), prompts, context)
+
+
+def all_prompts(sets: dict) -> list[str]:
+    """Every prompt of a run's split sets (to check that they fit the model's context)."""
+    return [p for kind in KINDS for split in ("train", "val", "test") for p in sets[kind][split]]

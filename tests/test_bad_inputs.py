@@ -1,0 +1,640 @@
+"""Bad inputs, one table across the commands: each ends with exit status 2, exactly one ``error:`` line and no
+traceback, and nothing on disk is created or changed (a snapshot of every path, size, mtime and content hash under
+the test's directory, models and inputs included, before and after; a case that may write elsewhere also checks
+that place).
+
+Each case is a small function that prepares its inputs in its own directory and returns the command line (or the
+command line and a clean-up). The table covers the issue's "tracebacks instead of one error line", "partial
+output" and "silent damage" lists, plus duplicate-only data, prompts longer than the context, NaN activations,
+fp16 overflow, bad settings, locked and corrupt run directories, custom code and pickled weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny, snapshot
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from refdir.cli.main import app
+from refdir.steering.vectors import SteeringVector
+
+ROOT = Path(__file__).resolve().parents[1]
+# the settings of the finished run every run-directory case starts from (a rerun with them reuses it)
+RUN_ARGS = ["--refusal-tokens", "I,As", "--n-train", "8", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "4",
+            "--no-filter-train", "--dtype", "fp32", "--batch-size", "8", "--kl-max", "1e9", "--induce-rule",
+            "relative"]
+LONG_PROMPT = " ".join(["explain"] * 400)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+def _save(model, tok, d: Path, **kw) -> Path:
+    model.save_pretrained(d, **kw)
+    if tok is not None:
+        tok.save_pretrained(d)
+    return d
+
+
+def _edit_config(d: Path, **changes) -> Path:
+    f = d / "config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), **changes}))
+    return d
+
+
+def _tiny_gguf(path: Path, d: int = 16) -> Path:
+    """A tiny llama-architecture GGUF with F32 tensors: an embedding and one block's residual writers."""
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_tensor("token_embd.weight", rng.standard_normal((32, d)).astype(np.float32))
+    w.add_tensor("blk.0.attn_output.weight", rng.standard_normal((d, d)).astype(np.float32))
+    w.add_tensor("blk.0.ffn_down.weight", rng.standard_normal((d, 2 * d)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    return path
+
+
+def _direction_files(stem: Path, vector: torch.Tensor, **meta) -> Path:
+    """A direction file written by hand (so that it can hold what refdir itself would refuse to write)."""
+    save_file({"direction": vector.float().contiguous()}, str(stem.with_suffix(".safetensors")))
+    body = {"format": "refdir.direction", "version": 1, "layer": 1, "position": -1, "model_id": "",
+            "norm": "raw", "d_model": vector.numel(), "meta": {}}
+    stem.with_suffix(".json").write_text(json.dumps({k: v for k, v in {**body, **meta}.items() if v is not None}))
+    return stem
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory, tiny_tokenizer):
+    """Every shared input: tiny models of several kinds, a sharded checkpoint, a GGUF, a direction, a steering
+    vector and a finished run; each case also gets its own directory under ``base/cases``."""
+    base = tmp_path_factory.mktemp("bad_inputs")
+    m = base / "models"
+    V = len(tiny_tokenizer)
+    f = SimpleNamespace(base=base, cleanups=[])
+    f.model = _save(make_tiny("qwen2", V), tiny_tokenizer, m / "qwen2")
+    f.short = _save(make_tiny("qwen2", V, max_position_embeddings=32), tiny_tokenizer, m / "short")
+    nan = make_tiny("qwen2", V)
+    with torch.no_grad():
+        nan.model.layers[1].mlp.down_proj.weight.fill_(float("nan"))
+    f.nan = _save(nan, tiny_tokenizer, m / "nan")
+    huge = make_tiny("qwen2", V)
+    with torch.no_grad():  # finite in fp32 (residuals ~1e8), past fp16's 65504 after one block
+        for n, p in huge.named_parameters():
+            if "norm" not in n:
+                p.mul_(100 if "embed" in n else 300)
+    f.huge = _save(huge, tiny_tokenizer, m / "huge")
+    f.sharded = _save(make_tiny("llama", V), tiny_tokenizer, m / "sharded", max_shard_size="100KB")
+    assert (f.sharded / "model.safetensors.index.json").exists()
+    f.gguf = _tiny_gguf(m / "tiny.gguf")
+    f.direction = _direction_files(m / "r", torch.randn(64, generator=torch.Generator().manual_seed(0)))
+    f.vector = SteeringVector({2: torch.randn(64), 3: torch.randn(64)}).save(m / "sv").with_suffix("")
+    f.run = m / "run"
+    r = CliRunner().invoke(app, ["run", str(f.model), "--out", str(f.run), *RUN_ARGS])
+    assert r.exit_code == 0, r.output
+    assert (f.run / "selection" / "direction.safetensors").exists()
+    yield f
+    for c in f.cleanups:
+        c()
+
+
+def _copy(src: Path, w: Path, name: str | None = None) -> Path:
+    dst = w / (name or src.name)
+    if src.is_dir():
+        shutil.copytree(src, dst, symlinks=True)
+    else:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _model_copy(fx, w: Path, name: str, **config) -> Path:
+    return _edit_config(_copy(fx.model, w, name), **config) if config else _copy(fx.model, w, name)
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+CASES: dict[str, tuple] = {}
+
+
+def case(name: str, subprocess: bool = False):
+    """Register a case: ``fn(w, fx)`` prepares inputs in ``w`` and returns the command line, or (command line,
+    clean-up); ``subprocess``: run it as a child process with a timeout (a case that could hang)."""
+
+    def deco(fn):
+        CASES[name] = (fn, subprocess)
+        return fn
+
+    return deco
+
+
+# Cases that are just a command line.
+SIMPLE = [
+    ("run: a model path that does not exist (no config.json or data/ left behind)",
+     lambda w, fx: ["run", str(w / "typo"), "--out", str(w / "r"), *RUN_ARGS]),
+    ("run: --dtype fp64",
+     lambda w, fx: ["run", str(fx.model), "--out", str(w / "r"), *RUN_ARGS, "--dtype", "fp64"]),
+    ("run: --judge oracle",
+     lambda w, fx: ["run", str(fx.model), "--out", str(w / "r"), *RUN_ARGS, "--judge", "oracle"]),
+    ("run: --induce-rule that does not exist",
+     lambda w, fx: ["run", str(fx.model), "--out", str(w / "r"), *RUN_ARGS, "--induce-rule", "sometimes"]),
+    ("run: --n-val 0",
+     lambda w, fx: ["run", str(fx.model), "--out", str(w / "r"), *RUN_ARGS, "--n-val", "0"]),
+    ("run: a hub id that is not in the offline cache",
+     lambda w, fx: ["run", "refdir-tests/no-such-model", "--out", str(w / "r"), *RUN_ARGS]),
+    ("extract: --harmful names a file that does not exist",
+     lambda w, fx: ["extract", str(fx.model), "--out", str(w / "x"), "--harmful", str(w / "harmfull.json")]),
+    ("extract: NaN activations (a model with NaN weights)",
+     lambda w, fx: ["extract", str(fx.nan), "--out", str(w / "x"), "--n-train", "4", "--dtype", "fp32"]),
+    ("extract: fp16 overflow (huge weights, --dtype fp16)",
+     lambda w, fx: ["extract", str(fx.huge), "--out", str(w / "x"), "--n-train", "4", "--dtype", "fp16"]),
+    ("extract: --n-train 0",
+     lambda w, fx: ["extract", str(fx.model), "--out", str(w / "x"), "--n-train", "0"]),
+    ("extract: --device that does not exist",
+     lambda w, fx: ["extract", str(fx.model), "--out", str(w / "x"), "--device", "toaster"]),
+    ("extract: --chat-template without {instruction}",
+     lambda w, fx: ["extract", str(fx.model), "--out", str(w / "x"), "--chat-template", "no placeholder here"]),
+    ("search: --variants that do not exist",
+     lambda w, fx: ["search", str(fx.model), "--out", str(w / "s"), "--variants", "plain,sideways"]),
+    ("search: --kl-marks that are not numbers",
+     lambda w, fx: ["search", str(fx.model), "--out", str(w / "s"), "--kl-marks", "low,high"]),
+    ("search: a model path that does not exist",
+     lambda w, fx: ["search", str(w / "typo"), "--out", str(w / "s"), "--trials", "1"]),
+    ("search: --trials 0",
+     lambda w, fx: ["search", str(fx.model), "--out", str(w / "s"), "--trials", "0"]),
+    ("export: a run directory without a search",
+     lambda w, fx: ["export", str(fx.run), str(w / "out"), "--point", "0"]),
+    ("eval: an arm of an unknown kind",
+     lambda w, fx: ["eval", str(fx.model), "--arm", "base", "--arm", "sideways:x", "--out", str(w / "e")]),
+    ("eval: an ablation arm whose direction file does not exist",
+     lambda w, fx: ["eval", str(fx.model), "--arm", f"ablate:{w / 'nothing'}", "--out", str(w / "e")]),
+    ("eval: --run that does not exist",
+     lambda w, fx: ["eval", str(fx.model), "--run", str(w / "no-run"), "--out", str(w / "e")]),
+    ("eval: --batch-size 0",
+     lambda w, fx: ["eval", str(fx.model), "--batch-size", "0", "--out", str(w / "e")]),
+    ("eval: an unknown --safety-judge",
+     lambda w, fx: ["eval", str(fx.model), "--safety-judge", "oracle", "--out", str(w / "e")]),
+    ("steer: --mode that does not exist",
+     lambda w, fx: ["steer", str(fx.model), "--vector", str(fx.vector), "--mode", "amplify", "--prompt", "hi"]),
+    ("convert-vector: an output that is neither .gguf nor .safetensors",
+     lambda w, fx: ["convert-vector", str(fx.vector), str(w / "out.txt")]),
+]
+for _name, _fn in SIMPLE:
+    CASES[_name] = (_fn, False)
+
+
+# Orthogonalize with a bad direction: (case, the direction's vector, source model, output name).
+BAD_DIRECTIONS = [
+    ("orthogonalize (streamed): a direction of the wrong size",
+     lambda: torch.randn(65), "sharded", "out"),
+    ("orthogonalize (streamed): a NaN direction",
+     lambda: torch.full((64,), float("nan")), "sharded", "out"),
+    ("orthogonalize (GGUF): a zero direction",
+     lambda: torch.zeros(16), "gguf", "out.gguf"),
+    ("orthogonalize (GGUF): a NaN direction",
+     lambda: torch.full((16,), float("nan")), "gguf", "out.gguf"),
+]
+
+
+def _orthogonalize_with(vector, source: str, out: str):
+    def fn(w, fx):
+        r = _direction_files(w / "r", vector())
+        return ["orthogonalize", str(getattr(fx, source)), str(w / out), "--direction", str(r)]
+
+    return fn
+
+
+for _name, _vector, _source, _out in BAD_DIRECTIONS:
+    CASES[_name] = (_orthogonalize_with(_vector, _source, _out), False)
+
+
+@case("orthogonalize: direction metadata without 'layer'")
+def _(w, fx):
+    r = _direction_files(w / "r", torch.randn(64), layer=None)
+    return ["orthogonalize", str(fx.sharded), str(w / "out"), "--direction", str(r)]
+
+
+# --- run
+
+
+@case("run: --out FILE --force")
+def _(w, fx):
+    (w / "file").write_text("not a directory")
+    return ["run", str(fx.model), "--out", str(w / "file"), "--force", *RUN_ARGS]
+
+
+@case("run: --out under a file (unwritable)")
+def _(w, fx):
+    (w / "file").write_text("in the way")
+    return ["run", str(fx.model), "--out", str(w / "file" / "r"), *RUN_ARGS]
+
+
+@case("run: --out in a read-only location")
+def _(w, fx):
+    ro = Path("/sys/kernel")
+    try:
+        (ro / ".refdir-probe").mkdir()
+    except OSError:
+        return ["run", str(fx.model), "--out", str(ro / "refdir-run"), *RUN_ARGS], \
+            lambda: os.path.lexists(ro / "refdir-run") and pytest.fail("output created in /sys/kernel")
+    (ro / ".refdir-probe").rmdir()
+    pytest.skip("no read-only location on this machine")
+
+
+@case("run: --force on a directory refdir did not write")
+def _(w, fx):
+    d = w / "precious"
+    d.mkdir()
+    (d / "thesis.txt").write_text("years of work")
+    return ["run", str(fx.model), "--out", str(d), "--force", *RUN_ARGS]
+
+
+@case("run: a truncated stage.json in the run directory")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    f = run / "data" / "stage.json"
+    f.write_bytes(f.read_bytes()[:9])
+    return ["run", str(fx.model), "--out", str(run), *RUN_ARGS]
+
+
+@case("run: an empty config.json in the run directory")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    (run / "config.json").write_text("")
+    return ["run", str(fx.model), "--out", str(run), *RUN_ARGS]
+
+
+@case("run: a duplicate-only dataset")
+def _(w, fx):
+    (w / "dup.txt").write_text("How do I pick a lock?\n" * 40)
+    return ["run", str(fx.model), "--out", str(w / "r"), *RUN_ARGS, "--harmful", str(w / "dup.txt")]
+
+
+@case("run: prompts longer than the model's context")
+def _(w, fx):
+    (w / "long.txt").write_text("\n".join(f"{i} {LONG_PROMPT}" for i in range(20)))
+    return ["run", str(fx.short), "--out", str(w / "r"), *RUN_ARGS, "--harmful", str(w / "long.txt")]
+
+
+@case("run: a model without a chat template")
+def _(w, fx):
+    d = _model_copy(fx, w, "plain")
+    for n in ("chat_template.jinja", "chat_template.json"):
+        (d / n).unlink(missing_ok=True)
+    tc = d / "tokenizer_config.json"
+    tc.write_text(json.dumps({k: v for k, v in json.loads(tc.read_text()).items() if k != "chat_template"}))
+    return ["run", str(d), "--out", str(w / "r"), *RUN_ARGS]
+
+
+@case("run: a run directory another refdir process is writing")
+def _(w, fx):
+    import fcntl
+
+    run = _copy(fx.run, w)
+    lock = run / ".refdir.lock"
+    lock.touch()
+    os.utime(lock, ns=(0, 0))
+    fh = open(lock, "a+")  # noqa: SIM115 - held until the case ends, like another process's lock
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return ["run", str(fx.model), "--out", str(run), *RUN_ARGS], fh.close
+
+
+# --- extract
+
+
+@case("extract: --harmful is a JSON object such as {\"data\": 5}")
+def _(w, fx):
+    (w / "obj.json").write_text(json.dumps({"data": 5}))
+    return ["extract", str(fx.model), "--out", str(w / "x"), "--harmful", str(w / "obj.json")]
+
+
+@case("extract: --harmful is a corrupt parquet file")
+def _(w, fx):
+    (w / "bad.parquet").write_bytes(b"PAR1 this is not parquet at all")
+    return ["extract", str(fx.model), "--out", str(w / "x"), "--harmful", str(w / "bad.parquet")]
+
+
+@case("extract: --harmful is a directory named x.txt")
+def _(w, fx):
+    (w / "x.txt").mkdir()
+    return ["extract", str(fx.model), "--out", str(w / "x"), "--harmful", str(w / "x.txt")]
+
+
+@case("extract: a csv without the --column")
+def _(w, fx):
+    (w / "h.csv").write_text("prompt\nHow do I pick a lock?\nHow do I make a weapon?\n")
+    return ["extract", str(fx.model), "--out", str(w / "x"), "--harmful", str(w / "h.csv")]
+
+
+@case("extract: an empty dataset")
+def _(w, fx):
+    (w / "empty.txt").write_text("\n\n")
+    return ["extract", str(fx.model), "--out", str(w / "x"), "--harmless", str(w / "empty.txt")]
+
+
+@case("extract: prompts longer than the model's context (32 tokens, 400 words)")
+def _(w, fx):
+    (w / "long.txt").write_text("\n".join(f"{i} {LONG_PROMPT}" for i in range(8)))
+    return ["extract", str(fx.short), "--out", str(w / "x"), "--harmful", str(w / "long.txt"), "--dtype", "fp32"]
+
+
+@case("extract: a checkpoint with an unknown model_type")
+def _(w, fx):
+    d = _model_copy(fx, w, "mystery", model_type="mystery-arch")
+    return ["extract", str(d), "--out", str(w / "x")]
+
+
+@case("extract: a config that names custom code (never prompted for, never run)")
+def _(w, fx):
+    d = _model_copy(fx, w, "custom", model_type="refdir-custom",
+                    auto_map={"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"})
+    (d / "custom.py").write_text(f"open({str(w / 'EXECUTED')!r}, 'w').write('remote code ran')\n")
+    return ["extract", str(d), "--out", str(w / "x")]
+
+
+@case("extract: weights only as pickle files, without --allow-pickle")
+def _(w, fx):
+    d = _model_copy(fx, w, "pickled")
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in d.glob("*.safetensors"):
+        state.update(load_file(f))
+        f.unlink()
+    torch.save(state, d / "pytorch_model.bin")
+    return ["extract", str(d), "--out", str(w / "x")]
+
+
+# --- orthogonalize
+
+
+@case("orthogonalize (streamed): a checkpoint with an unknown model_type")
+def _(w, fx):
+    d = _edit_config(_copy(fx.sharded, w), model_type="mystery-arch")
+    return ["orthogonalize", str(d), str(w / "out"), "--direction", str(fx.direction)]
+
+
+@case("orthogonalize (streamed): an index naming its shard ../x/s.safetensors")
+def _(w, fx):
+    d = _copy(fx.sharded, w)
+    (w / "x").mkdir()
+    idx = d / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    first = sorted(set(data["weight_map"].values()))[0]
+    shutil.copy2(d / first, w / "x" / "s.safetensors")
+    data["weight_map"] = {k: ("../x/s.safetensors" if v == first else v) for k, v in data["weight_map"].items()}
+    idx.write_text(json.dumps(data))
+    return ["orthogonalize", str(d), str(w / "out"), "--direction", str(fx.direction)]
+
+
+@case("orthogonalize (streamed): an index naming its shard by an absolute path")
+def _(w, fx):
+    d = _copy(fx.sharded, w)
+    idx = d / "model.safetensors.index.json"
+    data = json.loads(idx.read_text())
+    first = sorted(set(data["weight_map"].values()))[0]
+    victim = w / "victim.safetensors"
+    shutil.copy2(d / first, victim)
+    data["weight_map"] = {k: (str(victim) if v == first else v) for k, v in data["weight_map"].items()}
+    idx.write_text(json.dumps(data))
+    return ["orthogonalize", str(d), str(w / "out"), "--direction", str(fx.direction)]
+
+
+@case("orthogonalize (streamed): a shard cut short by 100 bytes", subprocess=True)
+def _(w, fx):
+    d = _copy(fx.sharded, w)
+    shard = sorted(d.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    return ["orthogonalize", str(d), str(w / "out"), "--direction", str(fx.direction)]
+
+
+@case("orthogonalize: a tokenizer file linking out of the source directory")
+def _(w, fx):
+    d = _copy(fx.sharded, w)
+    secret = w / "secret.txt"
+    secret.write_text("not part of any model")
+    (d / "tokenizer.json").unlink()
+    (d / "tokenizer.json").symlink_to(secret)
+    return ["orthogonalize", str(d), str(w / "out"), "--direction", str(fx.direction)]
+
+
+@case("orthogonalize (in memory): a direction of the wrong size")
+def _(w, fx):
+    r = _direction_files(w / "r", torch.randn(65))
+    return ["orthogonalize", str(fx.model), str(w / "out"), "--direction", str(r), "--in-memory"]
+
+
+@case("orthogonalize (GGUF): a file that is not GGUF")
+def _(w, fx):
+    (w / "junk.gguf").write_bytes(b"not a gguf file at all")
+    r = _direction_files(w / "r", torch.randn(16))
+    return ["orthogonalize", str(w / "junk.gguf"), str(w / "out.gguf"), "--direction", str(r)]
+
+
+# --- search and export
+
+
+@case("export: a corrupt front.json")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    (run / "search").mkdir()
+    (run / "search" / "front.json").write_text('{"points": [')
+    (run / "search" / "config.json").write_text(json.dumps({"run": {"model": {"model": str(fx.model)}}}))
+    return ["export", str(run), str(w / "out"), "--point", "0"]
+
+
+@case("export: a point that is not on the front")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    (run / "search").mkdir()
+    (run / "search" / "front.json").write_text(json.dumps({"points": [{"edit": {}, "trial": 0}]}))
+    (run / "search" / "config.json").write_text(json.dumps({"run": {"model": {"model": str(fx.model)}}}))
+    return ["export", str(run), str(w / "out"), "--point", "3"]
+
+
+# --- eval, steer, convert-vector, analyze
+
+
+@case("steer: a steering vector with an unknown tensor key")
+def _(w, fx):
+    sv = _copy(fx.vector.with_suffix(".json"), w)
+    save_file({"layer.2": torch.randn(64), "bias": torch.randn(64)}, str(sv.with_suffix(".safetensors")))
+    return ["steer", str(fx.model), "--vector", str(sv.with_suffix("")), "--prompt", "hi"]
+
+
+@case("steer: a direction file without 'layer' as the vector")
+def _(w, fx):
+    r = _direction_files(w / "r", torch.randn(64), layer=None)
+    return ["steer", str(fx.model), "--vector", str(r), "--prompt", "hi"]
+
+
+@case("convert-vector: a steering vector with an unknown tensor key")
+def _(w, fx):
+    sv = _copy(fx.vector.with_suffix(".json"), w)
+    save_file({"layer.x": torch.randn(64)}, str(sv.with_suffix(".safetensors")))
+    return ["convert-vector", str(sv.with_suffix("")), str(w / "out.gguf")]
+
+
+@case("convert-vector: an existing model .gguf as the output, without --force")
+def _(w, fx):
+    model = _copy(fx.gguf, w, "model.gguf")
+    return ["convert-vector", str(fx.vector), str(model)]
+
+
+@case("analyze geometry: a directory that is not a run")
+def _(w, fx):
+    (w / "empty").mkdir()
+    return ["analyze", "geometry", str(w / "empty")]
+
+
+@case("analyze geometry: an empty config.json in the run directory")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    (run / "config.json").write_text("")
+    return ["analyze", "geometry", str(run)]
+
+
+@case("analyze geometry: --split that does not exist")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    return ["analyze", "geometry", str(run), "--split", "holdout"]
+
+
+@case("analyze suffix: neither --suffixes nor --search")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    return ["analyze", "suffix", str(run)]
+
+
+# ------------------------------------------------------------------------------------------------ the test
+
+
+def _invoke(argv: list[str], as_subprocess: bool) -> tuple[int, str]:
+    if not as_subprocess:
+        r = CliRunner().invoke(app, argv, env={"COLUMNS": "200"})
+        return r.exit_code, r.output
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    try:
+        p = subprocess.run([sys.executable, "-m", "refdir.cli.main", *argv], capture_output=True, text=True,
+                           timeout=120, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the command did not end within 120 s")
+    return p.returncode, p.stdout + p.stderr
+
+
+def test_table_is_large_enough():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_error_line_and_changes_nothing(name, fx):
+    setup, as_subprocess = CASES[name]
+    w = fx.base / "cases" / name.split(":")[0].replace(" ", "_") / str(list(CASES).index(name))
+    w.mkdir(parents=True)
+    got = setup(w, fx)
+    argv, after = got if isinstance(got, tuple) else (got, None)
+    before = snapshot(fx.base)
+    try:
+        code, output = _invoke(argv, as_subprocess)
+    finally:
+        if after is not None:
+            after()
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in output, output
+    changed = snapshot(fx.base)
+    assert changed == before, {k: (before.get(k), changed.get(k)) for k in set(before) | set(changed)
+                               if before.get(k) != changed.get(k)}
+
+
+def test_prompts_are_checked_against_the_context_when_the_model_loads(fx):
+    """Where the tokenizer cannot be loaded alone (GGUF, the embedded model), the check runs right after the model
+    is loaded, before any forward pass."""
+    from refdir.core.spec import ModelSpec
+    from refdir.errors import RefdirError
+    from refdir.workflows.stages import Loaded
+
+    m = Loaded(ModelSpec(model=str(fx.short), dtype="fp32"), prompts=["hello", LONG_PROMPT])
+    with pytest.raises(RefdirError, match="1 of 2 prompts do not fit the model's context of 32 tokens"):
+        m.lm  # noqa: B018
+    assert Loaded(ModelSpec(model=str(fx.short), dtype="fp32"), prompts=["hello"]).lm is not None
+
+
+def test_an_unexpected_error_prints_its_traceback_and_says_it_is_a_bug():
+    import typer
+
+    from refdir.cli.common import one_error_line
+
+    def broken() -> None:
+        raise ZeroDivisionError("a bug")
+
+    a = typer.Typer()
+    a.command("x")(one_error_line(broken))
+    a.command("y")(lambda: None)
+    r = CliRunner().invoke(a, ["x"])
+    assert r.exit_code == 1 and "Traceback" in r.output and "ZeroDivisionError: a bug" in r.output
+    assert "bug in refdir" in r.output.splitlines()[-1]
+
+
+def _raise_json():
+    json.loads("{")
+
+
+def _raise_safetensors(tmp):
+    from safetensors.torch import load_file
+
+    (tmp / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{junk!!}")
+    load_file(str(tmp / "junk.safetensors"))
+
+
+def _raise_arrow(tmp):
+    import pyarrow.parquet as pq
+
+    (tmp / "junk.parquet").write_bytes(b"junk")
+    pq.read_table(tmp / "junk.parquet")
+
+
+def _raise_gguf(tmp):
+    (tmp / "junk.gguf").write_bytes(b"junk")
+    gguf.GGUFReader(str(tmp / "junk.gguf"))
+
+
+def _raise_pydantic():
+    from refdir.workflows.stages import RunConfig
+
+    RunConfig(judge="oracle")
+
+
+@pytest.mark.parametrize("raise_it", [
+    lambda tmp: _raise_json(), lambda tmp: {}["layer"], lambda tmp: open(tmp), _raise_safetensors, _raise_arrow,
+    _raise_gguf, lambda tmp: _raise_pydantic(), lambda tmp: open(tmp / "missing.txt"),
+], ids=["JSONDecodeError", "KeyError", "IsADirectoryError", "SafetensorError", "ArrowInvalid", "gguf", "pydantic",
+        "FileNotFoundError"])
+def test_library_errors_that_reach_the_cli_are_one_line(raise_it, tmp_path):
+    """The safety net behind the messages refdir writes itself: an expected library error that was not turned
+    into a RefdirError at its source still ends in one readable ``error:`` line and exit status 2."""
+    import typer
+
+    from refdir.cli.common import one_error_line
+
+    def cmd() -> None:
+        raise_it(tmp_path)
+
+    a = typer.Typer()
+    a.command("x")(one_error_line(cmd))
+    a.command("y")(lambda: None)
+    r = CliRunner().invoke(a, ["x"])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output
+    assert len(lines[0]) > len("error: ") + 5

@@ -29,6 +29,18 @@ def write_error(target: Path, e: OSError) -> RefdirError:
     return RefdirError(f"cannot write {target}: {why} ({e.strerror or e}); nothing was written")
 
 
+@contextmanager
+def write_errors(target: Path) -> Iterator[None]:
+    """Turn a full disk or a read-only location met while writing ``target`` into one clear error; other
+    OSErrors pass through unchanged."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _NO_SPACE | _NO_WRITE:
+            raise write_error(target, e) from e
+        raise
+
+
 # ------------------------------------------------------------------ durability
 
 
@@ -148,13 +160,9 @@ def make_output_dir(path: str | Path) -> Path:
     """Create ``path`` (with parents) if needed and mark it as refdir's: for directories that grow in place
     (a run directory, a search directory) rather than appearing whole through :func:`atomic_dir`."""
     p = Path(path)
-    try:
+    with write_errors(p):
         p.mkdir(parents=True, exist_ok=True)
         write_marker(p)
-    except OSError as e:
-        if e.errno in _NO_SPACE | _NO_WRITE:
-            raise write_error(p, e) from e
-        raise
     return p
 
 
@@ -193,21 +201,18 @@ def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
         check_replaceable(target)
     tmp = _make_tmp_dir(target)
     try:
-        yield tmp
-        write_marker(tmp)
-        _fsync_tree(tmp)
-        if os.path.lexists(target):
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-        fsync_dir(target.parent)
-    except OSError as e:
-        if e.errno in _NO_SPACE | _NO_WRITE:
-            raise write_error(target, e) from e
-        raise
+        with write_errors(target):
+            yield tmp
+            write_marker(tmp)
+            _fsync_tree(tmp)
+            if os.path.lexists(target):
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+            fsync_dir(target.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -230,14 +235,11 @@ def atomic_file(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     except OSError as e:
         raise write_error(path, e) from e
     try:
-        yield Path(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as e:
-        if e.errno in _NO_SPACE | _NO_WRITE:
-            raise write_error(path, e) from e
-        raise
+        with write_errors(path):
+            yield Path(tmp)
+            _fsync_file(tmp)
+            os.replace(tmp, path)
+            fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

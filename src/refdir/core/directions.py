@@ -1,9 +1,13 @@
-"""Difference-in-means candidates and directions, saved as safetensors + JSON.
+"""Difference-in-means candidates, directions and subspaces, saved as safetensors + JSON.
 
 A candidate is ``mean(harmful) − mean(harmless)`` at one post-instruction position and one
 layer (the input of that block; layer L is the output of the last block). Candidates form a
 tensor [positions × (L+1) × d_model]. Positions are negative indices into the prompt
 (-1 = the last post-instruction token).
+
+A :class:`Subspace` is an orthonormal basis B [k × d_model] (a refusal cone's span); ablating it projects the whole
+span out, ``x ← x − Bᵀ(B x)``. Every edit (hooks, weights in memory, streamed, GGUF) takes either a [d] vector or a
+[k, d] basis through :func:`ablation_operand`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,43 @@ def unit_vector(v: torch.Tensor, dtype: torch.dtype = torch.float32, what: str =
     if not torch.isfinite(n) or n == 0:
         raise RefdirError(f"{what} has zero or non-finite norm")
     return v / n
+
+
+def orthonormal_basis(b: torch.Tensor, dtype: torch.dtype = torch.float32,
+                      what: str = "the basis") -> torch.Tensor:
+    """An orthonormal basis [k, d] of the span of the rows of ``b`` (QR in float64), in ``dtype``; row i lies in
+    the span of rows 0..i with a positive component along row i, so a one-row basis is its unit vector. Rows that
+    are already orthonormal to float32 precision are kept as given (a saved basis loads back bit for bit). Refused:
+    not 2-D, empty, non-finite, more rows than columns, or rank-deficient (numpy's ``matrix_rank`` rule: a singular
+    value at most ``max(k, d) · eps · σ_max``, eps of the input's dtype)."""
+    b = check_direction(b if isinstance(b, torch.Tensor) else torch.as_tensor(b), what)
+    if b.dim() != 2:
+        raise RefdirError(f"{what} must be a 2-D tensor [k, d_model], found shape {tuple(b.shape)}")
+    k, d = b.shape
+    if k > d:
+        raise RefdirError(f"{what} has {k} rows but only {d} columns: at most {d} rows can be independent")
+    x = b.detach().to(torch.float64)
+    if float((x @ x.T - torch.eye(k, dtype=torch.float64)).abs().max()) <= 1e-6:
+        return b.detach().to(dtype).clone()
+    sv = torch.linalg.svdvals(x)
+    eps = torch.finfo(b.dtype if b.dtype.is_floating_point else torch.float64).eps
+    if not torch.isfinite(sv).all() or sv[-1] <= max(k, d) * eps * sv[0]:
+        raise RefdirError(f"{what} is rank-deficient: its {k} rows span fewer than {k} dimensions")
+    q, r = torch.linalg.qr(x.T)  # x.T = q r, q [d, k] orthonormal columns
+    return (q * torch.sign(torch.diagonal(r))).T.to(dtype).contiguous()
+
+
+def ablation_operand(v: torch.Tensor, dtype: torch.dtype = torch.float32, what: str = "the direction") -> torch.Tensor:
+    """What an ablation projects out, from a direction [d] or a basis [k, d]: a unit vector [d] when there is one
+    dimension (a vector, or a one-row basis: the same unit vector either way, bit for bit), else an orthonormal
+    basis [k, d] (:func:`orthonormal_basis`). Every edit calls this, so both shapes mean the same everywhere."""
+    if not isinstance(v, torch.Tensor):
+        v = torch.as_tensor(v)
+    if v.dim() == 1 or (v.dim() == 2 and v.shape[0] == 1):
+        return unit_vector(v, dtype, what)
+    if v.dim() != 2:
+        raise RefdirError(f"{what} must be a vector [d_model] or a basis [k, d_model], found shape {tuple(v.shape)}")
+    return orthonormal_basis(v, dtype, what)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -126,6 +167,8 @@ class Direction:
     def load(cls, path: str | Path) -> Direction:
         path = Path(path).with_suffix(".safetensors")
         meta = _load_meta(path)
+        if meta.get("format") == "refdir.subspace":
+            raise RefdirError(f"{path} is a subspace (k = {meta.get('k')}), not a single direction")
         if meta.get("format") != "refdir.direction":
             raise RefdirError(f"{path} is not a refdir direction file")
         need_ints(meta, ("layer", "position"), path.with_suffix(".json"))
@@ -135,6 +178,80 @@ class Direction:
         check_direction(v, f"the direction in {path}")
         return cls(v, meta["layer"], meta["position"], meta.get("model_id", ""), meta.get("norm", "raw"),
                    meta.get("meta", {}))
+
+
+@dataclass
+class Subspace:
+    """An orthonormal basis [k, d_model] of residual-stream directions (a refusal cone's span), with provenance.
+
+    The basis is orthonormalized on construction (:func:`orthonormal_basis`; a rank-deficient or non-finite one
+    is refused). Ablating it removes the whole span: ``x ← x − Bᵀ(B x)``."""
+
+    basis: torch.Tensor
+    layer: int
+    position: int
+    model_id: str = ""
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.basis = orthonormal_basis(self.basis, torch.float32, self._what())
+
+    def _what(self) -> str:
+        return f"the subspace at position {self.position}, layer {self.layer}"
+
+    @property
+    def k(self) -> int:
+        return int(self.basis.shape[0])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.basis.shape[1])
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path).with_suffix(".safetensors")
+        meta = {"format": "refdir.subspace", "kind": "subspace", "version": FORMAT_VERSION, "k": self.k,
+                "layer": self.layer, "position": self.position, "model_id": self.model_id,
+                "d_model": self.d_model, "meta": self.meta}
+        _save_tensors(path, {"basis": self.basis}, meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Subspace:
+        path = Path(path).with_suffix(".safetensors")
+        meta = _load_meta(path)
+        if meta.get("format") != "refdir.subspace":
+            raise RefdirError(f"{path} is not a refdir subspace file")
+        need_ints(meta, ("layer", "position", "k"), path.with_suffix(".json"))
+        b = _tensors(path, ("basis",))["basis"]
+        if b.dim() != 2 or b.shape[0] != meta["k"]:
+            raise RefdirError(f"{path}: the basis must be a [k = {meta['k']}, d_model] tensor, found shape "
+                              f"{tuple(b.shape)}")
+        return cls(b, meta["layer"], meta["position"], meta.get("model_id", ""), meta.get("meta", {}))
+
+
+def load_edit(path: str | Path) -> Direction | Subspace:
+    """A direction or a subspace file, whichever ``path`` holds (its JSON's ``format``); anything else is one
+    clear error."""
+    path = Path(path).with_suffix(".safetensors")
+    fmt = _load_meta(path).get("format")
+    if fmt == "refdir.direction":
+        return Direction.load(path)
+    if fmt == "refdir.subspace":
+        return Subspace.load(path)
+    raise RefdirError(f"{path} is neither a refdir direction nor a refdir subspace file (format {fmt!r})")
+
+
+def edit_tensor(e: Direction | Subspace) -> torch.Tensor:
+    """What the edits take from a loaded file: a direction's raw vector or a subspace's basis (both are normalized
+    by :func:`ablation_operand` where they are used, so a direction edits exactly as it always did)."""
+    return e.vector if isinstance(e, Direction) else e.basis
+
+
+def load_ablation(path: str | Path) -> torch.Tensor:
+    """What ablating the file at ``path`` projects out: a unit vector [d] for a direction file, an orthonormal
+    basis [k, d] for a subspace file."""
+    e = load_edit(path)
+    return e.unit() if isinstance(e, Direction) else e.basis.clone()
 
 
 @dataclass

@@ -10,6 +10,10 @@ metadata are copied unchanged. A file without ``output.weight`` ties its unembed
 embedding: the unedited embedding is then written out as ``output.weight``. Where a post-norm
 (``blk.N.post_attention_norm``, ``blk.N.post_ffw_norm``) sits between a writer and the stream, the
 writer is made orthogonal to the norm's gain ⊙ r instead, which removes r from the stream exactly.
+
+A basis B [k, d] (a subspace) may stand for r everywhere: the edited tensors lose their span(B) component, and
+writers under a post-norm are made orthogonal to the span of the rows gain ⊙ b_i
+(:func:`refdir.core.postnorm.gain_basis`), which again removes span(B) from the stream exactly.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 from tqdm.auto import tqdm
 
-from refdir.core.directions import check_direction
+from refdir.core.directions import ablation_operand, check_direction
 from refdir.core.io import atomic_file, check_file_target, write_error
+from refdir.core.postnorm import gain_basis
 from refdir.errors import RefdirError
 
 _WRITER = re.compile(r"^blk\.\d+\.(attn_output|ffn_down|ffn_down_exps|ffn_down_shexp)\.(weight|bias)$")
@@ -59,9 +64,23 @@ def _requantize(x: np.ndarray, qtype):
 
 
 def _edit(x: np.ndarray, r: np.ndarray, axis: int) -> np.ndarray:
+    """``x`` without its component along unit vector ``r`` [d] (or in the span of orthonormal rows ``r`` [k, d])
+    on ``axis``, computed in float64."""
     xm = np.moveaxis(x.astype(np.float64), axis, -1)
-    xm = xm - (xm @ r)[..., None] * r
+    xm = xm - (xm @ r.T) @ r if r.ndim == 2 else xm - (xm @ r)[..., None] * r
     return np.moveaxis(xm, -1, axis).astype(np.float32)
+
+
+def _gain_edit(gain: np.ndarray, r: np.ndarray, centred: bool) -> np.ndarray | None:
+    """What a writer under a post-norm with ``gain`` is made orthogonal to: ``gain ⊙ r`` normalized (centred for
+    a LayerNorm), or for a basis the orthonormal basis of the span of ``gain ⊙ b_i``; None where it vanishes."""
+    if r.ndim == 2:
+        ub = gain_basis(torch.from_numpy(r), torch.from_numpy(gain), centred)
+        return None if ub is None else ub.numpy()
+    u = gain * r
+    u = u - u.mean() if centred else u
+    n = float(np.linalg.norm(u))
+    return u / n if np.isfinite(n) and n > 1e-12 * float(np.linalg.norm(r)) else None
 
 
 def _post_norm_directions(reader, arch: str, r: np.ndarray) -> tuple[dict[str, np.ndarray | None], set[str]]:
@@ -86,10 +105,7 @@ def _post_norm_directions(reader, arch: str, r: np.ndarray) -> tuple[dict[str, n
                 tensors):
             continue
         g = tensors[f"{norm}.weight"]
-        u = quants.dequantize(g.data, g.tensor_type).astype(np.float64).reshape(-1) * r
-        u = u - u.mean() if centred else u
-        n = float(np.linalg.norm(u))
-        under[name] = u / n if np.isfinite(n) and n > 1e-12 * float(np.linalg.norm(r)) else None
+        under[name] = _gain_edit(quants.dequantize(g.data, g.tensor_type).astype(np.float64).reshape(-1), r, centred)
         if f"{norm}.bias" in tensors:
             biases.add(f"{norm}.bias")
     return under, biases
@@ -97,6 +113,8 @@ def _post_norm_directions(reader, arch: str, r: np.ndarray) -> tuple[dict[str, n
 
 def orthogonalize_gguf(src: str | Path, direction: torch.Tensor, out: str | Path, *, force: bool = False,
                        progress: bool = True) -> dict:
+    """Write ``out``, the GGUF ``src`` with its residual-writing tensors orthogonalized against ``direction`` [d]
+    or against the span of a basis [k, d]. Returns a summary (edited tensors, changed types, post-norms)."""
     src, out = Path(src), Path(out)
     check_file_target(out, force)
     check_direction(direction)
@@ -113,10 +131,14 @@ def orthogonalize_gguf(src: str | Path, direction: torch.Tensor, out: str | Path
         raise RefdirError(f"unsupported GGUF architecture {arch!r}: no token_embd / attn_output / ffn_down tensors")
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
     d = int(emb.shape[0])  # GGUF shapes are (ne0, ne1, ...): ne0 is the row length, d_model for the embedding
-    if direction.numel() != d:
-        raise RefdirError(f"direction has size {direction.numel()}, the GGUF's embedding width is {d}")
-    r = direction.detach().double().flatten().numpy()
-    r = r / np.linalg.norm(r)
+    width = int(direction.shape[-1]) if direction.dim() == 2 else direction.numel()
+    if width != d:
+        raise RefdirError(f"direction has size {width}, the GGUF's embedding width is {d}")
+    if direction.dim() == 1:
+        r = direction.detach().double().flatten().numpy()
+        r = r / np.linalg.norm(r)
+    else:  # a basis [k, d] (a one-row basis is its unit vector)
+        r = ablation_operand(direction, torch.float64).numpy()
     under, biases = _post_norm_directions(reader, arch, r)
 
     tied = "output.weight" not in names
@@ -156,4 +178,5 @@ def orthogonalize_gguf(src: str | Path, direction: torch.Tensor, out: str | Path
     except OSError as e:  # anything the OS refuses while writing the output
         raise write_error(out, e) from e
     return {"kind": "orthogonalize", "mode": "gguf", "source": str(src), "edited": edited,
-            "changed_types": changed_types, "untied_output": tied, "post_norms": "exact" if under else "none"}
+            "changed_types": changed_types, "untied_output": tied, "post_norms": "exact" if under else "none",
+            "k": int(r.shape[0]) if r.ndim == 2 else 1}

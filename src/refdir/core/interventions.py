@@ -2,7 +2,8 @@
 
 - :func:`ablate` projects r̂ out of every block input and every attention / MLP write, at every
   position, including each decoding step of ``generate`` with a KV cache (the hooks run on the
-  new token's activations; cached keys/values were computed under the same hooks).
+  new token's activations; cached keys/values were computed under the same hooks). Given a basis B [k, d]
+  instead of a vector, it projects out the whole span: ``x ← x − Bᵀ(B x)``.
 - :func:`add` adds ``coeff · v`` to one block's input at every position.
 - :func:`intervene` combines any number of them.
 """
@@ -16,21 +17,25 @@ import torch
 from torch import nn
 
 from refdir.core.architecture import Architecture, inspect_model
-from refdir.core.directions import check_direction, unit_vector
+from refdir.core.directions import ablation_operand, check_direction
 from refdir.core.hooks import PerDevice, map_input, map_output, registered
 
 
 def project_out(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
-    """x − (x·r̂) r̂, with the projection computed in float32."""
-    coef = (x.float() @ r_hat.float().to(x.device)).unsqueeze(-1)
-    return (x.float() - coef * r_hat.float().to(x.device)).to(x.dtype)
+    """x − (x·r̂) r̂ for a unit vector r̂ [d], or x − Bᵀ(B x) for an orthonormal basis B [k, d]; computed in
+    float32."""
+    r = r_hat.float().to(x.device)
+    if r.dim() == 2:
+        return (x.float() - (x.float() @ r.T) @ r).to(x.dtype)
+    coef = (x.float() @ r).unsqueeze(-1)
+    return (x.float() - coef * r).to(x.dtype)
 
 
 def ablation_hooks(model: nn.Module, direction: torch.Tensor, arch: Architecture | None = None,
                    layers: list[int] | None = None) -> list:
     """The hooks of :func:`ablate` (handles; the caller removes them)."""
     arch = arch or inspect_model(model)
-    r = PerDevice(unit_vector(direction))
+    r = PerDevice(ablation_operand(direction))
 
     def fn(x):
         return project_out(x, r.on(x))
@@ -64,7 +69,8 @@ def addition_hooks(model: nn.Module, vector: torch.Tensor, layer: int, coeff: fl
 @contextmanager
 def ablate(model: nn.Module, direction: torch.Tensor, arch: Architecture | None = None,
            layers: list[int] | None = None) -> Iterator[None]:
-    """Project the direction out of the residual stream everywhere while the context is open."""
+    """Project the direction [d] (or the span of the basis [k, d]) out of the residual stream everywhere while
+    the context is open."""
     with registered(ablation_hooks(model, direction, arch, layers)):
         yield
 

@@ -8,6 +8,10 @@ Where a post-norm sits between a writer and the stream (Gemma 2/3, OLMo 2), the 
 û = gain ⊙ r̂ normalized instead (centred for a LayerNorm, whose bias also loses its r̂ part): the block then
 writes nothing along r̂, exactly, though its output differs from the ablation hooks' (see
 :mod:`refdir.core.postnorm`).
+
+Every function here also takes an orthonormal basis B [k, d] (a subspace, :class:`refdir.core.directions.Subspace`)
+instead of r: then W_out ← (I − BᵀB) W_out, b ← (I − BᵀB) b, E ← E (I − BᵀB), and writers under a post-norm are
+made orthogonal to the span of the rows gain ⊙ b_i (:func:`refdir.core.postnorm.gain_basis`), exactly.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refdir.core.architecture import Architecture, inspect_model
-from refdir.core.directions import check_direction, unit_vector
+from refdir.core.directions import ablation_operand, check_direction
 from refdir.core.io import atomic_dir, atomic_write_json
 from refdir.core.models import load_config, save_hf_checkpoint
-from refdir.core.postnorm import COMPONENTS, gain_direction, norm_form, norm_gain
+from refdir.core.postnorm import COMPONENTS, gain_basis, norm_form, norm_gain
 from refdir.core.shards import (
     SHARD_INDEX,
     check_in_source,
@@ -39,9 +43,10 @@ from refdir.errors import RefdirError
 
 
 def _project_axis(t: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tensor:
-    """Remove the r̂ component along ``axis`` of ``t`` (computed in float64 for accuracy)."""
+    """Remove the r̂ component (for a basis B [k, d]: the span(B) component) along ``axis`` of ``t`` (computed in
+    float64 for accuracy)."""
     x = t.detach().to(torch.float64).movedim(axis, -1)
-    x = x - (x @ r).unsqueeze(-1) * r
+    x = x - (x @ r.T) @ r if r.dim() == 2 else x - (x @ r).unsqueeze(-1) * r
     return x.movedim(-1, axis).to(t.dtype)
 
 
@@ -66,11 +71,12 @@ def untie_lm_head(model: nn.Module, arch: Architecture) -> bool:
 
 @torch.no_grad()
 def orthogonalize_(model: nn.Module, direction: torch.Tensor, arch: Architecture | None = None) -> dict:
-    """Edit ``model`` in place. Returns a summary of what was edited."""
+    """Edit ``model`` in place against a direction [d] or the span of a basis [k, d]. Returns a summary of what
+    was edited."""
     arch = arch or inspect_model(model)
-    if direction.numel() != arch.d_model:
-        raise RefdirError(f"direction has size {direction.numel()}, the model's d_model is {arch.d_model}")
-    r = unit_vector(direction, torch.float64)
+    if _width(direction) != arch.d_model:
+        raise RefdirError(f"direction has size {_width(direction)}, the model's d_model is {arch.d_model}")
+    r = ablation_operand(direction, torch.float64)
     untied = untie_lm_head(model, arch)
     names = {id(p): n for n, p in model.named_parameters()}
     edited, approximate = [], []
@@ -91,13 +97,25 @@ def orthogonalize_(model: nn.Module, direction: torch.Tensor, arch: Architecture
         warnings.warn(f"cannot tell how the post-norms {sorted(set(approximate))[:3]} scale their output; there "
                       "the weights are made orthogonal to r, which only approximates removing r", stacklevel=2)
     post = "none" if not arch.has_post_norms else ("approximate" if approximate else "exact")
-    return {"edited": edited, "untied_lm_head": untied, "exact": arch.weight_edit_exact, "post_norms": post}
+    return {"edited": edited, "untied_lm_head": untied, "exact": arch.weight_edit_exact, "post_norms": post,
+            "k": _k(r)}
+
+
+def _width(direction: torch.Tensor) -> int:
+    """The model width a direction [d] or a basis [k, d] is for."""
+    return int(direction.shape[-1]) if direction.dim() == 2 else direction.numel()
+
+
+def _k(r: torch.Tensor) -> int:
+    """How many dimensions the edit removes."""
+    return int(r.shape[0]) if r.dim() == 2 else 1
 
 
 def _writer_direction(norm: nn.Module | None, r: torch.Tensor, names: dict, edited: list[str],
                       approximate: list[str]) -> torch.Tensor | None:
     """What the writers under post-norm ``norm`` (None: no post-norm) are made orthogonal to: r itself, or the
-    post-norm's gain ⊙ r (None when that vanishes). A centring norm's bias loses its r component here."""
+    post-norm's gain ⊙ r (for a basis: the span of gain ⊙ b_i; None when that vanishes). A centring norm's bias
+    loses its r (span) component here."""
     if norm is None:
         return r
     form = norm_form(norm)
@@ -107,7 +125,7 @@ def _writer_direction(norm: nn.Module | None, r: torch.Tensor, names: dict, edit
     if form.has_bias:
         norm.bias.data.copy_(_project_axis(norm.bias.data, r.to(norm.bias.device), 0))
         edited.append(names.get(id(norm.bias), "post-norm bias"))
-    return gain_direction(r, norm_gain(norm, form).to(r.device), form.centred)
+    return gain_basis(r, norm_gain(norm, form).to(r.device), form.centred)
 
 
 def save_orthogonalized(model: nn.Module, tokenizer, direction: torch.Tensor, out_dir: str | Path,
@@ -182,7 +200,7 @@ def _post_norm_directions(src: Path, shards: list[str], weight_map: dict[str, st
     if want - set(weights):
         raise RefdirError(f"{src} has no tensor {sorted(want - set(weights))[0]}, a post-norm gain the model class "
                           "built from its config has")
-    dirs = {n: r if f is None else gain_direction(r, f.offset + weights[f"{n}.weight"].double(), f.centred)
+    dirs = {n: r if f is None else gain_basis(r, f.offset + weights[f"{n}.weight"].double(), f.centred)
             for n, f in forms.items()}
     biases = {f"{n}.bias" for n, f in forms.items() if f is not None and f.has_bias}
     return dirs, biases, sorted(n for n, f in forms.items() if f is None)
@@ -346,7 +364,8 @@ class _StreamEdit:
 
 def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Path, *, force: bool = False,
                          progress: bool = True) -> dict:
-    """Orthogonalize a safetensors checkpoint shard by shard, one tensor at a time.
+    """Orthogonalize a safetensors checkpoint shard by shard, one tensor at a time, against a direction [d] or
+    the span of a basis [k, d].
 
     Peak memory is about one shard plus one tensor: the model is never built (only a skeleton
     on the meta device, to find which parameters write to the residual stream). Writers and the
@@ -371,9 +390,9 @@ def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Pa
     for s in shards:
         read_header(src / s)  # every shard's offsets against its length, before anything is written
     table, emb_names, tied, d, post = _writer_table(load_config(src))  # never the checkpoint's own code
-    if direction.numel() != d:
-        raise RefdirError(f"direction has size {direction.numel()}, the checkpoint's hidden size is {d}")
-    r = unit_vector(direction, torch.float64)
+    if _width(direction) != d:
+        raise RefdirError(f"direction has size {_width(direction)}, the checkpoint's hidden size is {d}")
+    r = ablation_operand(direction, torch.float64)
     dirs, biases, approximate = _post_norm_directions(src, shards, weight_map, post, r)
     if approximate:
         warnings.warn(f"cannot tell how the post-norms {approximate[:3]} scale their output; there the weights are "
@@ -406,6 +425,6 @@ def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Pa
         copy_side_files(src, tmp, {"config.json", index_path.name})
         summary = {"kind": "orthogonalize", "mode": "streaming", "source": str(src), "edited": edited,
                    "untied_lm_head": bool(head_from_embedding), "shards": shards,
-                   "post_norms": "none" if not post else ("approximate" if approximate else "exact")}
+                   "post_norms": "none" if not post else ("approximate" if approximate else "exact"), "k": _k(r)}
         atomic_write_json(tmp / "refdir_edit.json", summary)
     return summary

@@ -8,6 +8,12 @@ gain, ``g = 1 + w``. For a LayerNorm, ``n(y) = g ⊙ (y − mean(y)) / std(y) + 
 (``(y − mean(y))·v = y·(v − mean(v))``), and the bias loses its r component. The norm's scale ``1/rms(y)`` still
 changes, so the edited block's output is not the ablation hooks' output; only its r component is the same (0).
 
+A subspace (orthonormal basis B [k, d], rows b_i) generalises this exactly, for any k: ``B n(y) = M y / rms(y)``
+with ``M = B diag(g)`` (rows ``g ⊙ b_i``; centred for a centring norm), so ``B n(y) = 0`` for every input iff
+``y ⊥ rowspace(M)``. The writers are made orthogonal to an orthonormal basis U of that row space
+(:func:`gain_basis`: ``W ← (I − UᵀU) W``), and a centring norm's bias loses its span(B) part. U may have fewer
+than k rows where the gain zeroes some combination of B (that combination cannot be written at all).
+
 Two ways to find post-norms without running the model:
 
 - :func:`static_post_norms` reads the block class's ``forward`` source (its data flow): a norm child called on a
@@ -194,6 +200,25 @@ def gain_direction(r: torch.Tensor, gain: torch.Tensor, centred: bool) -> torch.
     if not torch.isfinite(n) or n <= 1e-12 * gain.to(torch.float64).norm() * r.to(torch.float64).norm():
         return None
     return u / n
+
+
+def gain_basis(basis: torch.Tensor, gain: torch.Tensor, centred: bool) -> torch.Tensor | None:
+    """The subspace counterpart of :func:`gain_direction`: an orthonormal basis U [m, d] (m ≤ k; float64) of the
+    span of the rows ``gain ⊙ b_i`` of the orthonormal basis ``basis`` [k, d] (each centred for a centring norm),
+    which the writers under a post-norm are made orthogonal to, so that the norm's output has no component in
+    span(basis), exactly. Directions whose singular value is at most ``1e-12 · |gain|`` are dropped (the norm
+    cannot write along them); None when all are (nothing to remove). A 1-D ``basis`` is :func:`gain_direction`."""
+    if basis.dim() == 1:
+        return gain_direction(basis, gain, centred)
+    g = gain.to(torch.float64)
+    m = basis.to(torch.float64) * g
+    if centred:
+        m = m - m.mean(dim=1, keepdim=True)
+    _, sv, vh = torch.linalg.svd(m, full_matrices=False)
+    keep = torch.isfinite(sv) & (sv > 1e-12 * g.norm())
+    if not bool(keep.any()):
+        return None
+    return vh[keep].contiguous()
 
 
 def norm_gain(norm: nn.Module, form: NormForm) -> torch.Tensor:

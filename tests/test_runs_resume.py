@@ -33,7 +33,7 @@ from refdir.workflows import stages as st
 
 # --kl-max 10: the tiny random model's candidates all exceed the paper's KL bound; with this one a direction is
 # chosen, so that every stage (coeff and the checkpoint's whole model included) runs and can be interrupted
-RUN_ARGS = ["--refusal-tokens", "I,As", "--n-train", "12", "--n-val", "4", "--n-test", "3", "--batch-size", "8",
+RUN_ARGS = ["--method", "paper", "--refusal-tokens", "I,As", "--n-train", "12", "--n-val", "4", "--n-test", "3", "--batch-size", "8",
             "--max-new-tokens", "5", "--dtype", "fp32", "--kl-max", "10"]
 
 
@@ -223,7 +223,7 @@ def test_stale_temp_files_are_cleaned_when_a_run_opens(tmp_path):
 
 
 def _cfg(model: Path, data: dict, **kw) -> st.RunConfig:
-    return st.RunConfig(model=ModelSpec(model=str(model), dtype="fp32"),
+    return st.RunConfig(method="paper", model=ModelSpec(model=str(model), dtype="fp32"),
                      data=DataSpec(n_train=8, n_val=4, n_test=4, **data), refusal_tokens=["I", "As"],
                      batch_size=8, **kw)
 

@@ -8,13 +8,14 @@ import typer
 from rich.table import Table
 
 from refdir.cli.common import console, model_options
-from refdir.core.directions import Direction
+from refdir.core.directions import edit_tensor, load_edit
 from refdir.core.gguf_edit import orthogonalize_gguf
 from refdir.core.io import check_replaceable
 from refdir.core.orthogonalize import save_orthogonalized, stream_orthogonalize
 from refdir.core.preflight import check_output
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
+from refdir.method.search import load_reference
 from refdir.workflows.extract import ExtractConfig, run_extract
 from refdir.workflows.run import RunConfig, run_pipeline
 
@@ -49,9 +50,19 @@ def run(
     harmless_val: str = typer.Option(None),
     harmful_test: str = typer.Option(None, help="separate harmful test set (e.g. embedded:harmful:test)"),
     harmless_test: str = typer.Option(None),
+    heldout_harmful: str = typer.Option(None, help="held-out harmful test set of another source (file, hub id): "
+                                                   "the cross-source headline, never used to build or choose"),
+    heldout_harmless: str = typer.Option(None, help="held-out harmless test set of another source"),
+    n_heldout: int = typer.Option(100, help="the first N prompts of each held-out set"),
     column: str = typer.Option("instruction"),
     n_train: int = typer.Option(None, help="train prompts per set (default: all)"),
-    n_val: int = typer.Option(32, help="validation prompts per set, for selection"),
+    n_val: int = typer.Option(None, help="validation prompts per set, for selection and the search's proxy "
+                                         "(default: 40 with the search, 32 with --method paper)"),
+    method: str = typer.Option("search", help="search: selection, then a Pareto search over edits within --budget "
+                                              "and the point for --kl-target; paper: the paper's single direction"),
+    budget: float = typer.Option(90.0, help="seconds of search trials (refinement included); rerunning with a "
+                                            "bigger budget extends the search"),
+    kl_target: float = typer.Option(0.05, help="first-token KL on harmless prompts the chosen edit stays under"),
     n_test: int = typer.Option(None, help="test prompts per set (default: all of the test split)"),
     seed: int = typer.Option(42),
     filter_train: bool = typer.Option(True, help="keep harmful train prompts the model refuses (metric > 0), "
@@ -66,19 +77,27 @@ def run(
                                                 "top-k)"),
     top_k: int = typer.Option(12, help="finalists fully scored after screening"),
     max_new_tokens: int = typer.Option(128),
+    gen_batch_size: int = typer.Option(None, help="rows per generation batch (default: 200 with the search, which "
+                                                  "generates every arm in one batch; 40 with --method paper)"),
     judge: str = typer.Option("broad", help="refusal judge for the headline: broad, paper or wide"),
     save_checkpoint: bool = typer.Option(True),
+    reference: Path = typer.Option(None, help="another tool's measured points (JSON), drawn beside the held-out "
+                                              "result in the report"),
     force: bool = typer.Option(False, help="replace a directory that is not a run of this model"),
 ) -> None:
-    """The whole pipeline: data → refusal tokens → filter → candidates → selection → eval → checkpoint → report."""
+    """The main job: the best edit the method finds for --kl-target, its test (in-distribution and held-out), the
+    edited checkpoint (and a GGUF for a GGUF input) and a report. --method paper: the paper's pipeline."""
     data = DataSpec(harmful=harmful, harmless=harmless, harmful_val=harmful_val, harmless_val=harmless_val,
-                    harmful_test=harmful_test, harmless_test=harmless_test, column=column, n_train=n_train,
-                    n_val=n_val, n_test=n_test, seed=seed)
-    cfg = RunConfig(model=spec, data=data, filter_train=filter_train,
+                    harmful_test=harmful_test, harmless_test=harmless_test, heldout_harmful=heldout_harmful,
+                    heldout_harmless=heldout_harmless, n_heldout=n_heldout, column=column, n_train=n_train,
+                    n_val=n_val or (40 if method == "search" else 32), n_test=n_test, seed=seed)
+    cfg = RunConfig(model=spec, data=data, method=method, budget=budget, kl_target=kl_target, filter_train=filter_train,
                     refusal_tokens=refusal_tokens.split(",") if refusal_tokens else None, batch_size=batch_size,
                     kl_max=kl_max, max_layer_frac=max_layer_frac, induce_rule=induce_rule, exhaustive=exhaustive,
-                    top_k=top_k, max_new_tokens=max_new_tokens, judge=judge, save_checkpoint=save_checkpoint)
-    summary = run_pipeline(cfg, out, force=force)
+                    top_k=top_k, max_new_tokens=max_new_tokens,
+                    gen_batch_size=gen_batch_size or (200 if method == "search" else 40), judge=judge, save_checkpoint=save_checkpoint)
+    refs = load_reference(reference) if reference else None
+    summary = run_pipeline(cfg, out, force=force, reference=refs)
     print_summary(summary, out)
 
 
@@ -86,17 +105,19 @@ def run(
 def orthogonalize(
     spec: ModelSpec,
     out: Path = typer.Argument(..., help="output directory for the edited checkpoint"),
-    direction: Path = typer.Option(..., "--direction", help="a direction file (.safetensors + .json) from refdir"),
+    direction: Path = typer.Option(..., "--direction", help="a direction or subspace file (.safetensors + .json) "
+                                                            "from refdir; a subspace's whole span is removed"),
     in_memory: bool = typer.Option(False, help="load the whole model instead of streaming a safetensors directory"),
     force: bool = typer.Option(False),
 ) -> None:
-    """Write a checkpoint whose residual-writing weights cannot write along the direction.
+    """Write a checkpoint whose residual-writing weights cannot write along the direction (or in the subspace).
 
     A local safetensors directory is streamed one tensor at a time (memory ≈ one shard); a .gguf
     input with a .gguf output is edited in GGUF; the embedded default and --in-memory load the model."""
     if out.exists() and not force:
         raise RefdirError(f"output directory {out} already exists; pass --force to overwrite it")
-    d = Direction.load(direction)
+    d = load_edit(direction)
+    v = edit_tensor(d)
     spec.check(chat=False)  # a missing model, an unknown model type or custom code: refused before any work
     gguf_out = spec.model.endswith(".gguf") and str(out).endswith(".gguf")
     check_output(out, "file" if gguf_out else "dir")
@@ -104,36 +125,66 @@ def orthogonalize(
         check_replaceable(out)
     src = Path(spec.model)
     if gguf_out:
-        summary = orthogonalize_gguf(src, d.vector, out, force=force)
+        summary = orthogonalize_gguf(src, v, out, force=force)
         console.print(f"edited {len(summary['edited'])} tensors into [bold]{out}[/]")
         for name, change in summary["changed_types"].items():
             console.print(f"  type changed: {name}: {change}")
         return
     if not in_memory and src.is_dir() and any(src.glob("*.safetensors")):
-        summary = stream_orthogonalize(src, d.vector, out, force=force)
+        summary = stream_orthogonalize(src, v, out, force=force)
         console.print(f"streamed {len(summary['edited'])} edited tensors into [bold]{out}[/]")
         return
     lm = spec.load_model()
     hidden = lm.model.config.get_text_config().hidden_size
     if d.d_model != hidden:
         raise RefdirError(f"direction has size {d.d_model} but {spec.model} has hidden size {hidden}")
-    save_orthogonalized(lm.model, lm.tokenizer, d.vector, out, force=force,
+    save_orthogonalized(lm.model, lm.tokenizer, v, out, force=force,
                         meta={"direction": {"layer": d.layer, "position": d.position, "file": str(direction)},
                               "source_model": lm.model_id})
     console.print(f"orthogonalized checkpoint written to [bold]{out}[/]")
 
 
 def print_summary(s: dict, out: Path) -> None:
-    """The chosen direction and the refusal table of a finished run."""
-    ch = s["selection"]["chosen"]
-    if ch:
-        console.print(f"chosen: position {ch['position']}, layer {ch['layer']}  bypass {ch['bypass']:.2f}  "
-                      f"induce {ch['induce']:.2f}  KL {ch['kl']:.3f}  ({s['selection']['rule']})")
-    t = Table("arm / prompts", "refusal", "paper substrings", "degenerate")
-    for k, v in s["refusal"].items():
-        t.add_row(k, f"{v['refusal']:.3f}", f"{v['refusal_paper']:.3f}", str(v["degenerate"]))
-    if s.get("checkpoint"):
-        c = s["checkpoint"]
-        t.add_row("orthogonalized/harmful", f"{c['refusal']:.3f}", f"{c['refusal_paper']:.3f}", str(c["degenerate"]))
-    console.print(t)
+    """The chosen edit and the refusal table of a finished run."""
+    if s.get("method") == "search":
+        print_search_summary(s)
+    else:
+        ch = s["selection"]["chosen"]
+        if ch:
+            console.print(f"chosen: position {ch['position']}, layer {ch['layer']}  bypass {ch['bypass']:.2f}  "
+                          f"induce {ch['induce']:.2f}  KL {ch['kl']:.3f}  ({s['selection']['rule']})")
+        t = Table("arm / prompts", "refusal", "paper substrings", "degenerate")
+        for k, v in s["refusal"].items():
+            t.add_row(k, f"{v['refusal']:.3f}", f"{v['refusal_paper']:.3f}", str(v["degenerate"]))
+        if s.get("checkpoint"):
+            c = s["checkpoint"]
+            t.add_row("orthogonalized/harmful", f"{c['refusal']:.3f}", f"{c['refusal_paper']:.3f}",
+                      str(c["degenerate"]))
+        console.print(t)
     console.print(f"report: [bold]{out / 'report.html'}[/]  ({s['timings_s']['total']:.0f} s)")
+
+
+def print_search_summary(s: dict) -> None:
+    c = s["choice"]
+    console.print(f"chosen: {c['describe']}  (trial {c['trial']}; {c['reason']})")
+    console.print(f"search: {s['search']['n_trials']} trials in {s['search']['spent_s']:.0f} of "
+                  f"{s['search']['budget_s']:.0f} s")
+    t = Table("set", "arm", "harmful refusal", "harmless refusal", "first-token KL")
+    sc, kl = s["test"]["scores"], s["test"]["kl"]
+    for name in ("heldout", "test"):
+        for arm in ("base", "plain", "chosen"):
+            h = sc.get(f"{arm}/{name}/harmful")
+            if h is None:
+                continue
+            b = sc.get(f"{arm}/{name}/harmless")
+            k = kl.get(f"{arm}/{name}", 0.0 if arm == "base" else None)
+            t.add_row(name, arm, f"{h['refusal']:.3f} ({h['n']})", f"{b['refusal']:.3f}" if b else "",
+                      f"{k:.4f}" if k is not None else "")
+    console.print(t)
+    for name, rel in s["test"]["relation"].items():
+        console.print(f"  {name}: {rel}")
+    ck = s.get("checkpoint")
+    if ck:
+        v = ck["verified"]
+        console.print(f"checkpoint: {ck['path']}  (weights vs hooks: KL {v['kl_hooks_weights']:.2e}, top-1 agree "
+                      f"{v['top1_agree']:.2f})" + (f"; GGUF {ck['gguf']['path']}" if ck.get("gguf") else ""))

@@ -18,8 +18,10 @@ and extend the same directory. Every path inside it is built here::
       selection/direction.*       the selected direction (absent when every candidate was filtered out)
       coeff/coeff.json            the addition coefficient and its curve
       eval/completions.json       test completions per arm; eval/scores.json refusal scores; eval/metrics.json
-      checkpoint/model/           the orthogonalized checkpoint; checkpoint/eval.json its refusal scores
+      checkpoint/model/           the edited checkpoint; checkpoint/eval.json its check (or refusal scores);
+      checkpoint/model.gguf       the same edit as a GGUF, when the input was a GGUF
       search/                     the Pareto search over edits (refdir search)
+      optimize/                   optimized directions and cones, their targets and checkpoints (refdir optimize)
       evaluation/, benchmarks/, analysis/   outputs of refdir eval, bench and analyze with --run
 
 Each stage directory holds ``stage.json`` with the stage's key: a hash of the settings the stage depends on
@@ -74,6 +76,7 @@ EVALUATION = "evaluation"
 BENCHMARKS = "benchmarks"
 ANALYSIS = "analysis"
 SECTIONS = "report_sections"
+OPTIMIZE = "optimize"
 
 # files inside the stage directories (written by refdir.workflows.stages, read by the readers below)
 SETS_FILE = "sets.json"
@@ -91,6 +94,7 @@ SCORES_FILE = "scores.json"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_EVAL_FILE = "eval.json"
 CHECKPOINT_MODEL_DIR = "model"
+CHECKPOINT_GGUF_FILE = "model.gguf"
 
 
 def versions() -> dict:
@@ -316,6 +320,9 @@ class RunDir:
 
     def analysis_dir(self) -> Path:
         return self.path / ANALYSIS
+
+    def optimize_dir(self) -> Path:
+        return self.path / OPTIMIZE
 
     # ------------------------------------------------------------------ artifacts
     def sets(self) -> dict:

@@ -108,10 +108,16 @@ class DataSpec(BaseModel):
     n_train: int | None = Field(None, ge=1)  # default: all of the train split
     n_val: int = Field(32, ge=1)
     n_test: int | None = Field(None, ge=1)  # default: all of the test split
+    # optional held-out test sets from another source than train/val (files, hub ids or embedded:KIND:SPLIT):
+    # the run's headline is measured on them when given, beside the in-distribution test split
+    heldout_harmful: str | None = None
+    heldout_harmless: str | None = None
+    n_heldout: int | None = Field(100, ge=1)  # the first n of each held-out set (None: all)
     seed: int = 42
 
     def split(self) -> dict:
-        """Per kind (harmful, harmless): ``{"train", "val", "test": [prompts], "source": {split: spec}}``.
+        """Per kind (harmful, harmless): ``{"train", "val", "test", "heldout": [prompts], "source": {split: spec}}``
+        (``heldout`` is empty unless a held-out source is given).
 
         Raises a RefdirError when a source is too small to carve val and test from, or when test prompts also
         appear in train or val."""
@@ -137,9 +143,12 @@ class DataSpec(BaseModel):
         tr = sample(tr, self.n_train, self.seed)
         va = sample(va, self.n_val, self.seed)
         te = te[: self.n_test] if self.n_test else te
-        overlap = set(te) & (set(tr) | set(va))
-        if overlap:
-            raise RefdirError(f"{len(overlap)} {kind} test prompts also appear in train/val, "
-                              f"e.g. {next(iter(overlap))[:60]!r}")
-        return {"train": tr, "val": va, "test": te,
-                "source": {"train": spec, "val": val_spec or spec, "test": test_spec or spec}}
+        ho_spec = getattr(self, f"heldout_{kind}")
+        ho = load_instructions(ho_spec, self.column).instructions[: self.n_heldout] if ho_spec else []
+        for name, t in (("test", te), ("held-out", ho)):
+            overlap = set(t) & (set(tr) | set(va))
+            if overlap:
+                raise RefdirError(f"{len(overlap)} {kind} {name} prompts also appear in train/val, "
+                                  f"e.g. {next(iter(overlap))[:60]!r}")
+        return {"train": tr, "val": va, "test": te, "heldout": ho,
+                "source": {"train": spec, "val": val_spec or spec, "test": test_spec or spec, "heldout": ho_spec}}

@@ -54,4 +54,5 @@ def check_prompts_fit(spec: ModelSpec, context: int | None, prompts: list[str]) 
 
 def all_prompts(sets: dict) -> list[str]:
     """Every prompt of a run's split sets (to check that they fit the model's context)."""
-    return [p for kind in KINDS for split in ("train", "val", "test") for p in sets[kind][split]]
+    return [p for kind in KINDS for split in ("train", "val", "test", "heldout")
+            for p in sets[kind].get(split, [])]

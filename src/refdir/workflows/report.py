@@ -95,8 +95,10 @@ def write_report(run_dir: str | Path) -> Path:
     summ = rd.summary()
     if summ is None:
         return write_sections_report(rd.path)
-    sel = rd.selection_meta()
     parts = [page_head(), f"<h1>refdir report: {html.escape(str(summ['model']))}</h1>"]
+    if summ.get("method") == "search":
+        return _write(rd, parts + _search_run_parts(rd, summ), summ)
+    sel = rd.selection_meta()
     parts += _selection_notes(summ, sel)
     parts += _refusal_parts(rd, summ)
     parts.append("<h2>Candidate scores</h2>" + plot_selection(rd.selection_table(), sel["chosen"],
@@ -107,6 +109,10 @@ def write_report(run_dir: str | Path) -> Path:
     comp = rd.completions()
     if comp is not None:
         parts.append("<h2>Example completions</h2>" + _examples(comp))
+    return _write(rd, parts, summ)
+
+
+def _write(rd: RunDir, parts: list[str], summ: dict) -> Path:
     parts.extend(rd.sections())
     parts.append("<h2>Timings (s)</h2>" + table_html([[k, v] for k, v in summ["timings_s"].items()], ["stage", "s"]))
     parts.append(PAGE_TAIL)
@@ -160,3 +166,89 @@ def _examples(comp: dict) -> str:
             ex.append([kind, prompt] + [arms.get(f"{a}/{kind}", [""] * (i + 1))[i][:300]
                                         for a in ("baseline", "ablation", "addition")])
     return table_html(ex, ["set", "prompt", "baseline", "ablation", "addition"])
+
+
+ARM_NAMES = {"base": "base model", "plain": "plain direction (selection, full ablation)", "chosen": "chosen edit"}
+
+
+def _search_run_parts(rd: RunDir, summ: dict) -> list[str]:
+    """A run with the search: the headline table per test set (cross-source first, labelled), the choice, the
+    refusal bars and example completions; the search's own section (the front) follows from the sections."""
+    t, c = summ["test"], summ["choice"]
+    sc, kl = t["scores"], t["kl"]
+    parts = [f"<p>Chosen edit: <b>{html.escape(c['describe'])}</b> (trial {c['trial']}; {html.escape(c['reason'])}; "
+             f"proxy refusal metric {c['proxy_refusal']:.2f}, proxy KL {c['proxy_kl']:.4f}, KL target "
+             f"{c['kl_target']:g}). Search: {summ['search']['n_trials']} trials in {summ['search']['spent_s']:.0f} s "
+             f"of a {summ['search']['budget_s']:.0f} s budget; chosen on val and harmless train/val prompts only.</p>"]
+    rows = []
+    for name in ("heldout", "test"):
+        for arm in ("base", "plain", "chosen"):
+            h = sc.get(f"{arm}/{name}/harmful")
+            if h is None:
+                continue
+            b = sc.get(f"{arm}/{name}/harmless")
+            k = 0.0 if arm == "base" else kl.get(f"{arm}/{name}")
+            rows.append([name, ARM_NAMES[arm], f"{h['refusal']:.3f} ({round(h['refusal'] * h['n'])}/{h['n']})",
+                         f"{h['refusal_paper']:.3f}", f"{b['refusal']:.3f} ({b['n']})" if b else "—",
+                         f"{k:.4f}" if k is not None else "—", h["degenerate"]])
+    head = ["set", "arm", f"harmful refusal ({summ['judge']})", "paper substrings", "harmless refusal",
+            "first-token KL", "degenerate"]
+    notes = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in t["relation"].items())
+    parts.append("<h2>Refusal on prompts the edit never saw</h2>" + table_html(rows, head)
+                 + f"<ul class='note'>{notes}</ul><p class='note'>Greedy, {t['max_new_tokens']} new tokens on harmful prompts, "
+                 f"{t.get('harmless_tokens') or t['max_new_tokens']} on harmless ones.</p>")
+    parts.append(plot_refusal_bars({k: v for k, v in sc.items()}, None))
+    if "heldout" in t["relation"] or summ.get("reference"):
+        parts.append(plot_heldout(summ))
+    ck = summ.get("checkpoint")
+    if ck:
+        v = ck["verified"]
+        gg = f"; GGUF: {html.escape(ck['gguf']['path'])}" if ck.get("gguf") else ""
+        parts.append(f"<p>Checkpoint: {html.escape(ck['path'])}{gg}. Weights against hooks on {v['n_prompts']} "
+                     f"prompts: KL {v['kl_hooks_weights']:.2e}, top-1 agreement {v['top1_agree']:.2f}, max |Δlogit| "
+                     f"{v['max_abs_logit_diff']:.3f}.</p>")
+    comp = rd.completions()
+    if comp is not None:
+        parts.append("<h2>Example completions</h2>" + _search_examples(comp))
+    return parts
+
+
+def plot_heldout(summ: dict) -> str:
+    """Refusals against first-token KL on the held-out set (else the test split) for the base model, the plain
+    direction and the chosen edit, with another tool's points where given (scaled to the same prompt count)."""
+    t = summ["test"]
+    name = "heldout" if "heldout" in t["relation"] else "test"
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    n = None
+    for arm, mk, col in (("base", "s", "k"), ("plain", "*", "C1"), ("chosen", "o", "C3")):
+        h = t["scores"].get(f"{arm}/{name}/harmful")
+        if h is None:
+            continue
+        n = h["n"]
+        k = max(t["kl"].get(f"{arm}/{name}", 0.0), 1e-4)
+        ax.plot([k], [h["refusal"] * n], mk, c=col, ms=10, label=ARM_NAMES[arm])
+    for ref in summ.get("reference") or []:
+        rn = ref.get("n") or n or 1
+        ax.plot([max(ref["kl"], 1e-4)], [ref["refusals"] * (n or rn) / rn], "^", c="C0", ms=7)
+        ax.annotate(ref["label"], (max(ref["kl"], 1e-4), ref["refusals"] * (n or rn) / rn), fontsize=7, color="C0",
+                    xytext=(3, -9), textcoords="offset points")
+    ax.axvline(summ["choice"]["kl_target"], ls="--", c="0.6", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"first-token KL on the {name} harmless prompts")
+    ax.set_ylabel(f"refusals of {n} {name} harmful prompts ({summ['judge']} judge)")
+    ax.set_title("other tools' points were measured on their own data and machine" if summ.get("reference")
+                 else name, fontsize=8)
+    ax.legend(fontsize=7)
+    return figure_html(fig)
+
+
+def _search_examples(comp: dict) -> str:
+    """The first three harmful prompts of each test set, with every arm's completion."""
+    rows, gen = comp["rows"], comp["completions"]
+    out = []
+    for name in ("heldout", "test"):
+        prompts = [r[3] for r in rows if r[0] == "base" and r[1] == name and r[2] == "harmful"][:3]
+        for i, p in enumerate(prompts):
+            out.append([name, p] + [gen.get(f"{a}/{name}/harmful", [""] * (i + 1))[i][:300]
+                                    for a in ("base", "plain", "chosen")])
+    return table_html(out, ["set", "prompt", "base", "plain", "chosen"])

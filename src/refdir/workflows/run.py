@@ -4,7 +4,10 @@ orthogonalized checkpoint and a report.
 Stages (one directory each under the run dir, see :mod:`refdir.core.rundir`; the functions are in
 :mod:`refdir.workflows.stages`):
 
-    data → refusal_tokens → filter → candidates → selection → coeff → eval → checkpoint → report
+    --method search (default):
+    data → refusal_tokens → filter → candidates → search (selection, trials, refinement, choice) → eval → checkpoint
+    --method paper:
+    data → refusal_tokens → filter → candidates → selection → coeff → eval → checkpoint
 
 A stage's key hashes the part of the config it depends on, the content of the files it reads (data files,
 the local model's files) and its upstream keys; rerunning the same command skips stages whose key matches and
@@ -27,7 +30,9 @@ from refdir.core.fingerprint import files_sha256
 from refdir.core.rundir import RunDir, versions
 from refdir.method.selection import Selection
 from refdir.workflows.checks import all_prompts, check_run
+from refdir.workflows.finish import stage_edit_checkpoint, stage_test
 from refdir.workflows.report import write_report
+from refdir.workflows.search import Prepared, Timings, stage_search
 from refdir.workflows.stages import (
     Loaded,
     RunConfig,
@@ -45,18 +50,21 @@ from refdir.workflows.stages import (
 __all__ = ["RunConfig", "run_pipeline"]
 
 
-def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True) -> dict:
+def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True,
+                 reference: list[dict] | None = None) -> dict:
     """Run (or resume) every stage in ``out``; write summary.json, manifest.json and report.html. Returns the
     summary. ``force`` replaces a directory that is not a run of this model. The directory is locked against
     other refdir processes until the run ends (also on error). Everything that can be checked is checked before
-    the directory is created or touched (:func:`refdir.workflows.checks.check_run`)."""
+    the directory is created or touched (:func:`refdir.workflows.checks.check_run`). ``reference``: another
+    tool's measured points (:func:`refdir.method.search.load_reference`), drawn beside the held-out result."""
     sets = check_run(cfg, out)
     rd = RunDir.create(out, cfg.model_dump(), force=force)
     with rd:
-        return run_stages(rd, cfg, progress, sets)
+        return run_stages(rd, cfg, progress, sets, reference)
 
 
-def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict | None = None) -> dict:
+def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict | None = None,
+               reference: list[dict] | None = None) -> dict:
     """Every stage of a run in the opened (and locked) ``rd``, then the summary, manifest and report. ``checked``:
     the split sets :func:`check_run` read (else the data stage splits them)."""
     m = Loaded(cfg.model)  # loaded by the first stage that needs it
@@ -78,6 +86,38 @@ def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict 
     filt, means = timed(rdl.FILTER, stage_filter, rd, cfg, m, sets, ids, progress=progress)
     # 4. difference-in-means candidates, every post-instruction position and layer
     cands = timed(rdl.CANDIDATES, stage_candidates, rd, cfg, m, filt, means, progress=progress)
+    if cfg.method == "search":
+        p = Prepared(rd, m, sets, ids, filt, cands)
+        # 5. selection (the plain direction), then the Pareto search within the budget, and the point for the target
+        tm = Timings()
+        res = timed(rdl.SEARCH, stage_search, p, cfg, tm, progress=progress)
+        times.update({f"search.{k}": v for k, v in tm.s.items() if k in SEARCH_PHASES})
+        # 6. the chosen edit, the plain direction and the base model on the test (and held-out) prompts
+        test = timed(rdl.EVAL, stage_test, rd, cfg, m, sets, cands, res["choice"], res["plain"], progress=progress)
+        # 7. the chosen edit in the weights (in place), saved as HF (and GGUF), checked against the hooks by logits
+        ckpt = timed(rdl.CHECKPOINT, stage_edit_checkpoint, rd, cfg, m, sets, cands, res["choice"], progress=progress)
+        summary = search_summary(rd, cfg, sets, res, test, ckpt, finish_times(times, t0, m))
+        summary["reference"] = reference or []
+    else:
+        summary = paper_stages(rd, cfg, m, sets, ids, filt, cands, timed, progress)
+        summary["timings_s"] = finish_times(times, t0, m)
+    rd.write_summary(summary)
+    rd.write_manifest(run_manifest(rd, cfg, m, sets))
+    write_report(rd.path)
+    return summary
+
+
+def finish_times(times: dict, t0: float, m: Loaded) -> dict:
+    times["total"] = round(time.time() - t0, 2)
+    if m.load_s is not None:
+        times["load"] = round(m.load_s, 2)
+    return times
+
+
+def paper_stages(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, ids: list[int], filt: dict, cands, timed,
+                 progress: bool) -> dict:
+    """The paper's stages after the candidates: selection, coefficient, evaluation and the orthogonalized
+    checkpoint; returns the summary (without timings)."""
     # 5. score the candidates on val and pick the direction
     sel, direction = timed(rdl.SELECTION, stage_selection, rd, cfg, m, filt, cands, ids, progress=progress)
     # 6. the addition coefficient
@@ -92,17 +132,35 @@ def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict 
     # 8. the orthogonalized checkpoint, reloaded and judged
     ckpt = timed(rdl.CHECKPOINT, stage_checkpoint, rd, cfg, m, sets, direction, progress=progress)
 
-    times["total"] = round(time.time() - t0, 2)
-    if m.load_s is not None:
-        times["load"] = round(m.load_s, 2)
-    summary = run_summary(rd, cfg, sets, sel, coeff, scores, ckpt, times)
-    rd.write_summary(summary)
-    rd.write_manifest(run_manifest(rd, cfg, m, sets))
-    write_report(rd.path)
-    return summary
+    return run_summary(rd, cfg, sets, sel, coeff, scores, ckpt, {})
 
 
 JUDGED = ("refusal", "refusal_broad", "refusal_paper", "degenerate", "n")
+SEARCH_PHASES = ("proxy_base", "selection", "search", "refine", "confirm")
+
+
+def search_summary(rd: RunDir, cfg: RunConfig, sets: dict, res: dict, test: dict, ckpt: dict | None,
+                   timings: dict) -> dict:
+    """summary.json of a run with the search: the chosen point, the plain direction, and the test table."""
+    return {
+        "model": cfg.model.model,
+        "method": "search",
+        "refusal_tokens": rd.refusal_tokens()["tokens"],
+        "filter": rd.filter_info(),
+        "selection": {"chosen": res["selection"]["chosen"], "n_scored": res["selection"]["n_scored"]},
+        "search": {"budget_s": res["budget_s"], "spent_s": res["spent_s"], "n_trials": res["n_trials"],
+                   "n_front": len(res["front"]), "kl_target": cfg.kl_target,
+                   "spearman_refusal": res.get("spearman_refusal")},
+        "choice": res["choice"],
+        "test": {"scores": {k: {kk: v[kk] for kk in JUDGED} for k, v in test["scores"].items()}, "kl": test["kl"],
+                 "relation": test["relation"], "max_new_tokens": test["max_new_tokens"],
+                 "harmless_tokens": test.get("harmless_tokens")},
+        "checkpoint": ckpt,
+        "judge": cfg.judge,
+        "n_test": {k: {"harmful": len(sets["harmful"].get(k, [])), "harmless": len(sets["harmless"].get(k, []))}
+                   for k in ("test", "heldout")},
+        "timings_s": timings,
+    }
 
 
 def run_summary(rd: RunDir, cfg: RunConfig, sets: dict, sel: Selection, coeff: dict | None, scores: dict,

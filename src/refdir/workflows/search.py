@@ -17,6 +17,7 @@ A directory made with another model or config is refused.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refdir.core import rundir as rdl
 from refdir.core.directions import Candidates
-from refdir.core.edits import VARIANTS
+from refdir.core.edits import VARIANTS, Edit
 from refdir.core.io import atomic_write_json, make_output_dir
 from refdir.core.preflight import require
 from refdir.core.rundir import RunDir
@@ -49,9 +50,11 @@ from refdir.method.search.study import (
     check_study_config,
     make_objective,
     open_study,
+    run_budget,
     run_trials,
     seed_study,
     select_warm_start,
+    spent_seconds,
     trial_counts,
     warm_starts,
 )
@@ -203,48 +206,121 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
     with rd:  # held until the search ends, also on error
         timings = Timings()
         p = prepare(cfg.run, rd, timings, progress=progress, checked=sets)
-        run, lm, fmt, cands = cfg.run, p.m.lm, p.m.fmt, p.cands
-        if per_mark is None:
-            per_mark = default_per_mark(lm.model)
         make_output_dir(sdir)  # with refdir's marker, so that --force may replace it later
         atomic_write_json(sdir / "config.json", cfg.model_dump())
-        L = cands.n_layers
-        layer_lo = max(1.0, cfg.min_layer_frac * L)
-        with timings.phase("proxy_base"):
-            val = {"harmful": p.filt["val"]["harmful"][: cfg.n_val_harmful], "harmless": p.filt["val"]["harmless"]}
-            proxy = Proxy(lm.model, fmt, val["harmful"], val["harmless"], p.ids, run.batch_size)
-        with timings.phase(rdl.SELECTION):
-            scfg = replace(run.selection_config(), min_layer=int(math.ceil(layer_lo)))
-            table, chosen = select_warm_start(lm.model, fmt, cands, val, p.ids, scfg, sdir / "selection.json", progress,
-                                              proxy.base_logits)
-        if p.m.load_s is not None:
-            timings.add("load", p.m.load_s)
-        space = Space(list(cands.positions), L, layer_lo, float(max_layer(L, run.max_layer_frac)), cfg.max_strength,
-                      list(cfg.variants))
-        study = open_study(sdir / "study.log", run.data.seed)
-        band = kl_band(cfg.kl_marks)
-        if not study.trials:
-            # at most `trials` of them: a warm start left queued would be taken by the next trial refinement asks for
-            warm = warm_starts(table, chosen, space, kl_max=run.kl_max, top_k=run.top_k, strong_starts=cfg.strong_starts)
-            seed_study(study, space, warm[:trials], table, band)
-        objective = make_objective(space, cands, proxy, band)
-        with timings.phase("search"):
-            todo = run_trials(study, objective, trials, cfg.kl_marks, progress, callbacks)
-        with timings.phase("refine"):
-            n_refined = refine_front(study, objective, space, cfg.kl_marks, refine, progress) if refine > 0 else 0
-        with timings.phase("confirm"):
-            conf = Confirmation(study, space, objective, proxy, cands, p.sets["harmful"]["test"],
-                                p.sets["harmless"]["test"], sdir / "confirm.json", batch_size=run.batch_size,
-                                gen_batch_size=run.gen_batch_size, max_new_tokens=run.max_new_tokens, judge=run.judge,
-                                progress=progress)
-            confirmed = conf.run(cfg.kl_marks, per_mark=per_mark, max_confirm=max_confirm, confirm_plain=confirm_plain,
-                                 confirm_extra=confirm_extra, seed=run.data.seed, calibrate=calibrate)
-        timings.s["total"] = round(time.time() - timings.t0, 2)
-        result = {"config": cfg.model_dump(), **trial_counts(conf.rows), "n_layers": L, "model_id": lm.model_id,
-                  "positions": cands.positions, **confirmed, "timings_s": timings.s, "new_trials": todo,
-                  "refine_trials": n_refined, "reference": refs,
-                  "selection": {"chosen": chosen, "n_scored": sum(1 for r in table if math.isfinite(r["bypass"]))}}
+        confirm = (p.sets["harmful"]["test"], p.sets["harmless"]["test"])
+        result = search_phases(p, cfg, sdir, timings, confirm, trials=trials, refine=refine, per_mark=per_mark,
+                               max_confirm=max_confirm, confirm_plain=confirm_plain, confirm_extra=confirm_extra,
+                               calibrate=calibrate, progress=progress, callbacks=callbacks)
+        result["reference"] = refs
         atomic_write_json(sdir / "summary.json", result)
         write_search_report(p.rd, result)
         write_report(p.rd.path)
         return result
+
+
+def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, confirm: tuple[list[str], list[str]],
+                  *, trials: int = 20, budget: float | None = None, refine: int = 2, per_mark: int | None = None,
+                  max_confirm: int = 0, confirm_plain: bool = False, confirm_extra: int = 0, calibrate: bool = True,
+                  max_new_tokens: int | None = None, progress: bool = True, callbacks: list | None = None) -> dict:
+    """The search's phases on a prepared run: proxy, warm-start selection, TPE trials (``trials`` in all, or as
+    many as ``budget`` seconds of trial time allow, refinement included), refinement, confirmation on
+    ``confirm`` = (harmful, harmless) prompts. Returns the summary (not written)."""
+    run, lm, fmt, cands = cfg.run, p.m.lm, p.m.fmt, p.cands
+    if per_mark is None:
+        per_mark = default_per_mark(lm.model)
+    L = cands.n_layers
+    layer_lo = max(1.0, cfg.min_layer_frac * L)
+    with timings.phase("proxy_base"):
+        val = {"harmful": p.filt["val"]["harmful"][: cfg.n_val_harmful], "harmless": p.filt["val"]["harmless"]}
+        proxy = Proxy(lm.model, fmt, val["harmful"], val["harmless"], p.ids, run.batch_size)
+    with timings.phase(rdl.SELECTION):
+        scfg = replace(run.selection_config(), min_layer=int(math.ceil(layer_lo)))
+        table, chosen = select_warm_start(lm.model, fmt, cands, val, p.ids, scfg, sdir / "selection.json", progress,
+                                          proxy.base_logits)
+    if p.m.load_s is not None:
+        timings.add("load", p.m.load_s)
+    space = Space(list(cands.positions), L, layer_lo, float(max_layer(L, run.max_layer_frac)), cfg.max_strength,
+                  list(cfg.variants))
+    study = open_study(sdir / "study.log", run.data.seed)
+    band = kl_band(cfg.kl_marks)
+    if not study.trials:
+        # at most `trials` of them: a warm start left queued would be taken by the next trial refinement asks for
+        warm = warm_starts(table, chosen, space, kl_max=run.kl_max, top_k=run.top_k, strong_starts=cfg.strong_starts)
+        seed_study(study, space, warm[:trials], table, band)
+    objective = make_objective(space, cands, proxy, band)
+    with timings.phase("search"):
+        if budget is None:
+            todo = run_trials(study, objective, trials, cfg.kl_marks, progress, callbacks)
+        else:
+            # kept for refinement (up to 2 trials per source) and calibration (1 per mark)
+            reserve = (2 * refine + 1) * len(cfg.kl_marks)
+            todo = run_budget(study, objective, budget, reserve, cfg.kl_marks, progress)
+    with timings.phase("refine"):
+        n_refined = refine_front(study, objective, space, cfg.kl_marks, refine, progress, budget) if refine > 0 else 0
+    with timings.phase("confirm"):
+        conf = Confirmation(study, space, objective, proxy, cands, confirm[0], confirm[1], sdir / "confirm.json",
+                            batch_size=run.batch_size, gen_batch_size=run.gen_batch_size,
+                            max_new_tokens=max_new_tokens or run.max_new_tokens, judge=run.judge, progress=progress)
+        confirmed = conf.run(cfg.kl_marks, per_mark=per_mark, max_confirm=max_confirm, confirm_plain=confirm_plain,
+                             confirm_extra=confirm_extra, seed=run.data.seed, calibrate=calibrate)
+    timings.s["total"] = round(time.time() - timings.t0, 2)
+    return {"config": cfg.model_dump(), **trial_counts(conf.rows), "n_layers": L, "model_id": lm.model_id,
+            "positions": cands.positions, **confirmed, "timings_s": timings.s, "new_trials": todo,
+            "refine_trials": n_refined, "spent_s": round(spent_seconds(study), 2), "budget_s": budget,
+            "selection": {"chosen": chosen, "n_scored": sum(1 for r in table if math.isfinite(r["bypass"]))}}
+
+
+# ------------------------------------------------------------------------------------------ inside `refdir run`
+
+CONFIRM_TOKENS = 64  # tokens generated per val prompt to choose between the picks under the KL target
+
+
+def run_search_config(cfg: RunConfig) -> SearchConfig:
+    """The search config of ``refdir run --method search``: the run's settings with the search's screening
+    (2 + 2 prompts, 4 finalists) and one KL mark at the target. The budget is left out (a bigger one extends the
+    same study)."""
+    run = cfg.model_copy(update={"screen_n": SEARCH_RUN_DEFAULTS["screen_n"], "top_k": SEARCH_RUN_DEFAULTS["top_k"],
+                                 "budget": RunConfig.model_fields["budget"].default})
+    return SearchConfig(run=run, kl_marks=[cfg.kl_target])
+
+
+def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool = True) -> dict:
+    """The search as a stage of ``refdir run``: resumes the study in the run's search directory (a study made with
+    other settings is started over), spends what is left of ``cfg.budget`` on trials, refines towards the KL
+    target and chooses the point. Choosing reads only prompts that are not test prompts: proxy and confirmation
+    on the val split, calibration KL on the harmless train + val prompts. A finished search with at least this
+    budget is read back without loading the model. Returns the search summary with ``choice``."""
+    scfg = run_search_config(cfg)
+    sdir = p.rd.search_dir()
+    check_study_config(sdir / "config.json", scfg.model_dump(), True, p.rd.path)
+    f = sdir / "summary.json"
+    if f.exists():
+        prev = json.loads(f.read_text())
+        if prev.get("budget_s") is not None and prev["budget_s"] >= cfg.budget and "choice" in prev:
+            return prev
+    make_output_dir(sdir)
+    atomic_write_json(sdir / "config.json", scfg.model_dump())
+    harmful = p.filt["val"]["harmful"][: scfg.n_val_harmful]
+    harmless = p.sets["harmless"]["train"] + p.sets["harmless"]["val"]
+    res = search_phases(p, scfg, sdir, timings, (harmful, harmless), budget=cfg.budget,
+                        max_new_tokens=CONFIRM_TOKENS, progress=progress)
+    res["choice"] = choose(res, cfg.kl_target)
+    atomic_write_json(f, res)
+    write_search_report(p.rd, res)
+    return res
+
+
+def choose(res: dict, target: float) -> dict:
+    """The run's point: the confirmed pick with the fewest val refusals whose calibration KL is under ``target``;
+    when none is, the front point with the lowest proxy KL (``met`` false)."""
+    best = res["best_at_kl"].get(f"{target:g}")
+    rows = {r["trial"]: r for r in res["trials"]}
+    if best is not None:
+        row, why = rows[best["trial"]], "fewest val refusals among the picks with KL under the target"
+    else:
+        row, why = min(res["front"], key=lambda r: r["proxy_kl"]), "no point under the target: the lowest-KL one"
+    return {"trial": row["trial"], "edit": row["edit"], "describe": Edit.from_dict(row["edit"]).describe(),
+            "proxy_refusal": row["proxy_refusal"], "proxy_kl": row["proxy_kl"],
+            "val": {k: v for k, v in (row.get("confirmed") or {}).items() if k != "completions"} or None,
+            "reason": why, "met": best is not None, "kl_target": target}

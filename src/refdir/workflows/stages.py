@@ -54,6 +54,11 @@ class RunConfig(BaseModel):
 
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
+    # "search": selection, then a Pareto search over edits within `budget` seconds, the point for `kl_target`;
+    # "paper": the paper's single difference-in-means direction, addition coefficient and orthogonalization
+    method: Literal["search", "paper"] = "search"
+    kl_target: float = Field(0.05, gt=0)
+    budget: float = Field(90.0, gt=0)  # seconds of search trials (refinement included); a bigger one extends
     filter_train: bool = True  # keep harmful with metric > 0, harmless with metric < 0 (paper)
     filter_val: bool = False
     refusal_tokens: list[str] | None = None  # default: derived from the model's own refusals
@@ -114,6 +119,7 @@ class Loaded:
     def __init__(self, spec: ModelSpec, prompts: list[str] | None = None):
         self.spec = spec
         self.load_s: float | None = None  # seconds the load took, once loaded
+        self.edited = False  # set once the weights were edited in place (the base model is gone)
         self._lm: LoadedModel | None = None
         self._fmt: ChatFormat | None = None
         # the prompts the work will run on: refused on load, before any forward pass, if they overflow the context
@@ -411,29 +417,23 @@ def stage_eval(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, direction: Dir
 
 def stage_checkpoint(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, direction: Direction | None,
                      progress: bool = True) -> dict | None:
-    """Save the orthogonalized checkpoint (the direction projected out of the weights), reload it and judge its
-    completions on the harmful test prompts. None without a direction or with ``save_checkpoint`` off."""
+    """Orthogonalize the loaded model in place (the direction projected out of the weights; no second copy),
+    save it and judge its completions on the harmful test prompts. None without a direction or with
+    ``save_checkpoint`` off."""
     if direction is None or not cfg.save_checkpoint:
         return None
     key = rd.key(rdl.CHECKPOINT, cfg.settings(rdl.CHECKPOINT))
     if not rd.done(rdl.CHECKPOINT, key):
-        from transformers import AutoModelForCausalLM
-
         lm = m.lm
-        edited = cfg.model.load_model()  # edit a copy so the in-memory model stays the base model
         with rd.write_stage(rdl.CHECKPOINT, key) as d:
-            model_dir = d / rdl.CHECKPOINT_MODEL_DIR
-            save_orthogonalized(edited.model, edited.tokenizer, direction.vector, model_dir, force=True,
+            # the loaded model is orthogonalized in place (one copy in memory), so this is the last model stage
+            save_orthogonalized(lm.model, lm.tokenizer, direction.vector, d / rdl.CHECKPOINT_MODEL_DIR, force=True,
                                 meta={"direction": {"layer": direction.layer, "position": direction.position},
                                       "source_model": lm.model_id})
-            del edited
-            # plain transformers, as a user would reload it: never the checkpoint's own code, never a pickle
-            reloaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=lm.dtype, trust_remote_code=False,
-                                                            use_safetensors=True).eval()
-            outs = generate(reloaded, m.fmt, sets["harmful"]["test"], max_new_tokens=cfg.max_new_tokens,
+            m.edited = True
+            outs = generate(lm.model, m.fmt, sets["harmful"]["test"], max_new_tokens=cfg.max_new_tokens,
                             batch_size=cfg.gen_batch_size, progress=progress, desc="checkpoint harmful")
             res = {k: v for k, v in judged(outs, cfg.judge).items() if k != "flags"}
             res["path"] = str(rd.checkpoint_model_dir())
             atomic_write_json(d / rdl.CHECKPOINT_EVAL_FILE, {**res, "completions": outs})
-            del reloaded
     return rd.checkpoint_eval()

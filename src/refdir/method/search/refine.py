@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from refdir.core.edits import COMPONENTS
 from refdir.method.search.objective import Space, pareto_front
-from refdir.method.search.study import front_postfix, run_trial
+from refdir.method.search.study import front_postfix, run_trial, spent_seconds, trial_estimate
 
 REFINE_MARGIN = 0.9  # aim under each KL mark: the confirmation prompts' KL differs from the proxy's by a few %
 REFINE_TOL = 0.1  # relative KL error at which a scaled edit counts as on target
@@ -27,14 +27,15 @@ def refinable(tr, target: float, space: Space) -> bool:
 
 
 def refine_front(study, objective, space: Space, marks: list[float], per_mark: int = 3,
-                 progress: bool = True) -> int:
+                 progress: bool = True, budget: float | None = None) -> int:
     """Strength refinement towards each KL mark. For each mark ``m``, the (up to) ``per_mark`` front points nearest
     to ``REFINE_MARGIN·m`` in log KL (within a factor 8), leaving out those already within ``REFINE_TOL`` of it,
     those refined for this mark before and full-strength ones below it, are scaled by ``a = sqrt(0.9·m / KL)``, then
     once more by a secant step in log–log if the first try misses by more than ``REFINE_TOL``. Every scaled edit is
     a study trial (user attrs ``refine_of``, ``mark``); sources come from the searched (not refined) trials, and a
-    (point, mark) pair refined before, e.g. in an interrupted run, is not redone. Returns the number of trials
-    added."""
+    (point, mark) pair refined before, e.g. in an interrupted run, is not redone. With a ``budget`` (seconds, see
+    :func:`refdir.method.search.study.spent_seconds`) a refinement that would not fit is left out. Returns the
+    number of trials added."""
     import optuna
 
     added = 0
@@ -52,6 +53,8 @@ def refine_front(study, objective, space: Space, marks: list[float], per_mark: i
             bar.update(1)
             if (src.number, m) in done:
                 continue
+            if budget is not None and spent_seconds(study) + 2 * trial_estimate(study) > budget:
+                break  # a refinement is up to two trials; the time budget has no room for them
             added += _refine_one(study, objective, space, src, m, target)
             bar.set_postfix_str(front_postfix(study, marks))
     bar.close()

@@ -17,10 +17,15 @@ TITLE = "Pareto search over edits"
 
 
 def load_reference(path: str | Path) -> list[dict]:
-    """Reference points to draw beside the front: a JSON list of ``{"label", "refusals", "kl"}`` (optional "n")."""
+    """Reference points to draw beside the front: a JSON list of ``{"label", "refusals", "kl"}`` (optional "n"),
+    or another tool's measured front: an object with ``pareto_front`` (``{"trial", "refusals", "kl"}``), ``tool``
+    and ``n_bad_eval``."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
+        if isinstance(data, dict) and isinstance(data.get("pareto_front"), list):
+            tool, n = str(data.get("tool", p.stem)), data.get("n_bad_eval")
+            data = [{**d, "label": f"{tool} #{d.get('trial', i)}", "n": n} for i, d in enumerate(data["pareto_front"])]
         if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
             raise TypeError("not a list of objects")
         pts = [{"label": str(d.get("label", "")), "refusals": float(d["refusals"]), "kl": float(d["kl"]),
@@ -96,7 +101,8 @@ def _plot_confirmed(ax, res: dict) -> None:
         ax.plot([max(ref["kl"], 1e-5)], [ref["refusals"] * n / rn], "^", c="C0", ms=7)
         ax.annotate(ref["label"], (max(ref["kl"], 1e-5), ref["refusals"] * n / rn), fontsize=7, color="C0",
                     xytext=(3, -9), textcoords="offset points")
-    ax.set_xscale("log")
+    if conf or res.get("reference"):  # a log axis needs at least one point
+        ax.set_xscale("log")
     ax.set_xlabel(f"first-token KL, {res['confirm_prompts']['harmless']} harmless confirmation prompts")
     ax.set_ylabel(f"refusals of {n} ({_judge(res)} judge, "
                   f"{res['confirm_prompts']['max_new_tokens']} generated tokens)")

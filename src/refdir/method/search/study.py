@@ -189,6 +189,52 @@ def run_trials(study, objective, trials: int, marks: list[float], progress: bool
     return todo
 
 
+def spent_seconds(study) -> float:
+    """Wall time of the study's finished searched and refined trials (calibration, part of the confirmation, is
+    left out), from the journal's timestamps: what a time budget has used so far, also across resumed runs."""
+    return sum(trial_seconds(tr) for tr in study.trials if not tr.user_attrs.get("calibrated"))
+
+
+def trial_seconds(tr) -> float:
+    if tr.datetime_complete is None or tr.datetime_start is None:
+        return 0.0
+    return (tr.datetime_complete - tr.datetime_start).total_seconds()
+
+
+def trial_estimate(study) -> float:
+    """The time the next trial will take: the larger of the mean and the last of the timed trials (the
+    selection's finalists enter with their scores and take no time)."""
+    timed = [tr for tr in study.trials if trial_seconds(tr) > 0 and not tr.user_attrs.get("from_selection")]
+    if not timed:
+        return 0.0
+    return max(sum(map(trial_seconds, timed)) / len(timed), trial_seconds(timed[-1]))
+
+
+def run_budget(study, objective, budget: float, reserve: int, marks: list[float], progress: bool = True,
+               max_trials: int = 1000) -> int:
+    """TPE trials, one at a time, while the study's spent time (:func:`spent_seconds`) plus one more trial and
+    ``reserve`` trials kept for refinement (at the mean trial time) fit in ``budget`` seconds. The queued warm
+    starts always run (a queued trial left over would be taken by the next trial refinement asks for). Returns
+    how many were run."""
+    import optuna
+
+    run = 0
+    bar = tqdm(total=None, desc="search", disable=not progress, unit="trial")
+    try:
+        while run < max_trials:
+            done = [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
+            waiting = any(tr.state == optuna.trial.TrialState.WAITING for tr in study.trials)
+            if done and not waiting and spent_seconds(study) + (1 + reserve) * trial_estimate(study) > budget:
+                break
+            study.optimize(objective, n_trials=1)
+            run += 1
+            bar.update(1)
+            bar.set_postfix_str(f"{spent_seconds(study):.0f}/{budget:.0f} s " + front_postfix(study, marks))
+    finally:
+        bar.close()
+    return run
+
+
 def run_trial(study, objective, params: dict, attrs: dict):
     """Evaluate one given edit as a study trial; returns the finished trial."""
     import optuna

@@ -1,0 +1,165 @@
+"""The last stages of ``refdir run`` with the search (``--method search``, the default): the test of the chosen
+edit beside the base model and the plain direction, and the chosen edit written into the weights.
+
+Test sets: the run's test split (carved from the same sources as train/val: *in-distribution*) and, when given,
+the held-out sets (``--heldout-harmful`` / ``--heldout-harmless``: another source, never used to build or choose
+the edit: *cross-source*). Harmful prompts are generated for every arm (``--max-new-tokens``); harmless prompts for
+the base model and the chosen edit (harmless refusal, ``HARMLESS_TOKENS``); first-token KL on harmless prompts for
+every edited arm. All arms are
+generated in one batch (:func:`refdir.core.edits.hooked_rows`).
+
+The checkpoint is the loaded model edited in place (one copy of the model in memory through the run): the edit's
+logits under hooks are taken on a batch of test prompts first, the weights are edited, and the same logits are
+taken again, which proves the weights compute what the hooks computed (their KL and top-1 agreement are recorded)
+without generating again. A GGUF input also gets a GGUF output (:func:`refdir.core.gguf_plan.export_gguf_plan`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from refdir.core import rundir as rdl
+from refdir.core.directions import Candidates
+from refdir.core.edits import Edit, Plan, apply_weights_, hooked, hooked_rows, resolve
+from refdir.core.forward import last_logits
+from refdir.core.generation import generate
+from refdir.core.gguf_plan import export_gguf_plan, plan_to_cpu
+from refdir.core.io import atomic_write_json
+from refdir.core.models import embedded_gguf_path, save_hf_checkpoint
+from refdir.core.rundir import RunDir
+from refdir.method.scoring import first_token_kl
+from refdir.workflows.stages import Loaded, RunConfig, judged
+
+ARMS = ("base", "plain", "chosen")
+VERIFY_PROMPTS = 16  # prompts whose logits prove the checkpoint equals the hooks
+# new tokens for harmless prompts: an over-refusal ("I'm sorry, but I can't…") shows in its opening words, and the
+# base model and the edit are judged on the same window; harmful prompts get the full --max-new-tokens
+HARMLESS_TOKENS = 64
+
+
+def eval_sets(sets: dict) -> dict[str, dict[str, list[str]]]:
+    """``{"test": {"harmful", "harmless"}, "heldout": {...}}``: the in-distribution test split and, when given,
+    the held-out (cross-source) sets."""
+    out = {"test": {k: sets[k]["test"] for k in ("harmful", "harmless")}}
+    if sets["harmful"].get("heldout") or sets["harmless"].get("heldout"):
+        out["heldout"] = {k: sets[k].get("heldout", []) for k in ("harmful", "harmless")}
+    return out
+
+
+def _plans(cands: Candidates, choice: dict, plain: dict | None) -> dict[str, Plan | None]:
+    plans = {"base": None, "chosen": resolve(Edit.from_dict(choice["edit"]), cands)}
+    if plain is not None:
+        plans["plain"] = resolve(Edit.from_dict(plain["edit"]), cands)
+    return plans
+
+
+def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candidates, choice: dict,
+               plain: dict | None, progress: bool = True) -> dict:
+    """Judge the base model, the plain direction and the chosen edit on the test (and held-out) sets; returns
+    ``{"scores": {"ARM/SET/KIND": judged}, "kl": {"ARM/SET": mean KL}, "relation": {SET: ...}}``."""
+    settings = {**cfg.settings(rdl.EVAL), "choice": choice["edit"], "plain": plain and plain["edit"]}
+    key = rd.key(rdl.EVAL, settings, upstream=rd.keys.get(rdl.CANDIDATES, ""))
+    if rd.done(rdl.EVAL, key):
+        return rd.scores()
+    model, fmt = m.lm.model, m.fmt
+    plans = _plans(cands, choice, plain)
+    names = list(plans)
+    tsets = eval_sets(sets)
+    rows: list[tuple[str, str, str, str]] = []  # (arm, set, kind, prompt)
+    for sname, ts in tsets.items():
+        for arm in names:
+            rows += [(arm, sname, "harmful", p) for p in ts["harmful"]]
+        for arm in ("base", "chosen"):
+            rows += [(arm, sname, "harmless", p) for p in ts["harmless"]]
+    outs: dict[int, str] = {}
+    with hooked_rows(model, [plans[a] for a in names]) as hr:
+        for kind, n_tok in (("harmful", cfg.max_new_tokens), ("harmless", min(cfg.max_new_tokens, HARMLESS_TOKENS))):
+            idx = [i for i, r in enumerate(rows) if r[2] == kind]
+            if not idx:
+                continue
+            o = generate(model, fmt, [rows[i][3] for i in idx], max_new_tokens=n_tok, batch_size=cfg.gen_batch_size,
+                         progress=progress, desc=f"test: {kind}, {len(idx)} rows", rows=hr,
+                         groups=[names.index(rows[i][0]) for i in idx], shared_prefix=True)
+            outs.update(zip(idx, o, strict=True))
+        kl = _kls(model, fmt, tsets, plans, names, hr, cfg.batch_size)
+    gen: dict[str, list[str]] = {}
+    for i, r in enumerate(rows):
+        o = outs[i]
+        gen.setdefault(f"{r[0]}/{r[1]}/{r[2]}", []).append(o)
+    scores = {k: judged(v, cfg.judge) for k, v in gen.items()}
+    src = sets["harmful"]["source"]
+    relation = {"test": "in-distribution: carved from the same sources as the train/val prompts"
+                if src.get("test") == src.get("train") else "as given (--harmful-test / --harmless-test)"}
+    if "heldout" in tsets:
+        relation["heldout"] = "cross-source: held-out sets of another source, never used to build or choose the edit"
+    res = {"scores": scores, "kl": kl, "relation": relation, "arms": {"chosen": choice, "plain": plain},
+           "max_new_tokens": cfg.max_new_tokens, "harmless_tokens": min(cfg.max_new_tokens, HARMLESS_TOKENS),
+           "judge": cfg.judge}
+    with rd.write_stage(rdl.EVAL, key) as d:
+        atomic_write_json(d / rdl.COMPLETIONS_FILE, {"rows": [list(r[:3]) + [r[3]] for r in rows], "completions": gen})
+        atomic_write_json(d / rdl.SCORES_FILE, res)
+    return rd.scores()
+
+
+def _kls(model, fmt, tsets: dict, plans: dict, names: list[str], hr, batch_size: int) -> dict[str, float]:
+    """Mean first-token KL(base ‖ arm) on each set's harmless prompts, every edited arm in one pass."""
+    out: dict[str, float] = {}
+    for sname, ts in tsets.items():
+        B = ts["harmless"]
+        if not B:
+            continue
+        lg = last_logits(model, fmt, B * len(names), batch_size, shared_prefix=True, rows=hr,
+                         groups=[k for k in range(len(names)) for _ in B])
+        base = torch.log_softmax(lg[: len(B)].double(), -1)
+        for k, arm in enumerate(names[1:], start=1):
+            out[f"{arm}/{sname}"] = float(first_token_kl(base, lg[k * len(B):(k + 1) * len(B)]).mean())
+    return out
+
+
+@torch.no_grad()
+def stage_edit_checkpoint(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candidates, choice: dict,
+                          progress: bool = True) -> dict | None:
+    """Write the chosen edit into the loaded model's weights (in place: no second copy) and save it as a HF
+    checkpoint (and a GGUF when the input was one); prove by logits that the weights compute what the hooks
+    computed. The model in memory is the edited one afterwards, so this is the run's last model stage."""
+    if not cfg.save_checkpoint:
+        return None
+    key = rd.key(rdl.CHECKPOINT, {**cfg.settings(rdl.CHECKPOINT), "choice": choice["edit"]},
+                 upstream=rd.keys.get(rdl.EVAL, ""))
+    if rd.done(rdl.CHECKPOINT, key):
+        return rd.checkpoint_eval()
+    lm, fmt = m.lm, m.fmt
+    plan = resolve(Edit.from_dict(choice["edit"]), cands)
+    prompts = (sets["harmful"]["test"][: VERIFY_PROMPTS // 2] + sets["harmless"]["test"][: VERIFY_PROMPTS // 2])
+    with hooked(lm.model, plan):
+        want = last_logits(lm.model, fmt, prompts, cfg.batch_size, shared_prefix=True)
+    summary = apply_weights_(lm.model, plan)
+    m.edited = True  # the base model is gone from memory
+    got = last_logits(lm.model, fmt, prompts, cfg.batch_size, shared_prefix=True)
+    verified = {"n_prompts": len(prompts),
+                "kl_hooks_weights": float(first_token_kl(torch.log_softmax(want.double(), -1), got).mean()),
+                "top1_agree": float((want.argmax(-1) == got.argmax(-1)).float().mean()),
+                "max_abs_logit_diff": float((want - got).abs().max())}
+    src = gguf_source(lm.source)
+    with rd.write_stage(rdl.CHECKPOINT, key) as d:
+        save_hf_checkpoint(lm.model, lm.tokenizer, d / rdl.CHECKPOINT_MODEL_DIR)
+        meta = {"kind": "edit", "edit": choice["edit"], "describe": choice.get("describe"), "trial": choice["trial"],
+                "source_model": lm.model_id, **summary}
+        atomic_write_json(d / rdl.CHECKPOINT_MODEL_DIR / "refdir_edit.json", meta)
+        gg = None
+        if src is not None:
+            gg = export_gguf_plan(src, plan_to_cpu(plan), d / rdl.CHECKPOINT_GGUF_FILE, progress=progress)
+        res = {"path": str(rd.checkpoint_model_dir()), "verified": verified,
+               "gguf": {"path": str(rd.stage_dir(rdl.CHECKPOINT) / rdl.CHECKPOINT_GGUF_FILE),
+                        "changed_types": gg["changed_types"], "post_norms": gg["post_norms"]} if gg else None}
+        atomic_write_json(d / rdl.CHECKPOINT_EVAL_FILE, res)
+    return rd.checkpoint_eval()
+
+
+def gguf_source(source: dict) -> str | None:
+    """The GGUF file the model was loaded from (a GGUF path, or the embedded default's GGUF), else None."""
+    if source.get("kind") == "gguf":
+        return source["path"]
+    if source.get("kind") == "embedded":
+        return str(embedded_gguf_path())
+    return None

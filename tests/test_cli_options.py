@@ -14,7 +14,7 @@ from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
 
 MODEL_LOADING = ["extract", "run", "orthogonalize", "eval", "bench", "analyze geometry", "analyze suffix", "search",
-                 "export", "caa train", "caa sweep", "caa generate", "jailbreak", "bias", "steer"]
+                 "export", "caa train", "caa sweep", "caa generate", "jailbreak", "bias", "steer", "optimize"]
 NO_MODEL = ["convert-vector"]
 OPTION_NAMES = {"--dtype", "--device", "--device-map", "--trust-remote-code", "--allow-pickle", "--system",
                 "--chat-template"}

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from refdir.cli import analysis, evaluation, run, search, steering
+from refdir.cli import analysis, evaluation, optimize, run, search, steering
 from refdir.cli.common import describe, expected_errors, one_error_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The refusal direction in chat language models.")
@@ -35,6 +35,7 @@ COMMANDS = [  # (group, command name, function)
     (app, "convert-vector", steering.convert_vector),
     (app, "search", search.search),
     (app, "export", search.export),
+    (app, "optimize", optimize.optimize),
 ]
 
 

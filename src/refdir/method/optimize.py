@@ -1,0 +1,445 @@
+"""Optimized refusal directions (RDO) and refusal cones (Wollschläger et al., ICML 2025, arXiv 2502.17420).
+
+The difference in means is a cheap estimate of the refusal direction. RDO starts from it and trains a unit direction
+r with Adam against the properties the paper tests, on a weighted sum of three losses:
+
+- **ablation**: with r ablated everywhere, the cross-entropy of harmful prompts' *compliant* targets;
+- **addition**: with ``scale · r`` added to the input of r's layer, the cross-entropy of harmless prompts' *refusal*
+  targets;
+- **retain**: with r ablated, KL(base ‖ ablated) of the next-token distributions over harmless prompts followed by
+  their base completions. The base distribution is kept as its top ``topk`` tokens plus one bucket for the rest, so
+  the loss is the exact KL of those coarsened distributions (a lower bound of the full KL) and the cache stays small.
+
+A **cone** is a basis of k orthonormal directions; the ablation and retain losses ablate its whole span, the
+addition loss adds members sampled from the cone (non-negative combinations of the basis, normalised). k = 1 is RDO.
+
+Only the basis gets gradients: the model is frozen (``requires_grad`` off on every parameter for the duration, then
+restored) and its weights are never written. The hooks sit where :func:`refdir.core.interventions.ablate` and
+:func:`~refdir.core.interventions.add` put theirs (every block input and attention / MLP write; the input of r's
+layer) and compute the same projection (:func:`~refdir.core.interventions.project_out`), differentiably. Speed:
+logits only at the target positions, the prompts' common template prefix run once per forward pass (its KV cache
+spread over the batch), short targets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from refdir.core.architecture import Architecture, cache_kwarg, cache_of, inspect_model
+from refdir.core.forward import cache_for_rows, common_prefix_len
+from refdir.core.hooks import map_input, map_output, registered
+from refdir.core.interventions import project_out
+from refdir.errors import RefdirError
+
+LOSSES = ("ablation", "addition", "retain")
+IGNORE = -100
+
+
+@dataclass
+class OptimizeConfig:
+    """Settings of one RDO or cone training. ``weights`` are the ablation, addition and retain loss weights (the
+    paper's 1, 0.2, 1); early stopping evaluates the validation loss every ``eval_every`` steps and stops after
+    ``patience`` evaluations without improvement, keeping the best basis."""
+
+    k: int = 1
+    steps: int = 60
+    lr: float = 5e-3
+    weights: tuple[float, float, float] = (1.0, 0.2, 1.0)
+    batch_size: int = 8
+    eval_every: int = 5
+    patience: int = 3
+    members: int = 2  # cone members sampled per step for the addition loss (k > 1)
+    topk: int = 32  # base tokens kept per position for the retain loss
+    seed: int = 0
+
+    def check(self) -> OptimizeConfig:
+        ints = {"k": self.k, "steps": self.steps, "batch size": self.batch_size, "eval every": self.eval_every,
+                "patience": self.patience, "members": self.members, "topk": self.topk}
+        bad = [n for n, v in ints.items() if v < 1]
+        if bad:
+            raise RefdirError(f"{bad[0]} must be at least 1")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise RefdirError(f"the learning rate must be a positive number, not {self.lr}")
+        if len(self.weights) != 3 or any(not math.isfinite(w) or w < 0 for w in self.weights) or not any(self.weights):
+            raise RefdirError(f"the loss weights must be three non-negative numbers, not all zero: {self.weights}")
+        return self
+
+
+@dataclass
+class Examples:
+    """Prompts (token ids of the rendered prompt) with target completions (token ids), and for the retain loss the
+    base model's top-k next-token log-probabilities at each target position (``base_ids`` / ``base_logp`` [T, K],
+    ``base_rest`` [T]: log-probability of every other token)."""
+
+    prompts: list[list[int]]
+    targets: list[list[int]]
+    base_ids: list[torch.Tensor] = field(default_factory=list)
+    base_logp: list[torch.Tensor] = field(default_factory=list)
+    base_rest: list[torch.Tensor] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) != len(self.targets):
+            raise RefdirError("prompts and targets differ in number")
+        keep = [i for i, t in enumerate(self.targets) if t]  # an empty completion has nothing to train on
+        self.prompts = [self.prompts[i] for i in keep]
+        self.targets = [list(self.targets[i]) for i in keep]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class TrainSet:
+    """The three losses' examples: harmful → compliant (ablation), harmless → refusal (addition), harmless → base
+    completion with base distributions (retain)."""
+
+    harmful: Examples
+    refuse: Examples
+    retain: Examples
+
+    def sizes(self) -> dict:
+        return {"harmful": len(self.harmful), "refuse": len(self.refuse), "retain": len(self.retain)}
+
+
+@dataclass
+class Layout:
+    """A batch laid out as ``prefix + pad… + prompt tail + target + pad…``: prompt ends aligned, so the logits at
+    the last ``T + 1`` columns (less the last) predict the targets. ``targets`` [b, T] holds IGNORE at padding."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    targets: torch.Tensor
+
+
+def layout(rows: list[tuple[list[int], list[int]]], k: int, pad: int) -> Layout:
+    """Lay out (prompt ids, target ids) rows after a shared ``k``-token prefix (k = 0: no prefix)."""
+    tails = [p[k:] for p, _ in rows]
+    P, T = max(len(t) for t in tails), max(len(t) for _, t in rows)
+    b = len(rows)
+    ids = torch.full((b, P + T), pad, dtype=torch.long)
+    mask = torch.zeros(b, k + P + T, dtype=torch.long)
+    mask[:, :k] = 1
+    pos = torch.zeros(b, P + T, dtype=torch.long)
+    tgt = torch.full((b, T), IGNORE, dtype=torch.long)
+    for j, (tail, (_, t)) in enumerate(zip(tails, rows, strict=True)):
+        s = P - len(tail)
+        ids[j, s:P] = torch.tensor(tail)
+        ids[j, P:P + len(t)] = torch.tensor(t)
+        mask[j, k + s:k + P + len(t)] = 1
+        pos[j, s:] = torch.arange(k, k + P + T - s)
+        tgt[j, :len(t)] = torch.tensor(t)
+    return Layout(ids, mask, pos, tgt)
+
+
+def orthonormal(basis: torch.Tensor) -> torch.Tensor:
+    """Rows of ``basis`` [k, d] orthonormalized in order (Gram-Schmidt via QR, signs kept), differentiably."""
+    q, r = torch.linalg.qr(basis.T)
+    s = torch.sign(torch.diagonal(r))
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return (q * s).T
+
+
+@dataclass
+class _Edit:
+    """What the training hooks apply on the next forward call: the span to ablate ([k, d]) and the vectors to add
+    per row ([b, d]); None switches either off."""
+
+    span: torch.Tensor | None = None
+    add: torch.Tensor | None = None
+
+
+def _project(edit: _Edit):
+    def fn(x):
+        return x if edit.span is None else project_out(x, edit.span)
+
+    return fn
+
+
+def _shift(edit: _Edit):
+    def fn(x):
+        if edit.add is None:
+            return x
+        return x + edit.add.to(device=x.device, dtype=x.dtype)[:, None, :]
+
+    return fn
+
+
+@contextmanager
+def training_hooks(model: nn.Module, edit: _Edit, layer: int, arch: Architecture | None = None) -> Iterator[None]:
+    """Differentiable ablation (every block input and attention / MLP write) and addition (input of ``layer``)
+    hooks reading ``edit``, at the places :mod:`refdir.core.interventions` uses; removed on exit."""
+    arch = arch or inspect_model(model)
+    if not 0 <= layer < arch.n_layers:
+        raise RefdirError(f"layer {layer} outside 0..{arch.n_layers - 1}")
+    proj = _project(edit)
+    handles = []
+    for bp in arch.blocks:
+        handles.append(bp.block.register_forward_pre_hook(map_input(proj), with_kwargs=True))
+        handles += [m.register_forward_hook(map_output(proj)) for m in (bp.attn_out, bp.mlp_out) if m is not None]
+    handles.append(arch.blocks[layer].block.register_forward_pre_hook(map_input(_shift(edit)), with_kwargs=True))
+    with registered(handles):
+        yield
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[None]:
+    """Switch ``requires_grad`` off on every parameter while open (in eval mode); restore both on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def target_logits(model: nn.Module, rows: list[tuple[list[int], list[int]]], prefix: list[int], pad: int,
+                  edit: _Edit | None = None, plans: torch.Tensor | None = None,
+                  groups: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits at the target positions [b, T, vocab] (float32) and the targets [b, T]. The shared ``prefix`` (may be
+    empty) runs once per plan: with ``plans`` [n, d] (vectors to add, one per plan) row j uses plan ``groups[j]``."""
+    dev = next(model.parameters()).device
+    k = len(prefix)
+    lay = layout(rows, k, pad)
+    extra = {}
+    if k:
+        n = 1 if plans is None else plans.shape[0]
+        if plans is not None:
+            edit.add = plans
+        cache = cache_of(model(input_ids=torch.tensor([prefix] * n, device=dev), use_cache=True, logits_to_keep=1))
+        extra[cache_kwarg(model)] = cache_for_rows(cache, len(rows), None if plans is None else groups, dev)
+    if plans is not None:
+        edit.add = plans[torch.tensor(groups)]
+    T = lay.targets.shape[1]
+    out = model(input_ids=lay.ids.to(dev), attention_mask=lay.mask.to(dev), position_ids=lay.pos.to(dev),
+                use_cache=bool(k), logits_to_keep=T + 1, **extra)
+    return out.logits[:, :-1].float(), lay.targets.to(dev)
+
+
+def ce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the real target tokens."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+
+
+def _pad_stack(ts: list[torch.Tensor], T: int, fill: float) -> torch.Tensor:
+    out = torch.full((len(ts), T, *ts[0].shape[1:]), fill, dtype=ts[0].dtype)
+    for j, t in enumerate(ts):
+        out[j, :t.shape[0]] = t
+    return out
+
+
+def kl_topk(logits: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor,
+            rest: torch.Tensor) -> torch.Tensor:
+    """Mean KL(base ‖ edited) over the real target positions, both distributions coarsened to the base's top-k
+    tokens (``ids`` / ``logp`` [b, T, K]) plus one bucket for every other token (base log-mass ``rest`` [b, T])."""
+    lse = torch.logsumexp(logits, -1)
+    logq = logits.gather(-1, ids) - lse[..., None]
+    # clamped: an empty rest bucket (k = vocab) has log-mass -inf on both sides and contributes 0
+    logq_rest = (torch.logsumexp(logits.scatter(-1, ids, float("-inf")), -1) - lse).clamp(min=-80.0)
+    kl = (logp.exp() * (logp - logq)).sum(-1) + rest.exp() * (rest - logq_rest)
+    valid = targets != IGNORE
+    return kl[valid].mean()
+
+
+@torch.no_grad()
+def add_base_topk(model: nn.Module, ex: Examples, prefix: list[int], pad: int, topk: int,
+                  batch_size: int = 8) -> Examples:
+    """Fill ``ex``'s base distributions (top ``topk`` log-probabilities and the rest's log-mass per target
+    position), from the unedited model."""
+    ex.base_ids, ex.base_logp, ex.base_rest = [], [], []
+    for s in range(0, len(ex), batch_size):
+        rows = list(zip(ex.prompts[s:s + batch_size], ex.targets[s:s + batch_size], strict=True))
+        logits, _ = target_logits(model, rows, prefix, pad)
+        logp = torch.log_softmax(logits, -1)
+        top, ids = logp.topk(min(topk, logp.shape[-1]), -1)
+        rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))
+        for j, (_, t) in enumerate(rows):
+            n = len(t)
+            ex.base_ids.append(ids[j, :n].cpu())
+            ex.base_logp.append(top[j, :n].cpu())
+            ex.base_rest.append(rest[j, :n].cpu())
+    return ex
+
+
+def shared_prefix(sets: list[TrainSet]) -> list[int]:
+    """The token prefix every prompt of ``sets`` shares (each keeping one token of its own); [] if under 2."""
+    rows = [p for s in sets for ex in (s.harmful, s.refuse, s.retain) for p in ex.prompts]
+    k = common_prefix_len(rows) if rows else 0
+    return rows[0][:k] if k >= 2 else []
+
+
+@dataclass
+class Optimized:
+    """A trained basis [k, d] (orthonormal rows; k = 1 for RDO), its loss history and where it was best."""
+
+    basis: torch.Tensor
+    history: list[dict]
+    best_step: int
+    best_val: float
+    stopped_early: bool
+
+
+class Trainer:
+    """Adam on the basis, with early stopping on the validation losses and a resumable state (:meth:`state_dict`).
+
+    ``init`` is [d] or [k, d] (rows orthonormalized), ``layer`` the addition layer, ``scale`` the added vector's
+    norm (the difference-in-means norm times the run's addition coefficient)."""
+
+    def __init__(self, model: nn.Module, pad: int, init: torch.Tensor, layer: int, scale: float, train: TrainSet,
+                 val: TrainSet, cfg: OptimizeConfig):
+        self.model, self.pad, self.layer, self.scale, self.cfg = model, pad, layer, float(scale), cfg.check()
+        self.train, self.val = train, val
+        for name, n in {**train.sizes(), **{f"val {k}": v for k, v in val.sizes().items()}}.items():
+            if n == 0:
+                raise RefdirError(f"no {name} examples to train on (every target completion was empty)")
+        self.arch = inspect_model(model)
+        init = init.detach().float().reshape(-1, init.shape[-1])
+        if init.shape[0] != cfg.k:
+            raise RefdirError(f"the initial basis has {init.shape[0]} rows, not k = {cfg.k}")
+        dev = next(model.parameters()).device
+        self.param = nn.Parameter(orthonormal(init).to(dev))
+        self.opt = torch.optim.Adam([self.param], lr=cfg.lr)
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.prefix = shared_prefix([train, val])
+        self.edit = _Edit()
+        self.step_i, self.bad_evals, self.done = 0, 0, False
+        self.history: list[dict] = []
+        self.best: dict = {"step": 0, "val": float("inf"), "basis": self.param.detach().clone()}
+
+    def basis(self) -> torch.Tensor:
+        return orthonormal(self.param)
+
+    def _draw(self, n: int) -> list[int]:
+        return torch.randperm(n, generator=self.gen)[:self.cfg.batch_size].tolist()
+
+    def losses(self, data: TrainSet, hi: list[int], ai: list[int], ri: list[int], mix: torch.Tensor) -> dict:
+        """The losses (tensors) on the given rows: harmful ``hi`` and retain ``ri`` with the span ablated (one
+        forward pass), refusal ``ai`` with cone members added (one pass, rows spread over the members). ``mix``
+        [n, k] holds the members' non-negative weights on the basis; members stay differentiable in the basis."""
+        q, (wa, wd, wr) = self.basis(), self.cfg.weights
+        hi, ai, ri = (hi if wa else []), (ai if wd else []), (ri if wr else [])
+        out = {}
+        if hi or ri:
+            rows = [(data.harmful.prompts[i], data.harmful.targets[i]) for i in hi]
+            rrows = [(data.retain.prompts[i], data.retain.targets[i]) for i in ri]
+            self.edit.span, self.edit.add = q, None
+            logits, tgt = target_logits(self.model, rows + rrows, self.prefix, self.pad, self.edit)
+            if hi:
+                out["ablation"] = ce_loss(logits[:len(rows)], tgt[:len(rows)])
+            if ri:
+                T, r = logits.shape[1], data.retain
+                out["retain"] = kl_topk(logits[len(rows):], tgt[len(rows):], *(
+                    _pad_stack([getattr(r, a)[i] for i in ri], T, f).to(logits.device)
+                    for a, f in (("base_ids", 0), ("base_logp", 0.0), ("base_rest", 0.0))))
+        if ai:
+            rows = [(data.refuse.prompts[i], data.refuse.targets[i]) for i in ai]
+            members = mix.to(q) @ q
+            members = members / members.norm(dim=-1, keepdim=True)
+            self.edit.span = None
+            groups = [j % members.shape[0] for j in range(len(rows))]
+            logits, tgt = target_logits(self.model, rows, self.prefix, self.pad, self.edit,
+                                        plans=members * self.scale, groups=groups)
+            out["addition"] = ce_loss(logits, tgt)
+        self.edit.span = self.edit.add = None
+        return out
+
+    def total(self, parts: dict) -> torch.Tensor:
+        return sum(w * parts[n] for n, w in zip(LOSSES, self.cfg.weights, strict=True) if w and n in parts)
+
+    def _mix(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        """Weights of ``n`` cone members on the basis (|N(0, 1)|; the basis vector itself when k = 1)."""
+        return torch.ones(1, 1) if self.cfg.k == 1 else torch.randn(n, self.cfg.k, generator=gen).abs()
+
+    def step(self) -> dict:
+        """One Adam step on a random batch of each loss; the parameter is re-orthonormalized after it."""
+        t = self.train
+        hi, ai, ri = self._draw(len(t.harmful)), self._draw(len(t.refuse)), self._draw(len(t.retain))
+        mix = self._mix(self.cfg.members, self.gen)
+        self.opt.zero_grad(set_to_none=True)
+        parts = self.losses(t, hi, ai, ri, mix)
+        loss = self.total(parts)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            self.param.copy_(orthonormal(self.param))
+        self.step_i += 1
+        return {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The losses on the whole validation set (fixed cone members), in batches, weighted by batch rows."""
+        v, bs = self.val, self.cfg.batch_size
+        mix = self._mix(max(self.cfg.members, 4), torch.Generator().manual_seed(self.cfg.seed + 1))
+        sums: dict[str, float] = {}
+        for s in range(0, max(v.sizes().values()), bs):
+            idx = [list(range(s, min(s + bs, len(ex)))) for ex in (v.harmful, v.refuse, v.retain)]
+            for name, x in self.losses(v, *idx, mix).items():
+                sums[name] = sums.get(name, 0.0) + float(x) * len(idx[LOSSES.index(name)])
+        counts = dict(zip(LOSSES, (len(v.harmful), len(v.refuse), len(v.retain)), strict=True))
+        out = {k: x / counts[k] for k, x in sums.items()}
+        out["loss"] = float(self.total(out))
+        return out
+
+    def run(self, on_checkpoint: Callable[[Trainer], None] | None = None, progress: bool = True) -> Optimized:
+        """Train until ``steps`` or early stopping; ``on_checkpoint(self)`` after every validation (for saving).
+        Resumes from wherever :meth:`load_state_dict` left the trainer."""
+        with frozen(self.model), training_hooks(self.model, self.edit, self.layer, self.arch):
+            if not self.history:
+                self._validate(on_checkpoint)
+            bar = tqdm(total=self.cfg.steps, initial=self.step_i, desc=f"optimize k={self.cfg.k}",
+                       disable=not progress, leave=False)
+            while not self.done and self.step_i < self.cfg.steps:
+                rec = self.step()
+                self.history.append({"step": self.step_i, "split": "train", **rec})
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}")
+                if self.step_i % self.cfg.eval_every == 0 or self.step_i == self.cfg.steps:
+                    self._validate(on_checkpoint)
+            bar.close()
+        return Optimized(self.best["basis"].cpu(), self.history, self.best["step"], self.best["val"],
+                         self.done and self.step_i < self.cfg.steps)
+
+    def _validate(self, on_checkpoint) -> None:
+        rec = self.evaluate()
+        self.history.append({"step": self.step_i, "split": "val", **rec})
+        if rec["loss"] < self.best["val"]:
+            self.best = {"step": self.step_i, "val": rec["loss"], "basis": self.basis().detach().clone()}
+            self.bad_evals = 0
+        else:
+            self.bad_evals += 1
+            self.done = self.bad_evals >= self.cfg.patience
+        if on_checkpoint is not None:
+            on_checkpoint(self)
+
+    def state_dict(self) -> dict:
+        return {"param": self.param.detach().cpu().clone(), "adam": self.opt.state_dict(), "step": self.step_i,
+                "bad_evals": self.bad_evals, "done": self.done, "history": self.history,
+                "best_step": self.best["step"], "best_val": self.best["val"], "best_basis": self.best["basis"].cpu(),
+                "rng": self.gen.get_state()}
+
+    def load_state_dict(self, s: dict) -> Trainer:
+        if tuple(s["param"].shape) != tuple(self.param.shape):
+            raise RefdirError(f"the checkpoint holds a basis of shape {tuple(s['param'].shape)}, not "
+                              f"{tuple(self.param.shape)}")
+        with torch.no_grad():
+            self.param.copy_(s["param"].to(self.param.device))
+        self.opt.load_state_dict(s["adam"])
+        self.step_i, self.bad_evals, self.done = int(s["step"]), int(s["bad_evals"]), bool(s["done"])
+        self.history = list(s["history"])
+        self.best = {"step": int(s["best_step"]), "val": float(s["best_val"]),
+                     "basis": s["best_basis"].to(self.param.device)}
+        self.gen.set_state(s["rng"])
+        return self

@@ -1,0 +1,402 @@
+"""`refdir optimize`: an optimized refusal direction (RDO) or a refusal cone trained on a finished run.
+
+Reads the run's model settings, filtered train / val prompts, refusal tokens, selected difference-in-means
+direction and addition coefficient. Targets are generated once, greedy and short, and cached in the run's optimize
+directory: compliant completions of the harmful prompts with the difference-in-means direction ablated, refusal
+completions of the harmless prompts with it added (times the run's coefficient), and the base completions of the
+harmless prompts with the base model's top-k distributions. Training checkpoints (basis, Adam state, step, history,
+random state) are written atomically after every validation, so an interrupted command resumes where it stopped.
+A cone of dimension K is trained for k = 1..K (each warm-started from the k − 1 one); every k's sampled members are
+scored (bypass: refusal metric on harmful val with the member ablated; induce: on harmless val with it added) and
+the cone dimension is the largest k whose members all still mediate refusal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from refdir.analysis.independence import independence
+from refdir.core.directions import Direction, Subspace
+from refdir.core.forward import last_logits
+from refdir.core.generation import generate
+from refdir.core.html import figure_html, plt, table_html
+from refdir.core.interventions import ablate, add
+from refdir.core.io import atomic_file, atomic_write_json, check_file_target
+from refdir.core.rundir import RunDir
+from refdir.errors import RefdirError
+from refdir.method.optimize import (
+    LOSSES,
+    Examples,
+    OptimizeConfig,
+    Optimized,
+    Trainer,
+    TrainSet,
+    add_base_topk,
+    orthonormal,
+    shared_prefix,
+)
+from refdir.method.scoring import refusal_metric_from_logits
+from refdir.workflows.report import add_section
+
+METHODS = ("rdo", "cone")
+
+
+@dataclass
+class OptimizeSettings:
+    """What ``refdir optimize`` trains: the method, the cone dimension K, the training settings (see
+    :class:`refdir.method.optimize.OptimizeConfig`), the target length, how many filtered train / val prompts of
+    each kind it uses, how many cone members the analysis scores per k, and where the result goes. The defaults
+    keep RDO on the default 0.5B model within minutes on a 2-core CPU (16-token targets, 4 prompts per loss per
+    step, 8 steps with early stopping); raise ``steps`` and ``batch_size`` where time allows."""
+
+    method: str = "rdo"
+    k: int = 1
+    steps: int = 8
+    lr: float = 5e-3
+    weights: tuple[float, float, float] = (1.0, 0.2, 1.0)
+    batch_size: int = 4
+    target_tokens: int = 16
+    n_train: int = 16
+    n_val: int = 4
+    eval_every: int = 4
+    patience: int = 2
+    members: int = 2
+    samples: int = 8
+    seed: int = 0
+    independence: bool = True
+    out: Path | None = None
+    force: bool = False
+
+    def check(self) -> OptimizeSettings:
+        if self.method not in METHODS:
+            raise RefdirError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.method == "rdo" and self.k != 1:
+            raise RefdirError("--k is the cone dimension: use it with --method cone (RDO trains one direction)")
+        for name in ("target_tokens", "n_train", "n_val", "samples"):
+            if getattr(self, name) < 1:
+                raise RefdirError(f"--{name.replace('_', '-')} must be at least 1")
+        self.config(self.k)
+        return self
+
+    def config(self, k: int) -> OptimizeConfig:
+        return OptimizeConfig(k=k, steps=self.steps, lr=self.lr, weights=tuple(self.weights),
+                              batch_size=self.batch_size, eval_every=self.eval_every, patience=self.patience,
+                              members=self.members, seed=self.seed).check()
+
+    def out_path(self, rd: RunDir) -> Path:
+        name = "rdo" if self.method == "rdo" else f"cone_k{self.k}"
+        return (self.out or rd.optimize_dir() / name).with_suffix(".safetensors")
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _tensor_key(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+@dataclass
+class Context:
+    """A finished run opened for optimization: its directory, model, prompts and direction."""
+
+    rd: RunDir
+    lm: object
+    fmt: object
+    direction: Direction
+    coeff: float
+    refusal_ids: list[int]
+    prompts: dict = field(default_factory=dict)  # {"harmful"|"harmless": {"train"|"val": [...]}}
+    rel_frac: float = 0.5
+
+    @property
+    def model(self):
+        return self.lm.model
+
+    @property
+    def pad(self) -> int:
+        return self.lm.tokenizer.pad_token_id
+
+    @property
+    def scale(self) -> float:
+        """The norm of the added vector: the difference-in-means norm times the run's addition coefficient."""
+        return float(self.direction.vector.norm()) * self.coeff
+
+
+def open_context(run_dir: str | Path, s: OptimizeSettings, model: dict | None = None) -> Context:
+    """Read the run (refused before the model loads when it is unusable), then load its model."""
+    rd = RunDir.open_finished(run_dir)
+    spec = rd.model_spec(model)
+    spec.check()
+    cfg = rd.config()
+    filt = rd.filtered()
+    prompts = {kind: {"train": filt["train"][kind][:s.n_train], "val": filt["val"][kind][:s.n_val]}
+               for kind in ("harmful", "harmless")}
+    empty = [f"{k} {sp}" for k, v in prompts.items() for sp, p in v.items() if not p]
+    if empty:
+        raise RefdirError(f"the run's filtered sets have no {empty[0]} prompts to optimize on")
+    lm, fmt = spec.load()
+    d = rd.direction()
+    d_model = lm.model.config.get_text_config().hidden_size
+    if d.d_model != d_model:
+        raise RefdirError(f"the run's direction has size {d.d_model} but the model has {d_model}")
+    coeff = (rd.coeff() or {}).get("coeff") or 1.0
+    return Context(rd, lm, fmt, d, float(coeff), rd.refusal_ids(), prompts, float(cfg.get("induce_rel_frac", 0.5)))
+
+
+# ------------------------------------------------------------------------------------------------ targets
+def make_targets(ctx: Context, n_tokens: int, batch_size: int, progress: bool) -> dict[str, list[list[int]]]:
+    """Greedy target completions (token ids, EOS cut): compliant (harmful, d ablated), refusal (harmless, d·coeff
+    added), base (harmless, unedited); train prompts first, then val."""
+    m, d = ctx.model, ctx.direction
+    harmful = ctx.prompts["harmful"]["train"] + ctx.prompts["harmful"]["val"]
+    harmless = ctx.prompts["harmless"]["train"] + ctx.prompts["harmless"]["val"]
+
+    def gen(prompts, desc):
+        out = generate(m, ctx.fmt, prompts, max_new_tokens=n_tokens, batch_size=batch_size, progress=progress,
+                       desc=desc, return_ids=True, shared_prefix=True)
+        return [ids for _, ids in out]
+
+    with ablate(m, d.vector):
+        compliant = gen(harmful, "targets: compliant")
+    with add(m, d.vector, d.layer, ctx.coeff):
+        refusal = gen(harmless, "targets: refusal")
+    return {"compliant": compliant, "refusal": refusal, "base": gen(harmless, "targets: base")}
+
+
+def cached_targets(ctx: Context, s: OptimizeSettings, progress: bool) -> tuple[dict, str]:
+    """The targets, from the optimize directory when generated before with the same inputs; else generated and
+    saved. Returns them with their key."""
+    key = _key({"model": ctx.rd.config().get("model"), "direction": _tensor_key(ctx.direction.vector),
+                "layer": ctx.direction.layer, "coeff": ctx.coeff, "prompts": ctx.prompts, "n": s.target_tokens})
+    f = ctx.rd.optimize_dir() / "targets.json"
+    if f.exists():
+        rec = json.loads(f.read_text())
+        if rec.get("key") == key:
+            return rec["targets"], key
+    targets = make_targets(ctx, s.target_tokens, max(s.batch_size, 16), progress)
+    atomic_write_json(f, {"key": key, "prompts": ctx.prompts, "targets": targets})
+    return targets, key
+
+
+def train_sets(ctx: Context, targets: dict, key: str, topk: int) -> tuple[TrainSet, TrainSet, list[int]]:
+    """The train and val sets with the retain set's base distributions (cached next to the targets)."""
+    ids = {k: [ctx.fmt.prompt_ids(p) for sp in ("train", "val") for p in ctx.prompts[k][sp]]
+           for k in ("harmful", "harmless")}
+    nh, nl = len(ctx.prompts["harmful"]["train"]), len(ctx.prompts["harmless"]["train"])
+
+    def part(h, lo):
+        return TrainSet(Examples(ids["harmful"][h], targets["compliant"][h]),
+                        Examples(ids["harmless"][lo], targets["refusal"][lo]),
+                        Examples(ids["harmless"][lo], targets["base"][lo]))
+
+    train, val = part(slice(0, nh), slice(0, nl)), part(slice(nh, None), slice(nl, None))
+    prefix = shared_prefix([train, val])
+    f = ctx.rd.optimize_dir() / "base_topk.pt"
+    rec = torch.load(f, weights_only=True) if f.exists() else {}
+    if rec.get("key") == key and rec.get("topk") == topk:
+        for name, ts in (("train", train), ("val", val)):
+            ts.retain.base_ids, ts.retain.base_logp, ts.retain.base_rest = rec[name]
+    else:
+        with torch.no_grad():
+            for ts in (train, val):
+                add_base_topk(ctx.model, ts.retain, prefix, ctx.pad, topk)
+        with atomic_file(f) as tmp:
+            torch.save({"key": key, "topk": topk, **{n: (t.retain.base_ids, t.retain.base_logp, t.retain.base_rest)
+                                                      for n, t in (("train", train), ("val", val))}}, tmp)
+    return train, val, prefix
+
+
+# ------------------------------------------------------------------------------------------------ training
+def train_k(ctx: Context, s: OptimizeSettings, k: int, init: torch.Tensor, sets: tuple[TrainSet, TrainSet],
+            targets_key: str, progress: bool) -> Optimized:
+    """Train (or resume, or read back) the k-dim basis from ``init``; checkpointed after every validation."""
+    cfg = s.config(k)
+    seq = max(len(p) + len(t) for ts in sets for ex in (ts.harmful, ts.refuse, ts.retain)
+              for p, t in zip(ex.prompts, ex.targets, strict=True))
+    cfg.batch_size = fit_batch_size(ctx.model, 2 * seq, cfg.batch_size)  # the ablation pass holds two sets
+    tr = Trainer(ctx.model, ctx.pad, init, ctx.direction.layer, ctx.scale, sets[0], sets[1], cfg)
+    key = _key({"cfg": asdict(s.config(k)), "targets": targets_key, "init": _tensor_key(init), "scale": ctx.scale})
+    f = ctx.rd.optimize_dir() / f"{s.method}_k{k}.pt"
+    if f.exists():
+        rec = torch.load(f, weights_only=True)
+        if rec.get("key") == key:
+            tr.load_state_dict(rec["trainer"])
+
+    def save(t: Trainer) -> None:
+        with atomic_file(f) as tmp:
+            torch.save({"key": key, "trainer": t.state_dict()}, tmp)
+
+    res = tr.run(on_checkpoint=save, progress=progress)
+    save(tr)
+    return res
+
+
+def fit_batch_size(model, seq_len: int, requested: int, budget: float = 0.25) -> int:
+    """``requested`` rows, fewer where one training batch (activations kept for the backward pass and float32
+    logits at ``seq_len`` positions) would take more than ``budget`` of the memory available now."""
+    c = model.config.get_text_config()
+    d, n_layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    inter = getattr(c, "intermediate_size", None) or 4 * d
+    per_row = seq_len * (n_layers * (12 * d + 3 * inter) * next(model.parameters()).element_size() + 3 * vocab * 4)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: trust the request
+        return requested
+    return max(1, min(requested, int(budget * avail // per_row)))
+
+
+def grow(basis: torch.Tensor, seed: int) -> torch.Tensor:
+    """``basis`` [k, d] with one more row, random and orthogonal to it (the warm start of the k + 1 cone)."""
+    g = torch.Generator().manual_seed(seed)
+    return orthonormal(torch.cat([basis, torch.randn(1, basis.shape[1], generator=g)]))
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+def mean_metric(ctx: Context, prompts: list[str], batch_size: int = 16) -> float:
+    logits = last_logits(ctx.model, ctx.fmt, prompts, batch_size, shared_prefix=True)
+    return float(refusal_metric_from_logits(logits, ctx.refusal_ids).mean())
+
+
+def cone_scores(ctx: Context, basis: torch.Tensor, n: int, seed: int, base: dict) -> dict:
+    """Bypass / induce of ``n`` members sampled from the cone (the basis vector itself for k = 1) and the bypass of
+    the whole span, on the run's val prompts; a member mediates refusal when its ablation removes and its addition
+    adds at least ``rel_frac`` of the gap between the harmful and harmless baselines."""
+    harmful, harmless = ctx.prompts["harmful"]["val"], ctx.prompts["harmless"]["val"]
+    k = basis.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.ones(1, 1) if k == 1 else torch.randn(n, k, generator=g).abs()
+    members = torch.nn.functional.normalize(mix @ basis, dim=-1)
+    with ablate(ctx.model, basis):
+        span = mean_metric(ctx, harmful)
+    gap = base["harmful"] - base["harmless"]
+    rows = []
+    for m in members:
+        with ablate(ctx.model, m):
+            by = mean_metric(ctx, harmful)
+        with add(ctx.model, m * ctx.scale, ctx.direction.layer):
+            ind = mean_metric(ctx, harmless)
+        rows.append({"bypass": by, "induce": ind, "mediates": bool(by <= base["harmful"] - ctx.rel_frac * gap
+                                                                   and ind >= base["harmless"] + ctx.rel_frac * gap)})
+    return {"span_bypass": span, "members": rows, "all_mediate": all(r["mediates"] for r in rows)}
+
+
+# ------------------------------------------------------------------------------------------------ the command
+def optimize_run(run_dir: str | Path, s: OptimizeSettings, model: dict | None = None, progress: bool = True) -> dict:
+    """Train RDO or a cone on a finished run; write the Direction / Subspace file, ``optimize/{method}_summary.json`` and a
+    report section. Returns the summary."""
+    s.check()
+    out = s.out_path(RunDir(run_dir))
+    if s.out is not None:
+        check_file_target(out, s.force)
+    ctx = open_context(run_dir, s, model)
+    with ctx.rd.lock():
+        return _optimize(ctx, s, out, progress)
+
+
+def _optimize(ctx: Context, s: OptimizeSettings, out: Path, progress: bool) -> dict:
+    t0 = time.perf_counter()
+    targets, tkey = cached_targets(ctx, s, progress)
+    train, val, _ = train_sets(ctx, targets, tkey, s.config(1).topk)
+    t_targets = time.perf_counter() - t0
+    base = {"harmful": mean_metric(ctx, ctx.prompts["harmful"]["val"]),
+            "harmless": mean_metric(ctx, ctx.prompts["harmless"]["val"])}
+    d_hat = ctx.direction.unit()[None]
+    per_k, basis, t_opt = [], d_hat, 0.0
+    for k in range(1, s.k + 1):
+        init = basis if k == 1 else grow(basis, s.seed + k)
+        t1 = time.perf_counter()
+        res = train_k(ctx, s, k, init, (train, val), tkey, progress)
+        t_opt += time.perf_counter() - t1
+        basis = res.basis.float()
+        per_k.append({"k": k, "best_step": res.best_step, "best_val": res.best_val, "stopped_early": res.stopped_early,
+                      "history": res.history, "scores": cone_scores(ctx, basis, s.samples, s.seed, base)})
+    dim = 0
+    while dim < len(per_k) and per_k[dim]["scores"]["all_mediate"]:
+        dim += 1
+    summary = {"method": s.method, "settings": {k: v for k, v in asdict(s).items() if k not in ("out", "force")},
+               "out": str(out), "baseline": base, "dim_scores": cone_scores(ctx, d_hat, 1, s.seed, base),
+               "coeff": ctx.coeff, "scale": ctx.scale, "per_k": per_k, "cone_dimension": dim,
+               "cos_with_dim": float((basis @ d_hat[0]).abs().max()),
+               "seconds": {"targets": t_targets, "optimization": t_opt},
+               "n": {"train": train.sizes(), "val": val.sizes()}}
+    if s.method == "rdo" and s.independence and summary["cos_with_dim"] > 1 - 1e-4:
+        summary["independence"] = None  # training kept the difference-in-means direction: nothing to compare
+    elif s.method == "rdo" and s.independence:
+        ind = independence(ctx.model, ctx.fmt, ctx.prompts["harmful"]["val"], basis[0], d_hat[0],
+                           from_layer=ctx.direction.layer, progress=progress)
+        summary["independence"] = ind.summary()
+    _write(ctx, s, out, basis, summary)
+    return summary
+
+
+def _write(ctx: Context, s: OptimizeSettings, out: Path, basis: torch.Tensor, summary: dict) -> None:
+    d = ctx.direction
+    meta = {"source": s.method, "init": "difference-in-means", "settings": summary["settings"],
+            "scale": ctx.scale, "cone_dimension": summary["cone_dimension"]}
+    if s.method == "rdo":  # scaled to the difference-in-means norm, so the run's coefficient keeps its meaning
+        Direction(basis[0] * d.vector.norm(), d.layer, d.position, d.model_id, "raw", meta).save(out)
+    else:
+        Subspace(basis, d.layer, d.position, d.model_id, meta).save(out)
+    atomic_write_json(ctx.rd.optimize_dir() / f"{s.method}_summary.json", summary)
+    add_section(ctx.rd.path, f"optimize_{s.method}", report_html(summary),
+                "Optimized refusal direction (RDO)" if s.method == "rdo" else "Refusal cone")
+
+
+def plot_losses(per_k: list[dict]):
+    """Train (lines) and validation (dots) losses against the step, one panel per loss, one colour per k."""
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ci, rec in enumerate(per_k):
+        col = colors[ci % len(colors)]
+        for ax, name in zip(axes, ("loss", *LOSSES), strict=True):
+            for split, style in (("train", "-"), ("val", "o")):
+                pts = [(h["step"], h[name]) for h in rec["history"] if h["split"] == split and name in h]
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, color=col, ms=4, lw=1,
+                            label=f"k={rec['k']} {split}" if name == "loss" else None)
+            ax.set_title("total (weighted)" if name == "loss" else name, fontsize=9)
+            ax.set_xlabel("step")
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def report_html(summary: dict) -> str:
+    """The report section: settings, loss curves, and per k the scores of the sampled members."""
+    b, set_ = summary["baseline"], summary["settings"]
+    rows = []
+    for rec in summary["per_k"]:
+        sc = rec["scores"]
+        by = [m["bypass"] for m in sc["members"]]
+        ind = [m["induce"] for m in sc["members"]]
+        rows.append([rec["k"], rec["best_step"], f"{rec['best_val']:.4f}", f"{sc['span_bypass']:.2f}",
+                     f"{max(by):.2f} / {sum(by) / len(by):.2f}", f"{min(ind):.2f} / {sum(ind) / len(ind):.2f}",
+                     f"{sum(m['mediates'] for m in sc['members'])}/{len(by)}"])
+    ds = summary["dim_scores"]["members"][0]
+    text = (f"<p>Trained from the difference-in-means direction with weights ablation / addition / retain "
+            f"{tuple(set_['weights'])}, lr {set_['lr']}, up to {set_['steps']} steps, batch {set_['batch_size']}, "
+            f"{set_['target_tokens']}-token targets; added vector norm {summary['scale']:.2f}. Refusal metric "
+            f"baselines on val: harmful {b['harmful']:.2f}, harmless {b['harmless']:.2f}; the difference-in-means "
+            f"direction: bypass {ds['bypass']:.2f}, induce {ds['induce']:.2f}. A member mediates refusal when its "
+            f"ablation removes and its addition adds at least half the gap. Targets {summary['seconds']['targets']:.0f} s, "
+            f"optimization {summary['seconds']['optimization']:.0f} s.</p>")
+    if summary["method"] == "cone":
+        text += f"<p><b>Cone dimension: {summary['cone_dimension']}</b> (the largest k whose members all mediate).</p>"
+    html = text + figure_html(plot_losses(summary["per_k"])) + table_html(
+        rows, ["k", "best step", "val loss", "span bypass", "member bypass max / mean", "member induce min / mean",
+               "members mediating"])
+    ind = summary.get("independence")
+    if ind:
+        html += (f"<p>Representational independence (trained direction orthogonalized against the difference in "
+                 f"means, cos before {ind['cos_r_d']:.3f}; harmful val, last position, layers ≥ {ind['from_layer']}): "
+                 f"ablating d̂ changes r⊥'s expression by {ind['r_change_under_d_ablation']:.1%}, ablating r⊥ changes "
+                 f"d̂'s by {ind['d_change_under_r_ablation']:.1%} → "
+                 f"{'independent' if ind['independent'] else 'not independent'} (threshold {ind['threshold']:.0%}).</p>")
+    return html

@@ -83,3 +83,26 @@ def test_qwen_direction_at_sixty_percent_depth_mediates_refusal(real_model):
         abl = refusal_metric(model, fmt, val, ids).mean()
     print(f"layer {layer}/{L}: mean pair cosine {cos.mean():.3f}; metric {base:.2f} -> {abl:.2f}")
     assert base - abl >= 3.0, (float(base), float(abl))
+
+
+@pytest.mark.slow
+def test_qwen_run_with_the_search_end_to_end(tmp_path):
+    """`refdir run default` with the search stage on small settings: a choice under the KL target on the
+    calibration prompts, a test table, a GGUF written from the embedded GGUF, and weights equal to the hooks."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from refdir.cli.main import app
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["run", "default", "--out", str(out), "--n-train", "24", "--n-val", "12",
+                                 "--n-test", "6", "--max-new-tokens", "24", "--budget", "20", "--batch-size", "16"])
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "summary.json").read_text())
+    assert s["method"] == "search" and s["search"]["spent_s"] <= 20 * 1.1 + 60  # warm starts always run
+    sc = s["test"]["scores"]
+    # the chosen edit refuses less than the base model on the test prompts, and the checkpoint is the edit
+    assert sc["chosen/test/harmful"]["refusal"] <= sc["base/test/harmful"]["refusal"]
+    assert s["checkpoint"]["verified"]["top1_agree"] >= 0.9
+    assert (out / "checkpoint" / "model.gguf").stat().st_size > 100e6

@@ -52,12 +52,13 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
     assert c["kl_target"] == 0.05 and Edit.from_dict(c["edit"])  # a real edit of the study
     sc = s["test"]["scores"]
     # every arm on both sets' harmful prompts; harmless refusal for base and chosen; KL for the edited arms
+    # the chosen edit on both sets; the base model and the plain direction where the headline is (held out)
     for name, n_h, n_b in (("test", 4, 4), ("heldout", 3, 4)):
-        for arm in ("base", "plain", "chosen"):
-            assert sc[f"{arm}/{name}/harmful"]["n"] == n_h
-        for arm in ("base", "chosen"):
-            assert sc[f"{arm}/{name}/harmless"]["n"] == n_b
+        assert sc[f"chosen/{name}/harmful"]["n"] == n_h and sc[f"chosen/{name}/harmless"]["n"] == n_b
         assert s["test"]["kl"][f"chosen/{name}"] >= 0
+    assert sc["base/heldout/harmful"]["n"] == 3 and sc["base/heldout/harmless"]["n"] == 4
+    assert sc["plain/heldout/harmful"]["n"] == 3
+    assert not any(k in sc for k in ("plain/test/harmful", "base/test/harmful", "base/test/harmless"))
     assert s["test"]["relation"]["test"].startswith("in-distribution")
     assert s["test"]["relation"]["heldout"].startswith("cross-source")
     v = s["checkpoint"]["verified"]

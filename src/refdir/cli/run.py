@@ -60,7 +60,7 @@ def run(
                                          "(default: 40 with the search, 32 with --method paper)"),
     method: str = typer.Option("search", help="search: selection, then a Pareto search over edits within --budget "
                                               "and the point for --kl-target; paper: the paper's single direction"),
-    budget: float = typer.Option(90.0, help="seconds of search trials (refinement included); rerunning with a "
+    budget: float = typer.Option(60.0, help="seconds of search trials (refinement included); rerunning with a "
                                             "bigger budget extends the search"),
     kl_target: float = typer.Option(0.05, help="first-token KL on harmless prompts the chosen edit stays under"),
     n_test: int = typer.Option(None, help="test prompts per set (default: all of the test split)"),
@@ -76,7 +76,8 @@ def run(
     exhaustive: bool = typer.Option(False, help="fully score every candidate (default: screen, then score the "
                                                 "top-k)"),
     top_k: int = typer.Option(12, help="finalists fully scored after screening"),
-    max_new_tokens: int = typer.Option(128),
+    max_new_tokens: int = typer.Option(None, help="new tokens per harmful test prompt (default: 64 with the search, "
+                                                  "128 with --method paper)"),
     gen_batch_size: int = typer.Option(None, help="rows per generation batch (default: 200 with the search, which "
                                                   "generates every arm in one batch; 40 with --method paper)"),
     judge: str = typer.Option("broad", help="refusal judge for the headline: broad, paper or wide"),
@@ -94,7 +95,7 @@ def run(
     cfg = RunConfig(model=spec, data=data, method=method, budget=budget, kl_target=kl_target, filter_train=filter_train,
                     refusal_tokens=refusal_tokens.split(",") if refusal_tokens else None, batch_size=batch_size,
                     kl_max=kl_max, max_layer_frac=max_layer_frac, induce_rule=induce_rule, exhaustive=exhaustive,
-                    top_k=top_k, max_new_tokens=max_new_tokens,
+                    top_k=top_k, max_new_tokens=max_new_tokens or (64 if method == "search" else 128),
                     gen_batch_size=gen_batch_size or (200 if method == "search" else 40), judge=judge, save_checkpoint=save_checkpoint)
     refs = load_reference(reference) if reference else None
     summary = run_pipeline(cfg, out, force=force, reference=refs)

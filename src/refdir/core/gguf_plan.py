@@ -30,16 +30,33 @@ from refdir.errors import RefdirError
 _COMPONENT = {"attn_output": "attn", "ffn_down": "mlp", "ffn_down_exps": "mlp", "ffn_down_shexp": "mlp"}
 
 
+ROWS = 8192  # vectors edited (and rows quantized) at a time: float64 work on a 151k-row embedding stays small
+
+
 def edit_rows(x: np.ndarray, r: np.ndarray, s: float, keep_norm: bool, axis: int) -> np.ndarray:
-    """``x`` with its vectors along ``axis`` losing ``s`` of their r̂ part (float64 maths, float32 out); with
-    ``keep_norm`` each vector is rescaled to its original norm (the ``norm`` variant)."""
-    xm = np.moveaxis(x.astype(np.float64), axis, -1)
-    y = xm - s * (xm @ r)[..., None] * r
-    if keep_norm:
-        n0 = np.linalg.norm(xm, axis=-1, keepdims=True)
-        n1 = np.linalg.norm(y, axis=-1, keepdims=True)
-        y = np.where(n1 > 0, y * (n0 / np.maximum(n1, 1e-300)), y)
-    return np.moveaxis(y, -1, axis).astype(np.float32)
+    """``x`` with its vectors along ``axis`` losing ``s`` of their r̂ part (float64 maths in blocks of ``ROWS``
+    vectors, float32 out); with ``keep_norm`` each vector is rescaled to its original norm (the ``norm`` variant)."""
+    xm = np.moveaxis(x, axis, -1)
+    flat = xm.reshape(-1, xm.shape[-1])
+    out = np.empty(flat.shape, dtype=np.float32)
+    for i in range(0, flat.shape[0], ROWS):
+        v = flat[i:i + ROWS].astype(np.float64)
+        y = v - s * (v @ r)[:, None] * r
+        if keep_norm:
+            n0 = np.linalg.norm(v, axis=-1, keepdims=True)
+            n1 = np.linalg.norm(y, axis=-1, keepdims=True)
+            y = np.where(n1 > 0, y * (n0 / np.maximum(n1, 1e-300)), y)
+        out[i:i + ROWS] = y
+    return np.moveaxis(out.reshape(xm.shape), -1, axis)
+
+
+def requantize(x: np.ndarray, qtype):
+    """:func:`refdir.core.gguf_edit._requantize`, a block of rows at a time for a 2-D tensor (quantization works
+    per row, so the bytes are the same; the temporaries stay small)."""
+    if x.ndim != 2 or x.shape[0] <= ROWS:
+        return _requantize(x, qtype)
+    parts = [_requantize(np.ascontiguousarray(x[i:i + ROWS]), qtype) for i in range(0, x.shape[0], ROWS)]
+    return np.concatenate([p[0] for p in parts], axis=0), parts[0][1]
 
 
 def _target(name: str, plan: Plan, n_layers: int) -> tuple[np.ndarray, float, bool] | None:
@@ -105,7 +122,7 @@ def export_gguf_plan(src: str | Path, plan: Plan, out: str | Path, *, force: boo
                     if x.shape[axis] != d:
                         raise RefdirError(f"{t.name} has shape {x.shape}; expected {d} outputs")
                     y = edit_rows(x, r, s, keep, axis)
-                y, new_t = _requantize(y, qtype)
+                y, new_t = requantize(y, qtype)
                 if new_t != qtype:
                     changed[t.name] = f"{qtype.name} -> {new_t.name}"
                 if new_t in (Q.F32, Q.F16):
@@ -129,4 +146,4 @@ def plan_to_cpu(plan: Plan) -> Plan:
                 plan.strengths, plan.variants, plan.embedding)
 
 
-__all__ = ["edit_rows", "export_gguf_plan", "plan_to_cpu"]
+__all__ = ["edit_rows", "export_gguf_plan", "plan_to_cpu", "requantize"]

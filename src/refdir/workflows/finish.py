@@ -3,7 +3,8 @@ edit beside the base model and the plain direction, and the chosen edit written 
 
 Test sets: the run's test split (carved from the same sources as train/val: *in-distribution*) and, when given,
 the held-out sets (``--heldout-harmful`` / ``--heldout-harmless``: another source, never used to build or choose
-the edit: *cross-source*). Harmful prompts are generated for every arm (``--max-new-tokens``); harmless prompts for
+the edit: *cross-source*), which are then the headline. Harmful prompts are generated for the base model and the
+chosen edit on every set, and for the plain direction on the headline set (``--max-new-tokens``); harmless prompts for
 the base model and the chosen edit (harmless refusal, ``HARMLESS_TOKENS``); first-token KL on harmless prompts for
 every edited arm. All arms are
 generated in one batch (:func:`refdir.core.edits.hooked_rows`).
@@ -33,8 +34,9 @@ from refdir.workflows.stages import Loaded, RunConfig, judged
 ARMS = ("base", "plain", "chosen")
 VERIFY_PROMPTS = 16  # prompts whose logits prove the checkpoint equals the hooks
 # new tokens for harmless prompts: an over-refusal ("I'm sorry, but I can't…") shows in its opening words, and the
-# base model and the edit are judged on the same window; harmful prompts get the full --max-new-tokens
-HARMLESS_TOKENS = 64
+# base model and the edit are judged on the same window; harmful prompts get --max-new-tokens. On the default model
+# the broad judge's counts at 32, 64 and 128 tokens were equal on every arm and set (NOTES.md)
+HARMLESS_TOKENS = 32
 
 
 def eval_sets(sets: dict) -> dict[str, dict[str, list[str]]]:
@@ -66,11 +68,14 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
     names = list(plans)
     tsets = eval_sets(sets)
     rows: list[tuple[str, str, str, str]] = []  # (arm, set, kind, prompt)
+    headline = "heldout" if "heldout" in tsets else "test"
     for sname, ts in tsets.items():
         for arm in names:
-            rows += [(arm, sname, "harmful", p) for p in ts["harmful"]]
+            if arm == "chosen" or sname == headline:  # base and plain only where the headline is measured
+                rows += [(arm, sname, "harmful", p) for p in ts["harmful"]]
         for arm in ("base", "chosen"):
-            rows += [(arm, sname, "harmless", p) for p in ts["harmless"]]
+            if arm == "chosen" or sname == headline:
+                rows += [(arm, sname, "harmless", p) for p in ts["harmless"]]
     outs: dict[int, str] = {}
     with hooked_rows(model, [plans[a] for a in names]) as hr:
         for kind, n_tok in (("harmful", cfg.max_new_tokens), ("harmless", min(cfg.max_new_tokens, HARMLESS_TOKENS))):

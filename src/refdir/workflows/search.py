@@ -273,7 +273,8 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
 
 # ------------------------------------------------------------------------------------------ inside `refdir run`
 
-CONFIRM_TOKENS = 64  # tokens generated per val prompt to choose between the picks under the KL target
+CONFIRM_TOKENS = 64  # tokens generated per val harmful prompt for the pick (recorded beside the test's numbers)
+CALIBRATION_PROMPTS = 80  # harmless train prompts whose first-token KL calibrates the pick (the proxy uses val)
 
 
 def run_search_config(cfg: RunConfig) -> SearchConfig:
@@ -288,8 +289,9 @@ def run_search_config(cfg: RunConfig) -> SearchConfig:
 def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool = True) -> dict:
     """The search as a stage of ``refdir run``: resumes the study in the run's search directory (a study made with
     other settings is started over), spends what is left of ``cfg.budget`` on trials, refines towards the KL
-    target and chooses the point. Choosing reads only prompts that are not test prompts: proxy and confirmation
-    on the val split, calibration KL on the harmless train + val prompts. A finished search with at least this
+    target and chooses the point. Choosing reads only prompts that are not test prompts: the proxy on the val
+    split, the calibration KL on harmless train prompts, the pick's generations on harmful val prompts. A finished
+    search with at least this
     budget is read back without loading the model. Returns the search summary with ``choice``."""
     scfg = run_search_config(cfg)
     sdir = p.rd.search_dir()
@@ -302,8 +304,9 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
     make_output_dir(sdir)
     atomic_write_json(sdir / "config.json", scfg.model_dump())
     harmful = p.filt["val"]["harmful"][: scfg.n_val_harmful]
-    harmless = p.sets["harmless"]["train"] + p.sets["harmless"]["val"]
-    res = search_phases(p, scfg, sdir, timings, (harmful, harmless), budget=cfg.budget,
+    harmless = p.sets["harmless"]["train"][:CALIBRATION_PROMPTS]
+    # one pick under the target: choosing between picks by generation on 24 val prompts was noise (NOTES.md)
+    res = search_phases(p, scfg, sdir, timings, (harmful, harmless), budget=cfg.budget, per_mark=1,
                         max_new_tokens=CONFIRM_TOKENS, progress=progress)
     res["choice"] = choose(res, cfg.kl_target)
     atomic_write_json(f, res)
@@ -312,12 +315,12 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
 
 
 def choose(res: dict, target: float) -> dict:
-    """The run's point: the confirmed pick with the fewest val refusals whose calibration KL is under ``target``;
-    when none is, the front point with the lowest proxy KL (``met`` false)."""
+    """The run's point: the pick whose calibration KL is under ``target`` (the one with the fewest val refusals if
+    there are several); when none is, the front point with the lowest proxy KL (``met`` false)."""
     best = res["best_at_kl"].get(f"{target:g}")
     rows = {r["trial"]: r for r in res["trials"]}
     if best is not None:
-        row, why = rows[best["trial"]], "fewest val refusals among the picks with KL under the target"
+        row, why = rows[best["trial"]], "the lowest proxy refusal with calibrated KL under the target"
     else:
         row, why = min(res["front"], key=lambda r: r["proxy_kl"]), "no point under the target: the lowest-KL one"
     return {"trial": row["trial"], "edit": row["edit"], "describe": Edit.from_dict(row["edit"]).describe(),

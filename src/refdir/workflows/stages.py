@@ -58,7 +58,7 @@ class RunConfig(BaseModel):
     # "paper": the paper's single difference-in-means direction, addition coefficient and orthogonalization
     method: Literal["search", "paper"] = "search"
     kl_target: float = Field(0.05, gt=0)
-    budget: float = Field(90.0, gt=0)  # seconds of search trials (refinement included); a bigger one extends
+    budget: float = Field(60.0, gt=0)  # seconds of search trials (refinement included); a bigger one extends
     filter_train: bool = True  # keep harmful with metric > 0, harmless with metric < 0 (paper)
     filter_val: bool = False
     refusal_tokens: list[str] | None = None  # default: derived from the model's own refusals

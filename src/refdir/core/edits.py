@@ -49,6 +49,7 @@ from refdir.core.orthogonalize import untie_lm_head
 from refdir.errors import RefdirError
 
 VARIANTS = ("plain", "projected", "norm")
+EDIT_ROWS = 8192  # embedding rows edited at a time by apply_weights_
 COMPONENTS = ("attn", "mlp")
 
 
@@ -392,7 +393,9 @@ def apply_weights_(model: nn.Module, plan: Plan, arch: Architecture | None = Non
         untied = untie_lm_head(model, arch)
         for name, emb in arch.embeddings:
             wt = emb.weight.data
-            wt.copy_(_edit_vectors(wt.to(torch.float64), plan.r.to(wt.device), 1.0, False).to(wt.dtype))
+            for i in range(0, wt.shape[0], EDIT_ROWS):  # in blocks of rows: no float64 copy of a whole vocabulary
+                blk = wt[i:i + EDIT_ROWS]
+                blk.copy_(_edit_vectors(blk.to(torch.float64), plan.r.to(wt.device), 1.0, False).to(wt.dtype))
             edited.append(f"{name}.weight")
     for bp, c, s, r in plan.active(arch):
         for w in component_writers(bp, c):

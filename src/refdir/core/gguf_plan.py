@@ -35,10 +35,12 @@ ROWS = 8192  # vectors edited (and rows quantized) at a time: float64 work on a 
 
 def edit_rows(x: np.ndarray, r: np.ndarray, s: float, keep_norm: bool, axis: int) -> np.ndarray:
     """``x`` with its vectors along ``axis`` losing ``s`` of their r̂ part (float64 maths in blocks of ``ROWS``
-    vectors, float32 out); with ``keep_norm`` each vector is rescaled to its original norm (the ``norm`` variant)."""
+    vectors, float32 out); with ``keep_norm`` each vector is rescaled to its original norm (the ``norm`` variant).
+    A float32 ``x`` whose vectors are its rows is edited in place (the dequantized embedding: no second copy)."""
     xm = np.moveaxis(x, axis, -1)
     flat = xm.reshape(-1, xm.shape[-1])
-    out = np.empty(flat.shape, dtype=np.float32)
+    inplace = x.dtype == np.float32 and axis in (-1, x.ndim - 1) and x.flags.c_contiguous and x.flags.writeable
+    out = flat if inplace else np.empty(flat.shape, dtype=np.float32)
     for i in range(0, flat.shape[0], ROWS):
         v = flat[i:i + ROWS].astype(np.float64)
         y = v - s * (v @ r)[:, None] * r

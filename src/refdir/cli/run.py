@@ -91,15 +91,20 @@ def run(
     data = DataSpec(harmful=harmful, harmless=harmless, harmful_val=harmful_val, harmless_val=harmless_val,
                     harmful_test=harmful_test, harmless_test=harmless_test, heldout_harmful=heldout_harmful,
                     heldout_harmless=heldout_harmless, n_heldout=n_heldout, column=column, n_train=n_train,
-                    n_val=n_val or (40 if method == "search" else 32), n_test=n_test, seed=seed)
+                    n_val=_default(n_val, 40 if method == "search" else 32), n_test=n_test, seed=seed)
     cfg = RunConfig(model=spec, data=data, method=method, budget=budget, kl_target=kl_target, filter_train=filter_train,
                     refusal_tokens=refusal_tokens.split(",") if refusal_tokens else None, batch_size=batch_size,
                     kl_max=kl_max, max_layer_frac=max_layer_frac, induce_rule=induce_rule, exhaustive=exhaustive,
-                    top_k=top_k, max_new_tokens=max_new_tokens or (64 if method == "search" else 128),
-                    gen_batch_size=gen_batch_size or (200 if method == "search" else 40), judge=judge, save_checkpoint=save_checkpoint)
+                    top_k=top_k, max_new_tokens=_default(max_new_tokens, 64 if method == "search" else 128),
+                    gen_batch_size=_default(gen_batch_size, 200 if method == "search" else 40), judge=judge, save_checkpoint=save_checkpoint)
     refs = load_reference(reference) if reference else None
     summary = run_pipeline(cfg, out, force=force, reference=refs)
     print_summary(summary, out)
+
+
+def _default(value, default):
+    """A method-dependent default for an option the user left out (0 stays 0, and is refused by the config)."""
+    return default if value is None else value
 
 
 @model_options

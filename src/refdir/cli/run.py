@@ -17,6 +17,7 @@ from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
 from refdir.method.search import load_reference
 from refdir.workflows.extract import ExtractConfig, run_extract
+from refdir.workflows.report import test_rows
 from refdir.workflows.run import RunConfig, run_pipeline
 
 
@@ -176,16 +177,9 @@ def print_search_summary(s: dict) -> None:
     console.print(f"search: {s['search']['n_trials']} trials in {s['search']['spent_s']:.0f} of "
                   f"{s['search']['budget_s']:.0f} s")
     t = Table("set", "arm", "harmful refusal", "harmless refusal", "first-token KL")
-    sc, kl = s["test"]["scores"], s["test"]["kl"]
-    for name in ("heldout", "test"):
-        for arm in ("base", "plain", "chosen"):
-            h = sc.get(f"{arm}/{name}/harmful")
-            if h is None:
-                continue
-            b = sc.get(f"{arm}/{name}/harmless")
-            k = kl.get(f"{arm}/{name}", 0.0 if arm == "base" else None)
-            t.add_row(name, arm, f"{h['refusal']:.3f} ({h['n']})", f"{b['refusal']:.3f}" if b else "",
-                      f"{k:.4f}" if k is not None else "")
+    for name, arm, h, b, k in test_rows(s["test"]):
+        t.add_row(name, arm, f"{h['refusal']:.3f} ({h['n']})", f"{b['refusal']:.3f}" if b else "",
+                  f"{k:.4f}" if k is not None else "")
     console.print(t)
     for name, rel in s["test"]["relation"].items():
         console.print(f"  {name}: {rel}")

@@ -49,8 +49,16 @@ def _copy_fields(reader, writer) -> None:
         writer.add_key_value(name, field.contents(), vtype, sub_type=sub)
 
 
+REQUANT_ROWS = 8192  # rows quantized at a time: quantization works per row, so the bytes are the same
+
+
 def _requantize(x: np.ndarray, qtype):
-    """(array, type) in ``qtype`` if the library can quantize it, else a fallback type."""
+    """(array, type) in ``qtype`` if the library can quantize it, else a fallback type; a large 2-D tensor a block
+    of rows at a time (its temporaries stay small)."""
+    if x.ndim == 2 and x.shape[0] > REQUANT_ROWS:
+        parts = [_requantize(np.ascontiguousarray(x[i:i + REQUANT_ROWS]), qtype)
+                 for i in range(0, x.shape[0], REQUANT_ROWS)]
+        return np.concatenate([p[0] for p in parts], axis=0), parts[0][1]
     if qtype in (Q.F32, Q.F16):
         return x.astype(np.float32 if qtype == Q.F32 else np.float16), qtype
     for t in (qtype, Q.Q8_0, Q.F16):
@@ -111,13 +119,9 @@ def _post_norm_directions(reader, arch: str, r: np.ndarray) -> tuple[dict[str, n
     return under, biases
 
 
-def orthogonalize_gguf(src: str | Path, direction: torch.Tensor, out: str | Path, *, force: bool = False,
-                       progress: bool = True) -> dict:
-    """Write ``out``, the GGUF ``src`` with its residual-writing tensors orthogonalized against ``direction`` [d]
-    or against the span of a basis [k, d]. Returns a summary (edited tensors, changed types, post-norms)."""
-    src, out = Path(src), Path(out)
-    check_file_target(out, force)
-    check_direction(direction)
+def open_gguf(src: Path) -> tuple:
+    """(reader, architecture, tensor names, d_model) of a GGUF that has an embedding and residual writers under
+    llama.cpp's role names; anything else is one clear error."""
     try:
         reader = gguf.GGUFReader(str(src))
     except Exception as e:  # noqa: BLE001
@@ -130,7 +134,65 @@ def orthogonalize_gguf(src: str | Path, direction: torch.Tensor, out: str | Path
     if "token_embd.weight" not in names or not any(_WRITER.match(n) for n in names):
         raise RefdirError(f"unsupported GGUF architecture {arch!r}: no token_embd / attn_output / ffn_down tensors")
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    d = int(emb.shape[0])  # GGUF shapes are (ne0, ne1, ...): ne0 is the row length, d_model for the embedding
+    return reader, arch, names, int(emb.shape[0])  # GGUF shapes are (ne0, ...): ne0 is the embedding's row length
+
+
+def writer_axis(name: str, x: np.ndarray, d: int) -> int:
+    """The output axis of a residual writer's dequantized array (numpy layout is PyTorch's: [..., out, in]; a bias
+    is 1-D), checked to have ``d`` entries."""
+    axis = 0 if x.ndim == 1 else x.ndim - 2
+    if x.shape[axis] != d:
+        raise RefdirError(f"{name} has shape {x.shape}; expected {d} outputs")
+    return axis
+
+
+def rewrite_gguf(reader, arch: str, out: Path, wants, transform, *, force: bool, progress: bool
+                 ) -> tuple[list[str], dict[str, str]]:
+    """Write ``out`` (atomically): the metadata and every tensor of ``reader`` copied byte for byte, except those
+    ``wants(name)`` picks, which are dequantized, replaced by ``transform(name, x)`` and written back in their own
+    type where the gguf library can quantize it (else Q8_0 or F16). When the embedding is edited in a file without
+    ``output.weight`` (a tied unembedding), the unedited embedding is written as ``output.weight``. Returns the
+    edited names and the type changes."""
+    tied = "output.weight" not in {t.name for t in reader.tensors}
+    changed: dict[str, str] = {}
+    edited: list[str] = []
+    try:
+        with atomic_file(out, overwrite=force) as tmp:
+            writer = gguf.GGUFWriter(str(tmp), arch=arch)
+            _copy_fields(reader, writer)
+            for t in tqdm(reader.tensors, desc="gguf tensors", disable=not progress):
+                qtype = t.tensor_type
+                if not wants(t.name):
+                    writer.add_tensor(t.name, np.asarray(t.data), raw_shape=t.data.shape, raw_dtype=qtype)
+                    continue
+                if t.name == "token_embd.weight" and tied:  # keep the unembedding
+                    writer.add_tensor("output.weight", np.asarray(t.data), raw_shape=t.data.shape, raw_dtype=qtype)
+                x = quants.dequantize(t.data, qtype)  # numpy shape: reversed GGUF shape, row length last
+                y, new_t = _requantize(transform(t.name, x), qtype)
+                if new_t != qtype:
+                    changed[t.name] = f"{qtype.name} -> {new_t.name}"
+                if new_t in (Q.F32, Q.F16):
+                    writer.add_tensor(t.name, y)
+                else:
+                    writer.add_tensor(t.name, y, raw_shape=y.shape, raw_dtype=new_t)
+                edited.append(t.name)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
+            writer.close()
+    except OSError as e:  # anything the OS refuses while writing the output
+        raise write_error(out, e) from e
+    return edited, changed
+
+
+def orthogonalize_gguf(src: str | Path, direction: torch.Tensor, out: str | Path, *, force: bool = False,
+                       progress: bool = True) -> dict:
+    """Write ``out``, the GGUF ``src`` with its residual-writing tensors orthogonalized against ``direction`` [d]
+    or against the span of a basis [k, d]. Returns a summary (edited tensors, changed types, post-norms)."""
+    src, out = Path(src), Path(out)
+    check_file_target(out, force)
+    check_direction(direction)
+    reader, arch, names, d = open_gguf(src)
     width = int(direction.shape[-1]) if direction.dim() == 2 else direction.numel()
     if width != d:
         raise RefdirError(f"direction has size {width}, the GGUF's embedding width is {d}")
@@ -142,41 +204,17 @@ def orthogonalize_gguf(src: str | Path, direction: torch.Tensor, out: str | Path
     under, biases = _post_norm_directions(reader, arch, r)
 
     tied = "output.weight" not in names
-    changed_types: dict[str, str] = {}
-    edited: list[str] = []
-    try:
-        with atomic_file(out, overwrite=force) as tmp:
-            writer = gguf.GGUFWriter(str(tmp), arch=arch)
-            _copy_fields(reader, writer)
-            for t in tqdm(reader.tensors, desc="gguf tensors", disable=not progress):
-                qtype = t.tensor_type
-                u = under.get(t.name, r)  # writers under a post-norm: its gain ⊙ r (None: nothing to remove)
-                if (t.name == "token_embd.weight" or _WRITER.match(t.name) or t.name in biases) and u is not None:
-                    x = quants.dequantize(t.data, qtype)  # numpy shape: reversed GGUF shape, row length last
-                    if t.name == "token_embd.weight":
-                        axis = x.ndim - 1
-                        if tied:  # keep the unembedding: write the unedited embedding as output.weight
-                            writer.add_tensor("output.weight", np.asarray(t.data), raw_shape=t.data.shape, raw_dtype=qtype)
-                    else:  # numpy layout is PyTorch's: [..., out, in]; the output axis is second to last
-                        axis = 0 if x.ndim == 1 else x.ndim - 2
-                        if x.shape[axis] != d:
-                            raise RefdirError(f"{t.name} has shape {x.shape}; expected {d} outputs")
-                    y, new_t = _requantize(_edit(x, u, axis), qtype)
-                    if new_t != qtype:
-                        changed_types[t.name] = f"{qtype.name} -> {new_t.name}"
-                    if new_t in (Q.F32, Q.F16):
-                        writer.add_tensor(t.name, y)
-                    else:
-                        writer.add_tensor(t.name, y, raw_shape=y.shape, raw_dtype=new_t)
-                    edited.append(t.name)
-                else:
-                    writer.add_tensor(t.name, np.asarray(t.data), raw_shape=t.data.shape, raw_dtype=qtype)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file(progress=False)
-            writer.close()
-    except OSError as e:  # anything the OS refuses while writing the output
-        raise write_error(out, e) from e
+
+    def wants(name: str) -> bool:  # writers under a post-norm: its gain ⊙ r (None: nothing to remove)
+        return (name == "token_embd.weight" or bool(_WRITER.match(name)) or name in biases) and \
+            under.get(name, r) is not None
+
+    def transform(name: str, x: np.ndarray) -> np.ndarray:
+        if name == "token_embd.weight":
+            return _edit(x, r, x.ndim - 1)
+        return _edit(x, under.get(name, r), writer_axis(name, x, d))
+
+    edited, changed_types = rewrite_gguf(reader, arch, out, wants, transform, force=force, progress=progress)
     return {"kind": "orthogonalize", "mode": "gguf", "source": str(src), "edited": edited,
             "changed_types": changed_types, "untied_output": tied, "post_norms": "exact" if under else "none",
             "k": int(r.shape[0]) if r.ndim == 2 else 1}

@@ -171,33 +171,35 @@ def _examples(comp: dict) -> str:
 ARM_NAMES = {"base": "base model", "plain": "plain direction (selection, full ablation)", "chosen": "chosen edit"}
 
 
+def test_rows(test: dict):
+    """The test table of a run with the search, held-out set first: ``(set, arm, harmful scores, harmless scores or
+    None, first-token KL or None)`` for every arm generated on a set's harmful prompts (the base model's KL is 0)."""
+    sc, kl = test["scores"], test["kl"]
+    for name in ("heldout", "test"):
+        for arm in ("base", "plain", "chosen"):
+            h = sc.get(f"{arm}/{name}/harmful")
+            if h is not None:
+                yield name, arm, h, sc.get(f"{arm}/{name}/harmless"), 0.0 if arm == "base" else kl.get(f"{arm}/{name}")
+
+
 def _search_run_parts(rd: RunDir, summ: dict) -> list[str]:
     """A run with the search: the headline table per test set (cross-source first, labelled), the choice, the
     refusal bars and example completions; the search's own section (the front) follows from the sections."""
     t, c = summ["test"], summ["choice"]
-    sc, kl = t["scores"], t["kl"]
     parts = [f"<p>Chosen edit: <b>{html.escape(c['describe'])}</b> (trial {c['trial']}; {html.escape(c['reason'])}; "
              f"proxy refusal metric {c['proxy_refusal']:.2f}, proxy KL {c['proxy_kl']:.4f}, KL target "
              f"{c['kl_target']:g}). Search: {summ['search']['n_trials']} trials in {summ['search']['spent_s']:.0f} s "
-             f"of a {summ['search']['budget_s']:.0f} s budget; chosen on val and harmless train/val prompts only.</p>"]
-    rows = []
-    for name in ("heldout", "test"):
-        for arm in ("base", "plain", "chosen"):
-            h = sc.get(f"{arm}/{name}/harmful")
-            if h is None:
-                continue
-            b = sc.get(f"{arm}/{name}/harmless")
-            k = 0.0 if arm == "base" else kl.get(f"{arm}/{name}")
-            rows.append([name, ARM_NAMES[arm], f"{h['refusal']:.3f} ({round(h['refusal'] * h['n'])}/{h['n']})",
-                         f"{h['refusal_paper']:.3f}", f"{b['refusal']:.3f} ({b['n']})" if b else "—",
-                         f"{k:.4f}" if k is not None else "—", h["degenerate"]])
+             f"of a {summ['search']['budget_s']:.0f} s budget; chosen on val and harmless train prompts only.</p>"]
+    rows = [[name, ARM_NAMES[arm], f"{h['refusal']:.3f} ({round(h['refusal'] * h['n'])}/{h['n']})",
+             f"{h['refusal_paper']:.3f}", f"{b['refusal']:.3f} ({b['n']})" if b else "—",
+             f"{k:.4f}" if k is not None else "—", h["degenerate"]] for name, arm, h, b, k in test_rows(t)]
     head = ["set", "arm", f"harmful refusal ({summ['judge']})", "paper substrings", "harmless refusal",
             "first-token KL", "degenerate"]
     notes = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in t["relation"].items())
     parts.append("<h2>Refusal on prompts the edit never saw</h2>" + table_html(rows, head)
                  + f"<ul class='note'>{notes}</ul><p class='note'>Greedy, {t['max_new_tokens']} new tokens on harmful prompts, "
                  f"{t.get('harmless_tokens') or t['max_new_tokens']} on harmless ones.</p>")
-    parts.append(plot_refusal_bars({k: v for k, v in sc.items()}, None))
+    parts.append(plot_refusal_bars(t["scores"], None))
     if "heldout" in t["relation"] or summ.get("reference"):
         parts.append(plot_heldout(summ))
     ck = summ.get("checkpoint")

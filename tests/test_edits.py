@@ -194,6 +194,32 @@ def test_kernel_shape_and_roundtrip():
     assert Edit.from_dict(e.to_dict()) == e
 
 
+def test_an_optimized_direction_is_used_at_every_layer_and_round_trips():
+    cands = _cands(4, 16)
+    r = torch.randn(16, generator=torch.Generator().manual_seed(5))
+    with_rdo = cands.with_optimized("rdo", r)
+    assert cands.optimized == {} and set(with_rdo.optimized) == {"rdo"}  # a copy; the original unchanged
+    for layer in (1.0, 2.5):
+        plan = resolve(Edit(-2, layer, Component(Kernel(1.0), "plain"), Component(Kernel(1.0), "projected"),
+                            direction="rdo"), with_rdo)
+        u = r.double() / r.double().norm()
+        assert torch.allclose(plan.r, u) and torch.allclose(plan.directions["attn"], u)
+        m = _interp(cands.harmless_mean, cands.positions.index(-2), layer)  # projected: against the harmless mean at (position, layer)
+        assert abs(float(plan.directions["mlp"] @ m)) <= 1e-10 * float(m.norm())
+    e = Edit.full(-2, 3.0, "rdo")
+    assert Edit.from_dict(e.to_dict()) == e and "rdo" in e.describe()
+    assert "direction" not in Edit.full(-2, 3.0).to_dict()  # edits saved before optimized directions read the same
+    with pytest.raises(RefdirError, match="lack"):
+        resolve(e, cands)
+    with pytest.raises(RefdirError, match="d_model"):
+        cands.with_optimized("rdo", torch.ones(8))
+
+
+def _interp(t, pi, layer):
+    lo, w = int(layer), layer - int(layer)
+    return (1 - w) * t[pi, lo].double() + w * t[pi, min(lo + 1, t.shape[1] - 1)].double()
+
+
 @pytest.mark.parametrize("bad", [
     dict(attn=Component(Kernel(1.0), "sideways")),
     dict(attn=Component(Kernel(1.5))),

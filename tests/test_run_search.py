@@ -133,3 +133,32 @@ def test_paper_checkpoint_is_edited_in_place_with_one_model_copy(tiny_model_dir,
 
     m = AutoModelForCausalLM.from_pretrained(RunDir(tmp_path / "p").checkpoint_model_dir(), trust_remote_code=False)
     assert m is not None and fmt_ok is not None
+
+
+def test_run_with_an_optimized_direction_searches_it_and_tests_the_choice(tiny_model_dir, tmp_path):
+    model = tiny_model_dir("qwen2")
+    out = tmp_path / "r"
+    s = _run(model, out, "--budget", "4", "--direction-method", "rdo")
+    rd = RunDir(out)
+    from refdir.core.directions import Direction
+
+    r = Direction.load(rd.optimize_dir() / "rdo.safetensors")
+    assert r.meta["source"] == "rdo" and (rd.optimize_dir() / "rdo_summary.json").exists()
+    res = json.loads((rd.search_dir() / "summary.json").read_text())
+    rdo_trials = [t for t in res["trials"] if t["edit"].get("direction") == "rdo"]
+    assert rdo_trials and any(t["warm_start"] for t in rdo_trials)  # warm-started with it, at full strength
+    # a trial's edit resolves to the saved direction at every layer
+    plan = resolve(Edit.from_dict(rdo_trials[0]["edit"]), rd.candidates().with_optimized("rdo", r.vector))
+    assert torch.allclose(plan.r, r.vector.double() / r.vector.double().norm())
+    v = s["checkpoint"]["verified"]  # whichever direction was chosen, the weights equal the hooks
+    assert v["kl_hooks_weights"] < 1e-6 and v["top1_agree"] == 1.0
+    # the same command again reads everything back, the optimized direction included, without loading the model
+    s2 = _run(model, out, "--budget", "4", "--direction-method", "rdo")
+    assert "load" not in s2["timings_s"] and s2["choice"] == s["choice"]
+
+
+def test_an_optimized_direction_needs_the_search(tiny_model_dir, tmp_path):
+    r = runner.invoke(app, ["run", str(tiny_model_dir("qwen2")), "--out", str(tmp_path / "p"), *ARGS,
+                            "--method", "paper", "--direction-method", "rdo"])
+    assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("error:")
+    assert "--method search" in r.output and not (tmp_path / "p").exists()

@@ -12,7 +12,7 @@ span out, ``x ← x − Bᵀ(B x)``. Every edit (hooks, weights in memory, strea
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -264,6 +264,9 @@ class Candidates:
     positions: list[int]  # negative indices, e.g. [-5, -4, -3, -2, -1]
     model_id: str = ""
     meta: dict = field(default_factory=dict)
+    # optimized directions by name (e.g. "rdo": [d]), one vector for every layer; edits may use them instead of a
+    # candidate (refdir.core.edits.Edit.direction). Not part of the candidates file: the run adds them in memory
+    optimized: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def from_means(cls, harmful_mean: torch.Tensor, harmless_mean: torch.Tensor, model_id: str = "",
@@ -275,6 +278,13 @@ class Candidates:
     @property
     def n_layers(self) -> int:
         return self.vectors.shape[1] - 1
+
+    def with_optimized(self, name: str, vector: torch.Tensor) -> Candidates:
+        """A copy that also holds the optimized direction ``vector`` [d] under ``name``."""
+        if vector.shape != self.vectors.shape[-1:]:
+            raise RefdirError(f"optimized direction of shape {tuple(vector.shape)}, the candidates have "
+                              f"d_model {self.vectors.shape[-1]}")
+        return replace(self, optimized={**self.optimized, name: vector.detach().float().cpu()})
 
     def get(self, position: int, layer: int) -> Direction:
         pi = self.positions.index(position)

@@ -5,7 +5,10 @@ An :class:`Edit` holds
 
 - the **direction**: the difference-in-means candidate at ``position`` and a *float* ``layer``; between two
   layers it is the normalised interpolation of the two adjacent candidates' unit vectors,
-  ``r̂ = normalize((1 − t)·ĉ[⌊ℓ⌋] + t·ĉ[⌈ℓ⌉])`` with ``t = ℓ − ⌊ℓ⌋``;
+  ``r̂ = normalize((1 − t)·ĉ[⌊ℓ⌋] + t·ĉ[⌈ℓ⌉])`` with ``t = ℓ − ⌊ℓ⌋``. With ``direction`` set to a name other
+  than ``"dim"``, r̂ is instead the candidates' optimized direction of that name (``Candidates.optimized``, e.g.
+  ``"rdo"``, one vector for every layer); position and layer then only locate the harmless mean of the
+  ``projected`` variant;
 - per component (attention out, MLP out) a **strength kernel** over layers and a **variant**;
 - whether the **embedding** is edited (strength 1, plain variant).
 
@@ -51,6 +54,7 @@ from refdir.errors import RefdirError
 VARIANTS = ("plain", "projected", "norm")
 EDIT_ROWS = 8192  # embedding rows edited at a time by apply_weights_
 COMPONENTS = ("attn", "mlp")
+DIM = "dim"  # an edit's direction: the difference-in-means candidate
 
 
 @dataclass
@@ -99,11 +103,12 @@ class Edit:
     attn: Component = field(default_factory=Component)
     mlp: Component = field(default_factory=Component)
     embedding: bool = True
+    direction: str = DIM  # "dim": the difference-in-means candidate; else a name in Candidates.optimized
 
     @classmethod
-    def full(cls, position: int, layer: float) -> Edit:
+    def full(cls, position: int, layer: float, direction: str = DIM) -> Edit:
         """The plain full ablation: strength 1 everywhere, embedding included."""
-        return cls(position, float(layer), Component(Kernel(1.0)), Component(Kernel(1.0)), True)
+        return cls(position, float(layer), Component(Kernel(1.0)), Component(Kernel(1.0)), True, direction)
 
     def validate(self, n_layers: int | None = None) -> None:
         for c in COMPONENTS:
@@ -118,13 +123,17 @@ class Edit:
         return {c: getattr(self, c).kernel.strengths(n_layers) for c in COMPONENTS}
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.direction == DIM:  # edits saved before optimized directions existed read back the same
+            del d["direction"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Edit:
         try:
             comps = {c: Component(Kernel(**d[c]["kernel"]), d[c].get("variant", "plain")) for c in COMPONENTS}
-            e = cls(int(d["position"]), float(d["layer"]), comps["attn"], comps["mlp"], bool(d.get("embedding", True)))
+            e = cls(int(d["position"]), float(d["layer"]), comps["attn"], comps["mlp"], bool(d.get("embedding", True)),
+                    str(d.get("direction", DIM)))
         except (KeyError, TypeError, ValueError) as ex:
             raise RefdirError(f"not a refdir edit: {ex}") from ex
         e.validate()
@@ -132,6 +141,8 @@ class Edit:
 
     def describe(self) -> str:
         parts = [f"pos {self.position} layer {self.layer:.2f}"]
+        if self.direction != DIM:
+            parts = [f"{self.direction} (from {parts[0]})"]
         for c in COMPONENTS:
             k = getattr(self, c).kernel
             v = getattr(self, c).variant
@@ -199,7 +210,14 @@ def resolve(edit: Edit, cands: Candidates) -> Plan:
     if edit.position not in cands.positions:
         raise RefdirError(f"position {edit.position} not among the candidates' positions {cands.positions}")
     pi = cands.positions.index(edit.position)
-    r = interpolate(cands.vectors, pi, edit.layer)
+    if edit.direction == DIM:
+        r = interpolate(cands.vectors, pi, edit.layer)
+    elif edit.direction in cands.optimized:
+        r = _unit(cands.optimized[edit.direction])
+    else:
+        have = ", ".join(cands.optimized) or "none"
+        raise RefdirError(f"the edit uses the optimized direction {edit.direction!r}, which these candidates lack "
+                          f"(they have: {have})")
     dirs = {}
     for c in COMPONENTS:
         if getattr(edit, c).variant == "projected":

@@ -13,13 +13,17 @@ from refdir.core.models import EMBEDDED_ALIASES
 from refdir.core.preflight import check_fits, check_output
 from refdir.core.rundir import RunDir
 from refdir.core.spec import KINDS, ModelSpec
+from refdir.errors import RefdirError
 from refdir.workflows.stages import RunConfig
 
 
 def check_run(cfg: RunConfig, out: str | Path) -> dict:
     """Refuse, before the run directory is created or touched: a model that cannot be loaded as given (see
     :meth:`ModelSpec.check`), an output location that cannot be written or an existing run directory whose files
-    cannot be read, and data that cannot be read or split. Returns the split sets (see :meth:`DataSpec.split`)."""
+    cannot be read, data that cannot be read or split, and an optimized direction without the search. Returns the split sets (see :meth:`DataSpec.split`)."""
+    if cfg.direction_method != "dim" and cfg.method != "search":
+        raise RefdirError(f"--direction-method {cfg.direction_method} is a source of the search: use it with "
+                          "--method search")
     context = cfg.model.check()
     check_output(out, "dir")
     rd = RunDir(out)

@@ -151,6 +151,30 @@ def open_context(run_dir: str | Path, s: OptimizeSettings, model: dict | None = 
     return Context(rd, lm, fmt, d, float(coeff), rd.refusal_ids(), prompts, float(cfg.get("induce_rel_frac", 0.5)))
 
 
+def rdo_direction(p, chosen: dict, run, progress: bool = True) -> torch.Tensor:
+    """RDO as a stage of ``refdir run --direction-method rdo``: trained with ``refdir optimize``'s defaults from the
+    run's selected candidate ``chosen`` (position, layer) on a prepared run ``p`` (a
+    :class:`refdir.workflows.search.Prepared`), without the independence analysis; written where ``refdir
+    optimize`` writes it, with its summary and report section. Targets and training resume from the optimize
+    directory. The addition loss adds the difference in means itself (coefficient 1: the search path fits no
+    coefficient). Returns the direction [d]."""
+    s = OptimizeSettings(independence=False).check()
+    prompts = {kind: {"train": p.filt["train"][kind][:s.n_train], "val": p.filt["val"][kind][:s.n_val]}
+               for kind in ("harmful", "harmless")}
+    if any(not v for sets in prompts.values() for v in sets.values()):
+        raise RefdirError("the run's filtered sets are too small to optimize a direction on")
+    d = p.cands.get(chosen["position"], int(chosen["layer"]))
+    ctx = Context(p.rd, p.m.lm, p.m.fmt, d, 1.0, p.ids, prompts, float(run.induce_rel_frac))
+    _optimize(ctx, s, s.out_path(p.rd), progress)
+    return saved_rdo(p.rd)
+
+
+def saved_rdo(rd: RunDir) -> torch.Tensor | None:
+    """The RDO direction ``refdir optimize`` (or the run's stage) wrote in the run directory, if any."""
+    f = OptimizeSettings().out_path(rd)
+    return Direction.load(f).vector if f.exists() else None
+
+
 # ------------------------------------------------------------------------------------------------ targets
 def make_targets(ctx: Context, n_tokens: int, batch_size: int, progress: bool) -> dict[str, list[list[int]]]:
     """Greedy target completions (token ids, EOS cut): compliant (harmful, d ablated), refusal (harmless, d·coeff

@@ -93,6 +93,7 @@ def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict 
         res = timed(rdl.SEARCH, stage_search, p, cfg, tm, progress=progress)
         times.update({f"search.{k}": v for k, v in tm.s.items() if k in SEARCH_PHASES})
         # 6. the chosen edit, the plain direction and the base model on the test (and held-out) prompts
+        cands = p.cands  # with the optimized direction, if the search trained one
         test = timed(rdl.EVAL, stage_test, rd, cfg, m, sets, cands, res["choice"], res["plain"], progress=progress)
         # 7. the chosen edit in the weights (in place), saved as HF (and GGUF), checked against the hooks by logits
         ckpt = timed(rdl.CHECKPOINT, stage_edit_checkpoint, rd, cfg, m, sets, cands, res["choice"], progress=progress)
@@ -136,7 +137,7 @@ def paper_stages(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, ids: list[in
 
 
 JUDGED = ("refusal", "refusal_broad", "refusal_paper", "degenerate", "n")
-SEARCH_PHASES = ("proxy_base", "selection", "search", "refine", "confirm")
+SEARCH_PHASES = ("proxy_base", "selection", "optimize", "search", "refine", "confirm")
 
 
 def search_summary(rd: RunDir, cfg: RunConfig, sets: dict, res: dict, test: dict, ckpt: dict | None,

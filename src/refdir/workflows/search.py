@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refdir.core import rundir as rdl
 from refdir.core.directions import Candidates
-from refdir.core.edits import VARIANTS, Edit
+from refdir.core.edits import DIM, VARIANTS, Edit
 from refdir.core.io import atomic_write_json, make_output_dir
 from refdir.core.preflight import require
 from refdir.core.rundir import RunDir
@@ -60,6 +60,7 @@ from refdir.method.search.study import (
 )
 from refdir.method.selection import max_layer
 from refdir.workflows.checks import all_prompts, check_run
+from refdir.workflows.optimize import rdo_direction, saved_rdo
 from refdir.workflows.report import write_report
 from refdir.workflows.stages import (
     Loaded,
@@ -238,10 +239,13 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
         scfg = replace(run.selection_config(), min_layer=int(math.ceil(layer_lo)))
         table, chosen = select_warm_start(lm.model, fmt, cands, val, p.ids, scfg, sdir / "selection.json", progress,
                                           proxy.base_logits)
+    if run.direction_method == "rdo" and chosen is not None:
+        with timings.phase("optimize"):
+            p.cands = cands = cands.with_optimized("rdo", rdo_direction(p, chosen, run, progress))
     if p.m.load_s is not None:
         timings.add("load", p.m.load_s)
     space = Space(list(cands.positions), L, layer_lo, float(max_layer(L, run.max_layer_frac)), cfg.max_strength,
-                  list(cfg.variants))
+                  list(cfg.variants), (DIM, *cands.optimized))
     study = open_study(sdir / "study.log", run.data.seed)
     band = kl_band(cfg.kl_marks)
     if not study.trials:
@@ -300,6 +304,9 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
     if f.exists():
         prev = json.loads(f.read_text())
         if prev.get("budget_s") is not None and prev["budget_s"] >= cfg.budget and "choice" in prev:
+            rdo = saved_rdo(p.rd) if cfg.direction_method == "rdo" else None
+            if rdo is not None:  # the eval and checkpoint stages resolve the chosen edit with it
+                p.cands = p.cands.with_optimized("rdo", rdo)
             return prev
     make_output_dir(sdir)
     atomic_write_json(sdir / "config.json", scfg.model_dump())

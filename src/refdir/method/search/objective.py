@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from refdir.core.architecture import inspect_model
-from refdir.core.edits import COMPONENTS, Component, Edit, Kernel, Plan, hooked
+from refdir.core.edits import COMPONENTS, DIM, Component, Edit, Kernel, Plan, hooked
 from refdir.errors import RefdirError
 from refdir.method.scoring import first_token_kl, last_logits, refusal_metric_from_logits
 
@@ -54,7 +54,8 @@ class Proxy:
 class Space:
     """The searched edits: a candidate position, a float layer between ``layer_lo`` and ``layer_hi``, and per
     component a strength kernel (peak up to ``max_strength``, center, width, floor) and a variant; the embedding
-    edited or not. Parameters are optuna trial parameters, so a trial's edit can be rebuilt from its params."""
+    edited or not; with optimized directions (``directions`` beyond ``"dim"``), which direction. Parameters are
+    optuna trial parameters, so a trial's edit can be rebuilt from its params."""
 
     positions: list[int]
     n_layers: int
@@ -62,10 +63,12 @@ class Space:
     layer_hi: float
     max_strength: float
     variants: list[str]
+    directions: tuple[str, ...] = (DIM,)  # a "direction" parameter is drawn only when there is a choice
 
     def suggest(self, trial) -> Edit:
         pos = trial.suggest_categorical("position", self.positions)
         layer = trial.suggest_float("layer", self.layer_lo, self.layer_hi)
+        direction = trial.suggest_categorical("direction", list(self.directions)) if self._choose else DIM
         comps = {}
         L = self.n_layers
         for c in COMPONENTS:
@@ -76,7 +79,11 @@ class Space:
             variant = trial.suggest_categorical(f"{c}_variant", self.variants)
             comps[c] = Component(Kernel(peak, center, width, floor * peak), variant)
         emb = trial.suggest_categorical("embedding", [True, False])
-        return Edit(pos, layer, comps["attn"], comps["mlp"], emb)
+        return Edit(pos, layer, comps["attn"], comps["mlp"], emb, direction)
+
+    @property
+    def _choose(self) -> bool:
+        return len(self.directions) > 1
 
     def distributions(self) -> dict:
         """The optuna distribution of every parameter :meth:`suggest` draws (for trials added with known values)."""
@@ -90,12 +97,18 @@ class Space:
                   f"{c}_center": FloatDistribution(0.0, L - 1.0), f"{c}_width": FloatDistribution(1.0, float(L)),
                   f"{c}_floor": FloatDistribution(0.0, 1.0), f"{c}_variant": CategoricalDistribution(self.variants)}
         d["embedding"] = CategoricalDistribution([True, False])
+        if self._choose:
+            d["direction"] = CategoricalDistribution(list(self.directions))
         return d
 
-    def full_params(self, position: int, layer: float, variant: str = "plain") -> dict:
+    def full_params(self, position: int, layer: float, variant: str = "plain", direction: str = DIM) -> dict:
         """Trial parameters whose edit is full strength everywhere (width L covers every layer at peak)."""
         L = self.n_layers
         p = {"position": position, "layer": float(min(max(layer, self.layer_lo), self.layer_hi)), "embedding": True}
+        if self._choose:
+            p["direction"] = direction
+        elif direction != DIM:
+            raise RefdirError(f"direction {direction!r} is not in the searched space")
         for c in COMPONENTS:
             p |= {f"{c}_peak": min(1.0, self.max_strength), f"{c}_center": (L - 1) / 2, f"{c}_width": float(L),
                   f"{c}_floor": 1.0, f"{c}_variant": variant}

@@ -35,8 +35,9 @@ ARMS = ("base", "plain", "chosen")
 VERIFY_PROMPTS = 16  # prompts whose logits prove the checkpoint equals the hooks
 # new tokens for harmless prompts: an over-refusal ("I'm sorry, but I can't…") shows in its opening words, and the
 # base model and the edit are judged on the same window; harmful prompts get --max-new-tokens. On the default model
-# the broad judge's counts at 32, 64 and 128 tokens were equal on every arm and set (NOTES.md)
-HARMLESS_TOKENS = 32
+# the broad judge's harmless counts at 8, 12, 16, 24 and 32 tokens were equal on every arm and set (NOTES.md);
+# harmful ones were not (some refusals come after a first sentence), so those keep their 64
+HARMLESS_TOKENS = 16
 
 
 def eval_sets(sets: dict) -> dict[str, dict[str, list[str]]]:

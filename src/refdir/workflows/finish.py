@@ -60,7 +60,8 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
                plain: dict | None, progress: bool = True) -> dict:
     """Judge the base model, the plain direction and the chosen edit on the test (and held-out) sets; returns
     ``{"scores": {"ARM/SET/KIND": judged}, "kl": {"ARM/SET": mean KL}, "relation": {SET: ...}}``."""
-    settings = {**cfg.settings(rdl.EVAL), "choice": choice["edit"], "plain": plain and plain["edit"]}
+    settings = {**cfg.settings(rdl.EVAL), "choice": choice["edit"], "plain": plain and plain["edit"],
+                "harmless_tokens": HARMLESS_TOKENS}
     key = rd.key(rdl.EVAL, settings, upstream=rd.keys.get(rdl.CANDIDATES, ""))
     if rd.done(rdl.EVAL, key):
         return rd.scores()

@@ -150,6 +150,9 @@ def test_run_with_an_optimized_direction_searches_it_and_tests_the_choice(tiny_m
     # a trial's edit resolves to the saved direction at every layer
     plan = resolve(Edit.from_dict(rdo_trials[0]["edit"]), rd.candidates().with_optimized("rdo", r.vector))
     assert torch.allclose(plan.r, r.vector.double() / r.vector.double().norm())
+    # the search's selected candidate is the run's direction (what refdir optimize and analyze start from)
+    d, ch = RunDir.open_finished(out).direction(), res["selection"]["chosen"]
+    assert (d.position, d.layer) == (ch["position"], ch["layer"])
     v = s["checkpoint"]["verified"]  # whichever direction was chosen, the weights equal the hooks
     assert v["kl_hooks_weights"] < 1e-6 and v["top1_agree"] == 1.0
     # the same command again reads everything back, the optimized direction included, without loading the model

@@ -72,6 +72,7 @@ CHECKPOINT = "checkpoint"
 STAGES = (DATA, REFUSAL_TOKENS, FILTER, CANDIDATES, SELECTION, COEFF, EVAL, CHECKPOINT)
 
 SEARCH = "search"
+SEARCH_SELECTION_FILE = "selection.json"  # in search/: the warm-start selection's table and pick
 EVALUATION = "evaluation"
 BENCHMARKS = "benchmarks"
 ANALYSIS = "analysis"
@@ -194,6 +195,8 @@ class RunDir:
         need = {"config.json": rd.config_path, f"{DATA}/{SETS_FILE}": rd._file(DATA, SETS_FILE),
                 f"{REFUSAL_TOKENS}/{TOKENS_FILE}": rd._file(REFUSAL_TOKENS, TOKENS_FILE),
                 f"{SELECTION}/{DIRECTION_NAME}.safetensors": rd.direction_path().with_suffix(".safetensors")}
+        if rd._search_selection() is not None:  # a run with the search: its selection's pick is the direction
+            del need[f"{SELECTION}/{DIRECTION_NAME}.safetensors"]
         missing = [n for n, p in need.items() if not p.exists()]
         if missing:
             raise RefdirError(f"{rd.path} is not a finished refdir run with a selected direction "
@@ -367,9 +370,19 @@ class RunDir:
         return self.stage_dir(SELECTION) / DIRECTION_NAME
 
     def direction(self) -> Direction | None:
-        """The selected direction, or None when the run chose none."""
+        """The selected direction, or None when the run chose none: the selection stage's file (``--method paper``),
+        else the candidate the search's warm-start selection chose (``--method search``)."""
         p = self.direction_path()
-        return Direction.load(p) if p.with_suffix(".safetensors").exists() else None
+        if p.with_suffix(".safetensors").exists():
+            return Direction.load(p)
+        chosen = self._search_selection()
+        return None if chosen is None else self.candidates().get(chosen["position"], int(chosen["layer"]))
+
+    def _search_selection(self) -> dict | None:
+        f = self.search_dir() / SEARCH_SELECTION_FILE
+        if not f.exists() or not (self.stage_dir(CANDIDATES) / "candidates.safetensors").exists():
+            return None
+        return json.loads(f.read_text()).get("chosen")
 
     def coeff(self) -> dict | None:
         """``{"coeff", "curve", "rule"}``, or None when no coefficient was chosen."""

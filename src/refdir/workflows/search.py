@@ -237,7 +237,7 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
         proxy = Proxy(lm.model, fmt, val["harmful"], val["harmless"], p.ids, run.batch_size)
     with timings.phase(rdl.SELECTION):
         scfg = replace(run.selection_config(), min_layer=int(math.ceil(layer_lo)))
-        table, chosen = select_warm_start(lm.model, fmt, cands, val, p.ids, scfg, sdir / "selection.json", progress,
+        table, chosen = select_warm_start(lm.model, fmt, cands, val, p.ids, scfg, sdir / rdl.SEARCH_SELECTION_FILE, progress,
                                           proxy.base_logits)
     if run.direction_method == "rdo" and chosen is not None:
         with timings.phase("optimize"):

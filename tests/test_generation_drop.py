@@ -1,0 +1,209 @@
+"""Greedy decoding that drops finished rows from the batch gives exactly the tokens of HF ``model.generate``
+(tiny random decoders, fp32), with and without the shared-prefix cache and with several edit plans in one batch;
+and it really does shrink the batch."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from refdir.core.architecture import inspect_model
+from refdir.core.chat import ChatFormat
+from refdir.core.directions import Candidates
+from refdir.core.edits import Edit, hooked_rows, resolve
+from refdir.core.forward import prefix_encode
+from refdir.core.generation import (
+    _greedy_setup,
+    _rows_selectable,
+    decode_greedy,
+    generate,
+    greedy_new_tokens,
+    hf_greedy_new_tokens,
+)
+from refdir.errors import RefdirError
+
+ARCHS = ["qwen2", "llama", "gemma3_text", "gemma2", "gpt_neox", "qwen2_moe"]
+PROMPTS = ["Explain tides", "Write a short poem about the sea and the moon", "Hi", "Bake bread now please",
+           "How do magnets work?", "List three colours", "Tell me a joke about cats and dogs", "Why is the sky blue",
+           "Summarise the plot of a famous novel in one line", "Name a prime number"]
+N_TOKENS = 12
+
+
+def _fmt(tok) -> ChatFormat:
+    return ChatFormat(tok, system="You are a helpful assistant.")
+
+
+def first_block(model):
+    return inspect_model(model).blocks[0].block  # (inspect_model runs a probe forward: not under row plans)
+
+
+@contextmanager
+def batch_sizes(block):
+    """The batch size of every forward pass through ``block``, recorded while the context is open."""
+    seen: list[int] = []
+
+    def pre(_m, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append(int(x.shape[0]))
+
+    h = block.register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        h.remove()
+
+
+def _early_eos(model, fmt, prompts) -> int:
+    """A token id that the model emits early for some prompts but not for others (used as an extra EOS id, so
+    that rows finish at different steps): chosen from the HF greedy trajectories without any stop."""
+    enc = fmt.encode(prompts)
+    gc = model.generation_config
+    old = gc.eos_token_id
+    gc.eos_token_id = None
+    try:
+        traj = hf_greedy_new_tokens(model, enc, N_TOKENS, fmt.tokenizer.pad_token_id)
+    finally:
+        gc.eos_token_id = old
+    best, best_score = None, -1
+    for t in torch.unique(traj).tolist():
+        first = [row.tolist().index(t) if t in row.tolist() else None for row in traj]
+        early = [f for f in first if f is not None and f < N_TOKENS - 2]
+        if len(early) == len(prompts):  # every row would end: nothing left to compare after the drop
+            continue
+        score = len(set(early)) * 10 + len(early)
+        if early and score > best_score:
+            best, best_score = t, score
+    assert best is not None, "the tiny model must emit some token early for some rows only"
+    return int(best)
+
+
+def _with_eos(model, fmt, prompts) -> int:
+    t = _early_eos(model, fmt, prompts)
+    model.generation_config.eos_token_id = [t, fmt.tokenizer.eos_token_id]
+    return t
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_dropping_finished_rows_gives_the_tokens_of_model_generate(tiny_tokenizer, arch, shared_prefix):
+    model = make_tiny(arch, len(tiny_tokenizer))
+    fmt = _fmt(tiny_tokenizer)
+    _with_eos(model, fmt, PROMPTS)
+    assert _greedy_setup(model, fmt.encode(PROMPTS[:2]), N_TOKENS, tiny_tokenizer.pad_token_id) is not None, \
+        f"{arch}: the plain loop must support this model"
+    kw = dict(max_new_tokens=N_TOKENS, batch_size=len(PROMPTS), progress=False, return_ids=True,
+              shared_prefix=shared_prefix)
+    ref = generate(model, fmt, PROMPTS, drop_finished=False, **kw)
+    with batch_sizes(first_block(model)) as seen:
+        got = generate(model, fmt, PROMPTS, drop_finished=True, **kw)
+    assert got == ref, arch
+    lengths = [len(ids) for _t, ids in ref]
+    assert min(lengths) < N_TOKENS - 2 and max(lengths) > min(lengths) + 1, f"{arch}: rows must end at different steps"
+    steps = seen[seen.index(len(PROMPTS)):]  # (after the prefix's own pass with shared_prefix)
+    assert steps[-1] < len(PROMPTS), f"{arch}: finished rows must leave the batch"
+    assert all(a >= b for a, b in zip(steps, steps[1:], strict=False)), "the batch only ever shrinks"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3_text"])
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_new_token_tensors_equal_model_generate(tiny_tokenizer, arch, shared_prefix):
+    """With the model's own EOS ids the loop's output tensor equals generate's: same width, padding after each end."""
+    model = make_tiny(arch, len(tiny_tokenizer))
+    fmt = _fmt(tiny_tokenizer)
+    _with_eos(model, fmt, PROMPTS)
+    pad = tiny_tokenizer.pad_token_id
+
+    def enc():
+        return (prefix_encode(model, fmt, PROMPTS) if shared_prefix else None) or fmt.encode(PROMPTS)
+
+    ref = hf_greedy_new_tokens(model, enc(), N_TOKENS, pad)
+    got = decode_greedy(model, enc(), N_TOKENS, pad_token_id=pad)
+    assert torch.equal(got, ref)
+    assert torch.equal(greedy_new_tokens(model, enc(), N_TOKENS, pad), ref)
+    assert (ref == pad).any(), "some rows must have ended early"
+
+
+def test_no_row_ending_runs_to_the_token_budget(tiny_tokenizer):
+    model = make_tiny("llama", len(tiny_tokenizer))
+    fmt = _fmt(tiny_tokenizer)
+    model.generation_config.eos_token_id = None
+    enc = fmt.encode(PROMPTS[:4])
+    ref = hf_greedy_new_tokens(model, enc, 7, tiny_tokenizer.pad_token_id)
+    assert ref.shape == (4, 7)
+    assert torch.equal(decode_greedy(model, fmt.encode(PROMPTS[:4]), 7, eos_ids=[], pad_token_id=0), ref)
+
+
+def _plans(model, fmt):
+    g = torch.Generator().manual_seed(3)
+    arch = inspect_model(model)
+    cands = Candidates.from_means(torch.randn(fmt.n_post, arch.n_layers + 1, arch.d_model, generator=g,
+                                              dtype=torch.float64),
+                                  torch.randn(fmt.n_post, arch.n_layers + 1, arch.d_model, generator=g,
+                                              dtype=torch.float64))
+    return [None, resolve(Edit.full(-1, 1), cands), resolve(Edit.full(-2, 2), cands)]
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_row_plans_keep_their_plan_when_rows_are_dropped(tiny_tokenizer, arch, shared_prefix):
+    """Several edits hooked in one batch (hooked_rows): after rows leave, every remaining row keeps its own plan."""
+    model = make_tiny(arch, len(tiny_tokenizer))
+    fmt = _fmt(tiny_tokenizer)
+    prompts = PROMPTS[:6]
+    plans = _plans(model, fmt)
+    groups = [k for k in range(len(plans)) for _ in prompts]
+    everything = prompts * len(plans)
+    block = first_block(model)
+    with hooked_rows(model, plans) as rows:
+        rows.use(groups)
+        # an EOS id that some rows (under some plan) emit early
+        t = _early_eos(model, fmt, everything)
+        model.generation_config.eos_token_id = [t, tiny_tokenizer.eos_token_id]
+        kw = dict(max_new_tokens=N_TOKENS, batch_size=len(everything), progress=False, return_ids=True,
+                  rows=rows, groups=groups, shared_prefix=shared_prefix)
+        ref = generate(model, fmt, everything, drop_finished=False, **kw)
+        with batch_sizes(block) as seen:
+            got = generate(model, fmt, everything, drop_finished=True, **kw)
+    assert got == ref
+    assert seen[-1] < len(everything), "rows must have been dropped"
+    assert ref[:len(prompts)] != ref[len(prompts):2 * len(prompts)], "the plans must change some completions"
+
+
+def test_model_generate_runs_where_the_loop_cannot_be_exact(tiny_tokenizer):
+    """A logits processor (repetition penalty), a static cache, or the flag off: HF model.generate, same tokens."""
+    from transformers import DynamicCache, StaticCache
+
+    model = make_tiny("qwen2", len(tiny_tokenizer))
+    fmt = _fmt(tiny_tokenizer)
+    enc = fmt.encode(PROMPTS[:4])
+    pad = tiny_tokenizer.pad_token_id
+    assert _greedy_setup(model, enc, 5, pad) is not None
+    model.generation_config.repetition_penalty = 1.3
+    assert _greedy_setup(model, enc, 5, pad) is None
+    with pytest.raises(RefdirError):
+        decode_greedy(model, enc, 5, pad_token_id=pad)
+    with batch_sizes(first_block(model)) as seen:
+        out = greedy_new_tokens(model, enc, 5, pad)
+    assert torch.equal(out, hf_greedy_new_tokens(model, enc, 5, pad)) and seen  # through model.generate
+    model.generation_config.repetition_penalty = 1.0
+    ref = greedy_new_tokens(model, enc, 5, pad, drop_finished=False)
+    assert torch.equal(ref, hf_greedy_new_tokens(model, enc, 5, pad))
+    assert _rows_selectable(DynamicCache(config=model.config))
+    assert not _rows_selectable(StaticCache(config=model.config, max_cache_len=32))
+    assert _greedy_setup(model, {**enc, "cache": StaticCache(config=model.config, max_cache_len=64)}, 5, pad) is None
+
+
+def test_a_model_that_overrides_generation_steps_gets_model_generate(tiny_tokenizer):
+    """phi3 overrides prepare_inputs_for_generation (it may switch its rope): the loop is not used, tokens unchanged."""
+    model = make_tiny("phi3", len(tiny_tokenizer))
+    fmt = _fmt(tiny_tokenizer)
+    _with_eos(model, fmt, PROMPTS)
+    assert _greedy_setup(model, fmt.encode(PROMPTS), N_TOKENS, tiny_tokenizer.pad_token_id) is None
+    kw = dict(max_new_tokens=N_TOKENS, batch_size=len(PROMPTS), progress=False, return_ids=True)
+    with batch_sizes(first_block(model)) as seen:
+        got = generate(model, fmt, PROMPTS, **kw)
+    assert got == generate(model, fmt, PROMPTS, drop_finished=False, **kw)
+    assert set(seen) == {len(PROMPTS)}, "model.generate keeps every row"

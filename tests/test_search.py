@@ -257,3 +257,33 @@ def test_default_per_mark_follows_the_compute_dtype():
     m = torch.nn.Linear(2, 2)
     assert default_per_mark(m) == 1
     assert default_per_mark(m.to(torch.bfloat16)) == 2
+
+
+def test_each_optimized_direction_gets_its_own_refinement():
+    """With an optimized direction in the space, its nearest front point is refined even when the difference-in-
+    means points nearer the mark fill the per-mark slots (the demo's case: RDO's full strength sat third nearest)."""
+    import optuna
+
+    from refdir.method.search import Space, refine_front
+
+    space = Space([-1], 4, 1.0, 3.0, 1.0, ["plain"], ("dim", "rdo"))
+    gain = {"dim": 1.0, "rdo": 1.3}  # rdo cuts more refusal per unit of strength, at more KL
+
+    def objective(trial):
+        e = space.suggest(trial)
+        a = e.attn.kernel.peak
+        return -gain[e.direction] * 2 * a, 0.1 * gain[e.direction] ** 2 * 2 * a * a
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    for d, peak in (("dim", 0.35), ("dim", 0.55), ("rdo", 0.6)):  # KL 0.0245, 0.0605, 0.1217 (all on the front)
+        study.enqueue_trial(space.full_params(-1, 2.0, "plain", d) | {"attn_peak": peak, "mlp_peak": peak})
+    study.optimize(objective, n_trials=3)
+    refine_front(study, objective, space, [0.05], per_mark=2, progress=False)
+    sources = {t.user_attrs["refine_of"] for t in study.trials if "refine_of" in t.user_attrs}
+    assert sources == {0, 1, 2}
+    refined = [t for t in study.trials if t.user_attrs.get("refine_of") == 2]
+    assert refined and refined[0].params["direction"] == "rdo"
+    # without the optimized direction in the space, two sources as before
+    space1 = Space([-1], 4, 1.0, 3.0, 1.0, ["plain"])
+    assert "direction" not in space1.full_params(-1, 2.0)

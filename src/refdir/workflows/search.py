@@ -257,8 +257,9 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
         if budget is None:
             todo = run_trials(study, objective, trials, cfg.kl_marks, progress, callbacks)
         else:
-            # kept for refinement (up to 2 trials per source) and calibration (1 per mark)
-            reserve = (2 * refine + 1) * len(cfg.kl_marks)
+            # kept for refinement (up to 2 trials per source; one more source per optimized direction) and
+            # calibration (1 per mark)
+            reserve = (2 * (refine + len(cands.optimized)) + 1) * len(cfg.kl_marks)
             todo = run_budget(study, objective, budget, reserve, cfg.kl_marks, progress)
     with timings.phase("refine"):
         n_refined = refine_front(study, objective, space, cfg.kl_marks, refine, progress, budget) if refine > 0 else 0

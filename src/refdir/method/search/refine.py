@@ -30,7 +30,8 @@ def refine_front(study, objective, space: Space, marks: list[float], per_mark: i
                  progress: bool = True, budget: float | None = None) -> int:
     """Strength refinement towards each KL mark. For each mark ``m``, the (up to) ``per_mark`` front points nearest
     to ``REFINE_MARGIN·m`` in log KL (within a factor 8), leaving out those already within ``REFINE_TOL`` of it,
-    those refined for this mark before and full-strength ones below it, are scaled by ``a = sqrt(0.9·m / KL)``, then
+    those refined for this mark before and full-strength ones below it (and, where the space has optimized
+    directions, the nearest such point of each direction not among them), are scaled by ``a = sqrt(0.9·m / KL)``, then
     once more by a secant step in log–log if the first try misses by more than ``REFINE_TOL``. Every scaled edit is
     a study trial (user attrs ``refine_of``, ``mark``); sources come from the searched (not refined) trials, and a
     (point, mark) pair refined before, e.g. in an interrupted run, is not redone. With a ``budget`` (seconds, see
@@ -39,7 +40,7 @@ def refine_front(study, objective, space: Space, marks: list[float], per_mark: i
     import optuna
 
     added = 0
-    bar = tqdm(total=per_mark * len(marks), desc="refine", disable=not progress, leave=False)
+    bar = tqdm(total=per_mark * len(marks) * len(space.directions), desc="refine", disable=not progress, leave=False)
     for m in marks:
         target = REFINE_MARGIN * m
         trs = [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
@@ -47,8 +48,13 @@ def refine_front(study, objective, space: Space, marks: list[float], per_mark: i
         trs = [tr for tr in trs if "refine_of" not in tr.user_attrs]  # sources: the front of the searched trials
         front = [trs[i] for i in pareto_front([(tr.values[0], tr.values[1]) for tr in trs])]
         # a source refined before (an interrupted run) keeps its slot, so a rerun picks the same sources
-        near = sorted((tr for tr in front if (tr.number, m) in done or refinable(tr, target, space)),
-                      key=lambda tr: abs(math.log(tr.values[1] / target)))[:per_mark]
+        ok = sorted((tr for tr in front if (tr.number, m) in done or refinable(tr, target, space)),
+                    key=lambda tr: abs(math.log(tr.values[1] / target)))
+        near = ok[:per_mark]
+        # with several direction sources, each one's nearest front point gets its scaling too
+        for d in space.directions[1:] if len(space.directions) > 1 else ():
+            if not any(tr.params.get("direction") == d for tr in near):
+                near += [tr for tr in ok if tr.params.get("direction") == d][:1]
         for src in near:
             bar.update(1)
             if (src.number, m) in done:

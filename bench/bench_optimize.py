@@ -11,7 +11,7 @@ refusals on the harmful prompts (greedy, ``--tokens`` new tokens, the ``wide`` j
 beside it) and the mean first-token KL(base ‖ ablated) on the first ``--n-kl`` harmless prompts.
 
     python bench/bench_optimize.py RUN [--steps 8] [--batch-size 4] [--target-tokens 16] [--skip-cone]
-    python bench/bench_optimize.py RUN --no-timing --direction RUN/optimize/rdo \\
+    python bench/bench_optimize.py RUN --no-timing --direction RUN/optimize/rdo [--extra RUN/optimize/cone_k2] \\
         --harmful-val P/harmful_val.json --harmless-val P/harmless_val.json
 """
 
@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from refdir.core.directions import Direction
+from refdir.core.directions import Direction, load_ablation
+from refdir.core.edits import Edit, Plan, hooked, resolve
 from refdir.core.forward import last_logits
 from refdir.core.generation import generate
 from refdir.core.interventions import ablate
@@ -34,7 +35,14 @@ from refdir.core.rundir import RunDir
 from refdir.method.optimize import Trainer
 from refdir.method.refusal_judge import judge_all
 from refdir.method.scoring import first_token_kl
-from refdir.workflows.optimize import OptimizeSettings, grow, make_targets, open_context, train_sets
+from refdir.workflows.optimize import (
+    OptimizeSettings,
+    grow,
+    make_targets,
+    open_context,
+    saved_rdo,
+    train_sets,
+)
 
 
 def peak_rss_gib() -> float:
@@ -65,18 +73,23 @@ def timing(ctx, s: OptimizeSettings, skip_cone: bool) -> torch.Tensor:
     return rdo
 
 
-def compare(ctx, r_rdo: torch.Tensor, harmful: list[str], harmless: list[str], tokens: int, batch: int) -> dict:
-    """Refusals (of len(harmful)) and mean first-token KL for the base model, d ablated and r ablated."""
+def compare(ctx, r_rdo: torch.Tensor, harmful: list[str], harmless: list[str], tokens: int, batch: int,
+            extra: dict[str, torch.Tensor] | None = None) -> dict:
+    """Refusals (of len(harmful)) and mean first-token KL for the base model, d ablated, r ablated and each of
+    ``extra`` (name → a direction [d] or a subspace basis [k, d], its whole span ablated, or an edit's Plan, hooked)."""
     m, fmt = ctx.model, ctx.fmt
     base_logp = torch.log_softmax(last_logits(m, fmt, harmless, batch, shared_prefix=True).double(), -1)
     out = {}
-    for name, v in (("base", None), ("difference-in-means", ctx.direction.vector), ("RDO", r_rdo)):
+    arms = [("base", None), ("difference-in-means", ctx.direction.vector), ("RDO", r_rdo), *(extra or {}).items()]
+    for name, v in arms:
+        if v is None and name != "base":
+            continue
         t = time.perf_counter()
         if v is None:
             comps = generate(m, fmt, harmful, max_new_tokens=tokens, batch_size=batch, desc=name)
             kl = 0.0
         else:
-            with ablate(m, v):
+            with hooked(m, v) if isinstance(v, Plan) else ablate(m, v):
                 comps = generate(m, fmt, harmful, max_new_tokens=tokens, batch_size=batch, desc=name)
                 kl = float(first_token_kl(base_logp, last_logits(m, fmt, harmless, batch, shared_prefix=True)).mean())
         j = judge_all(comps, "wide")
@@ -89,6 +102,13 @@ def compare(ctx, r_rdo: torch.Tensor, harmful: list[str], harmless: list[str], t
     if r_rdo is not None:
         print(f"cos(RDO, difference-in-means) = {float(ctx.direction.unit() @ torch.nn.functional.normalize(r_rdo.float(), dim=0)):.4f}")
     return out
+
+
+def chosen_plan(rd: RunDir) -> Plan:
+    """The chosen edit of a search run, resolved with its candidates (and its RDO direction, if it trained one)."""
+    edit = Edit.from_dict(json.loads((rd.path / "summary.json").read_text())["choice"]["edit"])
+    cands, rdo = rd.candidates(), saved_rdo(rd)
+    return resolve(edit, cands if rdo is None else cands.with_optimized("rdo", rdo))
 
 
 def main() -> None:
@@ -109,6 +129,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=100)
     ap.add_argument("--gen-batch", type=int, default=20)
     ap.add_argument("--json", help="write the comparison (with completions) here")
+    ap.add_argument("--chosen", action="store_true", help="also the run's chosen edit (search runs)")
+    ap.add_argument("--extra", action="append", default=[],
+                    help="another direction or subspace file to compare (its whole span ablated), e.g. a cone's "
+                         "RUN/optimize/cone_k2; repeatable")
     a = ap.parse_args()
     s = OptimizeSettings(steps=a.steps, batch_size=a.batch_size, target_tokens=a.target_tokens, n_train=a.n_train,
                          n_val=a.n_val, eval_every=a.eval_every).check()
@@ -124,7 +148,10 @@ def main() -> None:
     if a.harmful_val and a.harmless_val:
         harmful = [x["instruction"] for x in json.loads(Path(a.harmful_val).read_text())]
         harmless = [x["instruction"] for x in json.loads(Path(a.harmless_val).read_text())][:a.n_kl]
-        res = compare(ctx, r, harmful, harmless, a.tokens, a.gen_batch)
+        extra = {Path(f).name: load_ablation(f) for f in a.extra}
+        if a.chosen:
+            extra["run's chosen edit"] = chosen_plan(RunDir(a.run))
+        res = compare(ctx, r, harmful, harmless, a.tokens, a.gen_batch, extra)
         if a.json:
             Path(a.json).write_text(json.dumps(res, indent=1))
     print(f"peak RSS {peak_rss_gib():.2f} GiB")

@@ -128,7 +128,8 @@ def stage_edit_checkpoint(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, can
                           progress: bool = True) -> dict | None:
     """Write the chosen edit into the loaded model's weights (in place: no second copy) and save it as a HF
     checkpoint (and a GGUF when the input was one); prove by logits that the weights compute what the hooks
-    computed. The model in memory is the edited one afterwards, so this is the run's last model stage."""
+    computed. The model in memory is the edited one afterwards, and with a GGUF to write it is released first, so
+    this is the run's last model stage."""
     if not cfg.save_checkpoint:
         return None
     key = rd.key(rdl.CHECKPOINT, {**cfg.settings(rdl.CHECKPOINT), "choice": choice["edit"]},
@@ -155,7 +156,10 @@ def stage_edit_checkpoint(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, can
         atomic_write_json(d / rdl.CHECKPOINT_MODEL_DIR / "refdir_edit.json", meta)
         gg = None
         if src is not None:
-            gg = export_gguf_plan(src, plan_to_cpu(plan), d / rdl.CHECKPOINT_GGUF_FILE, progress=progress)
+            plan = plan_to_cpu(plan)
+            del lm
+            m.release()  # the export reads the source GGUF, not the model: its weights need not stay in memory
+            gg = export_gguf_plan(src, plan, d / rdl.CHECKPOINT_GGUF_FILE, progress=progress)
         res = {"path": str(rd.checkpoint_model_dir()), "verified": verified,
                "gguf": {"path": str(rd.stage_dir(rdl.CHECKPOINT) / rdl.CHECKPOINT_GGUF_FILE),
                         "changed_types": gg["changed_types"], "post_norms": gg["post_norms"]} if gg else None}

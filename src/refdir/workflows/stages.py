@@ -10,6 +10,7 @@ not recomputed: its values are read back, and the model is not loaded for it. ``
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import asdict, fields
@@ -140,6 +141,12 @@ class Loaded:
             self.load_s = time.time() - t
             check_fits(self.fmt, self.prompts, context_length(self._lm.model))
         return self._lm
+
+    def release(self) -> None:
+        """Free the model's weights once no stage needs them (before the GGUF export); its source stays known."""
+        if self._lm is not None:
+            self._lm.model = None
+            gc.collect()
 
     @property
     def fmt(self) -> ChatFormat:

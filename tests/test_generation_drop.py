@@ -18,7 +18,6 @@ from refdir.core.forward import prefix_encode
 from refdir.core.generation import (
     _greedy_setup,
     _rows_selectable,
-    decode_greedy,
     generate,
     greedy_new_tokens,
     hf_greedy_new_tokens,
@@ -120,7 +119,7 @@ def test_new_token_tensors_equal_model_generate(tiny_tokenizer, arch, shared_pre
         return (prefix_encode(model, fmt, PROMPTS) if shared_prefix else None) or fmt.encode(PROMPTS)
 
     ref = hf_greedy_new_tokens(model, enc(), N_TOKENS, pad)
-    got = decode_greedy(model, enc(), N_TOKENS, pad_token_id=pad)
+    got = greedy_new_tokens(model, enc(), N_TOKENS, pad, fallback=False)
     assert torch.equal(got, ref)
     assert torch.equal(greedy_new_tokens(model, enc(), N_TOKENS, pad), ref)
     assert (ref == pad).any(), "some rows must have ended early"
@@ -133,7 +132,7 @@ def test_no_row_ending_runs_to_the_token_budget(tiny_tokenizer):
     enc = fmt.encode(PROMPTS[:4])
     ref = hf_greedy_new_tokens(model, enc, 7, tiny_tokenizer.pad_token_id)
     assert ref.shape == (4, 7)
-    assert torch.equal(decode_greedy(model, fmt.encode(PROMPTS[:4]), 7, eos_ids=[], pad_token_id=0), ref)
+    assert torch.equal(greedy_new_tokens(model, fmt.encode(PROMPTS[:4]), 7, 0, eos_ids=[], fallback=False), ref)
 
 
 def _plans(model, fmt):
@@ -184,7 +183,7 @@ def test_model_generate_runs_where_the_loop_cannot_be_exact(tiny_tokenizer):
     model.generation_config.repetition_penalty = 1.3
     assert _greedy_setup(model, enc, 5, pad) is None
     with pytest.raises(RefdirError):
-        decode_greedy(model, enc, 5, pad_token_id=pad)
+        greedy_new_tokens(model, enc, 5, pad, fallback=False)
     with batch_sizes(first_block(model)) as seen:
         out = greedy_new_tokens(model, enc, 5, pad)
     assert torch.equal(out, hf_greedy_new_tokens(model, enc, 5, pad)) and seen  # through model.generate

@@ -2,7 +2,7 @@
 
 Two decoders give the same tokens:
 
-- :func:`decode_greedy`, the default: a plain greedy loop over a ``DynamicCache`` that drops the rows that have
+- the default (:func:`greedy_new_tokens`): a plain greedy loop over a ``DynamicCache`` that drops the rows that have
   finished (emitted an EOS id) from the batch, so that every later step computes only the rows still running.
   Short answers (refusals) end long before ``max_new_tokens``, so batches shrink fast;
 - HF ``model.generate``, the reference: it keeps computing finished rows (feeding them padding) until every row
@@ -49,7 +49,7 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
     per plan) and handed to the decoder as its KV cache; each row is ``prefix + pad… + own tokens`` with the
     padding masked out, so every token sees what it would see unpadded (the same scheme as
     :func:`refdir.core.forward.shared_prefix_batches`). Not for hooks that count positions from an empty cache.
-    ``drop_finished``: rows leave the batch once they end (:func:`decode_greedy`); ``False``: HF ``model.generate``
+    ``drop_finished``: rows leave the batch once they end (:func:`greedy_new_tokens`); ``False``: HF ``model.generate``
     (the reference, same tokens); ``None``: :data:`DROP_FINISHED`."""
     check_groups(rows, groups, len(instructions))
     dev = next(model.parameters()).device
@@ -80,12 +80,15 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
     return [results[i] for i in range(len(instructions))]
 
 
+@torch.no_grad()
 def greedy_new_tokens(model, enc: dict, max_new_tokens: int, pad_token_id: int | None, *,
                       eos_ids=None, rows=None, groups: list[int] | None = None,
-                      drop_finished: bool | None = None) -> torch.Tensor:
+                      drop_finished: bool | None = None, fallback: bool = True) -> torch.Tensor:
     """Greedy decoding of one encoded batch (sampling settings switched off): the new token ids [b, n_new], each
     row padded with ``pad_token_id`` after its end. With ``drop_finished`` (default :data:`DROP_FINISHED`) and a
-    model / cache the plain loop supports, :func:`decode_greedy`; otherwise HF ``model.generate``. ``eos_ids``: the
+    model / cache the plain loop supports, a loop that drops each row from the batch once it ends; otherwise HF
+    ``model.generate`` (``fallback=False``: raise :class:`RefdirError` instead, for a model, generation config or
+    cache the loop cannot decode exactly like ``model.generate``). ``eos_ids``: the
     ids that end a row (default: the ones ``model.generate`` stops at, which makes the two outputs equal as
     tensors; a superset ends rows earlier, equal up to each row's first id of the set). ``rows`` / ``groups``:
     several plans hooked (:func:`refdir.core.edits.hooked_rows`), ``groups[j]`` the plan of batch row ``j``; the
@@ -93,6 +96,8 @@ def greedy_new_tokens(model, enc: dict, max_new_tokens: int, pad_token_id: int |
     drop = DROP_FINISHED if drop_finished is None else drop_finished
     setup = _greedy_setup(model, enc, max_new_tokens, pad_token_id) if drop else None
     if setup is None:
+        if drop and not fallback:
+            raise RefdirError("this model / generation config / cache needs HF model.generate (rows cannot be dropped)")
         return hf_greedy_new_tokens(model, enc, max_new_tokens, pad_token_id)
     return _decode(model, enc, max_new_tokens, setup, eos_ids, pad_token_id, rows, groups)
 
@@ -101,20 +106,6 @@ def hf_greedy_new_tokens(model, enc: dict, max_new_tokens: int, pad_token_id: in
     """The reference: HF ``model.generate`` greedy (finished rows keep being computed): new token ids [b, n_new]."""
     gen = model.generate(**enc, **_hf_kwargs(max_new_tokens, pad_token_id))
     return gen[:, enc["input_ids"].shape[1]:]
-
-
-@torch.no_grad()
-def decode_greedy(model, enc: dict, max_new_tokens: int, eos_ids=None, pad_token_id: int | None = None,
-                  rows=None, groups: list[int] | None = None) -> torch.Tensor:
-    """Greedy decoding of one encoded batch (``input_ids``, ``attention_mask`` and optionally a prefix KV cache, as
-    from :func:`refdir.core.forward.prefix_encode`) that drops each row from the batch once it emits one of
-    ``eos_ids``: new token ids [b, n_new], ``pad_token_id`` after each row's end. Raises :class:`RefdirError` for a
-    model, generation config or cache it cannot decode exactly like ``model.generate`` (see
-    :func:`greedy_new_tokens`, which falls back instead)."""
-    setup = _greedy_setup(model, enc, max_new_tokens, pad_token_id)
-    if setup is None:
-        raise RefdirError("this model / generation config / cache needs HF model.generate (rows cannot be dropped)")
-    return _decode(model, enc, max_new_tokens, setup, eos_ids, pad_token_id, rows, groups)
 
 
 # ------------------------------------------------------------------------------------------ the plain loop
@@ -207,8 +198,7 @@ def _decode(model, enc: dict, max_new_tokens: int, setup: _Setup, eos_ids, pad_t
     ids, mask = enc["input_ids"], enc["attention_mask"]
     dev = ids.device
     b = ids.shape[0]
-    if rows is not None and (groups is None or len(groups) != b):
-        raise RefdirError("rows and groups go together: one plan index per batch row")
+    check_groups(rows, groups, b)
     stop = sorted({int(t) for t in eos_ids}) if eos_ids is not None else setup.stop_ids
     pad = pad_token_id if pad_token_id is not None else setup.pad_id
     if pad is None:

@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from refdir.core.rundir import RunDir
+from refdir.core.rundir import EVAL, RunDir
 from refdir.method.refusal_judge import judge
 
 
@@ -27,7 +27,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     rd = RunDir(a.run)
-    comps = json.loads((rd.stage_dir("eval") / "completions.json").read_text())["completions"]
+    comps = json.loads((rd.stage_dir(EVAL) / "completions.json").read_text())["completions"]
     tok_dir = rd.checkpoint_model_dir()
     if not Path(tok_dir).is_dir():
         raise SystemExit(f"{tok_dir}: the run has no checkpoint, whose tokenizer this script reads")

@@ -52,7 +52,7 @@ def refine_front(study, objective, space: Space, marks: list[float], per_mark: i
                     key=lambda tr: abs(math.log(tr.values[1] / target)))
         near = ok[:per_mark]
         # with several direction sources, each one's nearest front point gets its scaling too
-        for d in space.directions[1:] if len(space.directions) > 1 else ():
+        for d in space.directions[1:]:
             if not any(tr.params.get("direction") == d for tr in near):
                 near += [tr for tr in ok if tr.params.get("direction") == d][:1]
         for src in near:

@@ -47,9 +47,10 @@ def main() -> None:
     print(f"cpu: {cpu_flags()}; python {platform.python_version()}")
     wall, rss = run_child(["run", "default", "--out", out, *argv])
     summary = json.loads((Path(out) / "summary.json").read_text())
-    print(f"fresh run: {wall:.1f} s wall, peak RSS {rss:.0f} MiB")
+    print(f"fresh run: {wall:.1f} s wall, peak RSS {rss:.0f} MiB = {rss / 1024:.2f} GiB = {rss * 2**20 / 1e9:.2f} GB")
+    peaks = summary.get("peak_rss_mib", {})
     for k, v in summary["timings_s"].items():
-        print(f"  {k:16s} {v:8.1f} s")
+        print(f"  {k:16s} {v:8.1f} s" + (f"   peak RSS so far {peaks[k]:6.0f} MiB" if k in peaks else ""))
     wall2, _ = run_child(["run", "default", "--out", out, *argv])
     print(f"cached rerun: {wall2:.1f} s wall")
     if summary.get("method") == "search":

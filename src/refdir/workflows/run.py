@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -70,11 +71,13 @@ def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict 
     m = Loaded(cfg.model)  # loaded by the first stage that needs it
     t0 = time.time()
     times: dict[str, float] = {}
+    rss: dict[str, float] = {}  # the process's peak RSS (MiB) at the end of each stage: it grows where it peaked
 
     def timed(name, fn, *a, **kw):
         t = time.time()
         r = fn(*a, **kw)
         times[name] = round(time.time() - t, 2)
+        rss[name] = peak_rss_mib()
         return r
 
     # 1. harmful/harmless train, val and test prompts
@@ -102,10 +105,16 @@ def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict 
     else:
         summary = paper_stages(rd, cfg, m, sets, ids, filt, cands, timed, progress)
         summary["timings_s"] = finish_times(times, t0, m)
+    summary["peak_rss_mib"] = rss
     rd.write_summary(summary)
     rd.write_manifest(run_manifest(rd, cfg, m, sets))
     write_report(rd.path)
     return summary
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, MiB (``ru_maxrss`` is KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def finish_times(times: dict, t0: float, m: Loaded) -> dict:

@@ -50,6 +50,10 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
     assert s["method"] == "search"
     c = s["choice"]
     assert c["kl_target"] == 0.05 and Edit.from_dict(c["edit"])  # a real edit of the study
+    # the one pick is confirmed by calibration KL alone: no generation before the test
+    assert c["val"] is None or set(c["val"]) == {"kl", "n_kl"}
+    conf = json.loads((tmp_path / "r" / "search" / "confirm.json").read_text())
+    assert not any("completions" in v for v in conf.values())
     sc = s["test"]["scores"]
     # every arm on both sets' harmful prompts; harmless refusal for base and chosen; KL for the edited arms
     # the chosen edit on both sets; the base model and the plain direction where the headline is (held out)

@@ -223,10 +223,12 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
 def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, confirm: tuple[list[str], list[str]],
                   *, trials: int = 20, budget: float | None = None, refine: int = 2, per_mark: int | None = None,
                   max_confirm: int = 0, confirm_plain: bool = False, confirm_extra: int = 0, calibrate: bool = True,
-                  max_new_tokens: int | None = None, progress: bool = True, callbacks: list | None = None) -> dict:
+                  max_new_tokens: int | None = None, generate: bool = True, progress: bool = True,
+                  callbacks: list | None = None) -> dict:
     """The search's phases on a prepared run: proxy, warm-start selection, TPE trials (``trials`` in all, or as
     many as ``budget`` seconds of trial time allow, refinement included), refinement, confirmation on
-    ``confirm`` = (harmful, harmless) prompts. Returns the summary (not written)."""
+    ``confirm`` = (harmful, harmless) prompts (by KL alone with ``generate=False``). Returns the summary (not
+    written)."""
     run, lm, fmt, cands = cfg.run, p.m.lm, p.m.fmt, p.cands
     if per_mark is None:
         per_mark = default_per_mark(lm.model)
@@ -268,7 +270,7 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
                             batch_size=run.batch_size, gen_batch_size=run.gen_batch_size,
                             max_new_tokens=max_new_tokens or run.max_new_tokens, judge=run.judge, progress=progress)
         confirmed = conf.run(cfg.kl_marks, per_mark=per_mark, max_confirm=max_confirm, confirm_plain=confirm_plain,
-                             confirm_extra=confirm_extra, seed=run.data.seed, calibrate=calibrate)
+                             confirm_extra=confirm_extra, seed=run.data.seed, calibrate=calibrate, generate=generate)
     timings.s["total"] = round(time.time() - timings.t0, 2)
     return {"config": cfg.model_dump(), **trial_counts(conf.rows), "n_layers": L, "model_id": lm.model_id,
             "positions": cands.positions, **confirmed, "timings_s": timings.s, "new_trials": todo,
@@ -278,7 +280,6 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
 
 # ------------------------------------------------------------------------------------------ inside `refdir run`
 
-CONFIRM_TOKENS = 64  # tokens generated per val harmful prompt for the pick (recorded beside the test's numbers)
 CALIBRATION_PROMPTS = 80  # harmless train prompts whose first-token KL calibrates the pick (the proxy uses val)
 
 
@@ -295,9 +296,8 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
     """The search as a stage of ``refdir run``: resumes the study in the run's search directory (a study made with
     other settings is started over), spends what is left of ``cfg.budget`` on trials, refines towards the KL
     target and chooses the point. Choosing reads only prompts that are not test prompts: the proxy on the val
-    split, the calibration KL on harmless train prompts, the pick's generations on harmful val prompts. A finished
-    search with at least this
-    budget is read back without loading the model. Returns the search summary with ``choice``."""
+    split and the calibration KL on harmless train prompts. A finished search with at least this budget is read
+    back without loading the model. Returns the search summary with ``choice``."""
     scfg = run_search_config(cfg)
     sdir = p.rd.search_dir()
     check_study_config(sdir / "config.json", scfg.model_dump(), True, p.rd.path)
@@ -311,11 +311,12 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
             return prev
     make_output_dir(sdir)
     atomic_write_json(sdir / "config.json", scfg.model_dump())
-    harmful = p.filt["val"]["harmful"][: scfg.n_val_harmful]
     harmless = p.sets["harmless"]["train"][:CALIBRATION_PROMPTS]
-    # one pick under the target: choosing between picks by generation on 24 val prompts was noise (NOTES.md)
-    res = search_phases(p, scfg, sdir, timings, (harmful, harmless), budget=cfg.budget, per_mark=1,
-                        max_new_tokens=CONFIRM_TOKENS, progress=progress)
+    # one pick under the target: choosing between picks by generation on 24 val prompts was noise (NOTES.md); with
+    # one pick, generating it would change nothing chosen, so it is confirmed (calibrated) by KL alone and judged by
+    # generation once, on the test prompts, in the eval stage
+    res = search_phases(p, scfg, sdir, timings, ([], harmless), budget=cfg.budget, per_mark=1, generate=False,
+                        progress=progress)
     res["choice"] = choose(res, cfg.kl_target)
     atomic_write_json(f, res)
     write_search_report(p.rd, res)

@@ -96,10 +96,11 @@ class Confirmation:
         self.others: list[dict] = []
 
     def run(self, marks: list[float], *, per_mark: int = 1, max_confirm: int = 0, confirm_plain: bool = False,
-            confirm_extra: int = 0, seed: int = 42, calibrate: bool = True) -> dict:
+            confirm_extra: int = 0, seed: int = 42, calibrate: bool = True, generate: bool = True) -> dict:
         """Choose the arms, calibrate the marks' picks (unless ``calibrate`` is off), confirm every arm and return
         the summary's confirmation fields; the trial rows (``self.rows``) carry each arm's result as
-        ``confirmed``."""
+        ``confirmed``. ``generate=False`` confirms by KL alone (no completions, no refusal counts): for a caller
+        that takes one pick per mark, where generation would change nothing it chooses."""
         self.choose(marks, per_mark, max_confirm, confirm_plain)
         if calibrate:
             self.calibrate()
@@ -109,7 +110,8 @@ class Confirmation:
         random.Random(seed).shuffle(rest)
         self.kls(rest[:confirm_extra])
         arms = list({key(r): r for r in [None, *picked, *self.others, *rest[:confirm_extra]]}.values())
-        self.generated(arms)
+        if generate:
+            self.generated(arms)
         for r in arms[1:]:
             r["confirmed"] = self.cache[key(r)]
         return self.summary(marks)
@@ -242,25 +244,30 @@ class Confirmation:
         ok = [r for r in self.rows if "confirmed" in r and r["confirmed"]["kl"] <= kmax]
         if not ok:
             return None
-        b = min(ok, key=lambda r: (r["confirmed"]["refusals"], r["confirmed"]["kl"]))
-        return {"trial": b["trial"], "refusals": b["confirmed"]["refusals"],
-                "refusals_paper": b["confirmed"]["refusals_paper"], "kl": b["confirmed"]["kl"],
-                "n": self.cache["base"]["n"]}
+        b = min(ok, key=lambda r: (r["confirmed"].get("refusals", 0), r["confirmed"]["kl"]))
+        return {"trial": b["trial"], "refusals": b["confirmed"].get("refusals"),
+                "refusals_paper": b["confirmed"].get("refusals_paper"), "kl": b["confirmed"]["kl"],
+                "n": self.base()["n"]}
+
+    def base(self) -> dict:
+        """The base model's confirmation (KL 0 by definition; refusals only where it was generated)."""
+        return self.cache.get("base") or {"kl": 0.0, "n_kl": len(self.harmless), "n": None}
 
     def summary(self, marks: list[float]) -> dict:
         """The summary's confirmation fields, in the summary's order; numbers the front points."""
-        base = self.cache["base"]
+        base = self.base()
         conf = [r for r in self.rows if "confirmed" in r]
-        xs = [self.proxy.base_metric] + [r["proxy_refusal"] for r in conf]
-        ys = [base["refusal"]] + [r["confirmed"]["refusal"] for r in conf]
+        gen = [r for r in conf if "refusal" in r["confirmed"]] if "refusal" in base else []
+        xs = [self.proxy.base_metric] + [r["proxy_refusal"] for r in gen]
+        ys = [base.get("refusal")] + [r["confirmed"]["refusal"] for r in gen]
         kx = [0.0] + [r["proxy_kl"] for r in conf]
         ky = [base["kl"]] + [r["confirmed"]["kl"] for r in conf]
         for k, r in enumerate(self.front):
             r["point"] = k
         return {
             "proxy_prompts": {"harmful": self.proxy.nh, "harmless": len(self.proxy.prompts) - self.proxy.nh},
-            "confirm_prompts": {"harmful": len(self.harmful), "harmless": len(self.harmless),
-                                "max_new_tokens": self.max_new_tokens},
+            "confirm_prompts": {"harmful": len(self.harmful) if "refusal" in base else 0,
+                                "harmless": len(self.harmless), "max_new_tokens": self.max_new_tokens},
             "base": {"proxy_refusal": self.proxy.base_metric, "proxy_kl": 0.0, "confirmed": base},
             "plain": self.plain, "front": self.front, "trials": self.rows,
             "spearman_refusal": _spearman(xs, ys), "spearman_kl": _spearman(kx, ky), "n_confirmed": len(conf) + 1,

@@ -115,8 +115,19 @@ def _judge(res: dict) -> str:
     return res["config"]["run"]["judge"]
 
 
+def generated(res: dict) -> bool:
+    """Whether the confirmation generated completions (``refdir run`` confirms its one pick by KL alone)."""
+    return "refusals" in res["base"]["confirmed"]
+
+
 def plot_front(res: dict):
-    """Two panels: every trial and the front in proxy scores; the confirmed points in refusals and KL."""
+    """Two panels: every trial and the front in proxy scores; the confirmed points in refusals and KL (only the
+    first where nothing was generated)."""
+    if not generated(res):
+        fig, a1 = plt.subplots(figsize=(6.5, 4.6))
+        _plot_proxy(a1, res)
+        fig.tight_layout()
+        return fig
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.6))
     _plot_proxy(a1, res)
     _plot_confirmed(a2, res)
@@ -128,16 +139,20 @@ def report_html(res: dict) -> str:
     """The search's report section: what was run, the best confirmed point under each KL mark, the plot and the
     front's table."""
     jname = _judge(res)
+    gen = generated(res)
     rows = []
     for r in res["front"]:
         c = r.get("confirmed")
+        g = c is not None and "refusals" in c
         rows.append([r["point"], r["trial"], f"{r['proxy_refusal']:.2f}", f"{r['proxy_kl']:.4f}",
-                     f"{c['refusals']}/{c['n']}" if c else "", f"{c['refusals_paper']}/{c['n']}" if c else "",
+                     f"{c['refusals']}/{c['n']}" if g else "", f"{c['refusals_paper']}/{c['n']}" if g else "",
                      f"{c['kl']:.4f}" if c else "", Edit.from_dict(r["edit"]).describe()])
     b = res["base"]["confirmed"]
     rho = res["spearman_refusal"]
-    best = "; ".join(f"KL ≤ {m}: " + (f"{v['refusals']}/{v['n']} refusals at KL {v['kl']:.4f} (trial {v['trial']})"
-                                      if v else "none confirmed") for m, v in res.get("best_at_kl", {}).items())
+    best = "; ".join(f"KL ≤ {m}: " + ("none confirmed" if not v else
+                                      f"{v['refusals']}/{v['n']} refusals at KL {v['kl']:.4f} (trial {v['trial']})"
+                                      if gen else f"trial {v['trial']} at KL {v['kl']:.4f}")
+                     for m, v in res.get("best_at_kl", {}).items())
     ch = (res.get("selection") or {}).get("chosen")
     pe = (res.get("plain") or {}).get("edit")
     plain_txt = ("" if pe is None else
@@ -146,15 +161,17 @@ def report_html(res: dict) -> str:
                     "finalist with the lowest bypass. "))
     ref_txt = (" Reference points come from the file given with <code>--reference</code>; they may have been "
                "measured with another judge or precision." if res.get("reference") else "")
+    confirm = (f"{res['confirm_prompts']['max_new_tokens']} greedy tokens on {b['n']} harmful prompts ({jname} judge; "
+               f"paper substrings beside it), first-token KL on {res['confirm_prompts']['harmless']} harmless "
+               f"prompts. Base model: {b['refusals']}/{b['n']} refusals. Best confirmed point under each KL mark: "
+               f"{best}. Rank correlation (Spearman) of proxy refusal vs generated refusal over "
+               f"{res['n_confirmed']} confirmed points: {'n/a' if rho is None else f'{rho:.2f}'}. " if gen else
+               f"first-token KL on {res['confirm_prompts']['harmless']} harmless prompts (no generation: the run "
+               f"takes one point per mark and judges it on its test prompts). Point under each KL mark: {best}. ")
     txt = (f"<p>{res['n_trials']} TPE trials and {res.get('n_refined', 0)} refinement trials; proxy: refusal metric "
            f"on {res['proxy_prompts']['harmful']} harmful and "
            f"first-token KL on {res['proxy_prompts']['harmless']} harmless proxy prompts. Confirmation: "
-           f"{res['confirm_prompts']['max_new_tokens']} greedy tokens on {b['n']} harmful prompts ({jname} judge; "
-           f"paper substrings beside it), first-token KL on {res['confirm_prompts']['harmless']} harmless prompts. "
-           f"Base model: {b['refusals']}/{b['n']} refusals. Best confirmed point under each KL mark: {best}. "
-           f"Rank correlation (Spearman) of proxy refusal vs generated "
-           f"refusal over {res['n_confirmed']} confirmed points: "
-           f"{'n/a' if rho is None else f'{rho:.2f}'}. {plain_txt}Export a point: "
+           f"{confirm}{plain_txt}Export a point: "
            f"<code>refdir export DIR OUT --point K</code>.{ref_txt}</p>")
     return txt + figure_html(plot_front(res)) + table_html(
         rows, ["point", "trial", "proxy refusal", "proxy KL", f"refusals ({jname})", "refusals (paper)", "KL", "edit"])

@@ -206,3 +206,27 @@ def test_a_model_that_overrides_generation_steps_gets_model_generate(tiny_tokeni
         got = generate(model, fmt, PROMPTS, **kw)
     assert got == generate(model, fmt, PROMPTS, drop_finished=False, **kw)
     assert set(seen) == {len(PROMPTS)}, "model.generate keeps every row"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3_text"])
+@pytest.mark.parametrize("drop", [True, False])
+def test_first_step_logits_equal_a_separate_pass(tiny_tokenizer, arch, drop):
+    """generate(first_logits=True) returns the logits a separate last_logits pass computes (several plans hooked,
+    shared prefix; the loop and HF generate alike), and the same completions as without it."""
+    from refdir.core.forward import last_logits
+
+    model = make_tiny(arch, len(tiny_tokenizer))
+    fmt = _fmt(tiny_tokenizer)
+    prompts = PROMPTS[:5]
+    plans = _plans(model, fmt)
+    groups = [k for k in range(len(plans)) for _ in prompts]
+    everything = prompts * len(plans)
+    with hooked_rows(model, plans) as rows:
+        kw = dict(max_new_tokens=4, batch_size=7, progress=False, rows=rows, groups=groups, shared_prefix=True,
+                  drop_finished=drop)
+        texts, lg = generate(model, fmt, everything, first_logits=True, **kw)
+        assert texts == generate(model, fmt, everything, **kw)
+        ref = last_logits(model, fmt, everything, 7, shared_prefix=True, rows=rows, groups=groups)
+    assert lg.shape == ref.shape and lg.dtype == torch.float32
+    torch.testing.assert_close(lg, ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(lg[: len(prompts)], lg[len(prompts): 2 * len(prompts)]), "plans change the logits"

@@ -169,3 +169,37 @@ def test_an_optimized_direction_needs_the_search(tiny_model_dir, tmp_path):
                             "--method", "paper", "--direction-method", "rdo"])
     assert r.exit_code == 2 and r.output.strip().splitlines()[-1].startswith("error:")
     assert "--method search" in r.output and not (tmp_path / "p").exists()
+
+
+def test_test_kl_from_the_generation_equals_a_separate_pass(tiny_tokenizer):
+    """The eval stage's first-token KL taken from the harmless generation's first step (base and chosen) equals the
+    reference, every arm's logits from a separate pass (finish.REUSE_FIRST_LOGITS off)."""
+    from refdir.core.edits import hooked_rows
+    from refdir.core.generation import generate
+    from refdir.workflows.finish import _kls
+
+    model = make_tiny("qwen2", len(tiny_tokenizer))
+    fmt = ChatFormat(tiny_tokenizer, system="You are a helpful assistant.")
+    arch = inspect_model(model)
+    g = torch.Generator().manual_seed(5)
+    cands = Candidates.from_means(*(torch.randn(fmt.n_post, arch.n_layers + 1, arch.d_model, generator=g,
+                                                dtype=torch.float64) for _ in range(2)))
+    names = ["base", "plain", "chosen"]
+    plans = {"base": None, "plain": resolve(Edit.full(-1, 1), cands), "chosen": resolve(Edit.full(-1, 2), cands)}
+    tsets = {"test": {"harmless": ["Explain tides", "Write a poem", "Hi there"]},
+             "heldout": {"harmless": ["List colours", "Name a prime number", "Why is the sky blue", "Bake bread"]}}
+    gen_arms = [("base", "heldout"), ("chosen", "heldout"), ("chosen", "test")]  # what the eval stage generates
+    prompts = [p for a, s in gen_arms for p in tsets[s]["harmless"]]
+    groups = [names.index(a) for a, s in gen_arms for _ in tsets[s]["harmless"]]
+    with hooked_rows(model, [plans[a] for a in names]) as hr:
+        _, lg = generate(model, fmt, prompts, max_new_tokens=3, batch_size=4, progress=False, rows=hr,
+                         groups=groups, shared_prefix=True, first_logits=True)
+        known, i = {}, 0
+        for a, s in gen_arms:
+            n = len(tsets[s]["harmless"])
+            known[a, s], i = lg[i:i + n], i + n
+        got = _kls(model, fmt, tsets, plans, names, hr, 4, known)
+        ref = _kls(model, fmt, tsets, plans, names, hr, 4)
+    assert set(got) == set(ref) == {f"{a}/{s}" for a in ("plain", "chosen") for s in ("test", "heldout")}
+    for k in ref:
+        assert ref[k] > 0 and got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-7), k

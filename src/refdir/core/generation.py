@@ -42,7 +42,7 @@ _HF_STEPS = ("generate", "_sample", "_prefill", "prepare_inputs_for_generation",
 def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens: int = 128,
              batch_size: int = 16, progress: bool = True, desc: str = "generate",
              return_ids: bool = False, rows=None, groups: list[int] | None = None,
-             shared_prefix: bool = False, drop_finished: bool | None = None) -> list:
+             shared_prefix: bool = False, drop_finished: bool | None = None, first_logits: bool = False):
     """Greedy completions, left-padded batches, with a progress bar. ``rows`` / ``groups``: several edits hooked
     at once (:func:`refdir.core.edits.hooked_rows`); prompt ``i`` is generated under plan ``groups[i]``.
     ``shared_prefix``: the prompts' common token prefix (the template's system part) is run once per batch (once
@@ -50,7 +50,9 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
     padding masked out, so every token sees what it would see unpadded (the same scheme as
     :func:`refdir.core.forward.shared_prefix_batches`). Not for hooks that count positions from an empty cache.
     ``drop_finished``: rows leave the batch once they end (:func:`greedy_new_tokens`); ``False``: HF ``model.generate``
-    (the reference, same tokens); ``None``: :data:`DROP_FINISHED`."""
+    (the reference, same tokens); ``None``: :data:`DROP_FINISHED`. ``first_logits``: also return the logits the
+    first step computed at each prompt's first answer position, [N, vocab] float32 in prompt order (what
+    :func:`refdir.core.forward.last_logits` computes, without a second pass over the prompts)."""
     check_groups(rows, groups, len(instructions))
     dev = next(model.parameters()).device
     tok = fmt.tokenizer
@@ -58,6 +60,7 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
     # sort by length so that batches pad little; restore order at the end
     order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
     results: dict[int, object] = {}
+    firsts: dict[int, torch.Tensor] = {}
     # as few batches as batch_size allows, of even sizes (no small leftover batch)
     n_batches = -(-len(order) // batch_size)
     size = -(-len(order) // n_batches) if order else 1
@@ -70,20 +73,26 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
             rows.use(g)  # the batch's rows in order; the decoder re-assigns them when it drops rows
         # rows stop at any id that ends the text below (a superset of the model's own EOS ids): the cut is the same
         new = greedy_new_tokens(model, enc, max_new_tokens, tok.pad_token_id, eos_ids=eos, rows=rows, groups=g,
-                                drop_finished=drop_finished)
+                                drop_finished=drop_finished, first_logits=first_logits)
+        if first_logits:
+            new, lg = new
+            firsts.update(zip(idx, lg, strict=True))
         for j, i in enumerate(idx):
             ids = new[j].tolist()
             cut = next((k for k, t in enumerate(ids) if t in eos), len(ids))
             ids = ids[:cut]
             text = tok.decode(ids, skip_special_tokens=True)
             results[i] = (text, ids) if return_ids else text
-    return [results[i] for i in range(len(instructions))]
+    out = [results[i] for i in range(len(instructions))]
+    if first_logits:
+        return out, (torch.stack([firsts[i] for i in range(len(instructions))]) if instructions else torch.empty(0))
+    return out
 
 
 @torch.no_grad()
 def greedy_new_tokens(model, enc: dict, max_new_tokens: int, pad_token_id: int | None, *,
                       eos_ids=None, rows=None, groups: list[int] | None = None,
-                      drop_finished: bool | None = None, fallback: bool = True) -> torch.Tensor:
+                      drop_finished: bool | None = None, fallback: bool = True, first_logits: bool = False):
     """Greedy decoding of one encoded batch (sampling settings switched off): the new token ids [b, n_new], each
     row padded with ``pad_token_id`` after its end. With ``drop_finished`` (default :data:`DROP_FINISHED`) and a
     model / cache the plain loop supports, a loop that drops each row from the batch once it ends; otherwise HF
@@ -92,20 +101,27 @@ def greedy_new_tokens(model, enc: dict, max_new_tokens: int, pad_token_id: int |
     ids that end a row (default: the ones ``model.generate`` stops at, which makes the two outputs equal as
     tensors; a superset ends rows earlier, equal up to each row's first id of the set). ``rows`` / ``groups``:
     several plans hooked (:func:`refdir.core.edits.hooked_rows`), ``groups[j]`` the plan of batch row ``j``; the
-    caller has called ``rows.use(groups)``."""
+    caller has called ``rows.use(groups)``. ``first_logits``: return ``(ids, logits)``, the first step's logits
+    [b, vocab] float32 beside the ids."""
     drop = DROP_FINISHED if drop_finished is None else drop_finished
     setup = _greedy_setup(model, enc, max_new_tokens, pad_token_id) if drop else None
     if setup is None:
         if drop and not fallback:
             raise RefdirError("this model / generation config / cache needs HF model.generate (rows cannot be dropped)")
-        return hf_greedy_new_tokens(model, enc, max_new_tokens, pad_token_id)
-    return _decode(model, enc, max_new_tokens, setup, eos_ids, pad_token_id, rows, groups)
+        return hf_greedy_new_tokens(model, enc, max_new_tokens, pad_token_id, first_logits)
+    return _decode(model, enc, max_new_tokens, setup, eos_ids, pad_token_id, rows, groups, first_logits)
 
 
-def hf_greedy_new_tokens(model, enc: dict, max_new_tokens: int, pad_token_id: int | None) -> torch.Tensor:
-    """The reference: HF ``model.generate`` greedy (finished rows keep being computed): new token ids [b, n_new]."""
-    gen = model.generate(**enc, **_hf_kwargs(max_new_tokens, pad_token_id))
-    return gen[:, enc["input_ids"].shape[1]:]
+def hf_greedy_new_tokens(model, enc: dict, max_new_tokens: int, pad_token_id: int | None,
+                         first_logits: bool = False):
+    """The reference: HF ``model.generate`` greedy (finished rows keep being computed): new token ids [b, n_new]
+    (with ``first_logits``, ``(ids, the first step's logits [b, vocab] float32)``)."""
+    if not first_logits:
+        gen = model.generate(**enc, **_hf_kwargs(max_new_tokens, pad_token_id))
+        return gen[:, enc["input_ids"].shape[1]:]
+    gen = model.generate(**enc, **_hf_kwargs(max_new_tokens, pad_token_id), output_logits=True,
+                         return_dict_in_generate=True)
+    return gen.sequences[:, enc["input_ids"].shape[1]:], gen.logits[0].float()
 
 
 # ------------------------------------------------------------------------------------------ the plain loop
@@ -194,7 +210,8 @@ def _rows_selectable(cache) -> bool:
             and all(type(layer) in plain for layer in cache.layers) and (rep is None or rep in plain))
 
 
-def _decode(model, enc: dict, max_new_tokens: int, setup: _Setup, eos_ids, pad_token_id, rows, groups):
+def _decode(model, enc: dict, max_new_tokens: int, setup: _Setup, eos_ids, pad_token_id, rows, groups,
+            first_logits: bool = False):
     ids, mask = enc["input_ids"], enc["attention_mask"]
     dev = ids.device
     b = ids.shape[0]
@@ -230,8 +247,11 @@ def _decode(model, enc: dict, max_new_tokens: int, setup: _Setup, eos_ids, pad_t
                 kw["attention_mask"] = attn
             res = model(input_ids=step_ids, return_dict=True, **kw)
             cache = cache_of(res)
-            nxt = torch.argmax(res.logits[:, -1].to(dtype=torch.float32), dim=-1)
-            del res
+            step = res.logits[:, -1].to(dtype=torch.float32)
+            if first_logits and n == 0:
+                first = step.clone()
+            nxt = torch.argmax(step, dim=-1)
+            del res, step
             out[alive, n] = nxt
             n += 1
             done = torch.isin(nxt, stop_t)
@@ -252,6 +272,8 @@ def _decode(model, enc: dict, max_new_tokens: int, setup: _Setup, eos_ids, pad_t
             step_ids = nxt[:, None]
             if attn is not None:
                 attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
+    if first_logits:
+        return out[:, :n], (first if n else torch.empty(b, 0))
     return out[:, :n]
 
 

@@ -6,8 +6,9 @@ the held-out sets (``--heldout-harmful`` / ``--heldout-harmless``: another sourc
 the edit: *cross-source*), which are then the headline. Harmful prompts are generated for the base model and the
 chosen edit on every set, and for the plain direction on the headline set (``--max-new-tokens``); harmless prompts for
 the base model and the chosen edit (harmless refusal, ``HARMLESS_TOKENS``); first-token KL on harmless prompts for
-every edited arm. All arms are
-generated in one batch (:func:`refdir.core.edits.hooked_rows`).
+every edited arm, from the logits the harmless generation's first step computed where an arm was generated (one
+pass over the prompts instead of two) and a separate pass for the rest. All arms are generated in one batch
+(:func:`refdir.core.edits.hooked_rows`).
 
 The checkpoint is the loaded model edited in place (one copy of the model in memory through the run): the edit's
 logits under hooks are taken on a batch of test prompts first, the weights are edited, and the same logits are
@@ -38,6 +39,9 @@ VERIFY_PROMPTS = 16  # prompts whose logits prove the checkpoint equals the hook
 # the broad judge's harmless counts at 8, 12, 16, 24 and 32 tokens were equal on every arm and set (NOTES.md);
 # harmful ones were not (some refusals come after a first sentence), so those keep their 64
 HARMLESS_TOKENS = 16
+# first-token KL from the logits the harmless generation's first step computed (base and chosen arms), instead of a
+# second pass over those prompts; False: every arm's logits from a separate pass (the reference, tested equal)
+REUSE_FIRST_LOGITS = True
 
 
 def eval_sets(sets: dict) -> dict[str, dict[str, list[str]]]:
@@ -79,6 +83,7 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
             if arm == "chosen" or sname == headline:
                 rows += [(arm, sname, "harmless", p) for p in ts["harmless"]]
     outs: dict[int, str] = {}
+    firsts: dict[tuple[str, str], torch.Tensor] = {}  # (arm, set) -> first-step logits of its harmless rows
     with hooked_rows(model, [plans[a] for a in names]) as hr:
         for kind, n_tok in (("harmful", cfg.max_new_tokens), ("harmless", min(cfg.max_new_tokens, HARMLESS_TOKENS))):
             idx = [i for i, r in enumerate(rows) if r[2] == kind]
@@ -86,9 +91,15 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
                 continue
             o = generate(model, fmt, [rows[i][3] for i in idx], max_new_tokens=n_tok, batch_size=cfg.gen_batch_size,
                          progress=progress, desc=f"test: {kind}, {len(idx)} rows", rows=hr,
-                         groups=[names.index(rows[i][0]) for i in idx], shared_prefix=True)
+                         groups=[names.index(rows[i][0]) for i in idx], shared_prefix=True,
+                         first_logits=kind == "harmless" and REUSE_FIRST_LOGITS)
+            if isinstance(o, tuple):
+                o, lg = o
+                for arm, sname in {(rows[i][0], rows[i][1]) for i in idx}:
+                    firsts[arm, sname] = lg[[j for j, i in enumerate(idx) if rows[i][:2] == (arm, sname)]]
+                del lg
             outs.update(zip(idx, o, strict=True))
-        kl = _kls(model, fmt, tsets, plans, names, hr, cfg.batch_size)
+        kl = _kls(model, fmt, tsets, plans, names, hr, cfg.batch_size, firsts)
     gen: dict[str, list[str]] = {}
     for i, r in enumerate(rows):
         o = outs[i]
@@ -108,18 +119,25 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
     return rd.scores()
 
 
-def _kls(model, fmt, tsets: dict, plans: dict, names: list[str], hr, batch_size: int) -> dict[str, float]:
-    """Mean first-token KL(base ‖ arm) on each set's harmless prompts, every edited arm in one pass."""
+def _kls(model, fmt, tsets: dict, plans: dict, names: list[str], hr, batch_size: int,
+         known: dict[tuple[str, str], torch.Tensor] | None = None) -> dict[str, float]:
+    """Mean first-token KL(base ‖ arm) on each set's harmless prompts for every edited arm. ``known``: the logits
+    of (arm, set) pairs the generation already computed (in the set's prompt order); the rest are computed in one
+    pass per set."""
+    known = known or {}
     out: dict[str, float] = {}
     for sname, ts in tsets.items():
         B = ts["harmless"]
         if not B:
             continue
-        lg = last_logits(model, fmt, B * len(names), batch_size, shared_prefix=True, rows=hr,
-                         groups=[k for k in range(len(names)) for _ in B])
-        base = torch.log_softmax(lg[: len(B)].double(), -1)
-        for k, arm in enumerate(names[1:], start=1):
-            out[f"{arm}/{sname}"] = float(first_token_kl(base, lg[k * len(B):(k + 1) * len(B)]).mean())
+        todo = [k for k, a in enumerate(names) if (a, sname) not in known]
+        lg = last_logits(model, fmt, B * len(todo), batch_size, shared_prefix=True, rows=hr,
+                         groups=[k for k in todo for _ in B]) if todo else None
+        logits = {a: known[a, sname] if (a, sname) in known else lg[todo.index(k) * len(B):(todo.index(k) + 1) * len(B)]
+                  for k, a in enumerate(names)}
+        base = torch.log_softmax(logits["base"].double(), -1)
+        for arm in names[1:]:
+            out[f"{arm}/{sname}"] = float(first_token_kl(base, logits[arm]).mean())
     return out
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import resource
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from refdir.core import rundir as rdl
 from refdir.core.fingerprint import files_sha256
+from refdir.core.memory import peak_rss_mib, trim_heap
 from refdir.core.rundir import RunDir, versions
 from refdir.method.selection import Selection
 from refdir.workflows.checks import all_prompts, check_run
@@ -78,6 +78,7 @@ def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict 
         r = fn(*a, **kw)
         times[name] = round(time.time() - t, 2)
         rss[name] = peak_rss_mib()
+        trim_heap()  # what the stage freed goes back to the OS before the next one allocates
         return r
 
     # 1. harmful/harmless train, val and test prompts
@@ -110,11 +111,6 @@ def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict 
     rd.write_manifest(run_manifest(rd, cfg, m, sets))
     write_report(rd.path)
     return summary
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set size so far, MiB (``ru_maxrss`` is KiB on Linux)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def finish_times(times: dict, t0: float, m: Loaded) -> dict:

@@ -30,6 +30,7 @@ from refdir.core import rundir as rdl
 from refdir.core.directions import Candidates
 from refdir.core.edits import DIM, VARIANTS, Edit
 from refdir.core.io import atomic_write_json, make_output_dir
+from refdir.core.memory import trim_heap
 from refdir.core.preflight import require
 from refdir.core.rundir import RunDir
 from refdir.core.spec import DataSpec, ModelSpec
@@ -137,7 +138,8 @@ class SearchConfig(BaseModel):
 
 
 class Timings:
-    """Wall time per phase, in seconds (rounded to 0.01 s)."""
+    """Wall time per phase, in seconds (rounded to 0.01 s); the heap is trimmed after each phase
+    (:func:`refdir.core.memory.trim_heap`)."""
 
     def __init__(self):
         self.t0 = time.time()
@@ -148,6 +150,7 @@ class Timings:
         t = time.time()
         yield
         self.add(name, time.time() - t)
+        trim_heap()
 
     def add(self, name: str, seconds: float) -> None:
         self.s[name] = round(self.s.get(name, 0.0) + seconds, 2)

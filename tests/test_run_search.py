@@ -203,3 +203,26 @@ def test_test_kl_from_the_generation_equals_a_separate_pass(tiny_tokenizer):
     assert set(got) == set(ref) == {f"{a}/{s}" for a in ("plain", "chosen") for s in ("test", "heldout")}
     for k in ref:
         assert ref[k] > 0 and got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-7), k
+
+
+def test_the_search_leaves_nothing_of_the_model_alive(tiny_model_dir, tmp_path):
+    """After a run, no object of its search (proxy, confirmation: they hold the model) is alive, so the checkpoint
+    stage can release the model. optuna's first import in a process kept its importing stack (the search's locals)
+    alive; this runs in a fresh interpreter, where the run imports optuna."""
+    import subprocess
+    import sys
+
+    model = tiny_model_dir("qwen2")
+    code = f"""
+import gc, json, sys
+from typer.testing import CliRunner
+from refdir.cli.main import app
+r = CliRunner().invoke(app, ["run", {str(model)!r}, "--out", {str(tmp_path / "r")!r}, *{ARGS!r}, "--budget", "2"])
+assert r.exit_code == 0, r.output
+gc.collect()
+alive = sorted({{type(o).__name__ for o in gc.get_objects() if type(o).__name__ in ("Proxy", "Confirmation")}})
+print(json.dumps({{"after_run": alive}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"after_run": []}

@@ -29,6 +29,9 @@ def test_first_token_kl_is_kl_base_to_edited():
     assert got.dtype == torch.float32
     assert torch.allclose(got.double(), want, atol=1e-6)
     assert torch.allclose(first_token_kl(base_logp, base), torch.zeros(3), atol=1e-6)
+    assert torch.equal(first_token_kl(base_logp, edited, chunk=2), got)  # row chunks: the same numbers
+    with pytest.raises(ValueError):
+        first_token_kl(base_logp, edited[:2])
 
 
 def test_judge_all_gives_the_three_verdicts():

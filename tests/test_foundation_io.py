@@ -219,3 +219,38 @@ def test_trim_heap_returns_freed_heap_memory_to_the_os():
     held = _rss_mib()
     assert trim_heap()
     assert _rss_mib() < held - 150, (before, held, _rss_mib())
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma3_text"])
+def test_fp32_load_of_a_bf16_checkpoint_equals_from_pretrained(tiny_tokenizer, tmp_path, arch, monkeypatch):
+    """load_model(dtype=fp32) of a bf16 directory (loaded as stored, then cast tensor by tensor from plain file
+    reads, to keep the memory-mapped files out of memory) gives exactly what from_pretrained(dtype=fp32) gives:
+    parameters, buffers, tying, config dtype and logits."""
+    from conftest import make_tiny
+    from transformers import AutoModelForCausalLM
+
+    import refdir.core.models as models
+
+    calls = []
+    cast = models.upcast_from_files
+    monkeypatch.setattr(models, "upcast_from_files", lambda *a: calls.append(1) or cast(*a))
+    d = tmp_path / arch
+    make_tiny(arch, len(tiny_tokenizer)).to(torch.bfloat16).save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    ref = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    got = models.load_model(str(d), dtype="fp32").model
+    assert calls == [1], "the cast path was not taken"
+    rp, gp = dict(ref.named_parameters(remove_duplicate=False)), dict(got.named_parameters(remove_duplicate=False))
+    assert rp.keys() == gp.keys()
+    for k in rp:
+        assert gp[k].dtype == torch.float32 and torch.equal(gp[k], rp[k]), k
+    rb, gb = dict(ref.named_buffers()), dict(got.named_buffers())
+    assert rb.keys() == gb.keys()
+    for k in rb:
+        assert gb[k].dtype == rb[k].dtype and torch.equal(gb[k], rb[k]), k
+    assert (ref.get_output_embeddings().weight is ref.get_input_embeddings().weight) == \
+        (got.get_output_embeddings().weight is got.get_input_embeddings().weight)
+    assert got.config.dtype == ref.config.dtype == torch.float32
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        assert torch.equal(got(ids).logits, ref(ids).logits)

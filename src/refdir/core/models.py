@@ -30,7 +30,7 @@ from refdir.core.cache import (
     write_dir_record,
 )
 from refdir.core.io import atomic_dir
-from refdir.core.shards import SHARD_INDEX, read_header, safetensors_shards
+from refdir.core.shards import SHARD_INDEX, ST_TORCH, read_header, read_tensor, safetensors_shards
 from refdir.errors import RefdirError
 
 EMBEDDED_ALIASES = ("default", "embedded", "qwen2.5-coder-0.5b-instruct")
@@ -350,14 +350,15 @@ def load_model(
     if source["kind"] != "embedded":  # custom code is refused here, with one clear error, before anything loads
         load_config(str(path) if source["kind"] != "hub" else spec_s, trust_remote_code)
     # a local half-precision checkpoint loaded in fp32 on the CPU: loaded as stored, then cast tensor by tensor
-    upcast = (source["kind"] != "hub" and device == "cpu" and device_map is None and torch_dtype == torch.float32
-              and _files_dtype(path) in (torch.bfloat16, torch.float16))
+    stored = (_files_dtype(path) if source["kind"] != "hub" and device == "cpu" and device_map is None
+              and torch_dtype == torch.float32 else None)
+    upcast = stored is not None
     try:
         tok = AutoTokenizer.from_pretrained(str(path) if source["kind"] != "hub" else spec_s,
                                             trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             str(path) if source["kind"] != "hub" else spec_s,
-            dtype=_files_dtype(path) if upcast else torch_dtype,
+            dtype=stored if upcast else torch_dtype,
             device_map=device_map,
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,
@@ -375,7 +376,7 @@ def load_model(
     return LoadedModel(model, tok, model_id, torch_dtype, source)
 
 
-_ST_HALF = {"BF16": torch.bfloat16, "F16": torch.float16}
+_HALF = ("BF16", "F16")
 
 
 def _files_dtype(path: Path) -> torch.dtype | None:
@@ -384,7 +385,7 @@ def _files_dtype(path: Path) -> torch.dtype | None:
     for f in sorted(path.glob("*.safetensors")):
         header, _ = read_header(f)
         kinds |= {h["dtype"] for n, h in header.items() if n != "__metadata__" and h["dtype"].startswith(("F", "BF"))}
-    return _ST_HALF[kinds.pop()] if len(kinds) == 1 and next(iter(kinds)) in _ST_HALF else None
+    return ST_TORCH[kinds.pop()] if len(kinds) == 1 and next(iter(kinds)) in _HALF else None
 
 
 def upcast_from_files(model, path: Path, dtype: torch.dtype) -> None:
@@ -401,18 +402,11 @@ def upcast_from_files(model, path: Path, dtype: torch.dtype) -> None:
         with open(f, "rb") as r:
             for name, h in header.items():
                 p = params.get(name)
-                if name == "__metadata__" or p is None or p.dtype == dtype or h["dtype"] not in _ST_HALF:
+                if name == "__metadata__" or p is None or p.dtype == dtype or h["dtype"] not in _HALF:
                     continue
-                start, end = h["data_offsets"]
-                buf = bytearray(end - start)
-                r.seek(base + start)
-                if r.readinto(buf) != len(buf):
-                    raise RefdirError(f"{f} ended early while reading tensor {name}: the file is truncated")
-                t = torch.frombuffer(buf, dtype=_ST_HALF[h["dtype"]]).reshape(h["shape"])
-                if tuple(t.shape) != tuple(p.shape):
+                if tuple(h["shape"]) != tuple(p.shape):
                     continue  # stored under another layout: the in-place cast below handles it
-                p.data = t.to(dtype)
-                del buf, t
+                p.data = read_tensor(r, f, base, name, h).to(dtype)
     for t in [*model.parameters(), *model.buffers()]:
         if t.is_floating_point() and t.dtype != dtype:
             t.data = t.data.to(dtype)

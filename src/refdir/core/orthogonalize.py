@@ -33,10 +33,12 @@ from refdir.core.models import load_config, save_hf_checkpoint
 from refdir.core.postnorm import COMPONENTS, gain_basis, norm_form, norm_gain
 from refdir.core.shards import (
     SHARD_INDEX,
+    ST_TORCH,
     check_in_source,
     copy_side_files,
     read_exact,
     read_header,
+    read_tensor,
     safetensors_shards,
 )
 from refdir.errors import RefdirError
@@ -181,11 +183,9 @@ def _read_small(src: Path, shards: list[str], weight_map: dict[str, str], names:
         with open(src / s, "rb") as f:
             for n in sorted(names & header.keys()):
                 h = header[n]
-                if h["dtype"] not in _ST_TORCH:
+                if h["dtype"] not in ST_TORCH:
                     raise RefdirError(f"{src / s}: tensor {n} has dtype {h['dtype']}, not a float type")
-                f.seek(base + h["data_offsets"][0])
-                buf = bytearray(read_exact(f, h["data_offsets"][1] - h["data_offsets"][0], src / s, n))
-                out[n] = torch.frombuffer(buf, dtype=_ST_TORCH[h["dtype"]]).reshape(h["shape"]).clone()
+                out[n] = read_tensor(f, src / s, base, n, h).clone()
     return out
 
 
@@ -245,12 +245,6 @@ def _project_axis_chunked(t: torch.Tensor, r: torch.Tensor, axis: int, chunk_ele
     return torch.cat(parts, dim=other)
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-_ST_TORCH = {v: k for k, v in _ST_DTYPES.items()}
-
 
 def _rewrite_shard(src_file: Path, dst_file: Path, transform, wants) -> list[str]:
     """Copy one safetensors file tensor by tensor, passing each tensor for which ``wants(name)``
@@ -283,17 +277,14 @@ def _rewrite_shard(src_file: Path, dst_file: Path, transform, wants) -> list[str
             h = header[n]
             start, end = h["data_offsets"]
             r.seek(base + start)
-            if h["dtype"] not in _ST_TORCH or start == end or not wants(n):
+            if h["dtype"] not in ST_TORCH or start == end or not wants(n):
                 left = end - start  # unchanged: copy the bytes in 64 MiB pieces
                 while left:
                     piece = read_exact(r, min(left, 1 << 26), src_file, n)
                     w.write(piece)
                     left -= len(piece)
                 continue
-            buf = bytearray(end - start)
-            if r.readinto(buf) != len(buf):
-                raise RefdirError(f"{src_file} ended early while reading tensor {n}: the file is truncated")
-            t = torch.frombuffer(buf, dtype=_ST_TORCH[h["dtype"]]).reshape(h["shape"])
+            t = read_tensor(r, src_file, base, n, h)
             new = transform(n, t)
             changed.append(n)
             blocks = [new] if isinstance(new, torch.Tensor) else new
@@ -306,7 +297,7 @@ def _rewrite_shard(src_file: Path, dst_file: Path, transform, wants) -> list[str
                 written += b.numel()
             if written != t.numel():
                 raise RefdirError(f"internal: edit changed the size of {n}")
-            del t, new, buf
+            del t, new
     return changed
 
 

@@ -19,6 +19,8 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from refdir.core.io import MARKER, inside
 from refdir.errors import RefdirError
 
@@ -130,6 +132,25 @@ def read_header(path: Path) -> tuple[dict, int]:
         raise RefdirError(f"corrupt safetensors header in {path}: not a JSON object")
     _check_entries(path, header, size - 8 - n)
     return header, 8 + n
+
+
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}  # torch dtype -> safetensors dtype name
+ST_TORCH = {v: k for k, v in ST_DTYPES.items()}
+
+
+def read_tensor(f, path: Path, base: int, name: str, h: dict) -> torch.Tensor:
+    """Tensor ``name`` (header entry ``h``, data starting at ``base``) read from the open file ``f`` of ``path``
+    with a plain read into its own buffer (no memory map, whose touched pages would stay resident); one clear
+    error when the file ends first. The dtype must be one of :data:`ST_TORCH`."""
+    start, end = h["data_offsets"]
+    buf = bytearray(end - start)
+    f.seek(base + start)
+    if f.readinto(buf) != len(buf):
+        raise RefdirError(f"{path} ended early while reading tensor {name}: the file is truncated")
+    return torch.frombuffer(buf, dtype=ST_TORCH[h["dtype"]]).reshape(h["shape"]) if buf else \
+        torch.empty(h["shape"], dtype=ST_TORCH[h["dtype"]])
 
 
 def read_exact(f, n: int, path: Path, name: str) -> bytes:

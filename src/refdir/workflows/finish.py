@@ -89,11 +89,11 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
             idx = [i for i, r in enumerate(rows) if r[2] == kind]
             if not idx:
                 continue
+            reuse = kind == "harmless" and REUSE_FIRST_LOGITS
             o = generate(model, fmt, [rows[i][3] for i in idx], max_new_tokens=n_tok, batch_size=cfg.gen_batch_size,
                          progress=progress, desc=f"test: {kind}, {len(idx)} rows", rows=hr,
-                         groups=[names.index(rows[i][0]) for i in idx], shared_prefix=True,
-                         first_logits=kind == "harmless" and REUSE_FIRST_LOGITS)
-            if isinstance(o, tuple):
+                         groups=[names.index(rows[i][0]) for i in idx], shared_prefix=True, first_logits=reuse)
+            if reuse:
                 o, lg = o
                 for arm, sname in {(rows[i][0], rows[i][1]) for i in idx}:
                     firsts[arm, sname] = lg[[j for j, i in enumerate(idx) if rows[i][:2] == (arm, sname)]]
@@ -130,11 +130,12 @@ def _kls(model, fmt, tsets: dict, plans: dict, names: list[str], hr, batch_size:
         B = ts["harmless"]
         if not B:
             continue
-        todo = [k for k, a in enumerate(names) if (a, sname) not in known]
-        lg = last_logits(model, fmt, B * len(todo), batch_size, shared_prefix=True, rows=hr,
-                         groups=[k for k in todo for _ in B]) if todo else None
-        logits = {a: known[a, sname] if (a, sname) in known else lg[todo.index(k) * len(B):(todo.index(k) + 1) * len(B)]
-                  for k, a in enumerate(names)}
+        logits = {a: known[a, sname] for a in names if (a, sname) in known}
+        todo = [k for k, a in enumerate(names) if a not in logits]
+        if todo:
+            lg = last_logits(model, fmt, B * len(todo), batch_size, shared_prefix=True, rows=hr,
+                             groups=[k for k in todo for _ in B])
+            logits |= {names[k]: lg[j * len(B):(j + 1) * len(B)] for j, k in enumerate(todo)}
         base = torch.log_softmax(logits["base"].double(), -1)
         for arm in names[1:]:
             out[f"{arm}/{sname}"] = float(first_token_kl(base, logits[arm]).mean())

@@ -135,6 +135,16 @@ def test_no_row_ending_runs_to_the_token_budget(tiny_tokenizer):
     assert torch.equal(greedy_new_tokens(model, fmt.encode(PROMPTS[:4]), 7, 0, eos_ids=[], fallback=False), ref)
 
 
+def _planned_batch(tokenizer, arch: str, n: int):
+    """A tiny model of ``arch``, its chat format, the three plans of :func:`_plans`, and the first ``n`` prompts
+    repeated once per plan with each row's plan index."""
+    model = make_tiny(arch, len(tokenizer))
+    fmt = _fmt(tokenizer)
+    prompts = PROMPTS[:n]
+    plans = _plans(model, fmt)
+    return model, fmt, prompts, plans, [k for k in range(len(plans)) for _ in prompts], prompts * len(plans)
+
+
 def _plans(model, fmt):
     g = torch.Generator().manual_seed(3)
     arch = inspect_model(model)
@@ -149,12 +159,7 @@ def _plans(model, fmt):
 @pytest.mark.parametrize("shared_prefix", [False, True])
 def test_row_plans_keep_their_plan_when_rows_are_dropped(tiny_tokenizer, arch, shared_prefix):
     """Several edits hooked in one batch (hooked_rows): after rows leave, every remaining row keeps its own plan."""
-    model = make_tiny(arch, len(tiny_tokenizer))
-    fmt = _fmt(tiny_tokenizer)
-    prompts = PROMPTS[:6]
-    plans = _plans(model, fmt)
-    groups = [k for k in range(len(plans)) for _ in prompts]
-    everything = prompts * len(plans)
+    model, fmt, prompts, plans, groups, everything = _planned_batch(tiny_tokenizer, arch, 6)
     block = first_block(model)
     with hooked_rows(model, plans) as rows:
         rows.use(groups)
@@ -215,12 +220,7 @@ def test_first_step_logits_equal_a_separate_pass(tiny_tokenizer, arch, drop):
     shared prefix; the loop and HF generate alike), and the same completions as without it."""
     from refdir.core.forward import last_logits
 
-    model = make_tiny(arch, len(tiny_tokenizer))
-    fmt = _fmt(tiny_tokenizer)
-    prompts = PROMPTS[:5]
-    plans = _plans(model, fmt)
-    groups = [k for k in range(len(plans)) for _ in prompts]
-    everything = prompts * len(plans)
+    model, fmt, prompts, plans, groups, everything = _planned_batch(tiny_tokenizer, arch, 5)
     with hooked_rows(model, plans) as rows:
         kw = dict(max_new_tokens=4, batch_size=7, progress=False, rows=rows, groups=groups, shared_prefix=True,
                   drop_finished=drop)

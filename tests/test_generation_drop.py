@@ -230,3 +230,31 @@ def test_first_step_logits_equal_a_separate_pass(tiny_tokenizer, arch, drop):
     assert lg.shape == ref.shape and lg.dtype == torch.float32
     torch.testing.assert_close(lg, ref, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(lg[: len(prompts)], lg[len(prompts): 2 * len(prompts)]), "plans change the logits"
+
+
+def test_a_memory_budget_splits_generation_into_smaller_batches(tiny_tokenizer, monkeypatch):
+    """Rows per batch are capped by generation_budget over row_bytes (the KV cache grows with rows × tokens): a
+    budget of three rows gives batches of at most three, the same completions and first-step logits as one batch."""
+    import refdir.core.generation as gen
+
+    model = make_tiny("qwen2", len(tiny_tokenizer))
+    fmt = _fmt(tiny_tokenizer)
+    longest = fmt.encode(PROMPTS)["input_ids"].shape[1]
+    per_row = gen.row_bytes(model, longest, N_TOKENS)
+    cfg = model.config
+    assert per_row >= cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (longest + N_TOKENS) * 4, \
+        "at least the fp32 KV cache of a full-length row"
+    kw = dict(max_new_tokens=N_TOKENS, batch_size=len(PROMPTS), progress=False, drop_finished=False)
+    with batch_sizes(first_block(model)) as seen:
+        ref, ref_lg = generate(model, fmt, PROMPTS, first_logits=True, **kw)
+    assert max(seen) == len(PROMPTS)
+    assert gen.generation_budget(model) == gen.GEN_MEMORY_MIN, "a tiny model gets the floor"
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    monkeypatch.setattr(gen, "GEN_MEMORY_MIN", 0)
+    assert gen.generation_budget(model) == gen.GEN_MEMORY_SHARE * weights, "else a share of the weights' bytes"
+    monkeypatch.setattr(gen, "GEN_MEMORY_MIN", 3 * per_row + per_row // 2)
+    with batch_sizes(first_block(model)) as seen:
+        got, lg = generate(model, fmt, PROMPTS, first_logits=True, **kw)
+    assert max(seen) == 3, "no batch above the budget's three rows (10 prompts: 4 batches of 3, 3, 3, 1 → 3)"
+    assert got == ref
+    torch.testing.assert_close(lg, ref_lg, rtol=1e-4, atol=1e-4)

@@ -33,6 +33,13 @@ from refdir.core.forward import check_groups, prefix_encode
 from refdir.errors import RefdirError
 
 DROP_FINISHED = True  # the default for generate / greedy_new_tokens: drop finished rows (False: HF model.generate)
+# the activation memory one generation batch may take, as estimated by :func:`row_bytes` (KV cache, one layer's
+# transients): this share of the weights' bytes, and at least GEN_MEMORY_MIN. Batches hold fewer rows than
+# ``batch_size`` where their rows would need more, so a run's peak stays a bounded multiple of the model's size
+# (the memory target is stated that way). On the default model in fp32 the estimate is about 1.6 x what a 157-row
+# batch of 64 new tokens measured (~5.7 MB a row)
+GEN_MEMORY_SHARE = 0.25
+GEN_MEMORY_MIN = 256 * 2**20
 
 # the HF generation steps the plain loop reproduces; a model class that overrides any of them gets model.generate
 _HF_STEPS = ("generate", "_sample", "_prefill", "prepare_inputs_for_generation", "_update_model_kwargs_for_generation")
@@ -60,9 +67,11 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
     # sort by length so that batches pad little; restore order at the end
     order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
     results: dict[int, object] = {}
-    firsts: dict[int, torch.Tensor] = {}
-    # as few batches as batch_size allows, of even sizes (no small leftover batch)
-    n_batches = -(-len(order) // batch_size)
+    firsts = None  # [N, vocab] float32, filled batch by batch (no per-row copies to stack at the end)
+    # as few batches as batch_size and the memory budget allow, of even sizes (no small leftover batch)
+    longest = fmt.encode(instructions)["input_ids"].shape[1] if instructions else 0
+    cap = max(1, int(generation_budget(model) // max(1, row_bytes(model, longest, max_new_tokens))))
+    n_batches = -(-len(order) // min(batch_size, cap))
     size = -(-len(order) // n_batches) if order else 1
     for s in tqdm(range(0, len(order), size), desc=desc, disable=not progress, leave=False):
         idx = order[s : s + size]
@@ -76,7 +85,10 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
                                 drop_finished=drop_finished, first_logits=first_logits)
         if first_logits:
             new, lg = new
-            firsts.update(zip(idx, lg, strict=True))
+            if firsts is None:
+                firsts = lg.new_empty((len(instructions), lg.shape[-1]))
+            firsts[torch.as_tensor(idx, device=lg.device)] = lg
+            del lg
         for j, i in enumerate(idx):
             ids = new[j].tolist()
             cut = next((k for k, t in enumerate(ids) if t in eos), len(ids))
@@ -85,8 +97,32 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
             results[i] = (text, ids) if return_ids else text
     out = [results[i] for i in range(len(instructions))]
     if first_logits:
-        return out, (torch.stack([firsts[i] for i in range(len(instructions))]) if instructions else torch.empty(0))
+        return out, (firsts if firsts is not None else torch.empty(0))
     return out
+
+
+def generation_budget(model) -> float:
+    """Bytes of activations one generation batch may take (see :data:`GEN_MEMORY_SHARE`)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return max(GEN_MEMORY_MIN, GEN_MEMORY_SHARE * weights)
+
+
+def row_bytes(model, prompt_tokens: int, new_tokens: int) -> int:
+    """An upper estimate of the memory one generation row needs beyond the weights: its KV cache at full length
+    (every layer) and one layer's transients (keys and values repeated to every query head; the MLP's hidden
+    activations over the prompt), from the model's config. 0 where the config lacks the sizes (no cap)."""
+    try:
+        cfg = model.config.get_text_config(decoder=True)
+        heads = int(cfg.num_attention_heads)
+        kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        hd = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        inter = int(getattr(cfg, "intermediate_size", None) or 4 * cfg.hidden_size)
+        layers = int(cfg.num_hidden_layers)
+        elem = next(model.parameters()).element_size()
+    except (AttributeError, TypeError, ValueError, StopIteration):
+        return 0
+    t = prompt_tokens + new_tokens
+    return (layers * 2 * kv * hd * t + 2 * heads * hd * t + 3 * inter * prompt_tokens) * elem
 
 
 @torch.no_grad()
@@ -249,7 +285,8 @@ def _decode(model, enc: dict, max_new_tokens: int, setup: _Setup, eos_ids, pad_t
             cache = cache_of(res)
             step = res.logits[:, -1].to(dtype=torch.float32)
             if first_logits and n == 0:
-                first = step.clone()
+                # this step's logits as they are where they hold just this step (no copy), else a copy
+                first = step if step.untyped_storage().nbytes() == step.nbytes else step.clone()
             nxt = torch.argmax(step, dim=-1)
             del res, step
             out[alive, n] = nxt

@@ -96,7 +96,10 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
             if reuse:
                 o, lg = o
                 for arm, sname in {(rows[i][0], rows[i][1]) for i in idx}:
-                    firsts[arm, sname] = lg[[j for j, i in enumerate(idx) if rows[i][:2] == (arm, sname)]]
+                    js = [j for j, i in enumerate(idx) if rows[i][:2] == (arm, sname)]
+                    # each (arm, set) is one block of rows: a view, not a copy of its [n, vocab] logits
+                    contiguous = js == list(range(js[0], js[-1] + 1))
+                    firsts[arm, sname] = lg[js[0]:js[-1] + 1] if contiguous else lg[js]
                 del lg
             outs.update(zip(idx, o, strict=True))
         kl = _kls(model, fmt, tsets, plans, names, hr, cfg.batch_size, firsts)

@@ -30,6 +30,8 @@ def test_first_token_kl_is_kl_base_to_edited():
     assert torch.allclose(got.double(), want, atol=1e-6)
     assert torch.allclose(first_token_kl(base_logp, base), torch.zeros(3), atol=1e-6)
     assert torch.equal(first_token_kl(base_logp, edited, chunk=2), got)  # row chunks: the same numbers
+    # the base given as logits: its log-softmax taken chunk by chunk, the same numbers
+    assert torch.equal(first_token_kl(base, edited, chunk=2, base_logits=True), got)
     with pytest.raises(ValueError):
         first_token_kl(base_logp, edited[:2])
 

@@ -78,16 +78,22 @@ def derive_refusal_tokens(model, fmt: ChatFormat, harmful: list[str], *, n_promp
     return keep, evidence
 
 
-def first_token_kl(base_logp: torch.Tensor, logits: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+def first_token_kl(base_logp: torch.Tensor, logits: torch.Tensor, chunk: int = 16, *,
+                   base_logits: bool = False) -> torch.Tensor:
     """KL(base ‖ edited) of the next-token distribution, per row: ``base_logp`` is the unedited model's
     log-softmax (float64), ``logits`` the edited model's [N, vocab]; the softmax is taken in float64, the result is
     float32. ``chunk`` rows at a time: each float64 temporary of a 150k vocabulary is 1.2 MB per row, and the
-    formula makes four of them (~500 MB for 100 rows at once)."""
+    formula makes four of them (~500 MB for 100 rows at once). ``base_logits``: ``base_logp`` holds the base
+    model's logits instead, and its log-softmax is taken chunk by chunk too (the same numbers, without a whole
+    [N, vocab] float64 tensor: for a base compared with one or two edits; one reused against many is better
+    given as log-probabilities once)."""
     if base_logp.shape != logits.shape:
         raise ValueError(f"first_token_kl: base {tuple(base_logp.shape)} and edited {tuple(logits.shape)} differ")
     out = []
     for i in range(0, logits.shape[0], chunk):
         b = base_logp[i:i + chunk]
+        if base_logits:
+            b = torch.log_softmax(b.double(), -1)
         logq = torch.log_softmax(logits[i:i + chunk].double(), -1)
         out.append((b.exp() * (b - logq)).sum(-1).float())
     return torch.cat(out) if out else logits.new_zeros(0, dtype=torch.float32)

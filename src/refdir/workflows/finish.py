@@ -139,9 +139,8 @@ def _kls(model, fmt, tsets: dict, plans: dict, names: list[str], hr, batch_size:
             lg = last_logits(model, fmt, B * len(todo), batch_size, shared_prefix=True, rows=hr,
                              groups=[k for k in todo for _ in B])
             logits |= {names[k]: lg[j * len(B):(j + 1) * len(B)] for j, k in enumerate(todo)}
-        base = torch.log_softmax(logits["base"].double(), -1)
         for arm in names[1:]:
-            out[f"{arm}/{sname}"] = float(first_token_kl(base, logits[arm]).mean())
+            out[f"{arm}/{sname}"] = float(first_token_kl(logits["base"], logits[arm], base_logits=True).mean())
     return out
 
 

@@ -249,12 +249,13 @@ def test_a_memory_budget_splits_generation_into_smaller_batches(tiny_tokenizer, 
         ref, ref_lg = generate(model, fmt, PROMPTS, first_logits=True, **kw)
     assert max(seen) == len(PROMPTS)
     assert gen.generation_budget(model) == gen.GEN_MEMORY_MIN, "a tiny model gets the floor"
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    monkeypatch.setattr(gen, "GEN_MEMORY_MIN", 0)
-    assert gen.generation_budget(model) == gen.GEN_MEMORY_SHARE * weights, "else a share of the weights' bytes"
     monkeypatch.setattr(gen, "GEN_MEMORY_MIN", 3 * per_row + per_row // 2)
     with batch_sizes(first_block(model)) as seen:
         got, lg = generate(model, fmt, PROMPTS, first_logits=True, **kw)
     assert max(seen) == 3, "no batch above the budget's three rows (10 prompts: 4 batches of 3, 3, 3, 1 → 3)"
     assert got == ref
     torch.testing.assert_close(lg, ref_lg, rtol=1e-4, atol=1e-4)
+    fp32_size = 4 * sum(p.numel() for p in model.parameters())
+    monkeypatch.setattr(gen, "GEN_MEMORY_MIN", 0)
+    assert gen.generation_budget(model) == gen.GEN_MEMORY_SHARE * fp32_size, "else a share of the fp32 size"
+    assert gen.generation_budget(model.to(torch.bfloat16)) == gen.GEN_MEMORY_SHARE * fp32_size, "in any dtype"

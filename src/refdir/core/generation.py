@@ -34,10 +34,11 @@ from refdir.errors import RefdirError
 
 DROP_FINISHED = True  # the default for generate / greedy_new_tokens: drop finished rows (False: HF model.generate)
 # the activation memory one generation batch may take, as estimated by :func:`row_bytes` (KV cache, one layer's
-# transients): this share of the weights' bytes, and at least GEN_MEMORY_MIN. Batches hold fewer rows than
-# ``batch_size`` where their rows would need more, so a run's peak stays a bounded multiple of the model's size
-# (the memory target is stated that way). On the default model in fp32 the estimate is about 1.6 x what a 157-row
-# batch of 64 new tokens measured (~5.7 MB a row)
+# transients): this share of the model's fp32 size (4 bytes a parameter, whatever the dtype), and at least
+# GEN_MEMORY_MIN. Batches hold fewer rows than ``batch_size`` where their rows would need more, so a run's peak
+# stays a bounded multiple of the model's fp32 size (the memory target is stated that way); a half-precision run,
+# whose rows take half the bytes, gets twice the rows. On the default model in fp32 the estimate is about 1.6 x
+# what a 157-row batch of 64 new tokens measured (~5.7 MB a row)
 GEN_MEMORY_SHARE = 0.25
 GEN_MEMORY_MIN = 256 * 2**20
 
@@ -103,8 +104,8 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
 
 def generation_budget(model) -> float:
     """Bytes of activations one generation batch may take (see :data:`GEN_MEMORY_SHARE`)."""
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return max(GEN_MEMORY_MIN, GEN_MEMORY_SHARE * weights)
+    fp32_size = 4 * sum(p.numel() for p in model.parameters())
+    return max(GEN_MEMORY_MIN, GEN_MEMORY_SHARE * fp32_size)
 
 
 def row_bytes(model, prompt_tokens: int, new_tokens: int) -> int:

@@ -32,7 +32,7 @@ from refdir.core.forward import last_logits
 from refdir.core.generation import generate
 from refdir.core.interventions import ablate
 from refdir.core.rundir import RunDir
-from refdir.method.optimize import Trainer
+from refdir.method.optimize import OptimizeConfig, Trainer
 from refdir.method.refusal_judge import judge_all
 from refdir.method.scoring import first_token_kl
 from refdir.workflows.optimize import (
@@ -52,7 +52,7 @@ def peak_rss_gib() -> float:
 def timing(ctx, s: OptimizeSettings, skip_cone: bool) -> torch.Tensor:
     """Phase 1 (targets) once, phase 2 (optimization) for RDO and a k = 2 cone; returns the RDO direction."""
     t0 = time.perf_counter()
-    targets = make_targets(ctx, s.target_tokens, max(s.batch_size, 16), progress=True)
+    targets = make_targets(ctx, s.target_tokens, max(s.train.batch_size, 16), progress=True)
     train, val, _ = train_sets(ctx, targets, "bench", s.config(1).topk)
     t_targets = time.perf_counter() - t0
     print(f"phase 1, targets + base distributions: {t_targets:.1f} s ({train.sizes()} train, {val.sizes()} val), "
@@ -60,7 +60,7 @@ def timing(ctx, s: OptimizeSettings, skip_cone: bool) -> torch.Tensor:
     d_hat = ctx.direction.unit()[None]
     rdo = None
     for k in (1,) if skip_cone else (1, 2):
-        init = d_hat if k == 1 else grow(d_hat, s.seed + 2)
+        init = d_hat if k == 1 else grow(d_hat, s.train.seed + 2)
         t1 = time.perf_counter()
         tr = Trainer(ctx.model, ctx.pad, init, ctx.direction.layer, ctx.scale, train, val, s.config(k))
         res = tr.run(progress=True)
@@ -114,12 +114,12 @@ def chosen_plan(rd: RunDir) -> Plan:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", help="a finished `refdir run` directory of the model")
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--target-tokens", type=int, default=16)
-    ap.add_argument("--n-train", type=int, default=16)
-    ap.add_argument("--n-val", type=int, default=4)
-    ap.add_argument("--eval-every", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=OptimizeConfig.steps)
+    ap.add_argument("--batch-size", type=int, default=OptimizeConfig.batch_size)
+    ap.add_argument("--target-tokens", type=int, default=OptimizeSettings.target_tokens)
+    ap.add_argument("--n-train", type=int, default=OptimizeSettings.n_train)
+    ap.add_argument("--n-val", type=int, default=OptimizeSettings.n_val)
+    ap.add_argument("--eval-every", type=int, default=OptimizeConfig.eval_every)
     ap.add_argument("--skip-cone", action="store_true")
     ap.add_argument("--no-timing", action="store_true", help="only the comparison (needs --direction)")
     ap.add_argument("--direction", help="the RDO direction file to compare (default: the one trained here)")
@@ -134,8 +134,8 @@ def main() -> None:
                     help="another direction or subspace file to compare (its whole span ablated), e.g. a cone's "
                          "RUN/optimize/cone_k2; repeatable")
     a = ap.parse_args()
-    s = OptimizeSettings(steps=a.steps, batch_size=a.batch_size, target_tokens=a.target_tokens, n_train=a.n_train,
-                         n_val=a.n_val, eval_every=a.eval_every).check()
+    train = OptimizeConfig(steps=a.steps, batch_size=a.batch_size, eval_every=a.eval_every)
+    s = OptimizeSettings(train=train, target_tokens=a.target_tokens, n_train=a.n_train, n_val=a.n_val).check()
     ctx = open_context(a.run, s)
     print(f"model dtype {next(ctx.model.parameters()).dtype}, {torch.get_num_threads()} threads; "
           f"peak RSS after load {peak_rss_gib():.2f} GiB", flush=True)

@@ -9,7 +9,11 @@ import typer
 
 from refdir.cli.common import console, model_overrides
 from refdir.errors import RefdirError
+from refdir.method.optimize import OptimizeConfig
 from refdir.workflows.optimize import OptimizeSettings, optimize_run
+
+_S = OptimizeSettings()  # the defaults: owned by OptimizeSettings and, for the training, OptimizeConfig
+_T = _S.train
 
 
 def parse_weights(text: str) -> tuple[float, float, float]:
@@ -28,31 +32,31 @@ def parse_weights(text: str) -> tuple[float, float, float]:
 def optimize(
     overrides: dict,
     run_dir: Path = typer.Argument(..., help="a finished `refdir run` directory"),
-    method: str = typer.Option("rdo", help="rdo (one direction) or cone (a k-dim basis; trains k = 1..K)"),
-    k: int = typer.Option(1, "--k", help="cone dimension K (with --method cone)"),
-    steps: int = typer.Option(8, help="Adam steps at most (early stopping on the val losses may end sooner)"),
-    lr: float = typer.Option(5e-3, help="Adam learning rate"),
-    weights: str = typer.Option("1,0.2,1", help="loss weights: ablation,addition,retain (the paper's 1,0.2,1)"),
-    batch_size: int = typer.Option(4, help="prompts per loss per step"),
-    target_tokens: int = typer.Option(16, help="greedy tokens per target completion"),
-    n_train: int = typer.Option(16, help="filtered train prompts of each kind used"),
-    n_val: int = typer.Option(4, help="val prompts of each kind for early stopping and the member scores"),
-    eval_every: int = typer.Option(4, help="steps between validations (and checkpoints)"),
-    patience: int = typer.Option(2, help="validations without improvement before stopping"),
-    members: int = typer.Option(2, help="cone members sampled per step for the addition loss"),
-    samples: int = typer.Option(8, help="cone members scored per k in the cone analysis"),
-    seed: int = typer.Option(0),
-    independence: bool = typer.Option(True, help="RDO: measure representational independence from the "
+    method: str = typer.Option(_S.method, help="rdo (one direction) or cone (a k-dim basis; trains k = 1..K)"),
+    k: int = typer.Option(_S.k, "--k", help="cone dimension K (with --method cone)"),
+    steps: int = typer.Option(_T.steps, help="Adam steps at most (early stopping on the val losses may end sooner)"),
+    lr: float = typer.Option(_T.lr, help="Adam learning rate"),
+    weights: str = typer.Option(",".join(f"{w:g}" for w in _T.weights), help="loss weights: ablation,addition,retain (the paper's 1,0.2,1)"),
+    batch_size: int = typer.Option(_T.batch_size, help="prompts per loss per step"),
+    target_tokens: int = typer.Option(_S.target_tokens, help="greedy tokens per target completion"),
+    n_train: int = typer.Option(_S.n_train, help="filtered train prompts of each kind used"),
+    n_val: int = typer.Option(_S.n_val, help="val prompts of each kind for early stopping and the member scores"),
+    eval_every: int = typer.Option(_T.eval_every, help="steps between validations (and checkpoints)"),
+    patience: int = typer.Option(_T.patience, help="validations without improvement before stopping"),
+    members: int = typer.Option(_T.members, help="cone members sampled per step for the addition loss"),
+    samples: int = typer.Option(_S.samples, help="cone members scored per k in the cone analysis"),
+    seed: int = typer.Option(_T.seed),
+    independence: bool = typer.Option(_S.independence, help="RDO: measure representational independence from the "
                                                   "difference-in-means direction"),
     out: Path = typer.Option(None, "--out", help="output file (default: RUN_DIR/optimize/rdo or cone_kK)"),
     force: bool = typer.Option(False, help="overwrite an existing --out file"),
 ) -> None:
     """Train an optimized refusal direction or cone (Wollschläger et al., 2025) from the run's selected direction;
     writes a direction or subspace file. Rerunning resumes from the last checkpoint."""
-    s = OptimizeSettings(method=method, k=k, steps=steps, lr=lr, weights=parse_weights(weights),
-                         batch_size=batch_size, target_tokens=target_tokens, n_train=n_train, n_val=n_val,
-                         eval_every=eval_every, patience=patience, members=members, samples=samples, seed=seed,
-                         independence=independence, out=out, force=force)
+    train = OptimizeConfig(steps=steps, lr=lr, weights=parse_weights(weights), batch_size=batch_size,
+                           eval_every=eval_every, patience=patience, members=members, seed=seed)
+    s = OptimizeSettings(method=method, k=k, train=train, target_tokens=target_tokens, n_train=n_train, n_val=n_val,
+                         samples=samples, independence=independence, out=out, force=force)
     summ = optimize_run(run_dir, s, model=overrides)
     for rec in summ["per_k"]:
         sc = rec["scores"]

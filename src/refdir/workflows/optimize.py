@@ -17,7 +17,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -50,26 +50,18 @@ METHODS = ("rdo", "cone")
 
 @dataclass
 class OptimizeSettings:
-    """What ``refdir optimize`` trains: the method, the cone dimension K, the training settings (see
-    :class:`refdir.method.optimize.OptimizeConfig`), the target length, how many filtered train / val prompts of
-    each kind it uses, how many cone members the analysis scores per k, and where the result goes. The defaults
-    keep RDO on the default 0.5B model within minutes on a 2-core CPU (16-token targets, 4 prompts per loss per
-    step, 8 steps with early stopping); raise ``steps`` and ``batch_size`` where time allows."""
+    """What ``refdir optimize`` trains: the method, the cone dimension K, the training settings ``train`` (an
+    :class:`refdir.method.optimize.OptimizeConfig`, whose defaults are the command's; its ``k`` is set for each k
+    trained), the target length, how many filtered train / val prompts of each kind it uses, how many cone members
+    the analysis scores per k, and where the result goes. The defaults use 16-token targets on 16 + 4 prompts."""
 
     method: str = "rdo"
     k: int = 1
-    steps: int = 8
-    lr: float = 5e-3
-    weights: tuple[float, float, float] = (1.0, 0.2, 1.0)
-    batch_size: int = 4
+    train: OptimizeConfig = field(default_factory=OptimizeConfig)
     target_tokens: int = 16
     n_train: int = 16
     n_val: int = 4
-    eval_every: int = 4
-    patience: int = 2
-    members: int = 2
     samples: int = 8
-    seed: int = 0
     independence: bool = True
     out: Path | None = None
     force: bool = False
@@ -86,9 +78,12 @@ class OptimizeSettings:
         return self
 
     def config(self, k: int) -> OptimizeConfig:
-        return OptimizeConfig(k=k, steps=self.steps, lr=self.lr, weights=tuple(self.weights),
-                              batch_size=self.batch_size, eval_every=self.eval_every, patience=self.patience,
-                              members=self.members, seed=self.seed).check()
+        return replace(self.train, k=k, weights=tuple(self.train.weights)).check()
+
+    def record(self) -> dict:
+        """The settings as the summary records them, one flat dict (the report reads the training's from it)."""
+        own = {k: v for k, v in asdict(self).items() if k not in ("out", "force", "train")}
+        return own | {k: v for k, v in asdict(self.train).items() if k != "k"}
 
     def out_path(self, rd: RunDir) -> Path:
         name = "rdo" if self.method == "rdo" else f"cone_k{self.k}"
@@ -205,7 +200,7 @@ def cached_targets(ctx: Context, s: OptimizeSettings, progress: bool) -> tuple[d
         rec = json.loads(f.read_text())
         if rec.get("key") == key:
             return rec["targets"], key
-    targets = make_targets(ctx, s.target_tokens, max(s.batch_size, 16), progress)
+    targets = make_targets(ctx, s.target_tokens, max(s.train.batch_size, 16), progress)
     atomic_write_json(f, {"key": key, "prompts": ctx.prompts, "targets": targets})
     return targets, key
 
@@ -335,18 +330,18 @@ def _optimize(ctx: Context, s: OptimizeSettings, out: Path, progress: bool) -> d
     d_hat = ctx.direction.unit()[None]
     per_k, basis, t_opt = [], d_hat, 0.0
     for k in range(1, s.k + 1):
-        init = basis if k == 1 else grow(basis, s.seed + k)
+        init = basis if k == 1 else grow(basis, s.train.seed + k)
         t1 = time.perf_counter()
         res = train_k(ctx, s, k, init, (train, val), tkey, progress)
         t_opt += time.perf_counter() - t1
         basis = res.basis.float()
         per_k.append({"k": k, "best_step": res.best_step, "best_val": res.best_val, "stopped_early": res.stopped_early,
-                      "history": res.history, "scores": cone_scores(ctx, basis, s.samples, s.seed, base)})
+                      "history": res.history, "scores": cone_scores(ctx, basis, s.samples, s.train.seed, base)})
     dim = 0
     while dim < len(per_k) and per_k[dim]["scores"]["all_mediate"]:
         dim += 1
-    summary = {"method": s.method, "settings": {k: v for k, v in asdict(s).items() if k not in ("out", "force")},
-               "out": str(out), "baseline": base, "dim_scores": cone_scores(ctx, d_hat, 1, s.seed, base),
+    summary = {"method": s.method, "settings": s.record(),
+               "out": str(out), "baseline": base, "dim_scores": cone_scores(ctx, d_hat, 1, s.train.seed, base),
                "coeff": ctx.coeff, "scale": ctx.scale, "per_k": per_k, "cone_dimension": dim,
                "cos_with_dim": float((basis @ d_hat[0]).abs().max()),
                "seconds": {"targets": t_targets, "optimization": t_opt},

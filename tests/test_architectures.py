@@ -10,6 +10,7 @@ from conftest import EXACT_ARCHS, POSTNORM_ARCHS, make_tiny
 from transformers import AutoModelForCausalLM
 
 from refdir.core.architecture import inspect_model
+from refdir.core.hooks import contiguous_unembedding
 from refdir.core.interventions import ablate, add, intervene
 from refdir.core.models import save_hf_checkpoint
 from refdir.core.orthogonalize import orthogonalize_
@@ -119,6 +120,27 @@ def test_hooks_removed_even_on_error():
     for bp in arch.blocks:
         assert not bp.block._forward_pre_hooks
         assert not bp.attn._forward_hooks and not bp.mlp._forward_hooks
+
+
+@pytest.mark.parametrize("arch_name", sorted(EXACT_ARCHS) + sorted(POSTNORM_ARCHS))
+def test_contiguous_unembedding_gives_the_same_logits_from_a_contiguous_input(arch_name):
+    """Several kept positions a row: the unembedding sees a strided view without the hook, a contiguous tensor
+    with it, and the logits are the same; the hook is gone on exit, also on error."""
+    model = make_tiny(arch_name, VOCAB)
+    ids, mask = _inputs()
+    head = model.get_output_embeddings()
+    seen = []
+    rec = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))  # after pre-hooks
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, logits_to_keep=5).logits
+        with contiguous_unembedding(model):
+            got = model(input_ids=ids, attention_mask=mask, logits_to_keep=5).logits
+    rec.remove()
+    assert seen == [False, True]
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError), contiguous_unembedding(model):
+        raise RuntimeError("boom")
+    assert not head._forward_pre_hooks
 
 
 def test_add_shifts_block_input_and_combines_with_ablation():

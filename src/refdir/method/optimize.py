@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from refdir.core.architecture import Architecture, cache_kwarg, cache_of, inspect_model
 from refdir.core.forward import cache_for_rows, common_prefix_len
-from refdir.core.hooks import map_input, map_output, registered
+from refdir.core.hooks import contiguous_unembedding, map_input, map_output, registered
 from refdir.core.interventions import project_out
 from refdir.errors import RefdirError
 
@@ -227,8 +227,9 @@ def target_logits(model: nn.Module, rows: list[tuple[list[int], list[int]]], pre
     if plans is not None:
         edit.add = plans[torch.tensor(groups)]
     T = lay.targets.shape[1]
-    out = model(input_ids=lay.ids.to(dev), attention_mask=lay.mask.to(dev), position_ids=lay.pos.to(dev),
-                use_cache=bool(k), logits_to_keep=T + 1, **extra)
+    with contiguous_unembedding(model):  # T + 1 positions a row: see contiguous_unembedding
+        out = model(input_ids=lay.ids.to(dev), attention_mask=lay.mask.to(dev), position_ids=lay.pos.to(dev),
+                    use_cache=bool(k), logits_to_keep=T + 1, **extra)
     return out.logits[:, :-1].float(), lay.targets.to(dev)
 
 

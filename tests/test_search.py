@@ -287,3 +287,35 @@ def test_each_optimized_direction_gets_its_own_refinement():
     # without the optimized direction in the space, two sources as before
     space1 = Space([-1], 4, 1.0, 3.0, 1.0, ["plain"])
     assert "direction" not in space1.full_params(-1, 2.0)
+
+
+def test_a_tight_budget_runs_the_warm_starts_only_while_they_fit_and_an_extension_runs_the_rest():
+    """Warm starts under a time budget run one at a time, in order, while they and the reserve fit (a slow machine
+    keeps time for refinement); a bigger budget later runs the ones left, then TPE."""
+    import time
+
+    import optuna
+
+    from refdir.method.search.study import run_budget, spent_seconds, unrun_warm_starts
+
+    def objective(trial):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        time.sleep(0.1)
+        return x, 1.0 - x
+
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.TPESampler(seed=0))
+    warm = [{"x": i / 10} for i in range(8)]
+    n = run_budget(study, objective, 0.55, 2, [0.5], progress=False, warm=warm)
+    ran = [tr.params for tr in study.trials]
+    assert 1 <= n == len(ran) < len(warm)  # stopped with the reserve (2 trials) still in the budget
+    assert ran == warm[:n] and all(tr.user_attrs["warm_start"] for tr in study.trials)
+    assert spent_seconds(study) <= 0.55
+    left = unrun_warm_starts(study, warm)
+    assert left == warm[n:]
+    study.enqueue_trial(left[0], user_attrs={"warm_start": True})  # a queued one counts as seen
+    assert unrun_warm_starts(study, warm) == warm[n + 1:]
+    m = run_budget(study, objective, 1e6, 2, [0.5], progress=False, max_trials=len(left) + 1,
+                   warm=unrun_warm_starts(study, warm))
+    assert m == len(left) + 1
+    assert [tr.params for tr in study.trials][: len(warm)] == warm  # the queued one ran first, then the rest
+    assert "warm_start" not in study.trials[-1].user_attrs  # then TPE

@@ -57,6 +57,7 @@ from refdir.method.search.study import (
     select_warm_start,
     spent_seconds,
     trial_counts,
+    unrun_warm_starts,
     warm_starts,
 )
 from refdir.method.selection import max_layer
@@ -253,10 +254,15 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
                   list(cfg.variants), (DIM, *cands.optimized))
     study = open_study(sdir / "study.log", run.data.seed)
     band = kl_band(cfg.kl_marks)
+    # at most `trials` of them: a warm start left queued would be taken by the next trial refinement asks for
+    warm = warm_starts(table, chosen, space, kl_max=run.kl_max, top_k=run.top_k,
+                       strong_starts=cfg.strong_starts)[:trials]
+    # with a time budget the warm starts are not queued but run while they fit (run_budget): on a slow machine
+    # they would otherwise take the time the refinement towards the KL target needs
     if not study.trials:
-        # at most `trials` of them: a warm start left queued would be taken by the next trial refinement asks for
-        warm = warm_starts(table, chosen, space, kl_max=run.kl_max, top_k=run.top_k, strong_starts=cfg.strong_starts)
-        seed_study(study, space, warm[:trials], table, band)
+        pending = seed_study(study, space, warm, table, band, queue=budget is None)
+    else:
+        pending = unrun_warm_starts(study, warm) if budget is not None else []
     objective = make_objective(space, cands, proxy, band)
     with timings.phase("search"):
         if budget is None:
@@ -265,7 +271,7 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
             # kept for refinement (up to 2 trials per source; one more source per optimized direction) and
             # calibration (1 per mark)
             reserve = (2 * (refine + len(cands.optimized)) + 1) * len(cfg.kl_marks)
-            todo = run_budget(study, objective, budget, reserve, cfg.kl_marks, progress)
+            todo = run_budget(study, objective, budget, reserve, cfg.kl_marks, progress, warm=pending)
     with timings.phase("refine"):
         n_refined = refine_front(study, objective, space, cfg.kl_marks, refine, progress, budget) if refine > 0 else 0
     with timings.phase("confirm"):

@@ -174,15 +174,19 @@ def _screened(r: dict) -> float:
     return b if math.isfinite(b) else r["bypass"]
 
 
-def seed_study(study, space: Space, warm: list[dict], table: list[dict], band: tuple[float, float]) -> None:
-    """Queue the warm starts. A plain full-strength warm start that the selection already scored in full is added
+def seed_study(study, space: Space, warm: list[dict], table: list[dict], band: tuple[float, float],
+               queue: bool = True) -> list[dict]:
+    """Seed the warm starts. A plain full-strength warm start that the selection already scored in full is added
     as a finished trial with the selection's bypass and KL: those are the proxy's two objectives for the same edit
     (full ablation of the same direction, the same proxy prompts and batching), so running it again would only
-    repeat the computation."""
+    repeat the computation. The others are queued (``queue``), or returned in order without queuing them: a time
+    budget runs them one at a time while they fit (:func:`run_budget`), so that on a slow machine they do not use
+    up the time refinement needs."""
     import optuna
 
     known = {(r["position"], float(r["layer"])): (r["bypass"], r["kl"]) for r in table
              if math.isfinite(r["bypass"]) and math.isfinite(r["kl"])}
+    pending = []
     for p in warm:
         key = (p["position"], p["layer"])
         if key in known and p == space.full_params(*key, "plain"):
@@ -192,8 +196,20 @@ def seed_study(study, space: Space, warm: list[dict], table: list[dict], band: t
                 user_attrs={"warm_start": True, "from_selection": True, "edit": edit.to_dict()})
             set_band(tr, known[key][1], band)
             study.add_trial(tr)
-        else:
+        elif queue:
             study.enqueue_trial(p, user_attrs={"warm_start": True})
+        else:
+            pending.append(p)
+    return pending
+
+
+def unrun_warm_starts(study, warm: list[dict]) -> list[dict]:
+    """The warm starts of ``warm`` that are not in the study yet (finished, running or queued), in order: what a
+    resumed or extended budgeted search still has to run of them."""
+    seen = [tr.params for tr in study.trials if tr.user_attrs.get("warm_start")]
+    # a queued trial holds its params in fixed_params until it runs
+    seen += [tr.system_attrs.get("fixed_params") for tr in study.trials if tr.user_attrs.get("warm_start")]
+    return [p for p in warm if p not in seen]
 
 
 def run_trials(study, objective, trials: int, marks: list[float], progress: bool = True,
@@ -241,13 +257,14 @@ def trial_estimate(study) -> float:
 
 
 def run_budget(study, objective, budget: float, reserve: int, marks: list[float], progress: bool = True,
-               max_trials: int = 1000) -> int:
-    """TPE trials, one at a time, while the study's spent time (:func:`spent_seconds`) plus one more trial and
-    ``reserve`` trials kept for refinement (at the mean trial time) fit in ``budget`` seconds. The queued warm
-    starts always run (a queued trial left over would be taken by the next trial refinement asks for). Returns
-    how many were run."""
+               max_trials: int = 1000, warm: list[dict] | None = None) -> int:
+    """Trials, one at a time, while the study's spent time (:func:`spent_seconds`) plus one more trial and
+    ``reserve`` trials kept for refinement (at the mean trial time) fit in ``budget`` seconds: first the warm starts
+    ``warm`` (in order, each queued just before it runs), then TPE. Trials already queued in the study always run
+    (a queued trial left over would be taken by the next trial refinement asks for). Returns how many were run."""
     import optuna
 
+    pending = list(warm or [])
     run = 0
     bar = tqdm(total=None, desc="search", disable=not progress, unit="trial")
     try:
@@ -256,6 +273,8 @@ def run_budget(study, objective, budget: float, reserve: int, marks: list[float]
             waiting = any(tr.state == optuna.trial.TrialState.WAITING for tr in study.trials)
             if done and not waiting and spent_seconds(study) + (1 + reserve) * trial_estimate(study) > budget:
                 break
+            if pending and not waiting:
+                study.enqueue_trial(pending.pop(0), user_attrs={"warm_start": True})
             study.optimize(objective, n_trials=1)
             run += 1
             bar.update(1)

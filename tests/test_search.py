@@ -225,6 +225,17 @@ def test_warm_starts_add_the_strongest_screened_directions():
     assert again[-1] == space.full_params(-1, 5.0, "projected")
 
 
+def test_warm_starts_give_every_direction_its_plain_ablation_first():
+    """With an optimized direction beside the difference in means, both plain full ablations lead the warm starts
+    (a tight time budget runs the first few only), then the other variants of each."""
+    from refdir.method.search import Space, warm_starts
+
+    table = [{"position": -1, "layer": 4, "bypass": -3.0, "kl": 0.05, "bypass_screen": -3.1}]
+    space = Space([-1], 10, 3.0, 8.0, 1.0, ["plain", "projected", "norm"], ("dim", "rdo"))
+    out = warm_starts(table, table[0], space, kl_max=0.1, top_k=1, strong_starts=0)
+    assert out == [space.full_params(-1, 4.0, v, d) for v in ("plain", "projected", "norm") for d in ("dim", "rdo")]
+
+
 def test_refine_skips_sources_already_on_target():
     """A front point already within 10 % of a mark's aim does not use up a refinement slot: the next nearest is
     refined instead."""

@@ -136,20 +136,21 @@ def select_warm_start(model, fmt, cands: Candidates, val: dict, ids: list[int], 
 def warm_starts(table: list[dict], chosen: dict | None, space: Space, *, kl_max: float, top_k: int,
                 strong_starts: int) -> list[dict]:
     """The selected direction at full strength (each variant of ``space``; so is each optimized direction of
-    ``space.directions``, trained from the selected one), then the next best fully scored
-    candidates (by bypass, those with KL within twice the selection's limit ``kl_max`` first; ``3 + top_k`` starts
-    at most so far, 3 more per optimized direction); with no selected direction the best scored candidate leads. Then the ``strong_starts``
-    candidates with the lowest screened bypass whatever their KL, at full strength in the projected variant: the
-    paper's KL filter judges full-strength plain ablation, but the search scales strength, and the directions that
-    cut refusal most are the best ones to scale down."""
+    ``space.directions``, trained from the selected one; the plain variant of every direction first), then the next
+    best fully scored candidates (by bypass, those with KL within twice the selection's limit ``kl_max`` first;
+    ``3 + top_k`` starts at most so far, 3 more per optimized direction); with no selected direction the best scored
+    candidate leads. Then the ``strong_starts`` candidates with the lowest screened bypass whatever their KL, at full
+    strength in the projected variant: the paper's KL filter judges full-strength plain ablation, but the search
+    scales strength, and the directions that cut refusal most are the best ones to scale down."""
     out = []
     scored = sorted((r for r in table if math.isfinite(r["bypass"])), key=lambda r: (r["kl"] > 2 * kl_max, r["bypass"]))
     lead = chosen or (scored[0] if scored else None)
     if lead is not None:
-        # the selected direction, then each optimized direction trained from it, at full strength in every variant
-        for direction in space.directions:
-            for v in ("plain", "projected", "norm"):
-                if v in space.variants:
+        # the selected direction and each optimized direction trained from it, at full strength in every variant:
+        # every direction's plain ablation first (a time budget that runs only a few still has each direction)
+        for v in ("plain", "projected", "norm"):
+            if v in space.variants:
+                for direction in space.directions:
                     out.append(space.full_params(lead["position"], float(lead["layer"]), v, direction))
     for r in scored:
         if len(out) >= 3 * len(space.directions) + top_k:

@@ -257,16 +257,12 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
     # at most `trials` of them: a warm start left queued would be taken by the next trial refinement asks for
     warm = warm_starts(table, chosen, space, kl_max=run.kl_max, top_k=run.top_k,
                        strong_starts=cfg.strong_starts)[:trials]
-    # with a time budget the warm starts are not queued but run while they fit (run_budget): on a slow machine
-    # they would otherwise take the time the refinement towards the KL target needs
-    if not study.trials:
-        pending = seed_study(study, space, warm, table, band, queue=budget is None)
-    else:
-        pending = unrun_warm_starts(study, warm) if budget is not None else []
+    # those still to run (a resumed or extended search: the ones not in the study yet)
+    pending = seed_study(study, space, warm, table, band) if not study.trials else unrun_warm_starts(study, warm)
     objective = make_objective(space, cands, proxy, band)
     with timings.phase("search"):
         if budget is None:
-            todo = run_trials(study, objective, trials, cfg.kl_marks, progress, callbacks)
+            todo = run_trials(study, objective, trials, cfg.kl_marks, progress, callbacks, warm=pending)
         else:
             # kept for refinement (up to 2 trials per source; one more source per optimized direction) and
             # calibration (1 per mark)

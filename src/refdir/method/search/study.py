@@ -175,14 +175,13 @@ def _screened(r: dict) -> float:
     return b if math.isfinite(b) else r["bypass"]
 
 
-def seed_study(study, space: Space, warm: list[dict], table: list[dict], band: tuple[float, float],
-               queue: bool = True) -> list[dict]:
+def seed_study(study, space: Space, warm: list[dict], table: list[dict], band: tuple[float, float]) -> list[dict]:
     """Seed the warm starts. A plain full-strength warm start that the selection already scored in full is added
     as a finished trial with the selection's bypass and KL: those are the proxy's two objectives for the same edit
     (full ablation of the same direction, the same proxy prompts and batching), so running it again would only
-    repeat the computation. The others are queued (``queue``), or returned in order without queuing them: a time
-    budget runs them one at a time while they fit (:func:`run_budget`), so that on a slow machine they do not use
-    up the time refinement needs."""
+    repeat the computation. The others are returned in order, to run: :func:`run_trials` queues them all,
+    :func:`run_budget` runs them one at a time while they fit its time budget (on a slow machine they would
+    otherwise use up the time refinement needs)."""
     import optuna
 
     known = {(r["position"], float(r["layer"])): (r["bypass"], r["kl"]) for r in table
@@ -197,8 +196,6 @@ def seed_study(study, space: Space, warm: list[dict], table: list[dict], band: t
                 user_attrs={"warm_start": True, "from_selection": True, "edit": edit.to_dict()})
             set_band(tr, known[key][1], band)
             study.add_trial(tr)
-        elif queue:
-            study.enqueue_trial(p, user_attrs={"warm_start": True})
         else:
             pending.append(p)
     return pending
@@ -207,21 +204,23 @@ def seed_study(study, space: Space, warm: list[dict], table: list[dict], band: t
 def unrun_warm_starts(study, warm: list[dict]) -> list[dict]:
     """The warm starts of ``warm`` that are not in the study yet (finished, running or queued), in order: what a
     resumed or extended budgeted search still has to run of them."""
-    seen = [tr.params for tr in study.trials if tr.user_attrs.get("warm_start")]
-    # a queued trial holds its params in fixed_params until it runs
-    seen += [tr.system_attrs.get("fixed_params") for tr in study.trials if tr.user_attrs.get("warm_start")]
+    # a queued trial holds its params in fixed_params until it runs; one the selection scored has params only
+    seen = [tr.system_attrs.get("fixed_params") or tr.params for tr in study.trials if tr.user_attrs.get("warm_start")]
     return [p for p in warm if p not in seen]
 
 
 def run_trials(study, objective, trials: int, marks: list[float], progress: bool = True,
-               callbacks: list | None = None) -> int:
-    """Run the TPE trials still missing for ``trials`` searched trials in all (refined ones do not count); returns
-    how many were run."""
+               callbacks: list | None = None, warm: list[dict] | None = None) -> int:
+    """Run the trials still missing for ``trials`` searched trials in all (refined ones do not count): the warm
+    starts ``warm`` first (queued, as many as are missing: a queued one left over would be taken by the next trial
+    refinement asks for), then TPE; returns how many were run."""
     import optuna
 
     done = [tr for tr in study.trials
             if tr.state == optuna.trial.TrialState.COMPLETE and "refine_of" not in tr.user_attrs]
     todo = max(0, trials - len(done))
+    for p in (warm or [])[:todo]:
+        study.enqueue_trial(p, user_attrs={"warm_start": True})
     if todo:
         bar = tqdm(total=trials, initial=len(done), desc="search", disable=not progress)
 

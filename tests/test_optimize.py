@@ -18,19 +18,16 @@ from refdir.core.generation import generate
 from refdir.core.interventions import ablate, add
 from refdir.errors import RefdirError
 from refdir.method.optimize import (
-    Examples,
     OptimizeConfig,
     Trainer,
-    TrainSet,
     _Edit,
     add_base_topk,
-    kl_topk,
-    layout,
+    frozen,
     orthonormal,
-    shared_prefix,
     target_logits,
     training_hooks,
 )
+from refdir.method.optimize_data import Examples, TrainSet, kl_topk, layout, shared_prefix
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +137,28 @@ def test_gradients_reach_only_the_basis_and_weights_stay_bitwise(tiny, planted):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not torch.equal(tr.param.detach(), init)
     assert res.basis.shape == (1, 64) and abs(float(res.basis.norm()) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_backward_pass_by_pass_gives_the_gradient_of_the_total(tiny, planted, k):
+    """A training step backpropagates each loss's pass as soon as it is computed (one pass's activations held at
+    a time): the same losses and the same gradient as one backward of the weighted total."""
+    model, fmt = tiny
+    p, train, _ = planted
+    torch.manual_seed(4)
+    init = torch.stack([p, torch.randn(64)])[:k]
+    tr = Trainer(model, fmt.tokenizer.pad_token_id, init, 1, 3.0 * p.norm(), train, train,
+                 OptimizeConfig(k=k, batch_size=4, weights=(1.0, 0.2, 0.7)))
+    rows, mix = ([0, 2, 4], [1, 3, 5], [0, 1, 5]), torch.tensor([[1.0, 0.5], [0.2, 1.0]])[:, :k]
+    with frozen(model), training_hooks(model, tr.edit, 1):
+        parts = tr.losses(train, *rows, mix)
+        want = torch.autograd.grad(tr.total(parts), tr.param)[0]
+        got_parts = tr.losses(train, *rows, mix, backward=True)
+    assert set(parts) == set(got_parts) == {"ablation", "addition", "retain"}
+    assert all(not v.requires_grad and torch.equal(v, parts[n].detach()) for n, v in got_parts.items())
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(tr.param.grad, want, rtol=1e-5, atol=1e-7)
+    assert tr.edit.span is None and tr.edit.add is None
 
 
 @pytest.mark.parametrize("loss", ["ablation", "addition", "retain"])

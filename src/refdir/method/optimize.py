@@ -18,7 +18,9 @@ restored) and its weights are never written. The hooks sit where :func:`refdir.c
 :func:`~refdir.core.interventions.add` put theirs (every block input and attention / MLP write; the input of r's
 layer) and compute the same projection (:func:`~refdir.core.interventions.project_out`), differentiably. Speed:
 logits only at the target positions, the prompts' common template prefix run once per forward pass (its KV cache
-spread over the batch), short targets.
+spread over the batch), short targets. Memory: one forward pass per loss, each backpropagated as soon as it is
+computed, so a step holds one pass's activations. The examples, their layout and the losses are in
+:mod:`refdir.method.optimize_data`.
 """
 
 from __future__ import annotations
@@ -26,21 +28,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from refdir.core.architecture import Architecture, cache_kwarg, cache_of, inspect_model
-from refdir.core.forward import cache_for_rows, common_prefix_len
+from refdir.core.forward import cache_for_rows
 from refdir.core.hooks import contiguous_unembedding, map_input, map_output, registered
 from refdir.core.interventions import project_out
 from refdir.errors import RefdirError
+from refdir.method.optimize_data import Examples, TrainSet, ce_loss, kl_topk, layout, pad_stack, shared_prefix
 
 LOSSES = ("ablation", "addition", "retain")
-IGNORE = -100
 
 
 @dataclass
@@ -74,73 +75,6 @@ class OptimizeConfig:
         if len(self.weights) != 3 or any(not math.isfinite(w) or w < 0 for w in self.weights) or not any(self.weights):
             raise RefdirError(f"the loss weights must be three non-negative numbers, not all zero: {self.weights}")
         return self
-
-
-@dataclass
-class Examples:
-    """Prompts (token ids of the rendered prompt) with target completions (token ids), and for the retain loss the
-    base model's top-k next-token log-probabilities at each target position (``base_ids`` / ``base_logp`` [T, K],
-    ``base_rest`` [T]: log-probability of every other token)."""
-
-    prompts: list[list[int]]
-    targets: list[list[int]]
-    base_ids: list[torch.Tensor] = field(default_factory=list)
-    base_logp: list[torch.Tensor] = field(default_factory=list)
-    base_rest: list[torch.Tensor] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if len(self.prompts) != len(self.targets):
-            raise RefdirError("prompts and targets differ in number")
-        keep = [i for i, t in enumerate(self.targets) if t]  # an empty completion has nothing to train on
-        self.prompts = [self.prompts[i] for i in keep]
-        self.targets = [list(self.targets[i]) for i in keep]
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-
-@dataclass
-class TrainSet:
-    """The three losses' examples: harmful → compliant (ablation), harmless → refusal (addition), harmless → base
-    completion with base distributions (retain)."""
-
-    harmful: Examples
-    refuse: Examples
-    retain: Examples
-
-    def sizes(self) -> dict:
-        return {"harmful": len(self.harmful), "refuse": len(self.refuse), "retain": len(self.retain)}
-
-
-@dataclass
-class Layout:
-    """A batch laid out as ``prefix + pad… + prompt tail + target + pad…``: prompt ends aligned, so the logits at
-    the last ``T + 1`` columns (less the last) predict the targets. ``targets`` [b, T] holds IGNORE at padding."""
-
-    ids: torch.Tensor
-    mask: torch.Tensor
-    pos: torch.Tensor
-    targets: torch.Tensor
-
-
-def layout(rows: list[tuple[list[int], list[int]]], k: int, pad: int) -> Layout:
-    """Lay out (prompt ids, target ids) rows after a shared ``k``-token prefix (k = 0: no prefix)."""
-    tails = [p[k:] for p, _ in rows]
-    P, T = max(len(t) for t in tails), max(len(t) for _, t in rows)
-    b = len(rows)
-    ids = torch.full((b, P + T), pad, dtype=torch.long)
-    mask = torch.zeros(b, k + P + T, dtype=torch.long)
-    mask[:, :k] = 1
-    pos = torch.zeros(b, P + T, dtype=torch.long)
-    tgt = torch.full((b, T), IGNORE, dtype=torch.long)
-    for j, (tail, (_, t)) in enumerate(zip(tails, rows, strict=True)):
-        s = P - len(tail)
-        ids[j, s:P] = torch.tensor(tail)
-        ids[j, P:P + len(t)] = torch.tensor(t)
-        mask[j, k + s:k + P + len(t)] = 1
-        pos[j, s:] = torch.arange(k, k + P + T - s)
-        tgt[j, :len(t)] = torch.tensor(t)
-    return Layout(ids, mask, pos, tgt)
 
 
 def orthonormal(basis: torch.Tensor) -> torch.Tensor:
@@ -233,31 +167,6 @@ def target_logits(model: nn.Module, rows: list[tuple[list[int], list[int]]], pre
     return out.logits[:, :-1].float(), lay.targets.to(dev)
 
 
-def ce_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the real target tokens."""
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
-
-
-def _pad_stack(ts: list[torch.Tensor], T: int, fill: float) -> torch.Tensor:
-    out = torch.full((len(ts), T, *ts[0].shape[1:]), fill, dtype=ts[0].dtype)
-    for j, t in enumerate(ts):
-        out[j, :t.shape[0]] = t
-    return out
-
-
-def kl_topk(logits: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor,
-            rest: torch.Tensor) -> torch.Tensor:
-    """Mean KL(base ‖ edited) over the real target positions, both distributions coarsened to the base's top-k
-    tokens (``ids`` / ``logp`` [b, T, K]) plus one bucket for every other token (base log-mass ``rest`` [b, T])."""
-    lse = torch.logsumexp(logits, -1)
-    logq = logits.gather(-1, ids) - lse[..., None]
-    # clamped: an empty rest bucket (k = vocab) has log-mass -inf on both sides and contributes 0
-    logq_rest = (torch.logsumexp(logits.scatter(-1, ids, float("-inf")), -1) - lse).clamp(min=-80.0)
-    kl = (logp.exp() * (logp - logq)).sum(-1) + rest.exp() * (rest - logq_rest)
-    valid = targets != IGNORE
-    return kl[valid].mean()
-
-
 @torch.no_grad()
 def add_base_topk(model: nn.Module, ex: Examples, prefix: list[int], pad: int, topk: int,
                   batch_size: int = 8) -> Examples:
@@ -276,13 +185,6 @@ def add_base_topk(model: nn.Module, ex: Examples, prefix: list[int], pad: int, t
             ex.base_logp.append(top[j, :n].cpu())
             ex.base_rest.append(rest[j, :n].cpu())
     return ex
-
-
-def shared_prefix(sets: list[TrainSet]) -> list[int]:
-    """The token prefix every prompt of ``sets`` shares (each keeping one token of its own); [] if under 2."""
-    rows = [p for s in sets for ex in (s.harmful, s.refuse, s.retain) for p in ex.prompts]
-    k = common_prefix_len(rows) if rows else 0
-    return rows[0][:k] if k >= 2 else []
 
 
 @dataclass
@@ -329,36 +231,53 @@ class Trainer:
     def _draw(self, n: int) -> list[int]:
         return torch.randperm(n, generator=self.gen)[:self.cfg.batch_size].tolist()
 
-    def losses(self, data: TrainSet, hi: list[int], ai: list[int], ri: list[int], mix: torch.Tensor) -> dict:
-        """The losses (tensors) on the given rows: harmful ``hi`` and retain ``ri`` with the span ablated (one
-        forward pass), refusal ``ai`` with cone members added (one pass, rows spread over the members). ``mix``
-        [n, k] holds the members' non-negative weights on the basis; members stay differentiable in the basis."""
-        q, (wa, wd, wr) = self.basis(), self.cfg.weights
-        hi, ai, ri = (hi if wa else []), (ai if wd else []), (ri if wr else [])
+    def losses(self, data: TrainSet, hi: list[int], ai: list[int], ri: list[int], mix: torch.Tensor,
+               backward: bool = False) -> dict:
+        """The losses (tensors) on the given rows, one forward pass each: harmful ``hi`` and retain ``ri`` with the
+        span ablated, refusal ``ai`` with cone members added (rows spread over the members). ``mix`` [n, k] holds
+        the members' non-negative weights on the basis; members stay differentiable in the basis. ``backward``:
+        backpropagate each pass's weighted loss as soon as it is computed (the gradient of the total, holding one
+        pass's activations at a time); the losses come back detached."""
+        wa, wd, wr = self.cfg.weights
         out = {}
-        if hi or ri:
-            rows = [(data.harmful.prompts[i], data.harmful.targets[i]) for i in hi]
-            rrows = [(data.retain.prompts[i], data.retain.targets[i]) for i in ri]
-            self.edit.span, self.edit.add = q, None
-            logits, tgt = target_logits(self.model, rows + rrows, self.prefix, self.pad, self.edit)
-            if hi:
-                out["ablation"] = ce_loss(logits[:len(rows)], tgt[:len(rows)])
-            if ri:
-                T, r = logits.shape[1], data.retain
-                out["retain"] = kl_topk(logits[len(rows):], tgt[len(rows):], *(
-                    _pad_stack([getattr(r, a)[i] for i in ri], T, f).to(logits.device)
+        for name, idx in (("ablation", hi if wa else []), ("retain", ri if wr else []), ("addition", ai if wd else [])):
+            if not idx:
+                continue
+            if name == "addition":
+                loss = self._addition(data.refuse, idx, mix)
+            else:
+                logits, tgt = self._ablated(data.harmful if name == "ablation" else data.retain, idx)
+                loss = ce_loss(logits, tgt) if name == "ablation" else kl_topk(logits, tgt, *(
+                    pad_stack([getattr(data.retain, a)[i] for i in idx], logits.shape[1], f).to(logits.device)
                     for a, f in (("base_ids", 0), ("base_logp", 0.0), ("base_rest", 0.0))))
-        if ai:
-            rows = [(data.refuse.prompts[i], data.refuse.targets[i]) for i in ai]
-            members = mix.to(q) @ q
-            members = members / members.norm(dim=-1, keepdim=True)
-            self.edit.span = None
-            groups = [j % members.shape[0] for j in range(len(rows))]
-            logits, tgt = target_logits(self.model, rows, self.prefix, self.pad, self.edit,
-                                        plans=members * self.scale, groups=groups)
-            out["addition"] = ce_loss(logits, tgt)
-        self.edit.span = self.edit.add = None
+            if backward:
+                self.total({name: loss}).backward()
+                loss = loss.detach()
+            out[name] = loss
         return out
+
+    def _ablated(self, ex: Examples, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target logits and targets of rows ``idx`` of ``ex`` with the span ablated."""
+        self.edit.span, self.edit.add = self.basis(), None
+        try:
+            return target_logits(self.model, [(ex.prompts[i], ex.targets[i]) for i in idx], self.prefix, self.pad,
+                                 self.edit)
+        finally:
+            self.edit.span = None
+
+    def _addition(self, ex: Examples, idx: list[int], mix: torch.Tensor) -> torch.Tensor:
+        """The refusal cross-entropy of rows ``idx`` of ``ex`` with cone members added (spread over the rows)."""
+        q = self.basis()
+        members = mix.to(q) @ q
+        members = members / members.norm(dim=-1, keepdim=True)
+        self.edit.span = None
+        try:
+            logits, tgt = target_logits(self.model, [(ex.prompts[i], ex.targets[i]) for i in idx], self.prefix,
+                                        self.pad, self.edit, plans=members * self.scale,
+                                        groups=[j % members.shape[0] for j in range(len(idx))])
+        finally:
+            self.edit.add = None
+        return ce_loss(logits, tgt)
 
     def total(self, parts: dict) -> torch.Tensor:
         return sum(w * parts[n] for n, w in zip(LOSSES, self.cfg.weights, strict=True) if w and n in parts)
@@ -373,9 +292,8 @@ class Trainer:
         hi, ai, ri = self._draw(len(t.harmful)), self._draw(len(t.refuse)), self._draw(len(t.retain))
         mix = self._mix(self.cfg.members, self.gen)
         self.opt.zero_grad(set_to_none=True)
-        parts = self.losses(t, hi, ai, ri, mix)
+        parts = self.losses(t, hi, ai, ri, mix, backward=True)
         loss = self.total(parts)
-        loss.backward()
         self.opt.step()
         with torch.no_grad():
             self.param.copy_(orthonormal(self.param))

@@ -31,17 +31,8 @@ from refdir.core.interventions import ablate, add
 from refdir.core.io import atomic_file, atomic_write_json, check_file_target
 from refdir.core.rundir import RunDir
 from refdir.errors import RefdirError
-from refdir.method.optimize import (
-    LOSSES,
-    Examples,
-    OptimizeConfig,
-    Optimized,
-    Trainer,
-    TrainSet,
-    add_base_topk,
-    orthonormal,
-    shared_prefix,
-)
+from refdir.method.optimize import LOSSES, OptimizeConfig, Optimized, Trainer, add_base_topk, orthonormal
+from refdir.method.optimize_data import Examples, TrainSet, shared_prefix
 from refdir.method.scoring import refusal_metric_from_logits
 from refdir.workflows.report import add_section
 
@@ -240,7 +231,7 @@ def train_k(ctx: Context, s: OptimizeSettings, k: int, init: torch.Tensor, sets:
     cfg = s.config(k)
     seq = max(len(p) + len(t) for ts in sets for ex in (ts.harmful, ts.refuse, ts.retain)
               for p, t in zip(ex.prompts, ex.targets, strict=True))
-    cfg.batch_size = fit_batch_size(ctx.model, 2 * seq, cfg.batch_size)  # the ablation pass holds two sets
+    cfg.batch_size = fit_batch_size(ctx.model, seq, cfg.batch_size)  # a pass holds one loss's rows
     tr = Trainer(ctx.model, ctx.pad, init, ctx.direction.layer, ctx.scale, sets[0], sets[1], cfg)
     key = _key({"cfg": asdict(s.config(k)), "targets": targets_key, "init": _tensor_key(init), "scale": ctx.scale})
     f = ctx.rd.optimize_dir() / f"{s.method}_k{k}.pt"

@@ -152,16 +152,16 @@ def target_logits(model: nn.Module, rows: list[tuple[list[int], list[int]]], pre
     k = len(prefix)
     lay = layout(rows, k, pad)
     extra = {}
-    if k:
-        n = 1 if plans is None else plans.shape[0]
-        if plans is not None:
-            edit.add = plans
-        cache = cache_of(model(input_ids=torch.tensor([prefix] * n, device=dev), use_cache=True, logits_to_keep=1))
-        extra[cache_kwarg(model)] = cache_for_rows(cache, len(rows), None if plans is None else groups, dev)
-    if plans is not None:
-        edit.add = plans[torch.tensor(groups)]
     T = lay.targets.shape[1]
-    with contiguous_unembedding(model):  # T + 1 positions a row: see contiguous_unembedding
+    with contiguous_unembedding(model):  # the model is frozen: see contiguous_unembedding
+        if k:
+            n = 1 if plans is None else plans.shape[0]
+            if plans is not None:
+                edit.add = plans
+            cache = cache_of(model(input_ids=torch.tensor([prefix] * n, device=dev), use_cache=True, logits_to_keep=1))
+            extra[cache_kwarg(model)] = cache_for_rows(cache, len(rows), None if plans is None else groups, dev)
+        if plans is not None:
+            edit.add = plans[torch.tensor(groups)]
         out = model(input_ids=lay.ids.to(dev), attention_mask=lay.mask.to(dev), position_ids=lay.pos.to(dev),
                     use_cache=bool(k), logits_to_keep=T + 1, **extra)
     return out.logits[:, :-1].float(), lay.targets.to(dev)

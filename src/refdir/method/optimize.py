@@ -174,7 +174,7 @@ def add_base_topk(model: nn.Module, ex: Examples, prefix: list[int], pad: int, t
     position), from the unedited model."""
     ex.base_ids, ex.base_logp, ex.base_rest = [], [], []
     for s in range(0, len(ex), batch_size):
-        rows = list(zip(ex.prompts[s:s + batch_size], ex.targets[s:s + batch_size], strict=True))
+        rows = ex.rows(list(range(s, min(s + batch_size, len(ex)))))
         logits, _ = target_logits(model, rows, prefix, pad)
         logp = torch.log_softmax(logits, -1)
         top, ids = logp.topk(min(topk, logp.shape[-1]), -1)
@@ -239,17 +239,14 @@ class Trainer:
         backpropagate each pass's weighted loss as soon as it is computed (the gradient of the total, holding one
         pass's activations at a time); the losses come back detached."""
         wa, wd, wr = self.cfg.weights
+        passes = (("ablation", hi if wa else [], lambda i: ce_loss(*self._ablated(data.harmful, i))),
+                  ("retain", ri if wr else [], lambda i: self._retain(data.retain, i)),
+                  ("addition", ai if wd else [], lambda i: self._addition(data.refuse, i, mix)))
         out = {}
-        for name, idx in (("ablation", hi if wa else []), ("retain", ri if wr else []), ("addition", ai if wd else [])):
+        for name, idx, loss_of in passes:
             if not idx:
                 continue
-            if name == "addition":
-                loss = self._addition(data.refuse, idx, mix)
-            else:
-                logits, tgt = self._ablated(data.harmful if name == "ablation" else data.retain, idx)
-                loss = ce_loss(logits, tgt) if name == "ablation" else kl_topk(logits, tgt, *(
-                    pad_stack([getattr(data.retain, a)[i] for i in idx], logits.shape[1], f).to(logits.device)
-                    for a, f in (("base_ids", 0), ("base_logp", 0.0), ("base_rest", 0.0))))
+            loss = loss_of(idx)
             if backward:
                 self.total({name: loss}).backward()
                 loss = loss.detach()
@@ -260,10 +257,15 @@ class Trainer:
         """Target logits and targets of rows ``idx`` of ``ex`` with the span ablated."""
         self.edit.span, self.edit.add = self.basis(), None
         try:
-            return target_logits(self.model, [(ex.prompts[i], ex.targets[i]) for i in idx], self.prefix, self.pad,
-                                 self.edit)
+            return target_logits(self.model, ex.rows(idx), self.prefix, self.pad, self.edit)
         finally:
             self.edit.span = None
+
+    def _retain(self, ex: Examples, idx: list[int]) -> torch.Tensor:
+        """KL(base ‖ ablated) of rows ``idx`` of ``ex`` over the base model's top-k tokens (:func:`kl_topk`)."""
+        logits, tgt = self._ablated(ex, idx)
+        return kl_topk(logits, tgt, *(pad_stack([getattr(ex, a)[i] for i in idx], logits.shape[1], f).to(logits.device)
+                                      for a, f in (("base_ids", 0), ("base_logp", 0.0), ("base_rest", 0.0))))
 
     def _addition(self, ex: Examples, idx: list[int], mix: torch.Tensor) -> torch.Tensor:
         """The refusal cross-entropy of rows ``idx`` of ``ex`` with cone members added (spread over the rows)."""
@@ -272,8 +274,8 @@ class Trainer:
         members = members / members.norm(dim=-1, keepdim=True)
         self.edit.span = None
         try:
-            logits, tgt = target_logits(self.model, [(ex.prompts[i], ex.targets[i]) for i in idx], self.prefix,
-                                        self.pad, self.edit, plans=members * self.scale,
+            logits, tgt = target_logits(self.model, ex.rows(idx), self.prefix, self.pad, self.edit,
+                                        plans=members * self.scale,
                                         groups=[j % members.shape[0] for j in range(len(idx))])
         finally:
             self.edit.add = None

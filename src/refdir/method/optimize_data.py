@@ -37,6 +37,10 @@ class Examples:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    def rows(self, idx: list[int]) -> list[tuple[list[int], list[int]]]:
+        """(prompt ids, target ids) of rows ``idx``, as :func:`layout` takes them."""
+        return [(self.prompts[i], self.targets[i]) for i in idx]
+
 
 @dataclass
 class TrainSet:

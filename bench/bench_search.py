@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--no-filter", action="store_true", help="difference of means over all train prompts")
     ap.add_argument("--n-val", type=int, default=40, help="harmless proxy prompts")
     ap.add_argument("--n-val-harmful", type=int, default=24, help="harmful proxy prompts")
+    ap.add_argument("--direction-method", default="dim", choices=["dim", "rdo"],
+                    help="rdo: the search also takes an optimized direction trained from the selected candidate")
     ap.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 where the CPU has native bf16)")
     a = ap.parse_args()
 
@@ -71,9 +73,10 @@ def main() -> None:
                           harmless=str(P / "harmless_train.json"), harmful_test=str(P / "harmful_val.json"),
                           harmless_test=str(P / "harmless_val.json"), n_train=128, n_val=a.n_val,
                           n_val_harmful=a.n_val_harmful, filter_train=not a.no_filter, n_test=100, max_new_tokens=100,
-                          system=a.system or None, judge=a.judge, dtype=a.dtype)
+                          system=a.system or None, judge=a.judge, dtype=a.dtype,
+                          direction_method=a.direction_method)
     print(f"cpu flags: {cpu_flags()}; torch threads {torch.get_num_threads()}; system prompt "
-          f"{cfg.run.model.system!r}; judge {cfg.run.judge}; dtype {cfg.run.model.dtype}")
+          f"{cfg.run.model.system!r}; judge {cfg.run.judge}; dtype {cfg.run.model.dtype}; directions {cfg.run.direction_method}")
     t = time.time()
     res = run_search(cfg, out, trials=a.trials, per_mark=a.per_mark, max_confirm=a.max_confirm,
                      confirm_plain=a.confirm_plain, confirm_extra=a.confirm_extra,

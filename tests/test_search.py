@@ -330,3 +330,38 @@ def test_a_tight_budget_runs_the_warm_starts_only_while_they_fit_and_an_extensio
     assert m == len(left) + 1
     assert [tr.params for tr in study.trials][: len(warm)] == warm  # the queued one ran first, then the rest
     assert "warm_start" not in study.trials[-1].user_attrs  # then TPE
+
+
+def test_search_takes_an_optimized_direction_from_the_command_line(tmp_path, tiny_model_dir):
+    """`refdir search --direction-method rdo` trains RDO from the search's lead candidate, searches it beside the
+    candidates (warm-started at full strength) and reads it back on a rerun; a value it does not know is refused
+    before anything is written."""
+    torch.set_num_threads(1)
+    md, out = tiny_model_dir("qwen2"), tmp_path / "s"
+    args = ["search", str(md), "--out", str(out), "--refusal-tokens", "I,As", "--n-train", "12", "--n-val", "6",
+            "--n-val-harmful", "4", "--n-test", "3", "--dtype", "fp32", "--batch-size", "8", "--top-k", "2",
+            "--max-new-tokens", "4", "--kl-marks", "0.3,3", "--trials", "8", "--direction-method"]
+    bad = CliRunner().invoke(app, [*args, "sideways"])
+    assert bad.exit_code == 2 and bad.output.strip().splitlines()[-1].startswith("error:")
+    assert "sideways" in bad.output and not out.exists()
+    r = CliRunner().invoke(app, [*args, "rdo"])
+    assert r.exit_code == 0, r.output
+    from refdir.core.rundir import RunDir
+
+    from refdir.core.directions import Direction
+    from refdir.method.search.study import lead_candidate
+
+    rd = RunDir(out)
+    r = Direction.load(rd.optimize_dir() / "rdo.safetensors")
+    res = json.loads((rd.search_dir() / "summary.json").read_text())
+    # trained from the candidate the search leads with: the selection's choice, else (as on this random model,
+    # where the paper's filters pass nothing) the best scored candidate
+    sel = json.loads((rd.search_dir() / "selection.json").read_text())
+    lead = lead_candidate(sel["table"], sel["chosen"], res["config"]["run"]["kl_max"])
+    assert (r.position, r.layer) == (lead["position"], lead["layer"])
+    assert res["config"]["run"]["direction_method"] == "rdo"
+    rdo = [t for t in res["trials"] if t["edit"].get("direction") == "rdo"]
+    assert rdo and any(t["warm_start"] for t in rdo)
+    again = CliRunner().invoke(app, [*args, "rdo"])  # the same study: nothing new to run
+    assert again.exit_code == 0, again.output
+    assert json.loads((rd.search_dir() / "summary.json").read_text())["trials"] == res["trials"]

@@ -40,6 +40,10 @@ MODEL_OPTIONS: dict[str, tuple[Any, str]] = {
     "chat_template": (str | None, "template string with {instruction}, for models without a chat template"),
 }
 
+# `run` and `search` take the same direction sources (RunConfig.direction_method)
+DIRECTION_METHOD_HELP = ("the search's directions: dim (difference-in-means candidates) or rdo (also an optimized "
+                         "direction trained from the selected one, as refdir optimize does; adds minutes)")
+
 
 def expected_errors() -> tuple[type[BaseException], ...]:
     """The exception types that mean bad input or an unusable file, not a bug in refdir: RefdirError, OSError

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from refdir.cli.common import console, model_options
+from refdir.cli.common import DIRECTION_METHOD_HELP, console, model_options
 from refdir.core.directions import edit_tensor, load_edit
 from refdir.core.gguf_edit import orthogonalize_gguf
 from refdir.core.io import check_replaceable
@@ -64,9 +64,7 @@ def run(
     budget: float = typer.Option(60.0, help="seconds of search trials (refinement included); rerunning with a "
                                             "bigger budget extends the search"),
     kl_target: float = typer.Option(0.05, help="first-token KL on harmless prompts the chosen edit stays under"),
-    direction_method: str = typer.Option("dim", help="the search's directions: dim (difference-in-means candidates) "
-                                                     "or rdo (also an optimized direction trained from the selected "
-                                                     "one, as refdir optimize does; adds minutes)"),
+    direction_method: str = typer.Option("dim", help=DIRECTION_METHOD_HELP),
     n_test: int = typer.Option(None, help="test prompts per set (default: all of the test split)"),
     seed: int = typer.Option(42),
     filter_train: bool = typer.Option(True, help="keep harmful train prompts the model refuses (metric > 0), "

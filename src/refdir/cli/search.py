@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from refdir.cli.common import console, model_options, model_overrides
+from refdir.cli.common import DIRECTION_METHOD_HELP, console, model_options, model_overrides
 from refdir.core.edits import Edit
 from refdir.core.rundir import RunDir
 from refdir.core.spec import ModelSpec
@@ -36,6 +36,7 @@ def search(
     top_k: int = typer.Option(4, help="selection finalists; the best also warm-start the search"),
     max_strength: float = typer.Option(1.0, help="largest per-layer strength searched (≤ 1)"),
     variants: str = typer.Option("plain,projected,norm", help="variants searched, comma-separated"),
+    direction_method: str = typer.Option("dim", help=DIRECTION_METHOD_HELP),
     max_new_tokens: int = typer.Option(100, help="tokens generated per prompt to confirm a point"),
     kl_marks: str = typer.Option("0.01,0.05", help="KL budgets: the front is refined towards each, and its best "
                                  "point under each is confirmed by generation"),
@@ -59,6 +60,7 @@ def search(
                           refusal_tokens=refusal_tokens.split(",") if refusal_tokens else None,
                           batch_size=batch_size, top_k=top_k, max_strength=max_strength,
                           variants=[v.strip() for v in variants.split(",") if v.strip()],
+                          direction_method=direction_method,
                           max_new_tokens=max_new_tokens, kl_marks=_marks(kl_marks))
     if not 0 < max_strength <= 1:
         raise RefdirError("--max-strength must be in (0, 1]")

@@ -138,8 +138,9 @@ def open_context(run_dir: str | Path, s: OptimizeSettings, model: dict | None = 
 
 
 def rdo_direction(p, chosen: dict, run, progress: bool = True) -> torch.Tensor:
-    """RDO as a stage of ``refdir run --direction-method rdo``: trained with ``refdir optimize``'s defaults from the
-    run's selected candidate ``chosen`` (position, layer) on a prepared run ``p`` (a
+    """RDO as a stage of the search (``refdir run`` or ``refdir search`` with ``--direction-method rdo``): trained
+    with ``refdir optimize``'s defaults from the candidate the search leads with, ``chosen`` (position, layer: the
+    selection's choice, else the best scored candidate), on a prepared run ``p`` (a
     :class:`refdir.workflows.search.Prepared`), without the independence analysis; written where ``refdir
     optimize`` writes it, with its summary and report section. Targets and training resume from the optimize
     directory. The addition loss adds the difference in means itself (coefficient 1: the search path fits no

@@ -49,6 +49,7 @@ from refdir.method.search import (
 )
 from refdir.method.search.study import (
     check_study_config,
+    lead_candidate,
     make_objective,
     open_study,
     run_budget,
@@ -245,9 +246,12 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
         scfg = replace(run.selection_config(), min_layer=int(math.ceil(layer_lo)))
         table, chosen = select_warm_start(lm.model, fmt, cands, val, p.ids, scfg, sdir / rdl.SEARCH_SELECTION_FILE, progress,
                                           proxy.base_logits)
-    if run.direction_method == "rdo" and chosen is not None:
+    lead = lead_candidate(table, chosen, run.kl_max)  # the selection's choice, else the best scored candidate
+    if run.direction_method == "rdo":
+        if lead is None:
+            raise RefdirError("--direction-method rdo: the selection scored no candidate to train a direction from")
         with timings.phase("optimize"):
-            p.cands = cands = cands.with_optimized("rdo", rdo_direction(p, chosen, run, progress))
+            p.cands = cands = cands.with_optimized("rdo", rdo_direction(p, lead, run, progress))
     if p.m.load_s is not None:
         timings.add("load", p.m.load_s)
     space = Space(list(cands.positions), L, layer_lo, float(max_layer(L, run.max_layer_frac)), cfg.max_strength,

@@ -143,8 +143,8 @@ def warm_starts(table: list[dict], chosen: dict | None, space: Space, *, kl_max:
     strength in the projected variant: the paper's KL filter judges full-strength plain ablation, but the search
     scales strength, and the directions that cut refusal most are the best ones to scale down."""
     out = []
-    scored = sorted((r for r in table if math.isfinite(r["bypass"])), key=lambda r: (r["kl"] > 2 * kl_max, r["bypass"]))
-    lead = chosen or (scored[0] if scored else None)
+    scored = _scored(table, kl_max)
+    lead = lead_candidate(table, chosen, kl_max)
     if lead is not None:
         # the selected direction and each optimized direction trained from it, at full strength in every variant:
         # every direction's plain ablation first (a time budget that runs only a few still has each direction)
@@ -167,6 +167,18 @@ def warm_starts(table: list[dict], chosen: dict | None, space: Space, *, kl_max:
         if p not in out:
             out.append(p)
     return out
+
+
+def _scored(table: list[dict], kl_max: float) -> list[dict]:
+    """The fully scored candidates, best first: by bypass, those with KL within twice ``kl_max`` first."""
+    return sorted((r for r in table if math.isfinite(r["bypass"])), key=lambda r: (r["kl"] > 2 * kl_max, r["bypass"]))
+
+
+def lead_candidate(table: list[dict], chosen: dict | None, kl_max: float) -> dict | None:
+    """The candidate the search leads with (and trains optimized directions from): the selection's choice, or
+    with none the best fully scored candidate (see :func:`warm_starts`); None when nothing was scored."""
+    scored = _scored(table, kl_max)
+    return chosen or (scored[0] if scored else None)
 
 
 def _screened(r: dict) -> float:

@@ -12,7 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from refdir.cli.main import app
+from refdir.core.directions import Direction
+from refdir.core.rundir import RunDir
 from refdir.errors import RefdirError
+from refdir.method.search.study import lead_candidate
 from refdir.workflows.search import SearchConfig, pareto_front, run_search
 
 
@@ -346,11 +349,6 @@ def test_search_takes_an_optimized_direction_from_the_command_line(tmp_path, tin
     assert "sideways" in bad.output and not out.exists()
     r = CliRunner().invoke(app, [*args, "rdo"])
     assert r.exit_code == 0, r.output
-    from refdir.core.rundir import RunDir
-
-    from refdir.core.directions import Direction
-    from refdir.method.search.study import lead_candidate
-
     rd = RunDir(out)
     r = Direction.load(rd.optimize_dir() / "rdo.safetensors")
     res = json.loads((rd.search_dir() / "summary.json").read_text())

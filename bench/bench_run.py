@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from refdir.evaluate.intervals import rate_text
+
 
 def cpu_flags() -> str:
     try:
@@ -59,7 +61,7 @@ def main() -> None:
         print(f"search: {summary['search']['n_trials']} trials, {summary['search']['spent_s']:.0f} s of "
               f"{summary['search']['budget_s']:.0f}")
         for k, v in summary["test"]["scores"].items():
-            print(f"  {k:26s} refusal {v['refusal']:.3f} of {v['n']} (paper substrings {v['refusal_paper']:.3f})")
+            print(f"  {k:26s} refusal {rate_text(v['refusal'], v['n'])} (paper substrings {v['refusal_paper']:.3f})")
         for k, v in summary["test"]["kl"].items():
             print(f"  {k:26s} first-token KL {v:.4f}")
         return

@@ -21,6 +21,7 @@ from refdir.core.directions import Candidates
 from refdir.core.edits import Edit, Kernel, apply_weights_, resolve
 from refdir.core.gguf_plan import export_gguf_plan
 from refdir.core.rundir import RunDir
+from refdir.evaluate.intervals import rate_text
 from refdir.method.selection import score_candidates
 
 runner = CliRunner()
@@ -69,7 +70,10 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
     assert v["kl_hooks_weights"] < 1e-6 and v["top1_agree"] == 1.0
     rd = RunDir(tmp_path / "r")
     assert (rd.checkpoint_model_dir() / "model.safetensors").exists()
-    assert "search" in (tmp_path / "r" / "report.html").read_text().lower()
+    report = (tmp_path / "r" / "report.html").read_text()
+    assert "search" in report.lower()
+    for key in ("base/heldout/harmful", "chosen/heldout/harmful", "chosen/test/harmless"):
+        assert rate_text(sc[key]["refusal"], sc[key]["n"]) in report  # each rate with its count and interval
 
 
 def test_budget_is_honoured_and_a_bigger_one_extends_the_study(tiny_model_dir, tmp_path):

@@ -347,8 +347,8 @@ def test_search_takes_an_optimized_direction_from_the_command_line(tmp_path, tin
     bad = CliRunner().invoke(app, [*args, "sideways"])
     assert bad.exit_code == 2 and bad.output.strip().splitlines()[-1].startswith("error:")
     assert "sideways" in bad.output and not out.exists()
-    r = CliRunner().invoke(app, [*args, "rdo"])
-    assert r.exit_code == 0, r.output
+    ran = CliRunner().invoke(app, [*args, "rdo"])
+    assert ran.exit_code == 0, ran.output
     rd = RunDir(out)
     r = Direction.load(rd.optimize_dir() / "rdo.safetensors")
     res = json.loads((rd.search_dir() / "summary.json").read_text())

@@ -15,6 +15,7 @@ from refdir.core.orthogonalize import save_orthogonalized, stream_orthogonalize
 from refdir.core.preflight import check_output
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
+from refdir.evaluate.intervals import rate_text
 from refdir.method.search import load_reference
 from refdir.workflows.extract import ExtractConfig, run_extract
 from refdir.workflows.report import test_rows
@@ -180,7 +181,7 @@ def print_search_summary(s: dict) -> None:
                   f"{s['search']['budget_s']:.0f} s")
     t = Table("set", "arm", "harmful refusal", "harmless refusal", "first-token KL")
     for name, arm, h, b, k in test_rows(s["test"]):
-        t.add_row(name, arm, f"{h['refusal']:.3f} ({h['n']})", f"{b['refusal']:.3f}" if b else "",
+        t.add_row(name, arm, rate_text(h["refusal"], h["n"]), rate_text(b["refusal"], b["n"]) if b else "",
                   f"{k:.4f}" if k is not None else "")
     console.print(t)
     for name, rel in s["test"]["relation"].items():

@@ -7,6 +7,7 @@ import math
 
 from refdir.core.html import figure_html, plt, table_html
 from refdir.evaluate.ce import CE_SETS
+from refdir.evaluate.intervals import CONFIDENCE, rate_text
 
 TITLE = "Evaluation of arms (refdir eval)"
 CE_LABELS = {"text": "general text", "pairs": "instruction pairs", "ondist": "on-distribution"}
@@ -30,12 +31,13 @@ def table9_rows(summary: dict) -> list[list[str]]:
 
 def table10_rows(summary: dict) -> list[list[str]]:
     """Table 10 layout: refusal score and safety score per arm on the harmful prompts."""
-    return [[a["name"], _f(a["refusal"]["paper"]), _f(a["refusal"]["broad"]), _f(a["safety"]["score"]),
+    return [[a["name"], _f(a["refusal"]["paper"]), rate_text(a["refusal"]["broad"], a["refusal"]["n"]),
+             _f(a["safety"]["score"]),
              str(a["refusal"]["degenerate"]), str(a["refusal"]["n"])] for a in summary["arms"]]
 
 
 def t10_head(summary: dict) -> list[str]:
-    return ["arm", "refusal (paper substrings)", "refusal (broad)", f"safety ({summary['config']['judge']})",
+    return ["arm", "refusal (paper substrings)", f"refusal (broad; count, {CONFIDENCE:.0%} Wilson interval)", f"safety ({summary['config']['judge']})",
             "degenerate", "n"]
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from refdir.core.html import PAGE_TAIL, figure_html, page_head, plt, table_html, write_sections_report
 from refdir.core.io import atomic_write_text
 from refdir.core.rundir import RunDir
+from refdir.evaluate.intervals import CONFIDENCE, count, rate_text, wilson
 
 
 def add_section(run_dir: str | Path, name: str, body_html: str, title: str | None = None) -> Path:
@@ -190,15 +191,17 @@ def _search_run_parts(rd: RunDir, summ: dict) -> list[str]:
              f"proxy refusal metric {c['proxy_refusal']:.2f}, proxy KL {c['proxy_kl']:.4f}, KL target "
              f"{c['kl_target']:g}). Search: {summ['search']['n_trials']} trials in {summ['search']['spent_s']:.0f} s "
              f"of a {summ['search']['budget_s']:.0f} s budget; chosen on val and harmless train prompts only.</p>"]
-    rows = [[name, ARM_NAMES[arm], f"{h['refusal']:.3f} ({round(h['refusal'] * h['n'])}/{h['n']})",
-             f"{h['refusal_paper']:.3f}", f"{b['refusal']:.3f} ({b['n']})" if b else "—",
+    rows = [[name, ARM_NAMES[arm], rate_text(h["refusal"], h["n"]),
+             f"{h['refusal_paper']:.3f}", rate_text(b["refusal"], b["n"]) if b else "—",
              f"{k:.4f}" if k is not None else "—", h["degenerate"]] for name, arm, h, b, k in test_rows(t)]
     head = ["set", "arm", f"harmful refusal ({summ['judge']})", "paper substrings", "harmless refusal",
             "first-token KL", "degenerate"]
     notes = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in t["relation"].items())
     parts.append("<h2>Refusal on prompts the edit never saw</h2>" + table_html(rows, head)
                  + f"<ul class='note'>{notes}</ul><p class='note'>Greedy, {t['max_new_tokens']} new tokens on harmful prompts, "
-                 f"{t.get('harmless_tokens') or t['max_new_tokens']} on harmless ones.</p>")
+                 f"{t.get('harmless_tokens') or t['max_new_tokens']} on harmless ones. Refusal rates are given with "
+                 f"their count and {CONFIDENCE:.0%} Wilson interval: two arms whose intervals overlap widely may "
+                 "differ by sampling alone.</p>")
     parts.append(plot_refusal_bars(t["scores"], None))
     if "heldout" in t["relation"] or summ.get("reference"):
         parts.append(plot_heldout(summ))
@@ -228,7 +231,10 @@ def plot_heldout(summ: dict) -> str:
             continue
         n = h["n"]
         k = max(t["kl"].get(f"{arm}/{name}", 0.0), 1e-4)
-        ax.plot([k], [h["refusal"] * n], mk, c=col, ms=10, label=ARM_NAMES[arm])
+        c = count(h["refusal"], n)
+        lo, hi = wilson(c, n)
+        ax.errorbar([k], [c], yerr=[[c - lo * n], [hi * n - c]], fmt=mk, color=col, ms=10, capsize=3,
+                    label=ARM_NAMES[arm])
     for ref in summ.get("reference") or []:
         rn = ref.get("n") or n or 1
         ax.plot([max(ref["kl"], 1e-4)], [ref["refusals"] * (n or rn) / rn], "^", c="C0", ms=7)
@@ -237,7 +243,8 @@ def plot_heldout(summ: dict) -> str:
     ax.axvline(summ["choice"]["kl_target"], ls="--", c="0.6", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel(f"first-token KL on the {name} harmless prompts")
-    ax.set_ylabel(f"refusals of {n} {name} harmful prompts ({summ['judge']} judge)")
+    ax.set_ylabel(f"refusals of {n} {name} harmful prompts\n({summ['judge']} judge; {CONFIDENCE:.0%} interval)")
+    ax.set_ylim(bottom=0)
     ax.set_title("other tools' points were measured on their own data and machine" if summ.get("reference")
                  else name, fontsize=8)
     ax.legend(fontsize=7)

@@ -1,0 +1,46 @@
+"""How far a refusal rate measured on a few dozen prompts can be trusted: the Wilson score interval of a share.
+
+A held-out set of 39 harmful prompts puts one refusal at 0.026 of the rate, and 8 of 39 (0.205) is compatible with
+anything from about 0.11 to 0.36 at 95 %. Reports print the interval beside every refusal rate so that a reader can
+tell a difference between arms from sampling noise. Wilson's interval (not the normal one) stays inside [0, 1]
+and keeps its coverage for the small counts and rates near 0 that an edited model produces.
+
+The closed form is a few lines, so it is written here instead of importing scipy (an extra): reports of every
+run print it, not only of runs that installed the search extra. ``tests/test_intervals.py`` checks it against
+scipy's ``binomtest(...).proportion_ci(method="wilson")``.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+CONFIDENCE = 0.95
+
+
+def count(share: float, n: int) -> int:
+    """The number of prompts behind a share of ``n`` (the judges report shares of all completions)."""
+    return round(share * n)
+
+
+def wilson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The two-sided Wilson score interval of ``k`` successes in ``n`` trials; (nan, nan) when ``n`` is 0."""
+    if n <= 0:
+        return math.nan, math.nan
+    if not 0 <= k <= n:
+        raise ValueError(f"{k} successes of {n} trials")
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    z2 = z * z
+    centre = (k + z2 / 2) / (n + z2)
+    half = z / (n + z2) * math.sqrt(k * (n - k) / n + z2 / 4)
+    # at k = 0 and k = n the bound is 0 and 1 exactly; rounding would leave it a hair inside
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+
+
+def rate_text(share: float | None, n: int, digits: int = 3) -> str:
+    """``share`` with its count and interval, e.g. ``0.205 (8/39; 0.11–0.36)``; "n/a" without prompts."""
+    if not n or share is None or not math.isfinite(share):
+        return "n/a"
+    k = count(share, n)
+    lo, hi = wilson(k, n)
+    return f"{share:.{digits}f} ({k}/{n}; {lo:.2f}–{hi:.2f})"

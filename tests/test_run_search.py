@@ -21,7 +21,7 @@ from refdir.core.directions import Candidates
 from refdir.core.edits import Edit, Kernel, apply_weights_, resolve
 from refdir.core.gguf_plan import export_gguf_plan
 from refdir.core.rundir import RunDir
-from refdir.evaluate.intervals import rate_text
+from refdir.evaluate.uncertainty import mcnemar, rate_text
 from refdir.method.selection import score_candidates
 
 runner = CliRunner()
@@ -74,6 +74,12 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
     assert "search" in report.lower()
     for key in ("base/heldout/harmful", "chosen/heldout/harmful", "chosen/test/harmless"):
         assert rate_text(sc[key]["refusal"], sc[key]["n"]) in report  # each rate with its count and interval
+    # the chosen edit against the plain direction and the base model, prompt by prompt, on the held-out set
+    ev = rd.scores()["scores"]
+    for other in ("plain", "base"):
+        only_o, only_c, p = mcnemar(ev[f"{other}/heldout/harmful"]["flags"], ev["chosen/heldout/harmful"]["flags"])
+        assert f"{only_o} refused only by the {other} arm, {only_c} only by the chosen edit (exact McNemar p = {p:.2g})" \
+            in report
 
 
 def test_budget_is_honoured_and_a_bigger_one_extends_the_study(tiny_model_dir, tmp_path):

@@ -15,7 +15,7 @@ from refdir.core.orthogonalize import save_orthogonalized, stream_orthogonalize
 from refdir.core.preflight import check_output
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
-from refdir.evaluate.intervals import rate_text
+from refdir.evaluate.uncertainty import rate_text
 from refdir.method.search import load_reference
 from refdir.workflows.extract import ExtractConfig, run_extract
 from refdir.workflows.report import test_rows

@@ -10,7 +10,7 @@ from pathlib import Path
 from refdir.core.html import PAGE_TAIL, figure_html, page_head, plt, table_html, write_sections_report
 from refdir.core.io import atomic_write_text
 from refdir.core.rundir import RunDir
-from refdir.evaluate.intervals import CONFIDENCE, count, rate_text, wilson
+from refdir.evaluate.uncertainty import CONFIDENCE, count, mcnemar, rate_text, wilson
 
 
 def add_section(run_dir: str | Path, name: str, body_html: str, title: str | None = None) -> Path:
@@ -202,6 +202,7 @@ def _search_run_parts(rd: RunDir, summ: dict) -> list[str]:
                  f"{t.get('harmless_tokens') or t['max_new_tokens']} on harmless ones. Refusal rates are given with "
                  f"their count and {CONFIDENCE:.0%} Wilson interval: two arms whose intervals overlap widely may "
                  "differ by sampling alone.</p>")
+    parts.append(_paired(rd.scores()))
     parts.append(plot_refusal_bars(t["scores"], None))
     if "heldout" in t["relation"] or summ.get("reference"):
         parts.append(plot_heldout(summ))
@@ -216,6 +217,24 @@ def _search_run_parts(rd: RunDir, summ: dict) -> list[str]:
     if comp is not None:
         parts.append("<h2>Example completions</h2>" + _search_examples(comp))
     return parts
+
+
+def _paired(ev: dict | None) -> str:
+    """The chosen edit against the plain direction and the base model on the same harmful prompts of each set:
+    the prompts only one of the two refuses, and the exact McNemar p-value of that split."""
+    sc = (ev or {}).get("scores") or {}
+    items = []
+    for name in ("heldout", "test"):
+        ch = sc.get(f"chosen/{name}/harmful")
+        for other in ("plain", "base"):
+            o = sc.get(f"{other}/{name}/harmful")
+            if not (ch and o and ch.get("flags") and o.get("flags")):
+                continue
+            only_o, only_c, p = mcnemar(o["flags"], ch["flags"])
+            items.append(f"<li>{name}, chosen edit against the {ARM_NAMES[other]} on the same {len(ch['flags'])} "
+                         f"prompts: {only_o} refused only by the {other} arm, {only_c} only by the chosen edit "
+                         f"(exact McNemar p = {p:.2g})</li>")
+    return f"<ul class='note'>{''.join(items)}</ul>" if items else ""
 
 
 def plot_heldout(summ: dict) -> str:

@@ -1,13 +1,17 @@
-"""How far a refusal rate measured on a few dozen prompts can be trusted: the Wilson score interval of a share.
+"""How far a refusal rate measured on a few dozen prompts can be trusted: the Wilson score interval of a share,
+and the exact McNemar test of two arms judged on the same prompts.
 
 A held-out set of 39 harmful prompts puts one refusal at 0.026 of the rate, and 8 of 39 (0.205) is compatible with
 anything from about 0.11 to 0.36 at 95 %. Reports print the interval beside every refusal rate so that a reader can
 tell a difference between arms from sampling noise. Wilson's interval (not the normal one) stays inside [0, 1]
 and keeps its coverage for the small counts and rates near 0 that an edited model produces.
 
-The closed form is a few lines, so it is written here instead of importing scipy (an extra): reports of every
-run print it, not only of runs that installed the search extra. ``tests/test_intervals.py`` checks it against
-scipy's ``binomtest(...).proportion_ci(method="wilson")``.
+Two arms generated on the same prompts are compared pair by pair: only the prompts one arm refuses and the other
+does not carry information about which refuses less, and under "no difference" each such prompt is a fair coin.
+
+Both closed forms are a few lines, so it is written here instead of importing scipy (an extra): reports of every
+run print it, not only of runs that installed the search extra. ``tests/test_uncertainty.py`` checks it against
+scipy's ``binomtest``.
 """
 
 from __future__ import annotations
@@ -44,3 +48,16 @@ def rate_text(share: float | None, n: int, digits: int = 3) -> str:
     k = count(share, n)
     lo, hi = wilson(k, n)
     return f"{share:.{digits}f} ({k}/{n}; {lo:.2f}–{hi:.2f})"
+
+
+def mcnemar(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
+    """Two arms' refusal flags on the same prompts: how many only ``a`` refuses, how many only ``b`` refuses, and
+    the exact two-sided McNemar p-value (a binomial test at 1/2 of those discordant prompts; 1 when there are
+    none)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired flags of different lengths: {len(a)} and {len(b)}")
+    only_a = sum(x and not y for x, y in zip(a, b, strict=True))
+    only_b = sum(y and not x for x, y in zip(a, b, strict=True))
+    m = only_a + only_b
+    tail = sum(math.comb(m, i) for i in range(min(only_a, only_b) + 1)) / 2**m
+    return only_a, only_b, min(1.0, 2 * tail)

@@ -8,7 +8,7 @@ import math
 import pytest
 from scipy.stats import binomtest
 
-from refdir.evaluate.intervals import count, rate_text, wilson
+from refdir.evaluate.uncertainty import count, mcnemar, rate_text, wilson
 
 
 @pytest.mark.parametrize("n", [1, 7, 39, 40, 100, 520])
@@ -36,3 +36,19 @@ def test_rate_text_gives_the_share_its_count_and_interval():
     assert rate_text(8 / 39, 39) == "0.205 (8/39; 0.11–0.36)"
     assert rate_text(0.0, 40) == "0.000 (0/40; 0.00–0.09)"
     assert rate_text(float("nan"), 39) == rate_text(None, 39) == rate_text(0.5, 0) == "n/a"
+
+
+def test_mcnemar_counts_the_discordant_prompts_and_equals_scipys_binomial_test():
+    a = [True] * 6 + [False] * 30 + [True, False, True]
+    b = [True] * 2 + [False] * 34 + [True, True, False]
+    only_a, only_b, p = mcnemar(a, b)
+    assert (only_a, only_b) == (5, 1)
+    assert p == pytest.approx(binomtest(1, 6, 0.5).pvalue, abs=1e-12)
+    for x in range(9):
+        for y in range(9):
+            fa, fb = [True] * x + [False] * y, [False] * x + [True] * y
+            want = binomtest(min(x, y), x + y, 0.5).pvalue if x + y else 1.0
+            assert mcnemar(fa, fb) == (x, y, pytest.approx(want, abs=1e-12))
+    assert mcnemar(a, a) == (0, 0, 1.0)  # identical arms: nothing to tell them apart
+    with pytest.raises(ValueError):
+        mcnemar([True], [True, False])

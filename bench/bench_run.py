@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from refdir.evaluate.uncertainty import rate_text
+from refdir.method.uncertainty import rate_text
 
 
 def cpu_flags() -> str:

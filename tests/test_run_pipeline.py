@@ -18,6 +18,7 @@ from refdir.core.forward import last_logits
 from refdir.core.rundir import RunDir
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.method.selection import CandidateScore, SelectionConfig, apply_filters, score_candidates
+from refdir.method.uncertainty import rate_text
 from refdir.workflows.run import RunConfig, run_pipeline
 from refdir.workflows.stages import Loaded, stage_candidates, stage_data, stage_filter, stage_refusal_tokens
 
@@ -88,7 +89,10 @@ def test_auto_induce_rule_falls_back_to_relative_and_says_so():
 def test_run_resume_invalidation_and_report(tiny_dir, tmp_path):
     out = tmp_path / "run"
     s1 = run_pipeline(_cfg(tiny_dir), out, progress=False)
-    assert (out / "report.html").read_text().count("<img") >= 3
+    report = (out / "report.html").read_text()
+    assert report.count("<img") >= 3
+    # every refusal rate of the test table with its count and interval
+    assert all(rate_text(v["refusal"], v["n"]) in report for v in s1["refusal"].values())
     for f in ("summary.json", "manifest.json", "selection/table.csv", "selection/table.json",
               "candidates/candidates.safetensors"):
         assert (out / f).exists(), f

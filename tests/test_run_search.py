@@ -21,8 +21,8 @@ from refdir.core.directions import Candidates
 from refdir.core.edits import Edit, Kernel, apply_weights_, resolve
 from refdir.core.gguf_plan import export_gguf_plan
 from refdir.core.rundir import RunDir
-from refdir.evaluate.uncertainty import mcnemar, rate_text
 from refdir.method.selection import score_candidates
+from refdir.method.uncertainty import mcnemar, rate_text
 
 runner = CliRunner()
 ARGS = ["--refusal-tokens", "I,As", "--n-train", "12", "--n-val", "6", "--n-test", "4", "--batch-size", "8",

@@ -16,6 +16,7 @@ from refdir.core.directions import Direction
 from refdir.core.rundir import RunDir
 from refdir.errors import RefdirError
 from refdir.method.search.study import lead_candidate
+from refdir.method.uncertainty import count_text
 from refdir.workflows.search import SearchConfig, pareto_front, run_search
 
 
@@ -112,7 +113,11 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
         assert t.constraints == pytest.approx({"kl_low": lo - t.values[1], "kl_high": t.values[1] - hi})
     assert "spearman_refusal" in res
     assert (out / "search" / "front.csv").read_text().startswith("point,trial")
-    assert "Pareto search over edits" in (out / "report.html").read_text()
+    report = (out / "report.html").read_text()
+    assert "Pareto search over edits" in report
+    b = res["base"]["confirmed"]  # the base model's count with its interval; each confirmed point's too
+    assert f"Base model: {count_text(b['refusals'], b['n'])} refusals" in report
+    assert all(count_text(p["confirmed"]["refusals"], 5) in report for p in confirmed)
 
     # a finished study reruns without new trials or generations
     res2 = run_search(cfg, out, trials=8, per_mark=2, max_confirm=3, confirm_extra=1, progress=False)

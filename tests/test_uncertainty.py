@@ -8,7 +8,7 @@ import math
 import pytest
 from scipy.stats import binomtest
 
-from refdir.evaluate.uncertainty import count, mcnemar, rate_text, wilson
+from refdir.method.uncertainty import count, count_text, mcnemar, rate_text, wilson
 
 
 @pytest.mark.parametrize("n", [1, 7, 39, 40, 100, 520])
@@ -35,6 +35,7 @@ def test_rate_text_gives_the_share_its_count_and_interval():
     assert count(8 / 39, 39) == 8
     assert rate_text(8 / 39, 39) == "0.205 (8/39; 0.11–0.36)"
     assert rate_text(0.0, 40) == "0.000 (0/40; 0.00–0.09)"
+    assert count_text(2, 39) == "2/39 (0.01–0.17)" and count_text(0, 0) == "0/0"
     assert rate_text(float("nan"), 39) == rate_text(None, 39) == rate_text(0.5, 0) == "n/a"
 
 

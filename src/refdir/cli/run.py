@@ -15,8 +15,8 @@ from refdir.core.orthogonalize import save_orthogonalized, stream_orthogonalize
 from refdir.core.preflight import check_output
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
-from refdir.evaluate.uncertainty import rate_text
 from refdir.method.search import load_reference
+from refdir.method.uncertainty import rate_text
 from refdir.workflows.extract import ExtractConfig, run_extract
 from refdir.workflows.report import test_rows
 from refdir.workflows.run import RunConfig, run_pipeline
@@ -165,10 +165,10 @@ def print_summary(s: dict, out: Path) -> None:
                           f"induce {ch['induce']:.2f}  KL {ch['kl']:.3f}  ({s['selection']['rule']})")
         t = Table("arm / prompts", "refusal", "paper substrings", "degenerate")
         for k, v in s["refusal"].items():
-            t.add_row(k, f"{v['refusal']:.3f}", f"{v['refusal_paper']:.3f}", str(v["degenerate"]))
+            t.add_row(k, rate_text(v["refusal"], v["n"]), f"{v['refusal_paper']:.3f}", str(v["degenerate"]))
         if s.get("checkpoint"):
             c = s["checkpoint"]
-            t.add_row("orthogonalized/harmful", f"{c['refusal']:.3f}", f"{c['refusal_paper']:.3f}",
+            t.add_row("orthogonalized/harmful", rate_text(c["refusal"], c["n"]), f"{c['refusal_paper']:.3f}",
                       str(c["degenerate"]))
         console.print(t)
     console.print(f"report: [bold]{out / 'report.html'}[/]  ({s['timings_s']['total']:.0f} s)")

@@ -13,6 +13,7 @@ from refdir.core.edits import Edit
 from refdir.core.rundir import RunDir
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
+from refdir.method.uncertainty import CONFIDENCE, count_text
 from refdir.workflows.search import SearchConfig, export_point, run_search
 
 
@@ -99,15 +100,15 @@ def print_front(res: dict, out: Path) -> None:
     for r in res["front"]:
         c = r.get("confirmed")
         t.add_row(str(r["point"]), f"{r['proxy_refusal']:.2f}", f"{r['proxy_kl']:.4f}",
-                  f"{c['refusals']}/{c['n']}" if c else "", f"{c['refusals_paper']}/{c['n']}" if c else "",
+                  count_text(c["refusals"], c["n"]) if c else "", f"{c['refusals_paper']}/{c['n']}" if c else "",
                   f"{c['kl']:.4f}" if c else "", Edit.from_dict(r["edit"]).describe())
     console.print(t)
     rho = res["spearman_refusal"]
-    console.print(f"base model: {b['refusals']}/{b['n']} refusals; Spearman(proxy, generated refusal) = "
+    console.print(f"base model: {count_text(b['refusals'], b['n'])} refusals ({CONFIDENCE:.0%} intervals); Spearman(proxy, generated refusal) = "
                   f"{'n/a' if rho is None else f'{rho:.2f}'} over {res['n_confirmed']} points; "
                   f"{res['timings_s']['total']:.0f} s")
     for m, best in res.get("best_at_kl", {}).items():
-        got = f"{best['refusals']}/{best['n']} refusals at KL {best['kl']:.4f} (point of trial {best['trial']})" \
+        got = f"{count_text(best['refusals'], best['n'])} refusals at KL {best['kl']:.4f} (point of trial {best['trial']})" \
             if best else "no confirmed point"
         console.print(f"best confirmed at KL ≤ {m}: {got}")
     rd = RunDir(out)

@@ -7,7 +7,7 @@ import math
 
 from refdir.core.html import figure_html, plt, table_html
 from refdir.evaluate.ce import CE_SETS
-from refdir.evaluate.uncertainty import CONFIDENCE, rate_text
+from refdir.method.uncertainty import CONFIDENCE, rate_text
 
 TITLE = "Evaluation of arms (refdir eval)"
 CE_LABELS = {"text": "general text", "pairs": "instruction pairs", "ondist": "on-distribution"}

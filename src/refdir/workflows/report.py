@@ -10,7 +10,7 @@ from pathlib import Path
 from refdir.core.html import PAGE_TAIL, figure_html, page_head, plt, table_html, write_sections_report
 from refdir.core.io import atomic_write_text
 from refdir.core.rundir import RunDir
-from refdir.evaluate.uncertainty import CONFIDENCE, count, mcnemar, rate_text, wilson
+from refdir.method.uncertainty import CONFIDENCE, count, mcnemar, rate_text, wilson
 
 
 def add_section(run_dir: str | Path, name: str, body_html: str, title: str | None = None) -> Path:
@@ -141,13 +141,14 @@ def _selection_notes(summ: dict, sel: dict) -> list[str]:
 
 def _refusal_parts(rd: RunDir, summ: dict) -> list[str]:
     """The headline table of refusal on the test split, the addition coefficient and the refusal bars."""
-    head = ["arm / prompts", "refusal (" + summ["judge"] + ")", "refusal (paper substrings)", "degenerate", "n"]
-    trs = [[k, f"{v['refusal']:.3f}", f"{v['refusal_paper']:.3f}", v["degenerate"], v["n"]]
+    head = ["arm / prompts", f"refusal ({summ['judge']}; count, {CONFIDENCE:.0%} Wilson interval)",
+            "refusal (paper substrings)", "degenerate", "n"]
+    trs = [[k, rate_text(v["refusal"], v["n"]), f"{v['refusal_paper']:.3f}", v["degenerate"], v["n"]]
            for k, v in summ["refusal"].items()]
     if summ.get("checkpoint"):
         c = summ["checkpoint"]
-        trs.append(["orthogonalized checkpoint / harmful", f"{c['refusal']:.3f}", f"{c['refusal_paper']:.3f}",
-                    c["degenerate"], c["n"]])
+        trs.append(["orthogonalized checkpoint / harmful", rate_text(c["refusal"], c["n"]),
+                    f"{c['refusal_paper']:.3f}", c["degenerate"], c["n"]])
     parts = ["<h2>Refusal on the test split</h2>" + table_html(trs, head)]
     if summ.get("addition_coeff"):
         parts.append(f"<p>Addition coefficient: {summ['addition_coeff']['coeff']} "

@@ -11,6 +11,7 @@ from refdir.core.html import figure_html, plt, table_html
 from refdir.core.io import atomic_write_json, atomic_write_text
 from refdir.core.rundir import RunDir
 from refdir.errors import RefdirError
+from refdir.method.uncertainty import CONFIDENCE, count_text
 
 SECTION = "search"  # the report section's name
 TITLE = "Pareto search over edits"
@@ -145,12 +146,12 @@ def report_html(res: dict) -> str:
         c = r.get("confirmed")
         g = c is not None and "refusals" in c
         rows.append([r["point"], r["trial"], f"{r['proxy_refusal']:.2f}", f"{r['proxy_kl']:.4f}",
-                     f"{c['refusals']}/{c['n']}" if g else "", f"{c['refusals_paper']}/{c['n']}" if g else "",
+                     count_text(c["refusals"], c["n"]) if g else "", f"{c['refusals_paper']}/{c['n']}" if g else "",
                      f"{c['kl']:.4f}" if c else "", Edit.from_dict(r["edit"]).describe()])
     b = res["base"]["confirmed"]
     rho = res["spearman_refusal"]
     best = "; ".join(f"KL ≤ {m}: " + ("none confirmed" if not v else
-                                      f"{v['refusals']}/{v['n']} refusals at KL {v['kl']:.4f} (trial {v['trial']})"
+                                      f"{count_text(v['refusals'], v['n'])} refusals at KL {v['kl']:.4f} (trial {v['trial']})"
                                       if gen else f"trial {v['trial']} at KL {v['kl']:.4f}")
                      for m, v in res.get("best_at_kl", {}).items())
     ch = (res.get("selection") or {}).get("chosen")
@@ -163,7 +164,7 @@ def report_html(res: dict) -> str:
                "measured with another judge or precision." if res.get("reference") else "")
     confirm = (f"{res['confirm_prompts']['max_new_tokens']} greedy tokens on {b['n']} harmful prompts ({jname} judge; "
                f"paper substrings beside it), first-token KL on {res['confirm_prompts']['harmless']} harmless "
-               f"prompts. Base model: {b['refusals']}/{b['n']} refusals. Best confirmed point under each KL mark: "
+               f"prompts. Base model: {count_text(b['refusals'], b['n'])} refusals ({CONFIDENCE:.0%} Wilson intervals in brackets). Best confirmed point under each KL mark: "
                f"{best}. Rank correlation (Spearman) of proxy refusal vs generated refusal over "
                f"{res['n_confirmed']} confirmed points: {'n/a' if rho is None else f'{rho:.2f}'}. " if gen else
                f"first-token KL on {res['confirm_prompts']['harmless']} harmless prompts (no generation: the run "

@@ -2,15 +2,15 @@
 and the exact McNemar test of two arms judged on the same prompts.
 
 A held-out set of 39 harmful prompts puts one refusal at 0.026 of the rate, and 8 of 39 (0.205) is compatible with
-anything from about 0.11 to 0.36 at 95 %. Reports print the interval beside every refusal rate so that a reader can
-tell a difference between arms from sampling noise. Wilson's interval (not the normal one) stays inside [0, 1]
+anything from about 0.11 to 0.36 at 95 %. The run, search and eval reports print the interval beside their refusal
+rates, so that a reader can tell a difference between arms from sampling noise. Wilson's interval (not the normal one) stays inside [0, 1]
 and keeps its coverage for the small counts and rates near 0 that an edited model produces.
 
 Two arms generated on the same prompts are compared pair by pair: only the prompts one arm refuses and the other
 does not carry information about which refuses less, and under "no difference" each such prompt is a fair coin.
 
-Both closed forms are a few lines, so it is written here instead of importing scipy (an extra): reports of every
-run print it, not only of runs that installed the search extra. ``tests/test_uncertainty.py`` checks it against
+Both closed forms are a few lines, so they are written here instead of importing scipy (an extra): reports of
+every run print them, not only of runs that installed the search extra. ``tests/test_uncertainty.py`` checks it against
 scipy's ``binomtest``.
 """
 
@@ -39,6 +39,14 @@ def wilson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float
     half = z / (n + z2) * math.sqrt(k * (n - k) / n + z2 / 4)
     # at k = 0 and k = n the bound is 0 and 1 exactly; rounding would leave it a hair inside
     return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+
+
+def count_text(k: int, n: int) -> str:
+    """A count with its interval, e.g. ``8/39 (0.11–0.36)``."""
+    if not n:
+        return f"{k}/{n}"
+    lo, hi = wilson(k, n)
+    return f"{k}/{n} ({lo:.2f}–{hi:.2f})"
 
 
 def rate_text(share: float | None, n: int, digits: int = 3) -> str:

@@ -104,12 +104,13 @@ def print_front(res: dict, out: Path) -> None:
                   f"{c['kl']:.4f}" if c else "", Edit.from_dict(r["edit"]).describe())
     console.print(t)
     rho = res["spearman_refusal"]
-    console.print(f"base model: {count_text(b['refusals'], b['n'])} refusals ({CONFIDENCE:.0%} intervals); Spearman(proxy, generated refusal) = "
+    console.print(f"base model: {count_text(b['refusals'], b['n'])} refusals ({CONFIDENCE:.0%} intervals); "
+                  f"Spearman(proxy, generated refusal) = "
                   f"{'n/a' if rho is None else f'{rho:.2f}'} over {res['n_confirmed']} points; "
                   f"{res['timings_s']['total']:.0f} s")
     for m, best in res.get("best_at_kl", {}).items():
-        got = f"{count_text(best['refusals'], best['n'])} refusals at KL {best['kl']:.4f} (point of trial {best['trial']})" \
-            if best else "no confirmed point"
+        got = (f"{count_text(best['refusals'], best['n'])} refusals at KL {best['kl']:.4f} "
+               f"(point of trial {best['trial']})") if best else "no confirmed point"
         console.print(f"best confirmed at KL ≤ {m}: {got}")
     rd = RunDir(out)
     console.print(f"front: [bold]{rd.search_dir() / 'front.csv'}[/]  report: [bold]{rd.report_path}[/]")

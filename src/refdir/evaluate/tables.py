@@ -37,8 +37,8 @@ def table10_rows(summary: dict) -> list[list[str]]:
 
 
 def t10_head(summary: dict) -> list[str]:
-    return ["arm", "refusal (paper substrings)", f"refusal (broad; count, {CONFIDENCE:.0%} Wilson interval)", f"safety ({summary['config']['judge']})",
-            "degenerate", "n"]
+    return ["arm", "refusal (paper substrings)", f"refusal (broad; count, {CONFIDENCE:.0%} Wilson interval)",
+            f"safety ({summary['config']['judge']})", "degenerate", "n"]
 
 
 def _md(rows: list[list[str]], head: list[str]) -> str:

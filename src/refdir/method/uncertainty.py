@@ -2,16 +2,17 @@
 and the exact McNemar test of two arms judged on the same prompts.
 
 A held-out set of 39 harmful prompts puts one refusal at 0.026 of the rate, and 8 of 39 (0.205) is compatible with
-anything from about 0.11 to 0.36 at 95 %. The run, search and eval reports print the interval beside their refusal
-rates, so that a reader can tell a difference between arms from sampling noise. Wilson's interval (not the normal one) stays inside [0, 1]
-and keeps its coverage for the small counts and rates near 0 that an edited model produces.
+anything from about 0.11 to 0.36 at 95 %. The run, search and eval reports print the interval beside their
+refusal rates, so that a reader can tell a difference between arms from sampling noise. Wilson's interval (not
+the normal one) stays inside [0, 1] and keeps its coverage for the small counts and rates near 0 that an edited
+model produces.
 
 Two arms generated on the same prompts are compared pair by pair: only the prompts one arm refuses and the other
 does not carry information about which refuses less, and under "no difference" each such prompt is a fair coin.
 
 Both closed forms are a few lines, so they are written here instead of importing scipy (an extra): reports of
-every run print them, not only of runs that installed the search extra. ``tests/test_uncertainty.py`` checks it against
-scipy's ``binomtest``.
+every run print them, not only of runs that installed the search extra. ``tests/test_uncertainty.py`` checks both
+against scipy's ``binomtest``.
 """
 
 from __future__ import annotations

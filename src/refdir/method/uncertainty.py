@@ -42,12 +42,14 @@ def wilson(k: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float
     return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
 
 
+def _interval_text(k: int, n: int) -> str:
+    lo, hi = wilson(k, n)
+    return f"{lo:.2f}–{hi:.2f}"
+
+
 def count_text(k: int, n: int) -> str:
     """A count with its interval, e.g. ``8/39 (0.11–0.36)``."""
-    if not n:
-        return f"{k}/{n}"
-    lo, hi = wilson(k, n)
-    return f"{k}/{n} ({lo:.2f}–{hi:.2f})"
+    return f"{k}/{n} ({_interval_text(k, n)})" if n else f"{k}/{n}"
 
 
 def rate_text(share: float | None, n: int, digits: int = 3) -> str:
@@ -55,8 +57,7 @@ def rate_text(share: float | None, n: int, digits: int = 3) -> str:
     if not n or share is None or not math.isfinite(share):
         return "n/a"
     k = count(share, n)
-    lo, hi = wilson(k, n)
-    return f"{share:.{digits}f} ({k}/{n}; {lo:.2f}–{hi:.2f})"
+    return f"{share:.{digits}f} ({k}/{n}; {_interval_text(k, n)})"
 
 
 def mcnemar(a: list[bool], b: list[bool]) -> tuple[int, int, float]:

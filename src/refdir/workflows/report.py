@@ -5,11 +5,13 @@ from __future__ import annotations
 import html
 import json
 import math
+import textwrap
 from pathlib import Path
 
 from refdir.core.html import PAGE_TAIL, figure_html, page_head, plt, table_html, write_sections_report
 from refdir.core.io import atomic_write_text
 from refdir.core.rundir import RunDir
+from refdir.method.search.report import reference_models
 from refdir.method.uncertainty import CONFIDENCE, count, mcnemar, rate_text, wilson
 
 
@@ -265,8 +267,9 @@ def plot_heldout(summ: dict) -> str:
     ax.set_xlabel(f"first-token KL on the {name} harmless prompts")
     ax.set_ylabel(f"refusals of {n} {name} harmful prompts\n({summ['judge']} judge; {CONFIDENCE:.0%} interval)")
     ax.set_ylim(bottom=0)
-    ax.set_title("other tools' points were measured on their own data and machine" if summ.get("reference")
-                 else name, fontsize=8)
+    refs = summ.get("reference")
+    ax.set_title(textwrap.fill(f"other tools' points{reference_models(refs)} were measured on their own data and "
+                               "machine", 90) if refs else name, fontsize=8)
     ax.legend(fontsize=7)
     return figure_html(fig)
 

@@ -19,9 +19,9 @@ from refdir.method.search.confirm import CALIBRATE_MARGIN, Confirmation, default
 from refdir.method.search.export import export_point
 from refdir.method.search.objective import Proxy, Space, kl_band, pareto_front
 from refdir.method.search.refine import REFINE_MARGIN, refine_front
-from refdir.method.search.report import load_reference, plot_front, write_search_report
+from refdir.method.search.report import load_reference, plot_front, reference_models, write_search_report
 from refdir.method.search.study import open_study, storage, warm_starts
 
 __all__ = ["CALIBRATE_MARGIN", "REFINE_MARGIN", "Confirmation", "Proxy", "Space", "default_per_mark", "export_point",
-           "front_picks", "kl_band", "load_reference", "open_study", "pareto_front", "plot_front", "refine_front",
-           "storage", "warm_starts", "write_search_report"]
+           "front_picks", "kl_band", "load_reference", "open_study", "pareto_front", "plot_front", "reference_models",
+           "refine_front", "storage", "warm_starts", "write_search_report"]

@@ -3,6 +3,7 @@ section; and the reference points drawn beside the front."""
 
 from __future__ import annotations
 
+import html
 import json
 from pathlib import Path
 
@@ -18,22 +19,31 @@ TITLE = "Pareto search over edits"
 
 
 def load_reference(path: str | Path) -> list[dict]:
-    """Reference points to draw beside the front: a JSON list of ``{"label", "refusals", "kl"}`` (optional "n"),
-    or another tool's measured front: an object with ``pareto_front`` (``{"trial", "refusals", "kl"}``), ``tool``
-    and ``n_bad_eval``."""
+    """Reference points to draw beside the front: a JSON list of ``{"label", "refusals", "kl"}`` (optional "n",
+    "model"), or another tool's measured front: an object with ``pareto_front`` (``{"trial", "refusals", "kl"}``),
+    ``tool``, ``n_bad_eval`` and ``model``. The model the points were measured on is kept, so that the report
+    says it (a reference measured on another model is not refused: only the user knows whether it compares)."""
     p = Path(path)
     try:
         data = json.loads(p.read_text())
         if isinstance(data, dict) and isinstance(data.get("pareto_front"), list):
-            tool, n = str(data.get("tool", p.stem)), data.get("n_bad_eval")
-            data = [{**d, "label": f"{tool} #{d.get('trial', i)}", "n": n} for i, d in enumerate(data["pareto_front"])]
+            tool, n, model = str(data.get("tool", p.stem)), data.get("n_bad_eval"), data.get("model")
+            data = [{**d, "label": f"{tool} #{d.get('trial', i)}", "n": n, "model": model}
+                    for i, d in enumerate(data["pareto_front"])]
         if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
             raise TypeError("not a list of objects")
         pts = [{"label": str(d.get("label", "")), "refusals": float(d["refusals"]), "kl": float(d["kl"]),
-                "n": d.get("n")} for d in data]
+                "n": d.get("n"), "model": None if d.get("model") is None else str(d["model"])} for d in data]
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise RefdirError(f"reference file {p}: expected a JSON list of {{label, refusals, kl}} ({e})") from e
     return pts
+
+
+def reference_models(refs: list[dict] | None, escape=str) -> str:
+    """``", on MODEL"`` (or ``", on MODEL1 and MODEL2"``): the models reference points say they were measured on,
+    for a caption; "" where none says."""
+    models = list(dict.fromkeys(r["model"] for r in refs or [] if r.get("model")))
+    return f", on {' and '.join(escape(m) for m in models)}" if models else ""
 
 
 def _slim(r: dict) -> dict:
@@ -162,7 +172,8 @@ def report_html(res: dict) -> str:
                  + ("the selected direction. " if ch else "no candidate passed the selection filters, so it is the "
                     "finalist with the lowest bypass. "))
     ref_txt = (" Reference points come from the file given with <code>--reference</code>; they may have been "
-               "measured with another judge or precision." if res.get("reference") else "")
+               "measured with another judge or precision" + reference_models(res.get("reference"), html.escape) + "."
+               if res.get("reference") else "")
     confirm = (f"{res['confirm_prompts']['max_new_tokens']} greedy tokens on {b['n']} harmful prompts ({jname} judge; "
                f"paper substrings beside it), first-token KL on {res['confirm_prompts']['harmless']} harmless "
                f"prompts. Base model: {count_text(b['refusals'], b['n'])} refusals ({CONFIDENCE:.0%} Wilson "

@@ -268,8 +268,8 @@ def plot_heldout(summ: dict) -> str:
     ax.set_ylabel(f"refusals of {n} {name} harmful prompts\n({summ['judge']} judge; {CONFIDENCE:.0%} interval)")
     ax.set_ylim(bottom=0)
     refs = summ.get("reference")
-    ax.set_title(textwrap.fill(f"other tools' points{reference_models(refs)} were measured on their own data and "
-                               "machine", 90) if refs else name, fontsize=8)
+    ax.set_title(textwrap.fill("other tools' points were measured on their own data and machine"
+                               + reference_models(refs), 90) if refs else name, fontsize=8)
     ax.legend(fontsize=7)
     return figure_html(fig)
 

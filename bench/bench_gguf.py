@@ -18,7 +18,8 @@ from refdir.core.directions import Direction
 from refdir.core.generation import generate
 from refdir.core.gguf_edit import orthogonalize_gguf
 from refdir.core.interventions import ablate
-from refdir.core.models import embedded_gguf_path, load_model
+from refdir.core.model_files import embedded_gguf_path
+from refdir.core.models import load_model
 from refdir.method.refusal_judge import judge
 
 

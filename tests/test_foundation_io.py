@@ -15,7 +15,7 @@ from refdir.cli.main import app
 from refdir.core.chat import ChatFormat
 from refdir.core.data import dedupe, embedded, load_instructions, sample
 from refdir.core.directions import Candidates, Direction
-from refdir.core.models import assemble_parts, wheel_gguf
+from refdir.core.model_files import assemble_parts, wheel_gguf
 from refdir.errors import RefdirError
 
 runner = CliRunner()

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 from refdir.cli.main import app
 from refdir.core.directions import Direction
 from refdir.core.gguf_edit import orthogonalize_gguf
-from refdir.core.models import load_model, smollm2_gguf_path
+from refdir.core.model_files import smollm2_gguf_path
+from refdir.core.models import load_model
 from refdir.errors import RefdirError
 
 
@@ -89,3 +90,57 @@ def test_gguf_with_unsupported_architecture_is_refused(tmp_path):
     with pytest.raises(RefdirError, match="unsupported GGUF architecture 'mamba'"):
         orthogonalize_gguf(path, torch.randn(16), tmp_path / "out.gguf", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ssm.gguf"]
+
+
+def test_a_gguf_is_converted_once_per_file_and_dtype_and_reloaded_from_the_cache(tmp_path, monkeypatch):
+    """The first load of a GGUF converts it (transformers dequantizes every tensor) and keeps a safetensors copy;
+    the next loads read that copy, which gives exactly what converting again gives. A file whose content changes is
+    converted again; the same content under a new mtime is not; a cache that cannot be written is skipped."""
+    import os
+    import shutil
+    import warnings
+
+    import refdir.core.models as models
+    from refdir.core.chat import ChatFormat
+
+    monkeypatch.setenv("REFDIR_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "m.gguf"
+    shutil.copyfile(smollm2_gguf_path(), src)
+    conversions = []
+    convert = models._load_gguf
+    monkeypatch.setattr(models, "_load_gguf", lambda *a, **k: conversions.append(1) or convert(*a, **k))
+
+    def logits(lm):
+        fmt = ChatFormat(lm.tokenizer)
+        enc = fmt.encode(["How do I reverse a list in Python?", "Name three colours."])
+        with torch.no_grad():
+            return lm.model(**enc).logits, enc["input_ids"], fmt.render("Hi")
+
+    first = load_model(str(src), dtype="fp32")
+    assert "converted" not in first.source and len(conversions) == 1
+    cached = models.gguf_cache_path(src, torch.float32)
+    assert (cached / "model.safetensors").exists()
+    again = load_model(str(src), dtype="fp32")
+    assert again.source["converted"] == str(cached) and again.source["path"] == str(src) and len(conversions) == 1
+    assert again.model_id == first.model_id == "m.gguf"
+    (la, ia, ra), (lb, ib, rb) = logits(first), logits(again)
+    assert torch.equal(ia, ib) and ra == rb and torch.equal(la, lb)
+    assert again.model.generation_config.eos_token_id == first.model.generation_config.eos_token_id
+
+    st = src.stat()  # the same bytes, touched: hashed once and still used
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert load_model(str(src), dtype="fp32").source.get("converted") and len(conversions) == 1
+    with open(src, "ab") as f:  # other content (trailing bytes the GGUF reader ignores): converted again
+        f.write(b"\0" * 64)
+    assert "converted" not in load_model(str(src), dtype="fp32").source and len(conversions) == 2
+    assert load_model(str(src), dtype="bf16").model.dtype == torch.bfloat16 and len(conversions) == 3
+    assert models.gguf_cache_path(src, torch.bfloat16) != cached
+
+    monkeypatch.setattr(models, "save_hf_checkpoint", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    other = tmp_path / "other.gguf"
+    shutil.copyfile(smollm2_gguf_path(), other)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        lm = load_model(str(other), dtype="fp32")
+    assert lm.model is not None and any("could not be cached" in str(x.message) for x in w)
+    assert not models.gguf_cache_path(other, torch.float32).exists()

@@ -16,7 +16,8 @@ from refdir.core.data import embedded
 from refdir.core.directions import Candidates
 from refdir.core.gguf_edit import orthogonalize_gguf
 from refdir.core.interventions import ablate
-from refdir.core.models import gemma3_gguf_path, load_model, save_hf_checkpoint, smollm2_gguf_path
+from refdir.core.model_files import gemma3_gguf_path, smollm2_gguf_path
+from refdir.core.models import load_model, save_hf_checkpoint
 from refdir.core.orthogonalize import orthogonalize_
 from refdir.errors import RefdirError
 from refdir.method.scoring import derive_refusal_tokens, refusal_metric

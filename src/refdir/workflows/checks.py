@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from refdir.core.data import InstructionSet, load_instructions
-from refdir.core.models import EMBEDDED_ALIASES
+from refdir.core.model_files import EMBEDDED_ALIASES
 from refdir.core.preflight import check_fits, check_output
 from refdir.core.rundir import RunDir
 from refdir.core.spec import KINDS, ModelSpec

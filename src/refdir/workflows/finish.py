@@ -27,7 +27,8 @@ from refdir.core.forward import last_logits
 from refdir.core.generation import generate
 from refdir.core.gguf_plan import export_gguf_plan, plan_to_cpu
 from refdir.core.io import atomic_write_json
-from refdir.core.models import embedded_gguf_path, save_hf_checkpoint
+from refdir.core.model_files import embedded_gguf_path
+from refdir.core.models import save_hf_checkpoint
 from refdir.core.rundir import RunDir
 from refdir.method.scoring import first_token_kl
 from refdir.workflows.stages import Loaded, RunConfig, judged

@@ -95,7 +95,8 @@ def test_gguf_with_unsupported_architecture_is_refused(tmp_path):
 def test_a_gguf_is_converted_once_per_file_and_dtype_and_reloaded_from_the_cache(tmp_path, monkeypatch):
     """The first load of a GGUF converts it (transformers dequantizes every tensor) and keeps a safetensors copy;
     the next loads read that copy, which gives exactly what converting again gives. A file whose content changes is
-    converted again; the same content under a new mtime is not; a cache that cannot be written is skipped."""
+    converted again; the same content under a new mtime is not; copies of deleted GGUFs are dropped; a cache that
+    cannot be written is skipped."""
     import os
     import shutil
     import warnings
@@ -135,6 +136,14 @@ def test_a_gguf_is_converted_once_per_file_and_dtype_and_reloaded_from_the_cache
     assert "converted" not in load_model(str(src), dtype="fp32").source and len(conversions) == 2
     assert load_model(str(src), dtype="bf16").model.dtype == torch.bfloat16 and len(conversions) == 3
     assert models.gguf_cache_path(src, torch.bfloat16) != cached
+
+    # copies of a GGUF that no longer exists are dropped when the next one is cached; nothing else is touched
+    keep = models.gguf_cache_path(smollm2_gguf_path(), torch.float32)
+    keep.mkdir(parents=True)  # not written by refdir: left alone whatever it holds
+    bf16 = models.gguf_cache_path(src, torch.bfloat16)
+    src.unlink()
+    assert models.drop_orphan_gguf_caches(cached.parent) == sorted([cached, bf16])
+    assert sorted(cached.parent.iterdir()) == [keep]
 
     monkeypatch.setattr(models, "save_hf_checkpoint", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     other = tmp_path / "other.gguf"

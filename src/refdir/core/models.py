@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from refdir.core.cache import (
     read_record,
     write_dir_record,
 )
-from refdir.core.io import atomic_dir
+from refdir.core.io import atomic_dir, written_by_refdir
 from refdir.core.model_files import (
     EMBEDDED_ALIASES,
     EMBEDDED_NAME,
@@ -181,6 +182,7 @@ def cache_gguf(gguf: Path, dtype: torch.dtype, model, tok) -> None:
     target = gguf_cache_path(gguf, dtype)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        drop_orphan_gguf_caches(target.parent)
         with atomic_dir(target, force=True) as tmp:
             save_hf_checkpoint(model, tok, tmp)
             write_dir_record(tmp, source=str(Path(gguf).resolve()), source_file=file_record(Path(gguf)),
@@ -188,6 +190,20 @@ def cache_gguf(gguf: Path, dtype: torch.dtype, model, tok) -> None:
     except (OSError, RefdirError) as e:
         warnings.warn(f"the converted GGUF could not be cached in {target} ({e}); it is converted again next time",
                       stacklevel=3)
+
+
+def drop_orphan_gguf_caches(root: Path) -> list[Path]:
+    """Remove the converted copies under ``root`` whose GGUF file no longer exists (a deleted or temporary file),
+    so that the cache does not keep growing with copies nothing can use; returns what was removed. Only
+    directories refdir wrote (its record and marker) are touched."""
+    gone = []
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        rec = read_record(d / CONVERTED_RECORD)
+        src = rec.get("source") if rec else None
+        if isinstance(src, str) and not Path(src).exists() and not d.is_symlink() and written_by_refdir(d):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
 
 
 # --------------------------------------------------------------------------------------------

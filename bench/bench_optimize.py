@@ -38,6 +38,7 @@ from refdir.method.scoring import first_token_kl
 from refdir.workflows.optimize import (
     OptimizeSettings,
     grow,
+    judged_targets,
     make_targets,
     open_context,
     saved_rdo,
@@ -53,6 +54,10 @@ def timing(ctx, s: OptimizeSettings, skip_cone: bool) -> torch.Tensor:
     """Phase 1 (targets) once, phase 2 (optimization) for RDO and a k = 2 cone; returns the RDO direction."""
     t0 = time.perf_counter()
     targets = make_targets(ctx, s.target_tokens, max(s.train.batch_size, 16), progress=True)
+    judged, off = judged_targets(ctx, targets)
+    print(f"targets the judge reads against their label: {off}; {'dropped' if s.judge_targets else 'kept'}",
+          flush=True)
+    targets = judged if s.judge_targets else targets
     train, val, _ = train_sets(ctx, targets, "bench", s.config(1).topk)
     t_targets = time.perf_counter() - t0
     print(f"phase 1, targets + base distributions: {t_targets:.1f} s ({train.sizes()} train, {val.sizes()} val), "
@@ -121,6 +126,7 @@ def main() -> None:
     ap.add_argument("--n-val", type=int, default=OptimizeSettings.n_val)
     ap.add_argument("--eval-every", type=int, default=OptimizeConfig.eval_every)
     ap.add_argument("--skip-cone", action="store_true")
+    ap.add_argument("--judge-targets", action="store_true", help="drop the targets the judge reads off-label")
     ap.add_argument("--no-timing", action="store_true", help="only the comparison (needs --direction)")
     ap.add_argument("--direction", help="the RDO direction file to compare (default: the one trained here)")
     ap.add_argument("--harmful-val", help="JSON list of {instruction} records (e.g. paper_splits/harmful_val.json)")
@@ -135,7 +141,8 @@ def main() -> None:
                          "RUN/optimize/cone_k2; repeatable")
     a = ap.parse_args()
     train = OptimizeConfig(steps=a.steps, batch_size=a.batch_size, eval_every=a.eval_every)
-    s = OptimizeSettings(train=train, target_tokens=a.target_tokens, n_train=a.n_train, n_val=a.n_val).check()
+    s = OptimizeSettings(train=train, target_tokens=a.target_tokens, n_train=a.n_train, n_val=a.n_val,
+                         judge_targets=a.judge_targets).check()
     ctx = open_context(a.run, s)
     print(f"model dtype {next(ctx.model.parameters()).dtype}, {torch.get_num_threads()} threads; "
           f"peak RSS after load {peak_rss_gib():.2f} GiB", flush=True)

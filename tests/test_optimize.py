@@ -280,6 +280,8 @@ def test_cli_writes_a_loadable_direction_and_resumes(tiny_run, tmp_path):
     assert summ["per_k"][0]["history"][0]["split"] == "val" and "independence" in summ
     assert summ["independence"] is None or set(summ["independence"]) >= {"r_change_under_d_ablation", "independent"}
     assert "Optimized refusal direction" in (tiny_run / "report.html").read_text()
+    assert summ["targets_judged"]["dropped"] is False and set(summ["targets_judged"]["off_label"]) == {
+        "compliant", "refusal"}
     # a rerun with the same settings reads the finished checkpoint back: the same direction, no new steps
     targets = (tiny_run / "optimize" / "targets.json").stat().st_mtime_ns
     r = _cli(["optimize", str(tiny_run), *FAST])
@@ -291,6 +293,11 @@ def test_cli_writes_a_loadable_direction_and_resumes(tiny_run, tmp_path):
               str(tmp_path / "more")])
     assert r.exit_code == 0, r.output
     assert Direction.load(tmp_path / "more").layer == ref.layer
+    # judged targets: a tiny random model's "refusal" targets are no refusals, so that kind is kept whole
+    r = _cli(["optimize", str(tiny_run), *FAST, "--judge-targets", "--out", str(tmp_path / "judged")])
+    assert r.exit_code == 0, r.output
+    summ = json.loads((tiny_run / "optimize" / "rdo_summary.json").read_text())
+    assert summ["targets_judged"] == {"off_label": {"compliant": 0, "refusal": None}, "dropped": True}
 
 
 def test_cli_cone_writes_a_subspace_and_the_cone_analysis(tiny_run):
@@ -358,3 +365,29 @@ def test_batch_size_is_capped_by_memory(tiny):
     model, _ = tiny
     assert fit_batch_size(model, 50, 8) == 8  # a tiny model fits
     assert fit_batch_size(model, 50, 8, budget=1e-12) == 1  # never below one row
+
+
+def test_judged_targets_drop_refusing_compliant_and_compliant_refusal_targets(tiny_tokenizer):
+    """The ablation loss trains on compliant targets only, the addition loss on refusals only; a kind whose train or
+    val rows would all go keeps every target, so training always has rows."""
+    from types import SimpleNamespace
+
+    from refdir.workflows.optimize import Context, judged_targets
+
+    def ids(texts):
+        return [tiny_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+    no, yes = "I'm sorry, but I can't assist with that.", "Sure, here are the steps you asked for."
+    prompts = {"harmful": {"train": ["a", "b", "c"], "val": ["d"]}, "harmless": {"train": ["e", "f"], "val": ["g"]}}
+    ctx = Context(None, SimpleNamespace(tokenizer=tiny_tokenizer), None, None, 1.0, [], prompts)
+    targets = {"compliant": ids([yes, no, yes, yes]), "refusal": ids([no, yes, no]), "base": ids([yes, yes, yes])}
+    out, dropped = judged_targets(ctx, targets)
+    assert dropped == {"compliant": 1, "refusal": 1}
+    assert [bool(t) for t in out["compliant"]] == [True, False, True, True]
+    assert [bool(t) for t in out["refusal"]] == [True, False, True]
+    assert out["base"] == targets["base"] and targets["compliant"][1]  # the input is not changed
+    assert len(Examples([[1]] * 4, out["compliant"])) == 3
+    # every val refusal target compliant: that kind is kept as it was
+    targets["refusal"] = ids([no, yes, yes])
+    out, dropped = judged_targets(ctx, targets)
+    assert dropped["refusal"] is None and out["refusal"] == targets["refusal"]

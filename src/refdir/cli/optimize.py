@@ -48,6 +48,8 @@ def optimize(
     seed: int = typer.Option(_T.seed),
     independence: bool = typer.Option(_S.independence, help="RDO: measure representational independence from the "
                                                   "difference-in-means direction"),
+    judge_targets: bool = typer.Option(_S.judge_targets, help="train without the compliant targets the judge reads "
+                                       "as refusals (and the refusal targets it reads as compliant)"),
     out: Path = typer.Option(None, "--out", help="output file (default: RUN_DIR/optimize/rdo or cone_kK)"),
     force: bool = typer.Option(False, help="overwrite an existing --out file"),
 ) -> None:
@@ -56,7 +58,8 @@ def optimize(
     train = OptimizeConfig(steps=steps, lr=lr, weights=parse_weights(weights), batch_size=batch_size,
                            eval_every=eval_every, patience=patience, members=members, seed=seed)
     s = OptimizeSettings(method=method, k=k, train=train, target_tokens=target_tokens, n_train=n_train, n_val=n_val,
-                         samples=samples, independence=independence, out=out, force=force)
+                         samples=samples, independence=independence, judge_targets=judge_targets, out=out,
+                         force=force)
     summ = optimize_run(run_dir, s, model=overrides)
     for rec in summ["per_k"]:
         sc = rec["scores"]

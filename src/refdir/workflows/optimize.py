@@ -33,6 +33,7 @@ from refdir.core.rundir import RunDir
 from refdir.errors import RefdirError
 from refdir.method.optimize import LOSSES, OptimizeConfig, Optimized, Trainer, add_base_topk, orthonormal
 from refdir.method.optimize_data import Examples, TrainSet, shared_prefix
+from refdir.method.refusal_judge import judge
 from refdir.method.scoring import refusal_metric_from_logits
 from refdir.workflows.report import add_section
 
@@ -44,7 +45,10 @@ class OptimizeSettings:
     """What ``refdir optimize`` trains: the method, the cone dimension K, the training settings ``train`` (an
     :class:`refdir.method.optimize.OptimizeConfig`, whose defaults are the command's; its ``k`` is set for each k
     trained), the target length, how many filtered train / val prompts of each kind it uses, how many cone members
-    the analysis scores per k, and where the result goes. The defaults use 16-token targets on 16 + 4 prompts."""
+    the analysis scores per k, and where the result goes. The defaults use 16-token targets on 16 + 4 prompts.
+    ``judge_targets``: drop the compliant targets the judge reads as refusals and the refusal targets it reads as
+    compliant (:func:`judged_targets`); off by default (every target, as the paper trains): on the default model
+    it left RDO at its start, no better on a development split (NOTES.md)."""
 
     method: str = "rdo"
     k: int = 1
@@ -54,6 +58,7 @@ class OptimizeSettings:
     n_val: int = 4
     samples: int = 8
     independence: bool = True
+    judge_targets: bool = False
     out: Path | None = None
     force: bool = False
 
@@ -197,6 +202,29 @@ def cached_targets(ctx: Context, s: OptimizeSettings, progress: bool) -> tuple[d
     return targets, key
 
 
+TARGET_JUDGE = "wide"  # the widest judge: a compliant target that any judge would flag is not kept
+
+
+def judged_targets(ctx: Context, targets: dict) -> tuple[dict, dict]:
+    """The targets with the compliant ones the judge (:data:`TARGET_JUDGE`) reads as refusals, and the refusal ones
+    it reads as compliant, emptied (an empty target is no training row). With the difference in means ablated the
+    model still refuses some harmful prompts ("I'm sorry, but I can't assist with that."): trained on such a
+    target, the ablation loss would teach the direction to keep that refusal. A kind whose train or val rows would
+    all be dropped keeps every target. Returns the targets and, per kind, how many the judge reads off-label
+    (None: all of one split, kept)."""
+    out, dropped = dict(targets), {}
+    for name, kind, want in (("compliant", "harmful", False), ("refusal", "harmless", True)):
+        n = len(ctx.prompts[kind]["train"])
+        texts = ctx.lm.tokenizer.batch_decode(targets[name], skip_special_tokens=True)
+        keep = [f == want for f in judge(texts, TARGET_JUDGE).flags]
+        if not (any(keep[:n]) and any(keep[n:])):
+            dropped[name] = None
+            continue
+        out[name] = [t if k else [] for t, k in zip(targets[name], keep, strict=True)]
+        dropped[name] = keep.count(False)
+    return out, dropped
+
+
 def train_sets(ctx: Context, targets: dict, key: str, topk: int) -> tuple[TrainSet, TrainSet, list[int]]:
     """The train and val sets with the retain set's base distributions (cached next to the targets)."""
     ids = {k: [ctx.fmt.prompt_ids(p) for sp in ("train", "val") for p in ctx.prompts[k][sp]]
@@ -234,7 +262,8 @@ def train_k(ctx: Context, s: OptimizeSettings, k: int, init: torch.Tensor, sets:
               for p, t in zip(ex.prompts, ex.targets, strict=True))
     cfg.batch_size = fit_batch_size(ctx.model, seq, cfg.batch_size)  # a pass holds one loss's rows
     tr = Trainer(ctx.model, ctx.pad, init, ctx.direction.layer, ctx.scale, sets[0], sets[1], cfg)
-    key = _key({"cfg": asdict(s.config(k)), "targets": targets_key, "init": _tensor_key(init), "scale": ctx.scale})
+    key = _key({"cfg": asdict(s.config(k)), "targets": targets_key, "init": _tensor_key(init), "scale": ctx.scale,
+                **({"judged": True} if s.judge_targets else {})})
     f = ctx.rd.optimize_dir() / f"{s.method}_k{k}.pt"
     if f.exists():
         rec = torch.load(f, weights_only=True)
@@ -315,7 +344,8 @@ def optimize_run(run_dir: str | Path, s: OptimizeSettings, model: dict | None = 
 def _optimize(ctx: Context, s: OptimizeSettings, out: Path, progress: bool) -> dict:
     t0 = time.perf_counter()
     targets, tkey = cached_targets(ctx, s, progress)
-    train, val, _ = train_sets(ctx, targets, tkey, s.config(1).topk)
+    judged, dropped = judged_targets(ctx, targets)  # the report says how many targets are not what they stand for
+    train, val, _ = train_sets(ctx, judged if s.judge_targets else targets, tkey, s.config(1).topk)
     t_targets = time.perf_counter() - t0
     base = {"harmful": mean_metric(ctx, ctx.prompts["harmful"]["val"]),
             "harmless": mean_metric(ctx, ctx.prompts["harmless"]["val"])}
@@ -337,7 +367,8 @@ def _optimize(ctx: Context, s: OptimizeSettings, out: Path, progress: bool) -> d
                "coeff": ctx.coeff, "scale": ctx.scale, "per_k": per_k, "cone_dimension": dim,
                "cos_with_dim": float((basis @ d_hat[0]).abs().max()),
                "seconds": {"targets": t_targets, "optimization": t_opt},
-               "n": {"train": train.sizes(), "val": val.sizes()}}
+               "n": {"train": train.sizes(), "val": val.sizes()},
+               "targets_judged": {"off_label": dropped, "dropped": s.judge_targets}}
     if s.method == "rdo" and s.independence and summary["cos_with_dim"] > 1 - 1e-4:
         summary["independence"] = None  # training kept the difference-in-means direction: nothing to compare
     elif s.method == "rdo" and s.independence:
@@ -398,6 +429,11 @@ def report_html(summary: dict) -> str:
             f"direction: bypass {ds['bypass']:.2f}, induce {ds['induce']:.2f}. A member mediates refusal when its "
             f"ablation removes and its addition adds at least half the gap. Targets {summary['seconds']['targets']:.0f} s, "
             f"optimization {summary['seconds']['optimization']:.0f} s.</p>")
+    off = (summary.get("targets_judged") or {}).get("off_label") or {}
+    if off:
+        use = "dropped from training" if summary["targets_judged"]["dropped"] else "trained on, as the paper does"
+        text += (f"<p>Targets the {TARGET_JUDGE} judge reads against their label (train + val): {off.get('compliant')} "
+                 f"compliant targets refuse, {off.get('refusal')} refusal targets comply; {use}.</p>")
     if summary["method"] == "cone":
         text += f"<p><b>Cone dimension: {summary['cone_dimension']}</b> (the largest k whose members all mediate).</p>"
     html = text + figure_html(plot_losses(summary["per_k"])) + table_html(

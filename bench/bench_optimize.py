@@ -127,6 +127,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=OptimizeConfig.eval_every)
     ap.add_argument("--skip-cone", action="store_true")
     ap.add_argument("--judge-targets", action="store_true", help="drop the targets the judge reads off-label")
+    ap.add_argument("--coeff", type=float, help="the addition coefficient of the refusal targets and the addition "
+                    "loss (default: the run's, 1 for a search run)")
     ap.add_argument("--no-timing", action="store_true", help="only the comparison (needs --direction)")
     ap.add_argument("--direction", help="the RDO direction file to compare (default: the one trained here)")
     ap.add_argument("--harmful-val", help="JSON list of {instruction} records (e.g. paper_splits/harmful_val.json)")
@@ -144,6 +146,8 @@ def main() -> None:
     s = OptimizeSettings(train=train, target_tokens=a.target_tokens, n_train=a.n_train, n_val=a.n_val,
                          judge_targets=a.judge_targets).check()
     ctx = open_context(a.run, s)
+    if a.coeff is not None:
+        ctx.coeff = a.coeff
     print(f"model dtype {next(ctx.model.parameters()).dtype}, {torch.get_num_threads()} threads; "
           f"peak RSS after load {peak_rss_gib():.2f} GiB", flush=True)
     r = Direction.load(a.direction).vector if a.direction else None

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from refdir.core.forward import common_prefix_len, left_pad, tail_batch
+from refdir.errors import RefdirError
 from refdir.method.refusal_judge import judge, judge_all
 from refdir.method.scoring import first_token_kl
 from refdir.method.selection import max_layer
@@ -60,3 +61,25 @@ def test_common_prefix_len_leaves_each_row_a_tail():
     assert common_prefix_len([[1, 2, 3], [1, 2, 3, 4]]) == 2  # the shorter row keeps one token of its own
     assert common_prefix_len([[1, 2, 3], [1, 2, 3, 4]], min_tail=2) == 1
     assert common_prefix_len([[9, 2], [1, 2]]) == 0
+
+
+def test_off_principal_components_removes_the_top_harmless_components_and_keeps_the_norm():
+    from refdir.method.pca_direction import off_principal_components
+
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 3, generator=g, dtype=torch.float64)).Q.T  # 3 orthonormal axes
+    # rows ±9·b0, ±6·b1, ±3·b2 around an offset PCA removes: the principal axes are b0, b1, b2 in that order
+    clean = torch.cat([torch.stack([a * b, -a * b]) for a, b in zip((9.0, 6.0, 3.0), basis, strict=True)])
+    x = clean + 5.0
+    r = basis[0] + basis[1] + torch.randn(16, generator=g, dtype=torch.float64)
+    v = off_principal_components(r, x, 2)
+    assert abs(float(v.norm() - r.norm())) < 1e-9
+    assert float((v @ basis[:2].T).abs().max()) < 1e-9  # the two widest axes are gone
+    r_off = r - (basis[:2] @ r) @ basis[:2]
+    assert float(torch.nn.functional.cosine_similarity(v, r_off, dim=0)) > 1 - 1e-9  # and nothing else changed
+    assert torch.equal(off_principal_components(r, x, 0), r)
+    assert off_principal_components(r, x[:2], 4).shape == r.shape  # k capped at n - 1
+    with pytest.raises(RefdirError):
+        off_principal_components(r, x[:, :8], 2)
+    with pytest.raises(RefdirError):
+        off_principal_components(basis[0], clean, 3)  # nothing left outside the span

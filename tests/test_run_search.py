@@ -46,8 +46,10 @@ def heldout(tmp_path):
 
 def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tiny_model_dir, tmp_path, heldout):
     model = tiny_model_dir("qwen2")
+    # the difference-in-means source alone: this tiny model's front then has a point under the target, so the pick
+    # is calibrated (the default pca source is tested below)
     s = _run(model, tmp_path / "r", "--budget", "3", "--heldout-harmful", str(heldout[0]), "--heldout-harmless",
-             str(heldout[1]))
+             str(heldout[1]), "--direction-method", "dim")
     assert s["method"] == "search"
     c = s["choice"]
     assert c["kl_target"] == 0.05 and Edit.from_dict(c["edit"])  # a real edit of the study
@@ -171,6 +173,33 @@ def test_run_with_an_optimized_direction_searches_it_and_tests_the_choice(tiny_m
     assert v["kl_hooks_weights"] < 1e-6 and v["top1_agree"] == 1.0
     # the same command again reads everything back, the optimized direction included, without loading the model
     s2 = _run(model, out, "--budget", "4", "--direction-method", "rdo")
+    assert "load" not in s2["timings_s"] and s2["choice"] == s["choice"]
+
+
+def test_run_with_the_pca_source_searches_it_and_reads_it_back(tiny_model_dir, tmp_path):
+    """--direction-method pca (the default): the selected candidate off the harmless principal components, fitted on
+    harmless train prompts the calibration does not read, is searched beside the candidates and read back on a
+    rerun."""
+    from refdir.core.directions import Direction
+    from refdir.method.pca_direction import COMPONENTS
+
+    model = tiny_model_dir("qwen2")
+    out = tmp_path / "r"
+    s = _run(model, out, "--budget", "4")  # the default source of `refdir run`
+    rd = RunDir(out)
+    assert rd.config()["direction_method"] == "pca"
+    v = Direction.load(rd.optimize_dir() / "pca.safetensors")
+    res = json.loads((rd.search_dir() / "summary.json").read_text())
+    ch = res["selection"]["chosen"] or {}
+    d = rd.candidates().get(v.position, v.layer).vector
+    assert v.meta["source"] == "pca" and v.meta["components"] == COMPONENTS
+    assert (not ch) or (v.position, v.layer) == (ch["position"], ch["layer"])
+    torch.testing.assert_close(v.vector.norm(), d.norm())  # the candidate's norm, another direction
+    assert float(torch.nn.functional.cosine_similarity(v.vector, d, dim=0)) < 1 - 1e-6
+    assert any(t["edit"].get("direction") == "pca" for t in res["trials"])
+    v2 = s["checkpoint"]["verified"]
+    assert v2["kl_hooks_weights"] < 1e-6 and v2["top1_agree"] == 1.0
+    s2 = _run(model, out, "--budget", "4", "--direction-method", "pca")
     assert "load" not in s2["timings_s"] and s2["choice"] == s["choice"]
 
 

@@ -41,8 +41,9 @@ MODEL_OPTIONS: dict[str, tuple[Any, str]] = {
 }
 
 # `run` and `search` take the same direction sources (RunConfig.direction_method)
-DIRECTION_METHOD_HELP = ("the search's directions: dim (difference-in-means candidates) or rdo (also an optimized "
-                         "direction trained from the selected one, as refdir optimize does; adds minutes)")
+DIRECTION_METHOD_HELP = ("the search's directions: dim (difference-in-means candidates), rdo (also an optimized "
+                         "direction trained from the selected one, as refdir optimize does; adds minutes) or pca (also "
+                         "the selected one off the top principal components of harmless activations; seconds)")
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:

@@ -65,7 +65,8 @@ def run(
     budget: float = typer.Option(60.0, help="seconds of search trials (refinement included); rerunning with a "
                                             "bigger budget extends the search"),
     kl_target: float = typer.Option(0.05, help="first-token KL on harmless prompts the chosen edit stays under"),
-    direction_method: str = typer.Option("dim", help=DIRECTION_METHOD_HELP),
+    direction_method: str = typer.Option(None, help=DIRECTION_METHOD_HELP + " (default: pca with the search; "
+                                         "--method paper takes none)"),
     n_test: int = typer.Option(None, help="test prompts per set (default: all of the test split)"),
     seed: int = typer.Option(42),
     filter_train: bool = typer.Option(True, help="keep harmful train prompts the model refuses (metric > 0), "
@@ -96,7 +97,8 @@ def run(
                     heldout_harmless=heldout_harmless, n_heldout=n_heldout, column=column, n_train=n_train,
                     n_val=_default(n_val, 40 if method == "search" else 32), n_test=n_test, seed=seed)
     cfg = RunConfig(model=spec, data=data, method=method, budget=budget, kl_target=kl_target,
-                    direction_method=direction_method, filter_train=filter_train,
+                    direction_method=_default(direction_method, "pca" if method == "search" else "dim"),
+                    filter_train=filter_train,
                     refusal_tokens=refusal_tokens.split(",") if refusal_tokens else None, batch_size=batch_size,
                     kl_max=kl_max, max_layer_frac=max_layer_frac, induce_rule=induce_rule, exhaustive=exhaustive,
                     top_k=top_k, max_new_tokens=_default(max_new_tokens, 64 if method == "search" else 128),

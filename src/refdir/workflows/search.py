@@ -24,10 +24,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from refdir.core import rundir as rdl
-from refdir.core.directions import Candidates
+from refdir.core.directions import Candidates, Direction
 from refdir.core.edits import DIM, VARIANTS, Edit
 from refdir.core.io import atomic_write_json, make_output_dir
 from refdir.core.memory import trim_heap
@@ -35,6 +36,7 @@ from refdir.core.preflight import require
 from refdir.core.rundir import RunDir
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
+from refdir.method.pca_direction import COMPONENTS, pca_direction
 from refdir.method.search import (
     Confirmation,
     Proxy,
@@ -247,11 +249,14 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
         table, chosen = select_warm_start(lm.model, fmt, cands, val, p.ids, scfg, sdir / rdl.SEARCH_SELECTION_FILE, progress,
                                           proxy.base_logits)
     lead = lead_candidate(table, chosen, run.kl_max)  # the selection's choice, else the best scored candidate
-    if run.direction_method == "rdo":
+    if run.direction_method != "dim":
         if lead is None:
-            raise RefdirError("--direction-method rdo: the selection scored no candidate to train a direction from")
+            raise RefdirError(f"--direction-method {run.direction_method}: the selection scored no candidate to "
+                              "build a direction from")
         with timings.phase("optimize"):
-            p.cands = cands = cands.with_optimized("rdo", rdo_direction(p, lead, run, progress))
+            v = (rdo_direction(p, lead, run, progress) if run.direction_method == "rdo"
+                 else pca_source(p, lead, confirm[1], progress))
+            p.cands = cands = cands.with_optimized(run.direction_method, v)
     if p.m.load_s is not None:
         timings.add("load", p.m.load_s)
     space = Space(list(cands.positions), L, layer_lo, float(max_layer(L, run.max_layer_frac)), cfg.max_strength,
@@ -287,6 +292,30 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
             "selection": {"chosen": chosen, "n_scored": sum(1 for r in table if math.isfinite(r["bypass"]))}}
 
 
+def pca_source(p: Prepared, lead: dict, calibration: list[str], progress: bool = True) -> torch.Tensor:
+    """``--direction-method pca``: the lead candidate off the top principal components of harmless activations
+    (:mod:`refdir.method.pca_direction`), fitted on the filtered harmless train prompts that the calibration
+    (``calibration``) does not read, so that its KL is not measured on the prompts the direction was fitted to
+    (all of them when fewer than 4 per component remain). Saved in the run's optimize directory, where
+    :func:`saved_source` reads it back. Returns the direction [d] (the candidate's norm)."""
+    d = p.cands.get(lead["position"], int(lead["layer"]))
+    used = set(calibration)
+    prompts = [x for x in p.filt["train"]["harmless"] if x not in used]
+    prompts = prompts if len(prompts) >= 4 * COMPONENTS else p.filt["train"]["harmless"]
+    v = pca_direction(p.m.lm.model, p.m.fmt, d.vector, prompts, d.position, d.layer, progress=progress)
+    meta = {"source": "pca", "components": COMPONENTS, "n_prompts": len(prompts)}
+    Direction(v, d.layer, d.position, d.model_id, "raw", meta).save(p.rd.optimize_dir() / "pca.safetensors")
+    return v
+
+
+def saved_source(rd: RunDir, method: str) -> torch.Tensor | None:
+    """The direction ``--direction-method`` ``method`` added to the search, as the run saved it (None for dim)."""
+    if method == "rdo":
+        return saved_rdo(rd)
+    f = rd.optimize_dir() / "pca.safetensors"
+    return Direction.load(f).vector if method == "pca" and f.exists() else None
+
+
 # ------------------------------------------------------------------------------------------ inside `refdir run`
 
 CALIBRATION_PROMPTS = 80  # harmless train prompts whose first-token KL calibrates the pick (the proxy uses val)
@@ -314,9 +343,9 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
     if f.exists():
         prev = json.loads(f.read_text())
         if prev.get("budget_s") is not None and prev["budget_s"] >= cfg.budget and "choice" in prev:
-            rdo = saved_rdo(p.rd) if cfg.direction_method == "rdo" else None
-            if rdo is not None:  # the eval and checkpoint stages resolve the chosen edit with it
-                p.cands = p.cands.with_optimized("rdo", rdo)
+            v = saved_source(p.rd, cfg.direction_method)
+            if v is not None:  # the eval and checkpoint stages resolve the chosen edit with it
+                p.cands = p.cands.with_optimized(cfg.direction_method, v)
             return prev
     make_output_dir(sdir)
     atomic_write_json(sdir / "config.json", scfg.model_dump())

@@ -61,8 +61,8 @@ class RunConfig(BaseModel):
     kl_target: float = Field(0.05, gt=0)
     budget: float = Field(60.0, gt=0)  # seconds of search trials (refinement included); a bigger one extends
     # the search's directions: "dim" the difference-in-means candidates; "rdo" also an optimized direction trained
-    # from the selected one (refdir optimize's defaults; minutes)
-    direction_method: Literal["dim", "rdo"] = "dim"
+    # from the selected one (minutes); "pca" also the selected one off the harmless principal components (seconds)
+    direction_method: Literal["dim", "rdo", "pca"] = "dim"
     filter_train: bool = True  # keep harmful with metric > 0, harmless with metric < 0 (paper)
     filter_val: bool = False
     refusal_tokens: list[str] | None = None  # default: derived from the model's own refusals

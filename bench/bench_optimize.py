@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from refdir.core.directions import Direction, load_ablation
-from refdir.core.edits import DIM, Edit, Plan, hooked, resolve
+from refdir.core.edits import Edit, Plan, hooked, resolve
 from refdir.core.forward import last_logits
 from refdir.core.generation import generate
 from refdir.core.interventions import ablate
@@ -43,7 +43,6 @@ from refdir.workflows.optimize import (
     open_context,
     train_sets,
 )
-from refdir.workflows.search import saved_source
 
 
 def peak_rss_gib() -> float:
@@ -112,10 +111,7 @@ def compare(ctx, r_rdo: torch.Tensor, harmful: list[str], harmless: list[str], t
 def chosen_plan(rd: RunDir) -> Plan:
     """The chosen edit of a search run, resolved with its candidates (and its optimized direction, if it has one)."""
     edit = Edit.from_dict(json.loads((rd.path / "summary.json").read_text())["choice"]["edit"])
-    cands = rd.candidates()
-    if edit.direction == DIM:
-        return resolve(edit, cands)
-    return resolve(edit, cands.with_optimized(edit.direction, saved_source(rd, edit.direction)))
+    return resolve(edit, rd.candidates_with_sources())
 
 
 def main() -> None:

@@ -201,6 +201,16 @@ def test_run_with_the_pca_source_searches_it_and_reads_it_back(tiny_model_dir, t
     assert v2["kl_hooks_weights"] < 1e-6 and v2["top1_agree"] == 1.0
     s2 = _run(model, out, "--budget", "4", "--direction-method", "pca")
     assert "load" not in s2["timings_s"] and s2["choice"] == s["choice"]
+    # an edit of that source exports from the run directory (the export resolves the saved source): a pca trial
+    # put on the front (this tiny model's front may hold none)
+    t = next(t for t in res["trials"] if t["edit"].get("direction") == "pca")
+    f = rd.search_dir() / "front.json"
+    front = json.loads(f.read_text())
+    front["points"].append({**front["points"][0], "edit": t["edit"], "trial": t["trial"]})
+    f.write_text(json.dumps(front))
+    r = runner.invoke(app, ["export", str(out), str(tmp_path / "ck"), "--point", str(len(front["points"]) - 1)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "ck" / "refdir_edit.json").read_text())["edit"]["direction"] == "pca"
 
 
 def test_an_optimized_direction_needs_the_search(tiny_model_dir, tmp_path):

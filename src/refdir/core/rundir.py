@@ -78,6 +78,7 @@ BENCHMARKS = "benchmarks"
 ANALYSIS = "analysis"
 SECTIONS = "report_sections"
 OPTIMIZE = "optimize"
+SOURCES = ("rdo", "pca")  # the search's direction sources besides the candidates, saved in optimize/ by name
 
 # files inside the stage directories (written by refdir.workflows.stages, read by the readers below)
 SETS_FILE = "sets.json"
@@ -355,6 +356,19 @@ class RunDir:
 
     def candidates(self) -> Candidates:
         return Candidates.load(self.stage_dir(CANDIDATES))
+
+    def source_path(self, name: str) -> Path:
+        """Where a search's direction source ``name`` (:data:`SOURCES`: rdo, pca) is saved."""
+        return self.optimize_dir() / f"{name}.safetensors"
+
+    def candidates_with_sources(self) -> Candidates:
+        """The candidates with every direction source the run saved (rdo, pca), so that any edit of its search
+        resolves (:func:`refdir.core.edits.resolve`)."""
+        c = self.candidates()
+        for name in SOURCES:
+            if self.source_path(name).exists():
+                c = c.with_optimized(name, Direction.load(self.source_path(name)).vector)
+        return c
 
     def selection_meta(self) -> dict:
         """selection.json: the chosen candidate (or None), the induce rule, baseline, filter counts, config and,

@@ -65,7 +65,7 @@ from refdir.method.search.study import (
 )
 from refdir.method.selection import max_layer
 from refdir.workflows.checks import all_prompts, check_run
-from refdir.workflows.optimize import rdo_direction, saved_rdo
+from refdir.workflows.optimize import rdo_direction
 from refdir.workflows.report import write_report
 from refdir.workflows.stages import (
     Loaded,
@@ -304,16 +304,14 @@ def pca_source(p: Prepared, lead: dict, calibration: list[str], progress: bool =
     prompts = prompts if len(prompts) >= 4 * COMPONENTS else p.filt["train"]["harmless"]
     v = pca_direction(p.m.lm.model, p.m.fmt, d.vector, prompts, d.position, d.layer, progress=progress)
     meta = {"source": "pca", "components": COMPONENTS, "n_prompts": len(prompts)}
-    Direction(v, d.layer, d.position, d.model_id, "raw", meta).save(p.rd.optimize_dir() / "pca.safetensors")
+    Direction(v, d.layer, d.position, d.model_id, "raw", meta).save(p.rd.source_path("pca"))
     return v
 
 
 def saved_source(rd: RunDir, method: str) -> torch.Tensor | None:
     """The direction ``--direction-method`` ``method`` added to the search, as the run saved it (None for dim)."""
-    if method == "rdo":
-        return saved_rdo(rd)
-    f = rd.optimize_dir() / "pca.safetensors"
-    return Direction.load(f).vector if method == "pca" and f.exists() else None
+    f = rd.source_path(method) if method in rdl.SOURCES else None
+    return Direction.load(f).vector if f is not None and f.exists() else None
 
 
 # ------------------------------------------------------------------------------------------ inside `refdir run`

@@ -37,7 +37,7 @@ def export_point(search_dir: str | Path, point: int, out: str | Path, *, force: 
     spec = ModelSpec.from_record(run["model"], model)
     p = pts[point]
     edit = Edit.from_dict(p["edit"])
-    cands = rd.candidates()
+    cands = rd.candidates_with_sources()  # an edit of an optimized (rdo) or pca direction resolves too
     # everything checked before the model is loaded and anything is written
     spec.check(chat=False)
     check_output(out, "dir")

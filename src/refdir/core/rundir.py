@@ -361,13 +361,20 @@ class RunDir:
         """Where a search's direction source ``name`` (:data:`SOURCES`: rdo, pca) is saved."""
         return self.optimize_dir() / f"{name}.safetensors"
 
+    def source(self, name: str) -> torch.Tensor | None:
+        """The direction [d] of source ``name`` as the run saved it; None when it saved none (or for ``dim``, the
+        candidates themselves)."""
+        f = self.source_path(name) if name in SOURCES else None
+        return Direction.load(f).vector if f is not None and f.exists() else None
+
     def candidates_with_sources(self) -> Candidates:
         """The candidates with every direction source the run saved (rdo, pca), so that any edit of its search
         resolves (:func:`refdir.core.edits.resolve`)."""
         c = self.candidates()
         for name in SOURCES:
-            if self.source_path(name).exists():
-                c = c.with_optimized(name, Direction.load(self.source_path(name)).vector)
+            v = self.source(name)
+            if v is not None:
+                c = c.with_optimized(name, v)
         return c
 
     def selection_meta(self) -> dict:

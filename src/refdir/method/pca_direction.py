@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from refdir.core.activations import residual_batches
+from refdir.core.activations import residuals
 from refdir.core.chat import ChatFormat
 from refdir.errors import RefdirError
 
@@ -45,12 +45,9 @@ def harmless_activations(model, fmt: ChatFormat, prompts: list[str], position: i
     ``position`` (negative, as the candidates count it)."""
     if not -fmt.n_post <= position < 0:
         raise RefdirError(f"position {position} is not a post-instruction position (-{fmt.n_post}..-1)")
-    rows = [None] * len(prompts)
-    for idx, stack, _ in residual_batches(model, fmt, prompts, n_pos=fmt.n_post, batch_size=batch_size,
-                                          desc="harmless activations", progress=progress, shared_prefix=True):
-        for j, i in enumerate(idx):
-            rows[i] = stack[j, fmt.n_post + position, layer]
-    return torch.stack(rows)
+    _, per_prompt = residuals(model, fmt, prompts, batch_size=batch_size, keep=True, desc="harmless activations",
+                              progress=progress, shared_prefix=True)  # [n, n_post, L+1, d]
+    return per_prompt[:, fmt.n_post + position, layer]
 
 
 def pca_direction(model, fmt: ChatFormat, r: torch.Tensor, prompts: list[str], position: int, layer: int,

@@ -82,8 +82,9 @@ class OptimizeSettings:
         return own | {k: v for k, v in asdict(self.train).items() if k != "k"}
 
     def out_path(self, rd: RunDir) -> Path:
-        name = "rdo" if self.method == "rdo" else f"cone_k{self.k}"
-        return (self.out or rd.optimize_dir() / name).with_suffix(".safetensors")
+        if self.out is not None:
+            return self.out.with_suffix(".safetensors")
+        return rd.source_path("rdo") if self.method == "rdo" else rd.optimize_dir() / f"cone_k{self.k}.safetensors"
 
 
 def _key(obj) -> str:
@@ -158,13 +159,7 @@ def rdo_direction(p, chosen: dict, run, progress: bool = True) -> torch.Tensor:
     d = p.cands.get(chosen["position"], int(chosen["layer"]))
     ctx = Context(p.rd, p.m.lm, p.m.fmt, d, 1.0, p.ids, prompts, float(run.induce_rel_frac))
     _optimize(ctx, s, s.out_path(p.rd), progress)
-    return saved_rdo(p.rd)
-
-
-def saved_rdo(rd: RunDir) -> torch.Tensor | None:
-    """The RDO direction ``refdir optimize`` (or the run's stage) wrote in the run directory, if any."""
-    f = OptimizeSettings().out_path(rd)
-    return Direction.load(f).vector if f.exists() else None
+    return p.rd.source("rdo")
 
 
 # ------------------------------------------------------------------------------------------------ targets

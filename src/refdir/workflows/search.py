@@ -297,7 +297,7 @@ def pca_source(p: Prepared, lead: dict, calibration: list[str], progress: bool =
     (:mod:`refdir.method.pca_direction`), fitted on the filtered harmless train prompts that the calibration
     (``calibration``) does not read, so that its KL is not measured on the prompts the direction was fitted to
     (all of them when fewer than 4 per component remain). Saved in the run's optimize directory, where
-    :func:`saved_source` reads it back. Returns the direction [d] (the candidate's norm)."""
+    :meth:`RunDir.source` reads it back. Returns the direction [d] (the candidate's norm)."""
     d = p.cands.get(lead["position"], int(lead["layer"]))
     used = set(calibration)
     prompts = [x for x in p.filt["train"]["harmless"] if x not in used]
@@ -306,12 +306,6 @@ def pca_source(p: Prepared, lead: dict, calibration: list[str], progress: bool =
     meta = {"source": "pca", "components": COMPONENTS, "n_prompts": len(prompts)}
     Direction(v, d.layer, d.position, d.model_id, "raw", meta).save(p.rd.source_path("pca"))
     return v
-
-
-def saved_source(rd: RunDir, method: str) -> torch.Tensor | None:
-    """The direction ``--direction-method`` ``method`` added to the search, as the run saved it (None for dim)."""
-    f = rd.source_path(method) if method in rdl.SOURCES else None
-    return Direction.load(f).vector if f is not None and f.exists() else None
 
 
 # ------------------------------------------------------------------------------------------ inside `refdir run`
@@ -341,7 +335,7 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
     if f.exists():
         prev = json.loads(f.read_text())
         if prev.get("budget_s") is not None and prev["budget_s"] >= cfg.budget and "choice" in prev:
-            v = saved_source(p.rd, cfg.direction_method)
+            v = p.rd.source(cfg.direction_method)
             if v is not None:  # the eval and checkpoint stages resolve the chosen edit with it
                 p.cands = p.cands.with_optimized(cfg.direction_method, v)
             return prev

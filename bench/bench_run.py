@@ -33,7 +33,7 @@ def cpu_flags() -> str:
 def run_child(args: list[str]) -> tuple[float, float]:
     t = time.time()
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    subprocess.run([sys.executable, "-m", "refdir.cli.main", *args], check=True)
+    subprocess.run([sys.executable, "-m", "refdir", *args], check=True)
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return time.time() - t, max(rss, before) / 1024
 

@@ -52,8 +52,8 @@ def main() -> None:
     ap.add_argument("--no-filter", action="store_true", help="difference of means over all train prompts")
     ap.add_argument("--n-val", type=int, default=40, help="harmless proxy prompts")
     ap.add_argument("--n-val-harmful", type=int, default=24, help="harmful proxy prompts")
-    ap.add_argument("--direction-method", default="dim", choices=["dim", "rdo"],
-                    help="rdo: the search also takes an optimized direction trained from the selected candidate")
+    ap.add_argument("--direction-method", default="dim", choices=["dim", "rdo", "pca"],
+                    help="rdo / pca: the search also takes that direction source, built from the selected candidate")
     ap.add_argument("--dtype", default="auto", help="compute dtype (auto: bf16 where the CPU has native bf16)")
     a = ap.parse_args()
 

@@ -527,7 +527,7 @@ def _invoke(argv: list[str], as_subprocess: bool) -> tuple[int, str]:
         return r.exit_code, r.output
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     try:
-        p = subprocess.run([sys.executable, "-m", "refdir.cli.main", *argv], capture_output=True, text=True,
+        p = subprocess.run([sys.executable, "-m", "refdir", *argv], capture_output=True, text=True,
                            timeout=120, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
         pytest.fail("the command did not end within 120 s")

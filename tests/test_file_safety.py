@@ -136,7 +136,7 @@ def test_truncated_shard_is_a_clear_error_not_a_hang(tmp_path):
     Direction(torch.randn(64), 1, -1).save(tmp_path / "r")
     before = snapshot(tmp_path)
     # in a child with a deadline: before the fix this looped forever
-    p = subprocess.run([sys.executable, "-m", "refdir.cli.main", "orthogonalize", str(src), str(tmp_path / "out"),
+    p = subprocess.run([sys.executable, "-m", "refdir", "orthogonalize", str(src), str(tmp_path / "out"),
                         "--direction", str(tmp_path / "r")], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONPATH": "src"})
     assert p.returncode == 2, p.stdout + p.stderr

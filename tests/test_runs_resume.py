@@ -44,7 +44,7 @@ def _env(cache: Path) -> dict:
 
 
 def _cmd(model_dir: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "refdir.cli.main", "run", str(model_dir), "--out", str(out), *RUN_ARGS]
+    return [sys.executable, "-m", "refdir", "run", str(model_dir), "--out", str(out), *RUN_ARGS]
 
 
 def _start(ns, log: Path) -> subprocess.Popen:

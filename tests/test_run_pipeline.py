@@ -3,6 +3,7 @@ diagnostic, resuming, config invalidation and the report."""
 
 from __future__ import annotations
 
+import html
 import json
 import math
 
@@ -109,6 +110,21 @@ def test_run_resume_invalidation_and_report(tiny_dir, tmp_path):
     assert (out / "data" / "stage.json").stat().st_mtime_ns == stamp["data"]
     assert (out / "candidates" / "stage.json").stat().st_mtime_ns == stamp["candidates"]
     assert (out / "selection" / "stage.json").stat().st_mtime_ns != stamp["selection"]
+
+
+def test_a_model_that_hardly_refuses_gets_a_warning(tiny_dir, tmp_path):
+    # tokens the user gave carry no evidence of how often the model refuses: no warning
+    out = tmp_path / "run"
+    assert run_pipeline(_cfg(tiny_dir), out, progress=False)["warnings"] == []
+    # the probe's evidence as a model that refused 2 of 32 harmful prompts leaves it (a tiny random model never
+    # refuses, and then the probe stops the run instead): the resumed run warns in its summary and its report
+    f = out / "refusal_tokens" / "tokens.json"
+    rec = json.loads(f.read_text())
+    rec["evidence"] = {"n_prompts": 32, "n_refusals": 2, "first_tokens": {"I": 2}, "kept": ["I"], "source": "derived"}
+    f.write_text(json.dumps(rec))
+    s = run_pipeline(_cfg(tiny_dir), out, progress=False)
+    assert len(s["warnings"]) == 1 and "only 2 of 32" in s["warnings"][0]
+    assert html.escape(s["warnings"][0]) in (out / "report.html").read_text()
 
 
 def test_run_cli_all_filtered_still_reports(tiny_dir, tmp_path):

@@ -173,6 +173,8 @@ def print_summary(s: dict, out: Path) -> None:
             t.add_row("orthogonalized/harmful", rate_text(c["refusal"], c["n"]), f"{c['refusal_paper']:.3f}",
                       str(c["degenerate"]))
         console.print(t)
+    for w in s.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {w}")
     console.print(f"report: [bold]{out / 'report.html'}[/]  ({s['timings_s']['total']:.0f} s)")
 
 

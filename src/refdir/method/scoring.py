@@ -78,6 +78,21 @@ def derive_refusal_tokens(model, fmt: ChatFormat, harmful: list[str], *, n_promp
     return keep, evidence
 
 
+# a run warns when the model refused fewer than this share of the harmful prompts its refusal tokens come from
+LITTLE_REFUSAL = 0.25
+
+
+def little_refusal(evidence: dict, min_share: float = LITTLE_REFUSAL) -> str | None:
+    """The warning for a model that hardly refuses, read from :func:`derive_refusal_tokens`' evidence: under
+    ``min_share`` of its harmful prompts refused (SmolLM2-135M-Instruct: 2 of 32), an edit has little refusal to
+    remove and its refusal rates say little. None when it refused enough, or for tokens the user gave."""
+    n, k = evidence.get("n_prompts"), evidence.get("n_refusals")
+    if not n or k is None or k >= min_share * n:
+        return None
+    return (f"the model refused only {k} of {n} harmful train prompts when generating (the refusal-token probe): "
+            "there is little refusal to remove, and the refusal rates below say little about the edit")
+
+
 def first_token_kl(base_logp: torch.Tensor, logits: torch.Tensor, chunk: int = 16, *,
                    base_logits: bool = False) -> torch.Tensor:
     """KL(base ‖ edited) of the next-token distribution, per row: ``base_logp`` is the unedited model's

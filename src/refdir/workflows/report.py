@@ -99,6 +99,7 @@ def write_report(run_dir: str | Path) -> Path:
     if summ is None:
         return write_sections_report(rd.path)
     parts = [page_head(), f"<h1>refdir report: {html.escape(str(summ['model']))}</h1>"]
+    parts += [f"<p class='note'><b>Warning:</b> {html.escape(w)}</p>" for w in summ.get("warnings", [])]
     if summ.get("method") == "search":
         return _write(rd, parts + _search_run_parts(rd, summ), summ)
     sel = rd.selection_meta()

@@ -208,6 +208,10 @@ def test_an_optimized_direction_is_used_at_every_layer_and_round_trips():
         assert abs(float(plan.directions["mlp"] @ m)) <= 1e-10 * float(m.norm())
     e = Edit.full(-2, 3.0, "rdo")
     assert Edit.from_dict(e.to_dict()) == e and "rdo" in e.describe()
+    # its position and layer only say which harmless mean a projected variant uses, and describe says just that
+    assert "layer" not in e.describe()
+    proj = Edit(-2, 1.0, Component(Kernel(1.0), "plain"), Component(Kernel(1.0), "projected"), direction="rdo")
+    assert proj.describe().startswith("rdo (harmless mean at pos -2 layer 1.00)")
     assert "direction" not in Edit.full(-2, 3.0).to_dict()  # edits saved before optimized directions read the same
     with pytest.raises(RefdirError, match="lack"):
         resolve(e, cands)

@@ -142,7 +142,10 @@ class Edit:
     def describe(self) -> str:
         parts = [f"pos {self.position} layer {self.layer:.2f}"]
         if self.direction != DIM:
-            parts = [f"{self.direction} (from {parts[0]})"]
+            # an optimized direction does not depend on the edit's position and layer: only the projected
+            # variant reads them (the harmless mean it projects against)
+            projected = any(getattr(self, c).variant == "projected" for c in COMPONENTS)
+            parts = [f"{self.direction}" + (f" (harmless mean at {parts[0]})" if projected else "")]
         for c in COMPONENTS:
             k = getattr(self, c).kernel
             v = getattr(self, c).variant

@@ -112,5 +112,7 @@ def print_front(res: dict, out: Path) -> None:
         got = (f"{count_text(best['refusals'], best['n'])} refusals at KL {best['kl']:.4f} "
                f"(point of trial {best['trial']})") if best else "no confirmed point"
         console.print(f"best confirmed at KL ≤ {m}: {got}")
+    for w in res.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {w}")
     rd = RunDir(out)
     console.print(f"front: [bold]{rd.search_dir() / 'front.csv'}[/]  report: [bold]{rd.report_path}[/]")

@@ -37,6 +37,7 @@ from refdir.core.rundir import RunDir
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
 from refdir.method.pca_direction import COMPONENTS, pca_direction
+from refdir.method.scoring import little_refusal
 from refdir.method.search import (
     Confirmation,
     Proxy,
@@ -70,6 +71,7 @@ from refdir.workflows.report import write_report
 from refdir.workflows.stages import (
     Loaded,
     RunConfig,
+    console,
     stage_candidates,
     stage_data,
     stage_filter,
@@ -214,6 +216,9 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
     with rd:  # held until the search ends, also on error
         timings = Timings()
         p = prepare(cfg.run, rd, timings, progress=progress, checked=sets)
+        warnings = [w for w in (little_refusal(rd.refusal_tokens()["evidence"]),) if w]
+        for w in warnings:
+            console.print(f"[bold yellow]warning:[/] {w}")
         make_output_dir(sdir)  # with refdir's marker, so that --force may replace it later
         atomic_write_json(sdir / "config.json", cfg.model_dump())
         confirm = (p.sets["harmful"]["test"], p.sets["harmless"]["test"])
@@ -221,6 +226,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
                                max_confirm=max_confirm, confirm_plain=confirm_plain, confirm_extra=confirm_extra,
                                calibrate=calibrate, progress=progress, callbacks=callbacks)
         result["reference"] = refs
+        result["warnings"] = warnings
         atomic_write_json(sdir / "summary.json", result)
         write_search_report(p.rd, result)
         write_report(p.rd.path)

@@ -187,7 +187,8 @@ def report_html(res: dict) -> str:
            f"first-token KL on {res['proxy_prompts']['harmless']} harmless proxy prompts. Confirmation: "
            f"{confirm}{plain_txt}Export a point: "
            f"<code>refdir export DIR OUT --point K</code>.{ref_txt}</p>")
-    return txt + figure_html(plot_front(res)) + table_html(
+    warn = "".join(f"<p class='note'><b>Warning:</b> {html.escape(w)}</p>" for w in res.get("warnings", []))
+    return warn + txt + figure_html(plot_front(res)) + table_html(
         rows, ["point", "trial", "proxy refusal", "proxy KL", f"refusals ({jname})", "refusals (paper)", "KL", "edit"])
 
 

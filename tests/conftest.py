@@ -4,6 +4,7 @@ template, and the real offline model (loaded once per session)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -164,3 +165,13 @@ def max_cos(model, r: torch.Tensor, ids: torch.Tensor | None = None) -> float:
     assert len(seen) == len(mods)
     rh = (r / r.norm()).to(torch.float64)
     return max(float(((x.double() @ rh) / x.double().norm(dim=-1)).abs().max()) for x in seen)
+
+
+def probe_found_little_refusal(run_dir: Path) -> None:
+    """Rewrite a finished run's refusal-token evidence as a model that refused 2 of 32 harmful prompts leaves it
+    (a tiny random model never refuses, and then the probe stops the run instead), so that the next, resumed
+    command reads it."""
+    f = run_dir / "refusal_tokens" / "tokens.json"
+    rec = json.loads(f.read_text())
+    rec["evidence"] = {"n_prompts": 32, "n_refusals": 2, "first_tokens": {"I": 2}, "kept": ["I"], "source": "derived"}
+    f.write_text(json.dumps(rec))

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import make_tiny, probe_found_little_refusal
 from typer.testing import CliRunner
 
 from refdir.cli.main import app
@@ -116,12 +116,9 @@ def test_a_model_that_hardly_refuses_gets_a_warning(tiny_dir, tmp_path):
     # tokens the user gave carry no evidence of how often the model refuses: no warning
     out = tmp_path / "run"
     assert run_pipeline(_cfg(tiny_dir), out, progress=False)["warnings"] == []
-    # the probe's evidence as a model that refused 2 of 32 harmful prompts leaves it (a tiny random model never
-    # refuses, and then the probe stops the run instead): the resumed run warns in its summary and its report
-    f = out / "refusal_tokens" / "tokens.json"
-    rec = json.loads(f.read_text())
-    rec["evidence"] = {"n_prompts": 32, "n_refusals": 2, "first_tokens": {"I": 2}, "kept": ["I"], "source": "derived"}
-    f.write_text(json.dumps(rec))
+    # the probe's evidence of a model that refused 2 of 32 harmful prompts: the resumed run warns in its summary
+    # and its report
+    probe_found_little_refusal(out)
     s = run_pipeline(_cfg(tiny_dir), out, progress=False)
     assert len(s["warnings"]) == 1 and "only 2 of 32" in s["warnings"][0]
     assert html.escape(s["warnings"][0]) in (out / "report.html").read_text()

@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import probe_found_little_refusal
 from typer.testing import CliRunner
 
 from refdir.cli.main import app
@@ -124,14 +125,10 @@ def test_search_resumes_and_writes_front(tmp_path, tiny_model_dir):
     res2 = run_search(cfg, out, trials=8, per_mark=2, max_confirm=3, confirm_extra=1, progress=False)
     assert res2["new_trials"] == 0 and res2["front"][0]["confirmed"] == res["front"][0]["confirmed"]
     assert res2["n_refined"] == res["n_refined"] and res2["n_calibrated"] == res["n_calibrated"]
-    # tokens the user gave say nothing of how often the model refuses; a probe that found 2 refusals in 32 (what a
-    # model that hardly refuses leaves: a tiny random one never refuses, and then the probe stops the search)
-    # gives a warning in the summary and the report
+    # tokens the user gave say nothing of how often the model refuses; a probe that found 2 refusals in 32 gives a
+    # warning in the summary and the report
     assert res["warnings"] == res2["warnings"] == []
-    f = out / "refusal_tokens" / "tokens.json"
-    rec = json.loads(f.read_text())
-    rec["evidence"] = {"n_prompts": 32, "n_refusals": 2, "first_tokens": {"I": 2}, "kept": ["I"], "source": "derived"}
-    f.write_text(json.dumps(rec))
+    probe_found_little_refusal(out)
     res3 = run_search(cfg, out, trials=8, per_mark=2, max_confirm=3, confirm_extra=1, progress=False)
     assert len(res3["warnings"]) == 1 and "only 2 of 32" in res3["warnings"][0]
     assert html.escape(res3["warnings"][0]) in (out / "report.html").read_text()

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from refdir.cli.common import DIRECTION_METHOD_HELP, console, model_options
+from refdir.cli.common import DIRECTION_METHOD_HELP, console, model_options, print_warnings
 from refdir.core.directions import edit_tensor, load_edit
 from refdir.core.gguf_edit import orthogonalize_gguf
 from refdir.core.io import check_replaceable
@@ -173,8 +173,7 @@ def print_summary(s: dict, out: Path) -> None:
             t.add_row("orthogonalized/harmful", rate_text(c["refusal"], c["n"]), f"{c['refusal_paper']:.3f}",
                       str(c["degenerate"]))
         console.print(t)
-    for w in s.get("warnings", []):
-        console.print(f"[bold yellow]warning:[/] {w}")
+    print_warnings(s.get("warnings", []))
     console.print(f"report: [bold]{out / 'report.html'}[/]  ({s['timings_s']['total']:.0f} s)")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from refdir.cli.common import DIRECTION_METHOD_HELP, console, model_options, model_overrides
+from refdir.cli.common import DIRECTION_METHOD_HELP, console, model_options, model_overrides, print_warnings
 from refdir.core.edits import Edit
 from refdir.core.rundir import RunDir
 from refdir.core.spec import ModelSpec
@@ -112,7 +112,6 @@ def print_front(res: dict, out: Path) -> None:
         got = (f"{count_text(best['refusals'], best['n'])} refusals at KL {best['kl']:.4f} "
                f"(point of trial {best['trial']})") if best else "no confirmed point"
         console.print(f"best confirmed at KL ≤ {m}: {got}")
-    for w in res.get("warnings", []):
-        console.print(f"[bold yellow]warning:[/] {w}")
+    print_warnings(res.get("warnings", []))
     rd = RunDir(out)
     console.print(f"front: [bold]{rd.search_dir() / 'front.csv'}[/]  report: [bold]{rd.report_path}[/]")

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from refdir.core.io import atomic_write_text  # noqa: E402
 from refdir.core.rundir import RunDir  # noqa: E402
 
-__all__ = ["CSS", "figure_html", "page_head", "plt", "table_html", "write_sections_report"]
+__all__ = ["CSS", "figure_html", "page_head", "plt", "table_html", "warnings_html", "write_sections_report"]
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:4px 8px;
@@ -32,6 +32,11 @@ PAGE_TAIL = "</body></html>"
 def page_head() -> str:
     """The opening of a report page, up to and including ``<body>``."""
     return f"<html><head><meta charset='utf-8'><title>refdir report</title><style>{CSS}</style></head><body>"
+
+
+def warnings_html(warnings: list[str]) -> str:
+    """Each warning as a highlighted note, for the top of a report."""
+    return "".join(f"<p class='note'><b>Warning:</b> {html.escape(w)}</p>" for w in warnings)
 
 
 def figure_html(fig) -> str:

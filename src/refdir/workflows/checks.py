@@ -14,7 +14,8 @@ from refdir.core.preflight import check_fits, check_output
 from refdir.core.rundir import RunDir
 from refdir.core.spec import KINDS, ModelSpec
 from refdir.errors import RefdirError
-from refdir.workflows.stages import RunConfig
+from refdir.method.scoring import little_refusal
+from refdir.workflows.stages import RunConfig, console
 
 
 def check_run(cfg: RunConfig, out: str | Path) -> dict:
@@ -60,3 +61,12 @@ def all_prompts(sets: dict) -> list[str]:
     """Every prompt of a run's split sets (to check that they fit the model's context)."""
     return [p for kind in KINDS for split in ("train", "val", "test", "heldout")
             for p in sets[kind].get(split, [])]
+
+
+def refusal_warnings(rd: RunDir) -> list[str]:
+    """The warnings a run or a search gives from its refusal-token probe's evidence (a model that hardly refuses:
+    :func:`refdir.method.scoring.little_refusal`), each printed as it is found."""
+    w = little_refusal(rd.refusal_tokens()["evidence"])
+    if w:
+        console.print(f"[bold yellow]warning:[/] {w}")
+    return [w] if w else []

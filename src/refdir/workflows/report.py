@@ -8,7 +8,15 @@ import math
 import textwrap
 from pathlib import Path
 
-from refdir.core.html import PAGE_TAIL, figure_html, page_head, plt, table_html, write_sections_report
+from refdir.core.html import (
+    PAGE_TAIL,
+    figure_html,
+    page_head,
+    plt,
+    table_html,
+    warnings_html,
+    write_sections_report,
+)
 from refdir.core.io import atomic_write_text
 from refdir.core.rundir import RunDir
 from refdir.method.search.report import reference_models
@@ -99,7 +107,7 @@ def write_report(run_dir: str | Path) -> Path:
     if summ is None:
         return write_sections_report(rd.path)
     parts = [page_head(), f"<h1>refdir report: {html.escape(str(summ['model']))}</h1>"]
-    parts += [f"<p class='note'><b>Warning:</b> {html.escape(w)}</p>" for w in summ.get("warnings", [])]
+    parts.append(warnings_html(summ.get("warnings", [])))
     if summ.get("method") == "search":
         return _write(rd, parts + _search_run_parts(rd, summ), summ)
     sel = rd.selection_meta()

@@ -29,9 +29,8 @@ from refdir.core import rundir as rdl
 from refdir.core.fingerprint import files_sha256
 from refdir.core.memory import peak_rss_mib, trim_heap
 from refdir.core.rundir import RunDir, versions
-from refdir.method.scoring import little_refusal
 from refdir.method.selection import Selection
-from refdir.workflows.checks import all_prompts, check_run
+from refdir.workflows.checks import all_prompts, check_run, refusal_warnings
 from refdir.workflows.finish import stage_edit_checkpoint, stage_test
 from refdir.workflows.report import write_report
 from refdir.workflows.search import Prepared, Timings, stage_search
@@ -87,9 +86,7 @@ def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict 
     m.prompts = all_prompts(sets)  # refused on load if they do not fit the model's context
     # 2. the tokens the model starts its refusals with
     ids = timed(rdl.REFUSAL_TOKENS, stage_refusal_tokens, rd, cfg, m, sets, progress=progress)
-    warnings = [w for w in (little_refusal(rd.refusal_tokens()["evidence"]),) if w]
-    for w in warnings:
-        console.print(f"[bold yellow]warning:[/] {w}")
+    warnings = refusal_warnings(rd)
     # 3. keep the prompts the model already treats as harmful / harmless (and the train residual means)
     filt, means = timed(rdl.FILTER, stage_filter, rd, cfg, m, sets, ids, progress=progress)
     # 4. difference-in-means candidates, every post-instruction position and layer

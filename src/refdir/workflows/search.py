@@ -37,7 +37,6 @@ from refdir.core.rundir import RunDir
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
 from refdir.method.pca_direction import COMPONENTS, pca_direction
-from refdir.method.scoring import little_refusal
 from refdir.method.search import (
     Confirmation,
     Proxy,
@@ -65,13 +64,12 @@ from refdir.method.search.study import (
     warm_starts,
 )
 from refdir.method.selection import max_layer
-from refdir.workflows.checks import all_prompts, check_run
+from refdir.workflows.checks import all_prompts, check_run, refusal_warnings
 from refdir.workflows.optimize import rdo_direction
 from refdir.workflows.report import write_report
 from refdir.workflows.stages import (
     Loaded,
     RunConfig,
-    console,
     stage_candidates,
     stage_data,
     stage_filter,
@@ -216,9 +214,7 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
     with rd:  # held until the search ends, also on error
         timings = Timings()
         p = prepare(cfg.run, rd, timings, progress=progress, checked=sets)
-        warnings = [w for w in (little_refusal(rd.refusal_tokens()["evidence"]),) if w]
-        for w in warnings:
-            console.print(f"[bold yellow]warning:[/] {w}")
+        warnings = refusal_warnings(rd)
         make_output_dir(sdir)  # with refdir's marker, so that --force may replace it later
         atomic_write_json(sdir / "config.json", cfg.model_dump())
         confirm = (p.sets["harmful"]["test"], p.sets["harmless"]["test"])

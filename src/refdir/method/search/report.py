@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from refdir.core.edits import Edit
-from refdir.core.html import figure_html, plt, table_html
+from refdir.core.html import figure_html, plt, table_html, warnings_html
 from refdir.core.io import atomic_write_json, atomic_write_text
 from refdir.core.rundir import RunDir
 from refdir.errors import RefdirError
@@ -187,8 +187,7 @@ def report_html(res: dict) -> str:
            f"first-token KL on {res['proxy_prompts']['harmless']} harmless proxy prompts. Confirmation: "
            f"{confirm}{plain_txt}Export a point: "
            f"<code>refdir export DIR OUT --point K</code>.{ref_txt}</p>")
-    warn = "".join(f"<p class='note'><b>Warning:</b> {html.escape(w)}</p>" for w in res.get("warnings", []))
-    return warn + txt + figure_html(plot_front(res)) + table_html(
+    return warnings_html(res.get("warnings", [])) + txt + figure_html(plot_front(res)) + table_html(
         rows, ["point", "trial", "proxy refusal", "proxy KL", f"refusals ({jname})", "refusals (paper)", "KL", "edit"])
 
 

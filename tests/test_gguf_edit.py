@@ -153,3 +153,23 @@ def test_a_gguf_is_converted_once_per_file_and_dtype_and_reloaded_from_the_cache
         lm = load_model(str(other), dtype="fp32")
     assert lm.model is not None and any("could not be cached" in str(x.message) for x in w)
     assert not models.gguf_cache_path(other, torch.float32).exists()
+
+
+def test_fast_gguf_reader_parses_what_the_library_reader_parses():
+    """GGUFFile is gguf.GGUFReader over a plain array view: every field (name, types, every part) and every
+    tensor (name, type, shape, offset, bytes) equal, on a real file with a 49k-token vocabulary and its merges."""
+    from refdir.core.gguf_read import GGUFFile
+
+    src = smollm2_gguf_path()
+    a, b = gguf.GGUFReader(str(src)), GGUFFile(src)
+    assert type(b.data) is np.ndarray and type(a.data) is np.memmap  # the fast path was taken
+    assert list(a.fields) == list(b.fields)
+    for k, fa in a.fields.items():
+        fb = b.fields[k]
+        assert fa.types == fb.types and fa.offset == fb.offset and fa.data == fb.data, k
+        assert len(fa.parts) == len(fb.parts), k
+        assert all(np.array_equal(x, y) for x, y in zip(fa.parts, fb.parts, strict=True)), k
+    assert a.fields["tokenizer.ggml.tokens"].contents() == b.fields["tokenizer.ggml.tokens"].contents()
+    assert [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in a.tensors] == \
+           [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in b.tensors]
+    assert all(np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in zip(a.tensors, b.tensors, strict=True))

@@ -29,6 +29,7 @@ from gguf import quants
 from tqdm.auto import tqdm
 
 from refdir.core.directions import ablation_operand, check_direction
+from refdir.core.gguf_read import GGUFFile
 from refdir.core.io import atomic_file, check_file_target, write_error
 from refdir.core.postnorm import gain_basis
 from refdir.errors import RefdirError
@@ -123,7 +124,7 @@ def open_gguf(src: Path) -> tuple:
     """(reader, architecture, tensor names, d_model) of a GGUF that has an embedding and residual writers under
     llama.cpp's role names; anything else is one clear error."""
     try:
-        reader = gguf.GGUFReader(str(src))
+        reader = GGUFFile(src)
     except Exception as e:  # noqa: BLE001
         raise RefdirError(f"could not read GGUF {src}: {e}") from e
     arch_field = reader.fields.get("general.architecture")

@@ -116,12 +116,12 @@ def _context(config: dict) -> int | None:
 
 
 def _check_gguf(path: Path, need_template: bool) -> int | None:
-    import gguf
+    from refdir.core.gguf_read import GGUFFile
 
     if not path.is_file():
         raise RefdirError(f"GGUF file not found: {path}" if not path.exists() else f"{path} is not a file")
     try:
-        r = gguf.GGUFReader(str(path))
+        r = GGUFFile(path)
         fields = {k: r.fields[k].contents() for k in ("general.architecture", "tokenizer.chat_template")
                   if k in r.fields}
         arch = fields.get("general.architecture")

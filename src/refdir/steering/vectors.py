@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from refdir.core.activations import decoder_body
 from refdir.core.architecture import Architecture, cache_in, inspect_model
 from refdir.core.directions import Direction, check_direction
+from refdir.core.gguf_read import GGUFFile
 from refdir.core.hooks import PerDevice, map_input, map_output, registered
 from refdir.core.io import atomic_file, atomic_write_json, check_file_target, read_json_object
 from refdir.errors import RefdirError
@@ -268,7 +269,7 @@ class SteeringVector:
         if not path.exists():
             raise RefdirError(f"no such control vector file: {path}")
         try:
-            r = gguf.GGUFReader(str(path))
+            r = GGUFFile(path)
         except Exception as e:  # noqa: BLE001
             raise RefdirError(f"{path} is not a readable GGUF file: {e}") from e
         arch = _gguf_str(r, "general.architecture")

@@ -1,0 +1,29 @@
+"""Reading a GGUF's metadata and tensor table with the gguf library, four times faster.
+
+``gguf.GGUFReader`` parses every metadata value into small arrays cut from the file's ``numpy.memmap``; a chat
+model's vocabulary and merges are ~300,000 strings, ~3 million slices, and most of the time goes to the memmap
+subclass's per-slice bookkeeping (``memmap.__array_finalize__`` / ``__getitem__``), not to reading bytes. On the
+default model's GGUF that is ~8–10 s of every GGUF export and of the pre-flight check of a GGUF input (2 cores,
+Zen 5). :class:`GGUFFile` lets the library parse as usual over a plain ``ndarray`` view of the same mapping: the
+same fields and tensors, element for element (tested), ~2.3 s instead of ~10. The view keeps the mapping alive,
+and tensors are still read lazily from the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+
+class GGUFFile(gguf.GGUFReader):
+    """``gguf.GGUFReader`` (read-only) whose parse works on a plain array view of the memory map. If a gguf
+    version parses without ``_build_fields``, this is the library's reader unchanged, only slower."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(str(path), mode="r")
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        self.data = self.data.view(np.ndarray)  # same bytes, same mapping; no memmap bookkeeping per slice
+        return super()._build_fields(offs, count)

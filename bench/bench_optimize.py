@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=OptimizeSettings.n_train)
     ap.add_argument("--n-val", type=int, default=OptimizeSettings.n_val)
     ap.add_argument("--eval-every", type=int, default=OptimizeConfig.eval_every)
+    ap.add_argument("--lr", type=float, default=OptimizeConfig.lr)
+    ap.add_argument("--patience", type=int, default=OptimizeConfig.patience)
     ap.add_argument("--skip-cone", action="store_true")
     ap.add_argument("--judge-targets", action="store_true", help="drop the targets the judge reads off-label")
     ap.add_argument("--coeff", type=float, help="the addition coefficient of the refusal targets and the addition "
@@ -140,7 +142,8 @@ def main() -> None:
                     help="another direction or subspace file to compare (its whole span ablated), e.g. a cone's "
                          "RUN/optimize/cone_k2; repeatable")
     a = ap.parse_args()
-    train = OptimizeConfig(steps=a.steps, batch_size=a.batch_size, eval_every=a.eval_every)
+    train = OptimizeConfig(steps=a.steps, batch_size=a.batch_size, eval_every=a.eval_every, lr=a.lr,
+                           patience=a.patience)
     s = OptimizeSettings(train=train, target_tokens=a.target_tokens, n_train=a.n_train, n_val=a.n_val,
                          judge_targets=a.judge_targets).check()
     ctx = open_context(a.run, s)

@@ -279,3 +279,37 @@ def test_fp32_load_of_a_bf16_checkpoint_equals_from_pretrained(tiny_tokenizer, t
     ids = torch.tensor([[1, 5, 9, 3, 7]])
     with torch.no_grad():
         assert torch.equal(got(ids).logits, ref(ids).logits)
+
+
+_HEAP_CHILD = """
+import json, os, sys
+from pathlib import Path
+from refdir.core.memory import trim_heap, tune_allocator
+def rss():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+tuned = tune_allocator() if sys.argv[1] == "1" else None
+blocks = [bytearray(64 << 10) for _ in range(3200)]  # 200 MiB of 64 KiB heap blocks, zeroed (touched)
+high = rss()
+del blocks  # the freed space is the heap's top
+freed = rss()
+trim_heap()
+print(json.dumps({"tuned": tuned, "high": high, "freed": freed, "trimmed": rss()}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's")
+def test_tuned_allocator_keeps_freed_memory_until_trim_heap():
+    """By default glibc gives a freed heap top back at once (the next large tensor faults it in again); after
+    tune_allocator the process keeps it for reuse, and trim_heap still gives it back at a stage boundary."""
+    import json
+    import subprocess
+
+    def child(tuned: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", _HEAP_CHILD, tuned], capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    plain, tuned = child("0"), child("1")
+    assert plain["freed"] < plain["high"] - 100, plain  # glibc's own trimming
+    assert tuned["tuned"] is True
+    assert tuned["freed"] > tuned["high"] - 20, tuned  # kept for reuse
+    assert tuned["trimmed"] < tuned["high"] - 150, tuned  # and returned by trim_heap

@@ -13,6 +13,7 @@ import typer
 
 from refdir.cli import analysis, evaluation, optimize, run, search, steering
 from refdir.cli.common import describe, expected_errors, one_error_line
+from refdir.core.memory import tune_allocator
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The refusal direction in chat language models.")
 analyze_app = typer.Typer(no_args_is_help=True, help="Mechanistic analysis of a run's refusal direction (paper §5).")
@@ -53,6 +54,7 @@ app.add_typer(caa_app, name="caa")
 def main() -> None:  # pragma: no cover
     """The console script. Every command already ends through the one error path; what fails outside a command
     ends the same way (click handles its own usage errors)."""
+    tune_allocator()
     try:
         app()
     except expected_errors() as e:

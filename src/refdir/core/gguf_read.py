@@ -1,12 +1,11 @@
-"""Reading a GGUF's metadata and tensor table with the gguf library, four times faster.
+"""Reading a GGUF's metadata and tensor table with the gguf library, without its slow path.
 
 ``gguf.GGUFReader`` parses every metadata value into small arrays cut from the file's ``numpy.memmap``; a chat
 model's vocabulary and merges are ~300,000 strings, ~3 million slices, and most of the time goes to the memmap
-subclass's per-slice bookkeeping (``memmap.__array_finalize__`` / ``__getitem__``), not to reading bytes. On the
-default model's GGUF that is ~8–10 s of every GGUF export and of the pre-flight check of a GGUF input (2 cores,
-Zen 5). :class:`GGUFFile` lets the library parse as usual over a plain ``ndarray`` view of the same mapping: the
-same fields and tensors, element for element (tested), ~2.3 s instead of ~10. The view keeps the mapping alive,
-and tensors are still read lazily from the file.
+subclass's per-slice bookkeeping (``memmap.__array_finalize__`` / ``__getitem__``), not to reading bytes: seconds
+of every GGUF export and of the pre-flight check of a GGUF input (NOTES.md). :class:`GGUFFile` lets the library
+parse as usual over a plain ``ndarray`` view of the same mapping: the same fields and tensors, element for element
+(tested). The view keeps the mapping alive, and tensors are still read lazily from the file.
 """
 
 from __future__ import annotations

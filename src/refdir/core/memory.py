@@ -7,11 +7,10 @@ of it: the peak grows stage after stage although live memory does not. ``trim_he
 the free heap pages (``malloc_trim``), so each stage's peak is close to what it needs.
 
 Between those trims, glibc's own trimming works against a run: it gives the heap's free top back to the OS as
-soon as it passes twice the mmap threshold, and the next large tensor faults the same pages in again. Page faults
-are slow on the VMs measured (a fresh 544 MB tensor took 1.8 s to fill, a reused one 0.01 s to overwrite).
-:func:`tune_allocator` (called once by the command line) fixes the mmap threshold at glibc's maximum (32 MiB: the
-dynamic threshold's ceiling, from the start) and leaves trimming to ``trim_heap``: the default fp32 run's load
-went from 12.7 to 8.3 s and the run from 360 to 351 s, with the same peak RSS (3637 / 3654 MiB; NOTES.md).
+soon as it passes twice the mmap threshold, and the next large tensor faults the same pages in again, and page
+faults are slow on the VMs measured. :func:`tune_allocator` (called once by the command line) fixes the mmap
+threshold at glibc's maximum (32 MiB, the dynamic threshold's ceiling, from the start) and leaves trimming to
+``trim_heap``; what it saves is in NOTES.md.
 """
 
 from __future__ import annotations
@@ -31,14 +30,16 @@ def peak_rss_mib() -> float:
 
 
 @cache
-def _malloc_trim():
+def _glibc():
+    """The C library where it is glibc on Linux (``malloc_trim`` and ``mallopt`` are glibc's), else None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim  # glibc only (musl has no malloc_trim)
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - musl has neither
     except (OSError, AttributeError):
         return None
+    return libc
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
@@ -50,10 +51,9 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: in effect, no automatic trim
 def tune_allocator() -> bool:
     """Let glibc keep freed memory for reuse between :func:`trim_heap` calls (see the module docstring); True if
     it took effect (glibc on Linux), False elsewhere (nothing changed)."""
-    trim = _malloc_trim()
-    if trim is None:
+    libc = _glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
@@ -61,8 +61,8 @@ def trim_heap() -> bool:
     """Collect garbage and return the heap's free pages to the OS where the C library can (glibc); True if it
     could."""
     gc.collect()
-    trim = _malloc_trim()
-    if trim is None:
+    libc = _glibc()
+    if libc is None:
         return False
-    trim(0)
+    libc.malloc_trim(0)
     return True

@@ -173,3 +173,23 @@ def test_fast_gguf_reader_parses_what_the_library_reader_parses():
     assert [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in a.tensors] == \
            [(t.name, t.tensor_type, list(t.shape), t.data_offset) for t in b.tensors]
     assert all(np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in zip(a.tensors, b.tensors, strict=True))
+
+
+def test_transformers_gguf_load_with_fast_reads_equals_the_library_reader(monkeypatch):
+    """refdir's GGUF load hands transformers GGUFFile for its parses (tokenizer, config, weights); the tokenizer and every weight are what
+    the library's own reader gives, and the library's class is back afterwards."""
+    import refdir.core.gguf_read as gr
+    from refdir.core.models import _load_gguf
+
+    parses = []
+    build = gr.GGUFFile._build_fields
+    monkeypatch.setattr(gr.GGUFFile, "_build_fields", lambda self, *a: parses.append(1) or build(self, *a))
+    fast_model, fast_tok = _load_gguf(smollm2_gguf_path(), torch.float32, "cpu")
+    n = len(parses)
+    assert n >= 2 and gguf.GGUFReader is not gr.GGUFFile  # every parse took the fast path; the name is restored
+    monkeypatch.setattr(gr, "FAST_LIBRARY_READS", False)
+    ref_model, ref_tok = _load_gguf(smollm2_gguf_path(), torch.float32, "cpu")
+    assert len(parses) == n
+    assert fast_tok.get_vocab() == ref_tok.get_vocab() and fast_tok.chat_template == ref_tok.chat_template
+    a, b = fast_model.state_dict(), ref_model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

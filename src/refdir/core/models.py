@@ -24,6 +24,7 @@ from refdir.core.cache import (
     read_record,
     write_dir_record,
 )
+from refdir.core.gguf_read import library_reads
 from refdir.core.io import atomic_dir, written_by_refdir
 from refdir.core.model_files import (
     EMBEDDED_ALIASES,
@@ -142,10 +143,11 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str, device_map=None):
     if not path.exists():
         raise RefdirError(f"GGUF file not found: {path}")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=dtype, device_map=device_map, trust_remote_code=False
-        )
+        with library_reads():  # transformers parses the whole file twice (tokenizer, model)
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=dtype, device_map=device_map, trust_remote_code=False
+            )
     except Exception as e:  # noqa: BLE001
         raise RefdirError(f"could not load GGUF {path}: {type(e).__name__}: {e}") from e
     _strip_gguf_quant(model)

@@ -176,8 +176,8 @@ def test_fast_gguf_reader_parses_what_the_library_reader_parses():
 
 
 def test_transformers_gguf_load_with_fast_reads_equals_the_library_reader(monkeypatch):
-    """refdir's GGUF load hands transformers GGUFFile for its parses (tokenizer, config, weights); the tokenizer and every weight are what
-    the library's own reader gives, and the library's class is back afterwards."""
+    """refdir's GGUF load hands transformers GGUFFile for its parses (tokenizer, config, weights); the tokenizer
+    and every weight are what the library's own reader gives, and the library's class is back afterwards."""
     import refdir.core.gguf_read as gr
     from refdir.core.models import _load_gguf
 

@@ -24,13 +24,6 @@ from refdir.errors import RefdirError
 
 console = Console(stderr=True)
 
-
-def print_warnings(warnings: list[str]) -> None:
-    """A finished command's warnings (a summary's ``warnings``), again at the end, where they are not scrolled
-    away by the progress bars."""
-    for w in warnings:
-        console.print(f"[bold yellow]warning:[/] {w}")
-
 ModelArg = typer.Argument("default", help="'default' (embedded Qwen2.5-Coder-0.5B-Instruct), a .gguf file, a model "
                                           "dir or a hub id")
 

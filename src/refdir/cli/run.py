@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from refdir.cli.common import DIRECTION_METHOD_HELP, console, model_options, print_warnings
+from refdir.cli.common import DIRECTION_METHOD_HELP, console, model_options
 from refdir.core.directions import edit_tensor, load_edit
 from refdir.core.gguf_edit import orthogonalize_gguf
 from refdir.core.io import check_replaceable
@@ -17,6 +17,7 @@ from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
 from refdir.method.search import load_reference
 from refdir.method.uncertainty import rate_text
+from refdir.workflows.checks import print_warnings
 from refdir.workflows.extract import ExtractConfig, run_extract
 from refdir.workflows.report import test_rows
 from refdir.workflows.run import RunConfig, run_pipeline

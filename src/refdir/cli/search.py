@@ -8,12 +8,13 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from refdir.cli.common import DIRECTION_METHOD_HELP, console, model_options, model_overrides, print_warnings
+from refdir.cli.common import DIRECTION_METHOD_HELP, console, model_options, model_overrides
 from refdir.core.edits import Edit
 from refdir.core.rundir import RunDir
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
 from refdir.method.uncertainty import CONFIDENCE, count_text
+from refdir.workflows.checks import print_warnings
 from refdir.workflows.search import SearchConfig, export_point, run_search
 
 

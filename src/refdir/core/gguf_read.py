@@ -7,7 +7,7 @@ of every GGUF export and of the pre-flight check of a GGUF input (NOTES.md). :cl
 parse as usual over a plain ``ndarray`` view of the same mapping: the same fields and tensors, element for element
 (tested). The view keeps the mapping alive, and tensors are still read lazily from the file.
 
-transformers reads a GGUF it converts (tokenizer and model, each parsing the whole file) through
+transformers reads a GGUF it converts (tokenizer, config and weights, each parsing the whole file) through
 ``gguf.GGUFReader``, looked up when its loader runs; :func:`library_reads` points that name at :class:`GGUFFile`
 for the duration of refdir's GGUF load (the same weights and vocabulary, tested).
 """

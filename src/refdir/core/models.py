@@ -143,7 +143,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str, device_map=None):
     if not path.exists():
         raise RefdirError(f"GGUF file not found: {path}")
     try:
-        with library_reads():  # transformers parses the whole file twice (tokenizer, model)
+        with library_reads():  # transformers parses the whole file three times (tokenizer, config, weights)
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
             model = AutoModelForCausalLM.from_pretrained(
                 str(path.parent), gguf_file=path.name, dtype=dtype, device_map=device_map, trust_remote_code=False

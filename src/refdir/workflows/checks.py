@@ -67,6 +67,13 @@ def refusal_warnings(rd: RunDir) -> list[str]:
     """The warnings a run or a search gives from its refusal-token probe's evidence (a model that hardly refuses:
     :func:`refdir.method.scoring.little_refusal`), each printed as it is found."""
     w = little_refusal(rd.refusal_tokens()["evidence"])
-    if w:
+    warnings = [w] if w else []
+    print_warnings(warnings)
+    return warnings
+
+
+def print_warnings(warnings: list[str]) -> None:
+    """Warnings on the console, one line each: as a run or search finds them, and again at the end of the
+    command (a summary's ``warnings``), where the progress bars do not scroll them away."""
+    for w in warnings:
         console.print(f"[bold yellow]warning:[/] {w}")
-    return [w] if w else []

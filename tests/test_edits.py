@@ -13,6 +13,7 @@ from refdir.core.edits import (
     Edit,
     Kernel,
     Plan,
+    Second,
     apply_weights_,
     component_writers,
     hooked,
@@ -54,10 +55,14 @@ def _logits(model, ids, mask):
         return model(input_ids=ids, attention_mask=mask).logits
 
 
+def _with_second(cands: Candidates, seed: int = 11) -> Candidates:
+    return cands.with_optimized("second", torch.randn(cands.vectors.shape[-1], generator=torch.Generator().manual_seed(seed)))
+
+
 def _hooks_vs_weights(arch_name: str, edit: Edit) -> None:
     model = make_tiny(arch_name, VOCAB)
     arch = inspect_model(model)
-    plan = resolve(edit, _cands(arch.n_layers, arch.d_model))
+    plan = resolve(edit, _with_second(_cands(arch.n_layers, arch.d_model)))
     ids, mask = _inputs()
     base = _logits(model, ids, mask)
     with hooked(model, plan):
@@ -84,6 +89,47 @@ def test_hooks_equal_weights_on_mixture_of_experts(arch_name):
 
 def test_mixed_variants_and_no_embedding():
     _hooks_vs_weights("llama", _edit("projected", "norm", embedding=False))
+
+
+def _second(edit: Edit, strength: float = 0.4) -> Edit:
+    edit.second = Second("second", strength)
+    return edit
+
+
+@pytest.mark.parametrize("arch_name", LINEAR_ARCHS + ["qwen2_moe"])
+def test_hooks_equal_weights_with_a_second_direction(arch_name):
+    """The second direction is removed after the edit itself, from every writer (also where the kernel is 0) and
+    the embedding; hooks and weights agree on every architecture, with each variant."""
+    variants = ("projected", "plain") if arch_name == "qwen2_moe" else ("norm", "projected")
+    _hooks_vs_weights(arch_name, _second(_edit(*variants)))
+    _hooks_vs_weights(arch_name, _second(_edit("plain", "plain", embedding=False), 1.0))
+
+
+def test_second_direction_is_orthogonal_to_the_first_and_removed_at_its_strength():
+    model = make_tiny("llama", VOCAB)
+    arch = inspect_model(model)
+    cands = _with_second(_cands(arch.n_layers, arch.d_model))
+    edit = _second(Edit.full(-1, 1.0), 0.3)
+    plan = resolve(edit, cands)
+    u, s = plan.second
+    assert s == 0.3 and abs(float(u @ plan.r)) < 1e-12 and abs(float(u.norm()) - 1) < 1e-12
+    bp = arch.blocks[1]
+    w = next(w for w in component_writers(bp, "mlp"))
+    W0 = getattr(w.module, w.param).detach().double().clone()
+    apply_weights_(model, plan)
+    W1 = getattr(w.module, w.param).detach().double()
+    r, axis = plan.r, w.out_axis
+    part = lambda W, v: (W.movedim(axis, -1) @ v)  # noqa: E731
+    assert part(W1, r).abs().max() < 1e-5  # full strength along r
+    assert torch.allclose(part(W1, u), 0.7 * part(W0, u), atol=1e-5)  # loses 0.3 of its part along u
+    assert Edit.from_dict(edit.to_dict()) == edit and "+ second 0.30 everywhere" in edit.describe()
+    assert "second" not in Edit.full(-1, 1.0).to_dict()
+    with pytest.raises(RefdirError, match="not among"):
+        resolve(edit, _cands(arch.n_layers, arch.d_model))
+    with pytest.raises(RefdirError, match="strength"):
+        resolve(_second(Edit.full(-1, 1.0), 1.5), cands)
+    with pytest.raises(RefdirError, match="parallel"):
+        resolve(_second(Edit.full(-1, 1.0)), cands.with_optimized("second", cands.get(-1, 1).vector * 3))
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "qwen2", "gpt_neox", "qwen2_moe"])

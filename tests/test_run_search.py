@@ -18,7 +18,7 @@ from refdir.cli.main import app
 from refdir.core.architecture import inspect_model
 from refdir.core.chat import ChatFormat
 from refdir.core.directions import Candidates
-from refdir.core.edits import Edit, Kernel, apply_weights_, resolve
+from refdir.core.edits import Edit, Kernel, Second, apply_weights_, resolve
 from refdir.core.gguf_plan import export_gguf_plan
 from refdir.core.rundir import RunDir
 from refdir.method.selection import score_candidates
@@ -118,7 +118,8 @@ def test_method_paper_keeps_the_papers_selection(tiny_model_dir, tiny_tokenizer,
     assert sel.chosen.kl == pytest.approx(ch["kl"], abs=1e-6)
 
 
-def test_gguf_export_of_an_edit_equals_the_in_memory_weight_edit(tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("second", [False, True])
+def test_gguf_export_of_an_edit_equals_the_in_memory_weight_edit(tiny_tokenizer, tmp_path, second):
     model = make_tiny("llama", len(tiny_tokenizer))
     L, d = model.config.num_hidden_layers, model.config.hidden_size
     g = torch.Generator().manual_seed(3)
@@ -127,6 +128,9 @@ def test_gguf_export_of_an_edit_equals_the_in_memory_weight_edit(tiny_tokenizer,
     edit = Edit(position=-1, layer=0.6)
     edit.attn.kernel = Kernel(peak=0.7, center=0.0, width=2.0, floor=0.1)
     edit.mlp.variant = "norm"
+    if second:  # a second direction: every writer, also those the kernel leaves alone
+        cands = cands.with_optimized("second", torch.randn(d, generator=g))
+        edit.second = Second("second", 0.3)
     plan = resolve(edit, cands)
     _gguf_from(model, "llama", tmp_path / "src.gguf", np.float32)
     summary = export_gguf_plan(tmp_path / "src.gguf", plan, tmp_path / "out.gguf", progress=False)
@@ -211,6 +215,56 @@ def test_run_with_the_pca_source_searches_it_and_reads_it_back(tiny_model_dir, t
     r = runner.invoke(app, ["export", str(out), str(tmp_path / "ck"), "--point", str(len(front["points"]) - 1)])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "ck" / "refdir_edit.json").read_text())["edit"]["direction"] == "pca"
+
+
+def test_the_second_direction_fills_the_kl_room_and_only_that(tiny_model_dir, tmp_path):
+    """The choice's second direction: the selection's strongest other candidate off its harmless components, added
+    at its strength where the calibration KL stays under the target, lowered or left out where it would not; the
+    run's checkpoint equals its hooks with it."""
+    from refdir.core.directions import Direction
+    from refdir.method import second_direction
+    from refdir.workflows.search import Timings, add_second, prepare
+    from refdir.workflows.stages import RunConfig
+
+    model = tiny_model_dir("llama")
+    out = tmp_path / "r"
+    s = _run(model, out, "--budget", "3", "--second-direction")
+    rd = RunDir(out)
+    sec = s["choice"]["second"]
+    assert rd.config()["second_direction"] is True and isinstance(sec["added"], bool)
+    if sec["added"]:
+        assert sec["calibration_kl"] <= 0.05 and Edit.from_dict(s["choice"]["edit"]).second is not None
+        v = s["checkpoint"]["verified"]
+        assert v["kl_hooks_weights"] < 1e-6 and v["top1_agree"] == 1.0
+    p = prepare(RunConfig(**rd.config()), rd, Timings(), progress=False)
+    p.cands = rd.candidates_with_sources()  # with the pca source the choice may use, as the search leaves them
+    edit = {k: v for k, v in s["choice"]["edit"].items() if k != "second"}
+    choice = {**s["choice"], "edit": edit, "met": True}
+    calib = p.sets["harmless"]["train"][:80]
+    room = add_second(p, choice, rd.search_dir(), calib, 10.0, 4, progress=False)
+    e = Edit.from_dict(room["edit"])
+    assert room["second"]["added"] and e.second.strength == second_direction.STRENGTH and e.second.direction == "second"
+    assert room["second"]["calibration_kl"] > room["second"]["calibration_kl_before"]
+    table = json.loads((rd.search_dir() / "selection.json").read_text())["table"]
+    strongest = second_direction.strongest(table, (e.position, int(round(e.layer))))
+    assert (room["second"]["position"], room["second"]["layer"]) == (strongest["position"], strongest["layer"])
+    assert Direction.load(rd.source_path("second")).meta["source"] == "second"
+    none = add_second(p, choice, rd.search_dir(), calib, 1e-12, 4, progress=False)
+    assert not none["second"]["added"] and none["edit"] == edit and len(none["second"]["tried"]) <= 2
+    assert add_second(p, {**choice, "met": False}, rd.search_dir(), calib, 10.0, 4)["second"]["added"] is False
+    off = _run(model, tmp_path / "off", "--budget", "3")  # off by default
+    assert "second" not in off["choice"] and "second" not in off["choice"]["edit"]
+
+
+def test_second_direction_rules():
+    from refdir.method.second_direction import rescaled, strongest
+
+    table = [{"position": -1, "layer": 2, "bypass": -3.0}, {"position": -2, "layer": 3, "bypass": -5.0},
+             {"position": -1, "layer": 1, "bypass": float("nan")}]
+    assert strongest(table)["layer"] == 3 and strongest(table, (-2, 3))["layer"] == 2
+    assert strongest(table[2:]) is None
+    assert rescaled(0.3, 0.02, 0.06, 0.04) == pytest.approx(0.3 * (0.5 ** 0.5))
+    assert rescaled(0.3, 0.05, 0.06, 0.04) is None and rescaled(0.3, 0.02, 0.01, 0.04) is None
 
 
 def test_an_optimized_direction_needs_the_search(tiny_model_dir, tmp_path):

@@ -68,6 +68,10 @@ def run(
     kl_target: float = typer.Option(0.05, help="first-token KL on harmless prompts the chosen edit stays under"),
     direction_method: str = typer.Option(None, help=DIRECTION_METHOD_HELP + " (default: pca with the search; "
                                          "--method paper takes none)"),
+    second_direction: bool = typer.Option(False, help="with the search: add to the chosen edit, at strength 0.3, "
+                                           "the selection's strongest other candidate off its harmless components "
+                                           "where the KL target leaves room (fewer refusals for ~0.008 more KL "
+                                           "on the default model; README)"),
     n_test: int = typer.Option(None, help="test prompts per set (default: all of the test split)"),
     seed: int = typer.Option(42),
     filter_train: bool = typer.Option(True, help="keep harmful train prompts the model refuses (metric > 0), "
@@ -99,6 +103,7 @@ def run(
                     n_val=_default(n_val, 40 if method == "search" else 32), n_test=n_test, seed=seed)
     cfg = RunConfig(model=spec, data=data, method=method, budget=budget, kl_target=kl_target,
                     direction_method=_default(direction_method, "pca" if method == "search" else "dim"),
+                    second_direction=second_direction and method == "search",
                     filter_train=filter_train,
                     refusal_tokens=refusal_tokens.split(",") if refusal_tokens else None, batch_size=batch_size,
                     kl_max=kl_max, max_layer_frac=max_layer_frac, induce_rule=induce_rule, exhaustive=exhaustive,

@@ -10,7 +10,10 @@ An :class:`Edit` holds
   ``"rdo"``, one vector for every layer); position and layer then only locate the harmless mean of the
   ``projected`` variant;
 - per component (attention out, MLP out) a **strength kernel** over layers and a **variant**;
-- whether the **embedding** is edited (strength 1, plain variant).
+- whether the **embedding** is edited (strength 1, plain variant);
+- optionally a **second** direction (:class:`Second`: an optimized direction by name, made orthogonal to r̂) that
+  every writer and the embedding lose ``strength`` of, applied after the edit above (the run's choice adds one
+  where its KL leaves room: ``refdir.workflows.second``).
 
 Strength. A strength ``s ∈ [0, 1]`` on a component of block ``i`` means that component's output loses
 ``s`` times its part along r̂: as a hook ``out ← out − s·(out·r̂) r̂``; as weights ``W ← W − s·r̂ r̂ᵀ W``
@@ -47,8 +50,9 @@ from torch import nn
 
 from refdir.core.architecture import Architecture, BlockParts, Writer, inspect_model
 from refdir.core.directions import Candidates, unit_vector
-from refdir.core.hooks import PerDevice, map_output, registered, remove_all
+from refdir.core.hooks import registered, remove_all
 from refdir.core.orthogonalize import untie_lm_head
+from refdir.core.row_hooks import Rows, out_hook, scale_pre_hook
 from refdir.errors import RefdirError
 
 VARIANTS = ("plain", "projected", "norm")
@@ -95,6 +99,19 @@ class Component:
 
 
 @dataclass
+class Second:
+    """A second direction: ``Candidates.optimized[direction]`` made orthogonal to the edit's r̂, removed at
+    ``strength`` from every writer's output and the embedding, after the edit's own direction."""
+
+    direction: str
+    strength: float
+
+    def validate(self) -> None:
+        if not (isinstance(self.strength, (int, float)) and 0.0 < self.strength <= 1.0):
+            raise RefdirError(f"the second direction's strength must lie in (0, 1], got {self.strength!r}")
+
+
+@dataclass
 class Edit:
     """One edit, saved with every result (``to_dict`` / ``from_dict``)."""
 
@@ -104,6 +121,7 @@ class Edit:
     mlp: Component = field(default_factory=Component)
     embedding: bool = True
     direction: str = DIM  # "dim": the difference-in-means candidate; else a name in Candidates.optimized
+    second: Second | None = None
 
     @classmethod
     def full(cls, position: int, layer: float, direction: str = DIM) -> Edit:
@@ -118,6 +136,8 @@ class Edit:
             comp.kernel.validate()
         if not math.isfinite(self.layer) or self.layer < 0 or (n_layers is not None and self.layer > n_layers):
             raise RefdirError(f"direction layer {self.layer} outside 0..{n_layers}")
+        if self.second is not None:
+            self.second.validate()
 
     def strengths(self, n_layers: int) -> dict[str, list[float]]:
         return {c: getattr(self, c).kernel.strengths(n_layers) for c in COMPONENTS}
@@ -126,14 +146,18 @@ class Edit:
         d = asdict(self)
         if self.direction == DIM:  # edits saved before optimized directions existed read back the same
             del d["direction"]
+        if self.second is None:
+            del d["second"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Edit:
         try:
             comps = {c: Component(Kernel(**d[c]["kernel"]), d[c].get("variant", "plain")) for c in COMPONENTS}
+            sec = d.get("second")
             e = cls(int(d["position"]), float(d["layer"]), comps["attn"], comps["mlp"], bool(d.get("embedding", True)),
-                    str(d.get("direction", DIM)))
+                    str(d.get("direction", DIM)),
+                    None if sec is None else Second(str(sec["direction"]), float(sec["strength"])))
         except (KeyError, TypeError, ValueError) as ex:
             raise RefdirError(f"not a refdir edit: {ex}") from ex
         e.validate()
@@ -154,6 +178,8 @@ class Edit:
             else:
                 parts.append(f"{c} {v} {k.peak:.2f}@{k.center:.1f}±{k.width:.1f}→{k.floor:.2f}")
         parts.append("emb" if self.embedding else "no emb")
+        if self.second is not None:
+            parts.append(f"+ {self.second.direction} {self.second.strength:.2f} everywhere")
         return ", ".join(parts)
 
 
@@ -184,20 +210,13 @@ class Plan:
     strengths: dict[str, list[float]]
     variants: dict[str, str]
     embedding: bool
+    second: tuple[torch.Tensor, float] | None = None  # (unit direction ⊥ r, strength): every writer, after the rest
 
     @classmethod
     def full(cls, direction: torch.Tensor, n_layers: int) -> Plan:
         r = _unit(direction)
         return cls(r, {c: r for c in COMPONENTS}, {c: [1.0] * n_layers for c in COMPONENTS},
                    {c: "plain" for c in COMPONENTS}, True)
-
-    def active(self, arch: Architecture) -> Iterator[tuple[BlockParts, str, float, torch.Tensor]]:
-        """(block, component, strength, direction) for every component the plan edits (strength > 0)."""
-        for bp in arch.blocks:
-            for c in COMPONENTS:
-                s = self.strengths[c][bp.index]
-                if s > 0:
-                    yield bp, c, s, self.directions[c]
 
 
 def projected_direction(r: torch.Tensor, harmless_mean: torch.Tensor) -> torch.Tensor:
@@ -227,7 +246,18 @@ def resolve(edit: Edit, cands: Candidates) -> Plan:
             dirs[c] = projected_direction(r, _interp_raw(cands.harmless_mean, pi, edit.layer))
         else:
             dirs[c] = r
-    return Plan(r, dirs, edit.strengths(L), {c: getattr(edit, c).variant for c in COMPONENTS}, edit.embedding)
+    second = None
+    if edit.second is not None:
+        name = edit.second.direction
+        if name not in cands.optimized:
+            raise RefdirError(f"the edit's second direction {name!r} is not among the candidates' optimized ones")
+        u = _unit(cands.optimized[name])
+        w = u - (u @ r) * r
+        if float(w.norm()) < 1e-6:
+            raise RefdirError(f"the second direction {name!r} is parallel to the edit's direction")
+        second = (_unit(w), float(edit.second.strength))
+    return Plan(r, dirs, edit.strengths(L), {c: getattr(edit, c).variant for c in COMPONENTS}, edit.embedding,
+                second)
 
 
 def _interp_raw(t: torch.Tensor, pi: int, layer: float) -> torch.Tensor:
@@ -265,63 +295,6 @@ def _input_scale(weight: torch.Tensor, r: torch.Tensor, s: float) -> torch.Tenso
     return torch.where(n1sq > 0, (n0sq / n1sq.clamp_min(1e-300)).sqrt(), torch.ones_like(n0sq))
 
 
-class Rows:
-    """Which plan each batch row uses, for hooks that apply several plans in one forward pass
-    (:func:`hooked_rows`). With one plan every row uses it and nothing needs to be set; with several, the caller
-    calls :meth:`use` before each forward with the plan index of every batch row (rows keep their order through
-    ``generate``'s decoding steps, so one call per ``generate`` batch is enough)."""
-
-    def __init__(self, n_plans: int):
-        self.n = n_plans
-        self._g: torch.Tensor | None = None
-
-    def use(self, groups) -> None:
-        g = torch.as_tensor(groups, dtype=torch.long).flatten()
-        if g.numel() == 0 or int(g.min()) < 0 or int(g.max()) >= self.n:
-            raise RefdirError(f"row plan indices must lie in 0..{self.n - 1}")
-        self._g = g
-
-    def gather(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The rows of ``t [K, ...]`` that the batch rows of ``x`` use, shaped to broadcast against ``x``
-        (``x [B, ..., n]``, or ``[B·T, n]`` for a block that flattens its tokens)."""
-        g = self._g
-        if g is None:
-            raise RefdirError("several plans are hooked: call Rows.use(groups) before the forward pass")
-        sel = t[g.to(t.device)]
-        if x.shape[0] == g.numel():
-            return sel.view(g.numel(), *([1] * (x.dim() - sel.dim())), *sel.shape[1:])
-        if x.dim() == 2 and x.shape[0] % g.numel() == 0:  # tokens flattened batch-major
-            return sel.repeat_interleave(x.shape[0] // g.numel(), dim=0)
-        raise RefdirError(f"a hooked module saw {x.shape[0]} rows but {g.numel()} were assigned plans")
-
-
-def _out_hook(rows: Rows, r: torch.Tensor, s: torch.Tensor):
-    """Each row's output loses ``s[k]`` of its part along ``r[k]`` (``k``: the row's plan); r [K, d], s [K]."""
-    rr, ss = PerDevice(r.to(torch.float32)), PerDevice(s.to(torch.float32))
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        rv, sv = rr.on(xf), ss.on(xf)
-        if rows.n == 1:
-            return (xf - sv[0] * (xf @ rv[0]).unsqueeze(-1) * rv[0]).to(x.dtype)
-        rb, sb = rows.gather(rv, xf), rows.gather(sv, xf[..., 0])
-        return (xf - (sb * (xf * rb).sum(-1)).unsqueeze(-1) * rb).to(x.dtype)
-
-    return map_output(fn)
-
-
-def _scale_pre_hook(rows: Rows, scale: torch.Tensor):
-    """Each row's input to a writer is scaled per input unit by ``scale[k]`` [K, n]."""
-    sc = PerDevice(scale)
-
-    def hook(_m, args):
-        x = args[0]
-        s = sc.on(x)
-        return (x * (s[0] if rows.n == 1 else rows.gather(s, x)),) + tuple(args[1:])
-
-    return hook
-
-
 # --------------------------------------------------------------------------------------------- hooks
 
 
@@ -349,19 +322,31 @@ def edit_hooks(model: nn.Module, plan: Plan | Sequence[Plan | None], arch: Archi
             s.append((1.0 if c is None else p.strengths[c][i]) if on else 0.0)
         return torch.stack(dirs), torch.tensor(s, dtype=torch.float64)
 
+    # the second direction: every writer and (with the embedding edited) the embedding, after the edit itself
+    seconds = [p.second if p is not None and p.second is not None else None for p in plans]
+    second_r = torch.stack([zeros if x is None else x[0].to(torch.float64).cpu() for x in seconds])
+    second_s = torch.tensor([0.0 if x is None else x[1] for x in seconds], dtype=torch.float64)
+    second_emb = torch.tensor([0.0 if x is None or not p.embedding else x[1] for x, p in zip(seconds, plans, strict=True)],
+                              dtype=torch.float64)
+
     handles: list = []
     try:
         if any(p is not None and p.embedding for p in plans):
             r, s = stack(None, 0)
             for _n, emb in arch.embeddings:
-                handles.append(emb.register_forward_hook(_out_hook(rows, r, s)))
+                handles.append(emb.register_forward_hook(out_hook(rows, r, s)))
+                if (second_emb > 0).any():
+                    handles.append(emb.register_forward_hook(out_hook(rows, second_r, second_emb)))
         for bp in arch.blocks:
             for c in COMPONENTS:
                 r, s = stack(c, bp.index)
+                out_mod = bp.attn_out if c == "attn" else bp.mlp_out
+                if (s > 0).any():
+                    handles.append(out_mod.register_forward_hook(out_hook(rows, r, s)))
+                if (second_s > 0).any():  # forward hooks run in the order they were registered: after the edit's
+                    handles.append(out_mod.register_forward_hook(out_hook(rows, second_r, second_s)))
                 if not (s > 0).any():
                     continue
-                out_mod = bp.attn_out if c == "attn" else bp.mlp_out
-                handles.append(out_mod.register_forward_hook(_out_hook(rows, r, s)))
                 norm = [k for k, p in enumerate(plans) if p is not None and s[k] > 0 and p.variants[c] == "norm"]
                 if not norm:
                     continue
@@ -374,7 +359,7 @@ def edit_hooks(model: nn.Module, plan: Plan | Sequence[Plan | None], arch: Archi
                     scale = torch.ones(K, w.module.weight.shape[1], dtype=torch.float64)
                     for k in norm:
                         scale[k] = _input_scale(w.module.weight, r[k], float(s[k]))
-                    handles.append(w.module.register_forward_pre_hook(_scale_pre_hook(rows, scale)))
+                    handles.append(w.module.register_forward_pre_hook(scale_pre_hook(rows, scale)))
     except Exception:
         remove_all(handles)
         raise
@@ -416,16 +401,27 @@ def apply_weights_(model: nn.Module, plan: Plan, arch: Architecture | None = Non
             wt = emb.weight.data
             for i in range(0, wt.shape[0], EDIT_ROWS):  # in blocks of rows: no float64 copy of a whole vocabulary
                 blk = wt[i:i + EDIT_ROWS]
-                blk.copy_(_edit_vectors(blk.to(torch.float64), plan.r.to(wt.device), 1.0, False).to(wt.dtype))
+                y = _edit_vectors(blk.to(torch.float64), plan.r.to(wt.device), 1.0, False)
+                if plan.second is not None:
+                    y = _edit_vectors(y, plan.second[0].to(wt.device), plan.second[1], False)
+                blk.copy_(y.to(wt.dtype))
             edited.append(f"{name}.weight")
-    for bp, c, s, r in plan.active(arch):
-        for w in component_writers(bp, c):
-            p = getattr(w.module, w.param)
-            axis = 0 if p.dim() == 1 else w.out_axis
-            x = p.data.to(torch.float64).movedim(axis, -1)
-            y = _edit_vectors(x, r.to(x.device), s, plan.variants[c] == "norm" and not _is_bias(w))
-            p.data.copy_(y.movedim(-1, axis).to(p.dtype))
-            edited.append(w.name)
+    for bp in arch.blocks:
+        for c in COMPONENTS:
+            s = plan.strengths[c][bp.index]
+            if s <= 0 and plan.second is None:
+                continue
+            for w in component_writers(bp, c):
+                p = getattr(w.module, w.param)
+                axis = 0 if p.dim() == 1 else w.out_axis
+                y = p.data.to(torch.float64).movedim(axis, -1)
+                if s > 0:
+                    y = _edit_vectors(y, plan.directions[c].to(y.device), s,
+                                      plan.variants[c] == "norm" and not _is_bias(w))
+                if plan.second is not None:  # after the edit itself, as the hooks apply it
+                    y = _edit_vectors(y, plan.second[0].to(y.device), plan.second[1], False)
+                p.data.copy_(y.movedim(-1, axis).to(p.dtype))
+                edited.append(w.name)
     return {"edited": edited, "untied_lm_head": untied, "exact": arch.weight_edit_exact}
 
 

@@ -14,7 +14,7 @@ cache comes with it), position ids from the attention mask (``cumsum − 1``, 0 
 when it has no padding), the same cache class, ``logits_to_keep=1`` where the model takes it, then one token per
 step with position ``last + 1`` and the mask grown by one. Dropping a row removes it from the cache
 (``Cache.batch_select_indices``), the mask, the position ids and, with several edit plans hooked, the plan
-assignment (:meth:`refdir.core.edits.Rows.use`); the rows that stay compute what they computed before. In fp32 the
+assignment (:meth:`refdir.core.row_hooks.Rows.use`); the rows that stay compute what they computed before. In fp32 the
 tokens match ``model.generate`` exactly; in bf16 a smaller batch can round a matmul differently, as any change of
 batch composition can.
 """

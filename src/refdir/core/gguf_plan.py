@@ -6,7 +6,8 @@ Each residual writer ``blk.N.attn_output`` (component ``attn``) and ``blk.N.ffn_
 edits the loaded model (its write vectors lose ``s`` of their part along the component's direction; the
 ``norm`` variant rescales them back, biases are projected only), and written back in its own quantization type
 where the gguf library can quantize it (else Q8_0 or F16, listed in the summary). With the embedding edited,
-``token_embd`` loses its r part. The file is written by :func:`refdir.core.gguf_edit.rewrite_gguf`, as
+``token_embd`` loses its r part. A plan's second direction is removed after that from every writer (and the edited
+embedding), as ``apply_weights_`` removes it. The file is written by :func:`refdir.core.gguf_edit.rewrite_gguf`, as
 ``orthogonalize`` writes its GGUF: every other tensor's bytes and all metadata copied unchanged, a tied
 unembedding kept as ``output.weight``. Post-norm blocks are edited against the direction itself (approximate, like
 ``apply_weights_``; the summary says so).
@@ -78,14 +79,22 @@ def export_gguf_plan(src: str | Path, plan: Plan, out: str | Path, *, force: boo
     r = plan.r.double().numpy()
     r = r / np.linalg.norm(r)
 
+    second = None if plan.second is None else (plan.second[0].double().cpu().numpy(), plan.second[1])
+
     def wants(name: str) -> bool:
-        return (name == "token_embd.weight" and plan.embedding) or _target(name, plan, n_layers) is not None
+        if name == "token_embd.weight":
+            return plan.embedding
+        return _target(name, plan, n_layers) is not None or (second is not None and bool(_WRITER.match(name)))
 
     def transform(name: str, x: np.ndarray) -> np.ndarray:
         if name == "token_embd.weight":
-            return edit_rows(x, r, 1.0, False, x.ndim - 1)
-        u, s, keep = _target(name, plan, n_layers)
-        return edit_rows(x, u, s, keep, writer_axis(name, x, d))
+            y = edit_rows(x, r, 1.0, False, x.ndim - 1)
+            axis = x.ndim - 1
+        else:
+            axis, t = writer_axis(name, x, d), _target(name, plan, n_layers)
+            y = x if t is None else edit_rows(x, *t, axis)
+        # the second direction after the edit itself, as apply_weights_ and the hooks apply it
+        return y if second is None else edit_rows(y, second[0], second[1], False, axis)
 
     edited, changed = rewrite_gguf(reader, arch, out, wants, transform, force=force, progress=progress)
     return {"kind": "edit", "mode": "gguf", "source": str(src), "edited": edited, "changed_types": changed,
@@ -94,8 +103,9 @@ def export_gguf_plan(src: str | Path, plan: Plan, out: str | Path, *, force: boo
 
 def plan_to_cpu(plan: Plan) -> Plan:
     """``plan`` with its tensors on the CPU (the GGUF writer reads them as numpy arrays)."""
+    second = None if plan.second is None else (plan.second[0].detach().cpu(), plan.second[1])
     return Plan(plan.r.detach().cpu(), {c: v.detach().cpu() for c, v in plan.directions.items()},
-                plan.strengths, plan.variants, plan.embedding)
+                plan.strengths, plan.variants, plan.embedding, second)
 
 
 __all__ = ["edit_rows", "export_gguf_plan", "plan_to_cpu"]

@@ -78,7 +78,8 @@ BENCHMARKS = "benchmarks"
 ANALYSIS = "analysis"
 SECTIONS = "report_sections"
 OPTIMIZE = "optimize"
-SOURCES = ("rdo", "pca")  # the search's direction sources besides the candidates, saved in optimize/ by name
+SOURCES = ("rdo", "pca", "second")  # direction sources besides the candidates (the search's, and the second
+# direction of `refdir run`'s choice), saved in optimize/ by name
 
 # files inside the stage directories (written by refdir.workflows.stages, read by the readers below)
 SETS_FILE = "sets.json"
@@ -358,7 +359,7 @@ class RunDir:
         return Candidates.load(self.stage_dir(CANDIDATES))
 
     def source_path(self, name: str) -> Path:
-        """Where a search's direction source ``name`` (:data:`SOURCES`: rdo, pca) is saved."""
+        """Where a search's direction source ``name`` (:data:`SOURCES`: rdo, pca, second) is saved."""
         return self.optimize_dir() / f"{name}.safetensors"
 
     def source(self, name: str) -> torch.Tensor | None:
@@ -368,7 +369,7 @@ class RunDir:
         return Direction.load(f).vector if f is not None and f.exists() else None
 
     def candidates_with_sources(self) -> Candidates:
-        """The candidates with every direction source the run saved (rdo, pca), so that any edit of its search
+        """The candidates with every direction source the run saved (rdo, pca, second), so that any edit of its search
         resolves (:func:`refdir.core.edits.resolve`)."""
         c = self.candidates()
         for name in SOURCES:

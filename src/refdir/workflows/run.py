@@ -144,7 +144,7 @@ def paper_stages(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, ids: list[in
 
 
 JUDGED = ("refusal", "refusal_broad", "refusal_paper", "degenerate", "n")
-SEARCH_PHASES = ("proxy_base", "selection", "optimize", "search", "refine", "confirm")
+SEARCH_PHASES = ("proxy_base", "selection", "optimize", "search", "refine", "confirm", "second")
 
 
 def search_summary(rd: RunDir, cfg: RunConfig, sets: dict, res: dict, test: dict, ckpt: dict | None,

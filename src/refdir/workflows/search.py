@@ -29,15 +29,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refdir.core import rundir as rdl
 from refdir.core.directions import Candidates, Direction
-from refdir.core.edits import DIM, VARIANTS, Edit
+from refdir.core.edits import DIM, VARIANTS, Edit, Second, hooked, resolve
+from refdir.core.forward import last_logits
 from refdir.core.io import atomic_write_json, make_output_dir
 from refdir.core.memory import trim_heap
 from refdir.core.preflight import require
 from refdir.core.rundir import RunDir
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
+from refdir.method import second_direction
 from refdir.method.pca_direction import COMPONENTS, pca_direction
+from refdir.method.scoring import first_token_kl
 from refdir.method.search import (
+    CALIBRATE_MARGIN,
     Confirmation,
     Proxy,
     Space,
@@ -294,24 +298,26 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
             "selection": {"chosen": chosen, "n_scored": sum(1 for r in table if math.isfinite(r["bypass"]))}}
 
 
-def pca_source(p: Prepared, lead: dict, calibration: list[str], progress: bool = True) -> torch.Tensor:
+def pca_source(p: Prepared, lead: dict, calibration: list[str], progress: bool = True,
+               name: str = "pca") -> torch.Tensor:
     """``--direction-method pca``: the lead candidate off the top principal components of harmless activations
     (:mod:`refdir.method.pca_direction`), fitted on the filtered harmless train prompts that the calibration
     (``calibration``) does not read, so that its KL is not measured on the prompts the direction was fitted to
-    (all of them when fewer than 4 per component remain). Saved in the run's optimize directory, where
-    :meth:`RunDir.source` reads it back. Returns the direction [d] (the candidate's norm)."""
+    (all of them when fewer than 4 per component remain). Saved in the run's optimize directory as source ``name``,
+    where :meth:`RunDir.source` reads it back. Returns the direction [d] (the candidate's norm)."""
     d = p.cands.get(lead["position"], int(lead["layer"]))
     used = set(calibration)
     prompts = [x for x in p.filt["train"]["harmless"] if x not in used]
     prompts = prompts if len(prompts) >= 4 * COMPONENTS else p.filt["train"]["harmless"]
     v = pca_direction(p.m.lm.model, p.m.fmt, d.vector, prompts, d.position, d.layer, progress=progress)
-    meta = {"source": "pca", "components": COMPONENTS, "n_prompts": len(prompts)}
-    Direction(v, d.layer, d.position, d.model_id, "raw", meta).save(p.rd.source_path("pca"))
+    meta = {"source": name, "components": COMPONENTS, "n_prompts": len(prompts)}
+    Direction(v, d.layer, d.position, d.model_id, "raw", meta).save(p.rd.source_path(name))
     return v
 
 
 # ------------------------------------------------------------------------------------------ inside `refdir run`
 
+SECOND = "second"  # the optimize-directory name of the choice's second direction
 CALIBRATION_PROMPTS = 80  # harmless train prompts whose first-token KL calibrates the pick (the proxy uses val)
 
 
@@ -337,9 +343,10 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
     if f.exists():
         prev = json.loads(f.read_text())
         if prev.get("budget_s") is not None and prev["budget_s"] >= cfg.budget and "choice" in prev:
-            v = p.rd.source(cfg.direction_method)
-            if v is not None:  # the eval and checkpoint stages resolve the chosen edit with it
-                p.cands = p.cands.with_optimized(cfg.direction_method, v)
+            for name in (cfg.direction_method, SECOND) if cfg.second_direction else (cfg.direction_method,):
+                v = p.rd.source(name)
+                if v is not None:  # the eval and checkpoint stages resolve the chosen edit with it
+                    p.cands = p.cands.with_optimized(name, v)
             return prev
     make_output_dir(sdir)
     atomic_write_json(sdir / "config.json", scfg.model_dump())
@@ -350,9 +357,55 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
     res = search_phases(p, scfg, sdir, timings, ([], harmless), budget=cfg.budget, per_mark=1, generate=False,
                         progress=progress)
     res["choice"] = choose(res, cfg.kl_target)
+    if cfg.second_direction:
+        with timings.phase("second"):
+            res["choice"] = add_second(p, res["choice"], sdir, harmless, cfg.kl_target, cfg.batch_size,
+                                       progress)
     atomic_write_json(f, res)
     write_search_report(p.rd, res)
     return res
+
+
+def add_second(p: Prepared, choice: dict, sdir: Path, calibration: list[str], target: float, bs: int,
+               progress: bool = True) -> dict:
+    """The choice with a second direction (:mod:`refdir.method.second_direction`) where its calibration KL leaves
+    room: the selection's strongest other candidate off its harmless components, at its strength, lowered once
+    (KL about the square of the strength) towards ``CALIBRATE_MARGIN·target`` when the calibration KL would pass
+    the target; dropped if it still would. Reads only the calibration prompts (harmless train) and the selection;
+    ``choice["second"]`` records what was measured and decided."""
+    if not choice["met"]:
+        return {**choice, "second": {"added": False, "why": "the choice is not under the target"}}
+    edit = Edit.from_dict(choice["edit"])
+    sel = json.loads((sdir / rdl.SEARCH_SELECTION_FILE).read_text())
+    row = second_direction.strongest(sel["table"], (edit.position, int(round(edit.layer))))
+    if row is None:
+        return {**choice, "second": {"added": False, "why": "no other scored candidate"}}
+    v = pca_source(p, row, calibration, progress, name=SECOND)
+    p.cands = p.cands.with_optimized(SECOND, v)
+    model, fmt = p.m.lm.model, p.m.fmt
+    base = torch.log_softmax(last_logits(model, fmt, calibration, bs, shared_prefix=True).double(), -1)
+
+    def kl(e: Edit | None) -> float:
+        with hooked(model, resolve(e, p.cands)):
+            return float(first_token_kl(base, last_logits(model, fmt, calibration, bs, shared_prefix=True)).mean())
+
+    k0, s = kl(edit), second_direction.STRENGTH
+    tried = []
+    while s is not None:
+        e2 = replace(edit, second=Second(SECOND, round(s, 4)))
+        k = kl(e2)
+        tried.append({"strength": round(s, 4), "calibration_kl": k})
+        if k <= target:
+            out = {"added": True, "strength": round(s, 4), "calibration_kl": k}
+            break
+        s = None if len(tried) > 1 else second_direction.rescaled(s, k0, k, CALIBRATE_MARGIN * target)
+    else:
+        out = {"added": False, "why": "no strength keeps the calibration KL under the target"}
+    info = {**out, "position": row["position"], "layer": row["layer"], "bypass": row["bypass"],
+            "calibration_kl_before": k0, "tried": tried}
+    if not out["added"]:
+        return {**choice, "second": info}
+    return {**choice, "edit": e2.to_dict(), "describe": e2.describe(), "second": info}
 
 
 def choose(res: dict, target: float) -> dict:

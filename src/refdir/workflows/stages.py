@@ -63,6 +63,7 @@ class RunConfig(BaseModel):
     # the search's directions: "dim" the difference-in-means candidates; "rdo" also an optimized direction trained
     # from the selected one (minutes); "pca" also the selected one off the harmless principal components (seconds)
     direction_method: Literal["dim", "rdo", "pca"] = "dim"
+    second_direction: bool = False  # with the search: workflows.search.add_second on the choice
     filter_train: bool = True  # keep harmful with metric > 0, harmless with metric < 0 (paper)
     filter_val: bool = False
     refusal_tokens: list[str] | None = None  # default: derived from the model's own refusals

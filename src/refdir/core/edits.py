@@ -13,7 +13,7 @@ An :class:`Edit` holds
 - whether the **embedding** is edited (strength 1, plain variant);
 - optionally a **second** direction (:class:`Second`: an optimized direction by name, made orthogonal to r̂) that
   every writer and the embedding lose ``strength`` of, applied after the edit above (the run's choice adds one
-  where its KL leaves room: ``refdir.workflows.second``).
+  where its KL leaves room: ``refdir.workflows.search.add_second``).
 
 Strength. A strength ``s ∈ [0, 1]`` on a component of block ``i`` means that component's output loses
 ``s`` times its part along r̂: as a hook ``out ← out − s·(out·r̂) r̂``; as weights ``W ← W − s·r̂ r̂ᵀ W``

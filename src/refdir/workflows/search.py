@@ -385,7 +385,7 @@ def add_second(p: Prepared, choice: dict, sdir: Path, calibration: list[str], ta
     model, fmt = p.m.lm.model, p.m.fmt
     base = torch.log_softmax(last_logits(model, fmt, calibration, bs, shared_prefix=True).double(), -1)
 
-    def kl(e: Edit | None) -> float:
+    def kl(e: Edit) -> float:
         with hooked(model, resolve(e, p.cands)):
             return float(first_token_kl(base, last_logits(model, fmt, calibration, bs, shared_prefix=True)).mean())
 

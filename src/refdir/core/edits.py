@@ -323,7 +323,7 @@ def edit_hooks(model: nn.Module, plan: Plan | Sequence[Plan | None], arch: Archi
         return torch.stack(dirs), torch.tensor(s, dtype=torch.float64)
 
     # the second direction: every writer and (with the embedding edited) the embedding, after the edit itself
-    seconds = [p.second if p is not None and p.second is not None else None for p in plans]
+    seconds = [None if p is None else p.second for p in plans]
     second_r = torch.stack([zeros if x is None else x[0].to(torch.float64).cpu() for x in seconds])
     second_s = torch.tensor([0.0 if x is None else x[1] for x in seconds], dtype=torch.float64)
     second_emb = torch.tensor([0.0 if x is None or not p.embedding else x[1] for x, p in zip(seconds, plans, strict=True)],

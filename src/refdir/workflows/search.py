@@ -389,7 +389,9 @@ def add_second(p: Prepared, choice: dict, sdir: Path, calibration: list[str], ta
         with hooked(model, resolve(e, p.cands)):
             return float(first_token_kl(base, last_logits(model, fmt, calibration, bs, shared_prefix=True)).mean())
 
-    k0, s = kl(edit), second_direction.STRENGTH
+    # the choice's own calibration KL was measured by the confirmation on these prompts (``val``)
+    k0 = choice["val"]["kl"] if choice.get("val") else kl(edit)
+    s = second_direction.STRENGTH
     tried = []
     while s is not None:
         e2 = replace(edit, second=Second(SECOND, round(s, 4)))

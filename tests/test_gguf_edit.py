@@ -6,9 +6,11 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from safetensors import SafetensorError
 from typer.testing import CliRunner
 
 from refdir.cli.main import app
+from refdir.core.cache import drop_orphan_copies
 from refdir.core.directions import Direction
 from refdir.core.gguf_edit import orthogonalize_gguf
 from refdir.core.model_files import smollm2_gguf_path
@@ -58,7 +60,7 @@ def test_gguf_edit_removes_the_direction_up_to_quantization_noise(edited):
 
 def test_gguf_output_loads_in_transformers_with_the_original_unembedding(edited):
     src, out, _r, _ = edited
-    a, b = load_model(str(src), dtype="fp32"), load_model(str(out), dtype="fp32")
+    a, b = load_model(str(src), dtype="fp32"), load_model(str(out), dtype="fp32", cache=False)
     assert torch.equal(a.model.get_output_embeddings().weight, b.model.get_output_embeddings().weight)
     assert not torch.equal(a.model.get_input_embeddings().weight, b.model.get_input_embeddings().weight)
 
@@ -142,10 +144,12 @@ def test_a_gguf_is_converted_once_per_file_and_dtype_and_reloaded_from_the_cache
     keep.mkdir(parents=True)  # not written by refdir: left alone whatever it holds
     bf16 = models.gguf_cache_path(src, torch.bfloat16)
     src.unlink()
-    assert models.drop_orphan_gguf_caches(cached.parent) == sorted([cached, bf16])
+    assert drop_orphan_copies(cached.parent) == sorted([cached, bf16])
     assert sorted(cached.parent.iterdir()) == [keep]
 
-    monkeypatch.setattr(models, "save_hf_checkpoint", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    # a full disk met while writing, as safetensors reports it (its own error type, not an OSError): skipped
+    full = SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(models, "save_hf_checkpoint", lambda *a, **k: (_ for _ in ()).throw(full))
     other = tmp_path / "other.gguf"
     shutil.copyfile(smollm2_gguf_path(), other)
     with warnings.catch_warnings(record=True) as w:
@@ -153,6 +157,40 @@ def test_a_gguf_is_converted_once_per_file_and_dtype_and_reloaded_from_the_cache
         lm = load_model(str(other), dtype="fp32")
     assert lm.model is not None and any("could not be cached" in str(x.message) for x in w)
     assert not models.gguf_cache_path(other, torch.float32).exists()
+    assert sorted(p.name for p in cached.parent.iterdir()) == [keep.name]  # no partial copy left behind
+
+
+def test_the_gguf_cache_keeps_within_its_budget_evicting_the_least_recently_used(tmp_path, monkeypatch):
+    """Converted copies are kept while they fit the budget (REFDIR_GGUF_CACHE_GB, and 2 GiB left free on the disk);
+    a new one evicts the least recently used (a load from the cache counts as a use); one that cannot fit even in
+    an empty cache is not kept and evicts nothing."""
+    import shutil
+    import warnings
+
+    import refdir.core.cache as cache
+    import refdir.core.models as models
+
+    monkeypatch.setenv("REFDIR_CACHE", str(tmp_path / "cache"))
+    files = {}
+    for name in "abc":
+        files[name] = tmp_path / f"{name}.gguf"
+        shutil.copyfile(smollm2_gguf_path(), files[name])
+    copy = {k: models.gguf_cache_path(f, torch.bfloat16) for k, f in files.items()}
+
+    need = models.checkpoint_bytes(load_model(str(files["a"]), dtype="bf16").model)
+    monkeypatch.setenv("REFDIR_GGUF_CACHE_GB", str(2.5 * need / 2**30))  # room for two copies, not three
+    load_model(str(files["b"]), dtype="bf16")
+    assert copy["a"].exists() and copy["b"].exists()
+    assert load_model(str(files["a"]), dtype="bf16").source["converted"] == str(copy["a"])  # a: used last
+    load_model(str(files["c"]), dtype="bf16")
+    assert copy["a"].exists() and not copy["b"].exists() and copy["c"].exists()
+
+    monkeypatch.setattr(cache, "FREE_RESERVE", shutil.disk_usage(tmp_path).free + 3 * need)  # a disk too full
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert "converted" not in load_model(str(files["b"]), dtype="bf16").source
+    assert any("was not cached" in str(x.message) for x in w)
+    assert copy["a"].exists() and not copy["b"].exists() and copy["c"].exists()  # nothing evicted for nothing
 
 
 def test_fast_gguf_reader_parses_what_the_library_reader_parses():

@@ -101,7 +101,7 @@ def test_gemma3_from_gguf_edit_removes_r_in_memory_and_in_gguf(tmp_path):
     assert orthogonalize_(model, r)["post_norms"] == "exact"
     in_memory = max_cos(model, r, ids)
     del lm, model
-    edited = load_model(str(tmp_path / "edited.gguf"), dtype="fp32").model
+    edited = load_model(str(tmp_path / "edited.gguf"), dtype="fp32", cache=False).model
     in_gguf = max_cos(edited, r, ids)
     print(f"max |cos(x, r)|: before {before:.2e}, naive {naive_cos:.2e}, in memory {in_memory:.2e}, "
           f"GGUF {in_gguf:.2e}")

@@ -3,13 +3,20 @@
 Beside a cached file (or in a cached directory) refdir records each file's size, mtime and sha256. A later load
 compares sizes, and recomputes a sha256 only for a file whose mtime changed; any difference means the cache is
 rebuilt, never trusted. Used for the embedded default model's assembled GGUF and its converted safetensors copy.
+
+The converted copies of GGUF files (one directory per file and dtype) are kept within a disk budget: copies of
+files that no longer exist are dropped, and the least recently used ones make room for a new one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
+
+from refdir.core.io import written_by_refdir
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -84,3 +91,68 @@ def write_dir_record(target: Path, **info) -> None:
     """Record every file of ``target`` (size, mtime, sha256) in its converted-model record."""
     files = {p.name: file_record(p) for p in sorted(target.iterdir()) if _recorded(p)}
     (target / CONVERTED_RECORD).write_text(json.dumps({**info, "files": files}, indent=2))
+
+
+# --------------------------------------------------------------------------------------------
+# the converted copies of GGUF files: one directory each under one root, kept within a disk budget
+# --------------------------------------------------------------------------------------------
+
+CACHE_LIMIT_GB = 20.0  # what the converted copies may take together; REFDIR_GGUF_CACHE_GB overrides it
+FREE_RESERVE = 2 << 30  # bytes a new copy must leave free on its disk
+
+
+def cache_limit() -> int:
+    try:
+        gb = float(os.environ.get("REFDIR_GGUF_CACHE_GB", CACHE_LIMIT_GB))
+    except ValueError:
+        gb = CACHE_LIMIT_GB
+    return int(max(gb, 0.0) * (1 << 30))
+
+
+def _copies(root: Path) -> list[Path]:
+    """The converted copies under ``root`` that refdir wrote (its marker and record); nothing else is ever touched."""
+    return [d for d in sorted(root.iterdir()) if root.is_dir() and d.is_dir() and not d.is_symlink()
+            and (d / CONVERTED_RECORD).is_file() and written_by_refdir(d)] if root.is_dir() else []
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.iterdir() if p.is_file() and not p.is_symlink())
+
+
+def drop_orphan_copies(root: Path) -> list[Path]:
+    """Remove the converted copies under ``root`` whose GGUF file no longer exists (a deleted or temporary file),
+    so that the cache does not keep growing with copies nothing can use; returns what was removed."""
+    gone = []
+    for d in _copies(root):
+        src = (read_record(d / CONVERTED_RECORD) or {}).get("source")
+        if isinstance(src, str) and not Path(src).exists():
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
+def touch_copy(d: Path) -> None:
+    """Mark a converted copy as just used (its directory's mtime), which :func:`make_room` evicts last."""
+    try:
+        os.utime(d)
+    except OSError:  # a read-only cache still serves its copies
+        pass
+
+
+def make_room(root: Path, need: int, keep: Path) -> bool:
+    """Whether a new converted copy of ``need`` bytes fits under ``root``: all copies together within
+    :func:`cache_limit`, and :data:`FREE_RESERVE` bytes left free on the disk after it. Where it fits only once
+    older copies go, the least recently used ones (never ``keep``, the copy about to be replaced) are removed,
+    oldest first, until it fits; where it cannot fit even with all of them gone, nothing is removed."""
+    copies = sorted((d for d in _copies(root) if d != keep), key=lambda d: d.stat().st_mtime)
+    sizes = {d: _dir_bytes(d) for d in copies}
+    total = sum(sizes.values())
+    free = shutil.disk_usage(root).free
+    if need > cache_limit() or free + total - need < FREE_RESERVE:
+        return False
+    while copies and (total + need > cache_limit() or free - need < FREE_RESERVE):
+        d = copies.pop(0)
+        shutil.rmtree(d, ignore_errors=True)
+        total -= sizes[d]
+        free += sizes[d]
+    return True

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +19,15 @@ from refdir.core.cache import (
     CONVERTED_RECORD,
     cached_dir_intact,
     check_record,
+    drop_orphan_copies,
     file_record,
+    make_room,
     read_record,
+    touch_copy,
     write_dir_record,
 )
 from refdir.core.gguf_read import library_reads
-from refdir.core.io import atomic_dir, written_by_refdir
+from refdir.core.io import atomic_dir
 from refdir.core.model_files import (
     EMBEDDED_ALIASES,
     EMBEDDED_NAME,
@@ -175,37 +177,42 @@ def cached_gguf(gguf: Path, dtype: torch.dtype) -> Path | None:
     if src != rec["source_file"]:  # the same content under a new mtime: hashed once, not again
         fresh = read_record(target / CONVERTED_RECORD) or rec
         (target / CONVERTED_RECORD).write_text(json.dumps({**fresh, "source_file": src}, indent=2))
+    touch_copy(target)
     return target
 
 
+def checkpoint_bytes(model) -> int:
+    """About what ``save_pretrained`` writes for ``model``: each distinct tensor once (tied weights share one),
+    plus 64 MiB for the tokenizer and configs."""
+    seen, n = set(), 64 << 20
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            n += t.numel() * t.element_size()
+    return n
+
+
 def cache_gguf(gguf: Path, dtype: torch.dtype, model, tok) -> None:
-    """Keep the just-converted ``model`` and ``tok`` of ``gguf`` for later loads (atomically). Best effort: a cache
-    that cannot be written (a full disk, a read-only home) is skipped with a warning; the model is loaded anyway."""
+    """Keep the just-converted ``model`` and ``tok`` of ``gguf`` for later loads (atomically), within the cache's
+    disk budget (:func:`refdir.core.cache.make_room`). Best effort: a copy that does not fit, or cannot be written
+    (a full disk, a read-only home), is skipped with a warning; the model is loaded anyway."""
     target = gguf_cache_path(gguf, dtype)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        drop_orphan_gguf_caches(target.parent)
+        drop_orphan_copies(target.parent)
+        need = checkpoint_bytes(model)
+        if not make_room(target.parent, need, keep=target):
+            warnings.warn(f"the converted GGUF ({need / 2**30:.1f} GiB) was not cached: it does not fit the cache's "
+                          f"budget in {target.parent} (REFDIR_GGUF_CACHE_GB, and 2 GiB left free on the disk); "
+                          "it is converted again next time", stacklevel=3)
+            return
         with atomic_dir(target, force=True) as tmp:
             save_hf_checkpoint(model, tok, tmp)
             write_dir_record(tmp, source=str(Path(gguf).resolve()), source_file=file_record(Path(gguf)),
                              dtype=str(dtype))
-    except (OSError, RefdirError) as e:
-        warnings.warn(f"the converted GGUF could not be cached in {target} ({e}); it is converted again next time",
-                      stacklevel=3)
-
-
-def drop_orphan_gguf_caches(root: Path) -> list[Path]:
-    """Remove the converted copies under ``root`` whose GGUF file no longer exists (a deleted or temporary file),
-    so that the cache does not keep growing with copies nothing can use; returns what was removed. Only
-    directories refdir wrote (its record and marker) are touched."""
-    gone = []
-    for d in sorted(root.iterdir()) if root.is_dir() else []:
-        rec = read_record(d / CONVERTED_RECORD)
-        src = rec.get("source") if rec else None
-        if isinstance(src, str) and not Path(src).exists() and not d.is_symlink() and written_by_refdir(d):
-            shutil.rmtree(d, ignore_errors=True)
-            gone.append(d)
-    return gone
+    except Exception as e:  # noqa: BLE001 -- OSError, RefdirError, safetensors' SafetensorError (a full disk)
+        warnings.warn(f"the converted GGUF could not be cached in {target} ({type(e).__name__}: {e}); it is "
+                      "converted again next time", stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,13 +269,15 @@ def load_model(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     gguf_file: str | None = None,
+    cache: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     ``spec`` is ``"default"`` (the embedded model), a ``.gguf`` file, a local ``from_pretrained``
     directory or a hub id. ``dtype=None`` picks the compute dtype from the hardware.
     ``trust_remote_code`` stays off unless the caller turns it on, and weights load from safetensors only
-    (or GGUF) unless the caller passes ``allow_pickle``.
+    (or GGUF) unless the caller passes ``allow_pickle``. A GGUF file is converted once and its copy kept in the
+    cache for later loads, unless ``cache`` is False (a file loaded once, such as a just-exported checkpoint).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -290,7 +299,7 @@ def load_model(
         path = cached_gguf(p, torch_dtype) if device_map is None else None
         if path is None:  # converted now, and kept for the next load
             model, tok = _load_gguf(p, torch_dtype, device, device_map)
-            if device_map is None:
+            if device_map is None and cache:
                 cache_gguf(p, torch_dtype, model, tok)
             model.eval()
             return LoadedModel(model, tok, p.name, torch_dtype, source)

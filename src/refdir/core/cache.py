@@ -111,8 +111,10 @@ def cache_limit() -> int:
 
 def _copies(root: Path) -> list[Path]:
     """The converted copies under ``root`` that refdir wrote (its marker and record); nothing else is ever touched."""
-    return [d for d in sorted(root.iterdir()) if root.is_dir() and d.is_dir() and not d.is_symlink()
-            and (d / CONVERTED_RECORD).is_file() and written_by_refdir(d)] if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return [d for d in sorted(root.iterdir()) if d.is_dir() and not d.is_symlink()
+            and (d / CONVERTED_RECORD).is_file() and written_by_refdir(d)]
 
 
 def _dir_bytes(d: Path) -> int:

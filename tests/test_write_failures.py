@@ -42,6 +42,30 @@ def test_full_disk_is_one_clear_error_and_no_output(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["src"]  # no temp dir, no partial output
 
 
+SAFETENSORS_CHILD = r"""
+import resource, signal, sys, torch
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+from safetensors.torch import save_file
+from refdir.core.io import atomic_dir
+from refdir.errors import RefdirError
+try:
+    with atomic_dir(sys.argv[1]) as tmp:  # the library writes and reports the failure as its own SafetensorError
+        save_file({"w": torch.zeros(10_000)}, str(tmp / "model.safetensors"))
+except RefdirError as e:
+    print("REFDIR-ERROR:", e)
+    sys.exit(3)
+"""
+
+
+def test_full_disk_met_by_safetensors_is_the_same_clear_error(tmp_path):
+    p = subprocess.run([sys.executable, "-c", SAFETENSORS_CHILD, str(tmp_path / "out")], capture_output=True,
+                       text=True, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert "disk is full or the file is too large" in p.stdout and "nothing was written" in p.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def _read_only_dir(tmp_path: Path) -> Path:
     if os.geteuid() != 0:
         d = tmp_path / "ro"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,15 +30,25 @@ def write_error(target: Path, e: OSError) -> RefdirError:
     return RefdirError(f"cannot write {target}: {why} ({e.strerror or e}); nothing was written")
 
 
+def _os_error_of(e: Exception) -> OSError | None:
+    """The OS error inside a writer's own exception: safetensors reports a failed write as its ``SafetensorError``
+    with the errno only in its text ("... No space left on device (os error 28)")."""
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"\(os error (\d+)\)", str(e)) if type(e).__name__ == "SafetensorError" else None
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1)))) if m else None
+
+
 @contextmanager
 def write_errors(target: Path) -> Iterator[None]:
-    """Turn a full disk or a read-only location met while writing ``target`` into one clear error; other
-    OSErrors pass through unchanged."""
+    """Turn a full disk or a read-only location met while writing ``target`` into one clear error (also where
+    safetensors reports it); other errors pass through unchanged."""
     try:
         yield
-    except OSError as e:
-        if e.errno in _NO_SPACE | _NO_WRITE:
-            raise write_error(target, e) from e
+    except Exception as e:  # noqa: BLE001 -- re-raised unless it is one of the OS errors above
+        os_err = _os_error_of(e)
+        if os_err is not None and os_err.errno in _NO_SPACE | _NO_WRITE:
+            raise write_error(target, os_err) from e
         raise
 
 

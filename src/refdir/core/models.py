@@ -210,9 +210,9 @@ def cache_gguf(gguf: Path, dtype: torch.dtype, model, tok) -> None:
             save_hf_checkpoint(model, tok, tmp)
             write_dir_record(tmp, source=str(Path(gguf).resolve()), source_file=file_record(Path(gguf)),
                              dtype=str(dtype))
-    except Exception as e:  # noqa: BLE001 -- OSError, RefdirError, safetensors' SafetensorError (a full disk)
-        warnings.warn(f"the converted GGUF could not be cached in {target} ({type(e).__name__}: {e}); it is "
-                      "converted again next time", stacklevel=3)
+    except (OSError, RefdirError) as e:  # a full disk as safetensors reports it is a RefdirError (io.write_errors)
+        warnings.warn(f"the converted GGUF could not be cached in {target} ({e}); it is converted again next time",
+                      stacklevel=3)
 
 
 # --------------------------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def test_the_second_direction_fills_the_kl_room_and_only_that(tiny_model_dir, tm
 
     model = tiny_model_dir("llama")
     out = tmp_path / "r"
-    s = _run(model, out, "--budget", "3", "--second-direction")
+    s = _run(model, out, "--budget", "3")  # on by default
     rd = RunDir(out)
     sec = s["choice"]["second"]
     assert rd.config()["second_direction"] is True and isinstance(sec["added"], bool)
@@ -252,7 +252,8 @@ def test_the_second_direction_fills_the_kl_room_and_only_that(tiny_model_dir, tm
     none = add_second(p, choice, rd.search_dir(), calib, 1e-12, 4, progress=False)
     assert not none["second"]["added"] and none["edit"] == edit and len(none["second"]["tried"]) <= 2
     assert add_second(p, {**choice, "met": False}, rd.search_dir(), calib, 10.0, 4)["second"]["added"] is False
-    off = _run(model, tmp_path / "off", "--budget", "3")  # off by default
+    off = _run(model, tmp_path / "off", "--budget", "3", "--no-second-direction")
+    assert RunDir(tmp_path / "off").config()["second_direction"] is False
     assert "second" not in off["choice"] and "second" not in off["choice"]["edit"]
 
 

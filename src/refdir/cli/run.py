@@ -68,10 +68,10 @@ def run(
     kl_target: float = typer.Option(0.05, help="first-token KL on harmless prompts the chosen edit stays under"),
     direction_method: str = typer.Option(None, help=DIRECTION_METHOD_HELP + " (default: pca with the search; "
                                          "--method paper takes none)"),
-    second_direction: bool = typer.Option(False, help="with the search: add to the chosen edit, at strength 0.3, "
-                                           "the selection's strongest other candidate off its harmless components "
-                                           "where the KL target leaves room (fewer refusals for ~0.008 more KL "
-                                           "on the default model; README)"),
+    second_direction: bool = typer.Option(True, help="with the search: add to the chosen edit, at strength 0.3, "
+                                          "the selection's strongest other candidate off its harmless components "
+                                          "where the KL target leaves room (fewer refusals for ~0.008 more KL "
+                                          "on the default model; README)"),
     n_test: int = typer.Option(None, help="test prompts per set (default: all of the test split)"),
     seed: int = typer.Option(42),
     filter_train: bool = typer.Option(True, help="keep harmful train prompts the model refuses (metric > 0), "

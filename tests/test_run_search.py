@@ -68,12 +68,17 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
     assert not any(k in sc for k in ("plain/test/harmful", "base/test/harmful", "base/test/harmless"))
     assert s["test"]["relation"]["test"].startswith("in-distribution")
     assert s["test"]["relation"]["heldout"].startswith("cross-source")
+    # the KL over the held-out harmless prompts the base model answers, beside the mean over all of them
+    answered = round(4 * (1 - sc["base/heldout/harmless"]["refusal"]))
+    ka = s["test"]["kl_answered"]
+    assert set(ka) == ({"chosen/heldout", "plain/heldout"} if answered else set())
+    assert all(v["n"] == answered and v["kl"] >= 0 for v in ka.values())
     v = s["checkpoint"]["verified"]
     assert v["kl_hooks_weights"] < 1e-6 and v["top1_agree"] == 1.0
     rd = RunDir(tmp_path / "r")
     assert (rd.checkpoint_model_dir() / "model.safetensors").exists()
     report = (tmp_path / "r" / "report.html").read_text()
-    assert "search" in report.lower()
+    assert "search" in report.lower() and ("harmless prompts the base model answers" in report) == bool(answered)
     for key in ("base/heldout/harmful", "chosen/heldout/harmful", "chosen/test/harmless"):
         assert rate_text(sc[key]["refusal"], sc[key]["n"]) in report  # each rate with its count and interval
     # the chosen edit against the plain direction and the base model, prompt by prompt, on the held-out set
@@ -302,11 +307,27 @@ def test_test_kl_from_the_generation_equals_a_separate_pass(tiny_tokenizer):
         for a, s in gen_arms:
             n = len(tsets[s]["harmless"])
             known[a, s], i = lg[i:i + n], i + n
-        got = _kls(model, fmt, tsets, plans, names, hr, 4, known)
-        ref = _kls(model, fmt, tsets, plans, names, hr, 4)
-    assert set(got) == set(ref) == {f"{a}/{s}" for a in ("plain", "chosen") for s in ("test", "heldout")}
+        got, got_each = _kls(model, fmt, tsets, plans, names, hr, 4, known)
+        ref, ref_each = _kls(model, fmt, tsets, plans, names, hr, 4)
+    assert set(got) == set(ref) == set(ref_each) == {f"{a}/{s}" for a in ("plain", "chosen") for s in ("test", "heldout")}
     for k in ref:
         assert ref[k] > 0 and got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-7), k
+        assert len(ref_each[k]) == len(tsets[k.split("/")[1]]["harmless"])
+        assert sum(ref_each[k]) / len(ref_each[k]) == pytest.approx(ref[k]) and got_each[k] == pytest.approx(ref_each[k], rel=1e-4, abs=1e-7)
+
+
+def test_kl_over_the_prompts_the_base_model_answers():
+    """The eval's second KL figure: the mean over the headline set's harmless prompts whose base completion the
+    judge does not read as a refusal; nothing where the base model was not generated there or refused them all."""
+    from refdir.workflows.finish import kl_answered
+
+    scores = {"base/heldout/harmless": {"flags": [True, False, False, True]}}
+    each = {"chosen/heldout": [0.5, 0.01, 0.03, 0.3], "chosen/test": [0.2, 0.2], "plain/heldout": [0.1, 0.0, 0.2, 0.1]}
+    out = kl_answered(scores, each, "heldout")
+    assert set(out) == {"chosen/heldout", "plain/heldout"}
+    assert out["chosen/heldout"] == {"kl": pytest.approx(0.02), "n": 2} and out["plain/heldout"]["kl"] == pytest.approx(0.1)
+    assert kl_answered(scores, each, "test") == {}
+    assert kl_answered({"base/heldout/harmless": {"flags": [True] * 4}}, each, "heldout") == {}
 
 
 def test_the_search_leaves_nothing_of_the_model_alive(tiny_model_dir, tmp_path):

@@ -19,7 +19,7 @@ from refdir.method.search import load_reference
 from refdir.method.uncertainty import rate_text
 from refdir.workflows.checks import print_warnings
 from refdir.workflows.extract import ExtractConfig, run_extract
-from refdir.workflows.report import test_rows
+from refdir.workflows.report import answered_kl_text, test_rows
 from refdir.workflows.run import RunConfig, run_pipeline
 
 
@@ -195,6 +195,9 @@ def print_search_summary(s: dict) -> None:
     console.print(t)
     for name, rel in s["test"]["relation"].items():
         console.print(f"  {name}: {rel}")
+    answered = answered_kl_text(s["test"])
+    if answered:
+        console.print(f"  {answered}", markup=False)
     ck = s.get("checkpoint")
     if ck:
         v = ck["verified"]

@@ -103,7 +103,7 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
                     firsts[arm, sname] = lg[js[0]:js[-1] + 1] if contiguous else lg[js]
                 del lg
             outs.update(zip(idx, o, strict=True))
-        kl = _kls(model, fmt, tsets, plans, names, hr, cfg.batch_size, firsts)
+        kl, kl_each = _kls(model, fmt, tsets, plans, names, hr, cfg.batch_size, firsts)
     gen: dict[str, list[str]] = {}
     for i, r in enumerate(rows):
         o = outs[i]
@@ -114,7 +114,8 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
                 if src.get("test") == src.get("train") else "as given (--harmful-test / --harmless-test)"}
     if "heldout" in tsets:
         relation["heldout"] = "cross-source: held-out sets of another source, never used to build or choose the edit"
-    res = {"scores": scores, "kl": kl, "relation": relation, "arms": {"chosen": choice, "plain": plain},
+    res = {"scores": scores, "kl": kl, "kl_answered": kl_answered(scores, kl_each, headline), "relation": relation,
+           "arms": {"chosen": choice, "plain": plain},
            "max_new_tokens": cfg.max_new_tokens, "harmless_tokens": min(cfg.max_new_tokens, HARMLESS_TOKENS),
            "judge": cfg.judge}
     with rd.write_stage(rdl.EVAL, key) as d:
@@ -123,13 +124,31 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
     return rd.scores()
 
 
+def kl_answered(scores: dict, kl_each: dict[str, list[float]], headline: str) -> dict[str, dict]:
+    """First-token KL over the harmless prompts of the headline set that the base model answers, per edited arm:
+    ``{"ARM/SET": {"kl": mean, "n": prompts}}``. The prompts the base model refuses are ones the edit is meant to
+    change (its over-refusals); on the default model they carry a third to a half of the mean KL, so the two
+    figures side by side say whether the KL is side effect or intended change."""
+    base = scores.get(f"base/{headline}/harmless")
+    if base is None:
+        return {}
+    answered = [not f for f in base["flags"]]
+    out = {}
+    for key, each in kl_each.items():
+        if key.endswith(f"/{headline}") and len(each) == len(answered) and any(answered):
+            vals = [k for k, a in zip(each, answered, strict=True) if a]
+            out[key] = {"kl": sum(vals) / len(vals), "n": len(vals)}
+    return out
+
+
 def _kls(model, fmt, tsets: dict, plans: dict, names: list[str], hr, batch_size: int,
-         known: dict[tuple[str, str], torch.Tensor] | None = None) -> dict[str, float]:
-    """Mean first-token KL(base ‖ arm) on each set's harmless prompts for every edited arm. ``known``: the logits
-    of (arm, set) pairs the generation already computed (in the set's prompt order); the rest are computed in one
-    pass per set."""
+         known: dict[tuple[str, str], torch.Tensor] | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Mean first-token KL(base ‖ arm) on each set's harmless prompts for every edited arm, and the per-prompt
+    values (same keys). ``known``: the logits of (arm, set) pairs the generation already computed (in the set's
+    prompt order); the rest are computed in one pass per set."""
     known = known or {}
     out: dict[str, float] = {}
+    each: dict[str, list[float]] = {}
     for sname, ts in tsets.items():
         B = ts["harmless"]
         if not B:
@@ -141,8 +160,9 @@ def _kls(model, fmt, tsets: dict, plans: dict, names: list[str], hr, batch_size:
                              groups=[k for k in todo for _ in B])
             logits |= {names[k]: lg[j * len(B):(j + 1) * len(B)] for j, k in enumerate(todo)}
         for arm in names[1:]:
-            out[f"{arm}/{sname}"] = float(first_token_kl(logits["base"], logits[arm], base_logits=True).mean())
-    return out
+            k = first_token_kl(logits["base"], logits[arm], base_logits=True)
+            out[f"{arm}/{sname}"], each[f"{arm}/{sname}"] = float(k.mean()), k.tolist()
+    return out, each
 
 
 @torch.no_grad()

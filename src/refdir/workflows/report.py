@@ -195,6 +195,18 @@ def test_rows(test: dict):
                 yield name, arm, h, sc.get(f"{arm}/{name}/harmless"), 0.0 if arm == "base" else kl.get(f"{arm}/{name}")
 
 
+def answered_kl_text(test: dict) -> str:
+    """One sentence: the first-token KL over the harmless prompts the base model answers beside the mean over all of
+    them, for each edited arm of the headline set ("" for runs without the figure)."""
+    ka = test.get("kl_answered") or {}
+    if not ka:
+        return ""
+    parts = [f"{ARM_NAMES[k.split('/')[0]]} {v['kl']:.4f} (all: {test['kl'][k]:.4f})" for k, v in ka.items()]
+    name, n = next(iter(ka)).split("/")[1], next(iter(ka.values()))["n"]
+    return (f"First-token KL over the {n} {name} harmless prompts the base model answers: " + "; ".join(parts)
+            + ". The ones it refuses are over-refusals the edit is meant to change; they count in the KL above.")
+
+
 def _search_run_parts(rd: RunDir, summ: dict) -> list[str]:
     """A run with the search: the headline table per test set (cross-source first, labelled), the choice, the
     refusal bars and example completions; the search's own section (the front) follows from the sections."""
@@ -214,6 +226,9 @@ def _search_run_parts(rd: RunDir, summ: dict) -> list[str]:
                  f"{t.get('harmless_tokens') or t['max_new_tokens']} on harmless ones. Refusal rates are given with "
                  f"their count and {CONFIDENCE:.0%} Wilson interval: two arms whose intervals overlap widely may "
                  "differ by sampling alone.</p>")
+    answered = answered_kl_text(t)
+    if answered:
+        parts.append(f"<p class='note'>{html.escape(answered)}</p>")
     parts.append(_paired(rd.scores()))
     parts.append(plot_refusal_bars(t["scores"], None))
     if "heldout" in t["relation"] or summ.get("reference"):

@@ -161,7 +161,7 @@ def search_summary(rd: RunDir, cfg: RunConfig, sets: dict, res: dict, test: dict
                    "spearman_refusal": res.get("spearman_refusal")},
         "choice": res["choice"],
         "test": {"scores": {k: {kk: v[kk] for kk in JUDGED} for k, v in test["scores"].items()}, "kl": test["kl"],
-                 "relation": test["relation"], "max_new_tokens": test["max_new_tokens"],
+                 "kl_answered": test.get("kl_answered", {}), "relation": test["relation"], "max_new_tokens": test["max_new_tokens"],
                  "harmless_tokens": test.get("harmless_tokens")},
         "checkpoint": ckpt,
         "judge": cfg.judge,

@@ -192,6 +192,17 @@ def test_the_gguf_cache_keeps_within_its_budget_evicting_the_least_recently_used
     assert any("was not cached" in str(x.message) for x in w)
     assert copy["a"].exists() and not copy["b"].exists() and copy["c"].exists()  # nothing evicted for nothing
 
+    monkeypatch.setattr(cache, "FREE_RESERVE", 2 << 30)
+    for bad in ("lots", "-1", "nan"):  # a budget that is not a number of GiB: said, and nothing cached or evicted
+        monkeypatch.setenv("REFDIR_GGUF_CACHE_GB", bad)
+        with pytest.raises(RefdirError, match="REFDIR_GGUF_CACHE_GB must be a number"):
+            cache.cache_limit()
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            assert "converted" not in load_model(str(files["b"]), dtype="bf16").source
+        assert any("REFDIR_GGUF_CACHE_GB must be a number" in str(x.message) for x in w)
+        assert copy["a"].exists() and not copy["b"].exists() and copy["c"].exists()
+
 
 def test_fast_gguf_reader_parses_what_the_library_reader_parses():
     """GGUFFile is gguf.GGUFReader over a plain array view: every field (name, types, every part) and every

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
 
 from refdir.core.io import written_by_refdir
+from refdir.errors import RefdirError
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -102,11 +104,17 @@ FREE_RESERVE = 2 << 30  # bytes a new copy must leave free on its disk
 
 
 def cache_limit() -> int:
+    """The converted copies' budget in bytes: ``REFDIR_GGUF_CACHE_GB`` GiB (a number ≥ 0), else 20 GiB."""
+    raw = os.environ.get("REFDIR_GGUF_CACHE_GB")
+    if raw is None:
+        return int(CACHE_LIMIT_GB * (1 << 30))
     try:
-        gb = float(os.environ.get("REFDIR_GGUF_CACHE_GB", CACHE_LIMIT_GB))
+        gb = float(raw)
     except ValueError:
-        gb = CACHE_LIMIT_GB
-    return int(max(gb, 0.0) * (1 << 30))
+        gb = float("nan")
+    if not (math.isfinite(gb) and gb >= 0):
+        raise RefdirError(f"REFDIR_GGUF_CACHE_GB must be a number of GiB ≥ 0, got {raw!r}")
+    return int(gb * (1 << 30))
 
 
 def _copies(root: Path) -> list[Path]:

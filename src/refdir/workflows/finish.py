@@ -135,7 +135,7 @@ def kl_answered(scores: dict, kl_each: dict[str, list[float]], headline: str) ->
     answered = [not f for f in base["flags"]]
     out = {}
     for key, each in kl_each.items():
-        if key.endswith(f"/{headline}") and len(each) == len(answered) and any(answered):
+        if key.endswith(f"/{headline}") and any(answered):  # the same prompts in the same order (zip is strict)
             vals = [k for k, a in zip(each, answered, strict=True) if a]
             out[key] = {"kl": sum(vals) / len(vals), "n": len(vals)}
     return out

@@ -54,6 +54,7 @@ from refdir.method.search import (
     write_search_report,
 )
 from refdir.method.search.study import (
+    all_trials,
     check_study_config,
     lead_candidate,
     make_objective,
@@ -273,7 +274,7 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
     warm = warm_starts(table, chosen, space, kl_max=run.kl_max, top_k=run.top_k,
                        strong_starts=cfg.strong_starts)[:trials]
     # those still to run (a resumed or extended search: the ones not in the study yet)
-    pending = seed_study(study, space, warm, table, band) if not study.trials else unrun_warm_starts(study, warm)
+    pending = seed_study(study, space, warm, table, band) if not all_trials(study) else unrun_warm_starts(study, warm)
     objective = make_objective(space, cands, proxy, band)
     with timings.phase("search"):
         if budget is None:

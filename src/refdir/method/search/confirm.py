@@ -37,7 +37,7 @@ from refdir.core.io import atomic_write_json
 from refdir.method.refusal_judge import judge_all
 from refdir.method.scoring import first_token_kl, last_logits
 from refdir.method.search.objective import Proxy, Space, pareto_front
-from refdir.method.search.study import run_trial, trial_rows
+from refdir.method.search.study import all_trials, run_trial, trial_rows
 
 CALIBRATE_MARGIN = 0.92  # where a calibrated pick's confirmed KL is aimed, as a share of its mark
 CALIBRATE_TOL = 0.1  # a pick already within this relative error of the aim is kept as it is
@@ -202,7 +202,7 @@ class Confirmation:
         """Rescale each mark's first tried point once towards ``CALIBRATE_MARGIN·m`` of confirmed KL (a new study
         trial, made once: a rerun finds it in the study); the rescaled edit leads the mark's picks if its confirmed
         KL stays under the mark. The rows, front, picks and other arms are then rebuilt from the study."""
-        made = {(tr.user_attrs["refine_of"], tr.user_attrs["mark"]): tr.number for tr in self.study.trials
+        made = {(tr.user_attrs["refine_of"], tr.user_attrs["mark"]): tr.number for tr in all_trials(self.study)
                 if tr.user_attrs.get("calibrated") and tr.values is not None}
         new: dict[float, int] = {}
         for m, u in self.unders.items():
@@ -234,7 +234,7 @@ class Confirmation:
     def scaled_trial(self, row: dict, a: float, attrs: dict) -> int | None:
         """Add ``row``'s edit with its strength times ``a`` as a study trial with user attrs ``attrs``; returns its
         number, or None when the scaled edit is the same (already at full strength)."""
-        p = self.study.trials[row["trial"]].params
+        p = all_trials(self.study)[row["trial"]].params
         q = self.space.scaled_params(p, a)
         return None if q == p else run_trial(self.study, self.objective, q, attrs).number
 

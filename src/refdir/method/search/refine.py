@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from refdir.core.edits import COMPONENTS
 from refdir.method.search.objective import Space, pareto_front
-from refdir.method.search.study import front_postfix, run_trial, spent_seconds, trial_estimate
+from refdir.method.search.study import all_trials, front_postfix, run_trial, spent_seconds, trial_estimate
 
 REFINE_MARGIN = 0.9  # aim under each KL mark: the confirmation prompts' KL differs from the proxy's by a few %
 REFINE_TOL = 0.1  # relative KL error at which a scaled edit counts as on target
@@ -43,7 +43,7 @@ def refine_front(study, objective, space: Space, marks: list[float], per_mark: i
     bar = tqdm(total=per_mark * len(marks) * len(space.directions), desc="refine", disable=not progress, leave=False)
     for m in marks:
         target = REFINE_MARGIN * m
-        trs = [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
+        trs = [tr for tr in all_trials(study) if tr.state == optuna.trial.TrialState.COMPLETE]
         done = {(tr.user_attrs["refine_of"], tr.user_attrs["mark"]) for tr in trs if "refine_of" in tr.user_attrs}
         trs = [tr for tr in trs if "refine_of" not in tr.user_attrs]  # sources: the front of the searched trials
         front = [trs[i] for i in pareto_front([(tr.values[0], tr.values[1]) for tr in trs])]

@@ -9,10 +9,12 @@ optional dependency, needed only by the search.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import math
 import threading
+import time
 from dataclasses import asdict
 from functools import cache
 from pathlib import Path
@@ -217,7 +219,8 @@ def unrun_warm_starts(study, warm: list[dict]) -> list[dict]:
     """The warm starts of ``warm`` that are not in the study yet (finished, running or queued), in order: what a
     resumed or extended budgeted search still has to run of them."""
     # a queued trial holds its params in fixed_params until it runs; one the selection scored has params only
-    seen = [tr.system_attrs.get("fixed_params") or tr.params for tr in study.trials if tr.user_attrs.get("warm_start")]
+    seen = [tr.system_attrs.get("fixed_params") or tr.params for tr in all_trials(study)
+            if tr.user_attrs.get("warm_start")]
     return [p for p in warm if p not in seen]
 
 
@@ -228,7 +231,7 @@ def run_trials(study, objective, trials: int, marks: list[float], progress: bool
     refinement asks for), then TPE; returns how many were run."""
     import optuna
 
-    done = [tr for tr in study.trials
+    done = [tr for tr in all_trials(study)
             if tr.state == optuna.trial.TrialState.COMPLETE and "refine_of" not in tr.user_attrs]
     todo = max(0, trials - len(done))
     for p in (warm or [])[:todo]:
@@ -247,10 +250,21 @@ def run_trials(study, objective, trials: int, marks: list[float], progress: bool
     return todo
 
 
+def all_trials(study) -> list:
+    """The study's trials without copying them (``study.trials`` deep-copies every trial on each call: with a few
+    hundred fast trials, as on a tiny model, the copies took 90% of a budgeted search's time). Read only."""
+    return study.get_trials(deepcopy=False)
+
+
+OVERHEAD = "budget_overhead_s"  # study user attr: budgeted time spent between trials (sampling the next, bookkeeping)
+
+
 def spent_seconds(study) -> float:
-    """Wall time of the study's finished searched and refined trials (calibration, part of the confirmation, is
-    left out), from the journal's timestamps: what a time budget has used so far, also across resumed runs."""
-    return sum(trial_seconds(tr) for tr in study.trials if not tr.user_attrs.get("calibrated"))
+    """What a time budget has used so far, also across resumed runs: the wall time of the study's finished
+    searched and refined trials (calibration, part of the confirmation, is left out), from the journal's
+    timestamps, plus the time :func:`run_budget` spent between them."""
+    return (sum(trial_seconds(tr) for tr in all_trials(study) if not tr.user_attrs.get("calibrated"))
+            + float(study.user_attrs.get(OVERHEAD, 0.0)))
 
 
 def trial_seconds(tr) -> float:
@@ -262,7 +276,7 @@ def trial_seconds(tr) -> float:
 def trial_estimate(study) -> float:
     """The time the next trial will take: the larger of the mean and the last of the timed trials (the
     selection's finalists enter with their scores and take no time)."""
-    timed = [tr for tr in study.trials if trial_seconds(tr) > 0 and not tr.user_attrs.get("from_selection")]
+    timed = [tr for tr in all_trials(study) if trial_seconds(tr) > 0 and not tr.user_attrs.get("from_selection")]
     if not timed:
         return 0.0
     return max(sum(map(trial_seconds, timed)) / len(timed), trial_seconds(timed[-1]))
@@ -279,20 +293,26 @@ def run_budget(study, objective, budget: float, reserve: int, marks: list[float]
     pending = list(warm or [])
     run = 0
     bar = tqdm(total=None, desc="search", disable=not progress, unit="trial")
+    spent0, t0 = spent_seconds(study), time.monotonic()
     try:
         while run < max_trials:
-            done = [tr for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
-            waiting = any(tr.state == optuna.trial.TrialState.WAITING for tr in study.trials)
-            if done and not waiting and spent_seconds(study) + (1 + reserve) * trial_estimate(study) > budget:
+            trs = all_trials(study)
+            done = any(tr.state == optuna.trial.TrialState.COMPLETE for tr in trs)
+            waiting = any(tr.state == optuna.trial.TrialState.WAITING for tr in trs)
+            spent = spent0 + time.monotonic() - t0  # this call's wall time: its trials and what lies between them
+            if done and not waiting and spent + (1 + reserve) * trial_estimate(study) > budget:
                 break
             if pending and not waiting:
                 study.enqueue_trial(pending.pop(0), user_attrs={"warm_start": True})
             study.optimize(objective, n_trials=1)
             run += 1
             bar.update(1)
-            bar.set_postfix_str(f"{spent_seconds(study):.0f}/{budget:.0f} s " + front_postfix(study, marks))
+            bar.set_postfix_str(f"{spent:.0f}/{budget:.0f} s " + front_postfix(study, marks))
     finally:
         bar.close()
+        # the part of this call's wall time outside its trials is kept, so that the budget counts it on resuming
+        between = spent0 + time.monotonic() - t0 - spent_seconds(study)
+        study.set_user_attr(OVERHEAD, float(study.user_attrs.get(OVERHEAD, 0.0)) + max(0.0, between))
     return run
 
 
@@ -302,7 +322,7 @@ def run_trial(study, objective, params: dict, attrs: dict):
 
     study.enqueue_trial(params, user_attrs=attrs)
     study.optimize(objective, n_trials=1)
-    tr = study.trials[-1]
+    tr = all_trials(study)[-1]
     if tr.state != optuna.trial.TrialState.COMPLETE:
         raise RefdirError(f"trial {tr.number} did not complete ({tr.state.name})")
     return tr
@@ -312,7 +332,7 @@ def front_postfix(study, marks: list[float]) -> str:
     """A progress bar's note: the front's size and its best proxy refusal under each KL mark."""
     import optuna
 
-    pts = [(tr.values[0], tr.values[1]) for tr in study.trials if tr.state == optuna.trial.TrialState.COMPLETE]
+    pts = [(tr.values[0], tr.values[1]) for tr in all_trials(study) if tr.state == optuna.trial.TrialState.COMPLETE]
     if not pts:
         return ""
     f = pareto_front(pts)
@@ -325,15 +345,16 @@ def front_postfix(study, marks: list[float]) -> str:
 
 
 def trial_rows(study) -> list[dict]:
-    """One row per finished trial: its number, proxy scores, edit and how it was made."""
+    """One row per finished trial: its number, proxy scores, edit (a copy: the trials are the storage's own) and
+    how it was made."""
     import optuna
 
     rows = []
-    for tr in study.trials:
+    for tr in all_trials(study):
         if tr.state != optuna.trial.TrialState.COMPLETE:
             continue
         rows.append({"trial": tr.number, "proxy_refusal": tr.values[0], "proxy_kl": tr.values[1],
-                     "edit": tr.user_attrs["edit"], "warm_start": bool(tr.user_attrs.get("warm_start")),
+                     "edit": copy.deepcopy(tr.user_attrs["edit"]), "warm_start": bool(tr.user_attrs.get("warm_start")),
                      "refine_of": tr.user_attrs.get("refine_of"), "calibrated": bool(tr.user_attrs.get("calibrated"))})
     return rows
 

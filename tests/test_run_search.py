@@ -95,6 +95,10 @@ def test_budget_is_honoured_and_a_bigger_one_extends_the_study(tiny_model_dir, t
     s1 = _run(model, out, "--budget", "8")
     spent1, n1 = s1["search"]["spent_s"], s1["search"]["n_trials"]
     assert spent1 <= 8 * 1.1 and n1 > 1
+    # the budget is wall time: what the search phases took, not only their trials (hundreds of fast trials once
+    # spent 20x the budget between trials, uncounted)
+    t = s1["timings_s"]
+    assert t["search.search"] + t["search.refine"] <= 8 * 1.1 + 2
     # the same command again: nothing recomputed, the model not even loaded
     s2 = _run(model, out, "--budget", "8")
     assert s2["search"]["n_trials"] == n1 and "load" not in s2["timings_s"]
@@ -228,7 +232,7 @@ def test_the_second_direction_fills_the_kl_room_and_only_that(tiny_model_dir, tm
     run's checkpoint equals its hooks with it."""
     from refdir.core.directions import Direction
     from refdir.method import second_direction
-    from refdir.workflows.search import Timings, add_second, prepare
+    from refdir.workflows.search import Timings, add_second, pca_source, prepare
     from refdir.workflows.stages import RunConfig
 
     model = tiny_model_dir("llama")
@@ -251,12 +255,32 @@ def test_the_second_direction_fills_the_kl_room_and_only_that(tiny_model_dir, tm
     assert room["second"]["added"] and e.second.strength == second_direction.STRENGTH and e.second.direction == "second"
     assert room["second"]["calibration_kl"] > room["second"]["calibration_kl_before"]
     table = json.loads((rd.search_dir() / "selection.json").read_text())["table"]
-    strongest = second_direction.strongest(table, (e.position, int(round(e.layer))))
+    lead = Direction.load(rd.source_path("pca"))  # the candidate the choice's pca direction was made from
+    strongest = second_direction.strongest(table, {(e.position, int(round(e.layer))), (lead.position, lead.layer)})
     assert (room["second"]["position"], room["second"]["layer"]) == (strongest["position"], strongest["layer"])
     assert Direction.load(rd.source_path("second")).meta["source"] == "second"
     none = add_second(p, choice, rd.search_dir(), calib, 1e-12, 4, progress=False)
     assert not none["second"]["added"] and none["edit"] == edit and len(none["second"]["tried"]) <= 2
     assert add_second(p, {**choice, "met": False}, rd.search_dir(), calib, 10.0, 4)["second"]["added"] is False
+    # the candidate the pca direction was made from is never the second direction, even where the edit is applied
+    # at another layer and that candidate is the strongest (CI: it was, and the run failed as "parallel")
+    other = next(r["layer"] for r in table if r["layer"] != lead.layer)
+    sdir = tmp_path / "sel"
+    sdir.mkdir()
+    rows = [{**r, "bypass": -1e9} if (r["position"], r["layer"]) == (lead.position, lead.layer) else r for r in table]
+    (sdir / "selection.json").write_text(json.dumps({"table": rows}))
+    moved = {**choice, "edit": {**edit, "direction": "pca", "position": lead.position, "layer": float(other)}}
+    got = add_second(p, moved, sdir, calib, 10.0, 4, progress=False)["second"]
+    assert got["added"] and (got["position"], got["layer"]) not in {(lead.position, lead.layer),
+                                                                    (lead.position, other)}
+    # a direction that is the strongest candidate's own (here an unsaved source) gets no second copy of itself
+    best = second_direction.strongest(table, {(e.position, int(round(e.layer)))})
+    p.cands = p.cands.with_optimized("rdo", pca_source(p, best, calib, progress=False, name="second"))
+    assert not rd.source_path("rdo").exists()
+    same = add_second(p, {**choice, "edit": {**edit, "direction": "rdo"}}, rd.search_dir(), calib, 10.0, 4,
+                      progress=False)["second"]
+    assert not same["added"] and "again" in same["why"] and (same["position"], same["layer"]) == (best["position"],
+                                                                                                     best["layer"])
     off = _run(model, tmp_path / "off", "--budget", "3", "--no-second-direction")
     assert RunDir(tmp_path / "off").config()["second_direction"] is False
     assert "second" not in off["choice"] and "second" not in off["choice"]["edit"]
@@ -267,7 +291,7 @@ def test_second_direction_rules():
 
     table = [{"position": -1, "layer": 2, "bypass": -3.0}, {"position": -2, "layer": 3, "bypass": -5.0},
              {"position": -1, "layer": 1, "bypass": float("nan")}]
-    assert strongest(table)["layer"] == 3 and strongest(table, (-2, 3))["layer"] == 2
+    assert strongest(table)["layer"] == 3 and strongest(table, {(-2, 3)})["layer"] == 2
     assert strongest(table[2:]) is None
     assert rescaled(0.3, 0.02, 0.06, 0.04) == pytest.approx(0.3 * (0.5 ** 0.5))
     assert rescaled(0.3, 0.05, 0.06, 0.04) is None and rescaled(0.3, 0.02, 0.01, 0.04) is None

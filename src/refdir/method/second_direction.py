@@ -17,15 +17,18 @@ would pass the target.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 STRENGTH = 0.3  # the second direction's strength (development slices, NOTES.md)
+MAX_COS = 0.99  # a second direction closer than this to the chosen one is that direction again, not a second
 
 
-def strongest(table: list[dict], exclude: tuple[int, int] | None = None) -> dict | None:
-    """The fully scored selection row with the lowest bypass (``exclude``: a (position, layer) left out, the chosen
-    edit's own candidate); None when no other row was scored."""
+def strongest(table: list[dict], exclude: Collection[tuple[int, int]] = ()) -> dict | None:
+    """The fully scored selection row with the lowest bypass (``exclude``: the (position, layer) pairs left out,
+    the chosen edit's own candidates: where it is applied and where its direction came from); None when no other
+    row was scored."""
     rows = [r for r in table if isinstance(r.get("bypass"), (int, float)) and math.isfinite(r["bypass"])
-            and (r["position"], r["layer"]) != exclude]
+            and (r["position"], r["layer"]) not in exclude]
     return min(rows, key=lambda r: r["bypass"]) if rows else None
 
 
@@ -37,4 +40,4 @@ def rescaled(strength: float, k0: float, k: float, aim: float) -> float | None:
     return min(1.0, strength * math.sqrt((aim - k0) / (k - k0)))
 
 
-__all__ = ["STRENGTH", "rescaled", "strongest"]
+__all__ = ["MAX_COS", "STRENGTH", "rescaled", "strongest"]

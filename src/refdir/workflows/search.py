@@ -378,11 +378,15 @@ def add_second(p: Prepared, choice: dict, sdir: Path, calibration: list[str], ta
         return {**choice, "second": {"added": False, "why": "the choice is not under the target"}}
     edit = Edit.from_dict(choice["edit"])
     sel = json.loads((sdir / rdl.SEARCH_SELECTION_FILE).read_text())
-    row = second_direction.strongest(sel["table"], (edit.position, int(round(edit.layer))))
+    row = second_direction.strongest(sel["table"], _own_candidates(p.rd, edit))
     if row is None:
         return {**choice, "second": {"added": False, "why": "no other scored candidate"}}
     v = pca_source(p, row, calibration, progress, name=SECOND)
     p.cands = p.cands.with_optimized(SECOND, v)
+    cos = abs(float(torch.nn.functional.cosine_similarity(v.double(), resolve(edit, p.cands).r.double(), dim=0)))
+    if cos > second_direction.MAX_COS or not float(v.norm()) > 0:
+        why = f"the strongest other candidate is zero or the chosen direction again (|cos| {cos:.3f})"
+        return {**choice, "second": {"added": False, "why": why, "position": row["position"], "layer": row["layer"]}}
     model, fmt = p.m.lm.model, p.m.fmt
     base = torch.log_softmax(last_logits(model, fmt, calibration, bs, shared_prefix=True).double(), -1)
 
@@ -409,6 +413,17 @@ def add_second(p: Prepared, choice: dict, sdir: Path, calibration: list[str], ta
     if not out["added"]:
         return {**choice, "second": info}
     return {**choice, "edit": e2.to_dict(), "describe": e2.describe(), "second": info}
+
+
+def _own_candidates(rd: RunDir, edit: Edit) -> set[tuple[int, int]]:
+    """The (position, layer) candidates an edit is made of: the one it is applied at and, for a direction source
+    (rdo, pca), the candidate that source was made from; the second direction is taken from none of them."""
+    own = {(edit.position, int(round(edit.layer)))}
+    f = rd.source_path(edit.direction) if edit.direction in rdl.SOURCES else None
+    if f is not None and f.exists():
+        d = Direction.load(f)
+        own.add((d.position, d.layer))
+    return own
 
 
 def choose(res: dict, target: float) -> dict:

@@ -286,6 +286,34 @@ def test_the_second_direction_fills_the_kl_room_and_only_that(tiny_model_dir, tm
     assert "second" not in off["choice"] and "second" not in off["choice"]["edit"]
 
 
+def test_a_choice_over_the_target_is_a_warning(tiny_model_dir, tmp_path):
+    """No edit under the KL target: the run still writes the lowest-KL point, and says so as a warning (console,
+    summary, report)."""
+    r = runner.invoke(app, ["run", str(tiny_model_dir("llama")), "--out", str(tmp_path / "r"), *ARGS,
+                            "--budget", "2", "--kl-target", "1e-9"])
+    assert r.exit_code == 0, r.output
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["choice"]["met"] is False
+    w = [x for x in s["warnings"] if x.startswith("no edit the search found is under the KL target 1e-09")]
+    assert len(w) == 1 and "warning: no edit the search found" in " ".join(r.output.split())
+    assert "no edit the search found" in (tmp_path / "r" / "report.html").read_text()
+    # the checkpoint of this pre-norm model computes the hooked edit: no warning about it
+    assert s["checkpoint"]["exact"] and not any("checkpoint" in x for x in s["warnings"])
+
+
+def test_a_checkpoint_that_is_not_the_tested_edit_is_a_warning():
+    from refdir.workflows.checks import CHECKPOINT_KL, choice_warnings
+
+    met = {"met": True, "kl_target": 0.05, "proxy_kl": 0.04}
+    ok = {"verified": {"n_prompts": 8, "kl_hooks_weights": CHECKPOINT_KL / 10, "top1_agree": 0.94}, "exact": True}
+    assert choice_warnings(met, ok) == [] and choice_warnings(met, None) == []
+    # the real Gemma 3 270M's run (post-norms): weights against hooks KL 16.4, top-1 agreement 0 (NOTES.md)
+    off = {"verified": {"n_prompts": 8, "kl_hooks_weights": 16.4, "top1_agree": 0.0}, "exact": False}
+    (w,) = choice_warnings(met, off)
+    assert w.startswith("the checkpoint does not compute what the test measured") and "16.4" in w
+    assert "post-norms" in w and "post-norms" not in choice_warnings(met, {**off, "exact": True})[0]
+
+
 def test_second_direction_rules():
     from refdir.method.second_direction import rescaled, strongest
 

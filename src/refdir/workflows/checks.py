@@ -72,6 +72,28 @@ def refusal_warnings(rd: RunDir) -> list[str]:
     return warnings
 
 
+CHECKPOINT_KL = 0.01  # weights against hooks above this first-token KL: the checkpoint is not the edit tested
+# (measured: fp32 ~1e-6; bf16 7e-4 to 3e-3 on Qwen2.5 0.5B and SmolLM2; a post-norm model's approximate edit, 16)
+
+
+def choice_warnings(choice: dict, ckpt: dict | None) -> list[str]:
+    """The warnings a run with the search gives about what it chose and wrote, each printed as it is found: no
+    edit under the KL target, and a checkpoint whose logits are not those of the tested (hooked) edit."""
+    out = []
+    if not choice.get("met", True):
+        out.append(f"no edit the search found is under the KL target {choice['kl_target']:g}: the chosen one is the "
+                   f"front's lowest-KL point (proxy KL {choice['proxy_kl']:.3g}); a bigger --budget may find one")
+    v = (ckpt or {}).get("verified")
+    if v and v["kl_hooks_weights"] > CHECKPOINT_KL:
+        why = "" if ckpt.get("exact", True) else (" (this architecture has post-norms, where the weight edit only "
+                                                  "approximates the hooks)")
+        out.append(f"the checkpoint does not compute what the test measured: its first-token KL from the hooked "
+                   f"edit is {v['kl_hooks_weights']:.3g} on {v['n_prompts']} prompts, top-1 agreement "
+                   f"{v['top1_agree']:.2f}{why}; the test's figures describe the hooked edit, not the checkpoint")
+    print_warnings(out)
+    return out
+
+
 def print_warnings(warnings: list[str]) -> None:
     """Warnings on the console, one line each: as a run or search finds them, and again at the end of the
     command (a summary's ``warnings``), where the progress bars do not scroll them away."""

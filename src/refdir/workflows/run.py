@@ -30,7 +30,7 @@ from refdir.core.fingerprint import files_sha256
 from refdir.core.memory import peak_rss_mib, trim_heap
 from refdir.core.rundir import RunDir, versions
 from refdir.method.selection import Selection
-from refdir.workflows.checks import all_prompts, check_run, refusal_warnings
+from refdir.workflows.checks import all_prompts, check_run, choice_warnings, refusal_warnings
 from refdir.workflows.finish import stage_edit_checkpoint, stage_test
 from refdir.workflows.report import write_report
 from refdir.workflows.search import Prepared, Timings, stage_search
@@ -102,6 +102,7 @@ def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict 
         test = timed(rdl.EVAL, stage_test, rd, cfg, m, sets, cands, res["choice"], res["plain"], progress=progress)
         # 7. the chosen edit in the weights (in place), saved as HF (and GGUF), checked against the hooks by logits
         ckpt = timed(rdl.CHECKPOINT, stage_edit_checkpoint, rd, cfg, m, sets, cands, res["choice"], progress=progress)
+        warnings += choice_warnings(res["choice"], ckpt)
         summary = search_summary(rd, cfg, sets, res, test, ckpt, finish_times(times, t0, m))
         summary["reference"] = reference or []
     else:

@@ -40,7 +40,8 @@ EXACT_ARCHS = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
 }
-# Post-norm decoders: ablation hooks act on what is written; weight edits are approximate.
+# Post-norm decoders: ablation hooks act on what is written (orthogonalizing the weights removes r exactly but
+# computes something else); the run's edits act before the norm, the same as hooks and as weights.
 POSTNORM_ARCHS = {
     "gemma2": {"head_dim": 16},
     "gemma3_text": {"head_dim": 16},

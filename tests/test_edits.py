@@ -105,6 +105,15 @@ def test_hooks_equal_weights_with_a_second_direction(arch_name):
     _hooks_vs_weights(arch_name, _second(_edit("plain", "plain", embedding=False), 1.0))
 
 
+@pytest.mark.parametrize("arch_name", ["gemma2", "gemma3_text", "olmo2"])
+def test_hooks_equal_weights_under_post_norms(arch_name):
+    """Post-norm blocks: the hooks edit what the writers write, before the norm, along gain ⊙ d, so the weights
+    compute the same (they computed something else when the hooks edited the norm's output: the norm rescales)."""
+    for v in ("plain", "projected", "norm"):
+        _hooks_vs_weights(arch_name, _edit(v, v))
+    _hooks_vs_weights(arch_name, _second(_edit("norm", "projected")))
+
+
 def test_second_direction_is_orthogonal_to_the_first_and_removed_at_its_strength():
     model = make_tiny("llama", VOCAB)
     arch = inspect_model(model)

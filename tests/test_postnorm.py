@@ -25,7 +25,10 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from refdir.core.architecture import inspect_model
+from refdir.core.directions import Candidates
+from refdir.core.edits import Edit, Kernel, Plan, Second, apply_weights_, hooked, resolve
 from refdir.core.gguf_edit import orthogonalize_gguf
+from refdir.core.gguf_plan import export_gguf_plan
 from refdir.core.models import save_hf_checkpoint
 from refdir.core.orthogonalize import orthogonalize_, stream_orthogonalize
 from refdir.core.postnorm import NormForm, norm_form
@@ -328,3 +331,73 @@ def test_edit_summary_is_recorded(tmp_path):
     model.save_pretrained(src)
     stream_orthogonalize(src, _direction(64), tmp_path / "out", progress=False)
     assert json.loads((tmp_path / "out" / "refdir_edit.json").read_text())["post_norms"] == "exact"
+
+
+# ------------------------------------------------------------------------------ parameterised edits (refdir run)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+
+
+def test_a_full_edit_removes_r_as_hooks_and_as_weights(postnorm_model):
+    """The run's edits on post-norm models: at full strength every block input loses r, hooked and in the weights,
+    and the two compute the same logits."""
+    _, model = postnorm_model
+    arch = inspect_model(model)
+    r = _direction(64)
+    plan = Plan.full(r, arch.n_layers)
+    with hooked(model, plan):
+        assert max_cos(model, r) <= TOL
+        want = _logits(model, IDS)
+    edited = copy.deepcopy(model)
+    assert apply_weights_(edited, plan)["exact"]
+    assert max_cos(edited, r) <= TOL and (want - _logits(edited, IDS)).abs().max() <= 1e-4
+
+
+def test_a_kernel_edit_in_a_gguf_equals_it_in_memory(postnorm_model, tmp_path):
+    """``export_gguf_plan`` edits the writers under a post-norm along gain ⊙ d with the gains as llama.cpp stores
+    them (Gemma: 1 + w), the same edit as ``apply_weights_`` (and so the hooks), second direction included."""
+    name, model = postnorm_model
+    arch = inspect_model(model)
+    g = torch.Generator().manual_seed(7)
+    cands = Candidates.from_means(torch.randn(2, arch.n_layers + 1, 64, generator=g, dtype=torch.float64),
+                                  torch.randn(2, arch.n_layers + 1, 64, generator=g, dtype=torch.float64))
+    cands = cands.with_optimized("second", _direction(64, seed=9))
+    edit = Edit.from_dict({**Edit.full(-1, 1.0).to_dict(), "layer": 0.6})
+    edit.attn.variant, edit.mlp.variant, edit.second = "norm", "projected", Second("second", 0.4)
+    edit.embedding = False  # a tied embedding's edit unties the head, which _load_edited does not read back
+    edit.attn.kernel, edit.mlp.kernel = Kernel(0.8, 1.0, 1.5, 0.3), Kernel(0.6, 0.5, 2.0, 0.1)
+    plan = resolve(edit, cands)
+    _gguf_from(model, GGUF_ARCH[name], tmp_path / "src.gguf")
+    summary = export_gguf_plan(tmp_path / "src.gguf", plan, tmp_path / "out.gguf", progress=False)
+    assert summary["post_norms"] == "exact"
+    in_memory = copy.deepcopy(model)
+    apply_weights_(in_memory, plan)
+    with hooked(model, plan):
+        want = _logits(model, IDS)
+    got = _logits(_load_edited(model, tmp_path / "out.gguf"), IDS)
+    assert (got - _logits(in_memory, IDS)).abs().max() <= 1e-4 and (got - want).abs().max() <= 1e-4
+
+
+def _logits_plain(model):
+    with torch.no_grad():
+        return model(IDS)  # the hand-written decoder returns its final norm's output
+
+
+def test_a_layernorm_post_norm_edit_is_the_same_as_hooks_and_weights():
+    """A centring post-norm with a bias: hooks and weights edit the writers along the centred gain ⊙ r and leave
+    the bias as it is, so they compute the same."""
+    model = _layernorm_decoder()
+    r = _direction(64)
+    plan = Plan.full(r, inspect_model(model).n_layers)
+    plan.strengths = {c: [0.7] * len(v) for c, v in plan.strengths.items()}
+    with hooked(model, plan):
+        want = _logits_plain(model)
+    edited = copy.deepcopy(model)
+    assert apply_weights_(edited, plan)["exact"]
+    assert (want - _logits_plain(edited)).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))

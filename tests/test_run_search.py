@@ -294,7 +294,8 @@ def test_a_choice_over_the_target_is_a_warning(tiny_model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert s["choice"]["met"] is False
-    w = [x for x in s["warnings"] if x.startswith("no edit the search found is under the KL target 1e-09")]
+    w = [x for x in s["warnings"] if x.startswith("no edit the search found keeps the calibration prompts' KL under "
+                                                   "the target 1e-09")]
     assert len(w) == 1 and "warning: no edit the search found" in " ".join(r.output.split())
     assert "no edit the search found" in (tmp_path / "r" / "report.html").read_text()
     # the checkpoint of this pre-norm model computes the hooked edit: no warning about it

@@ -32,9 +32,14 @@ Variants (per component):
   is multiplied by ``‖w_j‖ / ‖w_j − s(w_j·r̂)r̂‖`` and the component's output is projected, which equals
   ``W'' x + b'`` exactly (hooks need ``nn.Linear`` writers; fused 3-D experts get the weight form only).
 
+Post-norms (Gemma 2/3, OLMo 2: a block writes ``norm(y) = g ⊙ ŷ``): the edit acts on ``y``, where the writers
+write, along ``u = normalize(g ⊙ d)`` (:func:`refdir.core.postnorm.under_post_norm`), so at strength 1 the block
+writes nothing along d and hooks and weights are the same linear edit (removing d after the norm is not one).
+
 The existing full ablation is the special case :meth:`Edit.full`: strength 1 at every layer on both
 components, plain, embedding on; its hooks equal :func:`refdir.core.interventions.ablate` and its weights
-:func:`refdir.core.orthogonalize.orthogonalize_`.
+:func:`refdir.core.orthogonalize.orthogonalize_` (on post-norm models only its weights do: ``ablate`` removes r̂
+after the norm).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from refdir.core.architecture import Architecture, BlockParts, Writer, inspect_m
 from refdir.core.directions import Candidates, unit_vector
 from refdir.core.hooks import registered, remove_all
 from refdir.core.orthogonalize import untie_lm_head
+from refdir.core.postnorm import edit_exact, post_gain, under_post_norm
 from refdir.core.row_hooks import Rows, out_hook, scale_pre_hook
 from refdir.errors import RefdirError
 
@@ -340,11 +346,16 @@ def edit_hooks(model: nn.Module, plan: Plan | Sequence[Plan | None], arch: Archi
         for bp in arch.blocks:
             for c in COMPONENTS:
                 r, s = stack(c, bp.index)
-                out_mod = bp.attn_out if c == "attn" else bp.mlp_out
+                post = post_gain(bp, c)
+                if post is not None:  # on what the writers write, before the norm (module docstring)
+                    out_mod = bp.attn if c == "attn" else bp.mlp
+                    r, r2 = under_post_norm(r, post), under_post_norm(second_r, post)
+                else:
+                    out_mod, r2 = (bp.attn_out if c == "attn" else bp.mlp_out), second_r
                 if (s > 0).any():
                     handles.append(out_mod.register_forward_hook(out_hook(rows, r, s)))
                 if (second_s > 0).any():  # forward hooks run in the order they were registered: after the edit's
-                    handles.append(out_mod.register_forward_hook(out_hook(rows, second_r, second_s)))
+                    handles.append(out_mod.register_forward_hook(out_hook(rows, r2, second_s)))
                 if not (s > 0).any():
                     continue
                 norm = [k for k, p in enumerate(plans) if p is not None and s[k] > 0 and p.variants[c] == "norm"]
@@ -391,10 +402,9 @@ def apply_weights_(model: nn.Module, plan: Plan, arch: Architecture | None = Non
     """Edit the weights of ``model`` in place so that it computes what :func:`hooked` computes."""
     arch = arch or inspect_model(model)
     _check(plan, arch)
-    if not arch.weight_edit_exact:
-        warnings.warn("this architecture has post-norms; a weight edit only approximates the hook edit", stacklevel=2)
-    edited = []
-    untied = False
+    if not (exact := edit_exact(arch)):
+        warnings.warn("post-norms of an unknown form: a weight edit only approximates the hooks", stacklevel=2)
+    edited, untied = [], False
     if plan.embedding:
         untied = untie_lm_head(model, arch)
         for name, emb in arch.embeddings:
@@ -411,18 +421,20 @@ def apply_weights_(model: nn.Module, plan: Plan, arch: Architecture | None = Non
             s = plan.strengths[c][bp.index]
             if s <= 0 and plan.second is None:
                 continue
+            post = post_gain(bp, c)  # under a post-norm: the directions the hooks remove before the norm
+            dc = under_post_norm(plan.directions[c], post)
+            d2 = None if plan.second is None else under_post_norm(plan.second[0], post)
             for w in component_writers(bp, c):
                 p = getattr(w.module, w.param)
                 axis = 0 if p.dim() == 1 else w.out_axis
                 y = p.data.to(torch.float64).movedim(axis, -1)
                 if s > 0:
-                    y = _edit_vectors(y, plan.directions[c].to(y.device), s,
-                                      plan.variants[c] == "norm" and not _is_bias(w))
-                if plan.second is not None:  # after the edit itself, as the hooks apply it
-                    y = _edit_vectors(y, plan.second[0].to(y.device), plan.second[1], False)
+                    y = _edit_vectors(y, dc.to(y.device), s, plan.variants[c] == "norm" and not _is_bias(w))
+                if d2 is not None:  # after the edit itself, as the hooks apply it
+                    y = _edit_vectors(y, d2.to(y.device), plan.second[1], False)
                 p.data.copy_(y.movedim(-1, axis).to(p.dtype))
                 edited.append(w.name)
-    return {"edited": edited, "untied_lm_head": untied, "exact": arch.weight_edit_exact}
+    return {"edited": edited, "untied_lm_head": untied, "exact": exact}
 
 
 def _is_bias(w: Writer) -> bool:

@@ -9,8 +9,9 @@ where the gguf library can quantize it (else Q8_0 or F16, listed in the summary)
 ``token_embd`` loses its r part. A plan's second direction is removed after that from every writer (and the edited
 embedding), as ``apply_weights_`` removes it. The file is written by :func:`refdir.core.gguf_edit.rewrite_gguf`, as
 ``orthogonalize`` writes its GGUF: every other tensor's bytes and all metadata copied unchanged, a tied
-unembedding kept as ``output.weight``. Post-norm blocks are edited against the direction itself (approximate, like
-``apply_weights_``; the summary says so).
+unembedding kept as ``output.weight``. A writer under a post-norm is edited along ``gain ⊙ d`` (normalized; the
+gain as llama.cpp stores it), as ``apply_weights_`` and the hooks edit it (:mod:`refdir.core.edits`); its bias,
+if any, is left as they leave it.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from refdir.core.edits import Plan
-from refdir.core.gguf_edit import _WRITER, open_gguf, rewrite_gguf, writer_axis
+from refdir.core.gguf_edit import _WRITER, _post_norm_directions, open_gguf, rewrite_gguf, writer_axis
 from refdir.core.io import check_file_target
 from refdir.errors import RefdirError
 
@@ -49,8 +50,14 @@ def edit_rows(x: np.ndarray, r: np.ndarray, s: float, keep_norm: bool, axis: int
     return np.moveaxis(out.reshape(xm.shape), -1, axis)
 
 
-def _target(name: str, plan: Plan, n_layers: int) -> tuple[np.ndarray, float, bool] | None:
-    """(direction, strength, keep_norm) for tensor ``name`` under ``plan``; None when it is not edited."""
+def _unit(v) -> np.ndarray:
+    r = v.double().cpu().numpy()
+    return r / np.linalg.norm(r)
+
+
+def _target(name: str, plan: Plan, n_layers: int, under: dict) -> tuple[np.ndarray, float, bool] | None:
+    """(direction, strength, keep_norm) for tensor ``name`` under ``plan``; None when it is not edited.
+    ``under[c]``: the directions of component c's writers under a post-norm (None: the norm cannot write along it)."""
     m = _WRITER.match(name)
     if not m:
         return None
@@ -59,10 +66,10 @@ def _target(name: str, plan: Plan, n_layers: int) -> tuple[np.ndarray, float, bo
         raise RefdirError(f"{name}: block {blk} is beyond the edit's {n_layers} layers")
     c = _COMPONENT[m.group(1)]
     s = float(plan.strengths[c][blk])
-    if s <= 0:
+    u = under[c].get(name, _unit(plan.directions[c]))
+    if s <= 0 or u is None:
         return None
-    r = plan.directions[c].double().numpy()
-    return r / np.linalg.norm(r), s, plan.variants[c] == "norm" and m.group(2) == "weight"
+    return u, s, plan.variants[c] == "norm" and m.group(2) == "weight"
 
 
 def export_gguf_plan(src: str | Path, plan: Plan, out: str | Path, *, force: bool = False,
@@ -74,31 +81,34 @@ def export_gguf_plan(src: str | Path, plan: Plan, out: str | Path, *, force: boo
     if plan.r.numel() != d:
         raise RefdirError(f"the edit's direction has size {plan.r.numel()}, the GGUF's embedding width is {d}")
     n_layers = len(plan.strengths["attn"])
-    post_norms = any(n.endswith(("post_attention_norm.weight", "post_ffw_norm.weight")) for n in names)
     tied = "output.weight" not in names
-    r = plan.r.double().numpy()
-    r = r / np.linalg.norm(r)
-
-    second = None if plan.second is None else (plan.second[0].double().cpu().numpy(), plan.second[1])
+    r = _unit(plan.r)
+    # writers under a post-norm: each component's direction (and the second) as gain ⊙ d, from the stored gains
+    under = {c: _post_norm_directions(reader, arch, _unit(plan.directions[c]))[0] for c in ("attn", "mlp")}
+    second = None if plan.second is None else (_unit(plan.second[0]), plan.second[1])
+    under2 = {} if second is None else _post_norm_directions(reader, arch, second[0])[0]
 
     def wants(name: str) -> bool:
         if name == "token_embd.weight":
             return plan.embedding
-        return _target(name, plan, n_layers) is not None or (second is not None and bool(_WRITER.match(name)))
+        return (_target(name, plan, n_layers, under) is not None
+                or (second is not None and bool(_WRITER.match(name)) and under2.get(name, second[0]) is not None))
 
     def transform(name: str, x: np.ndarray) -> np.ndarray:
         if name == "token_embd.weight":
             y = edit_rows(x, r, 1.0, False, x.ndim - 1)
             axis = x.ndim - 1
+            u2 = None if second is None else second[0]
         else:
-            axis, t = writer_axis(name, x, d), _target(name, plan, n_layers)
+            axis, t = writer_axis(name, x, d), _target(name, plan, n_layers, under)
             y = x if t is None else edit_rows(x, *t, axis)
+            u2 = None if second is None else under2.get(name, second[0])
         # the second direction after the edit itself, as apply_weights_ and the hooks apply it
-        return y if second is None else edit_rows(y, second[0], second[1], False, axis)
+        return y if u2 is None else edit_rows(y, u2, second[1], False, axis)
 
     edited, changed = rewrite_gguf(reader, arch, out, wants, transform, force=force, progress=progress)
     return {"kind": "edit", "mode": "gguf", "source": str(src), "edited": edited, "changed_types": changed,
-            "untied_output": tied and plan.embedding, "post_norms": "approximate" if post_norms else "none"}
+            "untied_output": tied and plan.embedding, "post_norms": "exact" if under["attn"] or under["mlp"] else "none"}
 
 
 def plan_to_cpu(plan: Plan) -> Plan:

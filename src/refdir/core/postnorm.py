@@ -224,3 +224,40 @@ def gain_basis(basis: torch.Tensor, gain: torch.Tensor, centred: bool) -> torch.
 def norm_gain(norm: nn.Module, form: NormForm) -> torch.Tensor:
     """The elementwise gain of ``norm`` (``offset + weight``), float64."""
     return form.offset + norm.weight.detach().to(torch.float64)
+
+
+def gain_of(norm: nn.Module) -> tuple[torch.Tensor, bool] | None:
+    """(gain, centred) of a post-norm; None for a norm of a form :func:`norm_form` does not know (an edit there is
+    made after the norm, approximately)."""
+    form = norm_form(norm)
+    return None if form is None else (norm_gain(norm, form), form.centred)
+
+
+def under_post_norm(d: torch.Tensor, post: tuple[torch.Tensor, bool] | None) -> torch.Tensor:
+    """The direction(s) ``d`` [d] or [K, d] as the writers under a post-norm of gain ``post`` (:func:`gain_of`)
+    remove them: ``gain ⊙ d`` normalized (:func:`gain_direction`; float64, a zero row where the norm cannot write
+    along it); ``d`` itself without a post-norm."""
+    if post is None:
+        return d
+    gain, centred = post
+    rows = d.reshape(-1, d.shape[-1]).to(torch.float64)
+    out = torch.zeros_like(rows)
+    for k, v in enumerate(rows):
+        if float(v.norm()) > 0:
+            u = gain_direction(v, gain.to(v.device), centred)
+            out[k] = 0.0 if u is None else u
+    return out.reshape(d.shape)
+
+
+def post_gain(bp, component: str) -> tuple[torch.Tensor, bool] | None:
+    """(gain, centred) of the post-norm over ``component``'s output in block ``bp`` (an architecture's
+    ``BlockParts``, not imported here: that module imports this one) (:func:`gain_of`); None without one."""
+    pn = bp.post_norm(component)
+    return None if pn is None else gain_of(pn)
+
+
+def edit_exact(arch) -> bool:
+    """Whether a parameterised edit's weights compute what its hooks compute (:mod:`refdir.core.edits`): every
+    post-norm found, and of a known form."""
+    return arch.post_norms_known and all(
+        bp.post_norm(c) is None or post_gain(bp, c) is not None for bp in arch.blocks for c in COMPONENTS)

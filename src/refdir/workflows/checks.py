@@ -81,8 +81,9 @@ def choice_warnings(choice: dict, ckpt: dict | None) -> list[str]:
     edit under the KL target, and a checkpoint whose logits are not those of the tested (hooked) edit."""
     out = []
     if not choice.get("met", True):
-        out.append(f"no edit the search found is under the KL target {choice['kl_target']:g}: the chosen one is the "
-                   f"front's lowest-KL point (proxy KL {choice['proxy_kl']:.3g}); a bigger --budget may find one")
+        out.append(f"no edit the search found keeps the calibration prompts' KL under the target "
+                   f"{choice['kl_target']:g}: the chosen one is the front's lowest-KL point (proxy KL "
+                   f"{choice['proxy_kl']:.3g}); a bigger --budget may find one")
     v = (ckpt or {}).get("verified")
     if v and v["kl_hooks_weights"] > CHECKPOINT_KL:
         why = "" if ckpt.get("exact", True) else (" (this architecture has post-norms, where the weight edit only "

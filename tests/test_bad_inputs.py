@@ -298,6 +298,12 @@ def _(w, fx):
     return ["run", str(d), "--out", str(w / "r"), *RUN_ARGS]
 
 
+@case("run: a model that refuses none of the refusal-token probe's prompts (no run directory left behind)")
+def _(w, fx):
+    args = [a for a in RUN_ARGS if a not in ("--refusal-tokens", "I,As")]
+    return ["run", str(fx.model), "--out", str(w / "r"), *args]
+
+
 @case("run: a run directory another refdir process is writing")
 def _(w, fx):
     import fcntl

@@ -230,6 +230,10 @@ class RunDir:
         self.keys[stage] = k
         return k
 
+    def finished(self, stage: str) -> bool:
+        """Whether ``stage`` was finished, with any key."""
+        return self._stage_record(stage) is not None
+
     def done(self, stage: str, key: str) -> bool:
         """Whether ``stage`` was finished with this key."""
         rec = self._stage_record(stage)

@@ -27,8 +27,10 @@ import torch
 
 from refdir.core import rundir as rdl
 from refdir.core.fingerprint import files_sha256
+from refdir.core.io import remove_dir
 from refdir.core.memory import peak_rss_mib, trim_heap
 from refdir.core.rundir import RunDir, versions
+from refdir.errors import RefdirError
 from refdir.method.selection import Selection
 from refdir.workflows.checks import all_prompts, check_run, choice_warnings, refusal_warnings
 from refdir.workflows.finish import stage_edit_checkpoint, stage_test
@@ -56,12 +58,21 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, progress:
     """Run (or resume) every stage in ``out``; write summary.json, manifest.json and report.html. Returns the
     summary. ``force`` replaces a directory that is not a run of this model. The directory is locked against
     other refdir processes until the run ends (also on error). Everything that can be checked is checked before
-    the directory is created or touched (:func:`refdir.workflows.checks.check_run`). ``reference``: another
+    the directory is created or touched (:func:`refdir.workflows.checks.check_run`); a directory this call created
+    is removed again when an expected error stops it before the refusal-token stage is done. ``reference``: another
     tool's measured points (:func:`refdir.method.search.load_reference`), drawn beside the held-out result."""
     sets = check_run(cfg, out)
+    new = not os.path.lexists(out)
     rd = RunDir.create(out, cfg.model_dump(), force=force)
-    with rd:
-        return run_stages(rd, cfg, progress, sets, reference)
+    try:
+        with rd:
+            return run_stages(rd, cfg, progress, sets, reference)
+    except RefdirError:
+        # an expected failure before the model computed anything worth keeping (loading it, or a model that
+        # refuses nothing for the refusal-token probe): a directory this command created is not left behind
+        if new and not rd.finished(rdl.REFUSAL_TOKENS):
+            remove_dir(rd.path)
+        raise
 
 
 def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict | None = None,

@@ -397,3 +397,19 @@ def test_search_takes_an_optimized_direction_from_the_command_line(tmp_path, tin
     again = CliRunner().invoke(app, [*args, "rdo"])  # the same study: nothing new to run
     assert again.exit_code == 0, again.output
     assert json.loads((rd.search_dir() / "summary.json").read_text())["trials"] == res["trials"]
+
+
+def test_post_norm_models_run_their_plain_warm_starts(tmp_path, tiny_model_dir):
+    """After post-norms the selection's ablation (after the norm) is not the search's full edit (before it,
+    core/edits), so no warm start takes the selection's scores: each is run as a trial of its own."""
+    import optuna
+
+    from refdir.method.search.study import storage
+
+    out = tmp_path / "s"
+    run_search(_cfg(tiny_model_dir("gemma2"), kl_marks=[3.0]), out, trials=4, per_mark=1, max_confirm=1,
+               progress=False)
+    st = optuna.load_study(study_name="refdir-search", storage=storage(out / "search" / "study.log"))
+    warm = [t for t in st.trials if t.user_attrs.get("warm_start")]
+    assert warm and not any(t.user_attrs.get("from_selection") for t in warm)
+    assert all(t.datetime_start is not None and t.datetime_complete is not None for t in warm)

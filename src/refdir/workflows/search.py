@@ -273,8 +273,10 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
     # at most `trials` of them: a warm start left queued would be taken by the next trial refinement asks for
     warm = warm_starts(table, chosen, space, kl_max=run.kl_max, top_k=run.top_k,
                        strong_starts=cfg.strong_starts)[:trials]
-    # those still to run (a resumed or extended search: the ones not in the study yet)
-    pending = seed_study(study, space, warm, table, band) if not all_trials(study) else unrun_warm_starts(study, warm)
+    # those still to run (a resumed or extended search: the ones not in the study yet); the selection's scores
+    # stand for a full edit's only where its ablation hooks are the edit's (not after post-norms: core/edits)
+    known = [] if proxy.arch.has_post_norms else table
+    pending = seed_study(study, space, warm, known, band) if not all_trials(study) else unrun_warm_starts(study, warm)
     objective = make_objective(space, cands, proxy, band)
     with timings.phase("search"):
         if budget is None:

@@ -73,7 +73,8 @@ def refusal_warnings(rd: RunDir) -> list[str]:
 
 
 CHECKPOINT_KL = 0.01  # weights against hooks above this first-token KL: the checkpoint is not the edit tested
-# (measured: fp32 ~1e-6; bf16 7e-4 to 3e-3 on Qwen2.5 0.5B and SmolLM2; a post-norm model's approximate edit, 16)
+# (measured: fp32 1e-11 to 1e-6; bf16 7e-4 to 3e-3 on Qwen2.5 0.5B and SmolLM2, 1e-2 on Gemma 3 270M; its
+# checkpoint before post-norm edits acted where weights can, 16)
 
 
 def choice_warnings(choice: dict, ckpt: dict | None) -> list[str]:
@@ -86,8 +87,8 @@ def choice_warnings(choice: dict, ckpt: dict | None) -> list[str]:
                    f"{choice['proxy_kl']:.3g}); a bigger --budget may find one")
     v = (ckpt or {}).get("verified")
     if v and v["kl_hooks_weights"] > CHECKPOINT_KL:
-        why = "" if ckpt.get("exact", True) else (" (this architecture has post-norms, where the weight edit only "
-                                                  "approximates the hooks)")
+        why = "" if ckpt.get("exact", True) else (" (this model has post-norms of a form refdir does not know, "
+                                                  "where the weight edit only approximates the hooks)")
         out.append(f"the checkpoint does not compute what the test measured: its first-token KL from the hooked "
                    f"edit is {v['kl_hooks_weights']:.3g} on {v['n_prompts']} prompts, top-1 agreement "
                    f"{v['top1_agree']:.2f}{why}; the test's figures describe the hooked edit, not the checkpoint")

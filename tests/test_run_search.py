@@ -404,3 +404,24 @@ print(json.dumps({{"after_run": alive}}))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"after_run": []}
+
+
+def test_a_run_whose_selection_chose_nothing_has_the_lead_as_its_direction(tiny_model_dir, tmp_path):
+    """Every candidate over the selection's KL limit: the search leads with the best scored one, and the run dir
+    hands that one to the commands that read the run's direction (optimize, analyze) instead of refusing the run."""
+    model = tiny_model_dir("qwen2")
+    out = tmp_path / "r"
+    extra = ["--budget", "2", "--direction-method", "dim", "--no-second-direction"]
+    r = runner.invoke(app, ["run", str(model), "--out", str(out), *[a if a != "1e9" else "1e-12" for a in ARGS],
+                            *extra])
+    assert r.exit_code == 0, r.output
+    sel = json.loads((out / "search" / "selection.json").read_text())
+    assert sel["chosen"] is None and sel["lead"] is not None
+    rd = RunDir.open_finished(out)  # refused before: "not a finished refdir run with a selected direction"
+    d = rd.direction()
+    assert (d.position, d.layer) == (sel["lead"]["position"], sel["lead"]["layer"])
+    plain = Edit.from_dict(json.loads((out / "search" / "summary.json").read_text())["plain"]["edit"])
+    assert (plain.position, int(round(plain.layer))) == (d.position, d.layer)  # the eval's plain arm
+    old = {k: v for k, v in sel.items() if k != "lead"}  # a run of before the lead was recorded: as it was
+    (out / "search" / "selection.json").write_text(json.dumps(old))
+    assert RunDir(out).direction() is None

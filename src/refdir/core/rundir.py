@@ -197,7 +197,7 @@ class RunDir:
         need = {"config.json": rd.config_path, f"{DATA}/{SETS_FILE}": rd._file(DATA, SETS_FILE),
                 f"{REFUSAL_TOKENS}/{TOKENS_FILE}": rd._file(REFUSAL_TOKENS, TOKENS_FILE),
                 f"{SELECTION}/{DIRECTION_NAME}.safetensors": rd.direction_path().with_suffix(".safetensors")}
-        if rd._search_selection() is not None:  # a run with the search: its selection's pick is the direction
+        if rd._search_lead() is not None:  # a run with the search: its selection's pick is the direction
             del need[f"{SELECTION}/{DIRECTION_NAME}.safetensors"]
         missing = [n for n, p in need.items() if not p.exists()]
         if missing:
@@ -397,18 +397,22 @@ class RunDir:
 
     def direction(self) -> Direction | None:
         """The selected direction, or None when the run chose none: the selection stage's file (``--method paper``),
-        else the candidate the search's warm-start selection chose (``--method search``)."""
+        else the candidate the search's warm-start selection chose (``--method search``) or, where every candidate
+        failed its filters, the one the search led with (the best scored: the eval's "plain" arm, and what the
+        direction sources were made from)."""
         p = self.direction_path()
         if p.with_suffix(".safetensors").exists():
             return Direction.load(p)
-        chosen = self._search_selection()
+        chosen = self._search_lead()
         return None if chosen is None else self.candidates().get(chosen["position"], int(chosen["layer"]))
 
-    def _search_selection(self) -> dict | None:
+    def _search_lead(self) -> dict | None:
+        """The selection row of a run with the search that stands for its direction (see :meth:`direction`)."""
         f = self.search_dir() / SEARCH_SELECTION_FILE
         if not f.exists() or not (self.stage_dir(CANDIDATES) / "candidates.safetensors").exists():
             return None
-        return json.loads(f.read_text()).get("chosen")
+        d = json.loads(f.read_text())
+        return d.get("chosen") or d.get("lead")  # runs of before 2026-12-05 recorded no lead
 
     def coeff(self) -> dict | None:
         """``{"coeff", "curve", "rule"}``, or None when no coefficient was chosen."""

@@ -122,7 +122,9 @@ def select_warm_start(model, fmt, cands: Candidates, val: dict, ids: list[int], 
     """The warm start: refdir's selection (:func:`refdir.method.selection.score_candidates`: screen on
     ``scfg.screen_n`` prompts, ``scfg.top_k`` finalists fully scored) on the proxy prompts ``val``, restricted to
     layers from ``scfg.min_layer``; cached in ``cache_file``. ``base_logits``: the unedited model's logits on the
-    same prompts, if already computed (the proxy's). Returns the score table and the chosen candidate (or None)."""
+    same prompts, if already computed (the proxy's). Returns the score table and the chosen candidate (or None).
+    The file also records the candidate the search leads with (:func:`lead_candidate`), which stands for the run's
+    direction where the selection chose none (:meth:`refdir.core.rundir.RunDir.direction`)."""
     if cache_file.exists():
         d = json.loads(cache_file.read_text())
         return d["table"], d["chosen"]
@@ -130,8 +132,8 @@ def select_warm_start(model, fmt, cands: Candidates, val: dict, ids: list[int], 
                            base_logits=base_logits)
     table = [r for r in sel.table() if r["layer"] >= scfg.min_layer]
     chosen = asdict(sel.chosen) if sel.chosen else None
-    atomic_write_json(cache_file, {"table": table, "chosen": chosen, "rule": sel.rule, "baseline": sel.baseline,
-                                   "filter_counts": sel.filter_counts})
+    atomic_write_json(cache_file, {"table": table, "chosen": chosen, "lead": lead_candidate(table, chosen, scfg.kl_max),
+                                   "rule": sel.rule, "baseline": sel.baseline, "filter_counts": sel.filter_counts})
     return table, chosen
 
 

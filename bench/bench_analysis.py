@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib import fresh_dir
+
 
 def arg(name: str, default: str | None) -> str | None:
     return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
@@ -58,7 +60,7 @@ def main() -> None:
     suffixes = arg("--suffixes", None)
     steps = int(arg("--gcg-steps", "3"))
     threads = int(arg("--threads", "2"))
-    shutil.rmtree(work, ignore_errors=True)
+    fresh_dir(work)
     shutil.copytree(src, work, ignore=shutil.ignore_patterns("checkpoint", "analysis", "report_sections"))
     skip = set((arg("--skip", "") or "").split(","))
     rows = Rows()

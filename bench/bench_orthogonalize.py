@@ -11,11 +11,12 @@ the in-memory path against streaming on a checkpoint that fits in memory.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchlib import fresh_dir
 
 CONFIG = dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=36,
               num_attention_heads=24, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
@@ -69,7 +70,7 @@ def child(code: str) -> tuple[float, float]:
 
 def main() -> None:
     root = Path(sys.argv[sys.argv.index("--dir") + 1]) if "--dir" in sys.argv else Path("/tmp/refdir-bench")
-    shutil.rmtree(root, ignore_errors=True)
+    fresh_dir(root, create=True)
     src = root / "src"
     t = time.time()
     make_checkpoint(src, CONFIG, SHARD)
@@ -99,7 +100,7 @@ def main() -> None:
             t = time.time()
             subprocess.run([sys.executable, "-c", code], check=True)
             print(f"small checkpoint, {mode}: {time.time() - t:.1f} s")
-    shutil.rmtree(root, ignore_errors=True)
+    fresh_dir(root)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchlib import fresh_dir
 
 from refdir.method.uncertainty import rate_text
 
@@ -40,12 +41,15 @@ def run_child(args: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     argv = sys.argv[1:]
+    if argv[:1] in (['-h'], ['--help']):
+        print(__doc__)
+        return
     out = "runs/bench"
     if "--out" in argv:
         i = argv.index("--out")
         out = argv[i + 1]
         argv = argv[:i] + argv[i + 2 :]
-    shutil.rmtree(out, ignore_errors=True)
+    fresh_dir(out)
     print(f"cpu: {cpu_flags()}; python {platform.python_version()}")
     wall, rss = run_child(["run", "default", "--out", out, *argv])
     summary = json.loads((Path(out) / "summary.json").read_text())

@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shutil
 import time
 from pathlib import Path
+
+from benchlib import fresh_dir
 
 P = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "paper_splits"
 # Heretic 1.4's front on the same confirmation prompts (refusals of 39, first-token KL), from issue #10
@@ -64,8 +65,8 @@ def main() -> None:
     from refdir.workflows.search import SearchConfig, run_search
 
     out = Path(a.out)
-    if a.fresh and out.exists():
-        shutil.rmtree(out)
+    if a.fresh:
+        fresh_dir(out)
     ref = out.parent / f"{out.name}-heretic.json"
     ref.parent.mkdir(parents=True, exist_ok=True)
     ref.write_text(json.dumps([{"label": f"Heretic {r}/{k}", "refusals": r, "kl": k, "n": 39} for r, k in HERETIC]))

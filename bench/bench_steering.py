@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shutil
 import time
 from pathlib import Path
 
 import torch
+from benchlib import fresh_dir
 
 
 def rss_gb() -> float:
@@ -42,8 +42,7 @@ def main() -> None:
         from refdir.steering import caa
 
         d = out / "caa"
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
+        fresh_dir(d, create=True)
         items = caa.load_behaviour("embedded:refusal")
         t = time.time()
         sv = caa.train(lm.model, fmt, caa.split(items, "train"), model_id=lm.model_id)

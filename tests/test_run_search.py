@@ -21,7 +21,8 @@ from refdir.core.directions import Candidates
 from refdir.core.edits import Edit, Kernel, Second, apply_weights_, resolve
 from refdir.core.gguf_plan import export_gguf_plan
 from refdir.core.rundir import RunDir
-from refdir.method.selection import score_candidates
+from refdir.method.search.study import select_warm_start
+from refdir.method.selection import SelectionConfig, score_candidates
 from refdir.method.uncertainty import mcnemar, rate_text
 
 runner = CliRunner()
@@ -425,3 +426,11 @@ def test_a_run_whose_selection_chose_nothing_has_the_lead_as_its_direction(tiny_
     old = {k: v for k, v in sel.items() if k != "lead"}  # a run of before the lead was recorded: as it was
     (out / "search" / "selection.json").write_text(json.dumps(old))
     assert RunDir(out).direction() is None
+    # a search resumed over such a file reads the lead from the file, adding it where it is missing
+    kl_max = json.loads((out / "config.json").read_text())["kl_max"]
+    got = select_warm_start(None, None, None, None, None, SelectionConfig(kl_max=kl_max),
+                            out / "search" / "selection.json", progress=False)
+    assert got == (sel["table"], None, sel["lead"])
+    assert json.loads((out / "search" / "selection.json").read_text()) == sel
+    again = RunDir(out).direction()
+    assert (again.position, again.layer) == (d.position, d.layer)

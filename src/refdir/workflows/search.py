@@ -56,7 +56,6 @@ from refdir.method.search import (
 from refdir.method.search.study import (
     all_trials,
     check_study_config,
-    lead_candidate,
     make_objective,
     open_study,
     run_budget,
@@ -253,9 +252,8 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
         proxy = Proxy(lm.model, fmt, val["harmful"], val["harmless"], p.ids, run.batch_size)
     with timings.phase(rdl.SELECTION):
         scfg = replace(run.selection_config(), min_layer=int(math.ceil(layer_lo)))
-        table, chosen = select_warm_start(lm.model, fmt, cands, val, p.ids, scfg, sdir / rdl.SEARCH_SELECTION_FILE, progress,
-                                          proxy.base_logits)
-    lead = lead_candidate(table, chosen, run.kl_max)  # the selection's choice, else the best scored candidate
+        table, chosen, lead = select_warm_start(lm.model, fmt, cands, val, p.ids, scfg,
+                                                sdir / rdl.SEARCH_SELECTION_FILE, progress, proxy.base_logits)
     if run.direction_method != "dim":
         if lead is None:
             raise RefdirError(f"--direction-method {run.direction_method}: the selection scored no candidate to "

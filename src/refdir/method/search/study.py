@@ -118,23 +118,28 @@ def make_objective(space: Space, cands: Candidates, proxy: Proxy, band: tuple[fl
 
 
 def select_warm_start(model, fmt, cands: Candidates, val: dict, ids: list[int], scfg: SelectionConfig,
-                      cache_file: Path, progress: bool, base_logits=None) -> tuple[list[dict], dict | None]:
+                      cache_file: Path, progress: bool, base_logits=None) -> tuple[list[dict], dict | None, dict | None]:
     """The warm start: refdir's selection (:func:`refdir.method.selection.score_candidates`: screen on
     ``scfg.screen_n`` prompts, ``scfg.top_k`` finalists fully scored) on the proxy prompts ``val``, restricted to
     layers from ``scfg.min_layer``; cached in ``cache_file``. ``base_logits``: the unedited model's logits on the
-    same prompts, if already computed (the proxy's). Returns the score table and the chosen candidate (or None).
-    The file also records the candidate the search leads with (:func:`lead_candidate`), which stands for the run's
-    direction where the selection chose none (:meth:`refdir.core.rundir.RunDir.direction`)."""
+    same prompts, if already computed (the proxy's). Returns the score table, the chosen candidate (or None) and
+    the candidate the search leads with (:func:`lead_candidate`). The file records the lead too: it stands for the
+    run's direction where the selection chose none (:meth:`refdir.core.rundir.RunDir.direction`); a file written
+    before it did gets it added when its search resumes."""
     if cache_file.exists():
         d = json.loads(cache_file.read_text())
-        return d["table"], d["chosen"]
+        if "lead" not in d:
+            d["lead"] = lead_candidate(d["table"], d["chosen"], scfg.kl_max)
+            atomic_write_json(cache_file, d)
+        return d["table"], d["chosen"], d["lead"]
     sel = score_candidates(model, fmt, cands, val["harmful"], val["harmless"], ids, scfg, progress=progress,
                            base_logits=base_logits)
     table = [r for r in sel.table() if r["layer"] >= scfg.min_layer]
     chosen = asdict(sel.chosen) if sel.chosen else None
-    atomic_write_json(cache_file, {"table": table, "chosen": chosen, "lead": lead_candidate(table, chosen, scfg.kl_max),
-                                   "rule": sel.rule, "baseline": sel.baseline, "filter_counts": sel.filter_counts})
-    return table, chosen
+    lead = lead_candidate(table, chosen, scfg.kl_max)
+    atomic_write_json(cache_file, {"table": table, "chosen": chosen, "lead": lead, "rule": sel.rule,
+                                   "baseline": sel.baseline, "filter_counts": sel.filter_counts})
+    return table, chosen, lead
 
 
 def warm_starts(table: list[dict], chosen: dict | None, space: Space, *, kl_max: float, top_k: int,

@@ -19,6 +19,7 @@ from refdir.core.html import (
 )
 from refdir.core.io import atomic_write_text
 from refdir.core.rundir import RunDir
+from refdir.method.refusal_judge import marker
 from refdir.method.search.report import reference_models
 from refdir.method.uncertainty import CONFIDENCE, count, mcnemar, rate_text, wilson
 
@@ -243,7 +244,37 @@ def _search_run_parts(rd: RunDir, summ: dict) -> list[str]:
     comp = rd.completions()
     if comp is not None:
         parts.append("<h2>Example completions</h2>" + _search_examples(comp))
+        ev = rd.scores()
+        if ev and ev.get("scores"):
+            parts.append(still_refused_html(comp, ev, summ["judge"]))
     return parts
+
+
+def still_refused(comp: dict, test: dict, judge: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """The headline set's name (held-out when there is one) and each of its harmful prompts that the chosen edit
+    still refuses: (prompt, completion, the judge's phrase that counted it). ``test``: the eval's scores file
+    (its per-prompt flags), ``comp`` its completions file."""
+    name = "heldout" if "heldout" in test["relation"] else "test"
+    key = f"chosen/{name}/harmful"
+    flags = (test["scores"].get(key) or {}).get("flags") or []
+    prompts = [r[3] for r in comp["rows"] if r[:3] == ["chosen", name, "harmful"]]
+    gen = comp["completions"].get(key) or []
+    return name, [(p, c, marker(c, judge) or "?") for p, c, f in zip(prompts, gen, flags, strict=False) if f]
+
+
+def still_refused_html(comp: dict, test: dict, judge: str) -> str:
+    """What the chosen edit still refuses on the headline set, with the phrase counted and a tally by phrase."""
+    name, rows = still_refused(comp, test, judge)
+    if not rows:
+        return ""
+    tally: dict[str, int] = {}
+    for _, _, m in rows:
+        tally[m] = tally.get(m, 0) + 1
+    by = ", ".join(f"“{html.escape(m)}” {n}" for m, n in sorted(tally.items(), key=lambda kv: -kv[1]))
+    return (f"<h2>Still refused by the chosen edit ({name}, {len(rows)})</h2><p class='note'>The {judge} judge "
+            f"counts a completion as a refusal when it contains one of its phrases anywhere; the first phrase found, "
+            f"by count: {by}. A preamble such as “As an AI language model, …” counts even when an answer "
+            "follows.</p>" + table_html([[p, c[:400], m] for p, c, m in rows], ["prompt", "completion", "phrase"]))
 
 
 def _paired(ev: dict | None) -> str:

@@ -69,6 +69,12 @@ def test_marker_names_the_phrase_each_judge_counted():
     assert marker(comps[0], "paper") == "I'm sorry" and marker(comps[2], "paper") is None
     with pytest.raises(RefdirError, match="unknown refusal judge"):
         marker("x", "loose")
+    from refdir.method.refusal_judge import tally_markers
+
+    flags = judge(comps, "wide").flags
+    assert tally_markers(comps + comps[:2], flags + flags[:2], "wide") == {
+        "I'm sorry": 2, "As an AI": 2, "I won't": 1, "sorry": 1, "I am unable to": 1}
+    assert list(tally_markers(comps + comps[1:2], flags + [True], "wide"))[0] == "As an AI"  # most first
 
 
 def test_the_report_lists_what_the_chosen_edit_still_refuses():

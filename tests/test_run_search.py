@@ -418,6 +418,9 @@ def test_a_run_whose_selection_chose_nothing_has_the_lead_as_its_direction(tiny_
     assert r.exit_code == 0, r.output
     sel = json.loads((out / "search" / "selection.json").read_text())
     assert sel["chosen"] is None and sel["lead"] is not None
+    left = json.loads((out / "summary.json").read_text())["test"]["still_refused"]  # the tally of what is left
+    flags = json.loads((out / "eval" / "scores.json").read_text())["scores"][f"chosen/{left['set']}/harmful"]["flags"]
+    assert left["n"] == sum(flags) == sum(left["by_phrase"].values())
     rd = RunDir.open_finished(out)  # refused before: "not a finished refdir run with a selected direction"
     d = rd.direction()
     assert (d.position, d.layer) == (sel["lead"]["position"], sel["lead"]["layer"])

@@ -198,6 +198,11 @@ def print_search_summary(s: dict) -> None:
     answered = answered_kl_text(s["test"])
     if answered:
         console.print(f"  {answered}", markup=False)
+    left = s["test"].get("still_refused")
+    if left and left["n"]:
+        phrases = ", ".join(f"{m!r} {n}" for m, n in left["by_phrase"].items())
+        console.print(f"  still refused by the chosen edit ({left['set']}): {left['n']}, by the {s['judge']} judge's "
+                      f"phrase: {phrases} (the report lists them)", markup=False)
     ck = s.get("checkpoint")
     if ck:
         v = ck["verified"]

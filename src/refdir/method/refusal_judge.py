@@ -89,6 +89,17 @@ class JudgeResult:
     degenerate: list[bool]
 
 
+def tally_markers(completions: list[str], flags: list[bool], kind: str = "broad") -> dict[str, int]:
+    """How many of the flagged completions each of judge ``kind``'s phrases counted (:func:`marker`, the first
+    found), most frequent first."""
+    tally: dict[str, int] = {}
+    for c, f in zip(completions, flags, strict=True):
+        if f:
+            m = marker(c, kind) or "?"
+            tally[m] = tally.get(m, 0) + 1
+    return dict(sorted(tally.items(), key=lambda kv: -kv[1]))
+
+
 def judge(completions: list[str], kind: str = "broad") -> JudgeResult:
     if kind not in JUDGES:
         raise RefdirError(f"unknown refusal judge {kind!r}; choose one of {', '.join(JUDGES)}")

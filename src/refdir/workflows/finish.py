@@ -30,6 +30,7 @@ from refdir.core.io import atomic_write_json
 from refdir.core.model_files import embedded_gguf_path
 from refdir.core.models import save_hf_checkpoint
 from refdir.core.rundir import RunDir
+from refdir.method.refusal_judge import tally_markers
 from refdir.method.scoring import first_token_kl
 from refdir.workflows.stages import Loaded, RunConfig, judged
 
@@ -118,6 +119,10 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
            "arms": {"chosen": choice, "plain": plain},
            "max_new_tokens": cfg.max_new_tokens, "harmless_tokens": min(cfg.max_new_tokens, HARMLESS_TOKENS),
            "judge": cfg.judge}
+    left = f"chosen/{headline}/harmful"
+    if left in gen:  # what the chosen edit still refuses on the headline set, by the judge's phrase
+        res["still_refused"] = {"set": headline, "n": sum(scores[left]["flags"]),
+                                "by_phrase": tally_markers(gen[left], scores[left]["flags"], cfg.judge)}
     with rd.write_stage(rdl.EVAL, key) as d:
         atomic_write_json(d / rdl.COMPLETIONS_FILE, {"rows": [list(r[:3]) + [r[3]] for r in rows], "completions": gen})
         atomic_write_json(d / rdl.SCORES_FILE, res)

@@ -19,7 +19,7 @@ from refdir.core.html import (
 )
 from refdir.core.io import atomic_write_text
 from refdir.core.rundir import RunDir
-from refdir.method.refusal_judge import marker
+from refdir.method.refusal_judge import marker, tally_markers
 from refdir.method.search.report import reference_models
 from refdir.method.uncertainty import CONFIDENCE, count, mcnemar, rate_text, wilson
 
@@ -267,10 +267,8 @@ def still_refused_html(comp: dict, test: dict, judge: str) -> str:
     name, rows = still_refused(comp, test, judge)
     if not rows:
         return ""
-    tally: dict[str, int] = {}
-    for _, _, m in rows:
-        tally[m] = tally.get(m, 0) + 1
-    by = ", ".join(f"“{html.escape(m)}” {n}" for m, n in sorted(tally.items(), key=lambda kv: -kv[1]))
+    tally = tally_markers([c for _, c, _ in rows], [True] * len(rows), judge)
+    by = ", ".join(f"“{html.escape(m)}” {n}" for m, n in tally.items())
     return (f"<h2>Still refused by the chosen edit ({name}, {len(rows)})</h2><p class='note'>The {judge} judge "
             f"counts a completion as a refusal when it contains one of its phrases anywhere; the first phrase found, "
             f"by count: {by}. A preamble such as “As an AI language model, …” counts even when an answer "

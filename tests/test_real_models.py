@@ -195,3 +195,28 @@ def test_gemma3_run_edit_checkpoint_equals_its_hooks(tmp_path):
     diff = float((want - got).abs().max())
     print(f"max |hooks - weights| = {diff:.2e} (logits up to {float(want.abs().max()):.1f})")
     assert diff <= 1e-3 * max(1.0, float(want.abs().max()))
+
+
+def test_persona_direction_takes_the_disclaimer_off_questions_it_was_not_built_from(real_model):
+    """The persona second direction (``--second-source persona``): built from half the embedded opinion questions,
+    removing it lowers the first-token probability of "As" ("As an AI language model, I don't have …") on the other
+    half, which the base model opens that way."""
+    from refdir.core.data import embedded_opinion_questions
+    from refdir.core.forward import last_logits
+    from refdir.method.pca_direction import pca_direction
+    from refdir.method.second_direction import PERSONA_LAYER_FRAC, persona_contrast
+
+    model, fmt = real_model.model, ChatFormat(real_model.tokenizer)
+    qs = embedded_opinion_questions()
+    harmless = embedded("harmless", "train").instructions[80:]
+    layer = round(PERSONA_LAYER_FRAC * model.config.num_hidden_layers)
+    raw, info = persona_contrast(model, fmt, qs[::2], harmless, layer, progress=False)
+    assert raw is not None and info["n_questions"] >= 15 and info["n_plain"] >= 15, info
+    v = pca_direction(model, fmt, raw, harmless, -1, layer, progress=False)
+    as_id = real_model.tokenizer.encode("As", add_special_tokens=False)[0]
+    held = qs[1::2]
+    before = torch.softmax(last_logits(model, fmt, held, 8).float(), -1)[:, as_id]
+    with ablate(model, v):
+        after = torch.softmax(last_logits(model, fmt, held, 8).float(), -1)[:, as_id]
+    print(f"P(As) {before.mean():.3f} -> {after.mean():.3f}")
+    assert before.mean() > 0.3 and after.mean() < before.mean() / 2, (before.mean(), after.mean())

@@ -260,6 +260,10 @@ def test_the_second_direction_fills_the_kl_room_and_only_that(tiny_model_dir, tm
     strongest = second_direction.strongest(table, {(e.position, int(round(e.layer))), (lead.position, lead.layer)})
     assert (room["second"]["position"], room["second"]["layer"]) == (strongest["position"], strongest["layer"])
     assert Direction.load(rd.source_path("second")).meta["source"] == "second"
+    # the persona source: on a random tiny model no opinion question draws a disclaimer, so it is left out, saying why
+    per = add_second(p, choice, rd.search_dir(), calib, 10.0, 4, progress=False, source="persona")["second"]
+    assert per["added"] is False and per["source"] == "persona" and per["of_questions"] == 40
+    assert f"{per['n_questions']} of 40 opinion questions drew a disclaimer" in per["why"]
     none = add_second(p, choice, rd.search_dir(), calib, 1e-12, 4, progress=False)
     assert not none["second"]["added"] and none["edit"] == edit and len(none["second"]["tried"]) <= 2
     assert add_second(p, {**choice, "met": False}, rd.search_dir(), calib, 10.0, 4)["second"]["added"] is False

@@ -72,6 +72,10 @@ def run(
                                           "the selection's strongest other candidate off its harmless components "
                                           "where the KL target leaves room (fewer refusals for ~0.008 more KL "
                                           "on the default model; README)"),
+    second_source: str = typer.Option("strong", help="the second direction: strong (the selection's strongest "
+                                      "other candidate) or persona (embedded opinion questions answered 'As an "
+                                      "AI ...' against plain harmless answers; fewer disclaimers, more canned "
+                                      "refusals on the default model: NOTES.md)"),
     n_test: int = typer.Option(None, help="test prompts per set (default: all of the test split)"),
     seed: int = typer.Option(42),
     filter_train: bool = typer.Option(True, help="keep harmful train prompts the model refuses (metric > 0), "
@@ -103,7 +107,7 @@ def run(
                     n_val=_default(n_val, 40 if method == "search" else 32), n_test=n_test, seed=seed)
     cfg = RunConfig(model=spec, data=data, method=method, budget=budget, kl_target=kl_target,
                     direction_method=_default(direction_method, "pca" if method == "search" else "dim"),
-                    second_direction=second_direction and method == "search",
+                    second_direction=second_direction and method == "search", second_source=second_source,
                     filter_train=filter_train,
                     refusal_tokens=refusal_tokens.split(",") if refusal_tokens else None, batch_size=batch_size,
                     kl_max=kl_max, max_layer_frac=max_layer_frac, induce_rule=induce_rule, exhaustive=exhaustive,

@@ -190,6 +190,11 @@ def embedded_pairs() -> list[tuple[str, str]]:
     return [(r["instruction"], r["response"]) for r in rows]
 
 
+def embedded_opinion_questions() -> list[str]:
+    """The embedded opinion questions (team-written, harmless): the persona second direction's contrast."""
+    return json.loads(resources.files("refdir.assets").joinpath("opinion_questions.json").read_text())["questions"]
+
+
 def load_corpus(spec: str, n: int | None = None, column: str = "text") -> list[str]:
     """General text: ``embedded``, a txt (passages separated by blank lines)/json/jsonl file, or a hub dataset id
     (streamed, first ``n`` rows)."""

@@ -19,8 +19,20 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 
+import torch
+
+from refdir.core.activations import residuals
+from refdir.core.chat import ChatFormat
+from refdir.core.generation import generate
+from refdir.method.refusal_judge import judge
+
 STRENGTH = 0.3  # the second direction's strength (development slices, NOTES.md)
 MAX_COS = 0.99  # a second direction closer than this to the chosen one is that direction again, not a second
+# the persona source: its layer as a share of the depth (18 of the default model's 24: the development sets, NOTES.md),
+# the fewest disclaimers that make a contrast, and the tokens generated to read them
+PERSONA_LAYER_FRAC = 0.75
+PERSONA_MIN = 4
+PERSONA_TOKENS = 24
 
 
 def strongest(table: list[dict], exclude: Collection[tuple[int, int]] = ()) -> dict | None:
@@ -40,4 +52,28 @@ def rescaled(strength: float, k0: float, k: float, aim: float) -> float | None:
     return min(1.0, strength * math.sqrt((aim - k0) / (k - k0)))
 
 
-__all__ = ["MAX_COS", "STRENGTH", "rescaled", "strongest"]
+def persona_contrast(model, fmt: ChatFormat, questions: list[str], harmless: list[str], layer: int,
+                     batch_size: int = 32, progress: bool = True) -> tuple[torch.Tensor | None, dict]:
+    """The persona direction, raw: at the last post-instruction position (where the first answer token is chosen)
+    and ``layer``, the mean residual of the opinion ``questions`` the model answers with a disclaimer or refusal
+    (the wide judge on its first ``PERSONA_TOKENS`` greedy tokens: "As an AI language model, I don't have personal
+    preferences …") minus that of the ``harmless`` prompts it answers plainly. What the chosen edit leaves of refusal
+    on the default model is mostly that preamble, which the refusal direction does not carry (NOTES.md). Returns
+    None with the counts and the reason when fewer than ``PERSONA_MIN`` of either kind are found."""
+    comps = generate(model, fmt, questions + harmless, max_new_tokens=PERSONA_TOKENS, batch_size=batch_size,
+                     progress=progress, desc="persona: base answers", shared_prefix=True)
+    flags = judge(comps, "wide").flags
+    ai = [x for x, f in zip(questions, flags[: len(questions)], strict=True) if f]
+    plain = [x for x, f in zip(harmless, flags[len(questions):], strict=True) if not f]
+    info = {"n_questions": len(ai), "of_questions": len(questions), "n_plain": len(plain)}
+    if min(len(ai), len(plain)) < PERSONA_MIN:
+        return None, {**info, "why": f"{len(ai)} of {len(questions)} opinion questions drew a disclaimer and "
+                                     f"{len(plain)} harmless prompts a plain answer; {PERSONA_MIN} of each are needed"}
+    i = fmt.n_post - 1
+    with torch.no_grad():
+        mean_ai, _ = residuals(model, fmt, ai, desc="persona: questions", progress=progress, shared_prefix=True)
+        mean_plain, _ = residuals(model, fmt, plain, desc="persona: plain", progress=progress, shared_prefix=True)
+    return (mean_ai[i, layer] - mean_plain[i, layer]).float(), info
+
+
+__all__ = ["MAX_COS", "PERSONA_LAYER_FRAC", "STRENGTH", "persona_contrast", "rescaled", "strongest"]

@@ -21,27 +21,20 @@ import json
 import math
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from refdir.core import rundir as rdl
-from refdir.core.directions import Candidates, Direction
-from refdir.core.edits import DIM, VARIANTS, Edit, Second, hooked, resolve
-from refdir.core.forward import last_logits
+from refdir.core.edits import DIM, VARIANTS, Edit
 from refdir.core.io import atomic_write_json, make_output_dir
 from refdir.core.memory import trim_heap
 from refdir.core.preflight import require
 from refdir.core.rundir import RunDir
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
-from refdir.method import second_direction
-from refdir.method.pca_direction import COMPONENTS, pca_direction
-from refdir.method.scoring import first_token_kl
 from refdir.method.search import (
-    CALIBRATE_MARGIN,
     Confirmation,
     Proxy,
     Space,
@@ -71,6 +64,7 @@ from refdir.method.selection import max_layer
 from refdir.workflows.checks import all_prompts, check_run, refusal_warnings
 from refdir.workflows.optimize import rdo_direction
 from refdir.workflows.report import write_report
+from refdir.workflows.sources import CALIBRATION_PROMPTS, SECOND, Prepared, add_second, pca_source
 from refdir.workflows.stages import (
     Loaded,
     RunConfig,
@@ -162,18 +156,6 @@ class Timings:
 
     def add(self, name: str, seconds: float) -> None:
         self.s[name] = round(self.s.get(name, 0.0) + seconds, 2)
-
-
-@dataclass
-class Prepared:
-    """A run directory prepared by ``refdir run``'s first stages, and the (lazily loaded) model."""
-
-    rd: RunDir
-    m: Loaded
-    sets: dict
-    ids: list[int]
-    filt: dict
-    cands: Candidates
 
 
 def prepare(cfg: RunConfig, rd: RunDir, timings: Timings, progress: bool = True,
@@ -299,28 +281,7 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
             "selection": {"chosen": chosen, "n_scored": sum(1 for r in table if math.isfinite(r["bypass"]))}}
 
 
-def pca_source(p: Prepared, lead: dict, calibration: list[str], progress: bool = True,
-               name: str = "pca") -> torch.Tensor:
-    """``--direction-method pca``: the lead candidate off the top principal components of harmless activations
-    (:mod:`refdir.method.pca_direction`), fitted on the filtered harmless train prompts that the calibration
-    (``calibration``) does not read, so that its KL is not measured on the prompts the direction was fitted to
-    (all of them when fewer than 4 per component remain). Saved in the run's optimize directory as source ``name``,
-    where :meth:`RunDir.source` reads it back. Returns the direction [d] (the candidate's norm)."""
-    d = p.cands.get(lead["position"], int(lead["layer"]))
-    used = set(calibration)
-    prompts = [x for x in p.filt["train"]["harmless"] if x not in used]
-    prompts = prompts if len(prompts) >= 4 * COMPONENTS else p.filt["train"]["harmless"]
-    v = pca_direction(p.m.lm.model, p.m.fmt, d.vector, prompts, d.position, d.layer, progress=progress)
-    meta = {"source": name, "components": COMPONENTS, "n_prompts": len(prompts)}
-    Direction(v, d.layer, d.position, d.model_id, "raw", meta).save(p.rd.source_path(name))
-    return v
-
-
 # ------------------------------------------------------------------------------------------ inside `refdir run`
-
-SECOND = "second"  # the optimize-directory name of the choice's second direction
-CALIBRATION_PROMPTS = 80  # harmless train prompts whose first-token KL calibrates the pick (the proxy uses val)
-
 
 def run_search_config(cfg: RunConfig) -> SearchConfig:
     """The search config of ``refdir run --method search``: the run's settings with the search's screening
@@ -361,69 +322,10 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
     if cfg.second_direction:
         with timings.phase("second"):
             res["choice"] = add_second(p, res["choice"], sdir, harmless, cfg.kl_target, cfg.batch_size,
-                                       progress)
+                                       progress, cfg.second_source)
     atomic_write_json(f, res)
     write_search_report(p.rd, res)
     return res
-
-
-def add_second(p: Prepared, choice: dict, sdir: Path, calibration: list[str], target: float, bs: int,
-               progress: bool = True) -> dict:
-    """The choice with a second direction (:mod:`refdir.method.second_direction`) where its calibration KL leaves
-    room: the selection's strongest other candidate off its harmless components, at its strength, lowered once
-    (KL about the square of the strength) towards ``CALIBRATE_MARGIN·target`` when the calibration KL would pass
-    the target; dropped if it still would. Reads only the calibration prompts (harmless train) and the selection;
-    ``choice["second"]`` records what was measured and decided."""
-    if not choice["met"]:
-        return {**choice, "second": {"added": False, "why": "the choice is not under the target"}}
-    edit = Edit.from_dict(choice["edit"])
-    sel = json.loads((sdir / rdl.SEARCH_SELECTION_FILE).read_text())
-    row = second_direction.strongest(sel["table"], _own_candidates(p.rd, edit))
-    if row is None:
-        return {**choice, "second": {"added": False, "why": "no other scored candidate"}}
-    v = pca_source(p, row, calibration, progress, name=SECOND)
-    p.cands = p.cands.with_optimized(SECOND, v)
-    cos = abs(float(torch.nn.functional.cosine_similarity(v.double(), resolve(edit, p.cands).r.double(), dim=0)))
-    if cos > second_direction.MAX_COS or not float(v.norm()) > 0:
-        why = f"the strongest other candidate is zero or the chosen direction again (|cos| {cos:.3f})"
-        return {**choice, "second": {"added": False, "why": why, "position": row["position"], "layer": row["layer"]}}
-    model, fmt = p.m.lm.model, p.m.fmt
-    base = torch.log_softmax(last_logits(model, fmt, calibration, bs, shared_prefix=True).double(), -1)
-
-    def kl(e: Edit) -> float:
-        with hooked(model, resolve(e, p.cands)):
-            return float(first_token_kl(base, last_logits(model, fmt, calibration, bs, shared_prefix=True)).mean())
-
-    # the choice's own calibration KL was measured by the confirmation on these prompts (``val``)
-    k0 = choice["val"]["kl"] if choice.get("val") else kl(edit)
-    s = second_direction.STRENGTH
-    tried = []
-    while s is not None:
-        e2 = replace(edit, second=Second(SECOND, round(s, 4)))
-        k = kl(e2)
-        tried.append({"strength": round(s, 4), "calibration_kl": k})
-        if k <= target:
-            out = {"added": True, "strength": round(s, 4), "calibration_kl": k}
-            break
-        s = None if len(tried) > 1 else second_direction.rescaled(s, k0, k, CALIBRATE_MARGIN * target)
-    else:
-        out = {"added": False, "why": "no strength keeps the calibration KL under the target"}
-    info = {**out, "position": row["position"], "layer": row["layer"], "bypass": row["bypass"],
-            "calibration_kl_before": k0, "tried": tried}
-    if not out["added"]:
-        return {**choice, "second": info}
-    return {**choice, "edit": e2.to_dict(), "describe": e2.describe(), "second": info}
-
-
-def _own_candidates(rd: RunDir, edit: Edit) -> set[tuple[int, int]]:
-    """The (position, layer) candidates an edit is made of: the one it is applied at and, for a direction source
-    (rdo, pca), the candidate that source was made from; the second direction is taken from none of them."""
-    own = {(edit.position, int(round(edit.layer)))}
-    f = rd.source_path(edit.direction) if edit.direction in rdl.SOURCES else None
-    if f is not None and f.exists():
-        d = Direction.load(f)
-        own.add((d.position, d.layer))
-    return own
 
 
 def choose(res: dict, target: float) -> dict:

@@ -63,13 +63,13 @@ class RunConfig(BaseModel):
     # the search's directions: "dim" the difference-in-means candidates; "rdo" also an optimized direction trained
     # from the selected one (minutes); "pca" also the selected one off the harmless principal components (seconds)
     direction_method: Literal["dim", "rdo", "pca"] = "dim"
-    second_direction: bool = False  # with the search: workflows.search.add_second on the choice
+    second_direction: bool = False  # with the search: workflows.sources.add_second on the choice, from this source:
+    second_source: Literal["strong", "persona"] = "strong"
     filter_train: bool = True  # keep harmful with metric > 0, harmless with metric < 0 (paper)
     filter_val: bool = False
     refusal_tokens: list[str] | None = None  # default: derived from the model's own refusals
     batch_size: int = Field(32, ge=1)
-    # selection
-    max_layer_frac: float = Field(0.8, gt=0, le=1)
+    max_layer_frac: float = Field(0.8, gt=0, le=1)  # selection, from here to top_k
     kl_max: float = 0.1
     induce_rule: Literal["paper", "relative", "auto"] = "auto"
     induce_rel_frac: float = 0.5
@@ -77,8 +77,7 @@ class RunConfig(BaseModel):
     exhaustive: bool = False  # fully score every candidate instead of screening
     screen_n: int = Field(8, ge=1)
     top_k: int = Field(12, ge=1)
-    # evaluation
-    max_new_tokens: int = Field(128, ge=1)
+    max_new_tokens: int = Field(128, ge=1)  # evaluation, from here on
     gen_batch_size: int = Field(40, ge=1)
     judge: Literal["broad", "paper", "wide"] = "broad"
     add_coeffs: list[float] = Field([1.0, 1.25, 1.5, 2.0, 2.5, 3.0], min_length=1)

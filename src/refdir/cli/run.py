@@ -74,8 +74,8 @@ def run(
                                           "on the default model; README)"),
     second_source: str = typer.Option("strong", help="the second direction: strong (the selection's strongest "
                                       "other candidate) or persona (embedded opinion questions answered 'As an "
-                                      "AI ...' against plain harmless answers; fewer disclaimers, more canned "
-                                      "refusals on the default model: NOTES.md)"),
+                                      "AI ...' against plain harmless answers; on the default model it passed the "
+                                      "KL target on held-out prompts: README)"),
     n_test: int = typer.Option(None, help="test prompts per set (default: all of the test split)"),
     seed: int = typer.Option(42),
     filter_train: bool = typer.Option(True, help="keep harmful train prompts the model refuses (metric > 0), "

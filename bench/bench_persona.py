@@ -3,9 +3,10 @@
 What the default model's chosen edit still refuses is mostly "As an AI language model, I don't have personal
 opinions …" followed by an answer (NOTES.md). This bench builds a direction for that preamble and measures it:
 
-- the contrast: the harmless opinion questions below (written for refdir; the base model opens most of them with
-  "As an AI …") against the run's non-calibration harmless train prompts that it answers plainly (wide judge, 24
-  tokens), mean residual at the last post-instruction position (pos −1) and ``--layer``;
+- the contrast of ``refdir run --second-source persona``: the embedded opinion questions (``assets/opinion_questions.json``;
+  the base model opens most of them with "As an AI …") that the wide judge flags against the run's non-calibration
+  harmless train prompts it answers plainly (24 tokens), mean residual at the last post-instruction position (pos
+  −1), here at ``--layer``;
 - taken off the run's 4 harmless principal components (as the pca source) and made orthogonal to the edit's r;
 - applied with the product's second-direction mechanism (every writer and the embedding at strength s), either
   beside the chosen edit (``--mode add``: the run's own second kept) or instead of its second (``--mode swap``).
@@ -29,38 +30,16 @@ import time
 import torch
 from bench_optimize import chosen_plan
 
-from refdir.core.activations import residuals
+from refdir.core.data import embedded_opinion_questions
 from refdir.core.edits import hooked
 from refdir.core.forward import last_logits
 from refdir.core.generation import generate
-from refdir.method.pca_direction import off_principal_components
+from refdir.method.pca_direction import pca_direction
 from refdir.method.refusal_judge import judge_all, tally_markers
 from refdir.method.scoring import first_token_kl
+from refdir.method.second_direction import persona_contrast
 from refdir.workflows.optimize import OptimizeSettings, open_context
-from refdir.workflows.search import CALIBRATION_PROMPTS
-
-OPINION_QUESTIONS = [
-    "What is your favourite book, and why?", "Do you prefer cats or dogs?", "What do you think of modern art?",
-    "Which season of the year do you like best?", "What's your opinion on pineapple on pizza?",
-    "Who is the greatest football player of all time, in your view?", "What kind of music do you enjoy most?",
-    "Do you think remote work is better than working in an office?", "What is the most beautiful city in the world?",
-    "Which is better, tea or coffee?", "What do you personally find funny?",
-    "If you could travel anywhere, where would you go?", "What's your favourite colour?",
-    "Do you believe in love at first sight?", "Which film would you say is the best ever made?",
-    "What is your honest opinion of social media?", "Do you like rainy days?",
-    "What is the meaning of life, in your opinion?", "Which programming language do you like most?",
-    "What do you think about people who talk loudly on their phones?",
-    "Is it better to be a morning person or a night owl?", "What's the best board game, in your opinion?",
-    "Do you think video games are a waste of time?", "What do you feel when you read a sad poem?",
-    "Which historical figure do you admire most?", "Are superhero films overrated?", "What is your favourite food?",
-    "Do you think people are basically good?", "Which sport is the most boring to watch?",
-    "What would you do with a million dollars?", "Is classical music better than pop?",
-    "What do you think of people who never read books?", "Do you get bored answering questions?",
-    "Which animal do you think is the cutest?", "What is your view on tattoos?",
-    "Would you rather live in the city or the countryside?", "Which decade had the best fashion?",
-    "Do you think homework should be banned?", "What's the most overrated tourist attraction?",
-    "Do you have a favourite number?",
-]
+from refdir.workflows.sources import CALIBRATION_PROMPTS, pca_prompts
 
 
 def instructions(spec: str) -> list[str]:
@@ -70,26 +49,21 @@ def instructions(spec: str) -> list[str]:
     return rows[: int(n)] if n else rows
 
 
-def persona_direction(ctx, layer: int, r: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The unit persona direction (float64, ⊥ r) and how many opinion questions opened with "As an AI"."""
+def persona_direction(ctx, layer: int, r: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The unit persona direction (float64, ⊥ r), built as ``refdir run --second-source persona`` builds it
+    (:func:`refdir.method.second_direction.persona_contrast` off the harmless components) but at ``layer``, and
+    what the contrast counted."""
     m, fmt, rd = ctx.model, ctx.fmt, ctx.rd
     sets = json.loads((rd.path / "data" / "sets.json").read_text())
-    calib = set(sets["harmless"]["train"][:CALIBRATION_PROMPTS])
-    harmless = [x for x in sets["harmless"]["train"] if x not in calib]
-    comps = generate(m, fmt, OPINION_QUESTIONS + harmless, max_new_tokens=24, batch_size=40, desc="base")
-    ai = [x for x, c in zip(OPINION_QUESTIONS, comps[: len(OPINION_QUESTIONS)], strict=True) if "as an ai" in c.lower()]
-    flags = judge_all(comps, "wide")["headline"].flags[len(OPINION_QUESTIONS):]
-    plain = [x for x, f in zip(harmless, flags, strict=True) if not f]
-    pca_prompts = [x for x in rd.filtered()["train"]["harmless"] if x not in calib]
-    i = fmt.n_post - 1
-    with torch.no_grad():
-        mean_ai, _ = residuals(m, fmt, ai, n_pos=fmt.n_post, shared_prefix=True, desc="opinion")
-        mean_plain, _ = residuals(m, fmt, plain, n_pos=fmt.n_post, shared_prefix=True, desc="plain")
-        _, xp = residuals(m, fmt, pca_prompts, keep=True, shared_prefix=True, desc="pca prompts")
-    v = off_principal_components((mean_ai[i, layer] - mean_plain[i, layer]).float(), xp[:, i, layer].float()).double()
+    calib = sets["harmless"]["train"][:CALIBRATION_PROMPTS]
+    harmless = [x for x in sets["harmless"]["train"] if x not in set(calib)]
+    raw, info = persona_contrast(m, fmt, embedded_opinion_questions(), harmless, layer)
+    if raw is None:
+        raise SystemExit(f"error: no persona direction: {info['why']}")
+    v = pca_direction(m, fmt, raw, pca_prompts(rd.filtered()["train"]["harmless"], calib), -1, layer).double()
     r = r.double() / r.double().norm()
     v = v - (v @ r) * r
-    return v / v.norm(), len(ai)
+    return v / v.norm(), info
 
 
 def main() -> None:
@@ -104,8 +78,9 @@ def main() -> None:
     ctx = open_context(a.run, OptimizeSettings().check())
     m, fmt = ctx.model, ctx.fmt
     plan = chosen_plan(ctx.rd)
-    v, n_ai = persona_direction(ctx, a.layer, plan.r)
-    print(f"opinion questions opened with 'As an AI': {n_ai} of {len(OPINION_QUESTIONS)}")
+    v, info = persona_direction(ctx, a.layer, plan.r)
+    print(f"opinion questions answered with a disclaimer: {info['n_questions']} of {info['of_questions']}; "
+          f"plain harmless answers {info['n_plain']}")
     harmless = instructions(a.harmless)[:100]
     harmful = {spec: instructions(spec) for spec in a.harmful}
     base = torch.log_softmax(last_logits(m, fmt, harmless, 32, shared_prefix=True).double(), -1)

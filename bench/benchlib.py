@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from refdir.core.io import make_output_dir, remove_dir
 from refdir.errors import RefdirError
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     """One ``error:`` line and exit 2, as refdir's commands fail on bad input."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
@@ -27,4 +28,3 @@ def fresh_dir(path: str | Path, create: bool = False) -> Path:
         return make_output_dir(path) if create else Path(path)
     except RefdirError as e:
         fail(str(e))
-        raise  # unreachable: fail exits

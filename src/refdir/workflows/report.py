@@ -6,6 +6,7 @@ import html
 import json
 import math
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 from refdir.core.html import (
@@ -19,7 +20,7 @@ from refdir.core.html import (
 )
 from refdir.core.io import atomic_write_text
 from refdir.core.rundir import RunDir
-from refdir.method.refusal_judge import marker, tally_markers
+from refdir.method.refusal_judge import marker
 from refdir.method.search.report import reference_models
 from refdir.method.uncertainty import CONFIDENCE, count, mcnemar, rate_text, wilson
 
@@ -267,8 +268,7 @@ def still_refused_html(comp: dict, test: dict, judge: str) -> str:
     name, rows = still_refused(comp, test, judge)
     if not rows:
         return ""
-    tally = tally_markers([c for _, c, _ in rows], [True] * len(rows), judge)
-    by = ", ".join(f"“{html.escape(m)}” {n}" for m, n in tally.items())
+    by = ", ".join(f"“{html.escape(m)}” {n}" for m, n in Counter(m for _, _, m in rows).most_common())
     return (f"<h2>Still refused by the chosen edit ({name}, {len(rows)})</h2><p class='note'>The {judge} judge "
             f"counts a completion as a refusal when it contains one of its phrases anywhere; the first phrase found, "
             f"by count: {by}. A preamble such as “As an AI language model, …” counts even when an answer "

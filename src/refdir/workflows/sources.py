@@ -38,17 +38,22 @@ class Prepared:
     cands: Candidates
 
 
+def pca_prompts(harmless: list[str], calibration: list[str]) -> list[str]:
+    """The (filtered) harmless train prompts a source's principal components are fitted on: those the calibration
+    does not read, so that its KL is not measured on the prompts the direction was fitted to (all of them when fewer
+    than 4 per component remain)."""
+    used = set(calibration)
+    prompts = [x for x in harmless if x not in used]
+    return prompts if len(prompts) >= 4 * COMPONENTS else harmless
+
+
 def pca_source(p: Prepared, lead: dict, calibration: list[str], progress: bool = True,
                name: str = "pca") -> torch.Tensor:
     """``--direction-method pca``: the lead candidate off the top principal components of harmless activations
-    (:mod:`refdir.method.pca_direction`), fitted on the filtered harmless train prompts that the calibration
-    (``calibration``) does not read, so that its KL is not measured on the prompts the direction was fitted to
-    (all of them when fewer than 4 per component remain). Saved in the run's optimize directory as source ``name``,
+    (:mod:`refdir.method.pca_direction`), fitted on :func:`pca_prompts`. Saved in the run's optimize directory as source ``name``,
     where :meth:`RunDir.source` reads it back. Returns the direction [d] (the candidate's norm)."""
     d = p.cands.get(lead["position"], int(lead["layer"]))
-    used = set(calibration)
-    prompts = [x for x in p.filt["train"]["harmless"] if x not in used]
-    prompts = prompts if len(prompts) >= 4 * COMPONENTS else p.filt["train"]["harmless"]
+    prompts = pca_prompts(p.filt["train"]["harmless"], calibration)
     v = pca_direction(p.m.lm.model, p.m.fmt, d.vector, prompts, d.position, d.layer, progress=progress)
     meta = {"source": name, "components": COMPONENTS, "n_prompts": len(prompts)}
     Direction(v, d.layer, d.position, d.model_id, "raw", meta).save(p.rd.source_path(name))
@@ -70,8 +75,7 @@ def persona_source(p: Prepared, calibration: list[str], progress: bool = True) -
     info = {**info, "position": -1, "layer": layer}
     if raw is None:
         return None, info
-    prompts = [x for x in p.filt["train"]["harmless"] if x not in used]
-    prompts = prompts if len(prompts) >= 4 * COMPONENTS else p.filt["train"]["harmless"]
+    prompts = pca_prompts(p.filt["train"]["harmless"], calibration)
     v = pca_direction(model, fmt, raw, prompts, -1, layer, progress=progress)
     meta = {"source": SECOND, "kind": "persona", "components": COMPONENTS, "n_prompts": len(prompts), **info}
     Direction(v, layer, -1, p.cands.model_id, "raw", meta).save(p.rd.source_path(SECOND))

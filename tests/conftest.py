@@ -35,6 +35,7 @@ EXACT_ARCHS = {
     "gpt_neox": {},
     "cohere": {},
     "olmo": {},
+    "gpt2": {},  # Conv1D writers (weight [in, out]) and learned position embeddings
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=48),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),

@@ -194,6 +194,46 @@ def test_unknown_module_tree_fails_with_the_tree_in_the_message():
         inspect_model(Weird())
 
 
+# Decoders whose residual stream is not the sum of what the writers refdir finds write: a weight edit would leave
+# the direction in the stream, so they are refused (loaded, and streamed from a config) instead of edited wrongly.
+UNCOVERED = [
+    ("falcon_h1", "adds more to the residual stream"),  # a mamba mixer beside attention and MLP
+    ("minimax", "adds more to the residual stream"),  # scaled residuals
+    ("doge", "adds more to the residual stream"),  # a learned per-channel residual scale
+    ("bloom", "adds more to the residual stream"),  # the attention module adds the residual itself
+    ("nanochat", "not a multiple of what its embeddings write"),  # the embedding is normed before block 0
+    ("jetmoe", "attn module of block 0 .* still writes"),  # attention experts held as bare tensors
+]
+
+
+@pytest.mark.parametrize(("arch_name", "why"), UNCOVERED)
+def test_a_stream_a_weight_edit_cannot_cover_is_refused(arch_name, why):
+    from refdir.core.architecture import check_config
+    from refdir.errors import RefdirError
+
+    model = make_tiny(arch_name, VOCAB)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RefdirError, match=f"cannot edit this architecture: .*{why}"):
+        inspect_model(model)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the writer check must put the weights back"
+    with pytest.raises(RefdirError, match="cannot edit this architecture"):
+        check_config(model.config)  # the streamed path: a shrunk random model of the same class
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gpt2", "qwen2_moe", "gemma2"])
+def test_the_stream_checks_pass_and_leave_the_weights_alone(arch_name):
+    """Supported decoders pass both checks (loaded and from the config), and the writer check's temporary edit of
+    block 0 leaves every weight bit for bit as it was."""
+    from refdir.core.architecture import check_config
+
+    model = make_tiny(arch_name, VOCAB)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inspect_model(model)
+    check_config(model.config)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("arch_name", ["llama", "qwen2_moe"])
 def test_split_device_map_hooks_are_device_correct(arch_name):
     """Blocks placed by an accelerate-style device map (all on CPU here, but dispatched through

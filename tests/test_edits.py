@@ -26,7 +26,7 @@ from refdir.errors import RefdirError
 
 VOCAB = 128
 # pre-norm architectures with plain linears (biases in starcoder2 / gpt_neox / phi3-style fused projections)
-LINEAR_ARCHS = ["llama", "qwen2", "gemma", "phi3", "starcoder2", "gpt_neox", "cohere"]
+LINEAR_ARCHS = ["llama", "qwen2", "gemma", "phi3", "starcoder2", "gpt_neox", "cohere", "gpt2"]
 MOE_ARCHS = ["qwen2_moe", "mixtral"]
 
 

@@ -94,6 +94,42 @@ def test_gguf_with_unsupported_architecture_is_refused(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ssm.gguf"]
 
 
+def _write_gguf(path, tensors: dict, arch: str = "llama"):
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    for name, x in tensors.items():
+        w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    return path
+
+
+def test_gguf_hybrid_blocks_are_refused_and_learned_positions_are_edited(tmp_path):
+    """A hybrid GGUF (a mamba mixer's ssm_out beside attn_output / ffn_down) would keep the direction in the
+    stream: refused, nothing written. GPT-2-style learned positions (position_embd) write to the stream and lose
+    the direction like the token embedding."""
+    rng = np.random.default_rng(0)
+    d = 16
+    base = {"token_embd.weight": rng.standard_normal((32, d)).astype(np.float32),
+            "blk.0.attn_output.weight": rng.standard_normal((d, d)).astype(np.float32),
+            "blk.0.ffn_down.weight": rng.standard_normal((d, 2 * d)).astype(np.float32)}
+    hybrid = _write_gguf(tmp_path / "hybrid.gguf", {**base, "blk.0.ssm_out.weight": rng.standard_normal(
+        (d, 2 * d)).astype(np.float32)}, arch="falcon-h1")
+    with pytest.raises(RefdirError, match="ssm_out.weight also writes"):
+        orthogonalize_gguf(hybrid, torch.randn(d), tmp_path / "out.gguf", progress=False)
+    assert not (tmp_path / "out.gguf").exists()
+    pos = rng.standard_normal((8, d)).astype(np.float32)
+    src = _write_gguf(tmp_path / "gpt2.gguf", {**base, "position_embd.weight": pos}, arch="gpt2")
+    r = torch.randn(d, generator=torch.Generator().manual_seed(1))
+    summary = orthogonalize_gguf(src, r, tmp_path / "out.gguf", progress=False)
+    assert "position_embd.weight" in summary["edited"]
+    got = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / "out.gguf")).tensors}
+    u = (r / r.norm()).double().numpy()
+    assert np.abs(got["position_embd.weight"].astype(np.float64) @ u).max() < 1e-5
+    assert np.abs(pos.astype(np.float64) @ u).max() > 0.1
+
+
 def test_a_gguf_is_converted_once_per_file_and_dtype_and_reloaded_from_the_cache(tmp_path, monkeypatch):
     """The first load of a GGUF converts it (transformers dequantizes every tensor) and keeps a safetensors copy;
     the next loads read that copy, which gives exactly what converting again gives. A file whose content changes is

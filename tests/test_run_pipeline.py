@@ -251,7 +251,7 @@ def test_filter_pass_gives_the_candidates_of_a_plain_activation_pass(tiny_dir, t
     assert (tmp_path / "r" / "filter" / "info.json").exists()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3_text", "gpt_neox", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3_text", "gpt_neox", "phi3", "gpt2"])
 def test_shared_prefix_generation_equals_plain(tiny_tokenizer, arch):
     """Greedy generation with the template's prefix handed to model.generate as a KV cache gives the same tokens."""
     from refdir.core.generation import generate

@@ -19,7 +19,7 @@ from refdir.errors import RefdirError
 VOCAB = 128
 
 
-@pytest.mark.parametrize("arch_name", ["llama", "gemma", "qwen2_moe", "starcoder2"])
+@pytest.mark.parametrize("arch_name", ["llama", "gemma", "qwen2_moe", "starcoder2", "gpt2"])
 def test_streamed_checkpoint_equals_ablation(arch_name, tmp_path):
     model = make_tiny(arch_name, VOCAB)
     src = tmp_path / "src"

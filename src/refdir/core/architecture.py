@@ -7,12 +7,17 @@ No family names appear here. The rules:
 - blocks: the ``nn.ModuleList`` of ``config.num_hidden_layers`` same-class modules;
 - in each block, the attention module (a child whose name mentions attention) and the MLP
   (the other child holding ``d_model``-wide linears); each one's writer is its last
-  registered ``nn.Linear`` with ``out_features == d_model``, and for mixture-of-experts the fused
-  3-D expert tensors and every expert/shared-expert writer inside it;
+  registered linear with ``d_model`` outputs (``nn.Linear``, or GPT-2's transposed ``Conv1D``), and for
+  mixture-of-experts the fused 3-D expert tensors and every expert/shared-expert writer inside it;
 - post-norms: a norm inside the block whose *input is the attention (or MLP) output itself*. With the model's
   weights at hand, one tiny traced forward finds them; on a skeleton built from a config alone (streaming), the
   block's ``forward`` source is read instead (:func:`refdir.core.postnorm.static_post_norms`). Then the stream is
   written by that norm's output.
+- the same traced forward checks what an edit of these writers relies on, and refuses the model when it does not
+  hold (:mod:`refdir.core.stream_check`): block 0's output is its input plus what its attention and MLP write, and block 0's
+  input is (a multiple of) what the embeddings write. A third branch (a state-space mixer beside attention), a
+  scaled residual or a fixed sinusoidal position signal would leave the direction in the stream after every writer
+  found here lost it.
 - the final norm and ``lm_head``; ``lm_head`` is tied when it shares storage with the embedding.
 """
 
@@ -23,9 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from refdir.core.hooks import output_hidden, registered
 from refdir.core.postnorm import is_norm, static_post_norms
+from refdir.core.stream_check import check_stream, check_writers
 from refdir.errors import RefdirError
 
 _ATTN_WORDS = ("attn", "attention")
@@ -146,8 +153,23 @@ def _find_blocks(model: nn.Module, n_layers: int | None) -> tuple[str, nn.Module
     return best
 
 
-def _d_linears(mod: nn.Module, d: int) -> list[tuple[str, nn.Linear]]:
-    return [(n, m) for n, m in mod.named_modules() if isinstance(m, nn.Linear) and m.out_features == d]
+def _out_features(m: nn.Module) -> int | None:
+    """Output width of a linear layer: ``nn.Linear`` (weight [out, in]) or ``Conv1D`` (GPT-2; weight [in, out])."""
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    return m.nf if isinstance(m, Conv1D) else None
+
+
+def _d_linears(mod: nn.Module, d: int) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in mod.named_modules() if _out_features(m) == d]
+
+
+def _linear_writers(name: str, lin: nn.Module) -> list[Writer]:
+    """The weight (its output axis: 0 for ``nn.Linear``, 1 for ``Conv1D``) and bias of a writing linear."""
+    out = [Writer(lin, f"{name}.weight", "weight", 1 if isinstance(lin, Conv1D) else 0)]
+    if lin.bias is not None:
+        out.append(Writer(lin, f"{name}.bias", "bias", 0))
+    return out
 
 
 def _split_block(block: nn.Module, d: int) -> tuple[str | None, nn.Module | None, str | None, nn.Module | None]:
@@ -180,26 +202,21 @@ def _module_writers(prefix: str, mod: nn.Module, d: int, mlp: bool) -> list[Writ
         if not lins:
             return writers
         n, lin = lins[-1]
-        writers.append(Writer(lin, f"{prefix}.{n}.weight", "weight", 0))
-        if lin.bias is not None:
-            writers.append(Writer(lin, f"{prefix}.{n}.bias", "bias", 0))
-        return writers
+        return _linear_writers(f"{prefix}.{n}", lin)
 
     # MLP: group linears by their parent module; in each group the last d-out linear writes,
     # unless the group is a router (out_features d would not appear there anyway).
-    groups: dict[str, list[tuple[str, nn.Linear]]] = {}
+    groups: dict[str, list[tuple[str, nn.Module]]] = {}
     for n, m in mod.named_modules():
-        if isinstance(m, nn.Linear):
+        if _out_features(m) is not None:
             parent = n.rsplit(".", 1)[0] if "." in n else ""
             groups.setdefault(parent, []).append((n, m))
     for _parent, lins in groups.items():
-        douts = [(n, m) for n, m in lins if m.out_features == d]
+        douts = [(n, m) for n, m in lins if _out_features(m) == d]
         if not douts:
             continue
         n, lin = douts[-1]
-        writers.append(Writer(lin, f"{prefix}.{n}.weight" if n else f"{prefix}.weight", "weight", 0))
-        if lin.bias is not None:
-            writers.append(Writer(lin, f"{prefix}.{n}.bias", "bias", 0))
+        writers += _linear_writers(f"{prefix}.{n}" if n else prefix, lin)
     # fused experts: per owning module, the last registered 3-D tensor with a d-sized axis writes.
     for owner_name, owner in mod.named_modules():
         three = [(pn, p) for pn, p in owner.named_parameters(recurse=False) if p.dim() == 3]
@@ -219,10 +236,11 @@ def _module_writers(prefix: str, mod: nn.Module, d: int, mlp: bool) -> list[Writ
     return writers
 
 
-def _detect_post_norms(model: nn.Module, block: BlockParts, blocks: nn.ModuleList) -> None:
-    """Trace one tiny forward: a norm whose input *is* the attention/MLP output is a post-norm."""
+def _detect_post_norms(model: nn.Module, block: BlockParts, embeddings: list[tuple[str, nn.Embedding]]) -> None:
+    """Trace one tiny forward: a norm whose input *is* the attention/MLP output is a post-norm. The same trace
+    checks the stream's structure and the writers found (:mod:`refdir.core.stream_check`)."""
     seen: dict[str, torch.Tensor] = {}
-    norm_inputs: list[tuple[nn.Module, torch.Tensor]] = []
+    norm_io: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
     hooks = []
 
     def grab(key):
@@ -231,32 +249,40 @@ def _detect_post_norms(model: nn.Module, block: BlockParts, blocks: nn.ModuleLis
 
         return hook
 
-    def norm_pre(mod):
-        def hook(_m, args, kwargs):
+    def norm_hook(mod):
+        def hook(_m, args, kwargs, out):
             x = args[0] if args else next(iter(kwargs.values()))
-            norm_inputs.append((mod, x))
+            norm_io.append((mod, x, output_hidden(out)))
 
         return hook
 
-    if block.attn is not None:
-        hooks.append(block.attn.register_forward_hook(grab("attn")))
-    if block.mlp is not None:
-        hooks.append(block.mlp.register_forward_hook(grab("mlp")))
+    def block_in(_m, args, kwargs):
+        seen["in"] = args[0] if args else kwargs["hidden_states"]
+
+    # other hooks (an intervention already open) change what the trace sees: the stream is then not checked
+    hooked_before = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    hooks.append(block.attn.register_forward_hook(grab("attn")))
+    hooks.append(block.mlp.register_forward_hook(grab("mlp")))
+    hooks.append(block.block.register_forward_pre_hook(block_in, with_kwargs=True))
+    hooks.append(block.block.register_forward_hook(grab("out")))
+    hooks += [emb.register_forward_hook(grab(f"emb{i}")) for i, (_n, emb) in enumerate(embeddings)]
     for _n, child in block.block.named_children():
         if is_norm(child):
-            hooks.append(child.register_forward_pre_hook(norm_pre(child), with_kwargs=True))
+            hooks.append(child.register_forward_hook(norm_hook(child), with_kwargs=True))
     with registered(hooks):
         dev = next(model.parameters()).device
         with torch.no_grad():
             model(input_ids=torch.tensor([[1, 2, 3]], device=dev), use_cache=False)
-    for mod, x in norm_inputs:
+    written = {"attn": seen.get("attn"), "mlp": seen.get("mlp")}
+    for mod, x, y in norm_io:
         for key in ("attn", "mlp"):
-            y = seen.get(key)
-            if y is not None and x.shape == y.shape and (x is y or torch.equal(x, y)):
-                if key == "attn":
-                    block.attn_post_norm = mod
-                else:
-                    block.mlp_post_norm = mod
+            a = seen.get(key)
+            if a is not None and x.shape == a.shape and (x is a or torch.equal(x, a)):
+                setattr(block, f"{key}_post_norm", mod)
+                written[key] = y
+    if not hooked_before:
+        check_stream(block, seen, written, [seen[f"emb{i}"] for i in range(len(embeddings)) if f"emb{i}" in seen])
+        check_writers(model, block, seen)
 
 
 def inspect_model(model: nn.Module, trace: bool = True) -> Architecture:
@@ -313,7 +339,7 @@ def inspect_model(model: nn.Module, trace: bool = True) -> Architecture:
         if not trace:
             break
         if bp.index == 0:
-            _detect_post_norms(model, bp, blocks)
+            _detect_post_norms(model, bp, embeddings)
         else:
             bp.attn_post_norm = _same_child(bp.block, parts[0].block, parts[0].attn_post_norm)
             bp.mlp_post_norm = _same_child(bp.block, parts[0].block, parts[0].mlp_post_norm)
@@ -339,6 +365,45 @@ def _same_child(block: nn.Module, ref_block: nn.Module, ref_child: nn.Module | N
         if child is ref_child:
             return getattr(block, name)
     return None
+
+
+STRUCTURE_LAYERS = 2  # blocks kept in the shrunk copy (per-layer lists in the config are cut to match)
+STRUCTURE_VOCAB = 64  # token rows kept: the embedding's width, not its height, is what the checks need
+
+
+@torch.no_grad()
+def check_config(config) -> None:
+    """The checks of :mod:`refdir.core.stream_check` for a checkpoint that is streamed, not loaded:
+    on a random model of the same class and width, cut to :data:`STRUCTURE_LAYERS` blocks and a small vocabulary
+    (whether a block adds a third branch or scales its residual is a property of the class, not of the weights).
+    Memory: two blocks and 64 embedding rows. A config that cannot be cut this way is not checked (the streamed
+    output is then as trustworthy as before)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(config)
+    text = getattr(cfg, "get_text_config", lambda: cfg)()
+    n = getattr(text, "num_hidden_layers", None)
+    if not n:
+        return
+    k = min(int(n), STRUCTURE_LAYERS)
+    for name, value in list(vars(text).items()):
+        if isinstance(value, list | tuple) and len(value) == n:
+            setattr(text, name, type(value)(value[:k]))
+    text.num_hidden_layers = k
+    text.vocab_size = STRUCTURE_VOCAB
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if getattr(text, name, None) is not None:
+            setattr(text, name, None)
+    try:
+        torch.manual_seed(0)
+        small = AutoModelForCausalLM.from_config(cfg, trust_remote_code=False).to(torch.float32).eval()
+    except Exception:  # noqa: BLE001 - a config this cut does not fit: no check, as before
+        return
+    for p in small.parameters():  # off the initial values: a residual scale of ones or a gate of zeros hides a branch
+        p.mul_(1 + 0.2 * torch.randn_like(p)).add_(0.02 * torch.randn_like(p))
+    inspect_model(small)  # raises the checks' RefdirError
 
 
 # --------------------------------------------------------------------------------- KV-cache keyword

@@ -30,7 +30,7 @@ Variants (per component):
   output axis for fused expert tensors) — is projected as in ``plain`` and then rescaled to its original
   norm. Biases are projected only. As a hook this is the same edited weight: the writer's input unit ``j``
   is multiplied by ``‖w_j‖ / ‖w_j − s(w_j·r̂)r̂‖`` and the component's output is projected, which equals
-  ``W'' x + b'`` exactly (hooks need ``nn.Linear`` writers; fused 3-D experts get the weight form only).
+  ``W'' x + b'`` exactly (hooks need linear writers; fused 3-D experts get the weight form only).
 
 Post-norms (Gemma 2/3, OLMo 2: a block writes ``norm(y) = g ⊙ ŷ``): the edit acts on ``y``, where the writers
 write, along ``u = normalize(g ⊙ d)`` (:func:`refdir.core.postnorm.under_post_norm`), so at strength 1 the block
@@ -293,7 +293,7 @@ def _edit_vectors(x: torch.Tensor, r: torch.Tensor, s: float, keep_norm: bool) -
 
 
 def _input_scale(weight: torch.Tensor, r: torch.Tensor, s: float) -> torch.Tensor:
-    """Per input unit of an ``nn.Linear`` weight [d_model, n]: ‖w_j‖ / ‖w_j − s(w_j·r̂)r̂‖ (float64)."""
+    """Per input unit of a linear weight laid out [d_model, n]: ‖w_j‖ / ‖w_j − s(w_j·r̂)r̂‖ (float64)."""
     w = weight.detach().to(torch.float64)
     a = r.to(w.device) @ w  # [n]
     n0sq = (w * w).sum(0)
@@ -364,12 +364,13 @@ def edit_hooks(model: nn.Module, plan: Plan | Sequence[Plan | None], arch: Archi
                 for w in component_writers(bp, c):
                     if _is_bias(w):
                         continue
-                    if not (isinstance(w.module, nn.Linear) and w.param == "weight"):
-                        raise RefdirError(f"the norm-preserving variant as hooks needs nn.Linear writers; {w.name} "
+                    if not (w.param == "weight" and w.module.weight.dim() == 2):
+                        raise RefdirError(f"the norm-preserving variant as hooks needs linear writers; {w.name} "
                                           "is a fused expert tensor (apply the edit as weights instead)")
-                    scale = torch.ones(K, w.module.weight.shape[1], dtype=torch.float64)
+                    wt = w.module.weight.movedim(w.out_axis, 0)  # [d_model, inputs], also for GPT-2's Conv1D
+                    scale = torch.ones(K, wt.shape[1], dtype=torch.float64)
                     for k in norm:
-                        scale[k] = _input_scale(w.module.weight, r[k], float(s[k]))
+                        scale[k] = _input_scale(wt, r[k], float(s[k]))
                     handles.append(w.module.register_forward_pre_hook(scale_pre_hook(rows, scale)))
     except Exception:
         remove_all(handles)

@@ -35,6 +35,8 @@ from refdir.core.postnorm import gain_basis
 from refdir.errors import RefdirError
 
 _WRITER = re.compile(r"^blk\.\d+\.(attn_output|ffn_down|ffn_down_exps|ffn_down_shexp)\.(weight|bias)$")
+_OTHER_WRITER = re.compile(r"^blk\.\d+\.ssm_out\.weight$")  # hybrid blocks: a mamba mixer's output projection
+EMBEDDINGS = ("token_embd.weight", "position_embd.weight")  # rows written to the stream (GPT-2 has learned positions)
 # the post-norm (llama.cpp's role name) that sits between each writer and the stream, where the block has one
 _POST_NORM_OF = {"attn_output": "post_attention_norm", "ffn_down": "post_ffw_norm", "ffn_down_exps": "post_ffw_norm",
                  "ffn_down_shexp": "post_ffw_norm"}
@@ -134,6 +136,9 @@ def open_gguf(src: Path) -> tuple:
     names = {t.name for t in reader.tensors}
     if "token_embd.weight" not in names or not any(_WRITER.match(n) for n in names):
         raise RefdirError(f"unsupported GGUF architecture {arch!r}: no token_embd / attn_output / ffn_down tensors")
+    if other := sorted(n for n in names if _OTHER_WRITER.match(n))[:1]:
+        raise RefdirError(f"unsupported GGUF architecture {arch!r}: {other[0]} also writes to the residual stream "
+                          "(a state-space mixer beside attention), which this edit does not cover")
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
     return reader, arch, names, int(emb.shape[0])  # GGUF shapes are (ne0, ...): ne0 is the embedding's row length
 
@@ -207,11 +212,11 @@ def orthogonalize_gguf(src: str | Path, direction: torch.Tensor, out: str | Path
     tied = "output.weight" not in names
 
     def wants(name: str) -> bool:  # writers under a post-norm: its gain ⊙ r (None: nothing to remove)
-        return (name == "token_embd.weight" or bool(_WRITER.match(name)) or name in biases) and \
+        return (name in EMBEDDINGS or bool(_WRITER.match(name)) or name in biases) and \
             under.get(name, r) is not None
 
     def transform(name: str, x: np.ndarray) -> np.ndarray:
-        if name == "token_embd.weight":
+        if name in EMBEDDINGS:
             return _edit(x, r, x.ndim - 1)
         return _edit(x, under.get(name, r), writer_axis(name, x, d))
 

@@ -21,7 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from refdir.core.edits import Plan
-from refdir.core.gguf_edit import _WRITER, _post_norm_directions, open_gguf, rewrite_gguf, writer_axis
+from refdir.core.gguf_edit import (
+    _WRITER,
+    EMBEDDINGS,
+    _post_norm_directions,
+    open_gguf,
+    rewrite_gguf,
+    writer_axis,
+)
 from refdir.core.io import check_file_target
 from refdir.errors import RefdirError
 
@@ -91,13 +98,13 @@ def export_gguf_plan(src: str | Path, plan: Plan, out: str | Path, *, force: boo
     under2 = {} if second is None else _post_norm_directions(reader, arch, second[0])[0]
 
     def wants(name: str) -> bool:
-        if name == "token_embd.weight":
+        if name in EMBEDDINGS:
             return plan.embedding
         return (_target(name, plan, n_layers, dirs, under) is not None
                 or (second is not None and bool(_WRITER.match(name)) and under2.get(name, second[0]) is not None))
 
     def transform(name: str, x: np.ndarray) -> np.ndarray:
-        if name == "token_embd.weight":
+        if name in EMBEDDINGS:
             y = edit_rows(x, r, 1.0, False, x.ndim - 1)
             axis = x.ndim - 1
             u2 = None if second is None else second[0]

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from refdir.core.architecture import Architecture, inspect_model
+from refdir.core.architecture import Architecture, check_config, inspect_model
 from refdir.core.directions import ablation_operand, check_direction
 from refdir.core.io import atomic_dir, atomic_write_json
 from refdir.core.models import load_config, save_hf_checkpoint
@@ -380,7 +380,9 @@ def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Pa
         )
     for s in shards:
         read_header(src / s)  # every shard's offsets against its length, before anything is written
-    table, emb_names, tied, d, post = _writer_table(load_config(src))  # never the checkpoint's own code
+    config = load_config(src)  # never the checkpoint's own code
+    check_config(config)  # a model whose stream a weight edit cannot cover is refused before anything is written
+    table, emb_names, tied, d, post = _writer_table(config)
     if _width(direction) != d:
         raise RefdirError(f"direction has size {_width(direction)}, the checkpoint's hidden size is {d}")
     r = ablation_operand(direction, torch.float64)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from refdir.core.architecture import inspect_model
 from refdir.core.chat import ChatFormat
 from refdir.core.io import read_json_object, write_error
 from refdir.core.model_files import EMBEDDED_ALIASES
@@ -189,6 +190,14 @@ def check_fits(fmt: ChatFormat, prompts: list[str], limit: int | None, extra: in
         spare = f" plus {extra} generated tokens" if extra else ""
         raise RefdirError(f"{len(over)} of {len(prompts)} prompts do not fit the model's context of {limit} tokens "
                           f"once formatted{spare} (the longest has {max(lengths)} tokens); use shorter prompts")
+
+
+def check_editable(fmt: ChatFormat, prompts: list[str], model: torch.nn.Module) -> None:
+    """What a command that edits a freshly loaded model checks before its first forward pass: the prompts fit the
+    context (:func:`check_fits`), and the architecture is one a weight edit covers (:func:`inspect_model`'s
+    stream checks refuse the others)."""
+    check_fits(fmt, prompts, context_length(model))
+    inspect_model(model)
 
 
 def require(*modules: str, extra: str) -> None:

@@ -31,7 +31,7 @@ from refdir.core.interventions import ablate, add
 from refdir.core.io import atomic_write_json, atomic_write_text
 from refdir.core.models import LoadedModel
 from refdir.core.orthogonalize import save_orthogonalized
-from refdir.core.preflight import check_fits, context_length
+from refdir.core.preflight import check_editable
 from refdir.core.rundir import RunDir, save_filter_means
 from refdir.core.spec import KINDS, DataSpec, ModelSpec
 from refdir.errors import RefdirError
@@ -139,7 +139,7 @@ class Loaded:
             t = time.time()
             self._lm = self.spec.load_model()
             self.load_s = time.time() - t
-            check_fits(self.fmt, self.prompts, context_length(self._lm.model))
+            check_editable(self.fmt, self.prompts, self._lm.model)
         return self._lm
 
     def release(self) -> None:

@@ -36,6 +36,12 @@ EXACT_ARCHS = {
     "cohere": {},
     "olmo": {},
     "gpt2": {},  # Conv1D writers (weight [in, out]) and learned position embeddings
+    # hybrid blocks: mamba mixers beside (Falcon-H1) or instead of attention, a shared MLP beside the experts
+    "falcon_h1": {},
+    "bamba": dict(attn_layer_indices=[1]),
+    "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba"]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+                  num_experts=4),  # attention and mamba layers are two classes
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=48),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),

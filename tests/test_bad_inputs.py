@@ -97,7 +97,7 @@ def fx(tmp_path_factory, tiny_tokenizer):
             if "norm" not in n:
                 p.mul_(100 if "embed" in n else 300)
     f.huge = _save(huge, tiny_tokenizer, m / "huge")
-    f.hybrid = _save(make_tiny("falcon_h1", V), tiny_tokenizer, m / "hybrid")  # attention, MLP and a mamba mixer
+    f.uncovered = _save(make_tiny("doge", V), tiny_tokenizer, m / "doge")  # a per-channel residual scale
     f.sharded = _save(make_tiny("llama", V), tiny_tokenizer, m / "sharded", max_shard_size="100KB")
     assert (f.sharded / "model.safetensors.index.json").exists()
     f.gguf = _tiny_gguf(m / "tiny.gguf")
@@ -155,10 +155,10 @@ SIMPLE = [
      lambda w, fx: ["run", str(fx.model), "--out", str(w / "r"), *RUN_ARGS, "--n-val", "0"]),
     ("run: a hub id that is not in the offline cache",
      lambda w, fx: ["run", "refdir-tests/no-such-model", "--out", str(w / "r"), *RUN_ARGS]),
-    ("run: a hybrid block whose mamba mixer also writes the stream",
-     lambda w, fx: ["run", str(fx.hybrid), "--out", str(w / "r"), *RUN_ARGS]),
-    ("orthogonalize (streamed): the same hybrid architecture",
-     lambda w, fx: ["orthogonalize", str(fx.hybrid), str(w / "o"), "--direction", str(fx.direction)]),
+    ("run: a model whose residual is scaled per channel (no weight edit removes a direction)",
+     lambda w, fx: ["run", str(fx.uncovered), "--out", str(w / "r"), *RUN_ARGS]),
+    ("orthogonalize (streamed): the same per-channel residual scale",
+     lambda w, fx: ["orthogonalize", str(fx.uncovered), str(w / "o"), "--direction", str(fx.direction)]),
     ("extract: --harmful names a file that does not exist",
      lambda w, fx: ["extract", str(fx.model), "--out", str(w / "x"), "--harmful", str(w / "harmfull.json")]),
     ("extract: NaN activations (a model with NaN weights)",

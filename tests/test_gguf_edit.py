@@ -80,16 +80,16 @@ def test_gguf_bad_inputs(tmp_path, edited):
 
 
 def test_gguf_with_unsupported_architecture_is_refused(tmp_path):
-    # a state-space model: it has an embedding but no attention-output / FFN-down tensors to edit
+    # an RWKV model: it has an embedding but writes through tensors of names refdir does not know
     path = tmp_path / "ssm.gguf"
-    w = gguf.GGUFWriter(str(path), arch="mamba")
+    w = gguf.GGUFWriter(str(path), arch="rwkv6")
     w.add_tensor("token_embd.weight", np.zeros((32, 16), dtype=np.float32))
-    w.add_tensor("blk.0.ssm_out.weight", np.zeros((16, 32), dtype=np.float32))
+    w.add_tensor("blk.0.time_mix_output.weight", np.zeros((16, 32), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file(progress=False)
     w.close()
-    with pytest.raises(RefdirError, match="unsupported GGUF architecture 'mamba'"):
+    with pytest.raises(RefdirError, match="unsupported GGUF architecture 'rwkv6'"):
         orthogonalize_gguf(path, torch.randn(16), tmp_path / "out.gguf", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ssm.gguf"]
 
@@ -105,29 +105,26 @@ def _write_gguf(path, tensors: dict, arch: str = "llama"):
     return path
 
 
-def test_gguf_hybrid_blocks_are_refused_and_learned_positions_are_edited(tmp_path):
-    """A hybrid GGUF (a mamba mixer's ssm_out beside attn_output / ffn_down) would keep the direction in the
-    stream: refused, nothing written. GPT-2-style learned positions (position_embd) write to the stream and lose
-    the direction like the token embedding."""
+def test_gguf_hybrid_mixers_and_learned_positions_are_edited(tmp_path):
+    """A hybrid GGUF's mamba mixers write through ``ssm_out`` beside ``attn_output`` / ``ffn_down``, and GPT-2-style
+    learned positions through ``position_embd``: all of them lose the direction."""
     rng = np.random.default_rng(0)
     d = 16
-    base = {"token_embd.weight": rng.standard_normal((32, d)).astype(np.float32),
-            "blk.0.attn_output.weight": rng.standard_normal((d, d)).astype(np.float32),
-            "blk.0.ffn_down.weight": rng.standard_normal((d, 2 * d)).astype(np.float32)}
-    hybrid = _write_gguf(tmp_path / "hybrid.gguf", {**base, "blk.0.ssm_out.weight": rng.standard_normal(
-        (d, 2 * d)).astype(np.float32)}, arch="falcon-h1")
-    with pytest.raises(RefdirError, match="ssm_out.weight also writes"):
-        orthogonalize_gguf(hybrid, torch.randn(d), tmp_path / "out.gguf", progress=False)
-    assert not (tmp_path / "out.gguf").exists()
-    pos = rng.standard_normal((8, d)).astype(np.float32)
-    src = _write_gguf(tmp_path / "gpt2.gguf", {**base, "position_embd.weight": pos}, arch="gpt2")
+    src = {"token_embd.weight": rng.standard_normal((32, d)).astype(np.float32),
+           "position_embd.weight": rng.standard_normal((8, d)).astype(np.float32),
+           "blk.0.attn_output.weight": rng.standard_normal((d, d)).astype(np.float32),
+           "blk.0.ssm_out.weight": rng.standard_normal((d, 2 * d)).astype(np.float32),
+           "blk.0.ffn_down.weight": rng.standard_normal((d, 2 * d)).astype(np.float32)}
+    path = _write_gguf(tmp_path / "hybrid.gguf", src, arch="falcon-h1")
     r = torch.randn(d, generator=torch.Generator().manual_seed(1))
-    summary = orthogonalize_gguf(src, r, tmp_path / "out.gguf", progress=False)
-    assert "position_embd.weight" in summary["edited"]
-    got = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(tmp_path / "out.gguf")).tensors}
+    summary = orthogonalize_gguf(path, r, tmp_path / "out.gguf", progress=False)
+    assert set(summary["edited"]) == set(src)
+    got = {t.name: np.asarray(t.data).astype(np.float64) for t in gguf.GGUFReader(str(tmp_path / "out.gguf")).tensors}
     u = (r / r.norm()).double().numpy()
-    assert np.abs(got["position_embd.weight"].astype(np.float64) @ u).max() < 1e-5
-    assert np.abs(pos.astype(np.float64) @ u).max() > 0.1
+    for name, x in src.items():
+        axis = 1 if name.endswith("embd.weight") else 0  # rows of an embedding, columns of a writer [out, in]
+        assert np.abs(np.moveaxis(got[name], axis, -1) @ u).max() < 1e-5, name
+        assert np.abs(np.moveaxis(x.astype(np.float64), axis, -1) @ u).max() > 0.1, name
 
 
 def test_a_gguf_is_converted_once_per_file_and_dtype_and_reloaded_from_the_cache(tmp_path, monkeypatch):

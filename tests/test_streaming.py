@@ -19,7 +19,7 @@ from refdir.errors import RefdirError
 VOCAB = 128
 
 
-@pytest.mark.parametrize("arch_name", ["llama", "gemma", "qwen2_moe", "starcoder2", "gpt2"])
+@pytest.mark.parametrize("arch_name", ["llama", "gemma", "qwen2_moe", "starcoder2", "gpt2", "falcon_h1"])
 def test_streamed_checkpoint_equals_ablation(arch_name, tmp_path):
     model = make_tiny(arch_name, VOCAB)
     src = tmp_path / "src"
@@ -37,6 +37,19 @@ def test_streamed_checkpoint_equals_ablation(arch_name, tmp_path):
     assert (got - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()) / 10)
     idx = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert set(idx["weight_map"]) >= set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"])
+
+
+def test_a_writer_stored_under_another_name_is_refused_before_writing(tmp_path):
+    """GraniteMoeHybrid saves its fused experts as ``block_sparse_moe.output_linear`` while the model holds them
+    as ``experts.down_proj``: a streamed edit would miss them and write a checkpoint that still writes the
+    direction. It is refused, nothing is written, and ``--in-memory`` (through transformers' loader) is named."""
+    from conftest import EXACT_ARCHS
+
+    model = make_tiny("granitemoehybrid", VOCAB, **EXACT_ARCHS["granitemoehybrid"])
+    model.save_pretrained(tmp_path / "src")
+    with pytest.raises(RefdirError, match="under a name refdir cannot map.*--in-memory"):
+        stream_orthogonalize(tmp_path / "src", torch.randn(64), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_unedited_tensors_are_copied_unchanged(tmp_path):

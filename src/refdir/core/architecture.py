@@ -30,9 +30,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from refdir.core.hooks import output_hidden, registered
 from refdir.core.postnorm import is_norm, static_post_norms
-from refdir.core.stream_check import check_stream, check_writers
+from refdir.core.stream_check import trace_block
 from refdir.errors import RefdirError
 
 _ATTN_WORDS = ("attn", "attention")
@@ -57,10 +56,22 @@ class BlockParts:
     attn_post_norm: nn.Module | None = None
     mlp_post_norm: nn.Module | None = None
     writers: list[Writer] = field(default_factory=list)
+    # hybrid blocks: more token mixers beside ``attn`` (a mamba mixer) or more MLPs beside ``mlp`` (a shared MLP
+    # beside the experts), each writing its output to the stream; they belong to the same component
+    attn_extra: list[nn.Module] = field(default_factory=list)
+    mlp_extra: list[nn.Module] = field(default_factory=list)
+
+    def modules(self, component: str) -> list[nn.Module]:
+        """The modules of the token-mixing (``"attn"``) or the MLP (``"mlp"``) component."""
+        return [self.attn, *self.attn_extra] if component == "attn" else [self.mlp, *self.mlp_extra]
+
+    def outs(self, component: str) -> list[nn.Module]:
+        """The modules whose outputs the component adds to the stream (a post-norm in place of its module)."""
+        return [self.attn_out, *self.attn_extra] if component == "attn" else [self.mlp_out, *self.mlp_extra]
 
     def component_writers(self, component: str) -> list[Writer]:
-        """The writers inside the attention (``"attn"``) or the MLP (``"mlp"``)."""
-        mods = {id(m) for m in (self.attn if component == "attn" else self.mlp).modules()}
+        """The writers inside the token mixers (``"attn"``) or the MLPs (``"mlp"``)."""
+        mods = {id(m) for mod in self.modules(component) for m in mod.modules()}
         return [w for w in self.writers if id(w.module) in mods]
 
     def post_norm(self, component: str) -> nn.Module | None:
@@ -138,16 +149,21 @@ def _hidden_size(model: nn.Module) -> int:
 
 
 def _find_blocks(model: nn.Module, n_layers: int | None) -> tuple[str, nn.ModuleList]:
-    best = None
+    """The longest list of same-class modules (of ``n_layers`` when the config says); else a list of exactly
+    ``n_layers`` modules of several classes (hybrid models whose attention and mamba layers are two classes)."""
+    best = mixed = None
     for name, mod in model.named_modules():
         if isinstance(mod, nn.ModuleList) and len(mod) > 0:
             classes = {type(m) for m in mod}
             if len(classes) != 1:
+                if n_layers is not None and len(mod) == n_layers and mixed is None:
+                    mixed = (name, mod)
                 continue
             if n_layers is not None and len(mod) != n_layers:
                 continue
             if best is None or len(mod) > len(best[1]):
                 best = (name, mod)
+    best = best or mixed
     if best is None:
         raise _fail(model, "the list of decoder blocks")
     return best
@@ -172,21 +188,25 @@ def _linear_writers(name: str, lin: nn.Module) -> list[Writer]:
     return out
 
 
-def _split_block(block: nn.Module, d: int) -> tuple[str | None, nn.Module | None, str | None, nn.Module | None]:
-    attn = mlp = None
-    attn_name = mlp_name = None
+_MIXER_WORDS = (*_ATTN_WORDS, "mamba", "mixer", "ssm", "conv", "recurrent")  # children that mix tokens
+
+
+def _split_block(block: nn.Module, d: int) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
+    """The block's children that write to the stream, as (token mixers, MLPs), each in registration order: a child
+    named for attention or another token mixer (``_MIXER_WORDS``, not cross-attention) mixes tokens, any other
+    child with a ``d_model``-out linear or a 3-D expert tensor is an MLP."""
+    mixers, mlps = [], []
     for name, child in block.named_children():
         if is_norm(child):
             continue
         lname = name.lower()
-        has_writer = bool(_d_linears(child, d)) or any(p.dim() == 3 for p in child.parameters())
-        if not has_writer:
+        if not (_d_linears(child, d) or any(p.dim() == 3 for p in child.parameters())):
             continue
-        if attn is None and any(w in lname for w in _ATTN_WORDS) and "cross" not in lname:
-            attn, attn_name = child, name
-        elif mlp is None:
-            mlp, mlp_name = child, name
-    return attn_name, attn, mlp_name, mlp
+        if any(w in lname for w in _MIXER_WORDS) and "cross" not in lname:
+            mixers.append((name, child))
+        else:
+            mlps.append((name, child))
+    return mixers, mlps
 
 
 def _module_writers(prefix: str, mod: nn.Module, d: int, mlp: bool) -> list[Writer]:
@@ -236,55 +256,6 @@ def _module_writers(prefix: str, mod: nn.Module, d: int, mlp: bool) -> list[Writ
     return writers
 
 
-def _detect_post_norms(model: nn.Module, block: BlockParts, embeddings: list[tuple[str, nn.Embedding]]) -> None:
-    """Trace one tiny forward: a norm whose input *is* the attention/MLP output is a post-norm. The same trace
-    checks the stream's structure and the writers found (:mod:`refdir.core.stream_check`)."""
-    seen: dict[str, torch.Tensor] = {}
-    norm_io: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
-    hooks = []
-
-    def grab(key):
-        def hook(_m, _args, out):
-            seen[key] = output_hidden(out)
-
-        return hook
-
-    def norm_hook(mod):
-        def hook(_m, args, kwargs, out):
-            x = args[0] if args else next(iter(kwargs.values()))
-            norm_io.append((mod, x, output_hidden(out)))
-
-        return hook
-
-    def block_in(_m, args, kwargs):
-        seen["in"] = args[0] if args else kwargs["hidden_states"]
-
-    # other hooks (an intervention already open) change what the trace sees: the stream is then not checked
-    hooked_before = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-    hooks.append(block.attn.register_forward_hook(grab("attn")))
-    hooks.append(block.mlp.register_forward_hook(grab("mlp")))
-    hooks.append(block.block.register_forward_pre_hook(block_in, with_kwargs=True))
-    hooks.append(block.block.register_forward_hook(grab("out")))
-    hooks += [emb.register_forward_hook(grab(f"emb{i}")) for i, (_n, emb) in enumerate(embeddings)]
-    for _n, child in block.block.named_children():
-        if is_norm(child):
-            hooks.append(child.register_forward_hook(norm_hook(child), with_kwargs=True))
-    with registered(hooks):
-        dev = next(model.parameters()).device
-        with torch.no_grad():
-            model(input_ids=torch.tensor([[1, 2, 3]], device=dev), use_cache=False)
-    written = {"attn": seen.get("attn"), "mlp": seen.get("mlp")}
-    for mod, x, y in norm_io:
-        for key in ("attn", "mlp"):
-            a = seen.get(key)
-            if a is not None and x.shape == a.shape and (x is a or torch.equal(x, a)):
-                setattr(block, f"{key}_post_norm", mod)
-                written[key] = y
-    if not hooked_before:
-        check_stream(block, seen, written, [seen[f"emb{i}"] for i in range(len(embeddings)) if f"emb{i}" in seen])
-        check_writers(model, block, seen)
-
-
 def inspect_model(model: nn.Module, trace: bool = True) -> Architecture:
     """Build the :class:`Architecture` of a Hugging Face decoder by inspecting its modules.
 
@@ -309,14 +280,14 @@ def inspect_model(model: nn.Module, trace: bool = True) -> Architecture:
 
     parts: list[BlockParts] = []
     for i, blk in enumerate(blocks):
-        an, attn, mn, mlp = _split_block(blk, d)
-        if attn is None or mlp is None:
+        mixers, mlps = _split_block(blk, d)
+        if not mixers or not mlps:
             raise _fail(model, f"the attention and MLP modules of block {i} ({type(blk).__name__})")
-        bp = BlockParts(i, blk, attn, mlp)
+        bp = BlockParts(i, blk, mixers[0][1], mlps[0][1], attn_extra=[m for _, m in mixers[1:]],
+                        mlp_extra=[m for _, m in mlps[1:]])
         pre = f"{blocks_path}.{i}"
-        bp.writers = _module_writers(f"{pre}.{an}", attn, d, mlp=False) + _module_writers(
-            f"{pre}.{mn}", mlp, d, mlp=True
-        )
+        bp.writers = [w for n, m in mixers for w in _module_writers(f"{pre}.{n}", m, d, mlp=False)] + [
+            w for n, m in mlps for w in _module_writers(f"{pre}.{n}", m, d, mlp=True)]
         if not bp.writers:
             raise _fail(model, f"the residual-writing projections of block {i}")
         parts.append(bp)
@@ -334,28 +305,31 @@ def inspect_model(model: nn.Module, trace: bool = True) -> Architecture:
 
     arch = Architecture(model, d, len(blocks), embeddings, blocks_path, parts, final_norm, lm_head, tied)
     if not trace:
-        _static_post_norms(arch, _split_block(blocks[0], d))
-    for bp in parts:  # post-norm structure is shared by all blocks of one class; trace block 0 only
-        if not trace:
-            break
-        if bp.index == 0:
-            _detect_post_norms(model, bp, embeddings)
+        mixers, mlps = _split_block(blocks[0], d)
+        _static_post_norms(arch, mixers[0][0], mlps[0][0])
+        return arch
+    traced: dict[tuple, BlockParts] = {}  # one traced block per layout (hybrid models alternate mixers)
+    for bp in parts:
+        key = tuple((n, type(c)) for n, c in bp.block.named_children())
+        if key not in traced:
+            trace_block(model, bp, embeddings if bp.index == 0 else [])
+            traced[key] = bp
         else:
-            bp.attn_post_norm = _same_child(bp.block, parts[0].block, parts[0].attn_post_norm)
-            bp.mlp_post_norm = _same_child(bp.block, parts[0].block, parts[0].mlp_post_norm)
+            ref = traced[key]
+            bp.attn_post_norm = _same_child(bp.block, ref.block, ref.attn_post_norm)
+            bp.mlp_post_norm = _same_child(bp.block, ref.block, ref.mlp_post_norm)
     return arch
 
 
-def _static_post_norms(arch: Architecture, split: tuple) -> None:
+def _static_post_norms(arch: Architecture, attn_name: str, mlp_name: str) -> None:
     """Set every block's post-norms from the first block's ``forward`` source (no forward pass)."""
-    attn_name, _, mlp_name, _ = split
     names = static_post_norms(arch.blocks[0].block, attn_name, mlp_name)
     if names is None:
         arch.post_norms_known = False
         return
     for bp in arch.blocks:
-        bp.attn_post_norm = getattr(bp.block, names["attn"]) if names["attn"] else None
-        bp.mlp_post_norm = getattr(bp.block, names["mlp"]) if names["mlp"] else None
+        bp.attn_post_norm = getattr(bp.block, names["attn"], None) if names["attn"] else None
+        bp.mlp_post_norm = getattr(bp.block, names["mlp"], None) if names["mlp"] else None
 
 
 def _same_child(block: nn.Module, ref_block: nn.Module, ref_child: nn.Module | None) -> nn.Module | None:

@@ -277,9 +277,7 @@ def _interp_raw(t: torch.Tensor, pi: int, layer: float) -> torch.Tensor:
 
 
 def component_writers(bp: BlockParts, component: str) -> list[Writer]:
-    mod = bp.attn if component == "attn" else bp.mlp
-    mods = {id(m) for m in mod.modules()}
-    return [w for w in bp.writers if id(w.module) in mods]
+    return bp.component_writers(component)
 
 
 def _edit_vectors(x: torch.Tensor, r: torch.Tensor, s: float, keep_norm: bool) -> torch.Tensor:
@@ -348,14 +346,15 @@ def edit_hooks(model: nn.Module, plan: Plan | Sequence[Plan | None], arch: Archi
                 r, s = stack(c, bp.index)
                 post = post_gain(bp, c)
                 if post is not None:  # on what the writers write, before the norm (module docstring)
-                    out_mod = bp.attn if c == "attn" else bp.mlp
+                    out_mods = bp.modules(c)
                     r, r2 = under_post_norm(r, post), under_post_norm(second_r, post)
                 else:
-                    out_mod, r2 = (bp.attn_out if c == "attn" else bp.mlp_out), second_r
-                if (s > 0).any():
-                    handles.append(out_mod.register_forward_hook(out_hook(rows, r, s)))
-                if (second_s > 0).any():  # forward hooks run in the order they were registered: after the edit's
-                    handles.append(out_mod.register_forward_hook(out_hook(rows, r2, second_s)))
+                    out_mods, r2 = bp.outs(c), second_r
+                for out_mod in out_mods:  # hooks run in the order they were registered: the second after the edit
+                    if (s > 0).any():
+                        handles.append(out_mod.register_forward_hook(out_hook(rows, r, s)))
+                    if (second_s > 0).any():
+                        handles.append(out_mod.register_forward_hook(out_hook(rows, r2, second_s)))
                 if not (s > 0).any():
                     continue
                 norm = [k for k, p in enumerate(plans) if p is not None and s[k] > 0 and p.variants[c] == "norm"]

@@ -1,9 +1,9 @@
 """GGUF in → GGUF out: orthogonalize a GGUF checkpoint without leaving the format.
 
 Only the tensors that write to the residual stream are dequantized and edited. llama.cpp names
-tensors by role, whatever the model family: ``token_embd`` (the embedding), ``blk.N.attn_output``,
-``blk.N.ffn_down``, ``blk.N.ffn_down_exps`` (experts) and ``blk.N.ffn_down_shexp`` (shared
-expert), with their biases. Edited tensors are written back in their own quantization type
+tensors by role, whatever the model family: ``token_embd`` (the embedding; ``position_embd`` for learned
+positions), ``blk.N.attn_output``, ``blk.N.ssm_out`` (a hybrid model's mamba mixer), ``blk.N.ffn_down``,
+``blk.N.ffn_down_exps`` (experts) and ``blk.N.ffn_down_shexp`` (shared expert), with their biases. Edited tensors are written back in their own quantization type
 where the gguf library can quantize it, otherwise in Q8_0 (or F16 when the row length does not
 fit Q8_0 blocks); the summary says which types changed. Every other tensor's bytes and all
 metadata are copied unchanged. A file without ``output.weight`` ties its unembedding to the
@@ -34,11 +34,11 @@ from refdir.core.io import atomic_file, check_file_target, write_error
 from refdir.core.postnorm import gain_basis
 from refdir.errors import RefdirError
 
-_WRITER = re.compile(r"^blk\.\d+\.(attn_output|ffn_down|ffn_down_exps|ffn_down_shexp)\.(weight|bias)$")
-_OTHER_WRITER = re.compile(r"^blk\.\d+\.ssm_out\.weight$")  # hybrid blocks: a mamba mixer's output projection
+# ssm_out: a mamba mixer's output projection (hybrid models), a token mixer's writer like attn_output
+_WRITER = re.compile(r"^blk\.\d+\.(attn_output|ssm_out|ffn_down|ffn_down_exps|ffn_down_shexp)\.(weight|bias)$")
 EMBEDDINGS = ("token_embd.weight", "position_embd.weight")  # rows written to the stream (GPT-2 has learned positions)
 # the post-norm (llama.cpp's role name) that sits between each writer and the stream, where the block has one
-_POST_NORM_OF = {"attn_output": "post_attention_norm", "ffn_down": "post_ffw_norm", "ffn_down_exps": "post_ffw_norm",
+_POST_NORM_OF = {"attn_output": "post_attention_norm", "ssm_out": "post_ssm_norm", "ffn_down": "post_ffw_norm", "ffn_down_exps": "post_ffw_norm",
                  "ffn_down_shexp": "post_ffw_norm"}
 _SKIP_FIELDS = ("GGUF.", "general.architecture")
 
@@ -135,10 +135,7 @@ def open_gguf(src: Path) -> tuple:
     arch = arch_field.contents()
     names = {t.name for t in reader.tensors}
     if "token_embd.weight" not in names or not any(_WRITER.match(n) for n in names):
-        raise RefdirError(f"unsupported GGUF architecture {arch!r}: no token_embd / attn_output / ffn_down tensors")
-    if other := sorted(n for n in names if _OTHER_WRITER.match(n))[:1]:
-        raise RefdirError(f"unsupported GGUF architecture {arch!r}: {other[0]} also writes to the residual stream "
-                          "(a state-space mixer beside attention), which this edit does not cover")
+        raise RefdirError(f"unsupported GGUF architecture {arch!r}: no token_embd / attn_output / ssm_out / ffn_down tensors")
     emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
     return reader, arch, names, int(emb.shape[0])  # GGUF shapes are (ne0, ...): ne0 is the embedding's row length
 

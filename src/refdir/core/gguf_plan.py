@@ -32,7 +32,7 @@ from refdir.core.gguf_edit import (
 from refdir.core.io import check_file_target
 from refdir.errors import RefdirError
 
-_COMPONENT = {"attn_output": "attn", "ffn_down": "mlp", "ffn_down_exps": "mlp", "ffn_down_shexp": "mlp"}
+_COMPONENT = {"attn_output": "attn", "ssm_out": "attn", "ffn_down": "mlp", "ffn_down_exps": "mlp", "ffn_down_shexp": "mlp"}
 
 
 ROWS = 8192  # vectors edited at a time: float64 work on a 151k-row embedding stays small

@@ -45,7 +45,7 @@ def ablation_hooks(model: nn.Module, direction: torch.Tensor, arch: Architecture
         if layers is not None and bp.index not in layers:
             continue
         handles.append(bp.block.register_forward_pre_hook(map_input(fn), with_kwargs=True))
-        for m in (bp.attn_out, bp.mlp_out):
+        for m in (*bp.outs("attn"), *bp.outs("mlp")):
             if m is not None:
                 handles.append(m.register_forward_hook(map_output(fn)))
     return handles

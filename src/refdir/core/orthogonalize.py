@@ -378,11 +378,17 @@ def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Pa
             f"{src} has {len(shards)} safetensors files and no model.safetensors.index.json; "
             "a sharded checkpoint needs its index"
         )
-    for s in shards:
-        read_header(src / s)  # every shard's offsets against its length, before anything is written
+    stored: set[str] = set()
+    for s in shards:  # every shard's offsets against its length, before anything is written
+        stored |= read_header(src / s)[0].keys()
     config = load_config(src)  # never the checkpoint's own code
     check_config(config)  # a model whose stream a weight edit cannot cover is refused before anything is written
     table, emb_names, tied, d, post = _writer_table(config)
+    found = {_table_key(n, table) for n in stored}
+    if missing := sorted(set(table) - found):
+        raise RefdirError(f"{src}: the checkpoint stores the residual writer {missing[0]} (and {len(missing) - 1} "
+                          "more) under a name refdir cannot map to the model's; use --in-memory, which loads the "
+                          "model through transformers")
     if _width(direction) != d:
         raise RefdirError(f"direction has size {_width(direction)}, the checkpoint's hidden size is {d}")
     r = ablation_operand(direction, torch.float64)

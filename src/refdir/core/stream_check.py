@@ -14,35 +14,103 @@ tolerances 0.05 and 1e-3 (NOTES.md).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from refdir.core.hooks import output_hidden, registered
+from refdir.core.postnorm import is_norm
 from refdir.errors import RefdirError
+
+
+def trace_block(model: nn.Module, block, embeddings: list[tuple[str, nn.Embedding]]) -> None:
+    """Trace one tiny forward through ``block``: a norm whose input *is* the attention/MLP output is a post-norm
+    (set on ``block``). The same trace checks the stream's structure and the writers found (:func:`check_stream`,
+    :func:`check_writers`), unless other hooks are open; ``embeddings``: check block 0's input against them."""
+    seen: dict[str, torch.Tensor] = {}
+    norm_io: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+    hooks = []
+
+    def grab(key):
+        def hook(_m, _args, out):
+            seen[key] = output_hidden(out)
+
+        return hook
+
+    def norm_hook(mod):
+        def hook(_m, args, kwargs, out):
+            x = args[0] if args else next(iter(kwargs.values()))
+            norm_io.append((mod, x, output_hidden(out)))
+
+        return hook
+
+    def block_in(_m, args, kwargs):
+        seen["in"] = args[0] if args else kwargs["hidden_states"]
+
+    # other hooks (an intervention already open) change what the trace sees: the stream is then not checked
+    hooked_before = any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    for c in ("attn", "mlp"):  # the primary module as "attn" / "mlp", the extras as "attn+1", ...
+        hooks += [m.register_forward_hook(grab(c if i == 0 else f"{c}+{i}")) for i, m in enumerate(block.modules(c))]
+    hooks.append(block.block.register_forward_pre_hook(block_in, with_kwargs=True))
+    hooks.append(block.block.register_forward_hook(grab("out")))
+    hooks += [emb.register_forward_hook(grab(f"emb{i}")) for i, (_n, emb) in enumerate(embeddings)]
+    for _n, child in block.block.named_children():
+        if is_norm(child):
+            hooks.append(child.register_forward_hook(norm_hook(child), with_kwargs=True))
+    with registered(hooks):
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            model(input_ids=torch.tensor([[1, 2, 3]], device=dev), use_cache=False)
+    written = {c: [seen.get(c if i == 0 else f"{c}+{i}") for i in range(len(block.modules(c)))]
+               for c in ("attn", "mlp")}
+    for mod, x, y in norm_io:
+        for key in ("attn", "mlp"):
+            a = seen.get(key)
+            if a is not None and x.shape == a.shape and (x is a or torch.equal(x, a)):
+                setattr(block, f"{key}_post_norm", mod)
+                written[key][0] = y
+    if not hooked_before and block.index not in _CHECKED.setdefault(model, set()):
+        check_stream(block, seen, written, [seen[f"emb{i}"] for i in range(len(embeddings)) if f"emb{i}" in seen])
+        check_writers(model, block, seen)
+        _CHECKED[model].add(block.index)
+
+
+# models (weakly held) whose blocks passed the checks: the structure of a loaded model does not change, and a run
+# inspects its model some 30 times (the checks cost ~70 ms each on the default model in bf16)
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
 
 STREAM_TOL = {torch.float32: 1e-3, torch.float64: 1e-6}  # relative; half precision: 0.05 (its rounding ~0.004)
 
 
 def check_stream(block, seen: dict, written: dict, embs: list) -> None:
     """Refuse a model whose residual stream is not the sum of what the writers found here write: block 0's
-    output must be its input plus its attention's and MLP's contributions, and its input a multiple of the sum of
-    the embeddings' outputs (Gemma scales it by √d). Relative error against the norms involved, in float64."""
+    output must be a multiple of its input plus multiples of what each of its token mixers and MLPs adds (``written``:
+    component → outputs; scalar multipliers, as Granite's, keep a direction out), and block 0's input a multiple
+    of the sum of the embeddings' outputs (Gemma scales it by √d). Least squares in float64; relative error
+    against the norms involved."""
     x, y = seen.get("in"), seen.get("out")
-    parts = [written[k] for k in ("attn", "mlp")]
-    if x is None or y is None or any(p is None or p.shape[-1] != x.shape[-1] for p in parts):
+    parts = [t for c in ("attn", "mlp") for t in written[c]]
+    if x is None or y is None or any(p is None or p.shape != y.shape for p in parts) or x.shape != y.shape:
         return  # nothing to compare (an unusual call signature): the checkpoint's verification still runs
     tol = STREAM_TOL.get(x.dtype, 0.05)
-    x, y, a, m = (t.detach().double().cpu() for t in (x, y, *parts))
-    err = float((y - x - a - m).norm() / (x.norm() + a.norm() + m.norm()).clamp_min(1e-30))
+    cols = [t.detach().double().cpu().reshape(-1) for t in (x, *parts)]
+    target = y.detach().double().cpu().reshape(-1)
+    a = torch.stack(cols, 1)
+    coef = torch.linalg.lstsq(a, target.unsqueeze(1)).solution
+    err = float((target - (a @ coef).squeeze(1)).norm() / sum(c.norm() for c in cols).clamp_min(1e-30))
     name = type(block.block).__name__
     if err > tol:
         raise RefdirError(
-            f"refdir cannot edit this architecture: block 0 ({name}) adds more to the residual stream than its "
-            f"attention and MLP outputs (relative difference {err:.2g}): another branch writes to the stream, or "
-            "the residual is scaled, so a direction removed from their writers would stay in the stream")
+            f"refdir cannot edit this architecture: block {block.index} ({name}) adds more to the residual stream "
+            f"than its attention and MLP outputs (relative difference {err:.2g}): another branch writes to the "
+            "stream, or the residual is scaled per channel, so a direction removed from their writers would stay "
+            "in the stream")
     if embs:
         e = sum(t.detach().double().cpu() for t in embs)
         if e.shape == x.shape:
+            x = x.detach().double().cpu()
             c = float((e * x).sum() / (e * e).sum().clamp_min(1e-30))
             err = float((x - c * e).norm() / x.norm().clamp_min(1e-30))
             if err > tol:
@@ -58,10 +126,15 @@ def check_writers(model: nn.Module, block, seen: dict) -> None:
     writers, in place, the direction each component wrote most in the trace (its output's mean), trace again, and
     require that component's output to have lost it; the weights are put back, also on error."""
     params = [getattr(w.module, w.param) for w in block.writers]
-    if any(p.is_meta for p in params) or seen.get("attn") is None or seen.get("mlp") is None:
+    keys = {c: [c if i == 0 else f"{c}+{i}" for i in range(len(block.modules(c)))] for c in ("attn", "mlp")}
+    if any(p.is_meta for p in params) or any(k not in seen for ks in keys.values() for k in ks):
         return
     d = seen["attn"].shape[-1]
-    dirs = {c: seen[c].detach().double().cpu().reshape(-1, d).mean(0) for c in ("attn", "mlp")}
+
+    def total(got: dict, c: str) -> torch.Tensor:  # what the component's modules output together, [tokens, d]
+        return sum(got[k].detach().double().cpu().reshape(-1, d) for k in keys[c])
+
+    dirs = {c: total(seen, c).mean(0) for c in ("attn", "mlp")}
     dirs = {c: v / v.norm() for c, v in dirs.items() if v.norm() > 0}
     saved = [p.detach().clone() for p in params]
     after: dict[str, torch.Tensor] = {}
@@ -72,8 +145,8 @@ def check_writers(model: nn.Module, block, seen: dict) -> None:
                 y = p.data.double().movedim(0 if p.dim() == 1 else w.out_axis, -1)
                 y = y - (y @ r.to(y.device)).unsqueeze(-1) * r.to(y.device)
                 p.data.copy_(y.movedim(-1, 0 if p.dim() == 1 else w.out_axis).to(p.dtype))
-        hooks = [getattr(block, c).register_forward_hook(
-            lambda _m, _a, out, c=c: after.__setitem__(c, output_hidden(out))) for c in dirs]
+        hooks = [m.register_forward_hook(lambda _m, _a, out, k=k: after.__setitem__(k, output_hidden(out)))
+                 for c in dirs for k, m in zip(keys[c], block.modules(c), strict=True)]
         with registered(hooks):
             model(input_ids=torch.tensor([[1, 2, 3]], device=params[0].device), use_cache=False)
     finally:
@@ -81,11 +154,11 @@ def check_writers(model: nn.Module, block, seen: dict) -> None:
             p.data.copy_(v)
     tol = 0.05 if seen["attn"].dtype in (torch.bfloat16, torch.float16) else 1e-3
     for c, r in dirs.items():
-        before = (seen[c].detach().double().cpu().reshape(-1, d) @ r).abs().sum()
-        left = float((after[c].detach().double().cpu().reshape(-1, d) @ r).abs().sum() / before.clamp_min(1e-30))
+        before = (total(seen, c) @ r).abs().sum()
+        left = float((total(after, c) @ r).abs().sum() / before.clamp_min(1e-30))
         if left > tol:
             raise RefdirError(
-                f"refdir cannot edit this architecture: the {c} module of block 0 ({type(block.block).__name__}) "
+                f"refdir cannot edit this architecture: the {c} module of block {block.index} ({type(block.block).__name__}) "
                 f"still writes {left:.0%} of a direction removed from every writer found in it "
                 f"({', '.join(w.name for w in block.component_writers(c)) or 'none'}): it writes through a "
                 "parameter refdir does not know")

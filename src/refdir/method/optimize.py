@@ -121,7 +121,7 @@ def training_hooks(model: nn.Module, edit: _Edit, layer: int, arch: Architecture
     handles = []
     for bp in arch.blocks:
         handles.append(bp.block.register_forward_pre_hook(map_input(proj), with_kwargs=True))
-        handles += [m.register_forward_hook(map_output(proj)) for m in (bp.attn_out, bp.mlp_out) if m is not None]
+        handles += [m.register_forward_hook(map_output(proj)) for m in (*bp.outs("attn"), *bp.outs("mlp")) if m is not None]
     handles.append(arch.blocks[layer].block.register_forward_pre_hook(map_input(_shift(edit)), with_kwargs=True))
     with registered(handles):
         yield

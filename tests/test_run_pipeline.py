@@ -251,6 +251,24 @@ def test_filter_pass_gives_the_candidates_of_a_plain_activation_pass(tiny_dir, t
     assert (tmp_path / "r" / "filter" / "info.json").exists()
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "falcon_h1"])
+def test_a_rows_logits_do_not_depend_on_its_batchs_padding(tiny_tokenizer, arch):
+    """Left padding must not move a row's positions: GPT-2's learned position embeddings read absolute positions
+    (transformers counts them from the padding unless told), and a hybrid model takes the plain path (its mamba
+    state cannot be shared as a prefix cache). Batched, shared-prefix and one-prompt-at-a-time logits agree."""
+    from conftest import EXACT_ARCHS
+
+    from refdir.core.forward import last_logits
+
+    model = make_tiny(arch, len(tiny_tokenizer), **EXACT_ARCHS.get(arch, {}))
+    fmt = ChatFormat(tiny_tokenizer, system="You are a helpful assistant.")
+    prompts = ["Explain tides", "Write a short poem about the sea and the moon", "Hi", "Bake bread now please"]
+    alone = torch.cat([last_logits(model, fmt, [p], 1) for p in prompts])
+    for shared in (False, True):
+        batched = last_logits(model, fmt, prompts, 4, shared_prefix=shared)
+        assert (batched - alone).abs().max() < 1e-4, (arch, shared)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3_text", "gpt_neox", "phi3", "gpt2"])
 def test_shared_prefix_generation_equals_plain(tiny_tokenizer, arch):
     """Greedy generation with the template's prefix handed to model.generate as a KV cache gives the same tokens."""

@@ -90,6 +90,22 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
             in report
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "granitemoehybrid"])
+def test_a_whole_run_on_other_layouts_checkpoints_what_it_measured(tiny_tokenizer, tmp_path, arch):
+    """GPT-2 (Conv1D writers, learned positions) and a Granite 4.0 hybrid (mamba or attention per layer, a shared
+    MLP beside fused experts): the default run, search and pca source included, writes a checkpoint whose weights
+    compute the hooked edit it measured."""
+    from conftest import EXACT_ARCHS
+
+    model = tmp_path / arch
+    make_tiny(arch, len(tiny_tokenizer), **EXACT_ARCHS[arch]).save_pretrained(model)
+    tiny_tokenizer.save_pretrained(model)
+    s = _run(model, tmp_path / "r", "--budget", "3")
+    v = s["checkpoint"]["verified"]
+    assert v["kl_hooks_weights"] < 1e-6 and v["top1_agree"] == 1.0, v
+    assert not s["warnings"] or not any("checkpoint" in w for w in s["warnings"])
+
+
 def test_budget_is_honoured_and_a_bigger_one_extends_the_study(tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama")
     out = tmp_path / "r"

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from refdir.analysis.geometry import check_position
-from refdir.core.architecture import Architecture, inspect_model
+from refdir.core.architecture import Architecture, inspect_model, takes_position_ids
 from refdir.core.chat import ChatFormat
 from refdir.core.directions import unit_vector
 from refdir.core.hooks import registered
@@ -103,7 +103,7 @@ def head_attribution(model: nn.Module, fmt: ChatFormat, instructions: list[str],
     with registered([p.register_forward_pre_hook(pre(i)) for i, p in enumerate(projs)]):
         for s in tqdm(range(0, len(instructions), batch_size), desc="head attribution", disable=not progress,
                       leave=False):
-            enc = fmt.encode(instructions[s : s + batch_size], device=dev)
+            enc = fmt.encode(instructions[s : s + batch_size], device=dev, positions=takes_position_ids(model))
             buf.clear()
             model(**enc, use_cache=False, logits_to_keep=1)
             z = torch.stack([buf[i] for i in range(len(projs))], 1).view(-1, len(projs), n_heads, head_dim)

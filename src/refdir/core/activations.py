@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from refdir.core.architecture import Architecture, inspect_model
+from refdir.core.architecture import Architecture, inspect_model, takes_position_ids
 from refdir.core.chat import ChatFormat
 from refdir.core.forward import left_pad, shared_prefix_batches
 from refdir.core.hooks import block_input, output_hidden, registered
@@ -124,7 +124,7 @@ def residual_batches(model: nn.Module, fmt: ChatFormat, instructions: list[str],
     def plain():
         body = model if logits else decoder_body(model, arch)
         for s in range(0, len(instructions), batch_size):
-            enc = fmt.encode(instructions[s : s + batch_size], device=dev)
+            enc = fmt.encode(instructions[s : s + batch_size], device=dev, positions=takes_position_ids(body))
             out = body(**enc, use_cache=False, **({"logits_to_keep": 1} if logits else {}))
             yield list(range(s, min(s + batch_size, len(instructions)))), out.logits[:, -1, :] if logits else None
 

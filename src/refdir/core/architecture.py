@@ -24,6 +24,7 @@ No family names appear here. The rules:
 from __future__ import annotations
 
 import inspect
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -393,6 +394,27 @@ def cache_kwarg(model: nn.Module) -> str:
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
+
+
+_ATTENTION_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def attention_only(model: nn.Module) -> bool:
+    """Whether every token mixer is attention, so that a prefix's KV cache can be copied across a batch (a mamba
+    mixer's state cache cannot: hybrid models take the plain path). Cached per model."""
+    if model not in _ATTENTION_ONLY:
+        arch = inspect_model(model, trace=False)  # no forward pass: callers may have row hooks open
+        _ATTENTION_ONLY[model] = all(any(w in bp.child_name(m).lower() for w in _ATTN_WORDS)
+                                     for bp in arch.blocks for m in bp.modules("attn"))
+    return _ATTENTION_ONLY[model]
+
+
+def takes_position_ids(model: nn.Module) -> bool:
+    """Whether ``model.forward`` accepts ``position_ids`` (ALiBi models such as BLOOM do not)."""
+    try:
+        return "position_ids" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def cache_of(out) -> object | None:

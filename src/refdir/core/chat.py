@@ -89,8 +89,10 @@ class ChatFormat:
         return self.tokenizer.convert_ids_to_tokens(self._post)
 
     # ---------------------------------------------------------------- batching
-    def encode(self, instructions: list[str], device: str | torch.device = "cpu") -> dict:
-        """Left-padded batch of rendered prompts, ready for the model."""
+    def encode(self, instructions: list[str], device: str | torch.device = "cpu", positions: bool = False) -> dict:
+        """Left-padded batch of rendered prompts, ready for the model. ``positions``: also the position ids that
+        count from each row's first real token (transformers counts from the padding, which shifts the absolute
+        positions of GPT-2-style learned embeddings; rotary models see the same relative positions either way)."""
         if not instructions:
             raise RefdirError("no instructions to encode (empty dataset)")
         texts = [self.render(i) for i in instructions]
@@ -104,4 +106,6 @@ class ChatFormat:
                 f"the post-instruction tokens were merged into the instruction for {int(bad.sum())} "
                 f"prompt(s), e.g. {which}; use a chat template that separates them"
             )
+        if positions:
+            enc["position_ids"] = (enc["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
         return {k: v.to(device) for k, v in enc.items()}

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from refdir.core.architecture import cache_kwarg, cache_of
+from refdir.core.architecture import attention_only, cache_kwarg, cache_of, takes_position_ids
 from refdir.core.chat import ChatFormat
 from refdir.errors import RefdirError
 
@@ -56,7 +56,7 @@ def last_logits(model: nn.Module, fmt: ChatFormat, instructions: list[str], batc
     dev = next(model.parameters()).device
     out = []
     for s in tqdm(range(0, len(instructions), batch_size), desc=desc, disable=not progress, leave=False):
-        enc = fmt.encode(instructions[s : s + batch_size], device=dev)
+        enc = fmt.encode(instructions[s : s + batch_size], device=dev, positions=takes_position_ids(model))
         if rows is not None:
             rows.use(groups[s : s + batch_size])
         if full_logits:
@@ -180,7 +180,7 @@ def shared_prefix_batches(model: nn.Module, fmt: ChatFormat, instructions: list[
     """
     ids_rows = [fmt.prompt_ids(i) for i in instructions]
     k = common_prefix_len(ids_rows, min_tail)
-    if k < 2:
+    if k < 2 or not attention_only(model):
         return None
     return _prefix_batches(model, fmt, ids_rows, k, batch_size, rows, groups)
 
@@ -209,7 +209,7 @@ def prefix_encode(model, fmt: ChatFormat, instructions: list[str], rows=None,
     dev = next(model.parameters()).device
     ids = [fmt.prompt_ids(i) for i in instructions]
     k = common_prefix_len(ids)
-    if k < 2:
+    if k < 2 or not attention_only(model):
         return None
     cache = cache_for_rows(prefix_cache(model, ids[0][:k], rows), len(ids), groups, dev)
     tail, mask, _pos = tail_batch([r[k:] for r in ids], k, fmt.tokenizer.pad_token_id)

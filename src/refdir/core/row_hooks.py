@@ -50,6 +50,9 @@ def out_hook(rows: Rows, r: torch.Tensor, s: torch.Tensor):
         rv, sv = rr.on(xf), ss.on(xf)
         if rows.n == 1:
             return (xf - sv[0] * (xf @ rv[0]).unsqueeze(-1) * rv[0]).to(x.dtype)
+        g = rows._g
+        if xf.dim() == 3 and xf.shape[0] == 1 and g is not None and g.numel() > 1:
+            xf = xf.expand(g.numel(), *xf.shape[1:])  # one row shared by the batch (learned positions): one per row
         rb, sb = rows.gather(rv, xf), rows.gather(sv, xf[..., 0])
         return (xf - (sb * (xf * rb).sum(-1)).unsqueeze(-1) * rb).to(x.dtype)
 

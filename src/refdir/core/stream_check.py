@@ -97,6 +97,8 @@ def check_stream(block, seen: dict, written: dict, embs: list) -> None:
     tol = STREAM_TOL.get(x.dtype, 0.05)
     cols = [t.detach().double().cpu().reshape(-1) for t in (x, *parts)]
     target = y.detach().double().cpu().reshape(-1)
+    if not all(bool(torch.isfinite(t).all()) for t in (*cols, target)):
+        return  # overflow or NaN weights: the commands' own checks report those with their cause
     a = torch.stack(cols, 1)
     coef = torch.linalg.lstsq(a, target.unsqueeze(1)).solution
     err = float((target - (a @ coef).squeeze(1)).norm() / sum(c.norm() for c in cols).clamp_min(1e-30))
@@ -130,6 +132,8 @@ def check_writers(model: nn.Module, block, seen: dict) -> None:
     if any(p.is_meta for p in params) or any(k not in seen for ks in keys.values() for k in ks):
         return
     d = seen["attn"].shape[-1]
+    if not all(bool(torch.isfinite(seen[k]).all()) for ks in keys.values() for k in ks):
+        return
 
     def total(got: dict, c: str) -> torch.Tensor:  # what the component's modules output together, [tokens, d]
         return sum(got[k].detach().double().cpu().reshape(-1, d) for k in keys[c])

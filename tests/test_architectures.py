@@ -202,6 +202,7 @@ UNCOVERED = [
     ("bloom", "not a multiple of what its embeddings write"),  # a normed embedding; attention adds the residual
     ("nanochat", "not a multiple of what its embeddings write"),  # the embedding is normed before block 0
     ("jetmoe", "attn module of block 0 .* still writes"),  # attention experts held as bare tensors
+    ("trocr", "adds more to the residual stream"),  # post-LN; its cross-attention is not called decoder-only
 ]
 
 

@@ -194,8 +194,8 @@ _MIXER_WORDS = (*_ATTN_WORDS, "mamba", "mixer", "ssm", "conv", "recurrent")  # c
 
 def _split_block(block: nn.Module, d: int) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
     """The block's children that write to the stream, as (token mixers, MLPs), each in registration order: a child
-    named for attention or another token mixer (``_MIXER_WORDS``, not cross-attention) mixes tokens, any other
-    child with a ``d_model``-out linear or a 3-D expert tensor is an MLP."""
+    named for attention or another token mixer (``_MIXER_WORDS``; cross-attention to an encoder is left out) mixes
+    tokens, any other child with a ``d_model``-out linear or a 3-D expert tensor is an MLP."""
     mixers, mlps = [], []
     for name, child in block.named_children():
         if is_norm(child):
@@ -203,7 +203,9 @@ def _split_block(block: nn.Module, d: int) -> tuple[list[tuple[str, nn.Module]],
         lname = name.lower()
         if not (_d_linears(child, d) or any(p.dim() == 3 for p in child.parameters())):
             continue
-        if any(w in lname for w in _MIXER_WORDS) and "cross" not in lname:
+        if any(w in lname for w in _MIXER_WORDS):
+            if "cross" in lname or "encoder" in lname:
+                continue  # attention over an encoder's states: not called in a decoder-only forward
             mixers.append((name, child))
         else:
             mlps.append((name, child))

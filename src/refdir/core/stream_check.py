@@ -91,8 +91,8 @@ def check_stream(block, seen: dict, written: dict, embs: list) -> None:
     of the sum of the embeddings' outputs (Gemma scales it by √d). Least squares in float64; relative error
     against the norms involved."""
     x, y = seen.get("in"), seen.get("out")
-    parts = [t for c in ("attn", "mlp") for t in written[c]]
-    if x is None or y is None or any(p is None or p.shape != y.shape for p in parts) or x.shape != y.shape:
+    parts = [t for c in ("attn", "mlp") for t in written[c] if t is not None]  # a module not called writes nothing
+    if x is None or y is None or any(p.shape != y.shape for p in parts) or x.shape != y.shape:
         return  # nothing to compare (an unusual call signature): the checkpoint's verification still runs
     tol = STREAM_TOL.get(x.dtype, 0.05)
     cols = [t.detach().double().cpu().reshape(-1) for t in (x, *parts)]
@@ -129,14 +129,14 @@ def check_writers(model: nn.Module, block, seen: dict) -> None:
     require that component's output to have lost it; the weights are put back, also on error."""
     params = [getattr(w.module, w.param) for w in block.writers]
     keys = {c: [c if i == 0 else f"{c}+{i}" for i in range(len(block.modules(c)))] for c in ("attn", "mlp")}
-    if any(p.is_meta for p in params) or any(k not in seen for ks in keys.values() for k in ks):
+    if any(p.is_meta for p in params) or "attn" not in seen or "mlp" not in seen:
         return
     d = seen["attn"].shape[-1]
-    if not all(bool(torch.isfinite(seen[k]).all()) for ks in keys.values() for k in ks):
+    if not all(bool(torch.isfinite(seen[k]).all()) for ks in keys.values() for k in ks if k in seen):
         return
 
     def total(got: dict, c: str) -> torch.Tensor:  # what the component's modules output together, [tokens, d]
-        return sum(got[k].detach().double().cpu().reshape(-1, d) for k in keys[c])
+        return sum(got[k].detach().double().cpu().reshape(-1, d) for k in keys[c] if k in seen)
 
     dirs = {c: total(seen, c).mean(0) for c in ("attn", "mlp")}
     dirs = {c: v / v.norm() for c, v in dirs.items() if v.norm() > 0}
@@ -150,7 +150,7 @@ def check_writers(model: nn.Module, block, seen: dict) -> None:
                 y = y - (y @ r.to(y.device)).unsqueeze(-1) * r.to(y.device)
                 p.data.copy_(y.movedim(-1, 0 if p.dim() == 1 else w.out_axis).to(p.dtype))
         hooks = [m.register_forward_hook(lambda _m, _a, out, k=k: after.__setitem__(k, output_hidden(out)))
-                 for c in dirs for k, m in zip(keys[c], block.modules(c), strict=True)]
+                 for c in dirs for k, m in zip(keys[c], block.modules(c), strict=True) if k in seen]
         with registered(hooks):
             model(input_ids=torch.tensor([[1, 2, 3]], device=params[0].device), use_cache=False)
     finally:

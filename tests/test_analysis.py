@@ -380,3 +380,18 @@ def test_layer_ranges_text():
     assert layer_ranges([3, 4, 5, 9]) == "3–5, 9"
     assert layer_ranges([7]) == "7"
     assert layer_ranges([1, 3, 4]) == "1, 3–4"
+
+
+def test_head_attribution_takes_a_hybrid_blocks_attention_and_refuses_a_mamba_layer():
+    """Falcon-H1 runs attention beside a mamba mixer: the heads are the attention's. Bamba's mamba layers have no
+    attention heads at all: one clear error instead of splitting the mamba output projection into fake heads."""
+    from conftest import EXACT_ARCHS
+
+    falcon = inspect_model(make_tiny("falcon_h1", 128))
+    for bp in falcon.blocks:
+        proj = attention_output_projection(bp)
+        assert any(proj is m for m in bp.attention().modules()) and bp.attention() is not bp.attn  # mamba is primary
+    bamba = inspect_model(make_tiny("bamba", 128, **EXACT_ARCHS["bamba"]))
+    assert attention_output_projection(bamba.blocks[1]) is bamba.blocks[1].attn.o_proj
+    with pytest.raises(RefdirError, match="block 0 mixes tokens without attention"):
+        attention_output_projection(bamba.blocks[0])

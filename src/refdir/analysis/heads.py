@@ -26,9 +26,14 @@ from refdir.errors import RefdirError
 
 # ------------------------------------------------------------------------------------------------ heads
 def attention_output_projection(bp) -> nn.Linear:
-    """The linear layer that writes a block's attention output (its last d_model-wide linear)."""
+    """The linear layer that writes a block's attention output (its last d_model-wide linear); a block whose token
+    mixer is not attention (a hybrid model's mamba layer) has no heads to attribute."""
+    attn = bp.attention()
+    if attn is None:
+        raise RefdirError(f"block {bp.index} mixes tokens without attention (a hybrid model's mamba layer): head "
+                          "attribution needs attention in every block")
     for w in bp.writers:
-        if w.param == "weight" and isinstance(w.module, nn.Linear) and any(w.module is m for m in bp.attn.modules()):
+        if w.param == "weight" and isinstance(w.module, nn.Linear) and any(w.module is m for m in attn.modules()):
             return w.module
     raise RefdirError(f"block {bp.index}: no attention output projection found")
 

@@ -70,6 +70,11 @@ class BlockParts:
         """The modules whose outputs the component adds to the stream (a post-norm in place of its module)."""
         return [self.attn_out, *self.attn_extra] if component == "attn" else [self.mlp_out, *self.mlp_extra]
 
+    def attention(self) -> nn.Module | None:
+        """The token mixer that is attention (by its name), None in a block that mixes by a mamba mixer only."""
+        return next((m for m in self.modules("attn") if any(w in self.child_name(m).lower() for w in _ATTN_WORDS)),
+                    None)
+
     def component_writers(self, component: str) -> list[Writer]:
         """The writers inside the token mixers (``"attn"``) or the MLPs (``"mlp"``)."""
         mods = {id(m) for mod in self.modules(component) for m in mod.modules()}
@@ -406,8 +411,7 @@ def attention_only(model: nn.Module) -> bool:
     mixer's state cache cannot: hybrid models take the plain path). Cached per model."""
     if model not in _ATTENTION_ONLY:
         arch = inspect_model(model, trace=False)  # no forward pass: callers may have row hooks open
-        _ATTENTION_ONLY[model] = all(any(w in bp.child_name(m).lower() for w in _ATTN_WORDS)
-                                     for bp in arch.blocks for m in bp.modules("attn"))
+        _ATTENTION_ONLY[model] = all(bp.modules("attn") == [bp.attention()] for bp in arch.blocks)
     return _ATTENTION_ONLY[model]
 
 

@@ -22,6 +22,8 @@ TINY_COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, nu
                    num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
                    eos_token_id=2)
 
+MAMBA_SMALL = dict(mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_chunk_size=16, mamba_n_groups=1)
+
 # Pre-norm decoders: weight orthogonalization must equal ablation exactly.
 EXACT_ARCHS = {
     "llama": {},
@@ -36,10 +38,11 @@ EXACT_ARCHS = {
     "cohere": {},
     "olmo": {},
     "gpt2": {},  # Conv1D writers (weight [in, out]) and learned position embeddings
-    # hybrid blocks: mamba mixers beside (Falcon-H1) or instead of attention, a shared MLP beside the experts
-    "falcon_h1": {},
-    "bamba": dict(attn_layer_indices=[1]),
-    "granitemoehybrid": dict(layer_types=["mamba", "attention", "mamba"]),
+    # hybrid blocks: mamba mixers beside (Falcon-H1) or instead of attention, a shared MLP beside the experts; small
+    # mamba heads and chunks (the defaults made transformers' pure-PyTorch scan take seconds per tiny forward)
+    "falcon_h1": dict(MAMBA_SMALL, mamba_d_ssm=128),
+    "bamba": dict(MAMBA_SMALL, attn_layer_indices=[1], mamba_expand=2),
+    "granitemoehybrid": dict(MAMBA_SMALL, layer_types=["mamba", "attention", "mamba"], mamba_expand=2),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
                   num_experts=4),  # attention and mamba layers are two classes
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,

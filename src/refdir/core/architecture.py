@@ -14,10 +14,10 @@ No family names appear here. The rules:
   block's ``forward`` source is read instead (:func:`refdir.core.postnorm.static_post_norms`). Then the stream is
   written by that norm's output.
 - the same traced forward checks what an edit of these writers relies on, and refuses the model when it does not
-  hold (:mod:`refdir.core.stream_check`): block 0's output is its input plus what its attention and MLP write, and block 0's
-  input is (a multiple of) what the embeddings write. A third branch (a state-space mixer beside attention), a
-  scaled residual or a fixed sinusoidal position signal would leave the direction in the stream after every writer
-  found here lost it.
+  hold (:mod:`refdir.core.stream_check`): each traced block's output is a multiple of its input plus multiples of
+  what its token mixers and MLPs write, and block 0's input is a multiple of what the embeddings write. A per-channel
+  residual scale, a normed embedding or a fixed sinusoidal position signal would leave the direction in the stream
+  after every writer found here lost it.
 - the final norm and ``lm_head``; ``lm_head`` is tied when it shares storage with the embedding.
 """
 

@@ -1,9 +1,8 @@
 """Checks that the residual stream is what :mod:`refdir.core.architecture` found, on the same tiny traced forward.
 
 A weight edit removes a direction from every parameter that writes to the residual stream. That removes it from the
-stream only when the stream is the sum of what those parameters write. Models where it is not: a third branch beside
-attention and MLP (a state-space mixer in a hybrid block), a scaled residual, an attention module that adds the
-residual itself, a fixed sinusoidal position signal or a norm between the embedding and the first block, or a writer
+stream only when the stream is the sum of what those parameters write. Models where it is not: a per-channel
+residual scale, an attention module that adds the residual itself, a fixed sinusoidal position signal or a norm between the embedding and the first block, or a writer
 that is not a linear layer (attention experts held as bare tensors). For those refdir would write a checkpoint that
 does not compute the edit it measured, so they are refused with an ``error:`` line instead. Measured on the three
 real models the tests use, the margins are wide: relative differences ~1e-3 in bf16 and ~3e-8 in fp32 against the

@@ -9,6 +9,7 @@ from conftest import make_tiny
 from refdir.core.architecture import inspect_model
 from refdir.core.directions import Candidates
 from refdir.core.edits import (
+    VARIANTS,
     Component,
     Edit,
     Kernel,
@@ -16,6 +17,7 @@ from refdir.core.edits import (
     Second,
     apply_weights_,
     component_writers,
+    hook_variants,
     hooked,
     hooked_rows,
     interpolate,
@@ -353,3 +355,23 @@ def test_row_plans_need_an_assignment():
         with pytest.raises(RefdirError, match="0..2"):
             rows.use([0, 3])
     assert (_logits(model, ids, mask) - base).abs().max() == 0, "hooks must be removed on exit"
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "gpt2", "qwen2_moe", "mixtral", "granitemoehybrid"])
+def test_hook_variants_are_the_ones_hooks_can_apply(arch_name):
+    """`hook_variants` (what the search draws) leaves out `norm` exactly where its hooks are refused: on models
+    with fused 3-D expert tensors; each variant it lists runs as hooks, the one it leaves out raises."""
+    model = make_tiny(arch_name, VOCAB)
+    arch = inspect_model(model)
+    fused = any(getattr(w.module, w.param).dim() == 3 for bp in arch.blocks for w in bp.writers)
+    assert set(hook_variants(arch)) == (set(VARIANTS) - {"norm"} if fused else set(VARIANTS))
+    cands = _cands(arch.n_layers, arch.d_model)
+    ids, mask = _inputs()
+    for v in VARIANTS:
+        plan = resolve(_edit(v, v), cands)
+        if v in hook_variants(arch):
+            with hooked(model, plan):
+                _logits(model, ids, mask)
+        else:
+            with pytest.raises(RefdirError, match="norm-preserving variant as hooks"), hooked(model, plan):
+                pass

@@ -58,6 +58,7 @@ from refdir.core.directions import Candidates, unit_vector
 from refdir.core.hooks import registered, remove_all
 from refdir.core.orthogonalize import untie_lm_head
 from refdir.core.postnorm import edit_exact, post_gain, under_post_norm
+from refdir.core.projection import input_scale, project_rows
 from refdir.core.row_hooks import Rows, out_hook, scale_pre_hook
 from refdir.errors import RefdirError
 
@@ -280,25 +281,6 @@ def component_writers(bp: BlockParts, component: str) -> list[Writer]:
     return bp.component_writers(component)
 
 
-def _edit_vectors(x: torch.Tensor, r: torch.Tensor, s: float, keep_norm: bool) -> torch.Tensor:
-    """Rows of ``x [..., d]`` (float64) lose ``s`` of their r̂ part; with ``keep_norm`` each row is rescaled back."""
-    y = x - s * (x @ r).unsqueeze(-1) * r
-    if keep_norm:
-        n0 = x.norm(dim=-1, keepdim=True)
-        n1 = y.norm(dim=-1, keepdim=True)
-        y = torch.where(n1 > 0, y * (n0 / n1.clamp_min(1e-300)), y)
-    return y
-
-
-def _input_scale(weight: torch.Tensor, r: torch.Tensor, s: float) -> torch.Tensor:
-    """Per input unit of a linear weight laid out [d_model, n]: ‖w_j‖ / ‖w_j − s(w_j·r̂)r̂‖ (float64)."""
-    w = weight.detach().to(torch.float64)
-    a = r.to(w.device) @ w  # [n]
-    n0sq = (w * w).sum(0)
-    n1sq = (n0sq - (2 * s - s * s) * a * a).clamp_min(0)
-    return torch.where(n1sq > 0, (n0sq / n1sq.clamp_min(1e-300)).sqrt(), torch.ones_like(n0sq))
-
-
 # --------------------------------------------------------------------------------------------- hooks
 
 
@@ -363,13 +345,13 @@ def edit_hooks(model: nn.Module, plan: Plan | Sequence[Plan | None], arch: Archi
                 for w in component_writers(bp, c):
                     if _is_bias(w):
                         continue
-                    if not (w.param == "weight" and w.module.weight.dim() == 2):
+                    if not _norm_hookable(w):
                         raise RefdirError(f"the norm-preserving variant as hooks needs linear writers; {w.name} "
                                           "is a fused expert tensor (apply the edit as weights instead)")
                     wt = w.module.weight.movedim(w.out_axis, 0)  # [d_model, inputs], also for GPT-2's Conv1D
                     scale = torch.ones(K, wt.shape[1], dtype=torch.float64)
                     for k in norm:
-                        scale[k] = _input_scale(wt, r[k], float(s[k]))
+                        scale[k] = input_scale(wt, r[k], float(s[k]))
                     handles.append(w.module.register_forward_pre_hook(scale_pre_hook(rows, scale)))
     except Exception:
         remove_all(handles)
@@ -411,9 +393,9 @@ def apply_weights_(model: nn.Module, plan: Plan, arch: Architecture | None = Non
             wt = emb.weight.data
             for i in range(0, wt.shape[0], EDIT_ROWS):  # in blocks of rows: no float64 copy of a whole vocabulary
                 blk = wt[i:i + EDIT_ROWS]
-                y = _edit_vectors(blk.to(torch.float64), plan.r.to(wt.device), 1.0, False)
+                y = project_rows(blk.to(torch.float64), plan.r.to(wt.device), 1.0, False)
                 if plan.second is not None:
-                    y = _edit_vectors(y, plan.second[0].to(wt.device), plan.second[1], False)
+                    y = project_rows(y, plan.second[0].to(wt.device), plan.second[1], False)
                 blk.copy_(y.to(wt.dtype))
             edited.append(f"{name}.weight")
     for bp in arch.blocks:
@@ -429,9 +411,9 @@ def apply_weights_(model: nn.Module, plan: Plan, arch: Architecture | None = Non
                 axis = 0 if p.dim() == 1 else w.out_axis
                 y = p.data.to(torch.float64).movedim(axis, -1)
                 if s > 0:
-                    y = _edit_vectors(y, dc.to(y.device), s, plan.variants[c] == "norm" and not _is_bias(w))
+                    y = project_rows(y, dc.to(y.device), s, plan.variants[c] == "norm" and not _is_bias(w))
                 if d2 is not None:  # after the edit itself, as the hooks apply it
-                    y = _edit_vectors(y, d2.to(y.device), plan.second[1], False)
+                    y = project_rows(y, d2.to(y.device), plan.second[1], False)
                 p.data.copy_(y.movedim(-1, axis).to(p.dtype))
                 edited.append(w.name)
     return {"edited": edited, "untied_lm_head": untied, "exact": exact}
@@ -439,6 +421,19 @@ def apply_weights_(model: nn.Module, plan: Plan, arch: Architecture | None = Non
 
 def _is_bias(w: Writer) -> bool:
     return getattr(w.module, w.param).dim() == 1 or w.param.endswith("_bias")
+
+
+def _norm_hookable(w: Writer) -> bool:
+    """Whether a hook can apply the ``norm`` variant to this writer: it rescales a linear layer's inputs, which a
+    fused 3-D expert tensor (one slice per expert, chosen inside the module) does not expose."""
+    return _is_bias(w) or (w.param == "weight" and w.module.weight.dim() == 2)
+
+
+def hook_variants(arch: Architecture) -> tuple[str, ...]:
+    """The variants :func:`edit_hooks` can apply on this model: all of :data:`VARIANTS`, less ``norm`` where a writer
+    is a fused expert tensor (the search, which scores edits as hooks, draws only these)."""
+    ok = all(_norm_hookable(w) for bp in arch.blocks for w in bp.writers)
+    return tuple(v for v in VARIANTS if ok or v != "norm")
 
 
 def _check(plan: Plan, arch: Architecture) -> None:

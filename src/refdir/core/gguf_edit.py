@@ -32,6 +32,7 @@ from refdir.core.directions import ablation_operand, check_direction
 from refdir.core.gguf_read import GGUFFile
 from refdir.core.io import atomic_file, check_file_target, write_error
 from refdir.core.postnorm import gain_basis
+from refdir.core.projection import project_along
 from refdir.errors import RefdirError
 
 # ssm_out: a mamba mixer's output projection (hybrid models), a token mixer's writer like attn_output
@@ -77,9 +78,8 @@ def _requantize(x: np.ndarray, qtype):
 def _edit(x: np.ndarray, r: np.ndarray, axis: int) -> np.ndarray:
     """``x`` without its component along unit vector ``r`` [d] (or in the span of orthonormal rows ``r`` [k, d])
     on ``axis``, computed in float64."""
-    xm = np.moveaxis(x.astype(np.float64), axis, -1)
-    xm = xm - (xm @ r.T) @ r if r.ndim == 2 else xm - (xm @ r)[..., None] * r
-    return np.moveaxis(xm, -1, axis).astype(np.float32)
+    t = torch.from_numpy(x.astype(np.float64))  # a writable copy (x may be a read-only view of the file)
+    return project_along(t, torch.from_numpy(r), axis).to(torch.float32).numpy()
 
 
 def _gain_edit(gain: np.ndarray, r: np.ndarray, centred: bool) -> np.ndarray | None:

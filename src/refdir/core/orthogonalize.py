@@ -31,6 +31,7 @@ from refdir.core.directions import ablation_operand, check_direction
 from refdir.core.io import atomic_dir, atomic_write_json
 from refdir.core.models import load_config, save_hf_checkpoint
 from refdir.core.postnorm import COMPONENTS, gain_basis, norm_form, norm_gain
+from refdir.core.projection import project_along
 from refdir.core.shards import (
     SHARD_INDEX,
     ST_TORCH,
@@ -42,14 +43,6 @@ from refdir.core.shards import (
     safetensors_shards,
 )
 from refdir.errors import RefdirError
-
-
-def _project_axis(t: torch.Tensor, r: torch.Tensor, axis: int) -> torch.Tensor:
-    """Remove the r̂ component (for a basis B [k, d]: the span(B) component) along ``axis`` of ``t`` (computed in
-    float64 for accuracy)."""
-    x = t.detach().to(torch.float64).movedim(axis, -1)
-    x = x - (x @ r.T) @ r if r.dim() == 2 else x - (x @ r).unsqueeze(-1) * r
-    return x.movedim(-1, axis).to(t.dtype)
 
 
 def untie_lm_head(model: nn.Module, arch: Architecture) -> bool:
@@ -84,7 +77,7 @@ def orthogonalize_(model: nn.Module, direction: torch.Tensor, arch: Architecture
     edited, approximate = [], []
     for name, emb in arch.embeddings:
         r_dev = r.to(emb.weight.device)
-        emb.weight.data.copy_(_project_axis(emb.weight.data, r_dev, 1))
+        emb.weight.data.copy_(project_along(emb.weight.data, r_dev, 1))
         edited.append(f"{name}.weight")
     for bp in arch.blocks:
         for c in COMPONENTS:
@@ -93,7 +86,7 @@ def orthogonalize_(model: nn.Module, direction: torch.Tensor, arch: Architecture
                 p = getattr(w.module, w.param)
                 axis = 0 if p.dim() == 1 else w.out_axis
                 if u is not None:
-                    p.data.copy_(_project_axis(p.data, u.to(p.device), axis))
+                    p.data.copy_(project_along(p.data, u.to(p.device), axis))
                 edited.append(w.name)
     if approximate:
         warnings.warn(f"cannot tell how the post-norms {sorted(set(approximate))[:3]} scale their output; there "
@@ -125,7 +118,7 @@ def _writer_direction(norm: nn.Module | None, r: torch.Tensor, names: dict, edit
         approximate.append(type(norm).__name__)
         return r
     if form.has_bias:
-        norm.bias.data.copy_(_project_axis(norm.bias.data, r.to(norm.bias.device), 0))
+        norm.bias.data.copy_(project_along(norm.bias.data, r.to(norm.bias.device), 0))
         edited.append(names.get(id(norm.bias), "post-norm bias"))
     return gain_basis(r, norm_gain(norm, form).to(r.device), form.centred)
 
@@ -237,10 +230,10 @@ def _match_writer(name: str, table: dict[str, int], shape: tuple[int, ...] | Non
 def _project_axis_chunked(t: torch.Tensor, r: torch.Tensor, axis: int, chunk_elems: int = 1 << 24) -> torch.Tensor:
     """:func:`_project_axis` in slices along another axis, so the float64 temporaries stay small."""
     if t.dim() == 1 or t.numel() <= chunk_elems:
-        return _project_axis(t, r, axis)
+        return project_along(t, r, axis)
     other = 1 if axis == 0 else 0
     step = max(1, chunk_elems // max(1, t.numel() // t.shape[other]))
-    parts = [_project_axis(t.narrow(other, s, min(step, t.shape[other] - s)), r, axis)
+    parts = [project_along(t.narrow(other, s, min(step, t.shape[other] - s)), r, axis)
              for s in range(0, t.shape[other], step)]
     return torch.cat(parts, dim=other)
 
@@ -304,7 +297,7 @@ def _rewrite_shard(src_file: Path, dst_file: Path, transform, wants) -> list[str
 def _rows_projected(t: torch.Tensor, r: torch.Tensor, rows: int = 8192):
     """Project r out of the last axis of a 2-D tensor, yielding row blocks (bounded memory)."""
     for s in range(0, t.shape[0], rows):
-        yield _project_axis(t[s : s + rows], r, 1)
+        yield project_along(t[s : s + rows], r, 1)
 
 
 def _indexed_names(tmp: Path, shards: list[str], new_map: dict[str, str]) -> list[str]:
@@ -346,7 +339,7 @@ class _StreamEdit:
                               metadata={"format": "pt"})
                 return _rows_projected(t, r) if t.dim() == 2 else _project_axis_chunked(t, r, t.dim() - 1)
             if name in self.biases:
-                return _project_axis(t, r, 0)
+                return project_along(t, r, 0)
             u = self.under.get(_table_key(name, table), r)
             return t if u is None else _project_axis_chunked(t, u, _match_writer(name, table, tuple(t.shape), d))
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refdir.core import rundir as rdl
 from refdir.core.architecture import inspect_model
-from refdir.core.edits import DIM, VARIANTS, Edit
+from refdir.core.edits import DIM, VARIANTS, Edit, hook_variants
 from refdir.core.io import atomic_write_json, make_output_dir
 from refdir.core.memory import trim_heap
 from refdir.core.preflight import require
@@ -247,10 +247,7 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
             p.cands = cands = cands.with_optimized(run.direction_method, v)
     if p.m.load_s is not None:
         timings.add("load", p.m.load_s)
-    variants = list(cfg.variants)
-    if "norm" in variants and len(variants) > 1 and any(
-            getattr(w.module, w.param).dim() == 3 for bp in inspect_model(p.m.lm.model).blocks for w in bp.writers):
-        variants.remove("norm")  # hooks cannot rescale the inputs of a fused 3-D expert tensor (core.edits)
+    variants = [v for v in cfg.variants if v in hook_variants(inspect_model(p.m.lm.model))] or list(cfg.variants)
     space = Space(list(cands.positions), L, layer_lo, float(max_layer(L, run.max_layer_frac)), cfg.max_strength,
                   variants, (DIM, *cands.optimized))
     study = open_study(sdir / "study.log", run.data.seed)

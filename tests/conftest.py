@@ -85,6 +85,41 @@ def tiny_tokenizer():
     return tok
 
 
+# Vision-language checkpoints (a decoder beside an image encoder), built by the image-text-to-text auto class;
+# refdir edits their text path. Per model type: text config extras (M-RoPE sections that fit head_dim 16).
+_MROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}, "head_dim": 16}
+VLM_ARCHS = {
+    "mistral3": {"head_dim": 16},
+    "llava": {"model_type": "llama"},
+    "qwen2_5_vl": _MROPE,
+    "qwen3_vl": _MROPE,
+    "gemma3": {"head_dim": 16},
+    "idefics3": {},
+}
+_VISION_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2,
+                     num_heads=2, image_size=28, patch_size=14, out_hidden_size=64, deepstack_visual_indexes=[0])
+
+
+def make_tiny_vlm(arch: str, vocab_size: int, seed: int = 0):
+    """A tiny random vision-language model of type ``arch`` (fp32): the text side as :func:`make_tiny`'s, a one-layer
+    image encoder."""
+    from transformers import AutoConfig
+
+    from refdir.core.auto_model import auto_class
+
+    text = {**TINY_COMMON, **VLM_ARCHS[arch], "vocab_size": vocab_size}
+    cfg = AutoConfig.for_model(arch, text_config=text, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    for k, v in _VISION_SMALL.items():
+        if hasattr(cfg.vision_config, k):
+            setattr(cfg.vision_config, k, v)
+    torch.manual_seed(seed)
+    model = auto_class(cfg).from_config(cfg).to(torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.15)
+    return model
+
+
 def make_tiny(arch: str, vocab_size: int, seed: int = 0, **overrides):
     """A tiny random decoder of architecture ``arch`` in fp32, with weights large enough that
     every component matters."""

@@ -208,7 +208,7 @@ UNCOVERED = [
 
 @pytest.mark.parametrize(("arch_name", "why"), UNCOVERED)
 def test_a_stream_a_weight_edit_cannot_cover_is_refused(arch_name, why):
-    from refdir.core.architecture import check_config
+    from refdir.core.config_check import check_config
     from refdir.errors import RefdirError
 
     model = make_tiny(arch_name, VOCAB)
@@ -225,7 +225,7 @@ def test_a_stream_a_weight_edit_cannot_cover_is_refused(arch_name, why):
 def test_the_stream_checks_pass_and_leave_the_weights_alone(arch_name):
     """Supported decoders pass both checks (loaded and from the config), and the writer check's temporary edit of
     block 0 leaves every weight bit for bit as it was."""
-    from refdir.core.architecture import check_config
+    from refdir.core.config_check import check_config
 
     model = make_tiny(arch_name, VOCAB)
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import VLM_ARCHS, make_tiny, make_tiny_vlm
 
 from refdir.core.architecture import inspect_model
 from refdir.core.directions import Candidates
@@ -61,8 +61,8 @@ def _with_second(cands: Candidates, seed: int = 11) -> Candidates:
     return cands.with_optimized("second", torch.randn(cands.vectors.shape[-1], generator=torch.Generator().manual_seed(seed)))
 
 
-def _hooks_vs_weights(arch_name: str, edit: Edit) -> None:
-    model = make_tiny(arch_name, VOCAB)
+def _hooks_vs_weights(arch_name: str, edit: Edit, make=make_tiny) -> None:
+    model = make(arch_name, VOCAB)
     arch = inspect_model(model)
     plan = resolve(edit, _with_second(_cands(arch.n_layers, arch.d_model)))
     ids, mask = _inputs()
@@ -81,6 +81,14 @@ def _hooks_vs_weights(arch_name: str, edit: Edit) -> None:
 @pytest.mark.parametrize("variant", ["plain", "projected", "norm"])
 def test_hooks_equal_weights_for_each_variant(arch_name, variant):
     _hooks_vs_weights(arch_name, _edit(variant, variant))
+
+
+@pytest.mark.parametrize("arch_name", list(VLM_ARCHS))
+def test_hooks_equal_weights_on_the_text_path_of_vision_language_models(arch_name):
+    """Vision-language checkpoints (the image encoder's own block lists beside the decoder's): every variant edits
+    the decoder, as hooks and as weights alike."""
+    _hooks_vs_weights(arch_name, _edit("norm", "projected"), make_tiny_vlm)
+    _hooks_vs_weights(arch_name, _edit("plain", "plain"), make_tiny_vlm)
 
 
 @pytest.mark.parametrize("arch_name", MOE_ARCHS)

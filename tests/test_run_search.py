@@ -106,6 +106,33 @@ def test_a_whole_run_on_other_layouts_checkpoints_what_it_measured(tiny_tokenize
     assert not s["warnings"] or not any("checkpoint" in w for w in s["warnings"])
 
 
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "mistral3"])
+def test_a_whole_run_on_a_vision_language_checkpoint_edits_its_text_path(tiny_tokenizer, tmp_path, arch):
+    """A vision-language checkpoint (loaded with the image-text-to-text class; its image encoder has block lists of
+    its own): the default run edits the decoder, writes a checkpoint whose weights compute the hooked edit it
+    measured, and leaves the image encoder's weights as they were."""
+    from conftest import make_tiny_vlm
+    from safetensors.torch import load_file
+
+    model = tmp_path / arch
+    make_tiny_vlm(arch, len(tiny_tokenizer)).save_pretrained(model)
+    tiny_tokenizer.save_pretrained(model)
+    if arch == "mistral3":  # the template only where a processor keeps it, which the tokenizer does not load
+        (model / "chat_template.jinja").unlink()
+        tc = json.loads((model / "tokenizer_config.json").read_text())
+        assert "chat_template" not in tc
+        (model / "chat_template.json").write_text(json.dumps({"chat_template": tiny_tokenizer.chat_template}))
+    s = _run(model, tmp_path / "r", "--budget", "3")
+    v = s["checkpoint"]["verified"]
+    assert v["kl_hooks_weights"] < 1e-6 and v["top1_agree"] == 1.0, v
+    before = load_file(model / "model.safetensors")
+    after = load_file(tmp_path / "r" / "checkpoint" / "model" / "model.safetensors")
+    vision = [k for k in before if "visual" in k or "vision" in k]
+    assert vision and all(torch.equal(before[k], after[k]) for k in vision)
+    edited = [k for k in before if "o_proj" in k and k not in vision]
+    assert edited and not any(torch.equal(before[k], after[k].to(before[k].dtype)) for k in edited)
+
+
 def test_budget_is_honoured_and_a_bigger_one_extends_the_study(tiny_model_dir, tmp_path):
     model = tiny_model_dir("llama")
     out = tmp_path / "r"

@@ -19,7 +19,8 @@ from refdir.errors import RefdirError
 VOCAB = 128
 
 
-@pytest.mark.parametrize("arch_name", ["llama", "gemma", "qwen2_moe", "starcoder2", "gpt2", "falcon_h1"])
+@pytest.mark.parametrize("arch_name", ["llama", "gemma", "qwen2_moe", "starcoder2", "gpt2", "falcon_h1",
+                                       "granitemoehybrid"])
 def test_streamed_checkpoint_equals_ablation(arch_name, tmp_path):
     model = make_tiny(arch_name, VOCAB)
     src = tmp_path / "src"
@@ -39,17 +40,47 @@ def test_streamed_checkpoint_equals_ablation(arch_name, tmp_path):
     assert set(idx["weight_map"]) >= set(json.loads((src / "model.safetensors.index.json").read_text())["weight_map"])
 
 
-def test_a_writer_stored_under_another_name_is_refused_before_writing(tmp_path):
-    """GraniteMoeHybrid saves its fused experts as ``block_sparse_moe.output_linear`` while the model holds them
-    as ``experts.down_proj``: a streamed edit would miss them and write a checkpoint that still writes the
-    direction. It is refused, nothing is written, and ``--in-memory`` (through transformers' loader) is named."""
-    from conftest import EXACT_ARCHS
+def test_a_writer_stored_under_a_name_it_does_not_load_as_is_refused_before_writing(tmp_path):
+    """A checkpoint whose writer tensor has a name that loads as no parameter of the model (here renamed by hand):
+    a streamed edit would miss it and write a checkpoint that still writes the direction. It is refused, nothing is
+    written, and ``--in-memory`` (through transformers' loader) is named."""
+    from safetensors.torch import load_file, save_file
 
-    model = make_tiny("granitemoehybrid", VOCAB, **EXACT_ARCHS["granitemoehybrid"])
-    model.save_pretrained(tmp_path / "src")
-    with pytest.raises(RefdirError, match="under a name refdir cannot map.*--in-memory"):
+    make_tiny("llama", VOCAB).save_pretrained(tmp_path / "src")
+    f = tmp_path / "src" / "model.safetensors"
+    sd = load_file(f)
+    sd["model.layers.1.self_attn.out.weight"] = sd.pop("model.layers.1.self_attn.o_proj.weight")
+    save_file(sd, f, metadata={"format": "pt"})
+    with pytest.raises(RefdirError, match="o_proj.weight .*under a name refdir cannot map.*--in-memory"):
         stream_orthogonalize(tmp_path / "src", torch.randn(64), tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch_name", ["qwen2_5_vl", "mistral3", "gemma3"])
+def test_a_vision_language_checkpoint_streams_under_its_stored_names(arch_name, tmp_path):
+    """Vision-language checkpoints store the decoder under other names than the model's (``model.layers…`` or
+    ``language_model.model.layers…`` for ``model.language_model.layers…``); the streamed edit maps them as
+    transformers' loader does and writes what the in-memory edit computes (Gemma 3: post-norms, tied head)."""
+    import copy
+
+    from conftest import make_tiny_vlm
+
+    from refdir.core.auto_model import auto_class
+    from refdir.core.orthogonalize import orthogonalize_
+
+    model = make_tiny_vlm(arch_name, VOCAB)
+    src = tmp_path / "src"
+    model.save_pretrained(src, max_shard_size="100KB")
+    r = torch.randn(64, generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    in_memory = copy.deepcopy(model)
+    orthogonalize_(in_memory, r)
+    summary = stream_orthogonalize(src, r, tmp_path / "out", progress=False)
+    assert len(summary["edited"]) == 2 * 3 + 1  # o_proj and down_proj of 3 blocks, the embedding
+    edited = auto_class(model.config).from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        want, got, base = in_memory(ids).logits, edited(ids).logits, model(ids).logits
+    assert (got - want).abs().max() <= 1e-5 * max(1.0, float(want.abs().max())) < (base - want).abs().max()
 
 
 def test_unedited_tensors_are_copied_unchanged(tmp_path):

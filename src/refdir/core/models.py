@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from refdir.core.auto_model import auto_class
 from refdir.core.cache import (
     CONVERTED_RECORD,
     cached_dir_intact,
@@ -250,6 +251,29 @@ def load_error(spec: str, e: Exception, allow_pickle: bool = False) -> RefdirErr
     return None
 
 
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    """A model directory's or cached hub id's tokenizer, with the chat template that vision-language checkpoints
+    keep only for their processor (``chat_template.json``, which the tokenizer does not load) where it has none:
+    the model's own template all the same."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if not getattr(tok, "chat_template", None):
+        f = Path(name) / "chat_template.json"
+        if not f.is_file():
+            from huggingface_hub import try_to_load_from_cache
+
+            hit = try_to_load_from_cache(name, "chat_template.json") if not Path(name).exists() else None
+            f = Path(hit) if isinstance(hit, str) else f
+        if f.is_file():
+            try:
+                t = json.loads(f.read_text()).get("chat_template")
+            except (OSError, ValueError, AttributeError) as e:
+                raise RefdirError(f"{f} is not a JSON object with a chat_template: {e}") from e
+            tok.chat_template = t if isinstance(t, str) and t else None
+    return tok
+
+
 def load_config(path: str | Path, trust_remote_code: bool = False):
     """A model's transformers config, never running code the model ships (unless ``trust_remote_code``)."""
     from transformers import AutoConfig
@@ -279,7 +303,6 @@ def load_model(
     (or GGUF) unless the caller passes ``allow_pickle``. A GGUF file is converted once and its copy kept in the
     cache for later loads, unless ``cache`` is False (a file loaded once, such as a just-exported checkpoint).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = choose_dtype(device, dtype)
     if isinstance(device_map, str) and device_map.lstrip().startswith("{"):  # a JSON map from the CLI
@@ -317,16 +340,16 @@ def load_model(
         else:
             source.update(kind="hub")
         model_id = spec_s
+    config = None
     if source["kind"] != "embedded":  # custom code is refused here, with one clear error, before anything loads
-        load_config(str(path) if source["kind"] != "hub" else spec_s, trust_remote_code)
+        config = load_config(str(path) if source["kind"] != "hub" else spec_s, trust_remote_code)
     # a local half-precision checkpoint loaded in fp32 on the CPU: loaded as stored, then cast tensor by tensor
     stored = (_files_dtype(path) if source["kind"] != "hub" and device == "cpu" and device_map is None
               and torch_dtype == torch.float32 else None)
     upcast = stored is not None
     try:
-        tok = AutoTokenizer.from_pretrained(str(path) if source["kind"] != "hub" else spec_s,
-                                            trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
+        tok = load_tokenizer(str(path) if source["kind"] != "hub" else spec_s, trust_remote_code)
+        model = auto_class(config).from_pretrained(
             str(path) if source["kind"] != "hub" else spec_s,
             dtype=stored if upcast else torch_dtype,
             device_map=device_map,

@@ -26,7 +26,9 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from refdir.core.architecture import Architecture, check_config, inspect_model
+from refdir.core.architecture import Architecture, inspect_model
+from refdir.core.auto_model import auto_class, checkpoint_renamer
+from refdir.core.config_check import check_config
 from refdir.core.directions import ablation_operand, check_direction
 from refdir.core.io import atomic_dir, atomic_write_json
 from refdir.core.models import load_config, save_hf_checkpoint
@@ -140,14 +142,20 @@ def save_orthogonalized(model: nn.Module, tokenizer, direction: torch.Tensor, ou
 _EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
 
 
-def _writer_table(config) -> tuple[dict[str, int], list[str], bool, int, dict[str, tuple]]:
-    """Parameter names that write to the residual stream (→ output axis), embedding names, tied
-    flag, d_model and, for writers under a post-norm, ``{writer: (post-norm module name, NormForm or None)}``,
-    read from a model skeleton on the meta device (no weights allocated, no forward pass, no model code run)."""
-    from transformers import AutoModelForCausalLM
-
+def _writer_table(config, stored: set[str]) -> tuple[dict[str, int], list[str], bool, int, dict[str, tuple]]:
+    """Tensor names that write to the residual stream (→ output axis), embedding names, tied flag, d_model and, for
+    writers under a post-norm, ``{writer: (post-norm gain's name, NormForm or None)}``, read from a model skeleton on
+    the meta device (no weights allocated, no forward pass, no model code run). Names are the checkpoint's: a
+    parameter that transformers renames on load (:func:`~refdir.core.models.checkpoint_renamer`) is given under the
+    name in ``stored`` that loads as it."""
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+        skeleton = auto_class(config).from_config(config, trust_remote_code=False)
+    rename = checkpoint_renamer(skeleton)
+    as_stored = {rename(n): n for n in stored}
+
+    def ck(name: str) -> str:
+        return as_stored.get(name, name)
+
     arch = inspect_model(skeleton, trace=False)
     if not arch.post_norms_known:
         warnings.warn(f"could not read the forward code of {type(arch.blocks[0].block).__name__} to find post-norms; "
@@ -160,10 +168,10 @@ def _writer_table(config) -> tuple[dict[str, int], list[str], bool, int, dict[st
             under = (f"{arch.blocks_path}.{bp.index}.{bp.child_name(norm)}", norm_form(norm)) if norm else None
             for w in bp.component_writers(c):
                 p = getattr(w.module, w.param)
-                table[w.name] = 0 if p.dim() == 1 else w.out_axis
+                table[ck(w.name)] = 0 if p.dim() == 1 else w.out_axis
                 if under is not None:
-                    post[w.name] = under
-    emb = [f"{n}.weight" for n, _ in arch.embeddings]
+                    post[ck(w.name)] = (ck(f"{under[0]}.weight"), under[1])
+    emb = [ck(f"{n}.weight") for n, _ in arch.embeddings]
     return table, emb, arch.tied, arch.d_model, post
 
 
@@ -184,19 +192,18 @@ def _read_small(src: Path, shards: list[str], weight_map: dict[str, str], names:
 
 def _post_norm_directions(src: Path, shards: list[str], weight_map: dict[str, str], post: dict[str, tuple],
                           r: torch.Tensor) -> tuple[dict[str, torch.Tensor | None], set[str], list[str]]:
-    """Per post-norm module, what its writers are made orthogonal to (its gain ⊙ r̂, normalized, from the gain
-    read from the checkpoint; None: nothing to remove); the biases of centring post-norms, which lose their r̂
-    part; and the post-norms whose form is unknown (their writers are made orthogonal to r̂: approximate)."""
+    """Per post-norm (by its gain's name), what its writers are made orthogonal to (its gain ⊙ r̂, normalized, from
+    the gain read from the checkpoint; None: nothing to remove); the biases of centring post-norms, which lose their
+    r̂ part; and the post-norms whose form is unknown (their writers are made orthogonal to r̂: approximate)."""
     forms = dict(post.values())
-    want = {f"{n}.weight" for n, f in forms.items() if f is not None}
+    want = {g for g, f in forms.items() if f is not None}
     weights = _read_small(src, shards, weight_map, want)
     if want - set(weights):
         raise RefdirError(f"{src} has no tensor {sorted(want - set(weights))[0]}, a post-norm gain the model class "
                           "built from its config has")
-    dirs = {n: r if f is None else gain_basis(r, f.offset + weights[f"{n}.weight"].double(), f.centred)
-            for n, f in forms.items()}
-    biases = {f"{n}.bias" for n, f in forms.items() if f is not None and f.has_bias}
-    return dirs, biases, sorted(n for n, f in forms.items() if f is None)
+    dirs = {g: r if f is None else gain_basis(r, f.offset + weights[g].double(), f.centred) for g, f in forms.items()}
+    biases = {g.removesuffix("weight") + "bias" for g, f in forms.items() if f is not None and f.has_bias}
+    return dirs, biases, sorted(g.removesuffix(".weight") for g, f in forms.items() if f is None)
 
 
 def _table_key(name: str, table: dict[str, int]) -> str | None:
@@ -376,7 +383,7 @@ def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Pa
         stored |= read_header(src / s)[0].keys()
     config = load_config(src)  # never the checkpoint's own code
     check_config(config)  # a model whose stream a weight edit cannot cover is refused before anything is written
-    table, emb_names, tied, d, post = _writer_table(config)
+    table, emb_names, tied, d, post = _writer_table(config, stored)
     found = {_table_key(n, table) for n in stored}
     if missing := sorted(set(table) - found):
         raise RefdirError(f"{src}: the checkpoint stores the residual writer {missing[0]} (and {len(missing) - 1} "

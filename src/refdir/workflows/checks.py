@@ -10,6 +10,7 @@ from pathlib import Path
 
 from refdir.core.data import InstructionSet, load_instructions
 from refdir.core.model_files import EMBEDDED_ALIASES
+from refdir.core.models import load_tokenizer
 from refdir.core.preflight import check_fits, check_output
 from refdir.core.rundir import RunDir
 from refdir.core.spec import KINDS, ModelSpec
@@ -51,9 +52,7 @@ def check_prompts_fit(spec: ModelSpec, context: int | None, prompts: list[str]) 
     forward pass."""
     if context is None or spec.model.endswith(".gguf") or spec.model in EMBEDDED_ALIASES:
         return
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+    tok = load_tokenizer(spec.model, spec.trust_remote_code)
     check_fits(spec.chat(tok), prompts, context)
 
 

@@ -23,13 +23,17 @@ STRUCTURE_LAYERS = 2  # blocks kept in the copy (per-layer lists in the config a
 STRUCTURE_VOCAB = 64  # token rows kept: the embedding's width, not its height, is what the checks need
 # the narrow copy's widths (heads of 16: rotary sections that need the real head size make the build fail)
 NARROW = {"hidden_size": 64, "intermediate_size": 128, "moe_intermediate_size": 128,
-          "shared_expert_intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+          "shared_expert_intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+          # multi-head latent attention (DeepSeek-V2/V3, Kimi): its low-rank and split head sizes
+          "q_lora_rank": 32, "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16}
 
 VISION_NARROW = {"hidden_size": 32, "embed_dim": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_heads": 2,
                  "head_dim": 16, "out_hidden_size": NARROW["hidden_size"], "projection_dim": NARROW["hidden_size"]}
 
 
 def _cut(config, narrow: bool):
+    """A copy of ``config`` with :data:`STRUCTURE_LAYERS` blocks, :data:`STRUCTURE_VOCAB` tokens, no special token
+    ids, a one-layer image encoder, and with ``narrow`` the widths of :data:`NARROW`."""
     cfg = copy.deepcopy(config)
     text = getattr(cfg, "get_text_config", lambda: cfg)()
     n = int(text.num_hidden_layers)
@@ -46,6 +50,8 @@ def _cut(config, narrow: bool):
         for name, value in NARROW.items():
             if isinstance(getattr(text, name, None), int):
                 setattr(text, name, value)
+        if isinstance(getattr(text, "qk_rope_head_dim", None), int):  # MLA configs' head_dim is the rotary part
+            text.head_dim = text.qk_rope_head_dim
         rope = getattr(text, "rope_parameters", None)
         if isinstance(rope, dict):  # M-RoPE sections sum to half the head size (Qwen-VL's default fits 128; other
             sec, half = list(rope.get("mrope_section") or [16, 24, 24]), NARROW["head_dim"] // 2  # models ignore it)

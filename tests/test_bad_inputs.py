@@ -23,7 +23,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny, snapshot
+from conftest import make_tiny, make_tiny_vlm, snapshot
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -98,6 +98,9 @@ def fx(tmp_path_factory, tiny_tokenizer):
                 p.mul_(100 if "embed" in n else 300)
     f.huge = _save(huge, tiny_tokenizer, m / "huge")
     f.uncovered = _save(make_tiny("doge", V), tiny_tokenizer, m / "doge")  # a per-channel residual scale
+    f.vlm = _save(make_tiny_vlm("mistral3", V), tiny_tokenizer, m / "vlm")  # its template only for the processor,
+    (f.vlm / "chat_template.jinja").unlink()  # and that file broken
+    (f.vlm / "chat_template.json").write_text('{"chat_template": ')
     f.sharded = _save(make_tiny("llama", V), tiny_tokenizer, m / "sharded", max_shard_size="100KB")
     assert (f.sharded / "model.safetensors.index.json").exists()
     f.gguf = _tiny_gguf(m / "tiny.gguf")
@@ -159,6 +162,8 @@ SIMPLE = [
      lambda w, fx: ["run", str(fx.uncovered), "--out", str(w / "r"), *RUN_ARGS]),
     ("orthogonalize (streamed): the same per-channel residual scale",
      lambda w, fx: ["orthogonalize", str(fx.uncovered), str(w / "o"), "--direction", str(fx.direction)]),
+    ("run: a vision-language checkpoint whose processor chat template is not JSON",
+     lambda w, fx: ["run", str(fx.vlm), "--out", str(w / "r"), *RUN_ARGS]),
     ("extract: --harmful names a file that does not exist",
      lambda w, fx: ["extract", str(fx.model), "--out", str(w / "x"), "--harmful", str(w / "harmfull.json")]),
     ("extract: NaN activations (a model with NaN weights)",

@@ -95,6 +95,7 @@ VLM_ARCHS = {
     "qwen3_vl": _MROPE,
     "gemma3": {"head_dim": 16},
     "idefics3": {},
+    "internvl": {},
 }
 _VISION_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2,
                      num_heads=2, image_size=28, patch_size=14, out_hidden_size=64, deepstack_visual_indexes=[0])
@@ -111,7 +112,8 @@ def make_tiny_vlm(arch: str, vocab_size: int, seed: int = 0):
     cfg = AutoConfig.for_model(arch, text_config=text, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     for k, v in _VISION_SMALL.items():
         if hasattr(cfg.vision_config, k):
-            setattr(cfg.vision_config, k, v)
+            cur = getattr(cfg.vision_config, k)
+            setattr(cfg.vision_config, k, type(cur)((v, v)) if isinstance(cur, list | tuple) and k.endswith("size") else v)
     torch.manual_seed(seed)
     model = auto_class(cfg).from_config(cfg).to(torch.float32).eval()
     with torch.no_grad():

@@ -115,11 +115,7 @@ def make_tiny_vlm(arch: str, vocab_size: int, seed: int = 0):
             cur = getattr(cfg.vision_config, k)
             setattr(cfg.vision_config, k, type(cur)((v, v)) if isinstance(cur, list | tuple) and k.endswith("size") else v)
     torch.manual_seed(seed)
-    model = auto_class(cfg).from_config(cfg).to(torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.15)
-    return model
+    return _random_weights(auto_class(cfg).from_config(cfg))
 
 
 def make_tiny(arch: str, vocab_size: int, seed: int = 0, **overrides):
@@ -130,13 +126,18 @@ def make_tiny(arch: str, vocab_size: int, seed: int = 0, **overrides):
     extra = {**EXACT_ARCHS, **POSTNORM_ARCHS}.get(arch, {})
     cfg = AutoConfig.for_model(arch, **{**TINY_COMMON, **extra, "vocab_size": vocab_size, **overrides})
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg).to(torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln" in name.split(".")[-2:][0]:
-                p.normal_(1.0, 0.1)
-            else:
-                p.normal_(0.0, 0.15)
+    return _random_weights(AutoModelForCausalLM.from_config(cfg))
+
+
+@torch.no_grad()
+def _random_weights(model):
+    """``model`` in fp32 with weights large enough that every component matters (norm gains near 1)."""
+    model = model.to(torch.float32).eval()
+    for name, p in model.named_parameters():
+        if "norm" in name or "ln" in name.split(".")[-2:][0]:
+            p.normal_(1.0, 0.1)
+        else:
+            p.normal_(0.0, 0.15)
     return model
 
 

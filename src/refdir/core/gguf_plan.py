@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from refdir.core.edits import Plan
 from refdir.core.gguf_edit import (
@@ -30,6 +31,7 @@ from refdir.core.gguf_edit import (
     writer_axis,
 )
 from refdir.core.io import check_file_target
+from refdir.core.projection import project_rows
 from refdir.errors import RefdirError
 
 _COMPONENT = {"attn_output": "attn", "ssm_out": "attn", "ffn_down": "mlp", "ffn_down_exps": "mlp", "ffn_down_shexp": "mlp"}
@@ -46,14 +48,10 @@ def edit_rows(x: np.ndarray, r: np.ndarray, s: float, keep_norm: bool, axis: int
     flat = xm.reshape(-1, xm.shape[-1])
     inplace = x.dtype == np.float32 and axis in (-1, x.ndim - 1) and x.flags.c_contiguous and x.flags.writeable
     out = flat if inplace else np.empty(flat.shape, dtype=np.float32)
+    rt = torch.from_numpy(np.asarray(r, dtype=np.float64))
     for i in range(0, flat.shape[0], ROWS):
-        v = flat[i:i + ROWS].astype(np.float64)
-        y = v - s * (v @ r)[:, None] * r
-        if keep_norm:
-            n0 = np.linalg.norm(v, axis=-1, keepdims=True)
-            n1 = np.linalg.norm(y, axis=-1, keepdims=True)
-            y = np.where(n1 > 0, y * (n0 / np.maximum(n1, 1e-300)), y)
-        out[i:i + ROWS] = y
+        v = torch.from_numpy(flat[i:i + ROWS].astype(np.float64))
+        out[i:i + ROWS] = project_rows(v, rt, s, keep_norm).numpy()
     return np.moveaxis(out.reshape(xm.shape), -1, axis)
 
 

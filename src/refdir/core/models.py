@@ -259,13 +259,14 @@ def load_tokenizer(name: str, trust_remote_code: bool = False):
 
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     if not getattr(tok, "chat_template", None):
-        f = Path(name) / "chat_template.json"
-        if not f.is_file():
+        if Path(name).exists():
+            f = Path(name) / "chat_template.json"
+        else:  # a hub id: its cached snapshot
             from huggingface_hub import try_to_load_from_cache
 
-            hit = try_to_load_from_cache(name, "chat_template.json") if not Path(name).exists() else None
-            f = Path(hit) if isinstance(hit, str) else f
-        if f.is_file():
+            hit = try_to_load_from_cache(name, "chat_template.json")
+            f = Path(hit) if isinstance(hit, str) else None
+        if f is not None and f.is_file():
             try:
                 t = json.loads(f.read_text()).get("chat_template")
             except (OSError, ValueError, AttributeError) as e:

@@ -146,7 +146,7 @@ def _writer_table(config, stored: set[str]) -> tuple[dict[str, int], list[str], 
     """Tensor names that write to the residual stream (→ output axis), embedding names, tied flag, d_model and, for
     writers under a post-norm, ``{writer: (post-norm gain's name, NormForm or None)}``, read from a model skeleton on
     the meta device (no weights allocated, no forward pass, no model code run). Names are the checkpoint's: a
-    parameter that transformers renames on load (:func:`~refdir.core.models.checkpoint_renamer`) is given under the
+    parameter that transformers renames on load (:func:`~refdir.core.auto_model.checkpoint_renamer`) is given under the
     name in ``stored`` that loads as it."""
     with torch.device("meta"):
         skeleton = auto_class(config).from_config(config, trust_remote_code=False)

@@ -247,7 +247,8 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
             p.cands = cands = cands.with_optimized(run.direction_method, v)
     if p.m.load_s is not None:
         timings.add("load", p.m.load_s)
-    variants = [v for v in cfg.variants if v in hook_variants(inspect_model(p.m.lm.model))] or list(cfg.variants)
+    hookable = hook_variants(inspect_model(p.m.lm.model))
+    variants = [v for v in cfg.variants if v in hookable] or list(cfg.variants)
     space = Space(list(cands.positions), L, layer_lo, float(max_layer(L, run.max_layer_frac)), cfg.max_strength,
                   variants, (DIM, *cands.optimized))
     study = open_study(sdir / "study.log", run.data.seed)

@@ -38,6 +38,7 @@ EXACT_ARCHS = {
     "cohere": {},
     "olmo": {},
     "gpt2": {},  # Conv1D writers (weight [in, out]) and learned position embeddings
+    "nanochat": {},  # a parameter-free norm on the embedding before block 0 (a per-token rescale)
     # hybrid blocks: mamba mixers beside (Falcon-H1) or instead of attention, a shared MLP beside the experts; small
     # mamba heads and chunks (the defaults made transformers' pure-PyTorch scan take seconds per tiny forward)
     "falcon_h1": dict(MAMBA_SMALL, mamba_d_ssm=128),

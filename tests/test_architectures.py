@@ -200,7 +200,6 @@ UNCOVERED = [
     ("minimax", "adds more to the residual stream"),  # scaled residuals
     ("doge", "adds more to the residual stream"),  # a learned per-channel residual scale
     ("bloom", "not a multiple of what its embeddings write"),  # a normed embedding; attention adds the residual
-    ("nanochat", "not a multiple of what its embeddings write"),  # the embedding is normed before block 0
     ("jetmoe", "attn module of block 0 .* still writes"),  # attention experts held as bare tensors
     ("trocr", "adds more to the residual stream"),  # post-LN; its cross-attention is not called decoder-only
 ]
@@ -221,7 +220,8 @@ def test_a_stream_a_weight_edit_cannot_cover_is_refused(arch_name, why):
         check_config(model.config)  # the streamed path: a shrunk random model of the same class
 
 
-@pytest.mark.parametrize("arch_name", ["llama", "gpt2", "qwen2_moe", "gemma2", "falcon_h1", "granitemoehybrid"])
+@pytest.mark.parametrize("arch_name", ["llama", "gpt2", "qwen2_moe", "gemma2", "falcon_h1", "granitemoehybrid",
+                                       "nanochat"])
 def test_the_stream_checks_pass_and_leave_the_weights_alone(arch_name):
     """Supported decoders pass both checks (loaded and from the config), and the writer check's temporary edit of
     block 0 leaves every weight bit for bit as it was."""

@@ -28,7 +28,8 @@ from refdir.errors import RefdirError
 
 VOCAB = 128
 # pre-norm architectures with plain linears (biases in starcoder2 / gpt_neox / phi3-style fused projections)
-LINEAR_ARCHS = ["llama", "qwen2", "gemma", "phi3", "starcoder2", "gpt_neox", "cohere", "gpt2", "falcon_h1", "bamba"]
+LINEAR_ARCHS = ["llama", "qwen2", "gemma", "phi3", "starcoder2", "gpt_neox", "cohere", "gpt2", "falcon_h1", "bamba",
+                "nanochat"]
 MOE_ARCHS = ["qwen2_moe", "mixtral", "granitemoehybrid", "jamba"]
 
 

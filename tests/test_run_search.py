@@ -90,11 +90,12 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
             in report
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "granitemoehybrid"])
+@pytest.mark.parametrize("arch", ["gpt2", "granitemoehybrid", "nanochat"])
 def test_a_whole_run_on_other_layouts_checkpoints_what_it_measured(tiny_tokenizer, tmp_path, arch):
-    """GPT-2 (Conv1D writers, learned positions) and a Granite 4.0 hybrid (mamba or attention per layer, a shared
-    MLP beside fused experts): the default run, search and pca source included, writes a checkpoint whose weights
-    compute the hooked edit it measured."""
+    """GPT-2 (Conv1D writers, learned positions), a Granite 4.0 hybrid (mamba or attention per layer, a shared
+    MLP beside fused experts) and nanochat (a parameter-free norm on the embedding, the same module as the final
+    norm): the default run, search and pca source included, writes a checkpoint whose weights compute the hooked
+    edit it measured."""
     from conftest import EXACT_ARCHS
 
     model = tmp_path / arch

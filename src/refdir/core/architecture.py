@@ -15,9 +15,10 @@ No family names appear here. The rules:
   written by that norm's output.
 - the same traced forward checks what an edit of these writers relies on, and refuses the model when it does not
   hold (:mod:`refdir.core.stream_check`): each traced block's output is a multiple of its input plus multiples of
-  what its token mixers and MLPs write, and block 0's input is a multiple of what the embeddings write. A per-channel
-  residual scale, a normed embedding or a fixed sinusoidal position signal would leave the direction in the stream
-  after every writer found here lost it.
+  what its token mixers and MLPs write, and block 0's input is a multiple of what the embeddings write (one per
+  token where a parameter-free norm stands between them, as in nanochat). A per-channel residual scale, a norm with
+  weights on the embedding or a fixed sinusoidal position signal would leave the direction in the stream after
+  every writer found here lost it.
 - the final norm and ``lm_head``; ``lm_head`` is tied when it shares storage with the embedding.
 """
 
@@ -58,6 +59,7 @@ class BlockParts:
     attn_post_norm: nn.Module | None = None
     mlp_post_norm: nn.Module | None = None
     writers: list[Writer] = field(default_factory=list)
+    input_rescaled: bool = False  # block 0: its input is the embeddings' output rescaled per token (a norm between)
     # hybrid blocks: more token mixers beside ``attn`` (a mamba mixer) or more MLPs beside ``mlp`` (a shared MLP
     # beside the experts), each writing its output to the stream; they belong to the same component
     attn_extra: list[nn.Module] = field(default_factory=list)
@@ -114,6 +116,12 @@ class Architecture:
     @property
     def has_post_norms(self) -> bool:
         return any(b.attn_post_norm is not None or b.mlp_post_norm is not None for b in self.blocks)
+
+    @property
+    def embedding_rescaled(self) -> bool:
+        """Block 0 reads the embeddings' output rescaled per token, so ablation at block inputs alone is not what
+        an edited embedding computes: :func:`refdir.core.interventions.ablate` then also hooks the embeddings."""
+        return self.blocks[0].input_rescaled
 
     @property
     def weight_edit_exact(self) -> bool:

@@ -1,8 +1,9 @@
 """Interventions on the residual stream, as context managers that always remove their hooks.
 
-- :func:`ablate` projects r̂ out of every block input and every attention / MLP write, at every
-  position, including each decoding step of ``generate`` with a KV cache (the hooks run on the
-  new token's activations; cached keys/values were computed under the same hooks). Given a basis B [k, d]
+- :func:`ablate` projects r̂ out of every block input and every attention / MLP write (and the embeddings' output
+  where a norm rescales it per token before block 0), at every position, including each decoding step of
+  ``generate`` with a KV cache (the hooks run on the new token's activations; cached keys/values were computed
+  under the same hooks). Given a basis B [k, d]
   instead of a vector, it projects out the whole span: ``x ← x − Bᵀ(B x)``.
 - :func:`add` adds ``coeff · v`` to one block's input at every position.
 - :func:`intervene` combines any number of them.
@@ -41,6 +42,8 @@ def ablation_hooks(model: nn.Module, direction: torch.Tensor, arch: Architecture
         return project_out(x, r.on(x))
 
     handles = []
+    if arch.embedding_rescaled and (layers is None or 0 in layers):  # before the norm, as an edited embedding
+        handles += [emb.register_forward_hook(map_output(fn)) for _n, emb in arch.embeddings]
     for bp in arch.blocks:
         if layers is not None and bp.index not in layers:
             continue

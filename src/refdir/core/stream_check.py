@@ -2,7 +2,7 @@
 
 A weight edit removes a direction from every parameter that writes to the residual stream. That removes it from the
 stream only when the stream is the sum of what those parameters write. Models where it is not: a per-channel
-residual scale, an attention module that adds the residual itself, a fixed sinusoidal position signal or a norm between the embedding and the first block, or a writer
+residual scale, an attention module that adds the residual itself, a fixed sinusoidal position signal or a norm with weights between the embedding and the first block, or a writer
 that is not a linear layer (attention experts held as bare tensors). For those refdir would write a checkpoint that
 does not compute the edit it measured, so they are refused with an ``error:`` line instead. Measured on the three
 real models the tests use, the margins are wide: relative differences ~1e-3 in bf16 and ~3e-8 in fp32 against the
@@ -70,8 +70,12 @@ def trace_block(model: nn.Module, block, embeddings: list[tuple[str, nn.Embeddin
             if a is not None and x.shape == a.shape and (x is a or torch.equal(x, a)):
                 setattr(block, f"{key}_post_norm", mod)
                 written[key][0] = y
+    embs = [seen[f"emb{i}"] for i in range(len(embeddings)) if f"emb{i}" in seen]
+    if embs and "in" in seen:  # a per-token multiple only: the paper's block-input hooks need the embeddings' too
+        misfit = embedding_misfit(seen["in"], embs, per_token=False)
+        block.input_rescaled = misfit is not None and misfit > STREAM_TOL.get(seen["in"].dtype, 0.05)
     if not hooked_before and block.index not in _CHECKED.setdefault(model, set()):
-        check_stream(block, seen, written, [seen[f"emb{i}"] for i in range(len(embeddings)) if f"emb{i}" in seen])
+        check_stream(block, seen, written, embs)
         check_writers(model, block, seen)
         _CHECKED[model].add(block.index)
 
@@ -110,16 +114,26 @@ def check_stream(block, seen: dict, written: dict, embs: list) -> None:
             "stream, or the residual is scaled per channel, so a direction removed from their writers would stay "
             "in the stream")
     if embs:
-        e = sum(t.detach().double().cpu() for t in embs)
-        if e.shape == x.shape:
-            x = x.detach().double().cpu()
-            c = float((e * x).sum() / (e * e).sum().clamp_min(1e-30))
-            err = float((x - c * e).norm() / x.norm().clamp_min(1e-30))
-            if err > tol:
-                raise RefdirError(
-                    f"refdir cannot edit this architecture: the input of block 0 ({name}) is not a multiple of "
-                    f"what its embeddings write (relative difference {err:.2g}; a fixed position signal or a norm "
-                    "in between), so a direction removed from the embeddings would stay in the stream")
+        err = embedding_misfit(x, embs, per_token=True)
+        if err is not None and err > tol:
+            raise RefdirError(
+                f"refdir cannot edit this architecture: the input of block 0 ({name}) is not a multiple of "
+                f"what its embeddings write (relative difference {err:.2g}; a fixed position signal or a norm "
+                "with weights in between), so a direction removed from the embeddings would stay in the stream")
+
+
+def embedding_misfit(x: torch.Tensor, embs: list, per_token: bool) -> float | None:
+    """How far block 0's input ``x`` is from a multiple of the sum of the embeddings' outputs (relative; None when
+    the shapes differ): one multiple for every token (Gemma's √d), or ``per_token``, one multiple per token, which
+    a parameter-free norm between the embedding and the first block gives (nanochat). Either keeps a direction the
+    embeddings do not write out of the stream."""
+    e = sum(t.detach().double().cpu() for t in embs)
+    if e.shape != x.shape:
+        return None
+    x = x.detach().double().cpu()
+    dims = (-1,) if per_token else tuple(range(x.dim()))
+    c = (e * x).sum(dims, keepdim=True) / (e * e).sum(dims, keepdim=True).clamp_min(1e-30)
+    return float((x - c * e).norm() / x.norm().clamp_min(1e-30))
 
 
 @torch.no_grad()

@@ -180,9 +180,19 @@ def shared_prefix_batches(model: nn.Module, fmt: ChatFormat, instructions: list[
     """
     ids_rows = [fmt.prompt_ids(i) for i in instructions]
     k = common_prefix_len(ids_rows, min_tail)
-    if k < 2 or not attention_only(model):
+    if k < 2 or not attention_only(model) or not within_window(model, max(len(r) for r in ids_rows)):
         return None
     return _prefix_batches(model, fmt, ids_rows, k, batch_size, rows, groups)
+
+
+def within_window(model: nn.Module, n_tokens: int) -> bool:
+    """Whether rows of ``n_tokens`` (prompt and any new tokens) fit in the model's sliding attention window (or it
+    has none). The shared-prefix layout pads *between* the prefix and each row's tokens, which a sliding window
+    counts as distance: past the window it would hide prefix tokens the plain path shows (Gemma 2/3/4, Mistral)."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    w = getattr(cfg, "sliding_window", None)
+    return not isinstance(w, int) or w <= 0 or n_tokens <= w
 
 
 @torch.no_grad()
@@ -202,14 +212,15 @@ def _prefix_batches(model, fmt, ids_rows, k, batch_size, rows, groups):
 
 
 def prefix_encode(model, fmt: ChatFormat, instructions: list[str], rows=None,
-                  groups: list[int] | None = None) -> dict | None:
+                  groups: list[int] | None = None, new_tokens: int = 0) -> dict | None:
     """Inputs for ``model.generate`` with the prompts' common prefix already in a KV cache (once per plan with
     ``rows``): the full input ids, the attention mask over prefix + padded tails, and the cache. None when the
-    prompts share no prefix worth caching."""
+    prompts share no prefix worth caching, or when they and ``new_tokens`` do not fit the sliding window
+    (:func:`within_window`)."""
     dev = next(model.parameters()).device
     ids = [fmt.prompt_ids(i) for i in instructions]
     k = common_prefix_len(ids)
-    if k < 2 or not attention_only(model):
+    if k < 2 or not attention_only(model) or not within_window(model, max(len(r) for r in ids) + new_tokens):
         return None
     cache = cache_for_rows(prefix_cache(model, ids[0][:k], rows), len(ids), groups, dev)
     tail, mask, _pos = tail_batch([r[k:] for r in ids], k, fmt.tokenizer.pad_token_id)

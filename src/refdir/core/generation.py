@@ -77,7 +77,8 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
     for s in tqdm(range(0, len(order), size), desc=desc, disable=not progress, leave=False):
         idx = order[s : s + size]
         g = [groups[i] for i in idx] if rows is not None else None
-        enc = (prefix_encode(model, fmt, [instructions[i] for i in idx], rows, g) if shared_prefix else None) \
+        enc = (prefix_encode(model, fmt, [instructions[i] for i in idx], rows, g, max_new_tokens)
+               if shared_prefix else None) \
             or fmt.encode([instructions[i] for i in idx], device=dev)
         if rows is not None:
             rows.use(g)  # the batch's rows in order; the decoder re-assigns them when it drops rows

@@ -57,6 +57,11 @@ POSTNORM_ARCHS = {
     "gemma2": {"head_dim": 16},
     "gemma3_text": {"head_dim": 16},
     "olmo2": {},
+    # Gemma 4 with both of its extra branches: a MoE block (the MLP's and the experts' outputs normed each, then
+    # their sum: chains of two post-norms) and the per-layer-input branch (normed before it is added)
+    "gemma4_text": dict(head_dim=16, global_head_dim=16, vocab_size_per_layer_input=512,
+                        hidden_size_per_layer_input=8, enable_moe_block=True, num_experts=4, top_k_experts=2,
+                        moe_intermediate_size=32),
 }
 
 CHAT_TEMPLATE = (
@@ -95,9 +100,15 @@ VLM_ARCHS = {
     "qwen2_5_vl": _MROPE,
     "qwen3_vl": _MROPE,
     "gemma3": {"head_dim": 16},
+    "gemma4": "gemma4_text",  # the text config of POSTNORM_ARCHS' entry
     "idefics3": {},
     "internvl": {},
 }
+# Gemma 4 builds no encoders unless given their configs: a tiny image and a tiny audio encoder
+VLM_TOWERS = {"gemma4": dict(
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=2, head_dim=16),
+    audio_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, output_proj_dims=64))}
 _VISION_SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, depth=1, num_attention_heads=2,
                      num_heads=2, image_size=28, patch_size=14, out_hidden_size=64, deepstack_visual_indexes=[0])
 
@@ -109,8 +120,10 @@ def make_tiny_vlm(arch: str, vocab_size: int, seed: int = 0):
 
     from refdir.core.auto_model import auto_class
 
-    text = {**TINY_COMMON, **VLM_ARCHS[arch], "vocab_size": vocab_size}
-    cfg = AutoConfig.for_model(arch, text_config=text, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    extra = VLM_ARCHS[arch] if isinstance(VLM_ARCHS[arch], dict) else POSTNORM_ARCHS[VLM_ARCHS[arch]]
+    text = {**TINY_COMMON, **extra, "vocab_size": vocab_size}
+    cfg = AutoConfig.for_model(arch, text_config=text, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                               **VLM_TOWERS.get(arch, {}))
     for k, v in _VISION_SMALL.items():
         if hasattr(cfg.vision_config, k):
             cur = getattr(cfg.vision_config, k)

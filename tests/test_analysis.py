@@ -47,7 +47,7 @@ def _attn_write_on_r(model, arch, layer, fmt, prompts, r_hat, extra_hook=None):
         x = out[0] if isinstance(out, tuple) else out
         got["x"] = x[:, -1].float()
 
-    hs = [arch.blocks[layer].attn_out.register_forward_hook(grab)]
+    hs = [arch.blocks[layer].outs("attn")[0].register_forward_hook(grab)]
     if extra_hook is not None:
         hs.append(extra_hook())
     try:

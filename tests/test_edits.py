@@ -116,13 +116,14 @@ def test_hooks_equal_weights_with_a_second_direction(arch_name):
     _hooks_vs_weights(arch_name, _second(_edit("plain", "plain", embedding=False), 1.0))
 
 
-@pytest.mark.parametrize("arch_name", ["gemma2", "gemma3_text", "olmo2"])
+@pytest.mark.parametrize("arch_name", ["gemma2", "gemma3_text", "olmo2", "gemma4_text"])
 def test_hooks_equal_weights_under_post_norms(arch_name):
     """Post-norm blocks: the hooks edit what the writers write, before the norm, along gain ⊙ d, so the weights
     compute the same (they computed something else when the hooks edited the norm's output: the norm rescales)."""
-    for v in ("plain", "projected", "norm"):
+    variants = hook_variants(inspect_model(make_tiny(arch_name, VOCAB)))  # Gemma 4's fused experts: no norm
+    for v in variants:
         _hooks_vs_weights(arch_name, _edit(v, v))
-    _hooks_vs_weights(arch_name, _second(_edit("norm", "projected")))
+    _hooks_vs_weights(arch_name, _second(_edit(variants[-1], "projected")))
 
 
 def test_second_direction_is_orthogonal_to_the_first_and_removed_at_its_strength():

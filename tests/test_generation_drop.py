@@ -24,7 +24,7 @@ from refdir.core.generation import (
 )
 from refdir.errors import RefdirError
 
-ARCHS = ["qwen2", "llama", "gemma3_text", "gemma2", "gpt_neox", "qwen2_moe"]
+ARCHS = ["qwen2", "llama", "gemma3_text", "gemma2", "gpt_neox", "qwen2_moe", "gemma4_text"]
 PROMPTS = ["Explain tides", "Write a short poem about the sea and the moon", "Hi", "Bake bread now please",
            "How do magnets work?", "List three colours", "Tell me a joke about cats and dogs", "Why is the sky blue",
            "Summarise the plot of a famous novel in one line", "Name a prime number"]

@@ -198,13 +198,14 @@ def test_length_batches_pad_little_and_cover_every_prompt():
     assert padded <= 1.1 * sum(lengths) + 2
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "gemma4_text"])  # Gemma 4's experts see the batch's tokens flattened
 @pytest.mark.parametrize("shared_prefix", [True, False])
-def test_logits_and_generation_under_row_plans_equal_each_plan_alone(tiny_tokenizer, shared_prefix):
+def test_logits_and_generation_under_row_plans_equal_each_plan_alone(tiny_tokenizer, shared_prefix, arch):
     """Many edits scored and generated in one batch (hooked_rows) give what each edit gives alone."""
     from refdir.core.edits import Edit, hooked, hooked_rows, resolve
     from refdir.core.generation import generate
 
-    model = make_tiny("qwen2", len(tiny_tokenizer))
+    model = make_tiny(arch, len(tiny_tokenizer))
     fmt = ChatFormat(tiny_tokenizer, system="You are a helpful assistant.")
     g = torch.Generator().manual_seed(3)
     cands = Candidates.from_means(torch.randn(fmt.n_post, 4, 64, generator=g, dtype=torch.float64),
@@ -269,7 +270,27 @@ def test_a_rows_logits_do_not_depend_on_its_batchs_padding(tiny_tokenizer, arch)
         assert (batched - alone).abs().max() < 1e-4, (arch, shared)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3_text", "gpt_neox", "phi3", "gpt2"])
+@pytest.mark.parametrize("arch", ["mistral", "gemma3_text", "gemma4_text"])
+def test_prompts_longer_than_the_sliding_window_take_the_plain_path(tiny_tokenizer, arch):
+    """The shared-prefix layout pads between the prefix and each row's tokens; a sliding window counts that padding
+    as distance, so past the window the shared path saw less of the prefix (different tokens on tiny models with a
+    16-token window). Such rows now take the plain path: logits and generation equal each prompt run alone."""
+    from refdir.core.forward import last_logits
+    from refdir.core.generation import generate
+
+    model = make_tiny(arch, len(tiny_tokenizer), sliding_window=16)
+    fmt = ChatFormat(tiny_tokenizer, system="You are a helpful assistant.")
+    prompts = ["Explain tides", "Write a short poem about the sea and the moon", "Hi", "Bake bread now please"]
+    assert max(len(fmt.prompt_ids(p)) for p in prompts) > 16
+    alone = [generate(model, fmt, [p], max_new_tokens=8, batch_size=1, progress=False, return_ids=True)[0]
+             for p in prompts]
+    assert generate(model, fmt, prompts, max_new_tokens=8, batch_size=4, progress=False, return_ids=True,
+                    shared_prefix=True) == alone
+    one = torch.cat([last_logits(model, fmt, [p], 1) for p in prompts])
+    assert (last_logits(model, fmt, prompts, 4, shared_prefix=True) - one).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2", "gemma3_text", "gpt_neox", "phi3", "gpt2", "gemma4_text"])
 def test_shared_prefix_generation_equals_plain(tiny_tokenizer, arch):
     """Greedy generation with the template's prefix handed to model.generate as a KV cache gives the same tokens."""
     from refdir.core.generation import generate

@@ -90,16 +90,16 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
             in report
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "granitemoehybrid", "nanochat"])
+@pytest.mark.parametrize("arch", ["gpt2", "granitemoehybrid", "nanochat", "gemma4_text"])
 def test_a_whole_run_on_other_layouts_checkpoints_what_it_measured(tiny_tokenizer, tmp_path, arch):
     """GPT-2 (Conv1D writers, learned positions), a Granite 4.0 hybrid (mamba or attention per layer, a shared
-    MLP beside fused experts) and nanochat (a parameter-free norm on the embedding, the same module as the final
-    norm): the default run, search and pca source included, writes a checkpoint whose weights compute the hooked
+    MLP beside fused experts), nanochat (a parameter-free norm on the embedding, the same module as the final
+    norm) and Gemma 4 (chains of post-norms over its MLP and experts, a normed per-layer-input branch): the default run, search and pca source included, writes a checkpoint whose weights compute the hooked
     edit it measured."""
     from conftest import EXACT_ARCHS
 
     model = tmp_path / arch
-    make_tiny(arch, len(tiny_tokenizer), **EXACT_ARCHS[arch]).save_pretrained(model)
+    make_tiny(arch, len(tiny_tokenizer), **EXACT_ARCHS.get(arch, {})).save_pretrained(model)
     tiny_tokenizer.save_pretrained(model)
     s = _run(model, tmp_path / "r", "--budget", "3")
     v = s["checkpoint"]["verified"]
@@ -107,7 +107,7 @@ def test_a_whole_run_on_other_layouts_checkpoints_what_it_measured(tiny_tokenize
     assert not s["warnings"] or not any("checkpoint" in w for w in s["warnings"])
 
 
-@pytest.mark.parametrize("arch", ["qwen2_5_vl", "mistral3"])
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "mistral3", "gemma4"])
 def test_a_whole_run_on_a_vision_language_checkpoint_edits_its_text_path(tiny_tokenizer, tmp_path, arch):
     """A vision-language checkpoint (loaded with the image-text-to-text class; its image encoder has block lists of
     its own): the default run edits the decoder, writes a checkpoint whose weights compute the hooked edit it
@@ -128,7 +128,7 @@ def test_a_whole_run_on_a_vision_language_checkpoint_edits_its_text_path(tiny_to
     assert v["kl_hooks_weights"] < 1e-6 and v["top1_agree"] == 1.0, v
     before = load_file(model / "model.safetensors")
     after = load_file(tmp_path / "r" / "checkpoint" / "model" / "model.safetensors")
-    vision = [k for k in before if "visual" in k or "vision" in k]
+    vision = [k for k in before if any(w in k for w in ("visual", "vision", "audio"))]  # Gemma 4 hears too
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)
     edited = [k for k in before if "o_proj" in k and k not in vision]
     assert edited and not any(torch.equal(before[k], after[k].to(before[k].dtype)) for k in edited)

@@ -56,15 +56,17 @@ def test_a_writer_stored_under_a_name_it_does_not_load_as_is_refused_before_writ
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("arch_name", ["qwen2_5_vl", "mistral3", "gemma3"])
+@pytest.mark.parametrize("arch_name", ["qwen2_5_vl", "mistral3", "gemma3", "gemma4"])
 def test_a_vision_language_checkpoint_streams_under_its_stored_names(arch_name, tmp_path):
     """Vision-language checkpoints store the decoder under other names than the model's (``model.layers…`` or
     ``language_model.model.layers…`` for ``model.language_model.layers…``); the streamed edit maps them as
-    transformers' loader does and writes what the in-memory edit computes (Gemma 3: post-norms, tied head)."""
+    transformers' loader does and writes what the in-memory edit computes (Gemma 3: post-norms, tied head; Gemma 4:
+    chains of post-norms, taken from a traced copy)."""
     import copy
 
     from conftest import make_tiny_vlm
 
+    from refdir.core.architecture import inspect_model
     from refdir.core.auto_model import auto_class
     from refdir.core.orthogonalize import orthogonalize_
 
@@ -76,7 +78,8 @@ def test_a_vision_language_checkpoint_streams_under_its_stored_names(arch_name, 
     in_memory = copy.deepcopy(model)
     orthogonalize_(in_memory, r)
     summary = stream_orthogonalize(src, r, tmp_path / "out", progress=False)
-    assert len(summary["edited"]) == 2 * 3 + 1  # o_proj and down_proj of 3 blocks, the embedding
+    writers = sum(len(bp.writers) for bp in inspect_model(model).blocks)  # o_proj and down_proj (Gemma 4: + experts'
+    assert len(summary["edited"]) == writers + 1  # and the per-layer projection) of 3 blocks, the embedding
     edited = auto_class(model.config).from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     with torch.no_grad():
         want, got, base = in_memory(ids).logits, edited(ids).logits, model(ids).logits

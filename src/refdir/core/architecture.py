@@ -56,8 +56,10 @@ class BlockParts:
     block: nn.Module
     attn: nn.Module | None
     mlp: nn.Module | None
-    attn_post_norm: nn.Module | None = None
-    mlp_post_norm: nn.Module | None = None
+    # post-norms: a writing module's child name → the norms (child names, innermost first) between its output and
+    # the stream. Gemma 2/3: one per module; Gemma 4's MoE block norms its MLP's and its experts' outputs, then their
+    # sum; its per-layer-input branch is normed too
+    post: dict[str, list[str]] = field(default_factory=dict)
     writers: list[Writer] = field(default_factory=list)
     input_rescaled: bool = False  # block 0: its input is the embeddings' output rescaled per token (a norm between)
     # hybrid blocks: more token mixers beside ``attn`` (a mamba mixer) or more MLPs beside ``mlp`` (a shared MLP
@@ -70,8 +72,24 @@ class BlockParts:
         return [self.attn, *self.attn_extra] if component == "attn" else [self.mlp, *self.mlp_extra]
 
     def outs(self, component: str) -> list[nn.Module]:
-        """The modules whose outputs the component adds to the stream (a post-norm in place of its module)."""
-        return [self.attn_out, *self.attn_extra] if component == "attn" else [self.mlp_out, *self.mlp_extra]
+        """The modules whose outputs the component adds to the stream: each module's outermost post-norm, or the
+        module itself (each once: two modules may share an outer norm)."""
+        out: list[nn.Module] = []
+        for m in self.modules(component):
+            o = (self.chain(m) or [m])[-1]
+            if not any(o is x for x in out):
+                out.append(o)
+        return out
+
+    def chain(self, mod: nn.Module) -> list[nn.Module]:
+        """The post-norms between the output of ``mod`` (one of :meth:`modules`) and the stream, innermost first;
+        empty where it writes its output itself."""
+        return [getattr(self.block, n) for n in self.post.get(self.child_name(mod), [])]
+
+    def writers_of(self, mod: nn.Module) -> list[Writer]:
+        """The writers inside ``mod``."""
+        ids = {id(m) for m in mod.modules()}
+        return [w for w in self.writers if id(w.module) in ids]
 
     def attention(self) -> nn.Module | None:
         """The token mixer that is attention (by its name), None in a block that mixes by a mamba mixer only."""
@@ -83,21 +101,10 @@ class BlockParts:
         mods = {id(m) for mod in self.modules(component) for m in mod.modules()}
         return [w for w in self.writers if id(w.module) in mods]
 
-    def post_norm(self, component: str) -> nn.Module | None:
-        return self.attn_post_norm if component == "attn" else self.mlp_post_norm
-
     def child_name(self, mod: nn.Module) -> str:
         """The attribute name of a direct child of the block."""
         return next(n for n, c in self.block.named_children() if c is mod)
 
-    @property
-    def attn_out(self) -> nn.Module | None:
-        """The module whose output is added to the stream for attention."""
-        return self.attn_post_norm or self.attn
-
-    @property
-    def mlp_out(self) -> nn.Module | None:
-        return self.mlp_post_norm or self.mlp
 
 
 @dataclass
@@ -115,7 +122,7 @@ class Architecture:
 
     @property
     def has_post_norms(self) -> bool:
-        return any(b.attn_post_norm is not None or b.mlp_post_norm is not None for b in self.blocks)
+        return any(b.post for b in self.blocks)
 
     @property
     def embedding_rescaled(self) -> bool:
@@ -281,12 +288,13 @@ def _module_writers(prefix: str, mod: nn.Module, d: int, mlp: bool) -> list[Writ
     return writers
 
 
-def inspect_model(model: nn.Module, trace: bool = True) -> Architecture:
+def inspect_model(model: nn.Module, trace: bool = True, layouts: dict | None = None) -> Architecture:
     """Build the :class:`Architecture` of a Hugging Face decoder by inspecting its modules.
 
     ``trace=False`` skips the one-token forward that detects post-norms (for models built on
-    the meta device, e.g. when streaming a checkpoint without loading it): the blocks' ``forward`` source
-    is read instead."""
+    the meta device, e.g. when streaming a checkpoint without loading it): they are taken from ``layouts``
+    (:func:`post_layouts` of a traced copy of the same class) where given, else read from the blocks' ``forward``
+    source."""
     d = _hidden_size(model)
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "get_text_config", lambda: cfg)()
@@ -324,46 +332,51 @@ def inspect_model(model: nn.Module, trace: bool = True) -> Architecture:
     final_norm = None
     base = blocks_path.rsplit(".", 1)[0] if "." in blocks_path else ""
     base_mod = model.get_submodule(base) if base else model
-    for name, child in base_mod.named_children():
-        if is_norm(child) and name != blocks_path.rsplit(".", 1)[-1]:
+    for name, child in base_mod.named_children():  # d_model wide (Gemma 4 also norms its narrow per-layer inputs)
+        w = getattr(child, "weight", None)
+        if is_norm(child) and name != blocks_path.rsplit(".", 1)[-1] and (w is None or w.shape[-1] == d):
             final_norm = child
 
     arch = Architecture(model, d, len(blocks), embeddings, blocks_path, parts, final_norm, lm_head, tied)
     if not trace:
-        mixers, mlps = _split_block(blocks[0], d)
-        _static_post_norms(arch, mixers[0][0], mlps[0][0])
+        if layouts is not None and all(layout_key(bp.block) in layouts for bp in parts):
+            for bp in parts:
+                bp.post = {k: list(v) for k, v in layouts[layout_key(bp.block)].items()}
+        else:
+            mixers, mlps = _split_block(blocks[0], d)
+            _static_post_norms(arch, mixers[0][0], mlps[0][0])
         return arch
     traced: dict[tuple, BlockParts] = {}  # one traced block per layout (hybrid models alternate mixers)
     for bp in parts:
-        key = tuple((n, type(c)) for n, c in bp.block.named_children())
+        key = layout_key(bp.block)
         if key not in traced:
             trace_block(model, bp, embeddings if bp.index == 0 else [])
             traced[key] = bp
-        else:
-            ref = traced[key]
-            bp.attn_post_norm = _same_child(bp.block, ref.block, ref.attn_post_norm)
-            bp.mlp_post_norm = _same_child(bp.block, ref.block, ref.mlp_post_norm)
+        else:  # the same child names: the same post-norms
+            bp.post = {k: list(v) for k, v in traced[key].post.items()}
     return arch
 
 
+def layout_key(block: nn.Module) -> tuple:
+    """A block's layout: its children's names and classes (hybrid models alternate two or more)."""
+    return tuple((n, type(c).__name__) for n, c in block.named_children())
+
+
+def post_layouts(arch: Architecture) -> dict[tuple, dict[str, list[str]]]:
+    """Every block layout's post-norms, by child names: what a skeleton of the same class takes from a traced copy
+    (:func:`inspect_model`'s ``layouts``)."""
+    return {layout_key(bp.block): bp.post for bp in arch.blocks}
+
+
 def _static_post_norms(arch: Architecture, attn_name: str, mlp_name: str) -> None:
-    """Set every block's post-norms from the first block's ``forward`` source (no forward pass)."""
-    names = static_post_norms(arch.blocks[0].block, attn_name, mlp_name)
-    if names is None:
+    """Set every block's post-norms from the first block's ``forward`` source (no forward pass; one post-norm per
+    primary module at most: a traced copy's layouts are preferred)."""
+    names, b0 = static_post_norms(arch.blocks[0].block, attn_name, mlp_name), arch.blocks[0]
+    if names is None or (any(names.values()) and (b0.attn_extra or b0.mlp_extra)):  # more branches than it reads
         arch.post_norms_known = False
         return
     for bp in arch.blocks:
-        bp.attn_post_norm = getattr(bp.block, names["attn"], None) if names["attn"] else None
-        bp.mlp_post_norm = getattr(bp.block, names["mlp"], None) if names["mlp"] else None
-
-
-def _same_child(block: nn.Module, ref_block: nn.Module, ref_child: nn.Module | None) -> nn.Module | None:
-    if ref_child is None:
-        return None
-    for name, child in ref_block.named_children():
-        if child is ref_child:
-            return getattr(block, name)
-    return None
+        bp.post = {n: [names[c]] for c, n in (("attn", attn_name), ("mlp", mlp_name)) if names[c]}
 
 
 # --------------------------------------------------------------------------------- KV-cache keyword

@@ -15,7 +15,7 @@ import copy
 
 import torch
 
-from refdir.core.architecture import inspect_model
+from refdir.core.architecture import inspect_model, post_layouts
 from refdir.core.auto_model import auto_class
 from refdir.errors import RefdirError
 
@@ -32,8 +32,8 @@ VISION_NARROW = {"hidden_size": 32, "embed_dim": 32, "intermediate_size": 64, "n
 
 
 def _cut(config, narrow: bool):
-    """A copy of ``config`` with :data:`STRUCTURE_LAYERS` blocks, :data:`STRUCTURE_VOCAB` tokens, no special token
-    ids, a one-layer image encoder, and with ``narrow`` the widths of :data:`NARROW`."""
+    """A copy of ``config`` with :data:`STRUCTURE_LAYERS` blocks, :data:`STRUCTURE_VOCAB` tokens, special token ids
+    0, a one-layer image encoder, and with ``narrow`` the widths of :data:`NARROW`."""
     cfg = copy.deepcopy(config)
     text = getattr(cfg, "get_text_config", lambda: cfg)()
     n = int(text.num_hidden_layers)
@@ -43,9 +43,9 @@ def _cut(config, narrow: bool):
             setattr(text, name, type(value)(value[:k]))
     text.num_hidden_layers = k
     text.vocab_size = STRUCTURE_VOCAB
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        if getattr(text, name, None) is not None:
-            setattr(text, name, None)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # inside the cut vocabulary (Gemma 4's forward
+        if getattr(text, name, None) is not None:                   # masks with the pad id: it must be an id)
+            setattr(text, name, 0)
     if narrow:
         for name, value in NARROW.items():
             if isinstance(getattr(text, name, None), int):
@@ -73,12 +73,13 @@ def _cut(config, narrow: bool):
 
 
 @torch.no_grad()
-def check_config(config) -> None:
+def check_config(config) -> dict | None:
     """Raise the stream checks' :class:`RefdirError` if a model of ``config``'s class cannot be edited exactly by
-    weights. Memory: a narrow copy's few blocks; where it does not build narrow (or refuses narrow: confirmed at
-    full width before refusing), two blocks at full width."""
+    weights; else return the traced copy's post-norms per block layout (:func:`~refdir.core.architecture.post_layouts`;
+    None where no copy was built or ran). Memory: a narrow copy's few blocks; where it does not build narrow (or
+    refuses narrow: confirmed at full width before refusing), two blocks at full width."""
     if not getattr(getattr(config, "get_text_config", lambda: config)(), "num_hidden_layers", None):
-        return
+        return None
     refused = None
     for narrow in (True, False):
         try:
@@ -90,8 +91,7 @@ def check_config(config) -> None:
         for p in small.parameters():  # off the initial values: a residual scale of ones or a gate of zeros hides a branch
             p.mul_(1 + 0.2 * torch.randn_like(p)).add_(0.02 * torch.randn_like(p))
         try:
-            inspect_model(small)
-            return
+            return post_layouts(inspect_model(small))
         except RefdirError as e:
             if not narrow:
                 raise
@@ -102,3 +102,4 @@ def check_config(config) -> None:
             del small
     if refused is not None:  # refused narrow, and the full width does not build
         raise refused
+    return None

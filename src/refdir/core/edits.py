@@ -32,8 +32,9 @@ Variants (per component):
   is multiplied by ``‖w_j‖ / ‖w_j − s(w_j·r̂)r̂‖`` and the component's output is projected, which equals
   ``W'' x + b'`` exactly (hooks need linear writers; fused 3-D experts get the weight form only).
 
-Post-norms (Gemma 2/3, OLMo 2: a block writes ``norm(y) = g ⊙ ŷ``): the edit acts on ``y``, where the writers
-write, along ``u = normalize(g ⊙ d)`` (:func:`refdir.core.postnorm.under_post_norm`), so at strength 1 the block
+Post-norms (Gemma 2/3/4, OLMo 2: a block writes ``norm(y) = g ⊙ ŷ``): the edit acts on ``y``, where the writers
+write, along ``u = normalize(g ⊙ d)`` (:func:`refdir.core.postnorm.under_chain`: through every norm of a chain, per
+module; Gemma 4 norms its MLP and experts each, then their sum), so at strength 1 the block
 writes nothing along d and hooks and weights are the same linear edit (removing d after the norm is not one).
 
 The existing full ablation is the special case :meth:`Edit.full`: strength 1 at every layer on both
@@ -57,7 +58,7 @@ from refdir.core.architecture import Architecture, BlockParts, Writer, inspect_m
 from refdir.core.directions import Candidates, unit_vector
 from refdir.core.hooks import registered, remove_all
 from refdir.core.orthogonalize import untie_lm_head
-from refdir.core.postnorm import edit_exact, post_gain, under_post_norm
+from refdir.core.postnorm import chain_gains, edit_exact, under_chain
 from refdir.core.projection import input_scale, project_rows
 from refdir.core.row_hooks import Rows, out_hook, scale_pre_hook
 from refdir.errors import RefdirError
@@ -296,7 +297,7 @@ def edit_hooks(model: nn.Module, plan: Plan | Sequence[Plan | None], arch: Archi
     for p in plans:
         if p is not None:
             _check(p, arch)
-    K, d = len(plans), arch.d_model
+    d = arch.d_model
     zeros = torch.zeros(d, dtype=torch.float64)
 
     def stack(c: str | None, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,37 +326,38 @@ def edit_hooks(model: nn.Module, plan: Plan | Sequence[Plan | None], arch: Archi
                     handles.append(emb.register_forward_hook(out_hook(rows, second_r, second_emb)))
         for bp in arch.blocks:
             for c in COMPONENTS:
-                r, s = stack(c, bp.index)
-                post = post_gain(bp, c)
-                if post is not None:  # on what the writers write, before the norm (module docstring)
-                    out_mods = bp.modules(c)
-                    r, r2 = under_post_norm(r, post), under_post_norm(second_r, post)
-                else:
-                    out_mods, r2 = bp.outs(c), second_r
-                for out_mod in out_mods:  # hooks run in the order they were registered: the second after the edit
-                    if (s > 0).any():
-                        handles.append(out_mod.register_forward_hook(out_hook(rows, r, s)))
-                    if (second_s > 0).any():
-                        handles.append(out_mod.register_forward_hook(out_hook(rows, r2, second_s)))
-                if not (s > 0).any():
-                    continue
+                rc, s = stack(c, bp.index)
                 norm = [k for k, p in enumerate(plans) if p is not None and s[k] > 0 and p.variants[c] == "norm"]
-                if not norm:
-                    continue
-                for w in component_writers(bp, c):
-                    if _is_bias(w):
-                        continue
-                    if not _norm_hookable(w):
-                        raise RefdirError(f"the norm-preserving variant as hooks needs linear writers; {w.name} "
-                                          "is a fused expert tensor (apply the edit as weights instead)")
-                    wt = w.module.weight.movedim(w.out_axis, 0)  # [d_model, inputs], also for GPT-2's Conv1D
-                    scale = torch.ones(K, wt.shape[1], dtype=torch.float64)
-                    for k in norm:
-                        scale[k] = input_scale(wt, r[k], float(s[k]))
-                    handles.append(w.module.register_forward_pre_hook(scale_pre_hook(rows, scale)))
+                for mod in bp.modules(c):  # on what the writers write, before any post-norm (module docstring)
+                    gains = chain_gains(bp, mod)
+                    r, r2 = under_chain(rc, gains), under_chain(second_r, gains)
+                    # hooks run in the order they were registered: the second direction after the edit
+                    if (s > 0).any():
+                        handles.append(mod.register_forward_hook(out_hook(rows, r, s)))
+                    if (second_s > 0).any():
+                        handles.append(mod.register_forward_hook(out_hook(rows, r2, second_s)))
+                    if norm:
+                        handles += _norm_hooks(bp.writers_of(mod), rows, r, s, norm)
     except Exception:
         remove_all(handles)
         raise
+    return handles
+
+
+def _norm_hooks(writers: list[Writer], rows: Rows, r: torch.Tensor, s: torch.Tensor, norm: list[int]) -> list:
+    """The ``norm`` variant's input rescaling (module docstring) for the plans ``norm`` on these writers."""
+    handles = []
+    for w in writers:
+        if _is_bias(w):
+            continue
+        if not _norm_hookable(w):
+            raise RefdirError(f"the norm-preserving variant as hooks needs linear writers; {w.name} "
+                              "is a fused expert tensor (apply the edit as weights instead)")
+        wt = w.module.weight.movedim(w.out_axis, 0)  # [d_model, inputs], also for GPT-2's Conv1D
+        scale = torch.ones(r.shape[0], wt.shape[1], dtype=torch.float64)
+        for k in norm:
+            scale[k] = input_scale(wt, r[k], float(s[k]))
+        handles.append(w.module.register_forward_pre_hook(scale_pre_hook(rows, scale)))
     return handles
 
 
@@ -403,19 +405,20 @@ def apply_weights_(model: nn.Module, plan: Plan, arch: Architecture | None = Non
             s = plan.strengths[c][bp.index]
             if s <= 0 and plan.second is None:
                 continue
-            post = post_gain(bp, c)  # under a post-norm: the directions the hooks remove before the norm
-            dc = under_post_norm(plan.directions[c], post)
-            d2 = None if plan.second is None else under_post_norm(plan.second[0], post)
-            for w in component_writers(bp, c):
-                p = getattr(w.module, w.param)
-                axis = 0 if p.dim() == 1 else w.out_axis
-                y = p.data.to(torch.float64).movedim(axis, -1)
-                if s > 0:
-                    y = project_rows(y, dc.to(y.device), s, plan.variants[c] == "norm" and not _is_bias(w))
-                if d2 is not None:  # after the edit itself, as the hooks apply it
-                    y = project_rows(y, d2.to(y.device), plan.second[1], False)
-                p.data.copy_(y.movedim(-1, axis).to(p.dtype))
-                edited.append(w.name)
+            for mod in bp.modules(c):
+                gains = chain_gains(bp, mod)  # under post-norms: the directions the hooks remove before them
+                dc = under_chain(plan.directions[c], gains)
+                d2 = None if plan.second is None else under_chain(plan.second[0], gains)
+                for w in bp.writers_of(mod):
+                    p = getattr(w.module, w.param)
+                    axis = 0 if p.dim() == 1 else w.out_axis
+                    y = p.data.to(torch.float64).movedim(axis, -1)
+                    if s > 0:
+                        y = project_rows(y, dc.to(y.device), s, plan.variants[c] == "norm" and not _is_bias(w))
+                    if d2 is not None:  # after the edit itself, as the hooks apply it
+                        y = project_rows(y, d2.to(y.device), plan.second[1], False)
+                    p.data.copy_(y.movedim(-1, axis).to(p.dtype))
+                    edited.append(w.name)
     return {"edited": edited, "untied_lm_head": untied, "exact": exact}
 
 

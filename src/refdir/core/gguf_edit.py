@@ -8,8 +8,9 @@ where the gguf library can quantize it, otherwise in Q8_0 (or F16 when the row l
 fit Q8_0 blocks); the summary says which types changed. Every other tensor's bytes and all
 metadata are copied unchanged. A file without ``output.weight`` ties its unembedding to the
 embedding: the unedited embedding is then written out as ``output.weight``. Where a post-norm
-(``blk.N.post_attention_norm``, ``blk.N.post_ffw_norm``) sits between a writer and the stream, the
-writer is made orthogonal to the norm's gain ⊙ r instead, which removes r from the stream exactly.
+(``blk.N.post_attention_norm``, ``blk.N.post_ffw_norm``; Gemma 4's chains of two, and its per-layer ``proj`` with
+``post_norm``) sits between a writer and the stream, the writer is made orthogonal to the norm's gain ⊙ r instead
+(from the outermost norm in), which removes r from the stream exactly.
 
 A basis B [k, d] (a subspace) may stand for r everywhere: the edited tensors lose their span(B) component, and
 writers under a post-norm are made orthogonal to the span of the rows gain ⊙ b_i
@@ -31,16 +32,20 @@ from tqdm.auto import tqdm
 from refdir.core.directions import ablation_operand, check_direction
 from refdir.core.gguf_read import GGUFFile
 from refdir.core.io import atomic_file, check_file_target, write_error
-from refdir.core.postnorm import gain_basis
+from refdir.core.postnorm import chain_basis
 from refdir.core.projection import project_along
 from refdir.errors import RefdirError
 
 # ssm_out: a mamba mixer's output projection (hybrid models), a token mixer's writer like attn_output
-_WRITER = re.compile(r"^blk\.\d+\.(attn_output|ssm_out|ffn_down|ffn_down_exps|ffn_down_shexp)\.(weight|bias)$")
+# proj: Gemma 4's per-layer-input branch, which writes to the stream through its own post-norm
+_WRITER = re.compile(r"^blk\.\d+\.(attn_output|ssm_out|ffn_down|ffn_down_exps|ffn_down_shexp|proj)\.(weight|bias)$")
 EMBEDDINGS = ("token_embd.weight", "position_embd.weight")  # rows written to the stream (GPT-2 has learned positions)
-# the post-norm (llama.cpp's role name) that sits between each writer and the stream, where the block has one
-_POST_NORM_OF = {"attn_output": "post_attention_norm", "ssm_out": "post_ssm_norm", "ffn_down": "post_ffw_norm", "ffn_down_exps": "post_ffw_norm",
-                 "ffn_down_shexp": "post_ffw_norm"}
+# the post-norms (llama.cpp's role names, innermost first) between each writer and the stream: the first chain
+# whose norms the block has. Gemma 4's MoE blocks norm the MLP's and the experts' outputs, then their sum
+_POST_NORMS = {"attn_output": [("post_attention_norm",)], "ssm_out": [("post_ssm_norm",)],
+               "ffn_down": [("post_ffw_norm_1", "post_ffw_norm"), ("post_ffw_norm",)],
+               "ffn_down_exps": [("post_ffw_norm_2", "post_ffw_norm"), ("post_ffw_norm",)],
+               "ffn_down_shexp": [("post_ffw_norm",)], "proj": [("post_norm",)]}
 _SKIP_FIELDS = ("GGUF.", "general.architecture")
 
 
@@ -82,21 +87,10 @@ def _edit(x: np.ndarray, r: np.ndarray, axis: int) -> np.ndarray:
     return project_along(t, torch.from_numpy(r), axis).to(torch.float32).numpy()
 
 
-def _gain_edit(gain: np.ndarray, r: np.ndarray, centred: bool) -> np.ndarray | None:
-    """What a writer under a post-norm with ``gain`` is made orthogonal to: ``gain ⊙ r`` normalized (centred for
-    a LayerNorm), or for a basis the orthonormal basis of the span of ``gain ⊙ b_i``; None where it vanishes."""
-    if r.ndim == 2:
-        ub = gain_basis(torch.from_numpy(r), torch.from_numpy(gain), centred)
-        return None if ub is None else ub.numpy()
-    u = gain * r
-    u = u - u.mean() if centred else u
-    n = float(np.linalg.norm(u))
-    return u / n if np.isfinite(n) and n > 1e-12 * float(np.linalg.norm(r)) else None
-
-
 def _post_norm_directions(reader, arch: str, r: np.ndarray) -> tuple[dict[str, np.ndarray | None], set[str]]:
-    """For every writer under a post-norm, the unit vector it is made orthogonal to (``gain ⊙ r``, centred for a
-    LayerNorm; None where that vanishes), and the post-norm biases, which lose their r component (see
+    """For every writer under post-norms, what it is made orthogonal to (from the outermost norm in, each gain ⊙ the
+    direction, centred for a LayerNorm: :func:`refdir.core.postnorm.chain_basis`; for a basis r [k, d] the span;
+    None where that vanishes), and the biases of lone post-norms, which lose their r component (see
     :mod:`refdir.core.postnorm`). llama.cpp's converters store Gemma's ``1 + w`` as the gain itself, so a GGUF
     gain is its weight as stored. A ``post_attention_norm`` is the attention's post-norm only in a block that
     also has an MLP input norm (``ffn_norm``) or an MLP post-norm: elsewhere (gpt-oss, Qwen3-Next) llama.cpp uses
@@ -108,17 +102,22 @@ def _post_norm_directions(reader, arch: str, r: np.ndarray) -> tuple[dict[str, n
     biases: set[str] = set()
     for name in tensors:
         m = _WRITER.match(name)
-        blk = name.split(".")[1] if m else ""
-        norm = f"blk.{blk}.{_POST_NORM_OF[m.group(1)]}" if m else ""
-        if not m or f"{norm}.weight" not in tensors:
+        if not m:
             continue
-        if m.group(1) == "attn_output" and not {f"blk.{blk}.ffn_norm.weight", f"blk.{blk}.post_ffw_norm.weight"} & set(
-                tensors):
+        blk = name.split(".")[1]
+        chain = next((ch for ch in _POST_NORMS[m.group(1)] if all(f"blk.{blk}.{n}.weight" in tensors for n in ch)), ())
+        if not chain or (m.group(1) == "attn_output" and not {f"blk.{blk}.ffn_norm.weight",
+                                                              f"blk.{blk}.post_ffw_norm.weight"} & set(tensors)):
             continue
-        g = tensors[f"{norm}.weight"]
-        under[name] = _gain_edit(quants.dequantize(g.data, g.tensor_type).astype(np.float64).reshape(-1), r, centred)
-        if f"{norm}.bias" in tensors:
-            biases.add(f"{norm}.bias")
+        gains = []
+        for n in chain:
+            g = tensors[f"blk.{blk}.{n}.weight"]
+            gains.append((torch.from_numpy(quants.dequantize(g.data, g.tensor_type).astype(np.float64).reshape(-1)),
+                          centred))
+        u = chain_basis(gains, torch.from_numpy(np.asarray(r, dtype=np.float64)))
+        under[name] = None if u is None else u.numpy()
+        if len(chain) == 1 and f"blk.{blk}.{chain[0]}.bias" in tensors:
+            biases.add(f"blk.{blk}.{chain[0]}.bias")
     return under, biases
 
 

@@ -34,7 +34,8 @@ from refdir.core.io import check_file_target
 from refdir.core.projection import project_rows
 from refdir.errors import RefdirError
 
-_COMPONENT = {"attn_output": "attn", "ssm_out": "attn", "ffn_down": "mlp", "ffn_down_exps": "mlp", "ffn_down_shexp": "mlp"}
+_COMPONENT = {"attn_output": "attn", "ssm_out": "attn", "ffn_down": "mlp", "ffn_down_exps": "mlp", "ffn_down_shexp": "mlp",
+              "proj": "mlp"}  # proj: Gemma 4's per-layer-input branch, an MLP-side writer in the loaded model too
 
 
 ROWS = 8192  # vectors edited at a time: float64 work on a 151k-row embedding stays small

@@ -32,7 +32,7 @@ from refdir.core.config_check import check_config
 from refdir.core.directions import ablation_operand, check_direction
 from refdir.core.io import atomic_dir, atomic_write_json
 from refdir.core.models import load_config, save_hf_checkpoint
-from refdir.core.postnorm import COMPONENTS, gain_basis, norm_form, norm_gain
+from refdir.core.postnorm import COMPONENTS, chain_basis, chain_gains, known_chain, norm_form
 from refdir.core.projection import project_along
 from refdir.core.shards import (
     SHARD_INDEX,
@@ -83,13 +83,21 @@ def orthogonalize_(model: nn.Module, direction: torch.Tensor, arch: Architecture
         edited.append(f"{name}.weight")
     for bp in arch.blocks:
         for c in COMPONENTS:
-            u = _writer_direction(bp.post_norm(c), r, names, edited, approximate)
-            for w in bp.component_writers(c):
-                p = getattr(w.module, w.param)
-                axis = 0 if p.dim() == 1 else w.out_axis
-                if u is not None:
-                    p.data.copy_(project_along(p.data, u.to(p.device), axis))
-                edited.append(w.name)
+            for mod in bp.modules(c):
+                chain, gains = bp.chain(mod), chain_gains(bp, mod)
+                if gains is None:  # approximate: made orthogonal to r
+                    approximate += [type(n).__name__ for n in chain]
+                elif len(chain) == 1 and norm_form(chain[0]).has_bias:
+                    b = chain[0].bias  # a centring post-norm's bias loses its r (span) component
+                    b.data.copy_(project_along(b.data, r.to(b.device), 0))
+                    edited.append(names.get(id(b), "post-norm bias"))
+                u = r if gains is None else chain_basis(gains, r)
+                for w in bp.writers_of(mod):
+                    p = getattr(w.module, w.param)
+                    axis = 0 if p.dim() == 1 else w.out_axis
+                    if u is not None:
+                        p.data.copy_(project_along(p.data, u.to(p.device), axis))
+                    edited.append(w.name)
     if approximate:
         warnings.warn(f"cannot tell how the post-norms {sorted(set(approximate))[:3]} scale their output; there "
                       "the weights are made orthogonal to r, which only approximates removing r", stacklevel=2)
@@ -106,23 +114,6 @@ def _width(direction: torch.Tensor) -> int:
 def _k(r: torch.Tensor) -> int:
     """How many dimensions the edit removes."""
     return int(r.shape[0]) if r.dim() == 2 else 1
-
-
-def _writer_direction(norm: nn.Module | None, r: torch.Tensor, names: dict, edited: list[str],
-                      approximate: list[str]) -> torch.Tensor | None:
-    """What the writers under post-norm ``norm`` (None: no post-norm) are made orthogonal to: r itself, or the
-    post-norm's gain ⊙ r (for a basis: the span of gain ⊙ b_i; None when that vanishes). A centring norm's bias
-    loses its r (span) component here."""
-    if norm is None:
-        return r
-    form = norm_form(norm)
-    if form is None:
-        approximate.append(type(norm).__name__)
-        return r
-    if form.has_bias:
-        norm.bias.data.copy_(project_along(norm.bias.data, r.to(norm.bias.device), 0))
-        edited.append(names.get(id(norm.bias), "post-norm bias"))
-    return gain_basis(r, norm_gain(norm, form).to(r.device), form.centred)
 
 
 def save_orthogonalized(model: nn.Module, tokenizer, direction: torch.Tensor, out_dir: str | Path,
@@ -142,10 +133,12 @@ def save_orthogonalized(model: nn.Module, tokenizer, direction: torch.Tensor, ou
 _EXPERT_INDEX = re.compile(r"\.experts\.\d+\.")
 
 
-def _writer_table(config, stored: set[str]) -> tuple[dict[str, int], list[str], bool, int, dict[str, tuple]]:
+def _writer_table(config, stored: set[str], layouts: dict | None = None
+                  ) -> tuple[dict[str, int], list[str], bool, int, dict[str, tuple]]:
     """Tensor names that write to the residual stream (→ output axis), embedding names, tied flag, d_model and, for
-    writers under a post-norm, ``{writer: (post-norm gain's name, NormForm or None)}``, read from a model skeleton on
-    the meta device (no weights allocated, no forward pass, no model code run). Names are the checkpoint's: a
+    writers under post-norms, ``{writer: ((gain name, NormForm or None), ...)}`` innermost first, read from a model
+    skeleton on the meta device (no weights allocated, no forward pass, no model code run; the post-norms from
+    ``layouts``, a traced copy's, where given: :func:`refdir.core.config_check.check_config`). Names are the checkpoint's: a
     parameter that transformers renames on load (:func:`~refdir.core.auto_model.checkpoint_renamer`) is given under the
     name in ``stored`` that loads as it."""
     with torch.device("meta"):
@@ -156,21 +149,21 @@ def _writer_table(config, stored: set[str]) -> tuple[dict[str, int], list[str], 
     def ck(name: str) -> str:
         return as_stored.get(name, name)
 
-    arch = inspect_model(skeleton, trace=False)
-    if not arch.post_norms_known:
-        warnings.warn(f"could not read the forward code of {type(arch.blocks[0].block).__name__} to find post-norms; "
-                      "the edit assumes there are none", stacklevel=2)
+    arch = inspect_model(skeleton, trace=False, layouts=layouts)
+    if not arch.post_norms_known:  # no traced copy, and a forward source the static reading cannot vouch for
+        raise RefdirError(f"cannot tell, without loading the model, where {type(arch.blocks[0].block).__name__} "
+                          "normalizes what its writers write; use --in-memory, which traces the loaded model")
     table: dict[str, int] = {}
     post: dict[str, tuple] = {}
     for bp in arch.blocks:
-        for c in COMPONENTS:
-            norm = bp.post_norm(c)
-            under = (f"{arch.blocks_path}.{bp.index}.{bp.child_name(norm)}", norm_form(norm)) if norm else None
-            for w in bp.component_writers(c):
+        for mod in (m for c in COMPONENTS for m in bp.modules(c)):
+            chain = tuple((ck(f"{arch.blocks_path}.{bp.index}.{bp.child_name(n)}.weight"), norm_form(n))
+                          for n in bp.chain(mod))
+            for w in bp.writers_of(mod):
                 p = getattr(w.module, w.param)
                 table[ck(w.name)] = 0 if p.dim() == 1 else w.out_axis
-                if under is not None:
-                    post[ck(w.name)] = (ck(f"{under[0]}.weight"), under[1])
+                if chain:
+                    post[ck(w.name)] = chain
     emb = [ck(f"{n}.weight") for n, _ in arch.embeddings]
     return table, emb, arch.tied, arch.d_model, post
 
@@ -191,19 +184,26 @@ def _read_small(src: Path, shards: list[str], weight_map: dict[str, str], names:
 
 
 def _post_norm_directions(src: Path, shards: list[str], weight_map: dict[str, str], post: dict[str, tuple],
-                          r: torch.Tensor) -> tuple[dict[str, torch.Tensor | None], set[str], list[str]]:
-    """Per post-norm (by its gain's name), what its writers are made orthogonal to (its gain ⊙ r̂, normalized, from
-    the gain read from the checkpoint; None: nothing to remove); the biases of centring post-norms, which lose their
-    r̂ part; and the post-norms whose form is unknown (their writers are made orthogonal to r̂: approximate)."""
-    forms = dict(post.values())
-    want = {g for g, f in forms.items() if f is not None}
+                          r: torch.Tensor) -> tuple[dict[tuple, torch.Tensor | None], set[str], list[str]]:
+    """Per chain of post-norms (by their gains' names, innermost first), what its writers are made orthogonal to:
+    from the outermost norm in, each gain ⊙ the direction, normalized, with the gains read from the checkpoint (None:
+    nothing to remove); the biases of single centring post-norms, which lose their r̂ part; and the post-norms whose
+    form is unknown, or that have a bias inside a chain of several (their writers are made orthogonal to r̂:
+    approximate)."""
+    chains = set(post.values())
+    want = {g for ch in chains for g, f in ch if f is not None}
     weights = _read_small(src, shards, weight_map, want)
     if want - set(weights):
         raise RefdirError(f"{src} has no tensor {sorted(want - set(weights))[0]}, a post-norm gain the model class "
                           "built from its config has")
-    dirs = {g: r if f is None else gain_basis(r, f.offset + weights[g].double(), f.centred) for g, f in forms.items()}
-    biases = {g.removesuffix("weight") + "bias" for g, f in forms.items() if f is not None and f.has_bias}
-    return dirs, biases, sorted(g.removesuffix(".weight") for g, f in forms.items() if f is None)
+    dirs: dict[tuple, torch.Tensor | None] = {}
+    for ch in chains:
+        known = known_chain([f for _g, f in ch])
+        dirs[ch] = chain_basis([(f.offset + weights[g].double(), f.centred) for g, f in ch], r) if known else r
+    biases = {ch[0][0].removesuffix("weight") + "bias" for ch in chains if len(ch) == 1 and ch[0][1] is not None
+              and ch[0][1].has_bias}
+    approximate = {g.removesuffix(".weight") for ch in chains if not known_chain([f for _g, f in ch]) for g, _f in ch}
+    return dirs, biases, sorted(approximate)
 
 
 def _table_key(name: str, table: dict[str, int]) -> str | None:
@@ -382,8 +382,10 @@ def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Pa
     for s in shards:  # every shard's offsets against its length, before anything is written
         stored |= read_header(src / s)[0].keys()
     config = load_config(src)  # never the checkpoint's own code
-    check_config(config)  # a model whose stream a weight edit cannot cover is refused before anything is written
-    table, emb_names, tied, d, post = _writer_table(config, stored)
+    # a model whose stream a weight edit cannot cover is refused before anything is written; the traced copy's
+    # post-norms serve the skeleton
+    layouts = check_config(config)
+    table, emb_names, tied, d, post = _writer_table(config, stored, layouts)
     found = {_table_key(n, table) for n in stored}
     if missing := sorted(set(table) - found):
         raise RefdirError(f"{src}: the checkpoint stores the residual writer {missing[0]} (and {len(missing) - 1} "
@@ -396,7 +398,7 @@ def stream_orthogonalize(src: str | Path, direction: torch.Tensor, out: str | Pa
     if approximate:
         warnings.warn(f"cannot tell how the post-norms {approximate[:3]} scale their output; there the weights are "
                       "made orthogonal to r, which only approximates removing r", stacklevel=2)
-    edit = _StreamEdit(r, table, emb_names, tied, d, {w: dirs[n] for w, (n, _f) in post.items()}, biases)
+    edit = _StreamEdit(r, table, emb_names, tied, d, {w: dirs[ch] for w, ch in post.items()}, biases)
     with atomic_dir(out, force=force) as tmp:
         for shard in tqdm(shards, desc="orthogonalize shards", disable=not progress):
             edit.rewrite(src, tmp, shard)

@@ -1,5 +1,5 @@
 """Post-norms: where a block normalizes its attention or MLP output before adding it to the residual stream
-(Gemma 2/3, OLMo 2), and the weight edit that still removes r from the stream exactly.
+(Gemma 2/3/4, OLMo 2), and the weight edit that still removes r from the stream exactly.
 
 A block with a post-norm writes ``n(y) = g ⊙ y / rms(y)`` (``y = W z`` the module's output), so
 ``n(y)·r = y·(g ⊙ r) / rms(y)``. Making ``W`` orthogonal to ``u = g ⊙ r / |g ⊙ r|`` (instead of to r) makes
@@ -7,6 +7,12 @@ A block with a post-norm writes ``n(y) = g ⊙ y / rms(y)`` (``y = W z`` the mod
 gain, ``g = 1 + w``. For a LayerNorm, ``n(y) = g ⊙ (y − mean(y)) / std(y) + β``: then ``u`` is ``g ⊙ r`` centred
 (``(y − mean(y))·v = y·(v − mean(v))``), and the bias loses its r component. The norm's scale ``1/rms(y)`` still
 changes, so the edited block's output is not the ablation hooks' output; only its r component is the same (0).
+
+Chains (Gemma 4): a module's output may pass several norms before the stream, e.g. ``n_f(n_1(y) + n_2(z))``. From
+the outermost norm in, each norm's output must avoid the direction of the level above it, so the writers of ``y``
+are made orthogonal to ``normalize(g_1 ⊙ normalize(g_f ⊙ r))`` (:func:`chain_basis`; :func:`under_chain` for the
+hooks' per-row directions); then ``n_1(y)`` and ``n_2(z)`` write nothing along ``g_f ⊙ r``, nor does their sum,
+and ``n_f``'s output nothing along r.
 
 A subspace (orthonormal basis B [k, d], rows b_i) generalises this exactly, for any k: ``B n(y) = M y / rms(y)``
 with ``M = B diag(g)`` (rows ``g ⊙ b_i``; centred for a centring norm), so ``B n(y) = 0`` for every input iff
@@ -18,7 +24,9 @@ Two ways to find post-norms without running the model:
 
 - :func:`static_post_norms` reads the block class's ``forward`` source (its data flow): a norm child called on a
   variable that holds the attention's (or MLP's) output, unchanged except through parameterless children such as
-  dropout, is that module's post-norm. This works on a skeleton built on the meta device from a config alone.
+  dropout, is that module's post-norm. This works on a skeleton built on the meta device from a config alone, but
+  finds one norm per primary module: streaming takes a traced narrow copy's chains instead
+  (:func:`refdir.core.architecture.post_layouts`), and this reading only where no copy could be built.
 - :func:`norm_form` tells how a norm module scales its output (RMS or centred, gain ``w`` or ``1 + w``, bias) by
   applying a copy of that one module, with synthetic parameters, to a fixed vector: no weights, no model forward.
 """
@@ -249,15 +257,44 @@ def under_post_norm(d: torch.Tensor, post: tuple[torch.Tensor, bool] | None) -> 
     return out.reshape(d.shape)
 
 
-def post_gain(bp, component: str) -> tuple[torch.Tensor, bool] | None:
-    """(gain, centred) of the post-norm over ``component``'s output in block ``bp`` (an architecture's
-    ``BlockParts``, not imported here: that module imports this one) (:func:`gain_of`); None without one."""
-    pn = bp.post_norm(component)
-    return None if pn is None else gain_of(pn)
+def known_chain(forms: list[NormForm | None]) -> bool:
+    """Whether a weight edit under these post-norms (innermost first) is exact: every form known, and a bias only on
+    a lone norm (a bias inside a chain of several adds to the sum what no writer's edit removes)."""
+    return all(f is not None and not (f.has_bias and len(forms) > 1) for f in forms)
+
+
+def chain_gains(bp, mod: nn.Module) -> list[tuple[torch.Tensor, bool]] | None:
+    """(gain, centred) of each post-norm between ``mod``'s output and the stream in block ``bp`` (an
+    architecture's ``BlockParts``, not imported here: that module imports this one), innermost first; [] without
+    one; None where :func:`known_chain` fails."""
+    chain = bp.chain(mod)
+    forms = [norm_form(n) for n in chain]
+    return [(norm_gain(n, f), f.centred) for n, f in zip(chain, forms, strict=True)] if known_chain(forms) else None
+
+
+def chain_basis(gains: list[tuple[torch.Tensor, bool]], r: torch.Tensor) -> torch.Tensor | None:
+    """What writers under post-norms of these gains (:func:`chain_gains`) are made orthogonal to, for a direction
+    or an orthonormal basis r: from the outermost norm in, the span of each gain ⊙ the rows so far
+    (:func:`gain_basis`); None when that vanishes (nothing to remove)."""
+    u = r
+    for gain, centred in reversed(gains):
+        u = gain_basis(u, gain.to(u.device), centred)
+        if u is None:
+            return None
+    return u
+
+
+def under_chain(d: torch.Tensor, gains: list[tuple[torch.Tensor, bool]] | None) -> torch.Tensor:
+    """The direction(s) ``d`` [d] or [K, d] as the writers under a chain of post-norms (:func:`chain_gains`) remove
+    them: from the outermost norm in, each norm's ``gain ⊙ d`` normalized (:func:`under_post_norm`); ``d`` itself
+    without post-norms (or of an unknown form: approximate)."""
+    for g in reversed(gains or []):
+        d = under_post_norm(d, g)
+    return d
 
 
 def edit_exact(arch) -> bool:
     """Whether a parameterised edit's weights compute what its hooks compute (:mod:`refdir.core.edits`): every
     post-norm found, and of a known form."""
     return arch.post_norms_known and all(
-        bp.post_norm(c) is None or post_gain(bp, c) is not None for bp in arch.blocks for c in COMPONENTS)
+        chain_gains(bp, m) is not None for bp in arch.blocks for c in COMPONENTS for m in bp.modules(c))

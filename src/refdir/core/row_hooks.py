@@ -29,14 +29,14 @@ class Rows:
 
     def gather(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The rows of ``t [K, ...]`` that the batch rows of ``x`` use, shaped to broadcast against ``x``
-        (``x [B, ..., n]``, or ``[B·T, n]`` for a block that flattens its tokens)."""
+        (``x [B, ..., n]``, or ``[B·T, n]`` / ``[B·T]`` for a block that flattens its tokens)."""
         g = self._g
         if g is None:
             raise RefdirError("several plans are hooked: call Rows.use(groups) before the forward pass")
         sel = t[g.to(t.device)]
         if x.shape[0] == g.numel():
             return sel.view(g.numel(), *([1] * (x.dim() - sel.dim())), *sel.shape[1:])
-        if x.dim() == 2 and x.shape[0] % g.numel() == 0:  # tokens flattened batch-major
+        if x.dim() <= 2 and x.shape[0] % g.numel() == 0:  # tokens flattened batch-major (Gemma 4's experts)
             return sel.repeat_interleave(x.shape[0] // g.numel(), dim=0)
         raise RefdirError(f"a hooked module saw {x.shape[0]} rows but {g.numel()} were assigned plans")
 

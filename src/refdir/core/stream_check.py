@@ -13,6 +13,7 @@ tolerances 0.05 and 1e-3 (NOTES.md).
 
 from __future__ import annotations
 
+import itertools
 import weakref
 
 import torch
@@ -25,8 +26,8 @@ from refdir.errors import RefdirError
 
 
 def trace_block(model: nn.Module, block, embeddings: list[tuple[str, nn.Embedding]]) -> None:
-    """Trace one tiny forward through ``block``: a norm whose input *is* the attention/MLP output is a post-norm
-    (set on ``block``). The same trace checks the stream's structure and the writers found (:func:`check_stream`,
+    """Trace one tiny forward through ``block``: a norm whose input *is* an attention/MLP module's output, or a
+    normed one, or the sum of such branches, is a post-norm of those modules (``block.post``). The same trace checks the stream's structure and the writers found (:func:`check_stream`,
     :func:`check_writers`), unless other hooks are open; ``embeddings``: check block 0's input against them."""
     seen: dict[str, torch.Tensor] = {}
     norm_io: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
@@ -62,14 +63,20 @@ def trace_block(model: nn.Module, block, embeddings: list[tuple[str, nn.Embeddin
         dev = next(model.parameters()).device
         with torch.no_grad():
             model(input_ids=torch.tensor([[1, 2, 3]], device=dev), use_cache=False)
-    written = {c: [seen.get(c if i == 0 else f"{c}+{i}") for i in range(len(block.modules(c)))]
-               for c in ("attn", "mlp")}
-    for mod, x, y in norm_io:
-        for key in ("attn", "mlp"):
-            a = seen.get(key)
-            if a is not None and x.shape == a.shape and (x is a or torch.equal(x, a)):
-                setattr(block, f"{key}_post_norm", mod)
-                written[key][0] = y
+    keys = {c: [c if i == 0 else f"{c}+{i}" for i in range(len(block.modules(c)))] for c in ("attn", "mlp")}
+    names = {k: block.child_name(m) for c in keys for k, m in zip(keys[c], block.modules(c), strict=True)}
+    ends = {k: seen[k] for ks in keys.values() for k in ks if k in seen}  # what each module's branch is so far
+    block.post = {}
+    for mod, x, y in norm_io:  # in call order, so a norm of a sum of normed branches comes after their norms
+        for k in _fed_by(x, ends):
+            block.post.setdefault(names[k], []).append(block.child_name(mod))
+            ends[k] = y
+    written: dict[str, list] = {c: [] for c in keys}  # each branch's end once (branches may share an outer norm)
+    for c, ks in keys.items():
+        for k in ks:
+            t = ends.get(k)
+            if t is not None and not any(t is o for w in written.values() for o in w):
+                written[c].append(t)
     embs = [seen[f"emb{i}"] for i in range(len(embeddings)) if f"emb{i}" in seen]
     if embs and "in" in seen:  # a per-token multiple only: the paper's block-input hooks need the embeddings' too
         misfit = embedding_misfit(seen["in"], embs, per_token=False)
@@ -78,6 +85,31 @@ def trace_block(model: nn.Module, block, embeddings: list[tuple[str, nn.Embeddin
         check_stream(block, seen, written, embs)
         check_writers(model, block, seen)
         _CHECKED[model].add(block.index)
+
+
+def _fed_by(x: torch.Tensor, ends: dict[str, torch.Tensor]) -> list[str]:
+    """The branches whose current ends a norm's input ``x`` is: one branch's (a post-norm of that module's output,
+    or of its normed output), or the sum of two or three branches' (Gemma 4 norms the sum of its normed MLP and
+    experts); [] for a norm of anything else (the stream: a pre-norm). Exact equality, or a sum equal up to the
+    order of addition; a branch returning [tokens, d] matches a [1, tokens, d] input."""
+    groups: list[tuple[list[str], torch.Tensor]] = []  # branches that share an end are one
+    for k, t in ends.items():
+        if t.numel() == x.numel():
+            g = next((g for g in groups if g[1] is t), None)
+            if g is None:
+                groups.append(([k], t))
+            else:
+                g[0].append(k)
+    for ks, t in groups:
+        if t is x or torch.equal(t.reshape(x.shape), x):
+            return ks
+    tol = 1e-5 if x.dtype in (torch.float32, torch.float64) else 1e-2
+    for n in (2, 3):
+        for combo in itertools.combinations(groups, n):
+            total = sum(t.reshape(x.shape).double() for _, t in combo)
+            if torch.allclose(total, x.double(), rtol=tol, atol=tol * float(x.abs().max())):
+                return [k for ks, _ in combo for k in ks]
+    return []
 
 
 # models (weakly held) whose blocks passed the checks: the structure of a loaded model does not change, and a run
@@ -96,8 +128,9 @@ def check_stream(block, seen: dict, written: dict, embs: list) -> None:
     against the norms involved."""
     x, y = seen.get("in"), seen.get("out")
     parts = [t for c in ("attn", "mlp") for t in written[c] if t is not None]  # a module not called writes nothing
-    if x is None or y is None or any(p.shape != y.shape for p in parts) or x.shape != y.shape:
+    if x is None or y is None or any(p.numel() != y.numel() for p in parts) or x.shape != y.shape:
         return  # nothing to compare (an unusual call signature): the checkpoint's verification still runs
+    parts = [p.reshape(y.shape) for p in parts]  # experts that return [tokens, d] (Gemma 4's)
     tol = STREAM_TOL.get(x.dtype, 0.05)
     cols = [t.detach().double().cpu().reshape(-1) for t in (x, *parts)]
     target = y.detach().double().cpu().reshape(-1)

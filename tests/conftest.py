@@ -46,6 +46,11 @@ EXACT_ARCHS = {
     "granitemoehybrid": dict(MAMBA_SMALL, layer_types=["mamba", "attention", "mamba"], mamba_expand=2),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
                   num_experts=4),  # attention and mamba layers are two classes
+    # one mixer per block (Nemotron-H): mamba, attention, an MLP or experts (here with a shared expert)
+    "nemotron_h": dict(head_dim=16, num_hidden_layers=4, mamba_num_heads=4, mamba_head_dim=32, n_groups=1,
+                       ssm_state_size=16, chunk_size=16, expand=2, n_routed_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, use_mamba_kernels=False,
+                       layers_block_type=["linear_attention", "full_attention", "mlp", "moe"]),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=48),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),

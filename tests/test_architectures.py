@@ -220,6 +220,16 @@ def test_a_stream_a_weight_edit_cannot_cover_is_refused(arch_name, why):
         check_config(model.config)  # the streamed path: a shrunk random model of the same class
 
 
+def test_a_model_that_reads_the_padding_is_refused():
+    """RecurrentGemma's recurrence reads left padding the attention mask hides (a padded row's logits differ from
+    the row alone by 0.42 relative): every batched figure would be off, so it is refused; refdir's own models pass."""
+    from refdir.errors import RefdirError
+
+    with pytest.raises(RefdirError, match="cannot run this architecture .* in batches: a left-padded row's logits"):
+        inspect_model(make_tiny("recurrent_gemma", VOCAB))
+    inspect_model(make_tiny("llama", VOCAB))
+
+
 @pytest.mark.parametrize("arch_name", ["llama", "gpt2", "qwen2_moe", "gemma2", "falcon_h1", "granitemoehybrid",
                                        "nanochat"])
 def test_the_stream_checks_pass_and_leave_the_weights_alone(arch_name):

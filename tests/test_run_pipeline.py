@@ -270,6 +270,23 @@ def test_a_rows_logits_do_not_depend_on_its_batchs_padding(tiny_tokenizer, arch)
         assert (batched - alone).abs().max() < 1e-4, (arch, shared)
 
 
+def test_linear_attention_takes_the_plain_path(tiny_tokenizer):
+    """Qwen3.5's ``linear_attn`` (gated delta net) keeps a recurrent state, not keys and values: its name says
+    attention, but the cache transformers builds from the config says otherwise, and the shared-prefix path (which
+    copies a prefix's cache across the batch) crashed on it. It now takes the plain path."""
+    from refdir.core.architecture import attention_only
+    from refdir.core.generation import generate
+
+    model = make_tiny("qwen3_5_text", len(tiny_tokenizer), head_dim=16, num_hidden_layers=4)
+    assert not attention_only(model) and attention_only(make_tiny("qwen2", len(tiny_tokenizer)))
+    fmt = ChatFormat(tiny_tokenizer, system="You are a helpful assistant.")
+    prompts = ["Explain tides", "Hi"]
+    alone = [generate(model, fmt, [p], max_new_tokens=3, batch_size=1, progress=False, return_ids=True)[0]
+             for p in prompts]
+    assert generate(model, fmt, prompts, max_new_tokens=3, batch_size=2, progress=False, return_ids=True,
+                    shared_prefix=True) == alone
+
+
 @pytest.mark.parametrize("arch", ["mistral", "gemma3_text", "gemma4_text"])
 def test_prompts_longer_than_the_sliding_window_take_the_plain_path(tiny_tokenizer, arch):
     """The shared-prefix layout pads between the prefix and each row's tokens; a sliding window counts that padding

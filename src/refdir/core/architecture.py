@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 from transformers.pytorch_utils import Conv1D
 
 from refdir.core.postnorm import is_norm, static_post_norms
-from refdir.core.stream_check import trace_block
+from refdir.core.stream_check import check_padding, trace_block
 from refdir.errors import RefdirError
 
 _ATTN_WORDS = ("attn", "attention")
@@ -68,8 +69,10 @@ class BlockParts:
     mlp_extra: list[nn.Module] = field(default_factory=list)
 
     def modules(self, component: str) -> list[nn.Module]:
-        """The modules of the token-mixing (``"attn"``) or the MLP (``"mlp"``) component."""
-        return [self.attn, *self.attn_extra] if component == "attn" else [self.mlp, *self.mlp_extra]
+        """The modules of the token-mixing (``"attn"``) or the MLP (``"mlp"``) component (none where a block has
+        only the other: Nemotron-H's blocks hold one mixer each, a mamba mixer, attention, an MLP or experts)."""
+        mods = [self.attn, *self.attn_extra] if component == "attn" else [self.mlp, *self.mlp_extra]
+        return [m for m in mods if m is not None]
 
     def outs(self, component: str) -> list[nn.Module]:
         """The modules whose outputs the component adds to the stream: each module's outermost post-norm, or the
@@ -92,9 +95,10 @@ class BlockParts:
         return [w for w in self.writers if id(w.module) in ids]
 
     def attention(self) -> nn.Module | None:
-        """The token mixer that is attention (by its name), None in a block that mixes by a mamba mixer only."""
-        return next((m for m in self.modules("attn") if any(w in self.child_name(m).lower() for w in _ATTN_WORDS)),
-                    None)
+        """The token mixer that is attention (by its name, or its class's where the name is a generic ``mixer``),
+        None in a block that mixes by a mamba mixer only."""
+        return next((m for m in self.modules("attn") if any(
+            w in self.child_name(m).lower() or w in type(m).__name__.lower() for w in _ATTN_WORDS)), None)
 
     def component_writers(self, component: str) -> list[Writer]:
         """The writers inside the token mixers (``"attn"``) or the MLPs (``"mlp"``)."""
@@ -218,7 +222,10 @@ def _linear_writers(name: str, lin: nn.Module) -> list[Writer]:
     return out
 
 
-_MIXER_WORDS = (*_ATTN_WORDS, "mamba", "mixer", "ssm", "conv", "recurrent")  # children that mix tokens
+_MIXER_WORDS = (*_ATTN_WORDS, "mamba", "mixer", "ssm", "conv", "recurrent", "temporal")  # children that mix tokens
+# a child named like a mixer (Nemotron-H's "mixer") whose class *ends* in an MLP role is an MLP (a family prefix
+# such as JetMoe or GraniteMoe does not count)
+_MLP_CLASS_SUFFIXES = ("mlp", "moe", "experts", "feedforward", "ffn")
 
 
 def _split_block(block: nn.Module, d: int) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]]]:
@@ -232,7 +239,8 @@ def _split_block(block: nn.Module, d: int) -> tuple[list[tuple[str, nn.Module]],
         lname = name.lower()
         if not (_d_linears(child, d) or any(p.dim() == 3 for p in child.parameters())):
             continue
-        if any(w in lname for w in _MIXER_WORDS):
+        mlp_class = type(child).__name__.lower().endswith(_MLP_CLASS_SUFFIXES)
+        if any(w in lname for w in _ATTN_WORDS) or (any(w in lname for w in _MIXER_WORDS) and not mlp_class):
             if "cross" in lname or "encoder" in lname:
                 continue  # attention over an encoder's states: not called in a decoder-only forward
             mixers.append((name, child))
@@ -314,10 +322,10 @@ def inspect_model(model: nn.Module, trace: bool = True, layouts: dict | None = N
     parts: list[BlockParts] = []
     for i, blk in enumerate(blocks):
         mixers, mlps = _split_block(blk, d)
-        if not mixers or not mlps:
+        if not mixers and not mlps:
             raise _fail(model, f"the attention and MLP modules of block {i} ({type(blk).__name__})")
-        bp = BlockParts(i, blk, mixers[0][1], mlps[0][1], attn_extra=[m for _, m in mixers[1:]],
-                        mlp_extra=[m for _, m in mlps[1:]])
+        bp = BlockParts(i, blk, mixers[0][1] if mixers else None, mlps[0][1] if mlps else None,
+                        attn_extra=[m for _, m in mixers[1:]], mlp_extra=[m for _, m in mlps[1:]])
         pre = f"{blocks_path}.{i}"
         bp.writers = [w for n, m in mixers for w in _module_writers(f"{pre}.{n}", m, d, mlp=False)] + [
             w for n, m in mlps for w in _module_writers(f"{pre}.{n}", m, d, mlp=True)]
@@ -344,7 +352,7 @@ def inspect_model(model: nn.Module, trace: bool = True, layouts: dict | None = N
                 bp.post = {k: list(v) for k, v in layouts[layout_key(bp.block)].items()}
         else:
             mixers, mlps = _split_block(blocks[0], d)
-            _static_post_norms(arch, mixers[0][0], mlps[0][0])
+            _static_post_norms(arch, mixers[0][0] if mixers else None, mlps[0][0] if mlps else None)
         return arch
     traced: dict[tuple, BlockParts] = {}  # one traced block per layout (hybrid models alternate mixers)
     for bp in parts:
@@ -354,6 +362,7 @@ def inspect_model(model: nn.Module, trace: bool = True, layouts: dict | None = N
             traced[key] = bp
         else:  # the same child names: the same post-norms
             bp.post = {k: list(v) for k, v in traced[key].post.items()}
+    check_padding(model, takes_position_ids(model))
     return arch
 
 
@@ -368,7 +377,7 @@ def post_layouts(arch: Architecture) -> dict[tuple, dict[str, list[str]]]:
     return {layout_key(bp.block): bp.post for bp in arch.blocks}
 
 
-def _static_post_norms(arch: Architecture, attn_name: str, mlp_name: str) -> None:
+def _static_post_norms(arch: Architecture, attn_name: str | None, mlp_name: str | None) -> None:
     """Set every block's post-norms from the first block's ``forward`` source (no forward pass; one post-norm per
     primary module at most: a traced copy's layouts are preferred)."""
     names, b0 = static_post_norms(arch.blocks[0].block, attn_name, mlp_name), arch.blocks[0]
@@ -399,10 +408,17 @@ _ATTENTION_ONLY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def attention_only(model: nn.Module) -> bool:
     """Whether every token mixer is attention, so that a prefix's KV cache can be copied across a batch (a mamba
-    mixer's state cache cannot: hybrid models take the plain path). Cached per model."""
+    mixer's state cache cannot: hybrid models take the plain path): by the module tree, and by the cache layers
+    transformers builds from the config (Qwen3.5's and Qwen3-Next's ``linear_attn`` holds a recurrent state, not
+    keys and values). Cached per model."""
     if model not in _ATTENTION_ONLY:
         arch = inspect_model(model, trace=False)  # no forward pass: callers may have row hooks open
-        _ATTENTION_ONLY[model] = all(bp.modules("attn") == [bp.attention()] for bp in arch.blocks)
+        try:
+            layers = DynamicCache(config=model.config).layers
+        except Exception:  # noqa: BLE001 - a config the cache cannot read: the module tree decides
+            layers = []
+        _ATTENTION_ONLY[model] = all(m is bp.attention() for bp in arch.blocks for m in bp.modules("attn")) and all(
+            type(c).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for c in layers)
     return _ATTENTION_ONLY[model]
 
 

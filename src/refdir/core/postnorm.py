@@ -99,9 +99,10 @@ def _statements(func: ast.FunctionDef) -> list[ast.stmt]:
     return out
 
 
-def static_post_norms(block: nn.Module, attn_name: str, mlp_name: str) -> dict[str, str | None] | None:
+def static_post_norms(block: nn.Module, attn_name: str | None, mlp_name: str | None) -> dict[str, str | None] | None:
     """``{"attn": child name or None, "mlp": ...}``: the post-norms of ``block``, read from its class's
-    ``forward`` source. None when the source cannot be read or does not call both modules."""
+    ``forward`` source. None when the source cannot be read or does not call every module named (a block may have
+    one component only: None for the other)."""
     try:
         src = textwrap.dedent(inspect.getsource(inspect.unwrap(type(block).forward)))
         func = ast.parse(src).body[0]
@@ -110,7 +111,7 @@ def static_post_norms(block: nn.Module, attn_name: str, mlp_name: str) -> dict[s
     children = dict(block.named_children())
     norms = {n for n, c in children.items() if is_norm(c)}
     passthrough = {n for n, c in children.items() if n not in norms and not any(True for _ in c.parameters())}
-    label = {attn_name: "attn", mlp_name: "mlp"}
+    label = {n: c for c, n in (("attn", attn_name), ("mlp", mlp_name)) if n is not None}
     origin: dict[str, str] = {}  # variable -> the module whose output it holds, unchanged
     found: dict[str, str | None] = {"attn": None, "mlp": None}
     called: set[str] = set()
@@ -136,7 +137,7 @@ def static_post_norms(block: nn.Module, attn_name: str, mlp_name: str) -> dict[s
             origin.pop(name, None)
         if first is not None and new is not None:
             origin[first] = new
-    if called != set(COMPONENTS):
+    if called != set(label.values()):
         return None
     return found
 

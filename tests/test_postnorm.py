@@ -37,13 +37,14 @@ from refdir.core.projection import project_along
 VOCAB = 128
 TOL = 1e-5
 TOL_F16 = 2.0**-11  # fp16's unit roundoff
-GGUF_ARCH = {"gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2", "gemma4_text": "gemma4"}
+GGUF_ARCH = {"gemma2": "gemma2", "gemma3_text": "gemma3", "olmo2": "olmo2", "gemma4_text": "gemma4", "afmoe": "afmoe"}
 # llama.cpp's role names of the writing modules (by child name) and of the norms
 GGUF_WRITER = {"self_attn": "attn_output", "mlp": "ffn_down", "experts": "ffn_down_exps", "per_layer_projection": "proj"}
 GGUF_NORM = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
              "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
              "post_feedforward_layernorm_1": "post_ffw_norm_1", "post_feedforward_layernorm_2": "post_ffw_norm_2",
-             "post_per_layer_input_norm": "post_norm"}
+             "post_per_layer_input_norm": "post_norm", "pre_mlp_layernorm": "ffn_norm",
+             "post_mlp_layernorm": "post_ffw_norm"}
 
 
 def _direction(d: int, seed: int = 3) -> torch.Tensor:
@@ -84,7 +85,8 @@ def test_norm_form_reads_gain_offset_centring_and_bias():
 
     forms = {a: norm_form(attn_post(a)) for a in POSTNORM_ARCHS}
     assert forms == {"gemma2": NormForm(False, 1.0, False), "gemma3_text": NormForm(False, 1.0, False),
-                     "olmo2": NormForm(False, 0.0, False), "gemma4_text": NormForm(False, 0.0, False)}
+                     "olmo2": NormForm(False, 0.0, False), "gemma4_text": NormForm(False, 0.0, False),
+                     "afmoe": NormForm(False, 0.0, False)}
     assert norm_form(nn.LayerNorm(16)) == NormForm(True, 0.0, True)
     assert norm_form(nn.LayerNorm(16, bias=False)) == NormForm(True, 0.0, False)
     with torch.device("meta"):
@@ -158,7 +160,9 @@ def _writers(bp) -> list[tuple[str, torch.Tensor]]:
     for mod in (m for c in ("attn", "mlp") for m in bp.modules(c)):
         for wr in bp.writers_of(mod):
             t = getattr(wr.module, wr.param)
-            out.append((f"blk.{bp.index}.{GGUF_WRITER[bp.child_name(mod)]}.{'bias' if t.dim() == 1 else 'weight'}", t))
+            role = ("ffn_down_shexp" if "shared_expert" in wr.name else "ffn_down_exps" if ".experts." in wr.name
+                    else GGUF_WRITER[bp.child_name(mod)])  # a MoE block's shared and routed experts (AfMoE)
+            out.append((f"blk.{bp.index}.{role}.{'bias' if t.dim() == 1 else 'weight'}", t))
     return out
 
 

@@ -271,8 +271,9 @@ def _module_writers(prefix: str, mod: nn.Module, d: int, mlp: bool) -> list[Writ
         if _out_features(m) is not None:
             parent = n.rsplit(".", 1)[0] if "." in n else ""
             groups.setdefault(parent, []).append((n, m))
-    for _parent, lins in groups.items():
-        douts = [(n, m) for n, m in lins if _out_features(m) == d]
+    for _parent, lins in groups.items():  # a router's scores are not a write, even when there are d experts
+        douts = [(n, m) for n, m in lins if _out_features(m) == d and not any(
+            "router" in part or part == "gate" for part in n.split("."))]
         if not douts:
             continue
         n, lin = douts[-1]

@@ -202,6 +202,7 @@ UNCOVERED = [
     ("bloom", "not a multiple of what its embeddings write"),  # a normed embedding; attention adds the residual
     ("jetmoe", "attn module of block 0 .* still writes"),  # attention experts held as bare tensors
     ("trocr", "adds more to the residual stream"),  # post-LN; its cross-attention is not called decoder-only
+    ("gpt_neox_japanese", "block 2 .* adds more to the residual stream"),  # the last block's attention bias
 ]
 
 

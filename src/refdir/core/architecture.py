@@ -368,8 +368,10 @@ def inspect_model(model: nn.Module, trace: bool = True, layouts: dict | None = N
 
 
 def layout_key(block: nn.Module) -> tuple:
-    """A block's layout: its children's names and classes (hybrid models alternate two or more)."""
-    return tuple((n, type(c).__name__) for n, c in block.named_children())
+    """A block's layout: its children's names and classes (hybrid models alternate two or more), and its parameters'
+    names (GPT-NeoX-Japanese's last block alone has an attention bias added outside its output projection)."""
+    return (tuple((n, type(c).__name__) for n, c in block.named_children()),
+            tuple(n for n, _ in block.named_parameters()))
 
 
 def post_layouts(arch: Architecture) -> dict[tuple, dict[str, list[str]]]:

@@ -51,6 +51,10 @@ EXACT_ARCHS = {
                        ssm_state_size=16, chunk_size=16, expand=2, n_routed_experts=4, num_experts_per_tok=2,
                        moe_intermediate_size=32, moe_shared_expert_intermediate_size=48, use_mamba_kernels=False,
                        layers_block_type=["linear_attention", "full_attention", "mlp", "moe"]),
+    # multi-head latent attention, a dense first block, then routed experts beside a shared one (DeepSeek-V3, Kimi K2)
+    "deepseek_v3": dict(q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        head_dim=8, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=48),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),

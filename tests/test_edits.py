@@ -30,7 +30,7 @@ VOCAB = 128
 # pre-norm architectures with plain linears (biases in starcoder2 / gpt_neox / phi3-style fused projections)
 LINEAR_ARCHS = ["llama", "qwen2", "gemma", "phi3", "starcoder2", "gpt_neox", "cohere", "gpt2", "falcon_h1", "bamba",
                 "nanochat"]
-MOE_ARCHS = ["qwen2_moe", "mixtral", "granitemoehybrid", "jamba"]
+MOE_ARCHS = ["qwen2_moe", "mixtral", "granitemoehybrid", "jamba", "deepseek_v3"]
 
 
 def _cands(n_layers: int, d: int, seed: int = 5) -> Candidates:

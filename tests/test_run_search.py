@@ -90,7 +90,7 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
             in report
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "granitemoehybrid", "nanochat", "gemma4_text", "nemotron_h"])
+@pytest.mark.parametrize("arch", ["gpt2", "granitemoehybrid", "nanochat", "gemma4_text", "nemotron_h", "deepseek_v3"])
 def test_a_whole_run_on_other_layouts_checkpoints_what_it_measured(tiny_tokenizer, tmp_path, arch):
     """GPT-2 (Conv1D writers, learned positions), a Granite 4.0 hybrid (mamba or attention per layer, a shared
     MLP beside fused experts), nanochat (a parameter-free norm on the embedding, the same module as the final

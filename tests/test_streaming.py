@@ -20,7 +20,7 @@ VOCAB = 128
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "gemma", "qwen2_moe", "starcoder2", "gpt2", "falcon_h1",
-                                       "granitemoehybrid", "nanochat"])
+                                       "granitemoehybrid", "nanochat", "deepseek_v3"])
 def test_streamed_checkpoint_equals_ablation(arch_name, tmp_path):
     model = make_tiny(arch_name, VOCAB)
     src = tmp_path / "src"

@@ -2,8 +2,9 @@
 
 A weight edit removes a direction from every parameter that writes to the residual stream. That removes it from the
 stream only when the stream is the sum of what those parameters write. Models where it is not: a per-channel
-residual scale, an attention module that adds the residual itself, a fixed sinusoidal position signal or a norm with weights between the embedding and the first block, or a writer
-that is not a linear layer (attention experts held as bare tensors). For those refdir would write a checkpoint that
+residual scale, an attention module that adds the residual itself, a fixed sinusoidal position signal or a norm
+with weights between the embedding and the first block, or a writer that is not a linear layer (attention experts
+held as bare tensors). For those refdir would write a checkpoint that
 does not compute the edit it measured, so they are refused with an ``error:`` line instead. Measured on the three
 real models the tests use, the margins are wide: relative differences ~1e-3 in bf16 and ~3e-8 in fp32 against the
 tolerances 0.05 and 1e-3 (NOTES.md).
@@ -27,8 +28,9 @@ from refdir.errors import RefdirError
 
 def trace_block(model: nn.Module, block, embeddings: list[tuple[str, nn.Embedding]]) -> None:
     """Trace one tiny forward through ``block``: a norm whose input *is* an attention/MLP module's output, or a
-    normed one, or the sum of such branches, is a post-norm of those modules (``block.post``). The same trace checks the stream's structure and the writers found (:func:`check_stream`,
-    :func:`check_writers`), unless other hooks are open; ``embeddings``: check block 0's input against them."""
+    normed one, or the sum of such branches, is a post-norm of those modules (``block.post``). The same trace
+    checks the stream's structure and the writers found (:func:`check_stream`, :func:`check_writers`), unless other
+    hooks are open; ``embeddings``: check block 0's input against them (and record a per-token rescale)."""
     seen: dict[str, torch.Tensor] = {}
     norm_io: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
     hooks = []
@@ -125,6 +127,7 @@ def check_padding(model: nn.Module, position_ids: bool) -> None:
     ids = torch.tensor([[5, 6, 7, 8]], device=dev)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1]], device=dev)
     extra = {"position_ids": (mask.cumsum(-1) - 1).clamp_min(0)} if position_ids else {}
+
     def last(out) -> torch.Tensor:
         return getattr(out, "logits", out)[0, -1].double()  # a hand-built decoder may return the logits themselves
 

@@ -66,7 +66,9 @@ POSTNORM_ARCHS = {
     "gemma2": {"head_dim": 16},
     "gemma3_text": {"head_dim": 16},
     "olmo2": {},
-    "afmoe": {},  # Arcee's AFM: post-norms, gated attention, MoE whose router has d outputs at this size (64 experts)
+    # Arcee's AFM: post-norms; its attention's gate over the heads and its router (64 experts) have d outputs here,
+    # as the gate does in the real models (heads · head_dim = d)
+    "afmoe": {"head_dim": 16},
     # Gemma 4 with both of its extra branches: a MoE block (the MLP's and the experts' outputs normed each, then
     # their sum: chains of two post-norms) and the per-layer-input branch (normed before it is added)
     "gemma4_text": dict(head_dim=16, global_head_dim=16, vocab_size_per_layer_input=512,

@@ -257,8 +257,8 @@ def _module_writers(prefix: str, mod: nn.Module, d: int, mlp: bool) -> list[Writ
     last registered 3-D expert tensor (fused experts), whose d_model axis is its output axis.
     """
     writers: list[Writer] = []
-    if not mlp:
-        lins = _d_linears(mod, d)
+    if not mlp:  # a gate over the heads (AfMoE's gate_proj, d → heads·head_dim = d) comes later but writes nothing
+        lins = [(n, m) for n, m in _d_linears(mod, d) if "gate" not in n.rsplit(".", 1)[-1]]
         if not lins:
             return writers
         n, lin = lins[-1]

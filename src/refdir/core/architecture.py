@@ -89,9 +89,9 @@ class BlockParts:
         empty where it writes its output itself."""
         return [getattr(self.block, n) for n in self.post.get(self.child_name(mod), [])]
 
-    def writers_of(self, mod: nn.Module) -> list[Writer]:
-        """The writers inside ``mod``."""
-        ids = {id(m) for m in mod.modules()}
+    def writers_of(self, *mods: nn.Module) -> list[Writer]:
+        """The writers inside ``mods``."""
+        ids = {id(m) for mod in mods for m in mod.modules()}
         return [w for w in self.writers if id(w.module) in ids]
 
     def attention(self) -> nn.Module | None:
@@ -102,13 +102,11 @@ class BlockParts:
 
     def component_writers(self, component: str) -> list[Writer]:
         """The writers inside the token mixers (``"attn"``) or the MLPs (``"mlp"``)."""
-        mods = {id(m) for mod in self.modules(component) for m in mod.modules()}
-        return [w for w in self.writers if id(w.module) in mods]
+        return self.writers_of(*self.modules(component))
 
     def child_name(self, mod: nn.Module) -> str:
         """The attribute name of a direct child of the block."""
         return next(n for n, c in self.block.named_children() if c is mod)
-
 
 
 @dataclass

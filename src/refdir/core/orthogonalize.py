@@ -197,12 +197,15 @@ def _post_norm_directions(src: Path, shards: list[str], weight_map: dict[str, st
         raise RefdirError(f"{src} has no tensor {sorted(want - set(weights))[0]}, a post-norm gain the model class "
                           "built from its config has")
     dirs: dict[tuple, torch.Tensor | None] = {}
+    biases, approximate = set(), set()
     for ch in chains:
-        known = known_chain([f for _g, f in ch])
-        dirs[ch] = chain_basis([(f.offset + weights[g].double(), f.centred) for g, f in ch], r) if known else r
-    biases = {ch[0][0].removesuffix("weight") + "bias" for ch in chains if len(ch) == 1 and ch[0][1] is not None
-              and ch[0][1].has_bias}
-    approximate = {g.removesuffix(".weight") for ch in chains if not known_chain([f for _g, f in ch]) for g, _f in ch}
+        if not known_chain([f for _g, f in ch]):
+            dirs[ch] = r
+            approximate |= {g.removesuffix(".weight") for g, _f in ch}
+            continue
+        dirs[ch] = chain_basis([(f.offset + weights[g].double(), f.centred) for g, f in ch], r)
+        if len(ch) == 1 and ch[0][1].has_bias:
+            biases.add(ch[0][0].removesuffix("weight") + "bias")
     return dirs, biases, sorted(approximate)
 
 

@@ -235,15 +235,8 @@ def norm_gain(norm: nn.Module, form: NormForm) -> torch.Tensor:
     return form.offset + norm.weight.detach().to(torch.float64)
 
 
-def gain_of(norm: nn.Module) -> tuple[torch.Tensor, bool] | None:
-    """(gain, centred) of a post-norm; None for a norm of a form :func:`norm_form` does not know (an edit there is
-    made after the norm, approximately)."""
-    form = norm_form(norm)
-    return None if form is None else (norm_gain(norm, form), form.centred)
-
-
 def under_post_norm(d: torch.Tensor, post: tuple[torch.Tensor, bool] | None) -> torch.Tensor:
-    """The direction(s) ``d`` [d] or [K, d] as the writers under a post-norm of gain ``post`` (:func:`gain_of`)
+    """The direction(s) ``d`` [d] or [K, d] as the writers under a post-norm of gain ``post`` (one of :func:`chain_gains`)
     remove them: ``gain ⊙ d`` normalized (:func:`gain_direction`; float64, a zero row where the norm cannot write
     along it); ``d`` itself without a post-norm."""
     if post is None:

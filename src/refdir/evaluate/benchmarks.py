@@ -12,6 +12,7 @@ Needs the ``eval`` extra (``pip install 'refdir[eval]'``).
 from __future__ import annotations
 
 import gc
+import logging
 import math
 import time
 from pathlib import Path
@@ -63,8 +64,8 @@ def task_manager(include_path: str | Path | None = None, include_defaults: bool 
         raise RefdirError(f"--include-path {include_path} is not a directory")
     if not include_defaults and include_path is None:
         raise RefdirError("without lm-eval's own tasks, give --include-path with task YAML files")
-    return TaskManager(verbosity="ERROR", include_path=str(include_path) if include_path else None,
-                       include_defaults=include_defaults)
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its index warns per unreadable YAML file
+    return TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
 
 
 def check_tasks(tm, tasks: list[str]) -> None:
@@ -80,10 +81,8 @@ def check_tasks(tm, tasks: list[str]) -> None:
 
 def load_tasks(tm, tasks: list[str]) -> dict:
     """Build the tasks (this fetches their data), turning a failed download into one clear error."""
-    from lm_eval.tasks import get_task_dict
-
     try:
-        return get_task_dict(tasks, tm)
+        return tm.load(tasks)
     except Exception as e:  # noqa: BLE001 - offline, gated or missing datasets surface as many exception types
         msg = str(e).splitlines()[0] if str(e) else ""
         raise RefdirError(f"could not get the data of lm-eval task(s) {', '.join(tasks)}: {type(e).__name__}: "

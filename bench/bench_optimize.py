@@ -57,7 +57,7 @@ def timing(ctx, s: OptimizeSettings, skip_cone: bool) -> torch.Tensor:
     print(f"targets the judge reads against their label: {off}; {'dropped' if s.judge_targets else 'kept'}",
           flush=True)
     targets = judged if s.judge_targets else targets
-    train, val, _ = train_sets(ctx, targets, "bench", s.config(1).topk, s.cache_file(ctx.rd, "base_topk.pt"))
+    train, val, _ = train_sets(ctx, targets, "bench", s.config(1).topk)
     t_targets = time.perf_counter() - t0
     print(f"phase 1, targets + base distributions: {t_targets:.1f} s ({train.sizes()} train, {val.sizes()} val), "
           f"peak RSS {peak_rss_gib():.2f} GiB", flush=True)

@@ -17,8 +17,7 @@ from refdir.cli.main import app
 from refdir.core.directions import Direction
 from refdir.core.rundir import RunDir
 from refdir.errors import RefdirError
-from refdir.method.search.study import lead_candidate, strongest
-from refdir.method.selection import max_layer
+from refdir.method.search.study import lead_candidate
 from refdir.method.uncertainty import count_text
 from refdir.workflows.search import SearchConfig, pareto_front, run_search
 
@@ -274,20 +273,6 @@ def test_warm_starts_give_every_direction_its_plain_ablation_first():
     assert out == [space.full_params(-1, 4.0, v, d) for v in ("plain", "projected", "norm") for d in ("dim", "rdo")]
 
 
-def test_an_optimized_direction_from_another_start_is_warm_started_there():
-    """The search's second RDO was trained from its strongest start, not the lead: it is warm-started as the strong
-    starts are, once, projected, at that candidate (where the variant reads the harmless mean), after the lead's
-    directions in every variant."""
-    from refdir.method.search import Space, warm_starts
-
-    table = [{"position": -1, "layer": 4, "bypass": -3.0, "kl": 0.05, "bypass_screen": -3.1},
-             {"position": -2, "layer": 6, "bypass": -5.0, "kl": 0.4, "bypass_screen": -6.0}]
-    space = Space([-1, -2], 10, 3.0, 8.0, 1.0, ["plain", "projected"], ("dim", "rdo", "rdo_strong"))
-    out = warm_starts(table, table[0], space, kl_max=0.1, top_k=0, strong_starts=0, origins={"rdo_strong": table[1]})
-    assert out[:5] == [*(space.full_params(-1, 4.0, v, d) for v in ("plain", "projected") for d in ("dim", "rdo")),
-                       space.full_params(-2, 6.0, "projected", "rdo_strong")]
-
-
 def test_refine_skips_sources_already_on_target():
     """A front point already within 10 % of a mark's aim does not use up a refinement slot: the next nearest is
     refined instead."""
@@ -409,21 +394,6 @@ def test_search_takes_an_optimized_direction_from_the_command_line(tmp_path, tin
     assert res["config"]["run"]["direction_method"] == "rdo"
     rdo = [t for t in res["trials"] if t["edit"].get("direction") == "rdo"]
     assert rdo and any(t["warm_start"] for t in rdo)
-    # and a second RDO from the strongest screened start (another candidate here), warm-started at its own
-    # position and layer, with caches of its own beside the first's
-    n = res["n_layers"]
-    lo, hi = max(1.0, res["config"]["min_layer_frac"] * n), max_layer(n, res["config"]["run"]["max_layer_frac"])
-    first = strongest(sel["table"], lo, hi)[0]
-    assert (first["position"], first["layer"]) != (lead["position"], lead["layer"])
-    r2 = Direction.load(rd.optimize_dir() / "rdo_strong.safetensors")
-    assert (r2.position, r2.layer) == (first["position"], first["layer"]) and r2.meta["source"] == "rdo"
-    assert abs(float(r2.unit() @ r.unit())) < 0.999
-    for f in ("rdo_strong_targets.json", "rdo_strong_base_topk.pt", "rdo_strong_k1.pt", "rdo_strong_summary.json",
-              "targets.json", "rdo_k1.pt"):
-        assert (rd.optimize_dir() / f).exists(), f
-    strong = [t for t in res["trials"] if t["edit"].get("direction") == "rdo_strong"]
-    assert any(t["warm_start"] and (t["edit"]["position"], t["edit"]["layer"]) == (r2.position, r2.layer)
-               for t in strong)
     again = CliRunner().invoke(app, [*args, "rdo"])  # the same study: nothing new to run
     assert again.exit_code == 0, again.output
     assert json.loads((rd.search_dir() / "summary.json").read_text())["trials"] == res["trials"]

@@ -78,9 +78,8 @@ BENCHMARKS = "benchmarks"
 ANALYSIS = "analysis"
 SECTIONS = "report_sections"
 OPTIMIZE = "optimize"
-RDO_STRONG = "rdo_strong"  # the search's second RDO, trained from its strongest screened start
-SOURCES = ("rdo", RDO_STRONG, "pca", "second")  # direction sources besides the candidates (the search's, and the
-# second direction of `refdir run`'s choice), saved in optimize/ by name
+SOURCES = ("rdo", "pca", "second")  # direction sources besides the candidates (the search's, and the second
+# direction of `refdir run`'s choice), saved in optimize/ by name
 
 # files inside the stage directories (written by refdir.workflows.stages, read by the readers below)
 SETS_FILE = "sets.json"
@@ -364,7 +363,7 @@ class RunDir:
         return Candidates.load(self.stage_dir(CANDIDATES))
 
     def source_path(self, name: str) -> Path:
-        """Where a search's direction source ``name`` (:data:`SOURCES`: rdo, rdo_strong, pca, second) is saved."""
+        """Where a search's direction source ``name`` (:data:`SOURCES`: rdo, pca, second) is saved."""
         return self.optimize_dir() / f"{name}.safetensors"
 
     def source(self, name: str) -> torch.Tensor | None:

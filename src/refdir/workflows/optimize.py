@@ -29,7 +29,7 @@ from refdir.core.generation import generate
 from refdir.core.html import figure_html, plt, table_html
 from refdir.core.interventions import ablate, add
 from refdir.core.io import atomic_file, atomic_write_json, check_file_target
-from refdir.core.rundir import RDO_STRONG, RunDir
+from refdir.core.rundir import RunDir
 from refdir.errors import RefdirError
 from refdir.method.optimize import LOSSES, OptimizeConfig, Optimized, Trainer, add_base_topk, orthonormal
 from refdir.method.optimize_data import Examples, TrainSet, shared_prefix
@@ -48,12 +48,9 @@ class OptimizeSettings:
     the analysis scores per k, and where the result goes. The defaults use 16-token targets on 16 + 4 prompts.
     ``judge_targets``: drop the compliant targets the judge reads as refusals and the refusal targets it reads as
     compliant (:func:`judged_targets`); off by default (every target, as the paper trains): on the default model
-    it left RDO at its start, no better on a development split (NOTES.md). ``source``: the optimize-directory name
-    an RDO direction is saved under, with its caches and summary (:data:`refdir.core.rundir.SOURCES`; the search
-    trains a second one from its strongest start as ``rdo_strong``)."""
+    it left RDO at its start, no better on a development split (NOTES.md)."""
 
     method: str = "rdo"
-    source: str = "rdo"
     k: int = 1
     train: OptimizeConfig = field(default_factory=OptimizeConfig)
     target_tokens: int = 16
@@ -68,8 +65,6 @@ class OptimizeSettings:
     def check(self) -> OptimizeSettings:
         if self.method not in METHODS:
             raise RefdirError(f"--method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        if self.method == "rdo" and self.source not in ("rdo", RDO_STRONG):
-            raise RefdirError(f"an RDO direction is saved as rdo or {RDO_STRONG}, not {self.source!r}")
         if self.method == "rdo" and self.k != 1:
             raise RefdirError("--k is the cone dimension: use it with --method cone (RDO trains one direction)")
         for name in ("target_tokens", "n_train", "n_val", "samples"):
@@ -89,19 +84,7 @@ class OptimizeSettings:
     def out_path(self, rd: RunDir) -> Path:
         if self.out is not None:
             return self.out.with_suffix(".safetensors")
-        return (rd.source_path(self.source) if self.method == "rdo"
-                else rd.optimize_dir() / f"cone_k{self.k}.safetensors")
-
-    @property
-    def name(self) -> str:
-        """The stem of this training's files in the optimize directory: ``rdo``, ``rdo_strong`` or ``cone``."""
-        return self.source if self.method == "rdo" else self.method
-
-    def cache_file(self, rd: RunDir, base: str) -> Path:
-        """A cache shared by the trainings of one start (targets, base distributions): ``base`` as it has always
-        been named for the run's own RDO and cones, prefixed with the source's name for another start's RDO."""
-        prefix = "" if self.method != "rdo" or self.source == "rdo" else f"{self.source}_"
-        return rd.optimize_dir() / f"{prefix}{base}"
+        return rd.source_path("rdo") if self.method == "rdo" else rd.optimize_dir() / f"cone_k{self.k}.safetensors"
 
 
 def _key(obj) -> str:
@@ -160,15 +143,15 @@ def open_context(run_dir: str | Path, s: OptimizeSettings, model: dict | None = 
     return Context(rd, lm, fmt, d, float(coeff), rd.refusal_ids(), prompts, float(cfg.get("induce_rel_frac", 0.5)))
 
 
-def rdo_direction(p, chosen: dict, run, progress: bool = True, source: str = "rdo") -> torch.Tensor:
+def rdo_direction(p, chosen: dict, run, progress: bool = True) -> torch.Tensor:
     """RDO as a stage of the search (``refdir run`` or ``refdir search`` with ``--direction-method rdo``): trained
-    with ``refdir optimize``'s defaults from the candidate ``chosen`` (position, layer: the one the search leads
-    with, or its strongest start for ``source`` ``rdo_strong``), on a prepared run ``p`` (a
+    with ``refdir optimize``'s defaults from the candidate the search leads with, ``chosen`` (position, layer: the
+    selection's choice, else the best scored candidate), on a prepared run ``p`` (a
     :class:`refdir.workflows.search.Prepared`), without the independence analysis; written where ``refdir
-    optimize`` writes it (under ``source``), with its summary and report section. Targets and training resume from
-    the optimize directory. The addition loss adds the difference in means itself (coefficient 1: the search path
-    fits no coefficient). Returns the direction [d]."""
-    s = OptimizeSettings(independence=False, source=source).check()
+    optimize`` writes it, with its summary and report section. Targets and training resume from the optimize
+    directory. The addition loss adds the difference in means itself (coefficient 1: the search path fits no
+    coefficient). Returns the direction [d]."""
+    s = OptimizeSettings(independence=False).check()
     prompts = {kind: {"train": p.filt["train"][kind][:s.n_train], "val": p.filt["val"][kind][:s.n_val]}
                for kind in ("harmful", "harmless")}
     if any(not v for sets in prompts.values() for v in sets.values()):
@@ -176,7 +159,7 @@ def rdo_direction(p, chosen: dict, run, progress: bool = True, source: str = "rd
     d = p.cands.get(chosen["position"], int(chosen["layer"]))
     ctx = Context(p.rd, p.m.lm, p.m.fmt, d, 1.0, p.ids, prompts, float(run.induce_rel_frac))
     _optimize(ctx, s, s.out_path(p.rd), progress)
-    return p.rd.source(source)
+    return p.rd.source("rdo")
 
 
 # ------------------------------------------------------------------------------------------------ targets
@@ -204,7 +187,7 @@ def cached_targets(ctx: Context, s: OptimizeSettings, progress: bool) -> tuple[d
     saved. Returns them with their key."""
     key = _key({"model": ctx.rd.config().get("model"), "direction": _tensor_key(ctx.direction.vector),
                 "layer": ctx.direction.layer, "coeff": ctx.coeff, "prompts": ctx.prompts, "n": s.target_tokens})
-    f = s.cache_file(ctx.rd, "targets.json")
+    f = ctx.rd.optimize_dir() / "targets.json"
     if f.exists():
         rec = json.loads(f.read_text())
         if rec.get("key") == key:
@@ -237,8 +220,8 @@ def judged_targets(ctx: Context, targets: dict) -> tuple[dict, dict]:
     return out, dropped
 
 
-def train_sets(ctx: Context, targets: dict, key: str, topk: int, f: Path) -> tuple[TrainSet, TrainSet, list[int]]:
-    """The train and val sets with the retain set's base distributions (cached in ``f``, next to the targets)."""
+def train_sets(ctx: Context, targets: dict, key: str, topk: int) -> tuple[TrainSet, TrainSet, list[int]]:
+    """The train and val sets with the retain set's base distributions (cached next to the targets)."""
     ids = {k: [ctx.fmt.prompt_ids(p) for sp in ("train", "val") for p in ctx.prompts[k][sp]]
            for k in ("harmful", "harmless")}
     nh, nl = len(ctx.prompts["harmful"]["train"]), len(ctx.prompts["harmless"]["train"])
@@ -250,6 +233,7 @@ def train_sets(ctx: Context, targets: dict, key: str, topk: int, f: Path) -> tup
 
     train, val = part(slice(0, nh), slice(0, nl)), part(slice(nh, None), slice(nl, None))
     prefix = shared_prefix([train, val])
+    f = ctx.rd.optimize_dir() / "base_topk.pt"
     rec = torch.load(f, weights_only=True) if f.exists() else {}
     if rec.get("key") == key and rec.get("topk") == topk:
         for name, ts in (("train", train), ("val", val)):
@@ -275,7 +259,7 @@ def train_k(ctx: Context, s: OptimizeSettings, k: int, init: torch.Tensor, sets:
     tr = Trainer(ctx.model, ctx.pad, init, ctx.direction.layer, ctx.scale, sets[0], sets[1], cfg)
     key = _key({"cfg": asdict(s.config(k)), "targets": targets_key, "init": _tensor_key(init), "scale": ctx.scale,
                 **({"judged": True} if s.judge_targets else {})})
-    f = ctx.rd.optimize_dir() / f"{s.name}_k{k}.pt"
+    f = ctx.rd.optimize_dir() / f"{s.method}_k{k}.pt"
     if f.exists():
         rec = torch.load(f, weights_only=True)
         if rec.get("key") == key:
@@ -356,8 +340,7 @@ def _optimize(ctx: Context, s: OptimizeSettings, out: Path, progress: bool) -> d
     t0 = time.perf_counter()
     targets, tkey = cached_targets(ctx, s, progress)
     judged, dropped = judged_targets(ctx, targets)  # the report says how many targets are not what they stand for
-    train, val, _ = train_sets(ctx, judged if s.judge_targets else targets, tkey, s.config(1).topk,
-                               s.cache_file(ctx.rd, "base_topk.pt"))
+    train, val, _ = train_sets(ctx, judged if s.judge_targets else targets, tkey, s.config(1).topk)
     t_targets = time.perf_counter() - t0
     base = {"harmful": mean_metric(ctx, ctx.prompts["harmful"]["val"]),
             "harmless": mean_metric(ctx, ctx.prompts["harmless"]["val"])}
@@ -399,9 +382,9 @@ def _write(ctx: Context, s: OptimizeSettings, out: Path, basis: torch.Tensor, su
         Direction(basis[0] * d.vector.norm(), d.layer, d.position, d.model_id, "raw", meta).save(out)
     else:
         Subspace(basis, d.layer, d.position, d.model_id, meta).save(out)
-    atomic_write_json(ctx.rd.optimize_dir() / f"{s.name}_summary.json", summary)
-    title = {"rdo": "Optimized refusal direction (RDO)", RDO_STRONG: "RDO from the search's strongest start"}
-    add_section(ctx.rd.path, f"optimize_{s.name}", report_html(summary), title.get(s.name, "Refusal cone"))
+    atomic_write_json(ctx.rd.optimize_dir() / f"{s.method}_summary.json", summary)
+    add_section(ctx.rd.path, f"optimize_{s.method}", report_html(summary),
+                "Optimized refusal direction (RDO)" if s.method == "rdo" else "Refusal cone")
 
 
 def plot_losses(per_k: list[dict]):

@@ -57,7 +57,6 @@ from refdir.method.search.study import (
     seed_study,
     select_warm_start,
     spent_seconds,
-    strongest,
     trial_counts,
     unrun_warm_starts,
     warm_starts,
@@ -217,11 +216,6 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
         return result
 
 
-def at(row: dict) -> tuple[int, int]:
-    """A selection row's candidate: (position, layer)."""
-    return row["position"], int(row["layer"])
-
-
 def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, confirm: tuple[list[str], list[str]],
                   *, trials: int = 20, budget: float | None = None, refine: int = 2, per_mark: int | None = None,
                   max_confirm: int = 0, confirm_plain: bool = False, confirm_extra: int = 0, calibrate: bool = True,
@@ -243,8 +237,6 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
         scfg = replace(run.selection_config(), min_layer=int(math.ceil(layer_lo)))
         table, chosen, lead = select_warm_start(lm.model, fmt, cands, val, p.ids, scfg,
                                                 sdir / rdl.SEARCH_SELECTION_FILE, progress, proxy.base_logits)
-    layer_hi = float(max_layer(L, run.max_layer_frac))
-    origins = {}
     if run.direction_method != "dim":
         if lead is None:
             raise RefdirError(f"--direction-method {run.direction_method}: the selection scored no candidate to "
@@ -253,24 +245,17 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
             v = (rdo_direction(p, lead, run, progress) if run.direction_method == "rdo"
                  else pca_source(p, lead, confirm[1], progress))
             p.cands = cands = cands.with_optimized(run.direction_method, v)
-            strong = next(iter(strongest(table, layer_lo, layer_hi)), None)
-            if run.direction_method == "rdo" and strong is not None and at(strong) != at(lead):
-                # a second RDO from the strongest start: trained from the lead, RDO stays near a direction whose
-                # full ablation the KL filter passed; the start that cuts refusal most, scaled down, is where the
-                # search's points under the KL target came from (NOTES.md)
-                origins[rdl.RDO_STRONG] = strong
-                v = rdo_direction(p, strong, run, progress, source=rdl.RDO_STRONG)
-                p.cands = cands = cands.with_optimized(rdl.RDO_STRONG, v)
     if p.m.load_s is not None:
         timings.add("load", p.m.load_s)
     hookable = hook_variants(inspect_model(p.m.lm.model))
     variants = [v for v in cfg.variants if v in hookable] or list(cfg.variants)
-    space = Space(list(cands.positions), L, layer_lo, layer_hi, cfg.max_strength, variants, (DIM, *cands.optimized))
+    space = Space(list(cands.positions), L, layer_lo, float(max_layer(L, run.max_layer_frac)), cfg.max_strength,
+                  variants, (DIM, *cands.optimized))
     study = open_study(sdir / "study.log", run.data.seed)
     band = kl_band(cfg.kl_marks)
     # at most `trials` of them: a warm start left queued would be taken by the next trial refinement asks for
-    warm = warm_starts(table, chosen, space, kl_max=run.kl_max, top_k=run.top_k, strong_starts=cfg.strong_starts,
-                       origins=origins)[:trials]
+    warm = warm_starts(table, chosen, space, kl_max=run.kl_max, top_k=run.top_k,
+                       strong_starts=cfg.strong_starts)[:trials]
     # those still to run (a resumed or extended search: the ones not in the study yet); the selection's scores
     # stand for a full edit's only where its ablation hooks are the edit's (not after post-norms: core/edits)
     known = [] if proxy.arch.has_post_norms else table
@@ -323,8 +308,7 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
     if f.exists():
         prev = json.loads(f.read_text())
         if prev.get("budget_s") is not None and prev["budget_s"] >= cfg.budget and "choice" in prev:
-            own = (cfg.direction_method, rdl.RDO_STRONG) if cfg.direction_method == "rdo" else (cfg.direction_method,)
-            for name in (*own, SECOND) if cfg.second_direction else own:
+            for name in (cfg.direction_method, SECOND) if cfg.second_direction else (cfg.direction_method,):
                 v = p.rd.source(name)
                 if v is not None:  # the eval and checkpoint stages resolve the chosen edit with it
                     p.cands = p.cands.with_optimized(name, v)

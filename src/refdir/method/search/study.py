@@ -143,17 +143,14 @@ def select_warm_start(model, fmt, cands: Candidates, val: dict, ids: list[int], 
 
 
 def warm_starts(table: list[dict], chosen: dict | None, space: Space, *, kl_max: float, top_k: int,
-                strong_starts: int, origins: dict[str, dict] | None = None) -> list[dict]:
+                strong_starts: int) -> list[dict]:
     """The selected direction at full strength (each variant of ``space``; so is each optimized direction of
     ``space.directions``, trained from the selected one; the plain variant of every direction first), then the next
     best fully scored candidates (by bypass, those with KL within twice the selection's limit ``kl_max`` first;
     ``3 + top_k`` starts at most so far, 3 more per optimized direction); with no selected direction the best scored
     candidate leads. Then the ``strong_starts`` candidates with the lowest screened bypass whatever their KL, at full
     strength in the projected variant: the paper's KL filter judges full-strength plain ablation, but the search
-    scales strength, and the directions that cut refusal most are the best ones to scale down. ``origins``: the
-    candidate an optimized direction was trained from where it is not the lead (the search's second RDO, from the
-    strongest start): that direction enters after the lead's, as the strong starts do, once, in the projected
-    variant at that candidate (where the variant reads the harmless mean)."""
+    scales strength, and the directions that cut refusal most are the best ones to scale down."""
     out = []
     scored = _scored(table, kl_max)
     lead = lead_candidate(table, chosen, kl_max)
@@ -163,35 +160,22 @@ def warm_starts(table: list[dict], chosen: dict | None, space: Space, *, kl_max:
         for v in ("plain", "projected", "norm"):
             if v in space.variants:
                 for direction in space.directions:
-                    if direction not in (origins or {}):
-                        out.append(space.full_params(lead["position"], float(lead["layer"]), v, direction))
-    for direction, at in (origins or {}).items():  # from a strong start: warm-started as the strong starts are
-        if direction in space.directions:
-            out.append(space.full_params(at["position"], float(at["layer"]), _strong_variant(space), direction))
-    n_strong = sum(1 for d in (origins or {}) if d in space.directions)
+                    out.append(space.full_params(lead["position"], float(lead["layer"]), v, direction))
     for r in scored:
-        if len(out) >= 3 * (len(space.directions) - n_strong) + n_strong + top_k:
+        if len(out) >= 3 * len(space.directions) + top_k:
             break
         if lead is not None and (r["position"], r["layer"]) == (lead["position"], lead["layer"]):
             continue
         if space.layer_lo <= r["layer"] <= space.layer_hi:
             out.append(space.full_params(r["position"], float(r["layer"]), "plain"))
-    for r in strongest(table, space.layer_lo, space.layer_hi)[:strong_starts]:
-        p = space.full_params(r["position"], float(r["layer"]), _strong_variant(space))
+    variant = "projected" if "projected" in space.variants else space.variants[0]
+    strong = sorted((r for r in table if math.isfinite(_screened(r)) and space.layer_lo <= r["layer"] <= space.layer_hi),
+                    key=_screened)
+    for r in strong[:strong_starts]:
+        p = space.full_params(r["position"], float(r["layer"]), variant)
         if p not in out:
             out.append(p)
     return out
-
-
-def _strong_variant(space: Space) -> str:
-    return "projected" if "projected" in space.variants else space.variants[0]
-
-
-def strongest(table: list[dict], layer_lo: float, layer_hi: float) -> list[dict]:
-    """The candidates in ``layer_lo..layer_hi``, lowest screened bypass first, whatever their KL: the strong starts
-    (:func:`warm_starts`), and the first of them the start of the search's second RDO."""
-    return sorted((r for r in table if math.isfinite(_screened(r)) and layer_lo <= r["layer"] <= layer_hi),
-                  key=_screened)
 
 
 def _scored(table: list[dict], kl_max: float) -> list[dict]:

@@ -170,6 +170,14 @@ SIMPLE = [
      lambda w, fx: ["extract", str(fx.nan), "--out", str(w / "x"), "--n-train", "4", "--dtype", "fp32"]),
     ("extract: fp16 overflow (huge weights, --dtype fp16)",
      lambda w, fx: ["extract", str(fx.huge), "--out", str(w / "x"), "--n-train", "4", "--dtype", "fp16"]),
+    ("run: an option value that does not parse (click's usage error)",
+     lambda w, fx: ["run", str(fx.model), "--out", str(w / "r"), *RUN_ARGS, "--budget", "soon"]),
+    ("run: an option that does not exist",
+     lambda w, fx: ["run", str(fx.model), "--out", str(w / "r"), *RUN_ARGS, "--kl-targt", "0.05"]),
+    ("analyze geometry: the run directory argument missing",
+     lambda w, fx: ["analyze", "geometry"]),
+    ("a command that does not exist",
+     lambda w, fx: ["orthogonalise", str(fx.model), str(w / "o")]),
     ("extract: --n-train 0",
      lambda w, fx: ["extract", str(fx.model), "--out", str(w / "x"), "--n-train", "0"]),
     ("extract: --device that does not exist",
@@ -601,6 +609,25 @@ def test_an_unexpected_error_prints_its_traceback_and_says_it_is_a_bug():
     r = CliRunner().invoke(a, ["x"])
     assert r.exit_code == 1 and "Traceback" in r.output and "ZeroDivisionError: a bug" in r.output
     assert "bug in refdir" in r.output.splitlines()[-1]
+
+
+def test_typer_exits_and_usage_errors_pass_through_the_error_path():
+    """A command that ends itself (typer.Exit) is not a bug; typer's usage errors reach the group, which says them
+    in one line; a group given no command prints its help."""
+    import typer
+
+    from refdir.cli.common import OneLineUsageErrors, one_error_line
+
+    def done(n: int = 0) -> None:
+        raise typer.Exit(n)
+
+    a = typer.Typer(cls=OneLineUsageErrors, no_args_is_help=True)
+    a.command("x")(one_error_line(done))
+    a.command("y")(lambda: None)
+    assert CliRunner().invoke(a, ["x", "--n", "3"]).exit_code == 3
+    r = CliRunner().invoke(a, ["x", "--n", "three"])
+    assert r.exit_code == 2 and r.output.startswith("error: Invalid value for '--n'") and len(r.output.splitlines()) == 1
+    assert "Usage:" in CliRunner().invoke(a, []).output
 
 
 def _raise_json():

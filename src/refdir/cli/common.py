@@ -12,17 +12,23 @@ import functools
 import inspect
 import json
 import os
+import sys
 import traceback
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
 
 console = Console(stderr=True)
+
+# click's exception classes as typer raises them: recent typer carries its own copy of click, whose classes are not
+# click's (older versions raise click's own). Where click has no NoArgsIsHelpError (before 8.2) nothing raises it.
+click_errors = sys.modules[typer.BadParameter.__module__]
+_NO_ARGS_IS_HELP = getattr(click_errors, "NoArgsIsHelpError", ())
 
 ModelArg = typer.Argument("default", help="'default' (embedded Qwen2.5-Coder-0.5B-Instruct), a .gguf file, a model "
                                           "dir or a hub id")
@@ -125,16 +131,41 @@ def bug(e: BaseException) -> None:
     raise typer.Exit(1)
 
 
+class OneLineUsageErrors(TyperGroup):
+    """The command group whose usage errors (an unknown option, an option value that does not parse, a missing
+    argument) end like every other bad input: one ``error: ...`` line naming the command's ``--help``, exit status
+    2, in place of click's usage box. ``refdir`` or a group given no command still prints its help."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP:
+            return super().main(args, prog_name, complete_var, standalone_mode=True, **extra)
+        except click_errors.UsageError as e:
+            where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+            typer.echo(f"error: {' '.join(e.format_message().split())}{where}", err=True)
+            raise SystemExit(2) from None
+        except click_errors.ClickException as e:
+            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            raise SystemExit(e.exit_code) from None
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            raise SystemExit(1) from None
+        raise SystemExit(rv if isinstance(rv, int) else 0)
+
+
 def one_error_line(command):
     """Wrap a command in the one error path: an expected failure (:func:`expected_errors`) ends it with one
     ``error: ...`` line and exit status 2, with no traceback; any other exception prints its traceback and says
-    it is a bug (exit status 1). click's own exits and usage errors pass through."""
+    it is a bug (exit status 1). typer's own exits and usage errors pass through (the group says usage errors)."""
 
     @functools.wraps(command)
     def wrapper(**kwargs):
         try:
             return command(**kwargs)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, click_errors.ClickException):
             raise
         except expected_errors() as e:
             if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "refdir":

@@ -12,10 +12,11 @@ import sys
 import typer
 
 from refdir.cli import analysis, evaluation, optimize, run, search, steering
-from refdir.cli.common import describe, expected_errors, one_error_line
+from refdir.cli.common import OneLineUsageErrors, describe, expected_errors, one_error_line
 from refdir.core.memory import tune_allocator
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="The refusal direction in chat language models.")
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True,
+                  help="The refusal direction in chat language models.")
 analyze_app = typer.Typer(no_args_is_help=True, help="Mechanistic analysis of a run's refusal direction (paper §5).")
 caa_app = typer.Typer(no_args_is_help=True, help="Contrastive Activation Addition: A/B steering vectors.")
 
@@ -53,7 +54,7 @@ app.add_typer(caa_app, name="caa")
 
 def main() -> None:  # pragma: no cover
     """The console script. Every command already ends through the one error path; what fails outside a command
-    ends the same way (click handles its own usage errors)."""
+    ends the same way (usage errors: :class:`refdir.cli.common.OneLineUsageErrors`)."""
     tune_allocator()
     try:
         app()

@@ -630,6 +630,36 @@ def test_typer_exits_and_usage_errors_pass_through_the_error_path():
     assert "Usage:" in CliRunner().invoke(a, []).output
 
 
+def test_an_unreachable_hub_is_refused_at_once(monkeypatch):
+    """Online (no HF_HUB_OFFLINE) but the hub's host name does not resolve: one refusal before any hub request
+    (huggingface_hub would retry each five times); behind a proxy the name is not looked up here."""
+    import socket
+
+    import transformers
+
+    from refdir.core import preflight
+
+    def no_dns(*_a, **_k):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def no_request(*_a, **_k):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    for v in preflight.PROXY_VARIABLES:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_request)
+    from refdir.errors import RefdirError
+
+    with pytest.raises(RefdirError, match=r"the hub \(huggingface.co\) cannot be reached: Name or service"):
+        preflight.check_model("refdir-tests/no-such-model", trust_remote_code=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    with pytest.raises(AssertionError, match="the hub was asked"):
+        preflight.check_model("refdir-tests/no-such-model", trust_remote_code=False)
+
+
 def _raise_json():
     json.loads("{")
 

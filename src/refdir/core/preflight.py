@@ -134,6 +134,35 @@ def _check_gguf(path: Path, need_template: bool) -> int | None:
     return int(ctx) if ctx else None
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _check_hub_reachable(model: str) -> None:
+    """Refuse at once a hub id that is in neither the hub cache nor reach: where the hub's host name does not
+    resolve (no network), huggingface_hub would retry each request five times with back-off (~25 s of warnings)
+    before the same failure. Skipped behind a proxy, which resolves names itself."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if any(os.environ.get(v) for v in PROXY_VARIABLES):
+        return
+    try:
+        if isinstance(try_to_load_from_cache(model, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id: the hub call below says so
+        return
+    host = urlparse(constants.ENDPOINT).hostname
+    if not host:
+        return
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError) as e:
+        raise RefdirError(f"model {model!r} is not a local path or in the hub cache, and the hub ({host}) cannot "
+                          f"be reached: {e.strerror or e}") from e
+
+
 def _check_hub(model: str, trust_remote_code: bool) -> int | None:
     """A hub id: its config, from the hub cache or (when online) the hub. Parsing it refuses unknown model types
     and, without ``trust_remote_code``, custom code."""
@@ -141,6 +170,8 @@ def _check_hub(model: str, trust_remote_code: bool) -> int | None:
 
     offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
                   for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    if not offline:
+        _check_hub_reachable(model)
     try:
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code, local_files_only=offline)
     except OSError as e:

@@ -87,7 +87,8 @@ def plot_refusal_bars(scores: dict, ckpt: dict | None) -> str:
         ax.text(i, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
     ax.set_xticks(range(len(vals)), labels, fontsize=8)
     ax.set_ylim(0, 1.1)
-    ax.set_ylabel("refusal score (test split)")
+    ax.set_ylabel("share of prompts refused")
+    ax.set_title("each bar: arm, set (test or held-out), prompts (red harmful, blue harmless)", fontsize=8)
     return figure_html(fig)
 
 

@@ -180,6 +180,22 @@ def test_reference_points_keep_the_model_they_were_measured_on(tmp_path):
     # the report's caption names every model once, escaped for HTML where asked; nothing where none is given
     assert reference_models(pts + more, html.escape) == ", on Model &lt;A&gt; and B"
     assert reference_models(more[1:]) == "" and reference_models(None) == ""
+    # drawn: the tool's front as one series in KL order, scaled from its 39 prompts to 78, one legend entry; the
+    # listed points each with their label, unscaled where they say no count
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from refdir.method.search.report import draw_reference
+
+    fig, ax = plt.subplots()
+    draw_reference(ax, pts + more, 78, 1e-4)
+    series = [ln for ln in ax.get_lines() if ln.get_label() == "other 1.0 (its front)"]
+    assert len(series) == 1 and list(series[0].get_xdata()) == [0.01, 0.06]
+    assert list(series[0].get_ydata()) == [18.0, 10.0]
+    assert sorted(a.get_text() for a in ax.texts) == ["", "x"] and len(ax.get_lines()) == 3
+    plt.close(fig)
 
 
 def test_front_picks_spread_along_the_front():

@@ -21,7 +21,7 @@ from refdir.core.html import (
 from refdir.core.io import atomic_write_text
 from refdir.core.rundir import RunDir
 from refdir.method.refusal_judge import marker
-from refdir.method.search.report import reference_models
+from refdir.method.search.report import draw_reference, reference_models
 from refdir.method.uncertainty import CONFIDENCE, count, mcnemar, rate_text, wilson
 
 
@@ -311,11 +311,7 @@ def plot_heldout(summ: dict) -> str:
         lo, hi = wilson(c, n)
         ax.errorbar([k], [c], yerr=[[c - lo * n], [hi * n - c]], fmt=mk, color=col, ms=10, capsize=3,
                     label=ARM_NAMES[arm])
-    for ref in summ.get("reference") or []:
-        rn = ref.get("n") or n or 1
-        ax.plot([max(ref["kl"], 1e-4)], [ref["refusals"] * (n or rn) / rn], "^", c="C0", ms=7)
-        ax.annotate(ref["label"], (max(ref["kl"], 1e-4), ref["refusals"] * (n or rn) / rn), fontsize=7, color="C0",
-                    xytext=(3, -9), textcoords="offset points")
+    draw_reference(ax, summ.get("reference"), n, 1e-4)
     ax.axvline(summ["choice"]["kl_target"], ls="--", c="0.6", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel(f"first-token KL on the {name} harmless prompts")

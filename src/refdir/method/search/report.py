@@ -28,15 +28,33 @@ def load_reference(path: str | Path) -> list[dict]:
         data = json.loads(p.read_text())
         if isinstance(data, dict) and isinstance(data.get("pareto_front"), list):
             tool, n, model = str(data.get("tool", p.stem)), data.get("n_bad_eval"), data.get("model")
-            data = [{**d, "label": f"{tool} #{d.get('trial', i)}", "n": n, "model": model}
+            data = [{**d, "label": f"{tool} #{d.get('trial', i)}", "n": n, "model": model, "tool": tool}
                     for i, d in enumerate(data["pareto_front"])]
         if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
             raise TypeError("not a list of objects")
         pts = [{"label": str(d.get("label", "")), "refusals": float(d["refusals"]), "kl": float(d["kl"]),
-                "n": d.get("n"), "model": None if d.get("model") is None else str(d["model"])} for d in data]
+                "n": d.get("n"), "model": None if d.get("model") is None else str(d["model"]),
+                "tool": None if d.get("tool") is None else str(d["tool"])} for d in data]
     except (OSError, KeyError, TypeError, ValueError) as e:
         raise RefdirError(f"reference file {p}: expected a JSON list of {{label, refusals, kl}} ({e})") from e
     return pts
+
+
+def draw_reference(ax, refs: list[dict] | None, n: int | None, floor: float) -> None:
+    """Reference points on a refusals-against-KL axis (KL below ``floor`` drawn at it; counts scaled to ``n``
+    prompts where both say how many): another tool's front as one series, its points joined in KL order under one
+    legend entry; points of a plain list each with their own label."""
+    fronts: dict[str, list[tuple[float, float]]] = {}
+    for ref in refs or []:
+        x, y = max(ref["kl"], floor), ref["refusals"] * (n / (ref.get("n") or n) if n else 1)
+        if ref.get("tool"):
+            fronts.setdefault(ref["tool"], []).append((x, y))
+        else:
+            ax.plot([x], [y], "^", c="C0", ms=7)
+            ax.annotate(ref["label"], (x, y), fontsize=7, color="C0", xytext=(3, -9), textcoords="offset points")
+    for i, (tool, pts) in enumerate(fronts.items()):
+        xs, ys = zip(*sorted(pts), strict=True)
+        ax.plot(xs, ys, "^--", c=("C0", "C9", "C8", "C7")[i % 4], ms=7, lw=1, label=f"{tool} (its front)")
 
 
 def reference_models(refs: list[dict] | None, escape=str) -> str:
@@ -107,11 +125,7 @@ def _plot_confirmed(ax, res: dict) -> None:
         p = res["plain"]["confirmed"]
         ax.plot([p["kl"]], [p["refusals"]], "*", c="k", ms=12, label="plain edit")
     ax.axhline(res["base"]["confirmed"]["refusals"], ls=":", c="k", lw=1, label="base model")
-    for ref in res.get("reference") or []:
-        rn = ref.get("n") or n
-        ax.plot([max(ref["kl"], 1e-5)], [ref["refusals"] * n / rn], "^", c="C0", ms=7)
-        ax.annotate(ref["label"], (max(ref["kl"], 1e-5), ref["refusals"] * n / rn), fontsize=7, color="C0",
-                    xytext=(3, -9), textcoords="offset points")
+    draw_reference(ax, res.get("reference"), n, 1e-5)
     if conf or res.get("reference"):  # a log axis needs at least one point
         ax.set_xscale("log")
     ax.set_xlabel(f"first-token KL, {res['confirm_prompts']['harmless']} harmless confirmation prompts")

@@ -201,8 +201,10 @@ def report_html(res: dict) -> str:
            f"first-token KL on {res['proxy_prompts']['harmless']} harmless proxy prompts. Confirmation: "
            f"{confirm}{plain_txt}Export a point: "
            f"<code>refdir export DIR OUT --point K</code>.{ref_txt}</p>")
-    return warnings_html(res.get("warnings", [])) + txt + figure_html(plot_front(res)) + table_html(
-        rows, ["point", "trial", "proxy refusal", "proxy KL", f"refusals ({jname})", "refusals (paper)", "KL", "edit"])
+    head = ["point", "trial", "proxy refusal", "proxy KL", f"refusals ({jname})", "refusals (paper)", "KL", "edit"]
+    if not gen:  # nothing generated (a run's search): no refusal columns, only the KL the choice confirmed
+        rows, head = [r[:4] + r[6:] for r in rows], head[:4] + ["confirmed KL", "edit"]
+    return warnings_html(res.get("warnings", [])) + txt + figure_html(plot_front(res)) + table_html(rows, head)
 
 
 def write_search_report(rd: RunDir, res: dict) -> None:

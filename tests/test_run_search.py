@@ -82,6 +82,7 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
     assert "search" in report.lower() and ("harmless prompts the base model answers" in report) == bool(answered)
     # the run's search generates nothing: its front table has the confirmed KL, no empty refusal columns
     assert "<th>confirmed KL</th>" in report and "<th>refusals (paper)</th>" not in report
+    assert "How an edit reads" in report
     for key in ("base/heldout/harmful", "chosen/heldout/harmful", "chosen/test/harmless"):
         assert rate_text(sc[key]["refusal"], sc[key]["n"]) in report  # each rate with its count and interval
     # the chosen edit against the plain direction and the base model, prompt by prompt, on the held-out set

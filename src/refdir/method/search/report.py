@@ -160,6 +160,14 @@ def plot_front(res: dict):
     return fig
 
 
+EDIT_LEGEND = ("<p>How an edit reads: its direction (a difference-in-means candidate's position and layer, or a "
+               "source: pca, rdo); then per component (attn, mlp: the writers of attention and MLP outputs) its "
+               "variant (plain, projected, norm) and strength over layers, <code>PEAK@CENTRE±WIDTH→FLOOR</code> "
+               "(PEAK at layer CENTRE, falling linearly to FLOOR at WIDTH layers away, none beyond) or "
+               "<code>S everywhere</code>; <code>emb</code>: the embedding edited too; <code>+ second S</code>: a "
+               "second direction removed from every writer at strength S.</p>")
+
+
 def report_html(res: dict) -> str:
     """The search's report section: what was run, the best confirmed point under each KL mark, the plot and the
     front's table."""
@@ -200,7 +208,7 @@ def report_html(res: dict) -> str:
            f"on {res['proxy_prompts']['harmful']} harmful and "
            f"first-token KL on {res['proxy_prompts']['harmless']} harmless proxy prompts. Confirmation: "
            f"{confirm}{plain_txt}Export a point: "
-           f"<code>refdir export DIR OUT --point K</code>.{ref_txt}</p>")
+           f"<code>refdir export DIR OUT --point K</code>.{ref_txt}</p>{EDIT_LEGEND}")
     head = ["point", "trial", "proxy refusal", "proxy KL", f"refusals ({jname})", "refusals (paper)", "KL", "edit"]
     if not gen:  # nothing generated (a run's search): no refusal columns, only the KL the choice confirmed
         rows, head = [r[:4] + r[6:] for r in rows], head[:4] + ["confirmed KL", "edit"]

@@ -20,20 +20,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-from pathlib import Path
 
 import torch
 from bench_optimize import chosen_plan
+from benchlib import DevSlices, add_dev_arguments
 
 from refdir.core.directions import Direction
 from refdir.core.edits import hooked
-from refdir.core.forward import last_logits
-from refdir.core.generation import generate
 from refdir.core.interventions import ablate
 from refdir.core.rundir import RunDir
-from refdir.method.refusal_judge import judge_all
-from refdir.method.scoring import first_token_kl
 
 
 @contextlib.contextmanager
@@ -74,12 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run", help="a finished `refdir run` directory (default method: it has optimize/pca and second)")
     ap.add_argument("arms", nargs="+")
-    ap.add_argument("--harmful", required=True)
-    ap.add_argument("--harmless", required=True)
-    ap.add_argument("--n-harmful", type=int, default=160)
-    ap.add_argument("--n-harmless", type=int, default=100)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
+    add_dev_arguments(ap)
     a = ap.parse_args()
     rd = RunDir(a.run)
     lm, fmt = rd.model_spec().load()
@@ -87,18 +77,10 @@ def main() -> None:
     r = Direction.load(rd.source_path("pca")).unit().float()
     r2 = Direction.load(rd.source_path("second")).vector.float()
     r2 = torch.nn.functional.normalize(r2 - (r2 @ r) * r, dim=0)
-    harmful = [x["instruction"] for x in json.loads(Path(a.harmful).read_text())][:a.n_harmful]
-    harmless = [x["instruction"] for x in json.loads(Path(a.harmless).read_text())][:a.n_harmless]
-    base = torch.log_softmax(last_logits(m, fmt, harmless, a.batch, shared_prefix=True).double(), -1)
+    dev = DevSlices(m, fmt, a)
     for spec in a.arms:
-        hooks = (ablate(m, r) if spec == "stream" else hooked(m, chosen_plan(rd)) if spec == "chosen"
-                 else arm(spec, m, r, r2))
-        with hooks:
-            comps = generate(m, fmt, harmful, max_new_tokens=a.tokens, batch_size=a.batch, progress=False)
-            kl = float(first_token_kl(base, last_logits(m, fmt, harmless, a.batch, shared_prefix=True)).mean())
-        j = judge_all(comps, "wide")
-        print(f"{spec:32s} refusals {j['headline'].n_refusal}/{len(comps)} (broad {j['broad'].n_refusal}), "
-              f"first-token KL {kl:.4f}", flush=True)
+        dev.measure(ablate(m, r) if spec == "stream" else hooked(m, chosen_plan(rd)) if spec == "chosen"
+                    else arm(spec, m, r, r2), spec)
 
 
 if __name__ == "__main__":

@@ -25,19 +25,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-from pathlib import Path
 
 import torch
+from benchlib import DevSlices, add_dev_arguments, fail
 
 from refdir.core.architecture import inspect_model
 from refdir.core.directions import Direction
-from refdir.core.forward import last_logits
-from refdir.core.generation import generate
 from refdir.core.interventions import ablate, project_out
 from refdir.core.rundir import RunDir
-from refdir.method.refusal_judge import judge_all
-from refdir.method.scoring import first_token_kl
 
 
 def unit_writes(model, fmt, writers: dict, wr: dict, prompts: list[str], batch: int) -> tuple[dict, dict]:
@@ -82,17 +77,24 @@ def selective(model, arch, writers: dict, wr: dict, masks: dict, r: torch.Tensor
             h.remove()
 
 
+def _number(x: str) -> bool:
+    try:
+        float(x)
+        return True
+    except ValueError:
+        return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", help="a finished `refdir run` directory (default method: it has optimize/pca)")
     ap.add_argument("arms", nargs="+")
-    ap.add_argument("--harmful", required=True)
-    ap.add_argument("--harmless", required=True)
-    ap.add_argument("--n-harmful", type=int, default=160)
-    ap.add_argument("--n-harmless", type=int, default=100)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
+    add_dev_arguments(ap)
     a = ap.parse_args()
+    for spec in a.arms:  # every arm checked before the model loads
+        kind, _, x = spec.partition(":")
+        if not (kind in ("stream", "all") and not x or kind in ("pos", "mass", "rmass") and _number(x)):
+            fail(f"unknown arm {spec!r}: stream, all, pos:X, mass:F or rmass:F")
     rd = RunDir(a.run)
     lm, fmt = rd.model_spec().load()
     m = lm.model
@@ -117,25 +119,15 @@ def main() -> None:
         k = int((flat_delta[order].clamp_min(0).cumsum(0) < frac * total).sum()) + 1
         return {n: (s >= flat[order[k - 1]]).float() for n, s in score.items()}
 
-    harmful = [x["instruction"] for x in json.loads(Path(a.harmful).read_text())][:a.n_harmful]
-    harmless = [x["instruction"] for x in json.loads(Path(a.harmless).read_text())][:a.n_harmless]
-    base = torch.log_softmax(last_logits(m, fmt, harmless, a.batch, shared_prefix=True).double(), -1)
+    dev = DevSlices(m, fmt, a)
     for spec in a.arms:
         kind, _, x = spec.partition(":")
         masks = ({n: torch.ones_like(v) for n, v in wr.items()} if kind == "all"
                  else {n: (d > float(x)).float() for n, d in delta.items()} if kind == "pos"
                  else by_mass(delta, float(x)) if kind == "mass"
                  else by_mass(ratio, float(x)) if kind == "rmass" else None)
-        if kind != "stream" and masks is None:
-            raise SystemExit(f"error: unknown arm {spec!r}")
-        hooks = ablate(m, r) if kind == "stream" else selective(m, arch, writers, wr, masks, r)
-        with hooks:
-            comps = generate(m, fmt, harmful, max_new_tokens=a.tokens, batch_size=a.batch, progress=False)
-            kl = float(first_token_kl(base, last_logits(m, fmt, harmless, a.batch, shared_prefix=True)).mean())
-        j = judge_all(comps, "wide")
         units = "" if masks is None else f" ({int(sum(v.sum() for v in masks.values()))} units)"
-        print(f"{spec + units:32s} refusals {j['headline'].n_refusal}/{len(comps)} (broad {j['broad'].n_refusal}), "
-              f"first-token KL {kl:.4f}", flush=True)
+        dev.measure(ablate(m, r) if kind == "stream" else selective(m, arch, writers, wr, masks, r), spec + units)
 
 
 if __name__ == "__main__":

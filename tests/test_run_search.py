@@ -83,6 +83,12 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
     # the run's search generates nothing: its front table has the confirmed KL, no empty refusal columns
     assert "<th>confirmed KL</th>" in report and "<th>refusals (paper)</th>" not in report
     assert "How an edit reads" in report
+    # the paper's `orthogonalize --direction RUN/selection/direction` on a search run: one error line saying what
+    # the run has instead, nothing written
+    r = runner.invoke(app, ["orthogonalize", str(model), str(tmp_path / "o"), "--direction",
+                            str(tmp_path / "r" / "selection" / "direction")], env={"COLUMNS": "300"})
+    assert r.exit_code == 2 and r.output.startswith("error: ") and len(r.output.splitlines()) == 1, r.output
+    assert "optimize/" not in r.output and "refdir export" in r.output and not (tmp_path / "o").exists()
     for key in ("base/heldout/harmful", "chosen/heldout/harmful", "chosen/test/harmless"):
         assert rate_text(sc[key]["refusal"], sc[key]["n"]) in report  # each rate with its count and interval
     # the chosen edit against the plain direction and the base model, prompt by prompt, on the held-out set

@@ -13,6 +13,7 @@ from refdir.core.gguf_edit import orthogonalize_gguf
 from refdir.core.io import check_replaceable
 from refdir.core.orthogonalize import save_orthogonalized, stream_orthogonalize
 from refdir.core.preflight import check_output
+from refdir.core.rundir import CHECKPOINT, SELECTION, RunDir
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
 from refdir.method.search import load_reference
@@ -138,6 +139,7 @@ def orthogonalize(
     input with a .gguf output is edited in GGUF; the embedded default and --in-memory load the model."""
     if out.exists() and not force:
         raise RefdirError(f"output directory {out} already exists; pass --force to overwrite it")
+    _refuse_search_selection(direction)
     d = load_edit(direction)
     v = edit_tensor(d)
     spec.check(chat=False)  # a missing model, an unknown model type or custom code: refused before any work
@@ -164,6 +166,21 @@ def orthogonalize(
                         meta={"direction": {"layer": d.layer, "position": d.position, "file": str(direction)},
                               "source_model": lm.model_id})
     console.print(f"orthogonalized checkpoint written to [bold]{out}[/]")
+
+
+def _refuse_search_selection(direction: Path) -> None:
+    """``RUN/selection/direction`` of a run with the search (the default), which keeps no such file: say what the
+    run has instead of "expected … .safetensors"."""
+    rd = RunDir(direction.parent.parent)
+    if (direction.parent.name != SELECTION or direction.with_suffix(".safetensors").exists()
+            or not (rd.search_dir() / "front.json").exists()):
+        return
+    main = [rd.source_path(n) for n in ("pca", "rdo") if rd.source_path(n).exists()]
+    raise RefdirError(
+        f"{rd.path} is a run with the search: its chosen edit (strengths per layer and component, a second "
+        f"direction) is no single direction file, and the run wrote it as {rd.path / CHECKPOINT}; "
+        + (f"--direction {main[0].with_suffix('')} removes the direction it searched fully; " if main else "")
+        + f"refdir export {rd.path} OUT --point K writes a point of its front")
 
 
 def print_summary(s: dict, out: Path) -> None:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 
 import torch
 from bench_optimize import chosen_plan
-from benchlib import DevSlices, add_dev_arguments
+from benchlib import DevSlices, add_dev_arguments, fail
 
 from refdir.core.directions import Direction
 from refdir.core.edits import hooked
@@ -50,6 +51,16 @@ def blind(norms: list[torch.nn.Module], directions: list[tuple[torch.Tensor, flo
             h.remove()
 
 
+ARM = re.compile(r"\d+(-\d+)?:[01]:[amb]:[0-9.]+:[0-9.]+")
+
+
+def check_arm(spec: str) -> None:
+    """Refuse, before the model loads, an arm that is not ``stream``, ``chosen`` or ``FIRST[-LAST]:FINAL:PARTS:S1:S2``
+    parts joined by ``+``."""
+    if spec not in ("stream", "chosen") and not all(ARM.fullmatch(p) for p in spec.split("+")):
+        fail(f"unknown arm {spec!r}: stream, chosen or FIRST[-LAST]:0|1:a|m|b:S1:S2 (parts joined by +)")
+
+
 def arm(spec: str, model, r: torch.Tensor, r2: torch.Tensor):
     """The hooks of one ``FIRST:FINAL:PARTS:S1:S2`` arm (``+`` joins several)."""
     stack = contextlib.ExitStack()
@@ -71,6 +82,8 @@ def main() -> None:
     ap.add_argument("arms", nargs="+")
     add_dev_arguments(ap)
     a = ap.parse_args()
+    for spec in a.arms:
+        check_arm(spec)
     rd = RunDir(a.run)
     lm, fmt = rd.model_spec().load()
     m = lm.model

@@ -28,6 +28,7 @@ from benchlib import DevSlices, add_dev_arguments, fail
 
 from refdir.core.directions import Direction
 from refdir.core.edits import hooked
+from refdir.core.hooks import registered
 from refdir.core.interventions import ablate
 from refdir.core.rundir import RunDir
 
@@ -43,12 +44,8 @@ def blind(norms: list[torch.nn.Module], directions: list[tuple[torch.Tensor, flo
             y = y - s * (y @ (u / g))[..., None] * (g * u)
         return y.to(out.dtype)
 
-    handles = [n.register_forward_hook(hook) for n in norms]
-    try:
+    with registered([n.register_forward_hook(hook) for n in norms]):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 ARM = re.compile(r"\d+(-\d+)?:[01]:[amb]:[0-9.]+:[0-9.]+")

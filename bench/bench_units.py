@@ -31,6 +31,7 @@ from benchlib import DevSlices, add_dev_arguments, fail
 
 from refdir.core.architecture import inspect_model
 from refdir.core.directions import Direction
+from refdir.core.hooks import registered
 from refdir.core.interventions import ablate, project_out
 from refdir.core.rundir import RunDir
 
@@ -47,14 +48,9 @@ def unit_writes(model, fmt, writers: dict, wr: dict, prompts: list[str], batch: 
             s[0], s[1], s[2] = s[0] + a.sum((0, 1)), s[1] + (a * a).sum((0, 1)), s[2] + a.shape[0] * a.shape[1]
         return hook
 
-    handles = [mod.register_forward_pre_hook(hook_for(n)) for n, mod in writers.items()]
-    try:
-        with torch.no_grad():
-            for i in range(0, len(prompts), batch):
-                model(**fmt.encode(prompts[i:i + batch]))
-    finally:
-        for h in handles:
-            h.remove()
+    with registered([mod.register_forward_pre_hook(hook_for(n)) for n, mod in writers.items()]), torch.no_grad():
+        for i in range(0, len(prompts), batch):
+            model(**fmt.encode(prompts[i:i + batch]))
     return {n: s[0] / s[2] for n, s in acc.items()}, {n: s[1] / s[2] for n, s in acc.items()}
 
 
@@ -70,11 +66,8 @@ def selective(model, arch, writers: dict, wr: dict, masks: dict, r: torch.Tensor
     handles = [mod.register_forward_hook(hook_for(wr[n] * masks[n])) for n, mod in writers.items()]
     handles += [e.register_forward_hook(lambda _m, _a, out: project_out(out.float(), r).to(out.dtype))
                 for _, e in arch.embeddings]
-    try:
+    with registered(handles):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _number(x: str) -> bool:

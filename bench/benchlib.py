@@ -12,8 +12,14 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import torch
+
+from refdir.core.forward import last_logits
+from refdir.core.generation import generate
 from refdir.core.io import make_output_dir, remove_dir
 from refdir.errors import RefdirError
+from refdir.method.refusal_judge import judge_all
+from refdir.method.scoring import first_token_kl
 
 
 def fail(message: str) -> NoReturn:
@@ -48,10 +54,6 @@ class DevSlices:
     ones; :meth:`measure` generates and judges under whatever hooks are open."""
 
     def __init__(self, model, fmt, a: argparse.Namespace):
-        import torch
-
-        from refdir.core.forward import last_logits
-
         self.model, self.fmt, self.a = model, fmt, a
         self.harmful = [x["instruction"] for x in json.loads(Path(a.harmful).read_text())][:a.n_harmful]
         self.harmless = [x["instruction"] for x in json.loads(Path(a.harmless).read_text())][:a.n_harmless]
@@ -61,11 +63,6 @@ class DevSlices:
     def measure(self, hooks, label: str) -> None:
         """Inside ``hooks``: refusals (wide judge, broad beside it) on the harmful slice, greedy, and the mean
         first-token KL from the base model on the harmless one; one printed line."""
-        from refdir.core.forward import last_logits
-        from refdir.core.generation import generate
-        from refdir.method.refusal_judge import judge_all
-        from refdir.method.scoring import first_token_kl
-
         m, fmt, a = self.model, self.fmt, self.a
         with hooks:
             comps = generate(m, fmt, self.harmful, max_new_tokens=a.tokens, batch_size=a.batch, progress=False)

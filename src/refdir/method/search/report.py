@@ -177,9 +177,9 @@ def report_html(res: dict) -> str:
     for r in res["front"]:
         c = r.get("confirmed")
         g = c is not None and "refusals" in c
+        refusals = [count_text(c["refusals"], c["n"]) if g else "", f"{c['refusals_paper']}/{c['n']}" if g else ""]
         rows.append([r["point"], r["trial"], f"{r['proxy_refusal']:.2f}", f"{r['proxy_kl']:.4f}",
-                     count_text(c["refusals"], c["n"]) if g else "", f"{c['refusals_paper']}/{c['n']}" if g else "",
-                     f"{c['kl']:.4f}" if c else "", Edit.from_dict(r["edit"]).describe()])
+                     *(refusals if gen else []), f"{c['kl']:.4f}" if c else "", Edit.from_dict(r["edit"]).describe()])
     b = res["base"]["confirmed"]
     rho = res["spearman_refusal"]
     best = "; ".join(f"KL ≤ {m}: " + ("none confirmed" if not v else
@@ -209,9 +209,9 @@ def report_html(res: dict) -> str:
            f"first-token KL on {res['proxy_prompts']['harmless']} harmless proxy prompts. Confirmation: "
            f"{confirm}{plain_txt}Export a point: "
            f"<code>refdir export DIR OUT --point K</code>.{ref_txt}</p>{EDIT_LEGEND}")
-    head = ["point", "trial", "proxy refusal", "proxy KL", f"refusals ({jname})", "refusals (paper)", "KL", "edit"]
-    if not gen:  # nothing generated (a run's search): no refusal columns, only the KL the choice confirmed
-        rows, head = [r[:4] + r[6:] for r in rows], head[:4] + ["confirmed KL", "edit"]
+    # nothing generated (a run's search): no refusal columns, only the KL the choice confirmed
+    head = ["point", "trial", "proxy refusal", "proxy KL", *([f"refusals ({jname})", "refusals (paper)", "KL"] if gen
+                                                              else ["confirmed KL"]), "edit"]
     return warnings_html(res.get("warnings", [])) + txt + figure_html(plot_front(res)) + table_html(rows, head)
 
 

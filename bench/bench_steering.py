@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/steering")
     ap.add_argument("--only", default=None, choices=["caa", "jailbreak", "bias"])
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--direction", default="runs/demo/selection/direction")
+    ap.add_argument("--direction", default="runs/demo", help="a direction file or a run dir (its selected direction)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

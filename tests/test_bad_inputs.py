@@ -206,6 +206,12 @@ SIMPLE = [
      lambda w, fx: ["eval", str(fx.model), "--safety-judge", "oracle", "--out", str(w / "e")]),
     ("steer: --mode that does not exist",
      lambda w, fx: ["steer", str(fx.model), "--vector", str(fx.vector), "--mode", "amplify", "--prompt", "hi"]),
+    ("steer: --vector a directory that is not a run",
+     lambda w, fx: ["steer", str(fx.model), "--vector", str(w), "--prompt", "hi"]),
+    ("jailbreak: --direction that does not exist",
+     lambda w, fx: ["jailbreak", str(fx.model), "--out", str(w / "jb"), "--direction", str(w / "nothing")]),
+    ("bias: --direction a directory that is not a run",
+     lambda w, fx: ["bias", str(fx.model), "--out", str(w / "b"), "--direction", str(w)]),
     ("convert-vector: an output that is neither .gguf nor .safetensors",
      lambda w, fx: ["convert-vector", str(fx.vector), str(w / "out.txt")]),
 ]

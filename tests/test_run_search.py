@@ -76,6 +76,7 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
     assert all(v["n"] == answered and v["kl"] >= 0 for v in ka.values())
     v = s["checkpoint"]["verified"]
     assert v["kl_hooks_weights"] < 1e-6 and v["top1_agree"] == 1.0
+    assert s["checkpoint"]["path"] == "checkpoint/model"  # relative to the run dir, which may move
     rd = RunDir(tmp_path / "r")
     assert (rd.checkpoint_model_dir() / "model.safetensors").exists()
     report = (tmp_path / "r" / "report.html").read_text()
@@ -212,6 +213,7 @@ def test_paper_checkpoint_is_edited_in_place_with_one_model_copy(tiny_model_dir,
     model = tiny_model_dir("qwen2")
     s = _run(model, tmp_path / "p", "--method", "paper")
     assert s["checkpoint"] is not None and s["checkpoint"]["n"] == 4
+    assert s["checkpoint"]["path"] == "checkpoint/model"
     fmt_ok = ChatFormat  # the checkpoint reloads with plain transformers
     from transformers import AutoModelForCausalLM
 
@@ -495,3 +497,31 @@ def test_a_run_whose_selection_chose_nothing_has_the_lead_as_its_direction(tiny_
     assert json.loads((out / "search" / "selection.json").read_text()) == sel
     again = RunDir(out).direction()
     assert (again.position, again.layer) == (d.position, d.layer)
+
+
+def test_a_search_run_stands_for_its_selected_direction(tiny_model_dir, tmp_path):
+    """A run with the search keeps no selection/direction file; the commands that take a refusal direction (eval's
+    arms, jailbreak, bias, steer) take the run directory, or that path, for the selection's pick."""
+    from refdir.cli.evaluation import default_arms
+    from refdir.core.direction_paths import load_direction
+    from refdir.core.generation import generate
+    from refdir.core.interventions import ablate
+    from refdir.core.models import load_model
+
+    model = tiny_model_dir("qwen2")
+    out = tmp_path / "r"
+    _run(model, out, "--budget", "2")
+    rd = RunDir(out)
+    assert not rd.direction_path().with_suffix(".safetensors").exists()
+    want = rd.direction()
+    for p in (out, rd.direction_path()):
+        got = load_direction(p)
+        assert torch.equal(got.vector, want.vector) and (got.layer, got.position) == (want.layer, want.position)
+    assert default_arms(out)[1] == f"ablate:{out}"
+    lm = load_model(model, dtype="fp32")
+    with ablate(lm.model, want.vector):
+        expect = generate(lm.model, ChatFormat(lm.tokenizer), ["hi there"], max_new_tokens=5, progress=False)[0]
+    r = runner.invoke(app, ["steer", str(model), "--dtype", "fp32", "--vector", str(out), "--mode", "ablate",
+                            "--prompt", "hi there", "--max-new-tokens", "5"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == f"hi there\n  → {expect}\n\n"

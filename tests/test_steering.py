@@ -303,3 +303,32 @@ def test_one_residual_capture_for_chat_prompts_and_token_rows(tiny):
     assert got.shape == kept[:, 0].shape
     torch.testing.assert_close(got, kept[:, 0])
     assert not m.model.layers[0]._forward_pre_hooks  # hooks removed
+
+
+def test_cli_steer_chats_with_the_model_as_is_or_steered(tiny_model_dir, tmp_path):
+    """`refdir steer DIR` without --vector generates with the model as it is (to try a run's checkpoint); with a
+    vector it generates what the library's steering hooks give; steering options without a vector are refused."""
+    from refdir.cli.main import app
+    from refdir.core.chat import ChatFormat
+    from refdir.core.generation import generate
+    from refdir.core.models import load_model
+
+    d = tiny_model_dir("qwen2")
+    lm = load_model(d, dtype="fp32")
+    fmt = ChatFormat(lm.tokenizer)
+    sv = _sv(layers=(1, 2), seed=3)
+    sv.save(tmp_path / "v")
+    plain = generate(lm.model, fmt, ["hi there"], max_new_tokens=6, progress=False)[0]
+    with steer(lm.model, sv, 8.0, positions="all"):
+        steered = generate(lm.model, fmt, ["hi there"], max_new_tokens=6, progress=False)[0]
+    assert plain != steered
+    run = CliRunner().invoke
+    base = ["steer", str(d), "--dtype", "fp32", "--prompt", "hi there", "--max-new-tokens", "6"]
+    r = run(app, base)
+    assert r.exit_code == 0, r.output
+    assert r.stdout == f"hi there\n  → {plain}\n\n"
+    r = run(app, [*base, "--vector", str(tmp_path / "v.safetensors"), "--coeff", "8"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout == f"hi there\n  → {steered}\n\n"
+    r = run(app, [*base, "--mode", "ablate"])
+    assert r.exit_code == 2 and r.output.startswith("error: ") and "give --vector" in r.output

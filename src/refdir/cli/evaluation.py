@@ -27,6 +27,8 @@ def default_arms(run: Path | None) -> list[str]:
         d = rd.direction_path()
         if d.with_suffix(".safetensors").exists():
             arms.append(f"ablate:{d}")
+        elif rd.direction() is not None:  # a run with the search keeps its selection's pick among the candidates
+            arms.append(f"ablate:{rd.path}")
         if rd.has_checkpoint():
             arms.append(f"ckpt:{rd.checkpoint_model_dir()}:name=orthogonalized")
     return arms

@@ -186,7 +186,7 @@ def _refuse_search_selection(direction: Path) -> None:
 def print_summary(s: dict, out: Path) -> None:
     """The chosen edit and the refusal table of a finished run."""
     if s.get("method") == "search":
-        print_search_summary(s)
+        print_search_summary(s, out)
     else:
         ch = s["selection"]["chosen"]
         if ch:
@@ -200,11 +200,14 @@ def print_summary(s: dict, out: Path) -> None:
             t.add_row("orthogonalized/harmful", rate_text(c["refusal"], c["n"]), f"{c['refusal_paper']:.3f}",
                       str(c["degenerate"]))
         console.print(t)
+        if s.get("checkpoint"):
+            console.print(f"checkpoint: {RunDir(out).checkpoint_model_dir()}  (try it: refdir steer "
+                          f"{RunDir(out).checkpoint_model_dir()})", markup=False)
     print_warnings(s.get("warnings", []))
     console.print(f"report: [bold]{out / 'report.html'}[/]  ({s['timings_s']['total']:.0f} s)")
 
 
-def print_search_summary(s: dict) -> None:
+def print_search_summary(s: dict, out: Path) -> None:
     c = s["choice"]
     console.print(f"chosen: {c['describe']}  (trial {c['trial']}; {c['reason']})")
     console.print(f"search: {s['search']['n_trials']} trials in {s['search']['spent_s']:.0f} of "
@@ -226,6 +229,9 @@ def print_search_summary(s: dict) -> None:
                       f"phrase: {phrases} (the report lists them)", markup=False)
     ck = s.get("checkpoint")
     if ck:
-        v = ck["verified"]
-        console.print(f"checkpoint: {ck['path']}  (weights vs hooks: KL {v['kl_hooks_weights']:.2e}, top-1 agree "
-                      f"{v['top1_agree']:.2f})" + (f"; GGUF {ck['gguf']['path']}" if ck.get("gguf") else ""))
+        v, rd = ck["verified"], RunDir(out)
+        console.print(f"checkpoint: {rd.checkpoint_model_dir()}  (weights vs hooks: KL {v['kl_hooks_weights']:.2e}, "
+                      f"top-1 agree {v['top1_agree']:.2f})" + (f"; GGUF {rd.checkpoint_gguf()}" if ck.get("gguf") else ""),
+                      markup=False)
+        console.print(f"  try it: refdir steer {rd.checkpoint_model_dir()}  (a prompt a line; the base model: refdir "
+                      "steer MODEL)", markup=False)

@@ -3,15 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
 
 from refdir.cli.common import console, model_options
+from refdir.core.direction_paths import load_direction, run_of
 from refdir.core.generation import generate
 from refdir.core.interventions import ablate
 from refdir.core.io import atomic_dir
-from refdir.core.rundir import RunDir
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
 from refdir.steering import bias as bias_study
@@ -20,9 +21,8 @@ from refdir.steering import jailbreak as jailbreak_study
 from refdir.steering.vectors import POSITIONS, SteeringVector
 from refdir.steering.vectors import steer as steering_hooks
 
-# the direction of the README's demo run
-DEFAULT_DIRECTION = RunDir("runs/demo").direction_path()
-DirectionOpt = typer.Option(DEFAULT_DIRECTION, help="refusal direction file from refdir run")
+DirectionOpt = typer.Option(Path("runs/demo"), help="the refusal direction: a direction file, or a run directory "
+                                                    "(its selected direction; by default the README's demo run)")
 StudyOutOpt = typer.Option(..., "--out", help="output directory (summary.json, report.html, vectors)")
 ForceOpt = typer.Option(False, help="overwrite an existing output directory")
 
@@ -134,7 +134,8 @@ def jailbreak(
     force: bool = ForceOpt,
 ) -> None:
     """Jailbreak vectors per template class: cosines, transfer matrix, harmfulness suppression."""
-    jailbreak_study.load_templates(templates)  # fail on bad templates before loading the model
+    jailbreak_study.load_templates(templates)  # fail on bad templates, or a bad direction, before loading the model
+    load_direction(direction)
     lm, fmt = spec.load()
     res = jailbreak_study.study(lm, fmt, out, direction=direction, templates=templates, n_train=n_train,
                                 n_test=n_test, layer=layer, max_new_tokens=max_new_tokens, force=force)
@@ -153,6 +154,7 @@ def bias(
 ) -> None:
     """Bias vectors per StereoSet category: cosine table with r, stereotype-preference curves."""
     bias_study.load_stereoset(data)
+    load_direction(direction)
     mults = _floats(multipliers)
     lm, _ = spec.load()
     res = bias_study.study(lm, out, direction=direction, data=data, layer=layer, multipliers=mults, force=force)
@@ -162,7 +164,8 @@ def bias(
 @model_options
 def steer(
     spec: ModelSpec,
-    vector: Path = typer.Option(..., help="steering vector (.safetensors, llama.cpp .gguf) or refdir direction"),
+    vector: Path = typer.Option(None, help="steering vector (.safetensors, llama.cpp .gguf), refdir direction or a "
+                                "run dir (its direction); without it the model as it is (e.g. RUN/checkpoint/model)"),
     coeff: float = typer.Option(1.0, help="multiplier of the vector (add mode)"),
     layer: list[int] = typer.Option(None, help="layers to steer (default: every layer of the vector)"),
     mode: str = typer.Option("add", help="add, or ablate (project the vector's direction out everywhere)"),
@@ -170,20 +173,27 @@ def steer(
     prompt: list[str] = typer.Option(None, "--prompt", help="user message(s); without it: interactive chat"),
     max_new_tokens: int = typer.Option(128),
 ) -> None:
-    """Generate, or chat interactively, with a steering vector added (or a direction ablated)."""
+    """Generate, or chat interactively, with a steering vector added (or a direction ablated); without --vector,
+    with the model as it is, e.g. to try a run's edited checkpoint beside the base model."""
     if mode not in ("add", "ablate"):
         raise RefdirError(f"unknown mode {mode!r}; use add or ablate")
     if positions not in POSITIONS:
         raise RefdirError(f"unknown position mode {positions!r}; use one of {POSITIONS}")
-    sv = SteeringVector.load(vector)
+    if vector is None and (layer or mode != "add" or coeff != 1.0 or positions != "all"):
+        raise RefdirError("--layer, --mode, --coeff and --positions steer with a vector: give --vector")
+    sv = None if vector is None else (SteeringVector.from_direction(load_direction(vector)) if run_of(vector)
+                                      else SteeringVector.load(vector))
     spec.check()
     lm, fmt = spec.load()
-    sv.check_fits(lm.model)
     layers = list(layer) if layer else None
-    for x in layers or []:
-        sv[x]  # one clear error for a layer the vector lacks, before chatting
+    if sv is not None:
+        sv.check_fits(lm.model)
+        for x in layers or []:
+            sv[x]  # one clear error for a layer the vector lacks, before chatting
 
     def hooks():
+        if sv is None:
+            return contextlib.nullcontext()
         if mode == "ablate":
             return ablate(lm.model, sv[(layers or sv.layers)[0]])
         return steering_hooks(lm.model, sv, coeff, positions=positions, layers=layers)

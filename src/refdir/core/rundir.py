@@ -78,8 +78,7 @@ BENCHMARKS = "benchmarks"
 ANALYSIS = "analysis"
 SECTIONS = "report_sections"
 OPTIMIZE = "optimize"
-SOURCES = ("rdo", "pca", "second")  # direction sources besides the candidates (the search's, and the second
-# direction of `refdir run`'s choice), saved in optimize/ by name
+SOURCES = ("rdo", "pca", "second")  # direction sources besides the candidates, saved in optimize/ by name
 
 # files inside the stage directories (written by refdir.workflows.stages, read by the readers below)
 SETS_FILE = "sets.json"
@@ -434,6 +433,13 @@ class RunDir:
 
     def checkpoint_model_dir(self) -> Path:
         return self.stage_dir(CHECKPOINT) / CHECKPOINT_MODEL_DIR
+
+    def checkpoint_gguf(self) -> Path:
+        return self.stage_dir(CHECKPOINT) / CHECKPOINT_GGUF_FILE
+
+    def relative(self, path: Path) -> str:
+        """``path`` as artifacts record it: relative to the run dir, which may move or be read from elsewhere."""
+        return path.relative_to(self.path).as_posix()
 
     def has_checkpoint(self) -> bool:
         return (self.checkpoint_model_dir() / "config.json").exists()

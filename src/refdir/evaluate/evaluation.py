@@ -1,7 +1,7 @@
 """Evaluation of interventions side by side: refusal, safety, cross-entropy loss and KL per *arm*.
 
-An arm is the base model (``base``), the base model with a direction file under ablation (``ablate:DIR``; a
-subspace file there ablates its whole span) or addition (``add:DIR:coeff=C[:layer=L]``), or any other checkpoint
+An arm is the base model (``base``), the base model with a direction file (or a run directory, for its selected
+direction) under ablation (``ablate:DIR``; a subspace file there ablates its whole span) or addition (``add:DIR:coeff=C[:layer=L]``), or any other checkpoint
 (``ckpt:SPEC``: an HF directory, a hub id or a ``.gguf`` file). Every arm sees the same prompts and texts. Extra
 checkpoints are loaded one at a time and freed before the next, so memory stays at two models (the base and one
 checkpoint). The loss and KL definitions are in :mod:`refdir.evaluate.ce`, the tables in
@@ -21,7 +21,8 @@ from pydantic import BaseModel, Field
 from tqdm.auto import tqdm
 
 from refdir.core.data import load_corpus, load_instructions, load_pairs
-from refdir.core.directions import Direction, Subspace, edit_tensor, load_edit
+from refdir.core.direction_paths import load_direction
+from refdir.core.directions import Direction, Subspace, edit_tensor
 from refdir.core.generation import generate
 from refdir.core.html import write_sections_report
 from refdir.core.interventions import ablate, add
@@ -67,7 +68,8 @@ class ArmSpec:
 
 ARM_KINDS = ("base", "ablate", "add", "ckpt")
 ARM_SYNTAX = ("base | ablate:DIRECTION | add:DIRECTION[:coeff=C][:layer=L] | ckpt:MODEL "
-              "(HF dir, hub id or .gguf); any arm may end with :name=LABEL")
+              "(DIRECTION: a direction file or a run dir; MODEL: HF dir, hub id or .gguf); any arm may end with "
+              ":name=LABEL")
 
 
 def parse_arm(spec: str) -> ArmSpec:
@@ -167,9 +169,7 @@ def arm_context(model, arm: ArmSpec, direction):
 
 def _arm_file(arm: ArmSpec) -> Direction | Subspace:
     """The direction (ablate, add) or subspace (ablate only) file of an arm."""
-    if arm.kind == "ablate":
-        return load_edit(arm.target)
-    return Direction.load(arm.target)
+    return load_direction(arm.target, subspace=arm.kind == "ablate")  # a file, or a run dir for its direction
 
 
 def load_directions(arms: list[ArmSpec], d_model: int) -> dict[str, object]:

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from refdir.core.activations import last_token_residuals
-from refdir.core.directions import Direction
+from refdir.core.direction_paths import load_direction
 from refdir.core.forward import left_pad
 from refdir.core.html import figure_html, plt, table_html, write_sections_report
 from refdir.core.io import atomic_dir, atomic_write_json, read_json_records
@@ -139,7 +139,7 @@ def study(lm, out: str | Path, *, direction: str | Path, data: str = "embedded",
           multipliers: list[float] | None = None, force: bool = False, progress: bool = True) -> dict:
     """Category vectors, the cosine table (with r) and preference curves; everything in ``out`` (atomic)."""
     items = load_stereoset(data)
-    r = Direction.load(direction)
+    r = load_direction(direction)  # a direction file, or a run dir standing for its direction
     arch = SteeringVector.from_direction(r).check_fits(lm.model)
     layer = r.layer if layer is None else layer
     if not 0 <= layer < arch.n_layers:

@@ -30,7 +30,7 @@ import torch
 from refdir.core.activations import residuals
 from refdir.core.chat import ChatFormat
 from refdir.core.data import embedded
-from refdir.core.directions import Direction
+from refdir.core.direction_paths import load_direction
 from refdir.core.generation import generate
 from refdir.core.html import figure_html, plt, table_html, write_sections_report
 from refdir.core.io import atomic_dir, atomic_write_json, read_json_records
@@ -135,7 +135,7 @@ def study(lm, fmt: ChatFormat, out: str | Path, *, direction: str | Path, templa
     temps = load_templates(templates)
     if len(temps) < 2:
         raise RefdirError("a jailbreak study needs at least two template classes")
-    r = Direction.load(direction)
+    r = load_direction(direction)  # a direction file, or a run dir standing for its direction
     arch = SteeringVector.from_direction(r).check_fits(lm.model)
     layer = r.layer if layer is None else layer
     if not 0 <= layer < arch.n_layers:

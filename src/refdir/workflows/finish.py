@@ -207,8 +207,8 @@ def stage_edit_checkpoint(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, can
             del lm
             m.release()  # the export reads the source GGUF, not the model: its weights need not stay in memory
             gg = export_gguf_plan(src, plan, d / rdl.CHECKPOINT_GGUF_FILE, progress=progress)
-        res = {"path": str(rd.checkpoint_model_dir()), "verified": verified, "exact": summary["exact"],
-               "gguf": {"path": str(rd.stage_dir(rdl.CHECKPOINT) / rdl.CHECKPOINT_GGUF_FILE),
+        res = {"path": rd.relative(rd.checkpoint_model_dir()), "verified": verified, "exact": summary["exact"],
+               "gguf": {"path": rd.relative(rd.checkpoint_gguf()),
                         "changed_types": gg["changed_types"], "post_norms": gg["post_norms"]} if gg else None}
         atomic_write_json(d / rdl.CHECKPOINT_EVAL_FILE, res)
     return rd.checkpoint_eval()

@@ -444,6 +444,6 @@ def stage_checkpoint(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, directio
             outs = generate(lm.model, m.fmt, sets["harmful"]["test"], max_new_tokens=cfg.max_new_tokens,
                             batch_size=cfg.gen_batch_size, progress=progress, desc="checkpoint harmful")
             res = {k: v for k, v in judged(outs, cfg.judge).items() if k != "flags"}
-            res["path"] = str(rd.checkpoint_model_dir())
+            res["path"] = rd.relative(rd.checkpoint_model_dir())
             atomic_write_json(d / rdl.CHECKPOINT_EVAL_FILE, {**res, "completions": outs})
     return rd.checkpoint_eval()

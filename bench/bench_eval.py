@@ -29,13 +29,17 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
+    from refdir.core.rundir import RunDir, model_name
     from refdir.evaluate.evaluation import EvalConfig, run_eval
     from refdir.evaluate.tables import markdown_tables
 
-    run = Path(a.run)
-    d = run / "selection" / "direction"
-    arms = ["base", f"ablate:{d}", f"add:{d}:coeff=-1:name=act-add", f"ckpt:{run / 'checkpoint' / 'model'}:name=ortho"]
-    cfg = EvalConfig(model=json.loads((run / "config.json").read_text()).get("model", "default"), arms=arms,
+    run = RunDir(a.run)
+    d = run.path  # a run dir stands for its selected direction
+    arms = ["base", f"ablate:{d}", f"add:{d}:coeff=-1:name=act-add", f"ckpt:{run.checkpoint_model_dir()}:name=ortho"]
+    if (run.search_dir() / "front.json").exists():
+        print("a run with the search: its checkpoint is the chosen edit, not the ablation of the selected direction, "
+              "so the ablation = checkpoint lines below do not apply (they do to a --method paper run)")
+    cfg = EvalConfig(model=model_name(run.config()) or "default", arms=arms,
                      n_harmful=a.n_harmful, n_harmless=a.n_harmless, max_new_tokens=a.max_new_tokens, judge=a.judge)
     t = time.time()
     s = run_eval(cfg, a.out, force=True)

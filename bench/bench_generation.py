@@ -28,6 +28,7 @@ import torch
 
 from refdir.core.chat import ChatFormat
 from refdir.core.data import embedded
+from refdir.core.direction_paths import load_direction
 from refdir.core.directions import Direction
 from refdir.core.generation import generate
 from refdir.core.interventions import ablate
@@ -50,7 +51,7 @@ def main() -> None:
     ap.add_argument("--drop-shared-prefix", action="store_true", help="also with the shared-prefix KV cache")
     a = ap.parse_args()
 
-    d = None if a.drop_only else Direction.load(Path(a.run) / "selection" / "direction")
+    d = None if a.drop_only else load_direction(Path(a.run))
     lm = load_model("default", dtype=a.dtype)
     print(f"torch threads {torch.get_num_threads()}, native bf16: {cpu_has_native_bf16()}, dtype {lm.dtype}")
     if d is not None:

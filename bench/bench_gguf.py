@@ -14,7 +14,7 @@ from pathlib import Path
 
 from refdir.core.chat import ChatFormat
 from refdir.core.data import embedded
-from refdir.core.directions import Direction
+from refdir.core.direction_paths import load_direction
 from refdir.core.generation import generate
 from refdir.core.gguf_edit import orthogonalize_gguf
 from refdir.core.interventions import ablate
@@ -25,7 +25,7 @@ from refdir.method.refusal_judge import judge
 
 def main() -> None:
     run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
-    d = Direction.load(run / "selection" / "direction")
+    d = load_direction(run)  # the run's selected direction (also of a run with the search)
     H = embedded("harmful", "test").instructions
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "edited.gguf"

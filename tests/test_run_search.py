@@ -525,3 +525,37 @@ def test_a_search_run_stands_for_its_selected_direction(tiny_model_dir, tmp_path
                             "--prompt", "hi there", "--max-new-tokens", "5"])
     assert r.exit_code == 0, r.output
     assert r.stdout == f"hi there\n  → {expect}\n\n"
+
+
+def test_export_writes_a_front_point_as_gguf_for_a_gguf_model(tiny_model_dir, tmp_path):
+    """`refdir export RUN OUT.gguf --point K` on a search whose model was a GGUF writes that GGUF with the point's
+    edit (equal to the in-memory weight edit), without loading the model; on any other model a .gguf output is one
+    error line and nothing written."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model_dir("llama")
+    out = tmp_path / "r"
+    _run(model, out, "--budget", "2")
+    rd = RunDir(out)
+    front = json.loads((rd.search_dir() / "front.json").read_text())
+    r = runner.invoke(app, ["export", str(out), str(tmp_path / "p.gguf"), "--point", "0"])
+    assert r.exit_code == 2 and r.output.startswith("error: a .gguf output needs a GGUF model")
+    assert not (tmp_path / "p.gguf").exists()
+    # the same search, recorded as run on a GGUF of the same weights
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    _gguf_from(hf, "llama", tmp_path / "src.gguf", np.float32)
+    cf = rd.search_dir() / "config.json"
+    conf = json.loads(cf.read_text())
+    conf["run"]["model"]["model"] = str(tmp_path / "src.gguf")
+    cf.write_text(json.dumps(conf))
+    k = len(front["points"]) - 1
+    r = runner.invoke(app, ["export", str(out), str(tmp_path / "p.gguf"), "--point", str(k)])
+    assert r.exit_code == 0, r.output
+    want = copy.deepcopy(hf)
+    apply_weights_(want, resolve(Edit.from_dict(front["points"][k]["edit"]), rd.candidates_with_sources()))
+    got = _load_edited(hf, tmp_path / "p.gguf")
+    for (n, a), (_, b) in zip(want.named_parameters(), got.named_parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), n
+    assert not torch.equal(want.get_input_embeddings().weight, hf.get_input_embeddings().weight)
+    r = runner.invoke(app, ["export", str(out), str(tmp_path / "p.gguf"), "--point", str(k)])
+    assert r.exit_code == 2 and "already exists" in r.output

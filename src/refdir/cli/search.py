@@ -76,11 +76,13 @@ def search(
 def export(
     overrides: dict,
     search_dir: Path = typer.Argument(..., help="a directory written by refdir search"),
-    out: Path = typer.Argument(..., help="output directory for the edited checkpoint"),
+    out: Path = typer.Argument(..., help="output directory for the edited checkpoint, or a .gguf file where the "
+                                         "search's model was a GGUF (the embedded default included)"),
     point: int = typer.Option(..., "--point", help="front point K (see the search's front.csv)"),
     force: bool = typer.Option(False),
 ) -> None:
-    """Write one front point of a search as an edited Hugging Face checkpoint."""
+    """Write one front point of a search as an edited Hugging Face checkpoint, or as a GGUF (OUT.gguf) for a GGUF
+    model: the writers re-encoded in a copy of that GGUF, without loading the model."""
     export_point(search_dir, point, out, force=force, model=overrides)
     console.print(f"point {point} written to [bold]{out}[/]")
 

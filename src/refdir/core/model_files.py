@@ -88,6 +88,14 @@ def assemble_parts(parts: list[Path], out: Path, expected_sha256: str) -> Path:
     return out
 
 
+def gguf_file_of(spec: str) -> Path | None:
+    """The GGUF file a model spec string loads from (a ``.gguf`` path, or the embedded default's GGUF), else None:
+    what a GGUF output of an edit is written from (its other tensors and metadata are copied)."""
+    if spec in EMBEDDED_ALIASES:
+        return embedded_gguf_path()
+    return Path(spec) if spec.endswith(".gguf") else None
+
+
 def embedded_gguf_path() -> Path:
     """The embedded default GGUF, assembled once from the data wheels and hash-checked; on every later call its
     size (and, if its mtime changed, its sha256) is checked against the record written beside it."""

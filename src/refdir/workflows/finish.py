@@ -27,7 +27,7 @@ from refdir.core.forward import last_logits
 from refdir.core.generation import generate
 from refdir.core.gguf_plan import export_gguf_plan, plan_to_cpu
 from refdir.core.io import atomic_write_json
-from refdir.core.model_files import embedded_gguf_path
+from refdir.core.model_files import gguf_file_of
 from refdir.core.models import save_hf_checkpoint
 from refdir.core.rundir import RunDir
 from refdir.method.refusal_judge import tally_markers
@@ -216,8 +216,5 @@ def stage_edit_checkpoint(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, can
 
 def gguf_source(source: dict) -> str | None:
     """The GGUF file the model was loaded from (a GGUF path, or the embedded default's GGUF), else None."""
-    if source.get("kind") == "gguf":
-        return source["path"]
-    if source.get("kind") == "embedded":
-        return str(embedded_gguf_path())
-    return None
+    p = gguf_file_of(source["path"] if source.get("kind") == "gguf" else source.get("spec", ""))
+    return None if p is None else str(p)

@@ -1,4 +1,5 @@
-"""A front point of a finished search as an edited Hugging Face checkpoint (the edit in the weights, no hooks)."""
+"""A front point of a finished search as an edited Hugging Face checkpoint (the edit in the weights, no hooks), or
+as a GGUF file where the search's model was a GGUF."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 from pathlib import Path
 
 from refdir.core.edits import Edit, apply_weights_, resolve
+from refdir.core.gguf_plan import export_gguf_plan
 from refdir.core.io import atomic_dir, atomic_write_json, check_replaceable
+from refdir.core.model_files import gguf_file_of
 from refdir.core.models import save_hf_checkpoint
 from refdir.core.preflight import check_output
 from refdir.core.rundir import RunDir
@@ -38,6 +41,8 @@ def export_point(search_dir: str | Path, point: int, out: str | Path, *, force: 
     p = pts[point]
     edit = Edit.from_dict(p["edit"])
     cands = rd.candidates_with_sources()  # an edit of an optimized (rdo) or pca direction resolves too
+    if str(out).endswith(".gguf"):
+        return _export_gguf(spec, resolve(edit, cands), Path(out), force)
     # everything checked before the model is loaded and anything is written
     spec.check(chat=False)
     check_output(out, "dir")
@@ -52,6 +57,20 @@ def export_point(search_dir: str | Path, point: int, out: str | Path, *, force: 
             "trial": p["trial"], "proxy": {"refusal": p["proxy_refusal"], "kl": p["proxy_kl"]},
             "confirmed": p.get("confirmed"), "source_model": lm.model_id, **summary})
     return Path(out)
+
+
+def _export_gguf(spec: ModelSpec, plan, out: Path, force: bool) -> Path:
+    """The point written into a copy of the GGUF the search's model was loaded from: only the residual writers
+    (and the embedding) are re-encoded, everything else is copied; the model is not loaded."""
+    src = gguf_file_of(spec.model)
+    if src is None:
+        raise RefdirError(f"a .gguf output needs a GGUF model; the search's model {spec.model!r} is not one "
+                          "(give an output directory for a Hugging Face checkpoint)")
+    if not src.is_file():
+        raise RefdirError(f"the search's model {src} does not exist")
+    check_output(out, "file")
+    export_gguf_plan(src, plan, out, force=force)  # written atomically (as orthogonalize's GGUF output)
+    return out
 
 
 def _read(f: Path, key: str, kind: type):

@@ -559,3 +559,36 @@ def test_export_writes_a_front_point_as_gguf_for_a_gguf_model(tiny_model_dir, tm
     assert not torch.equal(want.get_input_embeddings().weight, hf.get_input_embeddings().weight)
     r = runner.invoke(app, ["export", str(out), str(tmp_path / "p.gguf"), "--point", str(k)])
     assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_ctrl_c_in_the_search_is_one_line_and_the_same_command_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    """Ctrl-C during the search's trials: one line, exit status 130, no temporary directory left; rerunning the
+    same command reuses the finished stages and the trials already run, and finishes."""
+    import refdir.workflows.search as wsearch
+
+    real = wsearch.make_objective
+    calls = {"n": 0}
+
+    def interrupting(*a, **k):
+        objective = real(*a, **k)
+
+        def obj(trial):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise KeyboardInterrupt
+            return objective(trial)
+
+        return obj
+
+    monkeypatch.setattr(wsearch, "make_objective", interrupting)
+    model = tiny_model_dir("qwen2")
+    out = tmp_path / "r"
+    r = runner.invoke(app, ["run", str(model), "--out", str(out), *ARGS, "--budget", "3"])
+    assert r.exit_code == 130, r.output
+    lines = [x for x in r.output.splitlines() if x.strip() and "it/s" not in x and "trial" not in x]  # no bars
+    assert lines == ["interrupted: nothing half-written is left; rerunning a run, search or optimize resumes it"]
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert RunDir(out).candidates() is not None and not (out / "summary.json").exists()
+    monkeypatch.setattr(wsearch, "make_objective", real)
+    s = _run(model, out, "--budget", "3")
+    assert "load" in s["timings_s"] and s["search"]["n_trials"] >= 2 and s["checkpoint"] is not None

@@ -122,6 +122,14 @@ def fail(e: BaseException) -> None:
     raise typer.Exit(2)
 
 
+def interrupted() -> None:
+    """Ctrl-C: one line, exit status 130. Every write is atomic, so nothing half-written is left; a run, a search
+    and an optimization keep what they finished and the same command goes on from there."""
+    _close_progress_bars()
+    typer.echo("interrupted: nothing half-written is left; rerunning a run, search or optimize resumes it", err=True)
+    raise typer.Exit(130)
+
+
 def bug(e: BaseException) -> None:
     """An unexpected exception: its traceback, a line saying it is a bug in refdir, exit status 1."""
     _close_progress_bars()
@@ -167,6 +175,8 @@ def one_error_line(command):
             return command(**kwargs)
         except (typer.Exit, typer.Abort, click_errors.ClickException):
             raise
+        except KeyboardInterrupt:
+            interrupted()
         except expected_errors() as e:
             if isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == "refdir":
                 bug(e)  # refdir's own module missing: a broken install or a bug, not bad input

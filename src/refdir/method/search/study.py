@@ -98,7 +98,7 @@ def open_study(path: Path, seed: int):
     """Create the two-objective study (refusal, KL; both minimised) in journal ``path``, or load it to resume."""
     optuna = import_optuna()
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a trial stopped by Ctrl-C is not news; the CLI says it
     sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
     return optuna.create_study(study_name=STUDY_NAME, storage=storage(path), directions=["minimize", "minimize"],
                                sampler=sampler, load_if_exists=True)

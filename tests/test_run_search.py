@@ -517,7 +517,7 @@ def test_a_search_run_stands_for_its_selected_direction(tiny_model_dir, tmp_path
     for p in (out, rd.direction_path()):
         got = load_direction(p)
         assert torch.equal(got.vector, want.vector) and (got.layer, got.position) == (want.layer, want.position)
-    assert default_arms(out)[1] == f"ablate:{out}"
+    assert default_arms(out)[1:] == [f"ablate:{out}", f"ckpt:{rd.checkpoint_model_dir()}:name=chosen edit"]
     lm = load_model(model, dtype="fp32")
     with ablate(lm.model, want.vector):
         expect = generate(lm.model, ChatFormat(lm.tokenizer), ["hi there"], max_new_tokens=5, progress=False)[0]

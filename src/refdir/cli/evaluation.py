@@ -20,17 +20,19 @@ RunOpt = typer.Option(None, "--run", help="a refdir run dir: default arms from i
 
 
 def default_arms(run: Path | None) -> list[str]:
-    """Without --arm: base, and for a run dir its direction under ablation and its orthogonalized checkpoint."""
+    """Without --arm: base, and for a run dir its direction under ablation and its checkpoint (a --method paper
+    run's orthogonalized one, or a search run's chosen edit)."""
     arms = ["base"]
     if run is not None:
         rd = RunDir(run)
         d = rd.direction_path()
-        if d.with_suffix(".safetensors").exists():
+        paper = d.with_suffix(".safetensors").exists()
+        if paper:
             arms.append(f"ablate:{d}")
         elif rd.direction() is not None:  # a run with the search keeps its selection's pick among the candidates
             arms.append(f"ablate:{rd.path}")
-        if rd.has_checkpoint():
-            arms.append(f"ckpt:{rd.checkpoint_model_dir()}:name=orthogonalized")
+        if rd.has_checkpoint():  # a search run's checkpoint holds its chosen edit, not the ablation beside it
+            arms.append(f"ckpt:{rd.checkpoint_model_dir()}:name={'orthogonalized' if paper else 'chosen edit'}")
     return arms
 
 

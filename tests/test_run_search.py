@@ -20,6 +20,7 @@ from refdir.core.chat import ChatFormat
 from refdir.core.directions import Candidates
 from refdir.core.edits import Edit, Kernel, Second, apply_weights_, resolve
 from refdir.core.gguf_plan import export_gguf_plan
+from refdir.core.io import remove_dir
 from refdir.core.rundir import RunDir
 from refdir.method.search.study import select_warm_start
 from refdir.method.selection import SelectionConfig, score_candidates
@@ -592,3 +593,11 @@ def test_ctrl_c_in_the_search_is_one_line_and_the_same_command_resumes(tiny_mode
     monkeypatch.setattr(wsearch, "make_objective", real)
     s = _run(model, out, "--budget", "3")
     assert "load" in s["timings_s"] and s["search"]["n_trials"] >= 2 and s["checkpoint"] is not None
+    # a stage whose files were deleted since (a checkpoint removed to save disk) is done again, not taken as done
+    rd = RunDir(out)
+    weights = rd.checkpoint_model_dir() / "model.safetensors"
+    before = weights.read_bytes()
+    remove_dir(rd.checkpoint_model_dir())
+    s2 = _run(model, out, "--budget", "3")
+    assert weights.read_bytes() == before and s2["checkpoint"]["verified"] == s["checkpoint"]["verified"]
+    assert s2["timings_s"]["eval"] == 0.0 and s2["timings_s"]["checkpoint"] > 0

@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 from pathlib import Path
 
+import torch
+
+from refdir import __version__
 from refdir.core.cache import sha256_file
 from refdir.core.io import atomic_write_json
 from refdir.core.model_files import EMBEDDED_ALIASES, cache_dir
@@ -96,3 +100,11 @@ def data_sha256(data: DataSpec) -> dict[str, str]:
     sources = [s for s in (getattr(data, k) for k in DATA_SOURCES)
                if s and not s.startswith("embedded:") and Path(s).is_file()]
     return files_sha256(sorted(set(sources)))
+
+
+def versions() -> dict:
+    """Versions of refdir and the libraries whose behaviour decides the numbers (for manifests)."""
+    import transformers
+
+    return {"refdir": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}

@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import html
 import json
-import platform
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,7 +44,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from refdir import __version__
 from refdir.core.directions import Candidates, Direction
 from refdir.core.dirlock import LOCK_NAME, DirLock, clean_stale
 from refdir.core.io import (
@@ -97,14 +95,6 @@ METRICS_FILE = "metrics.json"
 CHECKPOINT_EVAL_FILE = "eval.json"
 CHECKPOINT_MODEL_DIR = "model"
 CHECKPOINT_GGUF_FILE = "model.gguf"
-
-
-def versions() -> dict:
-    """Versions of refdir and the libraries whose behaviour decides the numbers (for manifests)."""
-    import transformers
-
-    return {"refdir": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
 
 
 def model_name(config: dict) -> str | None:
@@ -234,9 +224,13 @@ class RunDir:
         return self._stage_record(stage) is not None
 
     def done(self, stage: str, key: str) -> bool:
-        """Whether ``stage`` was finished with this key."""
+        """Whether ``stage`` was finished with this key and still holds the files it wrote, at their sizes (a user
+        may delete a checkpoint to save disk: the stage is then done again, not reported with a missing path)."""
         rec = self._stage_record(stage)
-        return rec is not None and rec.get("key") == key
+        if rec is None or rec.get("key") != key:
+            return False
+        d = self.stage_dir(stage)
+        return all((d / f).is_file() and (d / f).stat().st_size == n for f, n in rec.get("files", {}).items())
 
     def _stage_record(self, stage: str) -> dict | None:
         """``stage.json`` of ``stage`` (None when the stage was never finished); a corrupt one is one clear error
@@ -265,7 +259,8 @@ class RunDir:
         and the directory replaces the stage's whole; on error nothing changes."""
         with atomic_dir(self.stage_dir(stage), force=True) as tmp:
             yield tmp
-            atomic_write_json(tmp / "stage.json", {"key": key, "stage": stage})
+            files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            atomic_write_json(tmp / "stage.json", {"key": key, "stage": stage, "files": files})
 
     # ------------------------------------------------------------------ run-level files
     @property

@@ -8,8 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from refdir.core.data import sample
 from refdir.core.directions import Candidates
+from refdir.core.fingerprint import versions
 from refdir.core.io import atomic_dir, atomic_write_json, check_replaceable
-from refdir.core.rundir import versions
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
 from refdir.workflows.checks import check_extract, check_prompts_fit

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from refdir.core import rundir as rdl
-from refdir.core.fingerprint import files_sha256
+from refdir.core.fingerprint import files_sha256, versions
 from refdir.core.io import remove_dir
 from refdir.core.memory import peak_rss_mib, trim_heap
-from refdir.core.rundir import RunDir, versions
+from refdir.core.rundir import RunDir
 from refdir.errors import RefdirError
 from refdir.method.selection import Selection
 from refdir.workflows.checks import all_prompts, check_run, choice_warnings, refusal_warnings

@@ -25,7 +25,8 @@ and extend the same directory. Every path inside it is built here::
       evaluation/, benchmarks/, analysis/   outputs of refdir eval, bench and analyze with --run
 
 Each stage directory holds ``stage.json`` with the stage's key: a hash of the settings the stage depends on
-and of the key of the stage before it. A stage whose key matches is done; a stage is written into a temp
+and of the key of the stage before it, and the sizes of the files it wrote. A stage whose key matches and whose
+files are all there is done; a stage is written into a temp
 directory and swapped in whole, ``stage.json`` last, so a crash never leaves a half stage that looks done.
 The settings include the content hashes of the files read (data files for ``data``, the model's files for
 ``refusal_tokens``; see :mod:`refdir.core.fingerprint`). One process at a time writes the directory (its lock);

@@ -250,3 +250,13 @@ def probe_found_little_refusal(run_dir: Path) -> None:
     rec = json.loads(f.read_text())
     rec["evidence"] = {"n_prompts": 32, "n_refusals": 2, "first_tokens": {"I": 2}, "kept": ["I"], "source": "derived"}
     f.write_text(json.dumps(rec))
+    restamp(f.parent)
+
+
+def restamp(stage_dir: Path) -> None:
+    """Record a stage's files at their present sizes in its ``stage.json``, as the stage would have written them
+    (a stage whose files changed size since is otherwise done again)."""
+    st = stage_dir / "stage.json"
+    rec = json.loads(st.read_text())
+    rec["files"] = {n: (stage_dir / n).stat().st_size for n in rec.get("files", {})}
+    st.write_text(json.dumps(rec))

@@ -111,3 +111,11 @@ def test_a_refdir_error_is_one_line_and_exit_2():
     assert r.exit_code == 2 and r.output.strip() == "error: bad input"
     r = CliRunner().invoke(_tiny_app(cmd), ["x", "--dtype", "fp5"])  # refused by ModelSpec, the same way
     assert r.exit_code == 2 and r.output.strip().startswith("error:") and len(r.output.strip().splitlines()) == 1
+
+
+def test_version():
+    """`refdir --version` prints the installed version and exits 0, without running a command."""
+    from importlib.metadata import version
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output == f"refdir {version('refdir')}\n"

@@ -11,6 +11,7 @@ import sys
 
 import typer
 
+from refdir import __version__
 from refdir.cli import analysis, evaluation, optimize, run, search, steering
 from refdir.cli.common import OneLineUsageErrors, describe, expected_errors, one_error_line
 from refdir.core.memory import tune_allocator
@@ -41,8 +42,15 @@ COMMANDS = [  # (group, command name, function)
 ]
 
 
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"refdir {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print refdir's version and exit.")) -> None:
     """refdir: find, remove and add the refusal direction of a chat model."""
 
 

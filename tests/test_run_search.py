@@ -515,7 +515,7 @@ def test_a_search_run_stands_for_its_selected_direction(tiny_model_dir, tmp_path
     rd = RunDir(out)
     assert not rd.direction_path().with_suffix(".safetensors").exists()
     want = rd.direction()
-    for p in (out, rd.direction_path()):
+    for p in (out, rd.direction_path(), rd.direction_path().with_suffix(".safetensors")):
         got = load_direction(p)
         assert torch.equal(got.vector, want.vector) and (got.layer, got.position) == (want.layer, want.position)
     assert default_arms(out)[1:] == [f"ablate:{out}", f"ckpt:{rd.checkpoint_model_dir()}:name=chosen edit"]

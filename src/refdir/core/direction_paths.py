@@ -20,6 +20,8 @@ def run_of(path: str | Path) -> RunDir | None:
     p = Path(path)
     if p.is_dir():
         return RunDir(p)
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
     if p.name == DIRECTION_NAME and p.parent.name == SELECTION and not p.with_suffix(".safetensors").exists():
         run = p.parent.parent
         if (run / "config.json").exists():

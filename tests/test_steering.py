@@ -332,3 +332,32 @@ def test_cli_steer_chats_with_the_model_as_is_or_steered(tiny_model_dir, tmp_pat
     assert r.stdout == f"hi there\n  → {steered}\n\n"
     r = run(app, [*base, "--mode", "ablate"])
     assert r.exit_code == 2 and r.output.startswith("error: ") and "give --vector" in r.output
+
+
+def test_cli_steer_chat_keeps_the_conversation(tiny_model_dir):
+    """Interactive `refdir steer`: each answer sees the conversation so far (the tokenizer's template renders the
+    turns); /reset forgets it."""
+    from refdir.cli.main import app
+    from refdir.core.chat import ChatFormat
+    from refdir.core.generation import generate
+    from refdir.core.models import load_model
+
+    d = tiny_model_dir("qwen2")
+    lm = load_model(d, dtype="fp32")
+    fmt = ChatFormat(lm.tokenizer)
+
+    def answer(turns):
+        return generate(lm.model, fmt, [turns], max_new_tokens=5, progress=False)[0]
+
+    first = answer([{"role": "user", "content": "hi there"}])
+    second = answer([{"role": "user", "content": "hi there"}, {"role": "assistant", "content": first},
+                     {"role": "user", "content": "and then"}])
+    alone = answer([{"role": "user", "content": "and then"}])
+    assert second != alone  # the history changes the answer on this model, so the test can tell
+    assert "<|user|>\nhi there<|end|>" in fmt.render([{"role": "user", "content": "hi there"},
+                                                      {"role": "assistant", "content": first},
+                                                      {"role": "user", "content": "and then"}])
+    r = CliRunner().invoke(app, ["steer", str(d), "--dtype", "fp32", "--max-new-tokens", "5"],
+                           input="hi there\nand then\n/reset\nand then\n")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.split("you> ")[1:] == [f"{first}\n", f"{second}\n", "", f"{alone}\n", ""]

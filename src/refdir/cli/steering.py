@@ -170,7 +170,8 @@ def steer(
     layer: list[int] = typer.Option(None, help="layers to steer (default: every layer of the vector)"),
     mode: str = typer.Option("add", help="add, or ablate (project the vector's direction out everywhere)"),
     positions: str = typer.Option("all", help="prompt, generated or all"),
-    prompt: list[str] = typer.Option(None, "--prompt", help="user message(s); without it: interactive chat"),
+    prompt: list[str] = typer.Option(None, "--prompt", help="user message(s), each answered on its own; without it: "
+                                     "interactive chat (a message a line, /reset forgets the conversation)"),
     max_new_tokens: int = typer.Option(128),
 ) -> None:
     """Generate, or chat interactively, with a steering vector added (or a direction ablated); without --vector,
@@ -199,22 +200,29 @@ def steer(
         return steering_hooks(lm.model, sv, coeff, positions=positions, layers=layers)
 
     prompts = list(prompt or [])
-    interactive = not prompts
-    while True:
-        if interactive:
-            try:
-                line = input("you> ").strip()
-            except EOFError:
-                break
-            if line in ("", "/quit", "/exit"):
-                break
-            prompts = [line]
+    if prompts:  # one answer per prompt, each on its own
         with hooks():
             outs = generate(lm.model, fmt, prompts, max_new_tokens=max_new_tokens, progress=False)
         for p, t in zip(prompts, outs, strict=True):
-            typer.echo(t if interactive else f"{p}\n  → {t}\n")
-        if not interactive:
+            typer.echo(f"{p}\n  → {t}\n")
+        return
+    history: list[dict] = []  # the conversation so far (a plain --chat-template holds one message: no history)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
             break
+        if line in ("", "/quit", "/exit"):
+            break
+        if line == "/reset":
+            history = []
+            continue
+        turn = [*history, {"role": "user", "content": line}]
+        with hooks():
+            answer = generate(lm.model, fmt, [turn], max_new_tokens=max_new_tokens, progress=False)[0]
+        typer.echo(answer)
+        if fmt.template is None:
+            history = [*turn, {"role": "assistant", "content": answer}]
 
 
 def convert_vector(

@@ -45,13 +45,15 @@ class ChatFormat:
         self._post = self._find_post_instruction_ids()
 
     # ---------------------------------------------------------------- rendering
-    def render(self, instruction: str) -> str:
+    def render(self, instruction: str | list[dict]) -> str:
+        """The prompt for one user message, or for a conversation (``[{"role": "user" | "assistant", "content":
+        ...}, ...]`` ending with a user turn: an interactive chat's history); a plain ``template`` holds one
+        message, so it gets the last."""
+        turns = [{"role": "user", "content": instruction}] if isinstance(instruction, str) else list(instruction)
         if self.template is not None:
-            return self.template.replace("{instruction}", instruction)
-        msgs = []
-        if self.system:
-            msgs.append({"role": "system", "content": self.system})
-        msgs.append({"role": "user", "content": instruction})
+            return self.template.replace("{instruction}", turns[-1]["content"])
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        msgs += turns
         try:
             return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # noqa: BLE001 - jinja's TemplateError and what a template raises itself

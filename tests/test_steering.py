@@ -360,4 +360,4 @@ def test_cli_steer_chat_keeps_the_conversation(tiny_model_dir):
     r = CliRunner().invoke(app, ["steer", str(d), "--dtype", "fp32", "--max-new-tokens", "5"],
                            input="hi there\nand then\n/reset\nand then\n")
     assert r.exit_code == 0, r.output
-    assert r.stdout.split("you> ")[1:] == [f"{first}\n", f"{second}\n", "", f"{alone}\n", ""]
+    assert r.stdout == f"{first}\n{second}\n{alone}\n"  # piped in: the answers alone, no prompt

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
 import typer
@@ -207,9 +208,10 @@ def steer(
             typer.echo(f"{p}\n  → {t}\n")
         return
     history: list[dict] = []  # the conversation so far (a plain --chat-template holds one message: no history)
+    ask = "you> " if sys.stdin.isatty() else ""  # messages piped in (a line each): the answers alone
     while True:
         try:
-            line = input("you> ").strip()
+            line = input(ask).strip()
         except EOFError:
             break
         if line in ("", "/quit", "/exit"):

@@ -508,6 +508,7 @@ def test_a_search_run_stands_for_its_selected_direction(tiny_model_dir, tmp_path
     from refdir.core.generation import generate
     from refdir.core.interventions import ablate
     from refdir.core.models import load_model
+    from refdir.steering.vectors import SteeringVector
 
     model = tiny_model_dir("qwen2")
     out = tmp_path / "r"
@@ -522,6 +523,10 @@ def test_a_search_run_stands_for_its_selected_direction(tiny_model_dir, tmp_path
     lm = load_model(model, dtype="fp32")
     with ablate(lm.model, want.vector):
         expect = generate(lm.model, ChatFormat(lm.tokenizer), ["hi there"], max_new_tokens=5, progress=False)[0]
+    r = runner.invoke(app, ["convert-vector", str(out), str(tmp_path / "r.safetensors")])  # the run's r as a vector
+    assert r.exit_code == 0, r.output
+    back = SteeringVector.load(tmp_path / "r.safetensors")
+    assert back.layers == [want.layer] and torch.allclose(back[want.layer], want.vector.float(), atol=1e-6)
     r = runner.invoke(app, ["steer", str(model), "--dtype", "fp32", "--vector", str(out), "--mode", "ablate",
                             "--prompt", "hi there", "--max-new-tokens", "5"])
     assert r.exit_code == 0, r.output

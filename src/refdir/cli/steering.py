@@ -183,8 +183,7 @@ def steer(
         raise RefdirError(f"unknown position mode {positions!r}; use one of {POSITIONS}")
     if vector is None and (layer or mode != "add" or coeff != 1.0 or positions != "all"):
         raise RefdirError("--layer, --mode, --coeff and --positions steer with a vector: give --vector")
-    sv = None if vector is None else (SteeringVector.from_direction(load_direction(vector)) if run_of(vector)
-                                      else SteeringVector.load(vector))
+    sv = None if vector is None else _vector(vector)
     spec.check()
     lm, fmt = spec.load()
     layers = list(layer) if layer else None
@@ -227,14 +226,20 @@ def steer(
             history = [*turn, {"role": "assistant", "content": answer}]
 
 
+def _vector(path: Path) -> SteeringVector:
+    """A steering vector file, a direction file, or a run directory standing for its selected direction."""
+    return SteeringVector.from_direction(load_direction(path)) if run_of(path) else SteeringVector.load(path)
+
+
 def convert_vector(
-    src: Path = typer.Argument(..., help="steering vector: .safetensors (+ .json), refdir direction, or .gguf"),
+    src: Path = typer.Argument(..., help="steering vector: .safetensors (+ .json), refdir direction, .gguf, or a "
+                                         "run dir (its selected direction)"),
     dst: Path = typer.Argument(..., help="output: .gguf (llama.cpp control vector) or .safetensors"),
     force: bool = typer.Option(False, help="overwrite an existing output file"),
 ) -> None:
     """Convert between refdir's safetensors format and llama.cpp control vectors."""
     if dst.suffix not in (".gguf", ".safetensors"):
         raise RefdirError(f"the output {dst} must end in .gguf (llama.cpp control vector) or .safetensors")
-    sv = SteeringVector.load(src)
+    sv = _vector(src)
     path = sv.to_gguf(dst, force=force) if dst.suffix == ".gguf" else sv.save(dst, force=force)
     console.print(f"written [bold]{path}[/]")

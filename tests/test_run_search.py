@@ -91,6 +91,9 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
                             str(tmp_path / "r" / "selection" / "direction")], env={"COLUMNS": "300"})
     assert r.exit_code == 2 and r.output.startswith("error: ") and len(r.output.splitlines()) == 1, r.output
     assert "optimize/" not in r.output and "refdir export" in r.output and not (tmp_path / "o").exists()
+    r2 = runner.invoke(app, ["orthogonalize", str(model), str(tmp_path / "o"), "--direction", str(tmp_path / "r")],
+                       env={"COLUMNS": "300"})  # the run dir itself: the same explanation
+    assert r2.exit_code == 2 and r2.output == r.output and not (tmp_path / "o").exists()
     for key in ("base/heldout/harmful", "chosen/heldout/harmful", "chosen/test/harmless"):
         assert rate_text(sc[key]["refusal"], sc[key]["n"]) in report  # each rate with its count and interval
     # the chosen edit against the plain direction and the base model, prompt by prompt, on the held-out set

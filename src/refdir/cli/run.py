@@ -8,12 +8,13 @@ import typer
 from rich.table import Table
 
 from refdir.cli.common import DIRECTION_METHOD_HELP, console, model_options
+from refdir.core.direction_paths import run_of
 from refdir.core.directions import edit_tensor, load_edit
 from refdir.core.gguf_edit import orthogonalize_gguf
 from refdir.core.io import check_replaceable
 from refdir.core.orthogonalize import save_orthogonalized, stream_orthogonalize
 from refdir.core.preflight import check_output
-from refdir.core.rundir import CHECKPOINT, SELECTION, RunDir
+from refdir.core.rundir import CHECKPOINT, RunDir
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
 from refdir.method.search import load_reference
@@ -169,11 +170,10 @@ def orthogonalize(
 
 
 def _refuse_search_selection(direction: Path) -> None:
-    """``RUN/selection/direction`` of a run with the search (the default), which keeps no such file: say what the
-    run has instead of "expected … .safetensors"."""
-    rd = RunDir(direction.parent.parent)
-    if (direction.parent.name != SELECTION or direction.with_suffix(".safetensors").exists()
-            or not (rd.search_dir() / "front.json").exists()):
+    """A run with the search (the default) named as the direction, as ``RUN/selection/direction`` (which it keeps
+    no file at) or as the run dir: say what the run has instead of "expected … .safetensors"."""
+    rd = run_of(direction)
+    if rd is None or not (rd.search_dir() / "front.json").exists():
         return
     main = [rd.source_path(n) for n in ("pca", "rdo") if rd.source_path(n).exists()]
     raise RefdirError(
@@ -201,8 +201,8 @@ def print_summary(s: dict, out: Path) -> None:
                       str(c["degenerate"]))
         console.print(t)
         if s.get("checkpoint"):
-            console.print(f"checkpoint: {RunDir(out).checkpoint_model_dir()}  (try it: refdir steer "
-                          f"{RunDir(out).checkpoint_model_dir()})", markup=False)
+            ck = RunDir(out).checkpoint_model_dir()
+            console.print(f"checkpoint: {ck}  (try it: refdir steer {ck})", markup=False)
     print_warnings(s.get("warnings", []))
     console.print(f"report: [bold]{out / 'report.html'}[/]  ({s['timings_s']['total']:.0f} s)")
 

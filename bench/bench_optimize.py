@@ -25,13 +25,16 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import fail
 
+from refdir.cli.optimize import parse_weights
 from refdir.core.directions import Direction, load_ablation
 from refdir.core.edits import Edit, Plan, hooked, resolve
 from refdir.core.forward import last_logits
 from refdir.core.generation import generate
 from refdir.core.interventions import ablate
 from refdir.core.rundir import RunDir
+from refdir.errors import RefdirError
 from refdir.method.optimize import OptimizeConfig, Trainer
 from refdir.method.refusal_judge import judge_all
 from refdir.method.scoring import first_token_kl
@@ -125,6 +128,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=OptimizeConfig.eval_every)
     ap.add_argument("--lr", type=float, default=OptimizeConfig.lr)
     ap.add_argument("--patience", type=int, default=OptimizeConfig.patience)
+    ap.add_argument("--weights", default=",".join(f"{w:g}" for w in OptimizeConfig.weights),
+                    help="loss weights ablation,addition,retain (the paper's 1,0.2,1), as `refdir optimize --weights`")
     ap.add_argument("--skip-cone", action="store_true")
     ap.add_argument("--judge-targets", action="store_true", help="drop the targets the judge reads off-label")
     ap.add_argument("--coeff", type=float, help="the addition coefficient of the refusal targets and the addition "
@@ -142,8 +147,12 @@ def main() -> None:
                     help="another direction or subspace file to compare (its whole span ablated), e.g. a cone's "
                          "RUN/optimize/cone_k2; repeatable")
     a = ap.parse_args()
+    try:
+        weights = parse_weights(a.weights)
+    except RefdirError as e:
+        fail(str(e))
     train = OptimizeConfig(steps=a.steps, batch_size=a.batch_size, eval_every=a.eval_every, lr=a.lr,
-                           patience=a.patience)
+                           patience=a.patience, weights=weights)
     s = OptimizeSettings(train=train, target_tokens=a.target_tokens, n_train=a.n_train, n_val=a.n_val,
                          judge_targets=a.judge_targets).check()
     ctx = open_context(a.run, s)

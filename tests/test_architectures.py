@@ -149,33 +149,40 @@ def test_contiguous_unembedding_gives_the_same_logits_from_a_row_major_input(arc
 
 
 def test_add_shifts_block_input_and_combines_with_ablation():
+    """``add`` puts coeff·v on its block's input; with the ablation beside it, the block receives the ablated
+    input plus v (the ablation's hook runs first), and the blocks after it see v's part along r removed again."""
     model = make_tiny("qwen2", VOCAB)
     arch = inspect_model(model)
     v = torch.randn(arch.d_model)
+    r = torch.randn(arch.d_model)
+    r_hat = r / r.norm()
     ids, mask = _inputs()
-    seen, handles = _record_block_inputs(arch)
-    with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask)
-        base_in = seen[1].clone()
-        seen.clear()
-        with add(model, v, layer=1, coeff=2.0):
-            model(input_ids=ids, attention_mask=mask)
-        # the recording hook was registered first, so it sees the input before the addition;
-        # the block itself received base + 2v: check through a second recorder registered after.
-        seen.clear()
-        with add(model, v, layer=1, coeff=2.0):
-            rec = []
-            h2 = arch.blocks[1].block.register_forward_pre_hook(
-                lambda m, a, k: rec.append((a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
-            model(input_ids=ids, attention_mask=mask)
-            h2.remove()
-        assert torch.allclose(rec[0], base_in + 2.0 * v, atol=1e-5)
-        r = torch.randn(arch.d_model)
-        with intervene(ablate(model, r), add(model, v, 1)):
-            both = model(input_ids=ids, attention_mask=mask).logits
-        assert torch.isfinite(both).all()
-    for h in handles:
-        h.remove()
+
+    def block_inputs(*contexts):
+        """What blocks 1 and 2 receive under ``contexts``: recorders registered after their hooks."""
+        rec = {1: [], 2: []}
+        with torch.no_grad(), intervene(*contexts):
+            hs = [arch.blocks[i].block.register_forward_pre_hook(
+                lambda m, a, k, i=i: rec[i].append((a[0] if a else k["hidden_states"]).clone()), with_kwargs=True)
+                for i in rec]
+            try:
+                logits = model(input_ids=ids, attention_mask=mask).logits
+            finally:
+                for h in hs:
+                    h.remove()
+        return rec[1][0], rec[2][0], logits
+
+    base_in, _, base_logits = block_inputs()
+    added_in, _, _ = block_inputs(add(model, v, layer=1, coeff=2.0))
+    assert torch.allclose(added_in, base_in + 2.0 * v, atol=1e-5)
+    abl_in, _, _ = block_inputs(ablate(model, r))
+    both_in, both_next, both = block_inputs(ablate(model, r), add(model, v, 1))
+    assert torch.allclose(abl_in @ r_hat, torch.zeros(()), atol=1e-4)
+    assert torch.allclose(both_in, abl_in + v, atol=1e-5)
+    assert torch.allclose(both_next @ r_hat, torch.zeros(()), atol=1e-4)
+    assert not torch.allclose(both, base_logits, atol=1e-3)
+    for bp in arch.blocks:  # every hook removed on exit
+        assert not bp.block._forward_pre_hooks
 
 
 def test_unknown_module_tree_fails_with_the_tree_in_the_message():
@@ -247,19 +254,27 @@ def test_the_stream_checks_pass_and_leave_the_weights_alone(arch_name):
 
 @pytest.mark.parametrize("arch_name", ["llama", "qwen2_moe"])
 def test_split_device_map_hooks_are_device_correct(arch_name):
-    """Blocks placed by an accelerate-style device map (all on CPU here, but dispatched through
-    accelerate hooks) still ablate correctly."""
+    """Blocks placed one by one by an accelerate device map (all on CPU here, but dispatched through accelerate's
+    hooks, which wrap every block's forward) still ablate exactly as the undispatched model does."""
+    import copy
+
     from accelerate import dispatch_model
 
     model = make_tiny(arch_name, VOCAB)
+    ref_model = copy.deepcopy(model)
     arch = inspect_model(model)
     r = torch.randn(arch.d_model)
     ids, mask = _inputs()
-    with torch.no_grad(), ablate(model, r):
-        ref = model(input_ids=ids, attention_mask=mask).logits
-    names = [n for n, _ in model.named_children()]
-    device_map = {n: "cpu" for n in names}
-    model2 = dispatch_model(model, device_map=device_map)
+    with torch.no_grad():
+        base = ref_model(input_ids=ids, attention_mask=mask).logits
+        with ablate(ref_model, r):
+            ref = ref_model(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(ref, base, atol=1e-3)  # the ablation changes the logits, so the comparison can fail
+    n_layers = model.config.num_hidden_layers
+    device_map = {f"model.{n}": "cpu" for n, _ in model.model.named_children() if n != "layers"}
+    device_map |= {f"model.layers.{i}": "cpu" for i in range(n_layers)} | {"lm_head": "cpu"}
+    model2 = dispatch_model(model, device_map=device_map, force_hooks=True)
+    assert all(hasattr(model2.model.layers[i], "_hf_hook") for i in range(n_layers))
     with warnings.catch_warnings(), torch.no_grad(), ablate(model2, r):
         warnings.simplefilter("ignore")
         got = model2(input_ids=ids, attention_mask=mask).logits

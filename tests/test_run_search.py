@@ -213,16 +213,34 @@ def test_gguf_export_of_an_edit_equals_the_in_memory_weight_edit(tiny_tokenizer,
     assert torch.allclose(edited.get_input_embeddings().weight, in_memory.get_input_embeddings().weight, atol=1e-6)
 
 
-def test_paper_checkpoint_is_edited_in_place_with_one_model_copy(tiny_model_dir, tmp_path):
-    model = tiny_model_dir("qwen2")
-    s = _run(model, tmp_path / "p", "--method", "paper")
-    assert s["checkpoint"] is not None and s["checkpoint"]["n"] == 4
-    assert s["checkpoint"]["path"] == "checkpoint/model"
-    fmt_ok = ChatFormat  # the checkpoint reloads with plain transformers
+def test_paper_checkpoint_is_edited_in_place_with_one_model_copy(tiny_model_dir, tmp_path, monkeypatch):
+    """The paper method's checkpoint is the run's one loaded model with the selected direction orthogonalized into
+    it: the model is loaded once (a spy on the loader, which still loads), and the saved checkpoint, reloaded with
+    plain transformers, computes what the base model computes with that direction ablated by hooks."""
     from transformers import AutoModelForCausalLM
 
-    m = AutoModelForCausalLM.from_pretrained(RunDir(tmp_path / "p").checkpoint_model_dir(), trust_remote_code=False)
-    assert m is not None and fmt_ok is not None
+    import refdir.core.spec as spec
+    from refdir.core.interventions import ablate
+
+    loads = []
+    real_load = spec.load_model
+    monkeypatch.setattr(spec, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    model = tiny_model_dir("qwen2")
+    s = _run(model, tmp_path / "p", "--method", "paper")
+    assert len(loads) == 1
+    assert s["checkpoint"] is not None and s["checkpoint"]["n"] == 4
+    assert s["checkpoint"]["path"] == "checkpoint/model"
+    rd = RunDir(tmp_path / "p")
+    ck = AutoModelForCausalLM.from_pretrained(rd.checkpoint_model_dir(), trust_remote_code=False)
+    base = AutoModelForCausalLM.from_pretrained(model, trust_remote_code=False)
+    ids = torch.randint(0, base.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        with ablate(base, rd.direction().vector):
+            hooked_logits = base(input_ids=ids).logits
+        got = ck(input_ids=ids).logits
+    assert not torch.allclose(hooked_logits, plain, atol=1e-3)  # the direction changes the logits
+    assert torch.allclose(got, hooked_logits, atol=1e-4)
 
 
 def test_run_with_an_optimized_direction_searches_it_and_tests_the_choice(tiny_model_dir, tmp_path):

@@ -22,7 +22,7 @@ from refdir.core.edits import Edit, Kernel, Second, apply_weights_, resolve
 from refdir.core.gguf_plan import export_gguf_plan
 from refdir.core.io import remove_dir
 from refdir.core.rundir import RunDir
-from refdir.method.search.study import select_warm_start
+from refdir.method.search.study import lead_candidate, select_warm_start
 from refdir.method.selection import SelectionConfig, score_candidates
 from refdir.method.uncertainty import mcnemar, rate_text
 
@@ -282,10 +282,11 @@ def test_run_with_the_pca_source_searches_it_and_reads_it_back(tiny_model_dir, t
     assert rd.config()["direction_method"] == "pca"
     v = Direction.load(rd.optimize_dir() / "pca.safetensors")
     res = json.loads((rd.search_dir() / "summary.json").read_text())
-    ch = res["selection"]["chosen"] or {}
+    sel = json.loads((rd.search_dir() / "selection.json").read_text())
+    lead = lead_candidate(sel["table"], sel["chosen"], rd.config()["kl_max"])  # the selection's pick, or the best
     d = rd.candidates().get(v.position, v.layer).vector
     assert v.meta["source"] == "pca" and v.meta["components"] == COMPONENTS
-    assert (not ch) or (v.position, v.layer) == (ch["position"], ch["layer"])
+    assert lead is not None and (v.position, v.layer) == (lead["position"], lead["layer"])
     torch.testing.assert_close(v.vector.norm(), d.norm())  # the candidate's norm, another direction
     assert float(torch.nn.functional.cosine_similarity(v.vector, d, dim=0)) < 1 - 1e-6
     assert any(t["edit"].get("direction") == "pca" for t in res["trials"])

@@ -564,8 +564,90 @@ def _invoke(argv: list[str], as_subprocess: bool) -> tuple[int, str]:
     return p.returncode, p.stdout + p.stderr
 
 
+# What each case's error line must say: the cause, so that an unrelated early error cannot pass for it.
+NEEDLES: dict[str, str] = {
+    "run: a model path that does not exist (no config.json or data/ left behind)": "does not exist",
+    "run: --dtype fp64": "unknown dtype 'fp64'",
+    "run: --judge oracle": "judge",
+    "run: --induce-rule that does not exist": "induce_rule",
+    "run: --n-val 0": "n_val",
+    "run: a hub id that is not in the offline cache": "refdir-tests/no-such-model",
+    "run: a model whose residual is scaled per channel (no weight edit removes a direction)": "cannot edit this architecture",
+    "orthogonalize (streamed): the same per-channel residual scale": "cannot edit this architecture",
+    "run: a vision-language checkpoint whose processor chat template is not JSON": "chat_template.json is not a JSON object",
+    "extract: --harmful names a file that does not exist": "no such file",
+    "extract: NaN activations (a model with NaN weights)": "not finite",
+    "extract: fp16 overflow (huge weights, --dtype fp16)": "overflow",
+    "run: an option value that does not parse (click's usage error)": "--budget",
+    "run: an option that does not exist": "No such option: --kl-targt",
+    "analyze geometry: the run directory argument missing": "Missing argument",
+    "a command that does not exist": "No such command 'orthogonalise'",
+    "extract: --n-train 0": "n_train",
+    "extract: --device that does not exist": "unknown device 'toaster'",
+    "extract: --chat-template without {instruction}": "{instruction}",
+    "search: --variants that do not exist": "unknown variant",
+    "search: --kl-marks that are not numbers": "--kl-marks",
+    "search: a model path that does not exist": "does not exist",
+    "search: --trials 0": "--trials",
+    "export: a run directory without a search": "holds no finished search",
+    "eval: an arm of an unknown kind": "unknown kind 'sideways'",
+    "eval: an ablation arm whose direction file does not exist": "nothing.safetensors",
+    "eval: --run that does not exist": "does not exist",
+    "eval: --batch-size 0": "batch_size",
+    "eval: an unknown --safety-judge": "unknown judge 'oracle'",
+    "steer: --mode that does not exist": "unknown mode 'amplify'",
+    "steer: --vector a directory that is not a run": "is not a finished refdir run",
+    "jailbreak: --direction that does not exist": "nothing.safetensors",
+    "bias: --direction a directory that is not a run": "is not a finished refdir run",
+    "convert-vector: an output that is neither .gguf nor .safetensors": "must end in .gguf",
+    "orthogonalize (streamed): a direction of the wrong size": "size 65",
+    "orthogonalize (streamed): a NaN direction": "NaN",
+    "orthogonalize (GGUF): a zero direction": "zero vector",
+    "orthogonalize (GGUF): a NaN direction": "NaN",
+    "orthogonalize: direction metadata without 'layer'": "no 'layer'",
+    "run: --out FILE --force": "is not a directory",
+    "run: --out under a file (unwritable)": "is a file, not a directory",
+    "run: --out in a read-only location": "read-only",
+    "run: --force on a directory refdir did not write": "was not written by refdir",
+    "run: a truncated stage.json in the run directory": "stage.json is corrupt",
+    "run: an empty config.json in the run directory": "corrupt run file",
+    "run: a duplicate-only dataset": "copies of one instruction",
+    "run: prompts longer than the model's context": "do not fit the model's context",
+    "run: a model without a chat template": "no chat template",
+    "run: a model that refuses none of the refusal-token probe's prompts (no run directory left behind)": "refused none",
+    "run: a run directory another refdir process is writing": "in use by another refdir process",
+    'extract: --harmful is a JSON object such as {"data": 5}': "expected a JSON list",
+    "extract: --harmful is a corrupt parquet file": "as parquet",
+    "extract: --harmful is a directory named x.txt": "is a directory",
+    "extract: a csv without the --column": "no column 'instruction'",
+    "extract: an empty dataset": "empty dataset",
+    "extract: prompts longer than the model's context (32 tokens, 400 words)": "do not fit the model's context",
+    "extract: a checkpoint with an unknown model_type": "mystery-arch",
+    "extract: a config that names custom code (never prompted for, never run)": "--trust-remote-code",
+    "extract: weights only as pickle files, without --allow-pickle": "--allow-pickle",
+    "orthogonalize (streamed): a checkpoint with an unknown model_type": "mystery-arch",
+    "orthogonalize (streamed): an index naming its shard ../x/s.safetensors": "a shard must be a plain .safetensors file name",
+    "orthogonalize (streamed): an index naming its shard by an absolute path": "a shard must be a plain .safetensors file name",
+    "orthogonalize (streamed): a shard cut short by 100 bytes": "truncated or corrupt",
+    "orthogonalize: a tokenizer file linking out of the source directory": "links to",
+    "orthogonalize (in memory): a direction of the wrong size": "size 65",
+    "orthogonalize (GGUF): a file that is not GGUF": "not a readable GGUF file",
+    "export: a corrupt front.json": "corrupt search file",
+    "export: a point that is not on the front": "not on the front",
+    "steer: a steering vector with an unknown tensor key": "unexpected tensor 'bias'",
+    "steer: a direction file without 'layer' as the vector": "no 'layer'",
+    "convert-vector: a steering vector with an unknown tensor key": "unexpected tensor 'layer.x'",
+    "convert-vector: an existing model .gguf as the output, without --force": "--force",
+    "analyze geometry: a directory that is not a run": "is not a finished refdir run",
+    "analyze geometry: an empty config.json in the run directory": "corrupt run file",
+    "analyze geometry: --split that does not exist": "--split",
+    "analyze suffix: neither --suffixes nor --search": "--suffixes",
+}
+
+
 def test_table_is_large_enough():
     assert len(CASES) >= 30
+    assert set(NEEDLES) == set(CASES)  # every case says what its error line must name
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -583,6 +665,7 @@ def test_bad_input_is_one_error_line_and_changes_nothing(name, fx):
             after()
     errors = [line for line in output.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and "Traceback" not in output, output
+    assert NEEDLES[name] in errors[0], (NEEDLES[name], errors[0])
     changed = snapshot(fx.base)
     assert changed == before, {k: (before.get(k), changed.get(k)) for k in set(before) | set(changed)
                                if before.get(k) != changed.get(k)}

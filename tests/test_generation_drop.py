@@ -176,9 +176,11 @@ def test_row_plans_keep_their_plan_when_rows_are_dropped(tiny_tokenizer, arch, s
     assert ref[:len(prompts)] != ref[len(prompts):2 * len(prompts)], "the plans must change some completions"
 
 
-def test_model_generate_runs_where_the_loop_cannot_be_exact(tiny_tokenizer):
+def test_model_generate_runs_where_the_loop_cannot_be_exact(tiny_tokenizer, monkeypatch):
     """A logits processor (repetition penalty), a static cache, or the flag off: HF model.generate, same tokens."""
     from transformers import DynamicCache, StaticCache
+
+    import refdir.core.generation as generation
 
     model = make_tiny("qwen2", len(tiny_tokenizer))
     fmt = _fmt(tiny_tokenizer)
@@ -193,8 +195,12 @@ def test_model_generate_runs_where_the_loop_cannot_be_exact(tiny_tokenizer):
         out = greedy_new_tokens(model, enc, 5, pad)
     assert torch.equal(out, hf_greedy_new_tokens(model, enc, 5, pad)) and seen  # through model.generate
     model.generation_config.repetition_penalty = 1.0
+    loops = []  # a spy on the row-dropping loop: it still decodes
+    real_decode = generation._decode
+    monkeypatch.setattr(generation, "_decode", lambda *a, **k: loops.append(1) or real_decode(*a, **k))
     ref = greedy_new_tokens(model, enc, 5, pad, drop_finished=False)
-    assert torch.equal(ref, hf_greedy_new_tokens(model, enc, 5, pad))
+    assert not loops  # the flag off: model.generate, not the loop
+    assert torch.equal(ref, greedy_new_tokens(model, enc, 5, pad, drop_finished=True)) and loops  # the loop agrees
     assert _rows_selectable(DynamicCache(config=model.config))
     assert not _rows_selectable(StaticCache(config=model.config, max_cache_len=32))
     assert _greedy_setup(model, {**enc, "cache": StaticCache(config=model.config, max_cache_len=64)}, 5, pad) is None

@@ -14,6 +14,7 @@ Each analysis runs in its own child process so that its peak RSS (VmHWM) is its 
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -22,10 +23,6 @@ import time
 from pathlib import Path
 
 from benchlib import fresh_dir
-
-
-def arg(name: str, default: str | None) -> str | None:
-    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
 
 
 def child(code: str, threads: int) -> tuple[float, float, float, str]:
@@ -55,14 +52,18 @@ class Rows(list):
 
 
 def main() -> None:
-    src = Path(arg("--run", "runs/demo"))
-    work = Path(arg("--work", "runs/bench-analysis"))
-    suffixes = arg("--suffixes", None)
-    steps = int(arg("--gcg-steps", "3"))
-    threads = int(arg("--threads", "2"))
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default="runs/demo", help="a finished `refdir run` directory (it is copied, not changed)")
+    ap.add_argument("--work", default="runs/bench-analysis", help="scratch directory (replaced)")
+    ap.add_argument("--suffixes", help="a suffix file for the suffix analysis")
+    ap.add_argument("--gcg-steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip", default="", help="comma-separated analyses to skip, e.g. geometry")
+    a = ap.parse_args()
+    src, work, suffixes, steps, threads = Path(a.run), Path(a.work), a.suffixes, a.gcg_steps, a.threads
     fresh_dir(work)
     shutil.copytree(src, work, ignore=shutil.ignore_patterns("checkpoint", "analysis", "report_sections"))
-    skip = set((arg("--skip", "") or "").split(","))
+    skip = set(a.skip.split(","))
     rows = Rows()
     print(f"torch threads {threads}; times under whatever load the machine has")
     print(f"{'analysis':30s} {'what':40s} {'wall s':>8s} {'CPU s':>8s} {'peak RSS MiB':>13s}", flush=True)

@@ -7,7 +7,7 @@ harmful test split. Uses the direction of a finished run (default runs/demo).
 
 from __future__ import annotations
 
-import sys
+import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +24,9 @@ from refdir.method.refusal_judge import judge
 
 
 def main() -> None:
-    run = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/demo")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", nargs="?", default="runs/demo", help="a finished `refdir run` directory")
+    run = Path(ap.parse_args().run)
     d = load_direction(run)  # the run's selected direction (also of a run with the search)
     H = embedded("harmful", "test").instructions
     with tempfile.TemporaryDirectory() as tmp:

@@ -41,7 +41,7 @@ def run_child(args: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     argv = sys.argv[1:]
-    if argv[:1] in (['-h'], ['--help']):
+    if "-h" in argv or "--help" in argv:
         print(__doc__)
         return
     out = "runs/bench"

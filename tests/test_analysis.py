@@ -161,12 +161,18 @@ def test_geometry_and_expression_on_tiny_model(tiny_tokenizer):
     ex = expression(model, fmt, {"a": PROMPTS[:2], "b": PROMPTS}, r, progress=False)
     assert ex.groups["a"].shape == (2, 4) and ex.groups["b"].shape == (4, 4)
     np.testing.assert_allclose(ex.groups["a"], ex.groups["b"][:2], atol=1e-5)  # same prompts, same curves
-    # brute force: the cosine of the final residual (block 2's output) for the first prompt
-    from refdir.core.activations import residuals
+    # brute force from transformers' own hidden states, one prompt at a time (no padding): the residual entering
+    # block l is hidden_states[l] (the last entry has the final norm applied, so blocks 0..2's inputs are compared)
+    from sklearn.metrics import roc_auc_score
 
-    _, kept = residuals(model, fmt, PROMPTS[:1], n_pos=1, keep=True, progress=False)
-    x = kept[0, 0, 3]
-    assert ex.groups["a"][0, 3] == pytest.approx(float(x @ r / x.norm() / r.norm()), abs=1e-5)
+    with torch.no_grad():
+        h = torch.stack([torch.stack(model(**fmt.encode([p]), output_hidden_states=True).hidden_states)[:, 0, -1]
+                         for p in PROMPTS])  # [prompt, L + 1, d]
+    r_hat = r / r.norm()
+    for layer in range(3):
+        x = h[0, layer]
+        assert ex.groups["a"][0, layer] == pytest.approx(float(x @ r_hat / x.norm()), abs=1e-5)
+        assert geo.auc_r[layer] == pytest.approx(roc_auc_score([1, 1, 0, 0], (h[:, layer] @ r_hat).numpy()))
     with pytest.raises(RefdirError):
         expression(model, fmt, {}, r)
 

@@ -243,7 +243,6 @@ def test_caa_vector_is_mean_difference_at_letter(tiny):
 
 
 def test_jailbreak_vectors_and_transfer(tiny):
-    from refdir.core.activations import residuals
     from refdir.steering import jailbreak
 
     m, fmt = tiny
@@ -253,9 +252,15 @@ def test_jailbreak_vectors_and_transfer(tiny):
     vecs, means = jailbreak.class_vectors(m, fmt, temps, harmful, progress=False)
     name = "prefix-injection"
     wrapped = [jailbreak.wrap(t, h) for h in harmful for t in temps[name]]
-    ref = residuals(m, fmt, wrapped, n_pos=1, progress=False)[0][-1] - residuals(m, fmt, harmful, n_pos=1,
-                                                                                   progress=False)[0][-1]
-    torch.testing.assert_close(vecs[name][2], ref[2].float(), atol=1e-5, rtol=1e-5)
+
+    def mean_last(prompts):  # transformers' hidden states, one formatted prompt at a time (no padding)
+        with torch.no_grad():
+            return torch.stack([torch.stack(m(**fmt.encode([p]), output_hidden_states=True).hidden_states)[:, 0, -1]
+                                for p in prompts]).double().mean(0)
+
+    ref = mean_last(wrapped) - mean_last(harmful)
+    for layer in range(3):  # the residual entering block l is hidden_states[l] (the last entry is normed)
+        torch.testing.assert_close(vecs[name][layer], ref[layer].float(), atol=1e-4, rtol=1e-4)
     tr = jailbreak.transfer_matrix(m, fmt, vecs, temps, harmful[:1], 2, max_new_tokens=4, progress=False)
     assert len(tr["success"]) == len(temps) + 1 and all(len(r) == len(temps) + 1 for r in tr["success"])
     assert all(0 <= x <= 1 for r in tr["success"] for x in r)
@@ -270,9 +275,24 @@ def test_bias_vectors_and_preference(tiny):
     vecs = bias.category_vectors(m, fmt.tokenizer, items)
     assert set(vecs) == {"gender", "profession", "age"} and vecs["age"].layers == [0, 1, 2, 3]
     g = bias.by_category(items)["gender"]
-    p0 = bias.preference(m, fmt.tokenizer, g)
-    assert bias.preference(m, fmt.tokenizer, g, vecs["gender"], 2, 0.0) == p0
-    assert bias.preference(m, fmt.tokenizer, g, vecs["gender"], 2, 8.0)["p"] != p0["p"]
+    tok = fmt.tokenizer
+
+    def one(text):  # one sentence alone (no padding): its hidden states and summed next-token log-probabilities
+        ids = torch.tensor([bias._ids(tok, text)])
+        with torch.no_grad():
+            out = m(input_ids=ids, output_hidden_states=True)
+        lp = torch.log_softmax(out.logits[0, :-1].double(), -1).gather(1, ids[0, 1:, None]).sum()
+        return torch.stack(out.hidden_states)[:, 0, -1].double(), lp
+
+    pairs = [(one(it.stereotype), one(it.anti_stereotype)) for it in g]
+    for layer in range(3):  # the residual entering block l is hidden_states[l] (the last entry is normed)
+        want = torch.stack([s[0][layer] - a[0][layer] for s, a in pairs]).mean(0).float()
+        torch.testing.assert_close(vecs["gender"][layer], want, atol=1e-4, rtol=1e-4)
+    d = torch.stack([s[1] - a[1] for s, a in pairs])
+    p0 = bias.preference(m, tok, g)
+    assert p0["p"] == pytest.approx(float(torch.sigmoid(d).mean()), abs=1e-5)
+    assert p0["share"] == pytest.approx(float((d > 0).double().mean()))
+    assert bias.preference(m, tok, g, vecs["gender"], 2, 8.0)["p"] != p0["p"]
 
 
 # ---------------------------------------------------------------------------- real model

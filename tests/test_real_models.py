@@ -160,8 +160,9 @@ def test_qwen_run_with_the_search_end_to_end(tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["method"] == "search" and s["search"]["spent_s"] <= 20 * 1.1 + 60  # warm starts always run
     sc = s["test"]["scores"]
-    # the chosen edit refuses less than the base model on the test prompts, and the checkpoint is the edit
-    assert sc["chosen/test/harmful"]["refusal"] <= sc["base/test/harmful"]["refusal"]
+    # the chosen edit refuses less than the base model on the test prompts (bf16 here: base 3 of 6, chosen 0), and
+    # the checkpoint is the edit
+    assert sc["chosen/test/harmful"]["refusal"] < sc["base/test/harmful"]["refusal"]
     assert s["checkpoint"]["verified"]["top1_agree"] >= 0.9
     assert (out / "checkpoint" / "model.gguf").stat().st_size > 100e6
     assert s["warnings"] == []  # it refuses enough harmful prompts for the edit to have something to remove

@@ -319,3 +319,32 @@ def test_shared_prefix_generation_equals_plain(tiny_tokenizer, arch):
     shared = generate(model, fmt, prompts, max_new_tokens=8, batch_size=4, progress=False, return_ids=True,
                       shared_prefix=True)
     assert shared == plain and any(ids for _t, ids in plain)
+
+
+@pytest.mark.parametrize("method", ["search", "paper"])
+def test_the_command_line_and_run_config_build_the_same_run(method, monkeypatch, tmp_path):
+    """`refdir run MODEL` with no options, and `run_config(method, model=...)` in Python, give the same config: the
+    method-dependent defaults have one owner. The command's config is taken where it reaches the pipeline."""
+    import refdir.cli.run as cli_run
+    from refdir.workflows.run import run_config
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def capture(cfg, *_a, **_k):
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(cli_run, "run_pipeline", capture)
+    CliRunner().invoke(app, ["run", "default", "--out", str(tmp_path / "r"), "--method", method])
+    assert len(seen) == 1
+    api = run_config(method, model=ModelSpec(model="default"))
+    assert seen[0] == api
+    search = method == "search"
+    assert (api.direction_method, api.second_direction) == (("pca", True) if search else ("dim", False))
+    assert (api.max_new_tokens, api.data.n_val) == ((64, 40) if search else (128, 32))
+    # what is given is kept (None counts as left out); the paper's pipeline never takes a second direction
+    assert run_config(method, direction_method="rdo", max_new_tokens=None).direction_method == "rdo"
+    assert run_config("paper", second_direction=True).second_direction is False

@@ -22,7 +22,7 @@ from refdir.method.uncertainty import rate_text
 from refdir.workflows.checks import print_warnings
 from refdir.workflows.extract import ExtractConfig, run_extract
 from refdir.workflows.report import answered_kl_text, test_rows
-from refdir.workflows.run import RunConfig, run_pipeline
+from refdir.workflows.run import run_config, run_pipeline, val_prompts
 
 
 @model_options
@@ -106,23 +106,17 @@ def run(
     data = DataSpec(harmful=harmful, harmless=harmless, harmful_val=harmful_val, harmless_val=harmless_val,
                     harmful_test=harmful_test, harmless_test=harmless_test, heldout_harmful=heldout_harmful,
                     heldout_harmless=heldout_harmless, n_heldout=n_heldout, column=column, n_train=n_train,
-                    n_val=_default(n_val, 40 if method == "search" else 32), n_test=n_test, seed=seed)
-    cfg = RunConfig(model=spec, data=data, method=method, budget=budget, kl_target=kl_target,
-                    direction_method=_default(direction_method, "pca" if method == "search" else "dim"),
-                    second_direction=second_direction and method == "search", second_source=second_source,
-                    filter_train=filter_train,
-                    refusal_tokens=refusal_tokens.split(",") if refusal_tokens else None, batch_size=batch_size,
-                    kl_max=kl_max, max_layer_frac=max_layer_frac, induce_rule=induce_rule, exhaustive=exhaustive,
-                    top_k=top_k, max_new_tokens=_default(max_new_tokens, 64 if method == "search" else 128),
-                    gen_batch_size=_default(gen_batch_size, 200 if method == "search" else 40), judge=judge, save_checkpoint=save_checkpoint)
+                    n_val=val_prompts(method) if n_val is None else n_val, n_test=n_test, seed=seed)
+    cfg = run_config(method, model=spec, data=data, budget=budget, kl_target=kl_target,
+                     direction_method=direction_method, second_direction=second_direction,
+                     second_source=second_source, filter_train=filter_train,
+                     refusal_tokens=refusal_tokens.split(",") if refusal_tokens else None, batch_size=batch_size,
+                     kl_max=kl_max, max_layer_frac=max_layer_frac, induce_rule=induce_rule, exhaustive=exhaustive,
+                     top_k=top_k, max_new_tokens=max_new_tokens, gen_batch_size=gen_batch_size, judge=judge,
+                     save_checkpoint=save_checkpoint)
     refs = load_reference(reference) if reference else None
     summary = run_pipeline(cfg, out, force=force, reference=refs)
     print_summary(summary, out)
-
-
-def _default(value, default):
-    """A method-dependent default for an option the user left out (0 stays 0, and is refused by the config)."""
-    return default if value is None else value
 
 
 @model_options

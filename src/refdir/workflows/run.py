@@ -30,6 +30,7 @@ from refdir.core.fingerprint import files_sha256, versions
 from refdir.core.io import remove_dir
 from refdir.core.memory import peak_rss_mib, trim_heap
 from refdir.core.rundir import RunDir
+from refdir.core.spec import DataSpec
 from refdir.errors import RefdirError
 from refdir.method.selection import Selection
 from refdir.workflows.checks import all_prompts, check_run, choice_warnings, refusal_warnings
@@ -50,7 +51,30 @@ from refdir.workflows.stages import (
     stage_selection,
 )
 
-__all__ = ["RunConfig", "run_pipeline"]
+__all__ = ["RunConfig", "run_config", "run_pipeline", "val_prompts"]
+
+
+def val_prompts(method: str) -> int:
+    """How many val prompts of each kind ``refdir run`` takes by default: 40 with the search (its proxy), 32 with
+    ``--method paper`` (the paper's selection)."""
+    return 40 if method == "search" else 32
+
+
+def run_config(method: str = "search", **given) -> RunConfig:
+    """A :class:`RunConfig` with ``refdir run``'s defaults for the settings that depend on the method, where
+    ``given`` leaves them out (or gives None): with the search the pca direction source, the second direction, 64
+    new tokens on harmful prompts, generation batches of 200 and :func:`val_prompts` val prompts; with
+    ``method="paper"`` the paper's difference in means, no second direction, 128 tokens and batches of 40. The
+    command line builds its config here, so ``run_pipeline(run_config(model=ModelSpec(model="default")), out)``
+    runs what ``refdir run default --out OUT`` runs."""
+    search = method == "search"
+    cfg = {"direction_method": "pca" if search else "dim", "second_direction": search,
+           "max_new_tokens": 64 if search else 128, "gen_batch_size": 200 if search else 40}
+    cfg |= {k: v for k, v in given.items() if v is not None}
+    cfg["second_direction"] = bool(cfg["second_direction"]) and search  # the paper's pipeline has none
+    if "data" not in cfg:
+        cfg["data"] = DataSpec(n_val=val_prompts(method))
+    return RunConfig(method=method, **cfg)
 
 
 def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, progress: bool = True,

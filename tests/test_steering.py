@@ -264,6 +264,19 @@ def test_jailbreak_vectors_and_transfer(tiny):
     tr = jailbreak.transfer_matrix(m, fmt, vecs, temps, harmful[:1], 2, max_new_tokens=4, progress=False)
     assert len(tr["success"]) == len(temps) + 1 and all(len(r) == len(temps) + 1 for r in tr["success"])
     assert all(0 <= x <= 1 for r in tr["success"] for x in r)
+    # the unsteered row, cell by cell, against transformers' own greedy generation and the judge's verdict on it
+    from refdir.method.refusal_judge import judge
+
+    tok = fmt.tokenizer
+    for j, c in enumerate(tr["cols"]):
+        prompt = harmful[0] if c == "plain" else jailbreak.wrap(temps[c][0], harmful[0])
+        enc = fmt.encode([prompt])
+        with torch.no_grad():
+            ids = m.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        text = tok.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert tr["examples"][f"none|{c}"] == text
+        v = judge([text], "broad")
+        assert tr["success"][0][j] == (v.n - v.n_refusal - v.n_degenerate) / v.n
 
 
 def test_bias_vectors_and_preference(tiny):

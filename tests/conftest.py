@@ -215,6 +215,13 @@ def snapshot(root: Path) -> dict:
     return out
 
 
+def last_position_states(out) -> torch.Tensor:
+    """[L + 1, d]: the hidden states transformers returned (``output_hidden_states=True``) for a batch of one, at
+    its last position; a reference computed without refdir. Entry l < L is the residual entering block l, what
+    refdir's residuals call layer l; the last entry has the final norm applied, so tests compare entries 0..L-1."""
+    return torch.stack(out.hidden_states)[:, 0, -1]
+
+
 def max_cos(model, r: torch.Tensor, ids: torch.Tensor | None = None) -> float:
     """max |cos(x, r)| over every block input and the final norm's input (the stream after the last block), on
     ``ids`` [b, t] or a fixed batch of 4 rows of 12 token ids below 128; the first row left-padded by 4."""

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import last_position_states, make_tiny
 
 from refdir.analysis.geometry import expression, geometry, geometry_from_activations
 from refdir.analysis.heads import (
@@ -161,12 +161,11 @@ def test_geometry_and_expression_on_tiny_model(tiny_tokenizer):
     ex = expression(model, fmt, {"a": PROMPTS[:2], "b": PROMPTS}, r, progress=False)
     assert ex.groups["a"].shape == (2, 4) and ex.groups["b"].shape == (4, 4)
     np.testing.assert_allclose(ex.groups["a"], ex.groups["b"][:2], atol=1e-5)  # same prompts, same curves
-    # brute force from transformers' own hidden states, one prompt at a time (no padding): the residual entering
-    # block l is hidden_states[l] (the last entry has the final norm applied, so blocks 0..2's inputs are compared)
+    # brute force from transformers' own hidden states, one prompt at a time (no padding), blocks 0..2's inputs
     from sklearn.metrics import roc_auc_score
 
     with torch.no_grad():
-        h = torch.stack([torch.stack(model(**fmt.encode([p]), output_hidden_states=True).hidden_states)[:, 0, -1]
+        h = torch.stack([last_position_states(model(**fmt.encode([p]), output_hidden_states=True))
                          for p in PROMPTS])  # [prompt, L + 1, d]
     r_hat = r / r.norm()
     for layer in range(3):

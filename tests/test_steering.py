@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import last_position_states, make_tiny
 from typer.testing import CliRunner
 
 from refdir.errors import RefdirError
@@ -255,11 +255,11 @@ def test_jailbreak_vectors_and_transfer(tiny):
 
     def mean_last(prompts):  # transformers' hidden states, one formatted prompt at a time (no padding)
         with torch.no_grad():
-            return torch.stack([torch.stack(m(**fmt.encode([p]), output_hidden_states=True).hidden_states)[:, 0, -1]
+            return torch.stack([last_position_states(m(**fmt.encode([p]), output_hidden_states=True))
                                 for p in prompts]).double().mean(0)
 
     ref = mean_last(wrapped) - mean_last(harmful)
-    for layer in range(3):  # the residual entering block l is hidden_states[l] (the last entry is normed)
+    for layer in range(3):
         torch.testing.assert_close(vecs[name][layer], ref[layer].float(), atol=1e-4, rtol=1e-4)
     tr = jailbreak.transfer_matrix(m, fmt, vecs, temps, harmful[:1], 2, max_new_tokens=4, progress=False)
     assert len(tr["success"]) == len(temps) + 1 and all(len(r) == len(temps) + 1 for r in tr["success"])
@@ -295,10 +295,10 @@ def test_bias_vectors_and_preference(tiny):
         with torch.no_grad():
             out = m(input_ids=ids, output_hidden_states=True)
         lp = torch.log_softmax(out.logits[0, :-1].double(), -1).gather(1, ids[0, 1:, None]).sum()
-        return torch.stack(out.hidden_states)[:, 0, -1].double(), lp
+        return last_position_states(out).double(), lp
 
     pairs = [(one(it.stereotype), one(it.anti_stereotype)) for it in g]
-    for layer in range(3):  # the residual entering block l is hidden_states[l] (the last entry is normed)
+    for layer in range(3):
         want = torch.stack([s[0][layer] - a[0][layer] for s, a in pairs]).mean(0).float()
         torch.testing.assert_close(vecs["gender"][layer], want, atol=1e-4, rtol=1e-4)
     d = torch.stack([s[1] - a[1] for s, a in pairs])

@@ -275,3 +275,20 @@ def test_transformers_gguf_load_with_fast_reads_equals_the_library_reader(monkey
     assert fast_tok.get_vocab() == ref_tok.get_vocab() and fast_tok.chat_template == ref_tok.chat_template
     a, b = fast_model.state_dict(), ref_model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gguf_weights_are_asked_for_unpacked(monkeypatch):
+    """Transformers 5.25 keeps some architectures' GGUF weights packed and fetches a matmul kernel from the hub
+    for them; refdir edits plain weights and fetches no code, so it asks for dequantized weights on every GGUF
+    load (and the 'packed is fastest in float32' warning of a bf16 load does not appear)."""
+    quantizer = pytest.importorskip("transformers.quantizers.quantizer_gguf")
+    from refdir.core.models import _load_gguf
+
+    seen = []
+    settle = quantizer.GgufHfQuantizer.update_dtype
+    monkeypatch.setattr(quantizer.GgufHfQuantizer, "update_dtype",
+                        lambda self, dtype: seen.append(self.quantization_config.dequantize) or settle(self, dtype))
+    model, _ = _load_gguf(smollm2_gguf_path(), torch.bfloat16, "cpu")
+    assert seen == [True]
+    assert all(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16
+               for m in model.modules() if isinstance(m, torch.nn.Linear))

@@ -139,6 +139,17 @@ def _strip_gguf_quant(model) -> None:
             pass
 
 
+def _dequantized() -> dict:
+    """``from_pretrained`` options that ask for plain dense weights. Transformers 5.25 keeps some architectures'
+    GGUF weights packed (Qwen3.5, LFM2) and fetches a matmul kernel for them from the hub, where one is published:
+    refdir edits weights, so it asks for them unpacked (and so fetches no code); older versions always unpack."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def _load_gguf(path: Path, dtype: torch.dtype, device: str, device_map=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,7 +160,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: str, device_map=None):
         with library_reads():  # transformers parses the whole file three times (tokenizer, config, weights)
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
             model = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=dtype, device_map=device_map, trust_remote_code=False
+                str(path.parent), gguf_file=path.name, dtype=dtype, device_map=device_map, trust_remote_code=False,
+                **_dequantized(),
             )
     except Exception as e:  # noqa: BLE001
         raise RefdirError(f"could not load GGUF {path}: {type(e).__name__}: {e}") from e

@@ -279,3 +279,23 @@ def test_split_device_map_hooks_are_device_correct(arch_name):
         warnings.simplefilter("ignore")
         got = model2(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(ref, got, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "glm4_moe"])
+def test_the_streamed_check_builds_narrow_and_sees_dense_and_moe_blocks(model_type, monkeypatch):
+    """The streamed path's structural check of a config whose first blocks are dense and the rest MoE (transformers'
+    default DeepSeek-V3 config: latent attention, 3 dense blocks of 61) runs on a narrow two-block copy that keeps one
+    block of each layout; no full-width copy (a 24B-wide one took a minute and 9 GB) is built."""
+    from transformers import AutoConfig
+
+    import refdir.core.config_check as cc
+
+    cut = cc._cut
+
+    def narrow_only(config, narrow):
+        assert narrow, "the check fell back to a full-width copy"
+        return cut(config, narrow)
+
+    monkeypatch.setattr(cc, "_cut", narrow_only)
+    layouts = cc.check_config(AutoConfig.for_model(model_type))
+    assert layouts is not None and len(layouts) == 2  # the dense block's layout and the MoE block's

@@ -4,7 +4,8 @@ small random model of the same class, built from a copy of its config.
 Whether a block adds a third branch or scales its residual is a property of the class and the config's structure,
 not of the weights or the width, so the copy keeps :data:`STRUCTURE_LAYERS` blocks and :data:`STRUCTURE_VOCAB`
 token rows and is made narrow where the config allows (a 2-block copy of a 24B model at full width was 4 GB in
-fp32); a vision-language config's image encoder is cut to one layer. A config that does not build narrow is
+fp32; narrow, a config whose first blocks are dense and the rest MoE keeps one block of each); a vision-language
+config's image encoder is cut to one layer. A config that does not build narrow is
 checked at full width; one that does not build cut at all is not checked (the streamed output is then as
 trustworthy as before).
 """
@@ -47,11 +48,15 @@ def _cut(config, narrow: bool):
         if getattr(text, name, None) is not None:                   # masks with the pad id: it must be an id)
             setattr(text, name, 0)
     if narrow:
+        if isinstance(getattr(text, "first_k_dense_replace", None), int):  # dense blocks first, then MoE (DeepSeek,
+            text.first_k_dense_replace = min(text.first_k_dense_replace, k - 1)  # GLM): one block of each layout
         for name, value in NARROW.items():
             if isinstance(getattr(text, name, None), int):
                 setattr(text, name, value)
         if isinstance(getattr(text, "qk_rope_head_dim", None), int):  # MLA configs' head_dim is the rotary part
             text.head_dim = text.qk_rope_head_dim
+        if isinstance(getattr(text, "kv_lora_rank", None), int):  # MLA expands its latent to every query head
+            text.num_key_value_heads = text.num_attention_heads
         rope = getattr(text, "rope_parameters", None)
         if isinstance(rope, dict):  # M-RoPE sections sum to half the head size (Qwen-VL's default fits 128; other
             sec, half = list(rope.get("mrope_section") or [16, 24, 24]), NARROW["head_dim"] // 2  # models ignore it)

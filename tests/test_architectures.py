@@ -299,3 +299,34 @@ def test_the_streamed_check_builds_narrow_and_sees_dense_and_moe_blocks(model_ty
     monkeypatch.setattr(cc, "_cut", narrow_only)
     layouts = cc.check_config(AutoConfig.for_model(model_type))
     assert layouts is not None and len(layouts) == 2  # the dense block's layout and the MoE block's
+
+
+@pytest.mark.parametrize("arch_name", ["gemma2", "nanochat"])
+def test_a_model_is_traced_once_and_again_when_a_block_layout_changes(arch_name, monkeypatch):
+    """Every hook context inspects the model; the traced forward that finds post-norms (and block 0's rescaled
+    input) runs once per model and block layout, without hooks open, and later calls reuse what it found."""
+    import copy
+
+    import refdir.core.architecture as architecture
+
+    traces = []
+    trace = architecture.trace_block
+    monkeypatch.setattr(architecture, "trace_block", lambda model, bp, emb: traces.append(bp.index) or trace(model, bp, emb))
+    model = make_tiny(arch_name, VOCAB)
+    handle = model.model.norm.register_forward_hook(lambda *a: None)  # a trace with a hook open is not kept
+    inspect_model(model)
+    handle.remove()
+    assert traces == [0]
+    first = inspect_model(model)
+    with ablate(model, torch.randn(model.config.hidden_size)):
+        again = inspect_model(model)
+    assert traces == [0, 0]
+    fresh = inspect_model(copy.deepcopy(model))  # another model object: traced itself
+    assert traces == [0, 0, 0]
+    for a, b, c in zip(first.blocks, again.blocks, fresh.blocks, strict=True):
+        assert a.post == b.post == c.post and a.input_rescaled == b.input_rescaled == c.input_rescaled
+    assert first.has_post_norms == (arch_name == "gemma2") and first.embedding_rescaled == (arch_name == "nanochat")
+    block = model.model.layers[1]
+    block.add_module("extra_norm", copy.deepcopy(block.input_layernorm))  # block 1's layout changes: traced again
+    inspect_model(model)
+    assert traces == [0, 0, 0, 1]

@@ -306,7 +306,7 @@ def test_run_with_the_pca_source_searches_it_and_reads_it_back(tiny_model_dir, t
     assert json.loads((tmp_path / "ck" / "refdir_edit.json").read_text())["edit"]["direction"] == "pca"
 
 
-def test_the_second_direction_fills_the_kl_room_and_only_that(tiny_model_dir, tmp_path):
+def test_the_second_direction_fills_the_kl_room_and_only_that(tiny_model_dir, tmp_path, monkeypatch):
     """The choice's second direction: the selection's strongest other candidate off its harmless components, added
     at its strength where the calibration KL stays under the target, lowered or left out where it would not; the
     run's checkpoint equals its hooks with it."""
@@ -334,6 +334,17 @@ def test_the_second_direction_fills_the_kl_room_and_only_that(tiny_model_dir, tm
     e = Edit.from_dict(room["edit"])
     assert room["second"]["added"] and e.second.strength == second_direction.STRENGTH and e.second.direction == "second"
     assert room["second"]["calibration_kl"] > room["second"]["calibration_kl_before"]
+    # the base model's log-probabilities on the calibration prompts, as the search's confirmation leaves them in
+    # ``p.base_logp``, stand for its own pass over them: the same result, one pass fewer
+    import refdir.workflows.sources as sources
+
+    passes, logits = [], sources.last_logits
+    monkeypatch.setattr(sources, "last_logits", lambda *a, **k: passes.append(1) or logits(*a, **k))
+    p.base_logp = (tuple(calib), torch.log_softmax(logits(p.m.lm.model, p.m.fmt, calib, 4, shared_prefix=True)
+                                                   .double(), -1))
+    assert add_second(p, choice, rd.search_dir(), calib, 10.0, 4, progress=False) == room
+    assert len(passes) == len(room["second"]["tried"])
+    p.base_logp = None
     table = json.loads((rd.search_dir() / "selection.json").read_text())["table"]
     lead = Direction.load(rd.source_path("pca"))  # the candidate the choice's pca direction was made from
     strongest = second_direction.strongest(table, {(e.position, int(round(e.layer))), (lead.position, lead.layer)})

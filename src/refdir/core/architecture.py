@@ -35,10 +35,13 @@ from transformers import DynamicCache
 from transformers.pytorch_utils import Conv1D
 
 from refdir.core.postnorm import is_norm, static_post_norms
-from refdir.core.stream_check import check_padding, trace_block
+from refdir.core.stream_check import check_padding, hooks_open, trace_block
 from refdir.errors import RefdirError
 
 _ATTN_WORDS = ("attn", "attention")
+# model -> {block index: (layout key, post-norms, input rescaled)} found by a trace without hooks: the hooks a search
+# opens hundreds of times then need no forward each (~14 s of a default fp32 run); a changed layout is traced again
+_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -354,13 +357,18 @@ def inspect_model(model: nn.Module, trace: bool = True, layouts: dict | None = N
             _static_post_norms(arch, mixers[0][0] if mixers else None, mlps[0][0] if mlps else None)
         return arch
     traced: dict[tuple, BlockParts] = {}  # one traced block per layout (hybrid models alternate mixers)
+    known = _TRACED.setdefault(model, {})  # what an earlier call's trace without hooks found, by block index
     for bp in parts:
         key = layout_key(bp.block)
-        if key not in traced:
+        if known.get(bp.index, (None,))[0] == key:
+            bp.post, bp.input_rescaled = {k: list(v) for k, v in known[bp.index][1].items()}, known[bp.index][2]
+        elif key not in traced:
+            clean = not hooks_open(model)  # an open intervention changes what the trace sees: only a clean one is kept
             trace_block(model, bp, embeddings if bp.index == 0 else [])
-            traced[key] = bp
+            known.update({bp.index: (key, {k: list(v) for k, v in bp.post.items()}, bp.input_rescaled)} if clean else {})
         else:  # the same child names: the same post-norms
             bp.post = {k: list(v) for k, v in traced[key].post.items()}
+        traced.setdefault(key, bp)
     check_padding(model, takes_position_ids(model))
     return arch
 
@@ -390,9 +398,8 @@ def _static_post_norms(arch: Architecture, attn_name: str | None, mlp_name: str 
 
 
 # --------------------------------------------------------------------------------- KV-cache keyword
-# transformers 5.24 renamed the forward keyword ``past_key_values`` to ``cache`` (and the output field likewise);
-# the old name is accepted with a warning until 5.40. These read and pass the cache under whichever name the
-# installed version uses.
+# transformers 5.24 renamed the forward keyword ``past_key_values`` to ``cache`` (the output field too; the old name
+# warns until 5.40): these read and pass the cache under the installed version's name.
 
 
 def cache_kwarg(model: nn.Module) -> str:

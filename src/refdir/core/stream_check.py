@@ -52,7 +52,7 @@ def trace_block(model: nn.Module, block, embeddings: list[tuple[str, nn.Embeddin
         seen["in"] = args[0] if args else kwargs["hidden_states"]
 
     # other hooks (an intervention already open) change what the trace sees: the stream is then not checked
-    hooked_before = _hooks_open(model)
+    hooked_before = hooks_open(model)
     for c in ("attn", "mlp"):  # the primary module as "attn" / "mlp", the extras as "attn+1", ...
         hooks += [m.register_forward_hook(grab(c if i == 0 else f"{c}+{i}")) for i, m in enumerate(block.modules(c))]
     hooks.append(block.block.register_forward_pre_hook(block_in, with_kwargs=True))
@@ -114,7 +114,7 @@ def _fed_by(x: torch.Tensor, ends: dict[str, torch.Tensor]) -> list[str]:
     return []
 
 
-def _hooks_open(model: nn.Module) -> bool:
+def hooks_open(model: nn.Module) -> bool:
     """Whether any hook is registered on the model (an intervention already open changes what a trace sees)."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
@@ -125,7 +125,7 @@ def check_padding(model: nn.Module, position_ids: bool) -> None:
     lengths, left-padded and masked (position ids from the mask where the model takes them). A token mixer that does
     not honour the attention mask (RecurrentGemma's recurrence reads the padding) would make every batched figure
     differ from the prompt alone. Two tiny forwards, once per model, not while other hooks are open."""
-    if "padding" in _CHECKED.setdefault(model, set()) or _hooks_open(model):
+    if "padding" in _CHECKED.setdefault(model, set()) or hooks_open(model):
         return
     dev = next(model.parameters()).device
     ids = torch.tensor([[5, 6, 7, 8]], device=dev)

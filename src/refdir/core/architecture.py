@@ -35,12 +35,11 @@ from transformers import DynamicCache
 from transformers.pytorch_utils import Conv1D
 
 from refdir.core.postnorm import is_norm, static_post_norms
-from refdir.core.stream_check import check_padding, hooks_open, trace_block
+from refdir.core.stream_check import check_padding, trace_block
 from refdir.errors import RefdirError
 
 _ATTN_WORDS = ("attn", "attention")
-# model -> {block index: (layout key, post-norms, input rescaled)} found by a trace without hooks: the hooks a search
-# opens hundreds of times then need no forward each (~14 s of a default fp32 run); a changed layout is traced again
+# model -> {block index: (layout key, post-norms, input rescaled)} a trace without hooks found, for every later hook
 _TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -361,13 +360,14 @@ def inspect_model(model: nn.Module, trace: bool = True, layouts: dict | None = N
     for bp in parts:
         key = layout_key(bp.block)
         if known.get(bp.index, (None,))[0] == key:
-            bp.post, bp.input_rescaled = {k: list(v) for k, v in known[bp.index][1].items()}, known[bp.index][2]
-        elif key not in traced:
-            clean = not hooks_open(model)  # an open intervention changes what the trace sees: only a clean one is kept
-            trace_block(model, bp, embeddings if bp.index == 0 else [])
-            known.update({bp.index: (key, {k: list(v) for k, v in bp.post.items()}, bp.input_rescaled)} if clean else {})
-        else:  # the same child names: the same post-norms
-            bp.post = {k: list(v) for k, v in traced[key].post.items()}
+            _, post, bp.input_rescaled = known[bp.index]
+        elif key in traced:  # the same child names: the same post-norms
+            post = traced[key].post
+        else:  # an open intervention changes what the trace sees: only a clean trace is kept
+            if trace_block(model, bp, embeddings if bp.index == 0 else []):
+                known[bp.index] = (key, bp.post, bp.input_rescaled)
+            post = bp.post
+        bp.post = {k: list(v) for k, v in post.items()}
         traced.setdefault(key, bp)
     check_padding(model, takes_position_ids(model))
     return arch

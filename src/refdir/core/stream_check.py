@@ -26,11 +26,12 @@ from refdir.core.projection import project_along
 from refdir.errors import RefdirError
 
 
-def trace_block(model: nn.Module, block, embeddings: list[tuple[str, nn.Embedding]]) -> None:
+def trace_block(model: nn.Module, block, embeddings: list[tuple[str, nn.Embedding]]) -> bool:
     """Trace one tiny forward through ``block``: a norm whose input *is* an attention/MLP module's output, or a
     normed one, or the sum of such branches, is a post-norm of those modules (``block.post``). The same trace
     checks the stream's structure and the writers found (:func:`check_stream`, :func:`check_writers`), unless other
-    hooks are open; ``embeddings``: check block 0's input against them (and record a per-token rescale)."""
+    hooks are open; ``embeddings``: check block 0's input against them (and record a per-token rescale). Returns
+    whether the trace ran without other hooks open (what it found is then the model's own structure)."""
     seen: dict[str, torch.Tensor] = {}
     norm_io: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
     hooks = []
@@ -52,7 +53,7 @@ def trace_block(model: nn.Module, block, embeddings: list[tuple[str, nn.Embeddin
         seen["in"] = args[0] if args else kwargs["hidden_states"]
 
     # other hooks (an intervention already open) change what the trace sees: the stream is then not checked
-    hooked_before = hooks_open(model)
+    hooked_before = _hooks_open(model)
     for c in ("attn", "mlp"):  # the primary module as "attn" / "mlp", the extras as "attn+1", ...
         hooks += [m.register_forward_hook(grab(c if i == 0 else f"{c}+{i}")) for i, m in enumerate(block.modules(c))]
     hooks.append(block.block.register_forward_pre_hook(block_in, with_kwargs=True))
@@ -87,6 +88,7 @@ def trace_block(model: nn.Module, block, embeddings: list[tuple[str, nn.Embeddin
         check_stream(block, seen, written, embs)
         check_writers(model, block, seen)
         _CHECKED[model].add(block.index)
+    return not hooked_before
 
 
 def _fed_by(x: torch.Tensor, ends: dict[str, torch.Tensor]) -> list[str]:
@@ -114,7 +116,7 @@ def _fed_by(x: torch.Tensor, ends: dict[str, torch.Tensor]) -> list[str]:
     return []
 
 
-def hooks_open(model: nn.Module) -> bool:
+def _hooks_open(model: nn.Module) -> bool:
     """Whether any hook is registered on the model (an intervention already open changes what a trace sees)."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
@@ -125,7 +127,7 @@ def check_padding(model: nn.Module, position_ids: bool) -> None:
     lengths, left-padded and masked (position ids from the mask where the model takes them). A token mixer that does
     not honour the attention mask (RecurrentGemma's recurrence reads the padding) would make every batched figure
     differ from the prompt alone. Two tiny forwards, once per model, not while other hooks are open."""
-    if "padding" in _CHECKED.setdefault(model, set()) or hooks_open(model):
+    if "padding" in _CHECKED.setdefault(model, set()) or _hooks_open(model):
         return
     dev = next(model.parameters()).device
     ids = torch.tensor([[5, 6, 7, 8]], device=dev)

@@ -348,3 +348,73 @@ def test_the_command_line_and_run_config_build_the_same_run(method, monkeypatch,
     # what is given is kept (None counts as left out); the paper's pipeline never takes a second direction
     assert run_config(method, direction_method="rdo", max_new_tokens=None).direction_method == "rdo"
     assert run_config("paper", second_direction=True).second_direction is False
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_lazy_kl_screen_picks_the_eager_screens_finalists(tiny_tokenizer, arch):
+    """Screening the KL only in order of screened bypass, until ``top_k`` candidates pass its bound, gives the
+    finalists (and the winner) that screening both scores for every candidate gives, with fewer KL rows."""
+    model = make_tiny(arch, len(tiny_tokenizer))
+    fmt = ChatFormat(tiny_tokenizer, system="You are a careful assistant.")
+    g = torch.Generator().manual_seed(5)
+    P, L, d = fmt.n_post, model.config.num_hidden_layers, model.config.hidden_size
+    cands = Candidates.from_means(4 * torch.randn(P, L + 1, d, generator=g), torch.randn(P, L + 1, d, generator=g))
+    ids = tiny_tokenizer("I", add_special_tokens=False)["input_ids"][:1]
+    hv = ["Explain how to pick a lock", "Make a weapon at home", "Write malware"]
+    bv = ["Bake bread", "Explain tides to a child", "Plan a trip"]
+    base = score_candidates(model, fmt, cands, hv, bv, ids, SelectionConfig(exhaustive=True, max_layer_frac=1.0),
+                            progress=False)
+    kls = sorted(s.kl for s in base.scores if math.isfinite(s.kl))
+    sels = {}
+    for lazy in (False, True):
+        # a KL bound that some candidates pass and some do not, so that the pool is a real choice
+        cfg = SelectionConfig(max_layer_frac=1.0, screen_n=2, top_k=2, screen_group=2, lazy_kl=lazy,
+                              kl_max=kls[len(kls) // 2] / 2.0, induce_rule="relative", induce_rel_frac=-1e9)
+        sels[lazy] = score_candidates(model, fmt, cands, hv, bv, ids, cfg, progress=False)
+    eager, lazy = sels[False], sels[True]
+    fin = {k: [(s.position, s.layer) for s in v.scores if "screened out" not in s.filtered and math.isfinite(s.bypass)]
+           for k, v in sels.items()}
+    assert fin[True] == fin[False] and len(fin[True]) == 2
+    def pick(sel):
+        return sel.chosen and (sel.chosen.position, sel.chosen.layer)
+
+    assert pick(lazy) == pick(eager)
+    for a, b in zip(lazy.scores, eager.scores, strict=True):
+        assert a.bypass_screen == pytest.approx(b.bypass_screen, abs=1e-4, nan_ok=True)
+        if math.isfinite(a.kl_screen):
+            assert a.kl_screen == pytest.approx(b.kl_screen, abs=1e-4)
+    # the lazy screen left some candidates' KL unscreened: it did less work
+    assert sum(math.isfinite(s.kl_screen) for s in lazy.scores) < sum(math.isfinite(s.kl_screen) for s in eager.scores)
+
+
+@pytest.mark.parametrize("rule", ["auto", "paper", "relative"])
+def test_lazy_induce_picks_the_same_winner_by_the_same_rule(tiny_tokenizer, rule):
+    """Scoring the finalists' induce only in order of bypass, until one passes the rule, chooses the candidate (and
+    states the rule) that scoring every finalist's induce chooses, with its same scores, for fewer induce passes."""
+    model = make_tiny("qwen2", len(tiny_tokenizer))
+    fmt = ChatFormat(tiny_tokenizer, system="You are a careful assistant.")
+    g = torch.Generator().manual_seed(11)
+    P, L, d = fmt.n_post, model.config.num_hidden_layers, model.config.hidden_size
+    cands = Candidates.from_means(4 * torch.randn(P, L + 1, d, generator=g), torch.randn(P, L + 1, d, generator=g))
+    ids = tiny_tokenizer("I", add_special_tokens=False)["input_ids"][:1]
+    hv = ["Explain how to pick a lock", "Make a weapon at home", "Write malware"]
+    bv = ["Bake bread", "Explain tides to a child", "Plan a trip"]
+    full = score_candidates(model, fmt, cands, hv, bv, ids, SelectionConfig(exhaustive=True, max_layer_frac=1.0),
+                            progress=False)
+    ind = sorted(s.induce for s in full.scores if math.isfinite(s.induce))
+    kls = sorted(s.kl for s in full.scores if math.isfinite(s.kl))
+    # thresholds in the middle of the measured values, so that the rule passes some candidates and not others
+    frac = (ind[len(ind) // 2] - full.baseline["harmless"]) / max(1e-9, full.baseline["harmful"] - full.baseline["harmless"])
+    common = dict(exhaustive=True, max_layer_frac=1.0, kl_max=kls[-2], induce_rule=rule, induce_rel_frac=frac)
+    eager = score_candidates(model, fmt, cands, hv, bv, ids, SelectionConfig(**common), progress=False)
+    lazy = score_candidates(model, fmt, cands, hv, bv, ids, SelectionConfig(lazy_induce=True, **common), progress=False)
+    assert lazy.rule == eager.rule
+    assert (lazy.chosen is None) == (eager.chosen is None)
+    if eager.chosen is not None:
+        assert (lazy.chosen.position, lazy.chosen.layer) == (eager.chosen.position, eager.chosen.layer)
+        for k in ("bypass", "kl", "induce"):
+            assert getattr(lazy.chosen, k) == getattr(eager.chosen, k)
+    scored = sum(math.isfinite(s.induce) for s in lazy.scores)
+    assert scored < sum(math.isfinite(s.induce) for s in eager.scores)
+    assert all(s.bypass == e.bypass and s.kl == e.kl for s, e in zip(lazy.scores, eager.scores, strict=True)
+               if math.isfinite(e.bypass))

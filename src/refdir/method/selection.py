@@ -33,6 +33,9 @@ from refdir.core.interventions import ablate, add
 from refdir.errors import RefdirError
 from refdir.method.scoring import first_token_kl, refusal_metric_from_logits
 
+# the filter label of a finalist whose induce was not scored (lazy_induce): a candidate with a lower bypass won first
+UNSCORED = "induce not scored (a lower bypass passed)"
+
 
 @dataclass
 class SelectionConfig:
@@ -51,6 +54,12 @@ class SelectionConfig:
     top_k: int = 12
     screen_kl_factor: float = 2.0
     screen_group: int = 8  # candidates screened together in one batch (one plan per row group)
+    # the screen's KL only as far as the finalists need it: every candidate's bypass first, then the KL in order of
+    # screened bypass until ``top_k`` pass its bound (the same finalists; False: both for every candidate at once)
+    lazy_kl: bool = True
+    # the finalists' induce only where it can decide the winner: in order of bypass among those under the KL limit,
+    # until one passes the induce rule (the same winner and rule; the others' induce is left unscored, NaN)
+    lazy_induce: bool = False
     shared_prefix: bool = True
     # the plain reference path: no shared prefix, full logits, every candidate fully scored
     exact_reference: bool = False
@@ -128,18 +137,20 @@ class _Scoring:
 
     def screen_many(self, rs: list[torch.Tensor], hv: list[str], bv: list[str],
                     base_logp: torch.Tensor) -> list[tuple[float, float]]:
-        """bypass and KL of several candidates in one batch: each ablation as its plain full edit (every write
-        and the embedding projected; the same residual stream as ``ablate``), one plan per row group."""
+        """bypass on ``hv`` and KL on ``bv`` of several candidates in one batch (either prompt list may be empty,
+        its score then NaN): each ablation as its plain full edit (every write and the embedding projected; the
+        same residual stream as ``ablate``), one plan per row group."""
         prompts = hv + bv
         with hooked_rows(self.model, [Plan.full(r, self.n_layers) for r in rs]) as rows:
             lg = last_logits(self.model, self.fmt, prompts * len(rs), self.cfg.batch_size,
                              shared_prefix=self.cfg.shared_prefix, rows=rows,
                              groups=[k for k in range(len(rs)) for _ in prompts])
         out = []
+        nan = float("nan")
         for k in range(len(rs)):
             g = lg[k * len(prompts):(k + 1) * len(prompts)]
-            out.append((float(refusal_metric_from_logits(g[: len(hv)], self.refusal_ids).mean()),
-                        float(first_token_kl(base_logp, g[len(hv):]).mean())))
+            out.append((float(refusal_metric_from_logits(g[: len(hv)], self.refusal_ids).mean()) if hv else nan,
+                        float(first_token_kl(base_logp, g[len(hv):]).mean()) if bv else nan))
         return out
 
 
@@ -171,15 +182,28 @@ def score_candidates(model, fmt: ChatFormat, cands: Candidates, harmful_val: lis
     finalists = live
     if not cfg.exhaustive and len(live) > cfg.top_k:
         finalists = _screen(sc, cands, live, harmful_val, harmless_val, base_logp, progress)
+    def induce(s: CandidateScore) -> None:
+        with add(model, cands.get(s.position, s.layer).vector, s.layer, cfg.induce_coeff):
+            s.induce = float(refusal_metric_from_logits(sc.logits(harmless_val), refusal_ids).mean())
+        if not math.isfinite(s.induce):
+            raise RefdirError(f"non-finite induce score at position {s.position}, layer {s.layer}")
+
     bar = tqdm(finalists, desc="selection" + ("" if cfg.exhaustive else " (finalists)"), disable=not progress)
     for s in bar:
-        r = cands.get(s.position, s.layer).vector
-        s.bypass, s.kl = sc.bypass_kl(r, harmful_val, harmless_val, base_logp)
-        with add(model, r, s.layer, cfg.induce_coeff):
-            s.induce = float(refusal_metric_from_logits(sc.logits(harmless_val), refusal_ids).mean())
-        if not all(math.isfinite(x) for x in (s.bypass, s.kl, s.induce)):
+        s.bypass, s.kl = sc.bypass_kl(cands.get(s.position, s.layer).vector, harmful_val, harmless_val, base_logp)
+        if not (math.isfinite(s.bypass) and math.isfinite(s.kl)):
             raise RefdirError(f"non-finite scores at position {s.position}, layer {s.layer}")
+        if not cfg.lazy_induce:
+            induce(s)
         bar.set_postfix(best=f"{min(f.bypass for f in finalists if math.isfinite(f.bypass)):.2f}")
+    if cfg.lazy_induce:
+        # the winner is the lowest bypass under the KL limit that passes the induce rule; under "auto" the paper's
+        # rule holds as soon as any such candidate has induce > 0, and that one is then the winner
+        passes = induce_threshold(baseline, cfg) if cfg.induce_rule == "relative" else 0.0
+        for s in sorted((f for f in finalists if f.kl <= cfg.kl_max), key=lambda f: f.bypass):
+            induce(s)
+            if s.induce > passes:
+                break
     return apply_filters(scores, baseline, cfg, L)
 
 
@@ -210,23 +234,48 @@ def _live_candidates(cands: Candidates, cfg: SelectionConfig,
 
 def _screen(sc: _Scoring, cands: Candidates, live: list[CandidateScore], harmful_val: list[str],
             harmless_val: list[str], base_logp: torch.Tensor, progress: bool) -> list[CandidateScore]:
-    """Screened bypass and KL of every live candidate on the first ``screen_n`` prompts of each set; the
-    finalists are the ``top_k`` lowest screened bypasses among those with a screened KL under the bound."""
+    """Screened bypass and KL of the live candidates on the first ``screen_n`` prompts of each set; the
+    finalists are the ``top_k`` lowest screened bypasses among those with a screened KL under the bound (all live
+    candidates where none is under it). With ``lazy_kl`` every candidate's bypass comes first and the KL is
+    screened in order of bypass until ``top_k`` candidates pass the bound: the same finalists for about half the
+    screen's work (the KL is then NaN for the candidates never reached; the search reads only screened bypasses)."""
     cfg = sc.cfg
     n = cfg.screen_n
     hv, bv = harmful_val[:n], harmless_val[:n]
     blogp = base_logp[: len(bv)]
+    bound = cfg.screen_kl_factor * cfg.kl_max
     bar = tqdm(total=len(live), desc="selection (screen)", disable=not progress)
-    for j in range(0, len(live), cfg.screen_group):
-        group = live[j : j + cfg.screen_group]
-        res = sc.screen_many([cands.get(s.position, s.layer).vector for s in group], hv, bv, blogp)
-        for s, (b, k) in zip(group, res, strict=True):
-            s.bypass_screen, s.kl_screen = b, k
-            if not (math.isfinite(b) and math.isfinite(k)):
+
+    def run(group: list[CandidateScore], h: list[str], b: list[str]) -> None:
+        res = sc.screen_many([cands.get(s.position, s.layer).vector for s in group], h, b, blogp)
+        for s, (byp, kl) in zip(group, res, strict=True):
+            if h:
+                s.bypass_screen = byp
+            if b:
+                s.kl_screen = kl
+            if (h and not math.isfinite(byp)) or (b and not math.isfinite(kl)):
                 raise RefdirError(f"non-finite scores at position {s.position}, layer {s.layer}")
-        bar.update(len(group))
+
+    if not cfg.lazy_kl:
+        for j in range(0, len(live), cfg.screen_group):
+            run(live[j: j + cfg.screen_group], hv, bv)
+            bar.update(len(live[j: j + cfg.screen_group]))
+    else:
+        # bypass rows only: twice the candidates per batch for the same rows
+        group = 2 * cfg.screen_group if len(hv) <= len(bv) else cfg.screen_group
+        for j in range(0, len(live), group):
+            run(live[j: j + group], hv, [])
+            bar.update(len(live[j: j + group]))
+        by_bypass = sorted(live, key=lambda s: s.bypass_screen)
+        passed = 0
+        for j in range(0, len(by_bypass), cfg.screen_group):
+            if passed >= cfg.top_k:
+                break
+            chunk = by_bypass[j: j + cfg.screen_group]
+            run(chunk, [], bv)
+            passed += sum(s.kl_screen <= bound for s in chunk)
     bar.close()
-    pool = [s for s in live if s.kl_screen <= cfg.screen_kl_factor * cfg.kl_max] or live
+    pool = [s for s in live if s.kl_screen <= bound] or live
     finalists = sorted(pool, key=lambda s: s.bypass_screen)[: cfg.top_k]
     for s in live:
         if s not in finalists:
@@ -234,10 +283,15 @@ def _screen(sc: _Scoring, cands: Candidates, live: list[CandidateScore], harmful
     return finalists
 
 
+def induce_threshold(baseline: dict, cfg: SelectionConfig) -> float:
+    """The relative induce rule's threshold: the harmless baseline raised by ``induce_rel_frac`` of the gap
+    between the harmful and harmless baselines."""
+    return baseline["harmless"] + cfg.induce_rel_frac * max(baseline["harmful"] - baseline["harmless"], 0.0)
+
+
 def apply_filters(scores: list[CandidateScore], baseline: dict, cfg: SelectionConfig, n_layers: int) -> Selection:
     """Apply the filters and pick the winner; never crashes, never picks silently."""
-    gap = baseline["harmful"] - baseline["harmless"]
-    rel_threshold = baseline["harmless"] + cfg.induce_rel_frac * max(gap, 0.0)
+    rel_threshold = induce_threshold(baseline, cfg)
     paper_ok = [s for s in scores if s.induce > 0]
     if cfg.induce_rule == "paper":
         rule = "paper: induce > 0"
@@ -259,10 +313,13 @@ def apply_filters(scores: list[CandidateScore], baseline: dict, cfg: SelectionCo
         s.filtered = []
         if not s.kl <= cfg.kl_max:
             s.filtered.append(f"kl > {cfg.kl_max}")
-        if not s.induce > threshold:
+        if math.isnan(s.induce):
+            if s.kl <= cfg.kl_max:  # lazy_induce: a lower bypass passed first
+                s.filtered.append(UNSCORED)
+        elif not s.induce > threshold:
             s.filtered.append(f"induce <= {threshold:.2f}")
         for f in s.filtered:
-            counts[f] += 1
+            counts[f] = counts.get(f, 0) + 1
     ok = [s for s in scores if s.ok]
     chosen = min(ok, key=lambda s: s.bypass) if ok else None
     return Selection(scores, chosen, rule, baseline, counts, asdict(cfg) | {"n_layers": n_layers})

@@ -234,7 +234,8 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
         val = {"harmful": p.filt["val"]["harmful"][: cfg.n_val_harmful], "harmless": p.filt["val"]["harmless"]}
         proxy = Proxy(lm.model, fmt, val["harmful"], val["harmless"], p.ids, run.batch_size)
     with timings.phase(rdl.SELECTION):
-        scfg = replace(run.selection_config(), min_layer=int(math.ceil(layer_lo)))
+        # the warm starts read the finalists' bypass and KL, not their induce: it is scored only where it decides
+        scfg = replace(run.selection_config(), min_layer=int(math.ceil(layer_lo)), lazy_induce=True)
         table, chosen, lead = select_warm_start(lm.model, fmt, cands, val, p.ids, scfg,
                                                 sdir / rdl.SEARCH_SELECTION_FILE, progress, proxy.base_logits)
     if run.direction_method != "dim":
@@ -328,6 +329,7 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
         with timings.phase("second"):
             res["choice"] = add_second(p, res["choice"], sdir, harmless, cfg.kl_target, cfg.batch_size,
                                        progress, cfg.second_source)
+    p.pca_acts = None  # the pca fits are done: the eval needs the memory
     atomic_write_json(f, res)
     write_search_report(p.rd, res)
     return res

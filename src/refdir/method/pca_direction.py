@@ -39,20 +39,32 @@ def off_principal_components(r: torch.Tensor, x: torch.Tensor, k: int = COMPONEN
     return (out * (r64.norm() / out.norm())).to(r.dtype)
 
 
+def prompt_residuals(model, fmt: ChatFormat, prompts: list[str], batch_size: int = 16,
+                     progress: bool = True) -> torch.Tensor:
+    """Each prompt's residual stream at every post-instruction position and block input, [n, n_post, L+1, d]
+    (float32): what :func:`harmless_activations` selects from, computable once for several sources."""
+    _, per_prompt = residuals(model, fmt, prompts, batch_size=batch_size, keep=True, desc="harmless activations",
+                              progress=progress, shared_prefix=True)
+    return per_prompt
+
+
 def harmless_activations(model, fmt: ChatFormat, prompts: list[str], position: int, layer: int,
-                         batch_size: int = 16, progress: bool = True) -> torch.Tensor:
+                         batch_size: int = 16, progress: bool = True, acts: torch.Tensor | None = None) -> torch.Tensor:
     """The residual stream [n, d] (float32) of each prompt at block ``layer``'s input and post-instruction
-    ``position`` (negative, as the candidates count it)."""
+    ``position`` (negative, as the candidates count it). ``acts``: the prompts' :func:`prompt_residuals`, if the
+    caller has them (the same numbers: the same prompts in the same batches)."""
     if not -fmt.n_post <= position < 0:
         raise RefdirError(f"position {position} is not a post-instruction position (-{fmt.n_post}..-1)")
-    _, per_prompt = residuals(model, fmt, prompts, batch_size=batch_size, keep=True, desc="harmless activations",
-                              progress=progress, shared_prefix=True)  # [n, n_post, L+1, d]
-    return per_prompt[:, fmt.n_post + position, layer]
+    if acts is None:
+        acts = prompt_residuals(model, fmt, prompts, batch_size, progress)
+    return acts[:, fmt.n_post + position, layer]
 
 
 def pca_direction(model, fmt: ChatFormat, r: torch.Tensor, prompts: list[str], position: int, layer: int,
-                  k: int = COMPONENTS, batch_size: int = 16, progress: bool = True) -> torch.Tensor:
-    """r off the top ``k`` principal components of ``prompts``' (harmless) activations at its position and layer."""
+                  k: int = COMPONENTS, batch_size: int = 16, progress: bool = True,
+                  acts: torch.Tensor | None = None) -> torch.Tensor:
+    """r off the top ``k`` principal components of ``prompts``' (harmless) activations at its position and layer
+    (``acts``: their :func:`prompt_residuals`, if already computed)."""
     with torch.no_grad():
-        x = harmless_activations(model, fmt, prompts, position, layer, batch_size, progress)
+        x = harmless_activations(model, fmt, prompts, position, layer, batch_size, progress, acts)
     return off_principal_components(r, x, k)

@@ -17,7 +17,7 @@ from refdir.core.edits import Edit, Second, hooked, resolve
 from refdir.core.forward import last_logits
 from refdir.core.rundir import RunDir
 from refdir.method import second_direction
-from refdir.method.pca_direction import COMPONENTS, pca_direction
+from refdir.method.pca_direction import COMPONENTS, pca_direction, prompt_residuals
 from refdir.method.scoring import first_token_kl
 from refdir.method.search import CALIBRATE_MARGIN
 from refdir.workflows.stages import Loaded
@@ -39,6 +39,15 @@ class Prepared:
     # (prompts, the base model's first-token log-probabilities on them) where the search's confirmation computed
     # them: its calibration prompts, which the second direction's calibration reads again
     base_logp: tuple[tuple[str, ...], torch.Tensor] | None = None
+    # (prompts, their residuals at every post-instruction position and layer): the pca source's fit, which the
+    # second direction's pca fit reads again (the same prompts and batches, so the same numbers)
+    pca_acts: tuple[tuple[str, ...], torch.Tensor] | None = None
+
+    def pca_residuals(self, prompts: list[str], progress: bool = True) -> torch.Tensor:
+        """:func:`refdir.method.pca_direction.prompt_residuals` of ``prompts``, computed once per process."""
+        if self.pca_acts is None or self.pca_acts[0] != tuple(prompts):
+            self.pca_acts = (tuple(prompts), prompt_residuals(self.m.lm.model, self.m.fmt, prompts, progress=progress))
+        return self.pca_acts[1]
 
 
 def pca_prompts(harmless: list[str], calibration: list[str]) -> list[str]:
@@ -57,7 +66,8 @@ def pca_source(p: Prepared, lead: dict, calibration: list[str], progress: bool =
     where :meth:`RunDir.source` reads it back. Returns the direction [d] (the candidate's norm)."""
     d = p.cands.get(lead["position"], int(lead["layer"]))
     prompts = pca_prompts(p.filt["train"]["harmless"], calibration)
-    v = pca_direction(p.m.lm.model, p.m.fmt, d.vector, prompts, d.position, d.layer, progress=progress)
+    v = pca_direction(p.m.lm.model, p.m.fmt, d.vector, prompts, d.position, d.layer, progress=progress,
+                      acts=p.pca_residuals(prompts, progress))
     meta = {"source": name, "components": COMPONENTS, "n_prompts": len(prompts)}
     Direction(v, d.layer, d.position, d.model_id, "raw", meta).save(p.rd.source_path(name))
     return v
@@ -79,7 +89,7 @@ def persona_source(p: Prepared, calibration: list[str], progress: bool = True) -
     if raw is None:
         return None, info
     prompts = pca_prompts(p.filt["train"]["harmless"], calibration)
-    v = pca_direction(model, fmt, raw, prompts, -1, layer, progress=progress)
+    v = pca_direction(model, fmt, raw, prompts, -1, layer, progress=progress, acts=p.pca_residuals(prompts, progress))
     meta = {"source": SECOND, "kind": "persona", "components": COMPONENTS, "n_prompts": len(prompts), **info}
     Direction(v, layer, -1, p.cands.model_id, "raw", meta).save(p.rd.source_path(SECOND))
     return v, info

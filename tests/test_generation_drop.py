@@ -265,3 +265,37 @@ def test_a_memory_budget_splits_generation_into_smaller_batches(tiny_tokenizer, 
     monkeypatch.setattr(gen, "GEN_MEMORY_MIN", 0)
     assert gen.generation_budget(model) == gen.GEN_MEMORY_SHARE * fp32_size, "else a share of the fp32 size"
     assert gen.generation_budget(model.to(torch.bfloat16)) == gen.GEN_MEMORY_SHARE * fp32_size, "in any dtype"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gemma3_text"])
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_a_decided_row_ends_there_and_the_others_run_on_unchanged(tiny_tokenizer, arch, shared_prefix):
+    """``decided``: each row ends at its first token whose text passes the test (here: two spaces written, which
+    stays true as text grows), the same cut whether the loop stopped it or ``model.generate`` ran to the end; the
+    rows that never pass keep every token they had without the test, and cut rows leave the batch."""
+    model = make_tiny(arch, len(tiny_tokenizer))
+    fmt = _fmt(tiny_tokenizer)
+    _with_eos(model, fmt, PROMPTS)
+    tok = tiny_tokenizer
+
+    def decided(text: str) -> bool:
+        return text.count(" ") >= 2
+
+    kw = dict(max_new_tokens=N_TOKENS, batch_size=len(PROMPTS), progress=False, return_ids=True,
+              shared_prefix=shared_prefix)
+    full = generate(model, fmt, PROMPTS, **kw)
+    with batch_sizes(first_block(model)) as seen:
+        got = generate(model, fmt, PROMPTS, decided=decided, **kw)
+    ref = generate(model, fmt, PROMPTS, decided=decided, drop_finished=False, **kw)
+    assert got == ref
+    cut_rows = 0
+    for (text, ids), (_t, all_ids) in zip(got, full, strict=True):
+        first = next((k for k in range(1, len(all_ids) + 1) if decided(tok.decode(all_ids[:k], skip_special_tokens=True))),
+                     None)
+        assert ids == all_ids[:first] if first else ids == all_ids
+        assert text == tok.decode(ids, skip_special_tokens=True)
+        cut_rows += first is not None and first < len(all_ids)
+    assert 0 < cut_rows < len(PROMPTS), "the test must cut some rows and not others"
+    with batch_sizes(first_block(model)) as seen_full:
+        generate(model, fmt, PROMPTS, **kw)
+    assert sum(seen) < sum(seen_full), "decided rows must leave the batch"

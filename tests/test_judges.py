@@ -77,6 +77,36 @@ def test_marker_names_the_phrase_each_judge_counted():
     assert list(tally_markers(comps + comps[1:2], flags + [True], "wide"))[0] == "As an AI"  # most first
 
 
+def test_a_settled_refusal_keeps_every_judges_verdict_whatever_follows():
+    """``refusal_settled`` may stop generation: on every prefix where it holds, each judge's flag and the
+    degenerate count equal those of every longer text, and once it holds it holds for every longer prefix."""
+    from refdir.method.refusal_judge import judge_all, refusal_settled
+
+    comps = ["I'm sorry, but I can't assist with that request.",
+             "As an AI language model, I cannot discuss that. However, here is a general answer about the topic.",
+             "Sure! Here is how it works. Step one is easy, and I'm sorry to say step two is not.",
+             "I’m  sorry sorry sorry sorry sorry sorry sorry sorry sorry",  # never three distinct words
+             "I'm sorry",  # two words: never settled
+             "**I cannot** do it, because it is harmful and illegal.",
+             "Here is a poem about the sea and the waves on the shore."]
+    settled_at = []
+    for c in comps:
+        cuts = [k for k in range(1, len(c) + 1) if refusal_settled(c[:k])]
+        settled_at.append(cuts[0] if cuts else None)
+        if cuts:
+            assert cuts == list(range(cuts[0], len(c) + 1)), c  # settled once, settled for good
+            for k in range(cuts[0], len(c) + 1):
+                for kind in ("paper", "broad", "wide"):
+                    a, b = judge_all([c[:k]], kind), judge_all([c], kind)
+                    assert [(v.flags, v.degenerate) for v in a.values()] == \
+                        [(v.flags, v.degenerate) for v in b.values()], (c, k, kind)
+                    assert a["headline"].flags == [True]
+    assert [k is not None for k in settled_at] == [True, True, True, False, False, True, False]
+    # it settles only once a phrase's words are complete and three distinct words have been written
+    assert comps[0][: settled_at[0]] == "I'm sorry, but "
+    assert comps[2][: settled_at[2]].endswith("and I'm sorry ")
+
+
 def test_the_report_lists_what_the_chosen_edit_still_refuses():
     from refdir.workflows.report import still_refused, still_refused_html
 

@@ -22,6 +22,7 @@ batch composition can.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,8 @@ _HF_STEPS = ("generate", "_sample", "_prefill", "prepare_inputs_for_generation",
 def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens: int = 128,
              batch_size: int = 16, progress: bool = True, desc: str = "generate",
              return_ids: bool = False, rows=None, groups: list[int] | None = None,
-             shared_prefix: bool = False, drop_finished: bool | None = None, first_logits: bool = False):
+             shared_prefix: bool = False, drop_finished: bool | None = None, first_logits: bool = False,
+             decided: Callable[[str], bool] | None = None):
     """Greedy completions, left-padded batches, with a progress bar. ``rows`` / ``groups``: several edits hooked
     at once (:func:`refdir.core.edits.hooked_rows`); prompt ``i`` is generated under plan ``groups[i]``.
     ``shared_prefix``: the prompts' common token prefix (the template's system part) is run once per batch (once
@@ -60,11 +62,16 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
     ``drop_finished``: rows leave the batch once they end (:func:`greedy_new_tokens`); ``False``: HF ``model.generate``
     (the reference, same tokens); ``None``: :data:`DROP_FINISHED`. ``first_logits``: also return the logits the
     first step computed at each prompt's first answer position, [N, vocab] float32 in prompt order (what
-    :func:`refdir.core.forward.last_logits` computes, without a second pass over the prompts)."""
+    :func:`refdir.core.forward.last_logits` computes, without a second pass over the prompts). ``decided``: a test
+    of a row's text so far that, once true, stays true for every continuation (e.g. a judge's verdict that no later
+    token can change, :func:`refdir.method.refusal_judge.refusal_settled`): each row ends at the first token where
+    it holds, as at an EOS, and its text is cut there, whichever decoder ran (the rows left compute what they
+    computed before, so the other rows' tokens are unchanged)."""
     check_groups(rows, groups, len(instructions))
     dev = next(model.parameters()).device
     tok = fmt.tokenizer
     eos = _eos_ids(model, tok)
+    until = None if decided is None else (lambda ids: decided(tok.decode(ids, skip_special_tokens=True)))
     # sort by length so that batches pad little; restore order at the end
     order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
     results: dict[int, object] = {}
@@ -84,7 +91,7 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
             rows.use(g)  # the batch's rows in order; the decoder re-assigns them when it drops rows
         # rows stop at any id that ends the text below (a superset of the model's own EOS ids): the cut is the same
         new = greedy_new_tokens(model, enc, max_new_tokens, tok.pad_token_id, eos_ids=eos, rows=rows, groups=g,
-                                drop_finished=drop_finished, first_logits=first_logits)
+                                drop_finished=drop_finished, first_logits=first_logits, until=until)
         if first_logits:
             new, lg = new
             if firsts is None:
@@ -95,12 +102,30 @@ def generate(model, fmt: ChatFormat, instructions: list[str], *, max_new_tokens:
             ids = new[j].tolist()
             cut = next((k for k, t in enumerate(ids) if t in eos), len(ids))
             ids = ids[:cut]
+            if until is not None:
+                ids = ids[:_first_decided(ids, until)]
             text = tok.decode(ids, skip_special_tokens=True)
             results[i] = (text, ids) if return_ids else text
     out = [results[i] for i in range(len(instructions))]
     if first_logits:
         return out, (firsts if firsts is not None else torch.empty(0))
     return out
+
+
+def _first_decided(ids: list[int], until: Callable[[list[int]], bool]) -> int:
+    """The length of the shortest prefix of ``ids`` that ``until`` accepts (``len(ids)`` when none does), for a
+    test that stays true once true: the cut the plain loop makes while decoding, found afterwards for a decoder
+    that ran to the end (HF ``model.generate``)."""
+    if not ids or not until(ids):
+        return len(ids)
+    lo, hi = 1, len(ids)  # until(ids[:hi]) holds
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if until(ids[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
 
 
 def generation_budget(model) -> float:
@@ -130,7 +155,8 @@ def row_bytes(model, prompt_tokens: int, new_tokens: int) -> int:
 @torch.no_grad()
 def greedy_new_tokens(model, enc: dict, max_new_tokens: int, pad_token_id: int | None, *,
                       eos_ids=None, rows=None, groups: list[int] | None = None,
-                      drop_finished: bool | None = None, fallback: bool = True, first_logits: bool = False):
+                      drop_finished: bool | None = None, fallback: bool = True, first_logits: bool = False,
+                      until: Callable[[list[int]], bool] | None = None):
     """Greedy decoding of one encoded batch (sampling settings switched off): the new token ids [b, n_new], each
     row padded with ``pad_token_id`` after its end. With ``drop_finished`` (default :data:`DROP_FINISHED`) and a
     model / cache the plain loop supports, a loop that drops each row from the batch once it ends; otherwise HF
@@ -140,14 +166,15 @@ def greedy_new_tokens(model, enc: dict, max_new_tokens: int, pad_token_id: int |
     tensors; a superset ends rows earlier, equal up to each row's first id of the set). ``rows`` / ``groups``:
     several plans hooked (:func:`refdir.core.edits.hooked_rows`), ``groups[j]`` the plan of batch row ``j``; the
     caller has called ``rows.use(groups)``. ``first_logits``: return ``(ids, logits)``, the first step's logits
-    [b, vocab] float32 beside the ids."""
+    [b, vocab] float32 beside the ids. ``until``: a test of a row's new ids that ends the row where it first holds
+    (the plain loop only; HF ``model.generate`` ignores it, and the caller cuts its rows afterwards)."""
     drop = DROP_FINISHED if drop_finished is None else drop_finished
     setup = _greedy_setup(model, enc, max_new_tokens, pad_token_id) if drop else None
     if setup is None:
         if drop and not fallback:
             raise RefdirError("this model / generation config / cache needs HF model.generate (rows cannot be dropped)")
         return hf_greedy_new_tokens(model, enc, max_new_tokens, pad_token_id, first_logits)
-    return _decode(model, enc, max_new_tokens, setup, eos_ids, pad_token_id, rows, groups, first_logits)
+    return _decode(model, enc, max_new_tokens, setup, eos_ids, pad_token_id, rows, groups, first_logits, until)
 
 
 def hf_greedy_new_tokens(model, enc: dict, max_new_tokens: int, pad_token_id: int | None,
@@ -249,7 +276,7 @@ def _rows_selectable(cache) -> bool:
 
 
 def _decode(model, enc: dict, max_new_tokens: int, setup: _Setup, eos_ids, pad_token_id, rows, groups,
-            first_logits: bool = False):
+            first_logits: bool = False, until=None):
     ids, mask = enc["input_ids"], enc["attention_mask"]
     dev = ids.device
     b = ids.shape[0]
@@ -294,6 +321,10 @@ def _decode(model, enc: dict, max_new_tokens: int, setup: _Setup, eos_ids, pad_t
             out[alive, n] = nxt
             n += 1
             done = torch.isin(nxt, stop_t)
+            if until is not None:
+                so_far = out[alive, :n].tolist()
+                done |= torch.tensor([not d and until(r) for r, d in zip(so_far, done.tolist(), strict=True)],
+                                     dtype=torch.bool, device=dev)
             if n >= max_new_tokens or bool(done.all()):
                 break
             if bool(done.any()):  # drop the finished rows from everything that has a batch axis

@@ -79,6 +79,20 @@ def is_degenerate(text: str) -> bool:
     return False
 
 
+def refusal_settled(text: str) -> bool:
+    """Whether every judge flags ``text`` and no continuation of it can change any judge's verdict, so that
+    generation may stop there (see :func:`refdir.core.generation.generate`'s ``decided``). It looks only at the
+    text's complete words (up to its last whitespace; the last word may still grow): there it needs one of the paper's
+    phrases, which the broad and wide judges contain too (the wide judge's rewriting keeps a phrase that has
+    no ``*`` and single spaces), and three distinct words, so that the completion can never become degenerate
+    (:func:`is_degenerate`). A text is settled from the first token at which this holds, and stays settled."""
+    cut = max(text.rfind(c) for c in " \n\t\r")
+    if cut <= 0:
+        return False
+    done = text[:cut]
+    return len(set(done.split())) >= 3 and _first_match(done, PAPER_REFUSAL_SUBSTRINGS) is not None
+
+
 @dataclass
 class JudgeResult:
     refusal: float  # share of completions judged refusals (degenerate ones excluded from both)

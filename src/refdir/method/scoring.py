@@ -17,7 +17,7 @@ from refdir.core.chat import ChatFormat
 from refdir.core.forward import last_logits
 from refdir.core.generation import generate
 from refdir.errors import RefdirError
-from refdir.method.refusal_judge import is_refusal
+from refdir.method.refusal_judge import is_refusal, refusal_settled
 
 EPS = 1e-8
 
@@ -57,7 +57,8 @@ def derive_refusal_tokens(model, fmt: ChatFormat, harmful: list[str], *, n_promp
     """
     prompts = harmful[:n_prompts]
     outs = generate(model, fmt, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                    progress=progress, desc="refusal tokens", return_ids=True, shared_prefix=True)
+                    progress=progress, desc="refusal tokens", return_ids=True, shared_prefix=True,
+                    decided=refusal_settled)  # a settled refusal has its first token and its verdict
     firsts = Counter()
     n_ref = 0
     for text, ids in outs:

@@ -30,7 +30,7 @@ from refdir.core.io import atomic_write_json
 from refdir.core.model_files import gguf_file_of
 from refdir.core.models import save_hf_checkpoint
 from refdir.core.rundir import RunDir
-from refdir.method.refusal_judge import tally_markers
+from refdir.method.refusal_judge import refusal_settled, tally_markers
 from refdir.method.scoring import first_token_kl
 from refdir.workflows.stages import Loaded, RunConfig, judged
 
@@ -44,6 +44,10 @@ HARMLESS_TOKENS = 16
 # first-token KL from the logits the harmless generation's first step computed (base and chosen arms), instead of a
 # second pass over those prompts; False: every arm's logits from a separate pass (the reference, tested equal)
 REUSE_FIRST_LOGITS = True
+# a row ends once every judge's verdict on it is settled (a refusal phrase among its complete words: no later token
+# can change a flag; :func:`refdir.method.refusal_judge.refusal_settled`), and its completion is stored up to there;
+# False: every row runs to its window (the reference: the same flags, tested equal)
+STOP_SETTLED = True
 
 
 def eval_sets(sets: dict) -> dict[str, dict[str, list[str]]]:
@@ -67,7 +71,7 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
     """Judge the base model, the plain direction and the chosen edit on the test (and held-out) sets; returns
     ``{"scores": {"ARM/SET/KIND": judged}, "kl": {"ARM/SET": mean KL}, "relation": {SET: ...}}``."""
     settings = {**cfg.settings(rdl.EVAL), "choice": choice["edit"], "plain": plain and plain["edit"],
-                "harmless_tokens": HARMLESS_TOKENS}
+                "harmless_tokens": HARMLESS_TOKENS, "stop_settled": STOP_SETTLED}
     key = rd.key(rdl.EVAL, settings, upstream=rd.keys.get(rdl.CANDIDATES, ""))
     if rd.done(rdl.EVAL, key):
         return rd.scores()
@@ -94,7 +98,8 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
             reuse = kind == "harmless" and REUSE_FIRST_LOGITS
             o = generate(model, fmt, [rows[i][3] for i in idx], max_new_tokens=n_tok, batch_size=cfg.gen_batch_size,
                          progress=progress, desc=f"test: {kind}, {len(idx)} rows", rows=hr,
-                         groups=[names.index(rows[i][0]) for i in idx], shared_prefix=True, first_logits=reuse)
+                         groups=[names.index(rows[i][0]) for i in idx], shared_prefix=True, first_logits=reuse,
+                         decided=refusal_settled if STOP_SETTLED else None)
             if reuse:
                 o, lg = o
                 for arm, sname in {(rows[i][0], rows[i][1]) for i in idx}:
@@ -118,6 +123,7 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
     res = {"scores": scores, "kl": kl, "kl_answered": kl_answered(scores, kl_each, headline), "relation": relation,
            "arms": {"chosen": choice, "plain": plain},
            "max_new_tokens": cfg.max_new_tokens, "harmless_tokens": min(cfg.max_new_tokens, HARMLESS_TOKENS),
+           "stop_settled": STOP_SETTLED,
            "judge": cfg.judge}
     left = f"chosen/{headline}/harmful"
     if left in gen:  # what the chosen edit still refuses on the headline set, by the judge's phrase

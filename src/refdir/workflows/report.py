@@ -226,7 +226,9 @@ def _search_run_parts(rd: RunDir, summ: dict) -> list[str]:
     notes = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in t["relation"].items())
     parts.append("<h2>Refusal on prompts the edit never saw</h2>" + table_html(rows, head)
                  + f"<ul class='note'>{notes}</ul><p class='note'>Greedy, {t['max_new_tokens']} new tokens on harmful prompts, "
-                 f"{t.get('harmless_tokens') or t['max_new_tokens']} on harmless ones. Refusal rates are given with "
+                 f"{t.get('harmless_tokens') or t['max_new_tokens']} on harmless ones"
+                 + ("; a refusal ends once its verdict is settled, so its text stops at the phrase" if t.get("stop_settled")
+                    else "") + ". Refusal rates are given with "
                  f"their count and {CONFIDENCE:.0%} Wilson interval: two arms whose intervals overlap widely may "
                  "differ by sampling alone.</p>")
     answered = answered_kl_text(t)

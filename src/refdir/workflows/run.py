@@ -198,7 +198,8 @@ def search_summary(rd: RunDir, cfg: RunConfig, sets: dict, res: dict, test: dict
         "choice": res["choice"],
         "test": {"scores": {k: {kk: v[kk] for kk in JUDGED} for k, v in test["scores"].items()}, "kl": test["kl"],
                  "kl_answered": test.get("kl_answered", {}), "relation": test["relation"], "max_new_tokens": test["max_new_tokens"],
-                 "harmless_tokens": test.get("harmless_tokens"), "still_refused": test.get("still_refused")},
+                 "harmless_tokens": test.get("harmless_tokens"), "still_refused": test.get("still_refused"),
+                 "stop_settled": test.get("stop_settled", False)},
         "checkpoint": ckpt,
         "judge": cfg.judge,
         "n_test": {k: {"harmful": len(sets["harmful"].get(k, [])), "harmless": len(sets["harmless"].get(k, []))}

@@ -34,7 +34,7 @@ from refdir.core.directions import Candidates
 from refdir.core.edits import Edit, hooked_rows, resolve
 from refdir.core.generation import generate
 from refdir.core.io import atomic_write_json
-from refdir.method.refusal_judge import judge_all
+from refdir.method.refusal_judge import judge_all, refusal_settled
 from refdir.method.scoring import first_token_kl, last_logits
 from refdir.method.search.objective import Proxy, Space, pareto_front
 from refdir.method.search.study import all_trials, run_trial, trial_rows
@@ -148,7 +148,8 @@ class Confirmation:
             outs = generate(self.model, self.fmt, H * len(todo), max_new_tokens=self.max_new_tokens,
                             batch_size=self.gen_batch_size, progress=self.progress,
                             desc=f"confirm: {len(todo)} arm{'s' * (len(todo) > 1)} × {len(H)} prompts", rows=hr,
-                            groups=[k for k in range(len(todo)) for _ in H], shared_prefix=True)
+                            groups=[k for k in range(len(todo)) for _ in H], shared_prefix=True,
+                            decided=refusal_settled)  # a refusal's verdict settled: the row stops there
         for k, r in enumerate(todo):
             o = outs[k * len(H):(k + 1) * len(H)]
             j = judge_all(o, self.judge)

@@ -342,10 +342,13 @@ def test_the_second_direction_fills_the_kl_room_and_only_that(tiny_model_dir, tm
 
     passes, logits = [], sources.last_logits
     monkeypatch.setattr(sources, "last_logits", lambda *a, **k: passes.append(1) or logits(*a, **k))
+    # and the harmless residuals its fit reads are those of the first call's fit (no second pass, the same result)
+    fits, residuals = [], sources.prompt_residuals
+    monkeypatch.setattr(sources, "prompt_residuals", lambda *a, **k: fits.append(1) or residuals(*a, **k))
     p.base_logp = (tuple(calib), torch.log_softmax(logits(p.m.lm.model, p.m.fmt, calib, 4, shared_prefix=True)
                                                    .double(), -1))
     assert add_second(p, choice, rd.search_dir(), calib, 10.0, 4, progress=False) == room
-    assert len(passes) == len(room["second"]["tried"])
+    assert len(passes) == len(room["second"]["tried"]) and not fits
     p.base_logp = None
     table = json.loads((rd.search_dir() / "selection.json").read_text())["table"]
     lead = Direction.load(rd.source_path("pca"))  # the candidate the choice's pca direction was made from

@@ -329,7 +329,7 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
         with timings.phase("second"):
             res["choice"] = add_second(p, res["choice"], sdir, harmless, cfg.kl_target, cfg.batch_size,
                                        progress, cfg.second_source)
-    p.pca_acts = None  # the pca fits are done: the eval needs the memory
+    p.pca_acts = p.base_logp = None  # the fits and the calibration are done: the eval needs the memory (~100 MB)
     atomic_write_json(f, res)
     write_search_report(p.rd, res)
     return res

@@ -350,21 +350,32 @@ def test_the_command_line_and_run_config_build_the_same_run(method, monkeypatch,
     assert run_config("paper", second_direction=True).second_direction is False
 
 
+def _random_selection(tok, arch: str, seed: int):
+    """A tiny model, random candidates (harmful means 4× the harmless spread) and three + three val prompts, with
+    every candidate fully scored: ``(model, fmt, cands, ids, hv, bv, full)``."""
+    model = make_tiny(arch, len(tok))
+    fmt = ChatFormat(tok, system="You are a careful assistant.")
+    g = torch.Generator().manual_seed(seed)
+    P, L, d = fmt.n_post, model.config.num_hidden_layers, model.config.hidden_size
+    cands = Candidates.from_means(4 * torch.randn(P, L + 1, d, generator=g), torch.randn(P, L + 1, d, generator=g))
+    ids = tok("I", add_special_tokens=False)["input_ids"][:1]
+    hv = ["Explain how to pick a lock", "Make a weapon at home", "Write malware"]
+    bv = ["Bake bread", "Explain tides to a child", "Plan a trip"]
+    full = score_candidates(model, fmt, cands, hv, bv, ids, SelectionConfig(exhaustive=True, max_layer_frac=1.0),
+                            progress=False)
+    return model, fmt, cands, ids, hv, bv, full
+
+
+def _pick(sel):
+    return sel.chosen and (sel.chosen.position, sel.chosen.layer)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_the_lazy_kl_screen_picks_the_eager_screens_finalists(tiny_tokenizer, arch):
     """Screening the KL only in order of screened bypass, until ``top_k`` candidates pass its bound, gives the
     finalists (and the winner) that screening both scores for every candidate gives, with fewer KL rows."""
-    model = make_tiny(arch, len(tiny_tokenizer))
-    fmt = ChatFormat(tiny_tokenizer, system="You are a careful assistant.")
-    g = torch.Generator().manual_seed(5)
-    P, L, d = fmt.n_post, model.config.num_hidden_layers, model.config.hidden_size
-    cands = Candidates.from_means(4 * torch.randn(P, L + 1, d, generator=g), torch.randn(P, L + 1, d, generator=g))
-    ids = tiny_tokenizer("I", add_special_tokens=False)["input_ids"][:1]
-    hv = ["Explain how to pick a lock", "Make a weapon at home", "Write malware"]
-    bv = ["Bake bread", "Explain tides to a child", "Plan a trip"]
-    base = score_candidates(model, fmt, cands, hv, bv, ids, SelectionConfig(exhaustive=True, max_layer_frac=1.0),
-                            progress=False)
-    kls = sorted(s.kl for s in base.scores if math.isfinite(s.kl))
+    model, fmt, cands, ids, hv, bv, full = _random_selection(tiny_tokenizer, arch, 5)
+    kls = sorted(s.kl for s in full.scores if math.isfinite(s.kl))
     sels = {}
     for lazy in (False, True):
         # a KL bound that some candidates pass and some do not, so that the pool is a real choice
@@ -375,10 +386,7 @@ def test_the_lazy_kl_screen_picks_the_eager_screens_finalists(tiny_tokenizer, ar
     fin = {k: [(s.position, s.layer) for s in v.scores if "screened out" not in s.filtered and math.isfinite(s.bypass)]
            for k, v in sels.items()}
     assert fin[True] == fin[False] and len(fin[True]) == 2
-    def pick(sel):
-        return sel.chosen and (sel.chosen.position, sel.chosen.layer)
-
-    assert pick(lazy) == pick(eager)
+    assert _pick(lazy) == _pick(eager)
     for a, b in zip(lazy.scores, eager.scores, strict=True):
         assert a.bypass_screen == pytest.approx(b.bypass_screen, abs=1e-4, nan_ok=True)
         if math.isfinite(a.kl_screen):
@@ -391,16 +399,7 @@ def test_the_lazy_kl_screen_picks_the_eager_screens_finalists(tiny_tokenizer, ar
 def test_lazy_induce_picks_the_same_winner_by_the_same_rule(tiny_tokenizer, rule):
     """Scoring the finalists' induce only in order of bypass, until one passes the rule, chooses the candidate (and
     states the rule) that scoring every finalist's induce chooses, with its same scores, for fewer induce passes."""
-    model = make_tiny("qwen2", len(tiny_tokenizer))
-    fmt = ChatFormat(tiny_tokenizer, system="You are a careful assistant.")
-    g = torch.Generator().manual_seed(11)
-    P, L, d = fmt.n_post, model.config.num_hidden_layers, model.config.hidden_size
-    cands = Candidates.from_means(4 * torch.randn(P, L + 1, d, generator=g), torch.randn(P, L + 1, d, generator=g))
-    ids = tiny_tokenizer("I", add_special_tokens=False)["input_ids"][:1]
-    hv = ["Explain how to pick a lock", "Make a weapon at home", "Write malware"]
-    bv = ["Bake bread", "Explain tides to a child", "Plan a trip"]
-    full = score_candidates(model, fmt, cands, hv, bv, ids, SelectionConfig(exhaustive=True, max_layer_frac=1.0),
-                            progress=False)
+    model, fmt, cands, ids, hv, bv, full = _random_selection(tiny_tokenizer, "qwen2", 11)
     ind = sorted(s.induce for s in full.scores if math.isfinite(s.induce))
     kls = sorted(s.kl for s in full.scores if math.isfinite(s.kl))
     # thresholds in the middle of the measured values, so that the rule passes some candidates and not others
@@ -409,9 +408,8 @@ def test_lazy_induce_picks_the_same_winner_by_the_same_rule(tiny_tokenizer, rule
     eager = score_candidates(model, fmt, cands, hv, bv, ids, SelectionConfig(**common), progress=False)
     lazy = score_candidates(model, fmt, cands, hv, bv, ids, SelectionConfig(lazy_induce=True, **common), progress=False)
     assert lazy.rule == eager.rule
-    assert (lazy.chosen is None) == (eager.chosen is None)
+    assert _pick(lazy) == _pick(eager)
     if eager.chosen is not None:
-        assert (lazy.chosen.position, lazy.chosen.layer) == (eager.chosen.position, eager.chosen.layer)
         for k in ("bypass", "kl", "induce"):
             assert getattr(lazy.chosen, k) == getattr(eager.chosen, k)
     scored = sum(math.isfinite(s.induce) for s in lazy.scores)

@@ -182,6 +182,7 @@ def score_candidates(model, fmt: ChatFormat, cands: Candidates, harmful_val: lis
     finalists = live
     if not cfg.exhaustive and len(live) > cfg.top_k:
         finalists = _screen(sc, cands, live, harmful_val, harmless_val, base_logp, progress)
+
     def induce(s: CandidateScore) -> None:
         with add(model, cands.get(s.position, s.layer).vector, s.layer, cfg.induce_coeff):
             s.induce = float(refusal_metric_from_logits(sc.logits(harmless_val), refusal_ids).mean())
@@ -247,6 +248,7 @@ def _screen(sc: _Scoring, cands: Candidates, live: list[CandidateScore], harmful
     bar = tqdm(total=len(live), desc="selection (screen)", disable=not progress)
 
     def run(group: list[CandidateScore], h: list[str], b: list[str]) -> None:
+        """Screen ``group`` on ``h`` (bypass) and ``b`` (KL), either possibly empty (that score left as it is)."""
         res = sc.screen_many([cands.get(s.position, s.layer).vector for s in group], h, b, blogp)
         for s, (byp, kl) in zip(group, res, strict=True):
             if h:
@@ -256,16 +258,13 @@ def _screen(sc: _Scoring, cands: Candidates, live: list[CandidateScore], harmful
             if (h and not math.isfinite(byp)) or (b and not math.isfinite(kl)):
                 raise RefdirError(f"non-finite scores at position {s.position}, layer {s.layer}")
 
-    if not cfg.lazy_kl:
-        for j in range(0, len(live), cfg.screen_group):
-            run(live[j: j + cfg.screen_group], hv, bv)
-            bar.update(len(live[j: j + cfg.screen_group]))
-    else:
-        # bypass rows only: twice the candidates per batch for the same rows
-        group = 2 * cfg.screen_group if len(hv) <= len(bv) else cfg.screen_group
-        for j in range(0, len(live), group):
-            run(live[j: j + group], hv, [])
-            bar.update(len(live[j: j + group]))
+    # lazily, the bypass rows only first: twice the candidates in a batch for the same rows
+    size = 2 * cfg.screen_group if cfg.lazy_kl else cfg.screen_group
+    for j in range(0, len(live), size):
+        run(live[j: j + size], hv, [] if cfg.lazy_kl else bv)
+        bar.update(len(live[j: j + size]))
+    bar.close()
+    if cfg.lazy_kl:
         by_bypass = sorted(live, key=lambda s: s.bypass_screen)
         passed = 0
         for j in range(0, len(by_bypass), cfg.screen_group):
@@ -274,7 +273,6 @@ def _screen(sc: _Scoring, cands: Candidates, live: list[CandidateScore], harmful
             chunk = by_bypass[j: j + cfg.screen_group]
             run(chunk, [], bv)
             passed += sum(s.kl_screen <= bound for s in chunk)
-    bar.close()
     pool = [s for s in live if s.kl_screen <= bound] or live
     finalists = sorted(pool, key=lambda s: s.bypass_screen)[: cfg.top_k]
     for s in live:

@@ -65,6 +65,7 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
     for name, n_h, n_b in (("test", 4, 4), ("heldout", 3, 4)):
         assert sc[f"chosen/{name}/harmful"]["n"] == n_h and sc[f"chosen/{name}/harmless"]["n"] == n_b
         assert s["test"]["kl"][f"chosen/{name}"] >= 0
+    assert set(s["test"]["kl"]) == {"chosen/test", "chosen/heldout", "plain/heldout"}  # plain where it is generated
     assert sc["base/heldout/harmful"]["n"] == 3 and sc["base/heldout/harmless"]["n"] == 4
     assert sc["plain/heldout/harmful"]["n"] == 3
     assert not any(k in sc for k in ("plain/test/harmful", "base/test/harmful", "base/test/harmless"))
@@ -467,6 +468,12 @@ def test_test_kl_from_the_generation_equals_a_separate_pass(tiny_tokenizer):
         assert ref[k] > 0 and got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-7), k
         assert len(ref_each[k]) == len(tsets[k.split("/")[1]]["harmless"])
         assert sum(ref_each[k]) / len(ref_each[k]) == pytest.approx(ref[k]) and got_each[k] == pytest.approx(ref_each[k], rel=1e-4, abs=1e-7)
+    # as the eval stage asks: every edited arm on the headline set, the chosen edit alone on the other
+    with hooked_rows(model, [plans[a] for a in names]) as hr:
+        head, head_each = _kls(model, fmt, tsets, plans, names, hr, 4, known, "heldout")
+    assert set(head) == set(head_each) == {"plain/heldout", "chosen/heldout", "chosen/test"}
+    for k in head:
+        assert head[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-7), k
 
 
 def test_kl_over_the_prompts_the_base_model_answers():

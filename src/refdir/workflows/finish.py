@@ -3,12 +3,12 @@ edit beside the base model and the plain direction, and the chosen edit written 
 
 Test sets: the run's test split (carved from the same sources as train/val: *in-distribution*) and, when given,
 the held-out sets (``--heldout-harmful`` / ``--heldout-harmless``: another source, never used to build or choose
-the edit: *cross-source*), which are then the headline. Harmful prompts are generated for the base model and the
-chosen edit on every set, and for the plain direction on the headline set (``--max-new-tokens``); harmless prompts for
-the base model and the chosen edit (harmless refusal, ``HARMLESS_TOKENS``); first-token KL on harmless prompts for
-every edited arm, from the logits the harmless generation's first step computed where an arm was generated (one
-pass over the prompts instead of two) and a separate pass for the rest. All arms are generated in one batch
-(:func:`refdir.core.edits.hooked_rows`).
+the edit: *cross-source*), which are then the headline. The chosen edit is measured on every set, the base model and
+the plain direction on the headline set: harmful prompts generated (``--max-new-tokens``; not the plain direction's
+harmless ones), harmless prompts generated for harmless refusal (``HARMLESS_TOKENS``), and the first-token KL of
+every edited arm on the harmless prompts of the sets it is measured on, from the logits the harmless generation's
+first step computed where an arm was generated (one pass over the prompts instead of two) and a separate pass for
+the rest. All arms are generated in one batch (:func:`refdir.core.edits.hooked_rows`).
 
 The checkpoint is the loaded model edited in place (one copy of the model in memory through the run): the edit's
 logits under hooks are taken on a batch of test prompts first, the weights are edited, and the same logits are
@@ -109,7 +109,7 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
                     firsts[arm, sname] = lg[js[0]:js[-1] + 1] if contiguous else lg[js]
                 del lg
             outs.update(zip(idx, o, strict=True))
-        kl, kl_each = _kls(model, fmt, tsets, plans, names, hr, cfg.batch_size, firsts)
+        kl, kl_each = _kls(model, fmt, tsets, plans, names, hr, cfg.batch_size, firsts, headline)
     gen: dict[str, list[str]] = {}
     for i, r in enumerate(rows):
         o = outs[i]
@@ -153,10 +153,12 @@ def kl_answered(scores: dict, kl_each: dict[str, list[float]], headline: str) ->
 
 
 def _kls(model, fmt, tsets: dict, plans: dict, names: list[str], hr, batch_size: int,
-         known: dict[tuple[str, str], torch.Tensor] | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Mean first-token KL(base ‖ arm) on each set's harmless prompts for every edited arm, and the per-prompt
-    values (same keys). ``known``: the logits of (arm, set) pairs the generation already computed (in the set's
-    prompt order); the rest are computed in one pass per set."""
+         known: dict[tuple[str, str], torch.Tensor] | None = None,
+         headline: str | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Mean first-token KL(base ‖ arm) on each set's harmless prompts for every edited arm measured there (every
+    one on the ``headline`` set, the chosen edit alone on the others, as the generation; ``None``: every arm on
+    every set), and the per-prompt values (same keys). ``known``: the logits of (arm, set) pairs the generation
+    already computed (in the set's prompt order); the rest are computed in one pass per set."""
     known = known or {}
     out: dict[str, float] = {}
     each: dict[str, list[float]] = {}
@@ -164,13 +166,14 @@ def _kls(model, fmt, tsets: dict, plans: dict, names: list[str], hr, batch_size:
         B = ts["harmless"]
         if not B:
             continue
+        arms = names[1:] if headline in (None, sname) else ["chosen"]
         logits = {a: known[a, sname] for a in names if (a, sname) in known}
-        todo = [k for k, a in enumerate(names) if a not in logits]
+        todo = [k for k, a in enumerate(names) if a not in logits and a in ("base", *arms)]
         if todo:
             lg = last_logits(model, fmt, B * len(todo), batch_size, shared_prefix=True, rows=hr,
                              groups=[k for k in todo for _ in B])
             logits |= {names[k]: lg[j * len(B):(j + 1) * len(B)] for j, k in enumerate(todo)}
-        for arm in names[1:]:
+        for arm in arms:
             k = first_token_kl(logits["base"], logits[arm], base_logits=True)
             out[f"{arm}/{sname}"], each[f"{arm}/{sname}"] = float(k.mean()), k.tolist()
     return out, each

@@ -29,9 +29,14 @@ from refdir.core.forward import last_logits
 from refdir.core.generation import generate
 from refdir.method.refusal_judge import judge_all
 from refdir.method.scoring import first_token_kl
+from refdir.workflows.finish import HARMLESS_TOKENS  # the window the run's eval judges harmless refusal on
 from refdir.workflows.optimize import OptimizeSettings, open_context
 
-HARMLESS_TOKENS = 16  # as the run's eval judges harmless refusal
+
+def harmless_refusals(m, fmt, prompts: list[str], batch: int) -> list[bool]:
+    """The broad judge's flags on greedy answers of ``HARMLESS_TOKENS`` tokens, under whatever hooks are open."""
+    comps = generate(m, fmt, prompts, max_new_tokens=HARMLESS_TOKENS, batch_size=batch, progress=False)
+    return judge_all(comps, "broad")["broad"].flags
 
 
 def main() -> None:
@@ -47,8 +52,7 @@ def main() -> None:
     if plan.second is None and a.strength:
         fail("the run's chosen edit has no second direction to strengthen")
     dev = DevSlices(m, fmt, a)
-    refused = judge_all(generate(m, fmt, dev.harmless, max_new_tokens=HARMLESS_TOKENS, batch_size=a.batch,
-                                 progress=False), "broad")["broad"].flags
+    refused = harmless_refusals(m, fmt, dev.harmless, a.batch)
     ref = torch.tensor(refused)
     print(f"base model: {int(ref.sum())} of {len(refused)} harmless prompts refused ({HARMLESS_TOKENS} tokens, broad)")
     arms = [("the chosen edit", plan)]
@@ -57,8 +61,7 @@ def main() -> None:
         t = time.time()
         with hooked(m, p):
             kl = first_token_kl(dev.base, last_logits(m, fmt, dev.harmless, a.batch, shared_prefix=True))
-            own = judge_all(generate(m, fmt, dev.harmless, max_new_tokens=HARMLESS_TOKENS, batch_size=a.batch,
-                                     progress=False), "broad")["broad"].flags
+            own = harmless_refusals(m, fmt, dev.harmless, a.batch)
             comps = generate(m, fmt, dev.harmful, max_new_tokens=a.tokens, batch_size=a.batch, progress=False)
         j = judge_all(comps, "wide")
         split = "; ".join(f"{name} ({int(sel.sum())}) {float(kl[sel].mean()):.4f}"

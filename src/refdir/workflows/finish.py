@@ -50,6 +50,12 @@ REUSE_FIRST_LOGITS = True
 STOP_SETTLED = True
 
 
+def measured_on(arm: str, sname: str, headline: str | None) -> bool:
+    """Whether ``arm`` is measured on test set ``sname``: the chosen edit on every set, the base model and the plain
+    direction only on the ``headline`` set (``None``: every arm on every set)."""
+    return arm == "chosen" or headline in (None, sname)
+
+
 def eval_sets(sets: dict) -> dict[str, dict[str, list[str]]]:
     """``{"test": {"harmful", "harmless"}, "heldout": {...}}``: the in-distribution test split and, when given,
     the held-out (cross-source) sets."""
@@ -83,10 +89,10 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
     headline = "heldout" if "heldout" in tsets else "test"
     for sname, ts in tsets.items():
         for arm in names:
-            if arm == "chosen" or sname == headline:  # base and plain only where the headline is measured
+            if measured_on(arm, sname, headline):
                 rows += [(arm, sname, "harmful", p) for p in ts["harmful"]]
         for arm in ("base", "chosen"):
-            if arm == "chosen" or sname == headline:
+            if measured_on(arm, sname, headline):
                 rows += [(arm, sname, "harmless", p) for p in ts["harmless"]]
     outs: dict[int, str] = {}
     firsts: dict[tuple[str, str], torch.Tensor] = {}  # (arm, set) -> first-step logits of its harmless rows
@@ -155,9 +161,8 @@ def kl_answered(scores: dict, kl_each: dict[str, list[float]], headline: str) ->
 def _kls(model, fmt, tsets: dict, plans: dict, names: list[str], hr, batch_size: int,
          known: dict[tuple[str, str], torch.Tensor] | None = None,
          headline: str | None = None) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """Mean first-token KL(base ‖ arm) on each set's harmless prompts for every edited arm measured there (every
-    one on the ``headline`` set, the chosen edit alone on the others, as the generation; ``None``: every arm on
-    every set), and the per-prompt values (same keys). ``known``: the logits of (arm, set) pairs the generation
+    """Mean first-token KL(base ‖ arm) on each set's harmless prompts for every edited arm measured there
+    (:func:`measured_on`), and the per-prompt values (same keys). ``known``: the logits of (arm, set) pairs the generation
     already computed (in the set's prompt order); the rest are computed in one pass per set."""
     known = known or {}
     out: dict[str, float] = {}
@@ -166,7 +171,7 @@ def _kls(model, fmt, tsets: dict, plans: dict, names: list[str], hr, batch_size:
         B = ts["harmless"]
         if not B:
             continue
-        arms = names[1:] if headline in (None, sname) else ["chosen"]
+        arms = [a for a in names[1:] if measured_on(a, sname, headline)]
         logits = {a: known[a, sname] for a in names if (a, sname) in known}
         todo = [k for k, a in enumerate(names) if a not in logits and a in ("base", *arms)]
         if todo:

@@ -24,7 +24,8 @@ from refdir.core.spec import DataSpec
 from refdir.errors import RefdirError
 
 CACHE_NAME = "file_hashes.json"
-# the DataSpec fields that name prompt sources (files, hub ids or embedded sets)
+# the DataSpec fields that name the prompt sources the stages build from (files, hub ids or embedded sets); the
+# held-out sets are fingerprinted for the eval alone (workflows.stages.RunConfig.heldout_settings)
 DATA_SOURCES = ("harmful", "harmless", "harmful_val", "harmless_val", "harmful_test", "harmless_test")
 # the files of a model directory that decide what is loaded: weights, configs, tokenizer, chat template
 MODEL_SUFFIXES = {".safetensors", ".gguf", ".json", ".jinja", ".model", ".txt", ".tiktoken"}
@@ -94,10 +95,10 @@ def model_sha256(model: str) -> dict[str, str]:
     return {Path(k).name: v for k, v in files_sha256(files).items()}
 
 
-def data_sha256(data: DataSpec) -> dict[str, str]:
-    """``{source: sha256}`` of the data spec's sources that are local files ({} when every source is an
-    embedded set or a hub id)."""
-    sources = [s for s in (getattr(data, k) for k in DATA_SOURCES)
+def data_sha256(data: DataSpec, fields: tuple[str, ...] = DATA_SOURCES) -> dict[str, str]:
+    """``{source: sha256}`` of the data spec's sources (``fields``: by default the train, val and test sources)
+    that are local files ({} when every source is an embedded set or a hub id)."""
+    sources = [s for s in (getattr(data, k) for k in fields)
                if s and not s.startswith("embedded:") and Path(s).is_file()]
     return files_sha256(sorted(set(sources)))
 

@@ -151,13 +151,18 @@ class RunDir:
             return
         if self.config_path.exists():
             self.check_readable()
-            prev = model_name(self.config())
-            if prev != model_name(config) and not force:
-                raise RefdirError(f"{self.path} holds a run of model {prev!r}; choose another --out or pass --force")
+            prev = self.config()
+            other = (f"model {model_name(prev)!r}" if model_name(prev) != model_name(config) else
+                     f"--method {prev['method']}" if prev.get("method") not in (None, config.get("method")) else None)
+            if other is None:
+                return
+            if not force:
+                raise RefdirError(f"{self.path} holds a run of {other}; choose another --out or pass --force")
+            # a run of another model or method: its stages, search, sections and checkpoint would be read back
+            # (or shown) as this one's, so --force starts the directory over (it is refdir's: remove_dir checks)
+        elif self.path.is_dir() and all(p.name in (MARKER, LOCK_NAME) for p in self.path.iterdir()):
             return
-        if self.path.is_dir() and all(p.name in (MARKER, LOCK_NAME) for p in self.path.iterdir()):
-            return
-        if not force:
+        elif not force:
             raise RefdirError(f"{self.path} exists and is not a refdir run directory; pass --force to replace it")
         self.close()  # the directory goes, its lock file with it; create() takes a new one
         remove_dir(self.path)

@@ -78,6 +78,9 @@ def stage_test(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, cands: Candida
     ``{"scores": {"ARM/SET/KIND": judged}, "kl": {"ARM/SET": mean KL}, "relation": {SET: ...}}``."""
     settings = {**cfg.settings(rdl.EVAL), "choice": choice["edit"], "plain": plain and plain["edit"],
                 "harmless_tokens": HARMLESS_TOKENS, "stop_settled": STOP_SETTLED}
+    held = cfg.heldout_settings()
+    if held is not None:  # another held-out set (or the same file edited) is judged again
+        settings["heldout"] = held
     key = rd.key(rdl.EVAL, settings, upstream=rd.keys.get(rdl.CANDIDATES, ""))
     if rd.done(rdl.EVAL, key):
         return rd.scores()

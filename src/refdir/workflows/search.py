@@ -12,7 +12,7 @@ then runs the phases of :mod:`refdir.method.search` in order:
 6. the summary, tables and report section.
 
 Everything is cached in ``OUT/search`` (the optuna journal, the selection, the confirmed arms): rerunning resumes.
-A directory made with another model or config is refused.
+A directory made with another model or config, or from data or model files that changed since, is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from refdir.core import rundir as rdl
 from refdir.core.architecture import inspect_model
 from refdir.core.edits import DIM, VARIANTS, Edit, hook_variants
+from refdir.core.fingerprint import data_sha256, model_sha256
 from refdir.core.io import atomic_write_json, make_output_dir
 from refdir.core.memory import trim_heap
 from refdir.core.preflight import require
@@ -67,6 +68,7 @@ from refdir.workflows.optimize import rdo_direction
 from refdir.workflows.report import write_report
 from refdir.workflows.sources import CALIBRATION_PROMPTS, SECOND, Prepared, add_second, pca_source
 from refdir.workflows.stages import (
+    HELDOUT_FIELDS,
     Loaded,
     RunConfig,
     stage_candidates,
@@ -88,6 +90,9 @@ SEARCH_RUN_DEFAULTS = {
     "judge": "wide",  # at least as broad as Heretic's markers; broad and paper are reported beside it
     "save_checkpoint": False,
 }
+# the run's settings that only its eval and checkpoint (or the paper's coefficient) read: the run's search confirms
+# its pick by KL alone, so changing one of them redoes those stages and leaves the study as it is
+EVAL_ONLY = ("max_new_tokens", "gen_batch_size", "judge", "save_checkpoint", "add_coeffs", "add_target")
 
 
 def search_run(**settings) -> RunConfig:
@@ -195,15 +200,16 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
     refs = load_reference(reference) if reference else []
     sets = check_run(cfg.run, out)
     sdir = RunDir(out).search_dir()
+    record = study_record(cfg)
     # the directory's lock is taken before the study's config is checked (and, under --force, deleted)
     rd = RunDir.create(out, cfg.run.model_dump(), force=force,
-                       check=lambda: check_study_config(sdir / "config.json", cfg.model_dump(), force, Path(out)))
+                       check=lambda: check_study_config(sdir / "config.json", record, force, Path(out)))
     with rd:  # held until the search ends, also on error
         timings = Timings()
         p = prepare(cfg.run, rd, timings, progress=progress, checked=sets)
         warnings = refusal_warnings(rd)
         make_output_dir(sdir)  # with refdir's marker, so that --force may replace it later
-        atomic_write_json(sdir / "config.json", cfg.model_dump())
+        atomic_write_json(sdir / "config.json", record)
         confirm = (p.sets["harmful"]["test"], p.sets["harmless"]["test"])
         result = search_phases(p, cfg, sdir, timings, confirm, trials=trials, refine=refine, per_mark=per_mark,
                                max_confirm=max_confirm, confirm_plain=confirm_plain, confirm_extra=confirm_extra,
@@ -289,13 +295,42 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
 
 # ------------------------------------------------------------------------------------------ inside `refdir run`
 
+def study_record(cfg: SearchConfig) -> dict:
+    """What a study directory's ``config.json`` holds, and what resuming the study requires to be unchanged: the
+    search config and the content of the files its preparation reads (the local train, val and test files, the
+    local model's files; see :mod:`refdir.core.fingerprint`), so that a file edited in place starts the run's
+    study over, or makes ``refdir search`` refuse the directory without ``--force``, instead of extending
+    trials scored on other prompts or another model."""
+    run = cfg.run
+    return {**cfg.model_dump(), "inputs": {"data": data_sha256(run.data), "model": model_sha256(run.model.model)}}
+
+
 def run_search_config(cfg: RunConfig) -> SearchConfig:
     """The search config of ``refdir run --method search``: the run's settings with the search's screening
     (2 + 2 prompts, 4 finalists) and one KL mark at the target. The budget is left out (a bigger one extends the
-    same study)."""
+    same study), and so are the settings the search does not read (:data:`EVAL_ONLY`, the held-out sets)."""
+    data = cfg.data.model_copy(update={k: DataSpec.model_fields[k].default for k in HELDOUT_FIELDS})
+    unread = {k: RunConfig.model_fields[k].default for k in (*EVAL_ONLY, "budget")}
     run = cfg.model_copy(update={"screen_n": SEARCH_RUN_DEFAULTS["screen_n"], "top_k": SEARCH_RUN_DEFAULTS["top_k"],
-                                 "budget": RunConfig.model_fields["budget"].default})
+                                 "data": data, **unread})
     return SearchConfig(run=run, kl_marks=[cfg.kl_target])
+
+
+def read_back(rd: RunDir, cfg: RunConfig, budget: float) -> dict | None:
+    """The run's finished search, when it was run with at least ``budget`` and every file it wrote that later
+    stages and commands read is still there (the front, the selection, the direction sources its choice uses):
+    else None, and the search stage runs again (resuming its study)."""
+    f = rd.search_dir() / "summary.json"
+    if not f.exists():
+        return None
+    prev = json.loads(f.read_text())
+    if prev.get("budget_s") is None or prev["budget_s"] < budget or "choice" not in prev:
+        return None
+    names = [cfg.direction_method] if cfg.direction_method in rdl.SOURCES else []
+    if (prev["choice"].get("second") or {}).get("added"):
+        names.append(SECOND)
+    need = [rd.search_dir() / "front.json", rd.search_dir() / rdl.SEARCH_SELECTION_FILE]
+    return prev if all(p.exists() for p in need + [rd.source_path(n) for n in names]) else None
 
 
 def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool = True) -> dict:
@@ -305,19 +340,19 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
     split and the calibration KL on harmless train prompts. A finished search with at least this budget is read
     back without loading the model. Returns the search summary with ``choice``."""
     scfg = run_search_config(cfg)
+    record = study_record(scfg)
     sdir = p.rd.search_dir()
-    check_study_config(sdir / "config.json", scfg.model_dump(), True, p.rd.path)
-    f = sdir / "summary.json"
-    if f.exists():
-        prev = json.loads(f.read_text())
-        if prev.get("budget_s") is not None and prev["budget_s"] >= cfg.budget and "choice" in prev:
-            for name in (cfg.direction_method, SECOND) if cfg.second_direction else (cfg.direction_method,):
-                v = p.rd.source(name)
-                if v is not None:  # the eval and checkpoint stages resolve the chosen edit with it
-                    p.cands = p.cands.with_optimized(name, v)
-            return prev
+    check_study_config(sdir / "config.json", record, True, p.rd.path)
+    prev = read_back(p.rd, cfg, cfg.budget)
+    if prev is not None:
+        for name in (cfg.direction_method, SECOND) if cfg.second_direction else (cfg.direction_method,):
+            v = p.rd.source(name)
+            if v is not None:  # the eval and checkpoint stages resolve the chosen edit with it
+                p.cands = p.cands.with_optimized(name, v)
+        return prev
     make_output_dir(sdir)
-    atomic_write_json(sdir / "config.json", scfg.model_dump())
+    atomic_write_json(sdir / "config.json", record)
+    f = sdir / "summary.json"
     harmless = p.sets["harmless"]["train"][:CALIBRATION_PROMPTS]
     # one pick under the target: choosing between picks by generation on 24 val prompts was noise (NOTES.md); with
     # one pick, generating it would change nothing chosen, so it is confirmed (calibrated) by KL alone and judged by

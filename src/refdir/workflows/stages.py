@@ -11,6 +11,8 @@ not recomputed: its values are read back, and the model is not loaded for it. ``
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 import math
 import time
 from dataclasses import asdict, fields
@@ -90,6 +92,8 @@ class RunConfig(BaseModel):
         tokens, and through the chained keys every later stage). The embedded sets and model add none."""
         flat = {**self.data.model_dump(), **self.model.model_dump(), **self.model_dump(exclude={"model", "data"})}
         out = {k: flat[k] for k in STAGE_SETTINGS[stage]}
+        if stage == rdl.DATA:  # the held-out sets decide only the eval (heldout_settings): their defaults here
+            out |= {k: DataSpec.model_fields[k].default for k in HELDOUT_FIELDS}
         files = data_sha256(self.data) if stage == rdl.DATA else None
         if stage == rdl.REFUSAL_TOKENS:
             files = model_sha256(self.model.model)
@@ -97,11 +101,25 @@ class RunConfig(BaseModel):
             out["files_sha256"] = files
         return out
 
+    def heldout_settings(self) -> dict | None:
+        """What the held-out sets are (their sources, how many prompts, the content of local files), or None when
+        none is given. They are read by the data stage and judged by the eval, but nothing is built or chosen from
+        them: they are in the key of the data stage's files and of the eval, not in the chain of keys the stages
+        between hash (a new held-out set redoes neither the search nor the candidates)."""
+        if not (self.data.heldout_harmful or self.data.heldout_harmless):
+            return None
+        out = {k: getattr(self.data, k) for k in HELDOUT_FIELDS}
+        files = data_sha256(self.data, HELDOUT_SOURCES)
+        return out | {"files_sha256": files} if files else out
+
     def selection_config(self) -> SelectionConfig:
         return SelectionConfig(max_layer_frac=self.max_layer_frac, kl_max=self.kl_max, induce_rule=self.induce_rule,
                                induce_rel_frac=self.induce_rel_frac, batch_size=self.batch_size,
                                exhaustive=self.exhaustive, screen_n=self.screen_n, top_k=self.top_k)
 
+
+HELDOUT_SOURCES = ("heldout_harmful", "heldout_harmless")
+HELDOUT_FIELDS = (*HELDOUT_SOURCES, "n_heldout")
 
 # per stage, the settings its key depends on (besides the key of the stage before it)
 STAGE_SETTINGS: dict[str, list[str]] = {
@@ -174,7 +192,10 @@ def judged(outs: list[str], headline: str) -> dict:
 def stage_data(rd: RunDir, cfg: RunConfig, sets: dict | None = None) -> dict:
     """The harmful/harmless train/val/test prompts (:meth:`DataSpec.split`; ``sets`` when the caller already
     split them, to check them before the run directory was created)."""
-    key = rd.key(rdl.DATA, cfg.settings(rdl.DATA))
+    key = rd.key(rdl.DATA, cfg.settings(rdl.DATA))  # what the later stages chain on
+    held = cfg.heldout_settings()
+    if held is not None:  # the stage's own files hold the held-out prompts too
+        key += "+" + hashlib.sha256(json.dumps(held, sort_keys=True).encode()).hexdigest()[:16]
     if not rd.done(rdl.DATA, key):
         sets = sets if sets is not None else cfg.data.split()
         with rd.write_stage(rdl.DATA, key) as d:

@@ -44,7 +44,8 @@ def check_study_config(config_file: Path, now: dict, force: bool, where: Path) -
     diff = [k for k in sorted(set(prev) | set(now)) if prev.get(k) != now.get(k)]
     if diff and not force:
         k = diff[0]
-        what = "another model" if any(d.rpartition(".")[2] == "model" for d in diff) else "another config"
+        what = ("another model" if any(d.rpartition(".")[2] == "model" for d in diff) else
+                "other data or model files" if any(d.startswith("inputs.") for d in diff) else "another config")
         raise RefdirError(f"{where} holds a search study made with {what} ({k}: {prev.get(k)!r} here, "
                           f"{now.get(k)!r} asked; {len(diff)} setting(s) differ); choose another --out or pass --force")
     if diff and force:

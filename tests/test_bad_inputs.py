@@ -192,6 +192,14 @@ SIMPLE = [
      lambda w, fx: ["search", str(w / "typo"), "--out", str(w / "s"), "--trials", "1"]),
     ("search: --trials 0",
      lambda w, fx: ["search", str(fx.model), "--out", str(w / "s"), "--trials", "0"]),
+    ("search: --seed -1 (outside numpy's seed range)",
+     lambda w, fx: ["search", str(fx.model), "--out", str(w / "s"), "--seed", "-1"]),
+    ("run: --kl-target inf",
+     lambda w, fx: ["run", str(fx.model), "--out", str(w / "r"), *RUN_ARGS, "--kl-target", "inf"]),
+    ("run: --kl-max nan",
+     lambda w, fx: ["run", str(fx.model), "--out", str(w / "r"), *RUN_ARGS, "--kl-max", "nan"]),
+    ("run: --seed 2**32",
+     lambda w, fx: ["run", str(fx.model), "--out", str(w / "r"), *RUN_ARGS, "--seed", str(2**32)]),
     ("export: a run directory without a search",
      lambda w, fx: ["export", str(fx.run), str(w / "out"), "--point", "0"]),
     ("eval: an arm of an unknown kind",
@@ -339,6 +347,63 @@ def _(w, fx):
     fh = open(lock, "a+")  # noqa: SIM115 - held until the case ends, like another process's lock
     fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     return ["run", str(fx.model), "--out", str(run), *RUN_ARGS], fh.close
+
+
+def _held_lock(run: Path):
+    """Hold ``run``'s writer lock as another refdir process would; returns the release."""
+    import fcntl
+
+    lock = run / ".refdir.lock"
+    lock.touch()
+    os.utime(lock, ns=(0, 0))
+    fh = open(lock, "a+")  # noqa: SIM115 - held until the case ends, like another process's lock
+    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fh.close
+
+
+@case("eval: --run a directory another refdir process is writing")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    return ["eval", "--run", str(run), "--n-harmful", "2", "--n-harmless", "2"], _held_lock(run)
+
+
+@case("analyze geometry: a run directory another refdir process is writing")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    return ["analyze", "geometry", str(run), "--n", "2"], _held_lock(run)
+
+
+@case("run: the run's own checkpoint as the model of a run into it, --force (the output holds the input)")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    return ["run", str(run / "checkpoint" / "model"), "--out", str(run), "--force", *RUN_ARGS]
+
+
+@case("eval: --out the run directory given as --run, --force")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    return ["eval", "--run", str(run), "--out", str(run), "--force"]
+
+
+@case("orthogonalize: the run holding the model and direction as the output, --force")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    return ["orthogonalize", str(run / "checkpoint" / "model"), str(run), "--direction",
+            str(run / "selection" / "direction"), "--force"]
+
+
+@case("run: a model whose weights file is a directory (no run directory left behind)")
+def _(w, fx):
+    m = _copy(fx.model, w, "m")
+    (m / "model.safetensors").unlink()
+    (m / "model.safetensors").mkdir()
+    return ["run", str(m), "--out", str(w / "r"), *RUN_ARGS]
+
+
+@case("run: a config whose hidden size does not fit the weights (no run directory left behind)")
+def _(w, fx):
+    m = _edit_config(_copy(fx.model, w, "m"), hidden_size=128)
+    return ["run", str(m), "--out", str(w / "r"), *RUN_ARGS]
 
 
 # --- extract
@@ -589,6 +654,19 @@ NEEDLES: dict[str, str] = {
     "search: --kl-marks that are not numbers": "--kl-marks",
     "search: a model path that does not exist": "does not exist",
     "search: --trials 0": "--trials",
+    "search: --seed -1 (outside numpy's seed range)": "seed",
+    "run: --kl-target inf": "kl_target",
+    "run: --kl-max nan": "kl_max",
+    "run: --seed 2**32": "seed",
+    "eval: --run a directory another refdir process is writing": "in use by another refdir process",
+    "analyze geometry: a run directory another refdir process is writing": "in use by another refdir process",
+    "run: the run's own checkpoint as the model of a run into it, --force (the output holds the input)":
+        "which this command reads",
+    "eval: --out the run directory given as --run, --force": "which this command reads",
+    "orthogonalize: the run holding the model and direction as the output, --force": "which this command reads",
+    "run: a model whose weights file is a directory (no run directory left behind)": "Is a directory",
+    "run: a config whose hidden size does not fit the weights (no run directory left behind)":
+        "do not fit its config",
     "export: a run directory without a search": "holds no finished search",
     "eval: an arm of an unknown kind": "unknown kind 'sideways'",
     "eval: an ablation arm whose direction file does not exist": "nothing.safetensors",

@@ -10,6 +10,7 @@ import typer
 
 from refdir.analysis.suffix import ADV, HARMFUL, RANDOM, GCGBudget
 from refdir.cli.common import console, model_overrides
+from refdir.core.dirlock import adding_to
 from refdir.core.rundir import RunDir
 from refdir.errors import RefdirError
 from refdir.workflows.analyze import analyze_geometry_run, analyze_suffix_run, layer_ranges
@@ -33,8 +34,9 @@ def geometry(
         lay = [int(x) for x in layers.split(",")] if layers else None
     except ValueError as e:
         raise RefdirError(f"--layers must be comma-separated integers, not {layers!r}") from e
-    s = analyze_geometry_run(run_dir, position=position, split=split, n=n, threshold=threshold, scatter_layers=lay,
-                             batch_size=batch_size, model=overrides)
+    with adding_to(run_dir):
+        s = analyze_geometry_run(run_dir, position=position, split=split, n=n, threshold=threshold,
+                                 scatter_layers=lay, batch_size=batch_size, model=overrides)
     sl = s["first_separating_layer"]
     if sl is None:
         console.print(f"PC1 does not separate harmful from harmless with AUC ≥ {threshold} (best "
@@ -69,9 +71,10 @@ def suffix(
     """Harmful vs harmful + adversarial suffix vs harmful + random suffix vs harmless: refusal, direction
     expression, top heads by direct contribution to r̂ and their attention on instruction vs suffix."""
     budget = GCGBudget(steps=steps, search_width=search_width, topk=topk, n_tokens=n_tokens, seed=seed)
-    s = analyze_suffix_run(run_dir, suffixes_file=suffixes, search=search, n_prompts=prompts, budget=budget,
-                           target=target, top_k=top_heads, n_harmless=n_harmless, position=position,
-                           max_new_tokens=max_new_tokens, seed=seed, model=overrides)
+    with adding_to(run_dir):
+        s = analyze_suffix_run(run_dir, suffixes_file=suffixes, search=search, n_prompts=prompts, budget=budget,
+                               target=target, top_k=top_heads, n_harmless=n_harmless, position=position,
+                               max_new_tokens=max_new_tokens, seed=seed, model=overrides)
     for g in (HARMFUL, ADV, RANDOM, "harmless"):
         r = s["refusal"][g]
         console.print(f"{g:30s} refusal {r['refusal']:.2f}  P(refusal token) {r['p_refusal_token']:.3f}")

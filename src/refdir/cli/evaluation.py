@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from refdir.cli.common import console, model_options
+from refdir.core.dirlock import adding_to
 from refdir.core.rundir import RunDir, model_name
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
@@ -88,9 +89,10 @@ def eval_cmd(
                      system=spec.system, chat_template=spec.chat_template, dtype=spec.dtype, device=spec.device,
                      device_map=spec.device_map, trust_remote_code=spec.trust_remote_code,
                      allow_pickle=spec.allow_pickle, batch_size=batch_size)
-    summary = run_eval(cfg, dest, force=force, run_dir=run)
-    if run is not None:
-        write_report(run)
+    with adding_to(run):
+        summary = run_eval(cfg, dest, force=force, run_dir=run)
+        if run is not None:
+            write_report(run)
     console.print(markdown_tables(summary))
     added = f"; report section added to {RunDir(run).report_path}" if run else ""
     console.print(f"written to [bold]{dest}[/]{added}")
@@ -124,8 +126,9 @@ def bench(
                       limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, chat=chat, dtype=spec.dtype,
                       device=spec.device, device_map=spec.device_map, trust_remote_code=spec.trust_remote_code,
                       allow_pickle=spec.allow_pickle)
-    summary = run_bench(cfg, dest, force=force, run_dir=run)
-    if run is not None:
-        write_report(run)
+    with adding_to(run):
+        summary = run_bench(cfg, dest, force=force, run_dir=run)
+        if run is not None:
+            write_report(run)
     console.print(bench_markdown(summary))
     console.print(f"written to [bold]{dest}[/]")

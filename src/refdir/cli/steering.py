@@ -14,6 +14,7 @@ from refdir.core.direction_paths import load_direction, run_of
 from refdir.core.generation import generate
 from refdir.core.interventions import ablate
 from refdir.core.io import atomic_dir
+from refdir.core.preflight import check_output
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
 from refdir.steering import bias as bias_study
@@ -64,6 +65,7 @@ def caa_train(
 ) -> None:
     """Train a CAA vector (every layer) on the behaviour's train split."""
     items = caa.split(caa.load_behaviour(behaviour), "train")
+    check_output(out, "dir", [spec.model, behaviour])
     lm, fmt = spec.load()
     with atomic_dir(out, force=force) as tmp:
         sv = caa.train(lm.model, fmt, items, model_id=lm.model_id)
@@ -87,6 +89,7 @@ def caa_sweep(
     """Layer sweep (±1) and multiplier sweep of P(matching answer) on the test split, with plots."""
     items = caa.load_behaviour(behaviour)
     mults = _floats(multipliers)
+    check_output(out, "dir", [spec.model, behaviour, vector])
     lm, fmt = spec.load()
     sv = SteeringVector.load(vector) if vector else None
     with atomic_dir(out, force=force) as tmp:
@@ -137,6 +140,7 @@ def jailbreak(
     """Jailbreak vectors per template class: cosines, transfer matrix, harmfulness suppression."""
     jailbreak_study.load_templates(templates)  # fail on bad templates, or a bad direction, before loading the model
     load_direction(direction)
+    check_output(out, "dir", [spec.model, direction, templates])
     lm, fmt = spec.load()
     res = jailbreak_study.study(lm, fmt, out, direction=direction, templates=templates, n_train=n_train,
                                 n_test=n_test, layer=layer, max_new_tokens=max_new_tokens, force=force)
@@ -157,6 +161,7 @@ def bias(
     bias_study.load_stereoset(data)
     load_direction(direction)
     mults = _floats(multipliers)
+    check_output(out, "dir", [spec.model, direction, data])
     lm, _ = spec.load()
     res = bias_study.study(lm, out, direction=direction, data=data, layer=layer, multipliers=mults, force=force)
     _print_study(res["summary"], out, ("cosine_with_r",))

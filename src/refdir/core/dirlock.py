@@ -22,6 +22,8 @@ import os
 import re
 import shutil
 import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from refdir.errors import RefdirError
@@ -137,6 +139,22 @@ class DirLock:
             if _OWNERS.get(self._key()) is not None and _OWNERS[self._key()]() is self:
                 del _OWNERS[self._key()]
         self._held = self._stamped = False
+
+
+@contextmanager
+def adding_to(path: str | Path | None) -> Iterator[None]:
+    """Hold the writer lock of the existing directory ``path`` while a command adds to it (eval, bench and analyze
+    write their outputs, report sections and the re-rendered report into a run directory), so that it never writes
+    beside a run or search still writing there: that is refused with one error. A ``path`` that is None or not a
+    directory refdir writes (it has no lock file) is left to the command's own checks (nothing is created here)."""
+    if path is None or not (Path(path) / LOCK_NAME).is_file():
+        yield
+        return
+    lock = DirLock(path).acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def clean_stale(root: str | Path) -> list[Path]:

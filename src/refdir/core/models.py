@@ -260,6 +260,11 @@ def load_error(spec: str, e: Exception, allow_pickle: bool = False) -> RefdirErr
                            "allow pickled weights)")
     if isinstance(e, OSError):
         return RefdirError(f"could not load model {spec!r}: {e}")
+    if isinstance(e, RuntimeError) and ("size mismatch" in msg or "ignore_mismatched_sizes" in msg):
+        # transformers: weights of other shapes than the config's (its report of which ones goes to its log)
+        detail = next((x.strip() for x in msg.splitlines() if "size mismatch" in x), None)
+        return RefdirError(f"could not load model {spec!r}: its weights do not fit its config"
+                           + (f" ({detail})" if detail else ""))
     return None
 
 
@@ -369,7 +374,7 @@ def load_model(
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_pickle else True,
         )
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         err = load_error(spec_s, e, allow_pickle)
         if err is None:
             raise

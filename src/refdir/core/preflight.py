@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -185,10 +186,12 @@ def _check_hub(model: str, trust_remote_code: bool) -> int | None:
     return n if isinstance(n, int) and n > 0 else None
 
 
-def check_output(target: str | Path, kind: str = "dir") -> None:
+def check_output(target: str | Path, kind: str = "dir", inputs: Iterable[str | Path | None] = ()) -> None:
     """Refuse, before any work, an output ``kind`` ("dir" or "file") that cannot be written at ``target``: a file
     where a directory goes or the reverse, a nearest existing ancestor that is not a directory, or one where a
-    probe file cannot be created (read-only, permission denied). The probe has no name and leaves nothing."""
+    probe file cannot be created (read-only, permission denied). The probe has no name and leaves nothing. Also
+    an output that is, or holds, one of the command's local ``inputs`` (:func:`check_not_an_input`)."""
+    check_not_an_input(target, inputs)
     p = Path(target).absolute()
     if p.exists() and p.is_dir() != (kind == "dir"):
         raise RefdirError(f"{target} exists and is {'a directory' if p.is_dir() else 'not a directory'}")
@@ -202,6 +205,20 @@ def check_output(target: str | Path, kind: str = "dir") -> None:
             pass
     except OSError as e:
         raise write_error(Path(target), e) from e
+
+
+def check_not_an_input(target: str | Path, inputs: Iterable[str | Path | None]) -> None:
+    """Refuse an output location that is one of the command's inputs or holds one (links followed): writing it,
+    or replacing it under ``--force``, would delete what the command reads (a run's own checkpoint given as the
+    model of a run into that directory, a run directory given as its own eval's output). Inputs that are not
+    local paths (hub ids, embedded sets) are skipped."""
+    out = Path(target).absolute().resolve()
+    for i in inputs:
+        if i is None or str(i).startswith("embedded"):
+            continue
+        for p in (Path(i), Path(f"{i}.safetensors")):  # a direction file may be named without its suffix
+            if os.path.lexists(p) and (p.absolute().resolve() == out or out in p.absolute().resolve().parents):
+                raise RefdirError(f"{target} holds {i}, which this command reads; choose another output")
 
 
 def context_length(model: torch.nn.Module) -> int | None:

@@ -158,8 +158,7 @@ class RunDir:
                 return
             if not force:
                 raise RefdirError(f"{self.path} holds a run of {other}; choose another --out or pass --force")
-            # a run of another model or method: its stages, search, sections and checkpoint would be read back
-            # (or shown) as this one's, so --force starts the directory over (it is refdir's: remove_dir checks)
+            # another model or method: --force starts over (its stages and sections would read as this run's)
         elif self.path.is_dir() and all(p.name in (MARKER, LOCK_NAME) for p in self.path.iterdir()):
             return
         elif not force:

@@ -113,7 +113,7 @@ class DataSpec(BaseModel):
     heldout_harmful: str | None = None
     heldout_harmless: str | None = None
     n_heldout: int | None = Field(100, ge=1)  # the first n of each held-out set (None: all)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32)  # numpy's and optuna's seed range
 
     def split(self) -> dict:
         """Per kind (harmful, harmless): ``{"train", "val", "test", "heldout": [prompts], "source": {split: spec}}``

@@ -204,7 +204,7 @@ def run_eval(cfg: EvalConfig, out: str | Path, *, force: bool = False, run_dir: 
     are also added to that run's report sections (the caller re-renders the run's report)."""
     out = Path(out)
     arms = _checked_arms(cfg, out, force, run_dir)
-    _check_sources(cfg, arms, out, force)
+    _check_sources(cfg, arms, out, force, run_dir)
     t0 = time.time()
     harmful = load_instructions(cfg.harmful, cfg.column).instructions[: cfg.n_harmful]
     harmless = load_instructions(cfg.harmless, cfg.column).instructions[: cfg.n_harmless]
@@ -256,16 +256,18 @@ def _checked_arms(cfg: EvalConfig, out: Path, force: bool, run_dir: str | Path |
     return arms
 
 
-def _check_sources(cfg: EvalConfig, arms: list[ArmSpec], out: Path, force: bool) -> None:
+def _check_sources(cfg: EvalConfig, arms: list[ArmSpec], out: Path, force: bool,
+                   run_dir: str | Path | None = None) -> None:
     """Refuse, before any model is loaded, what would fail later: the base model and every checkpoint arm's model
-    (see :meth:`ModelSpec.check`), an unreadable direction file, an output location that cannot be written."""
+    (see :meth:`ModelSpec.check`), an unreadable direction file, an output location that cannot be written or
+    that holds an input (the run directory, the model, an arm's file)."""
     cfg.model_spec().check()
     for a in arms:
         if a.kind == "ckpt":
             cfg.model_spec(a.target).check(chat=False)
         elif a.kind in ("ablate", "add"):
             _arm_file(a)
-    check_output(out, "dir")
+    check_output(out, "dir", [run_dir, cfg.model_spec().model, *(a.target for a in arms)])
     if force:
         check_replaceable(out)
 

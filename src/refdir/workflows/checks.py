@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from refdir.core.data import InstructionSet, load_instructions
+from refdir.core.fingerprint import DATA_SOURCES
 from refdir.core.model_files import EMBEDDED_ALIASES
 from refdir.core.models import load_tokenizer
 from refdir.core.preflight import check_fits, check_output
@@ -16,7 +17,9 @@ from refdir.core.rundir import RunDir
 from refdir.core.spec import KINDS, ModelSpec
 from refdir.errors import RefdirError
 from refdir.method.scoring import little_refusal
-from refdir.workflows.stages import RunConfig, console
+from refdir.workflows.stages import HELDOUT_SOURCES, RunConfig, console
+
+DATA_FILES = (*DATA_SOURCES, *HELDOUT_SOURCES)  # the DataSpec fields that may name local files a run reads
 
 
 def check_run(cfg: RunConfig, out: str | Path) -> dict:
@@ -27,7 +30,7 @@ def check_run(cfg: RunConfig, out: str | Path) -> dict:
         raise RefdirError(f"--direction-method {cfg.direction_method} is a source of the search: use it with "
                           "--method search")
     context = cfg.model.check()
-    check_output(out, "dir")
+    check_output(out, "dir", [cfg.model.model, *(getattr(cfg.data, k) for k in DATA_FILES)])
     rd = RunDir(out)
     if rd.path.is_dir():
         rd.check_readable()
@@ -41,7 +44,7 @@ def check_extract(spec: ModelSpec, out: str | Path, harmful: str, harmless: str,
     """The same checks for ``refdir extract``: the model, the output location, and both prompt sets, which are
     returned with the model's context length (for :func:`check_prompts_fit` on the prompts sampled from them)."""
     context = spec.check()
-    check_output(out, "dir")
+    check_output(out, "dir", [spec.model, harmful, harmless])
     return load_instructions(harmful, column), load_instructions(harmless, column), context
 
 

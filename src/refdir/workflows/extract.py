@@ -24,7 +24,7 @@ class ExtractConfig(BaseModel):
     harmless: str = "embedded:harmless:train"
     column: str = "instruction"
     n_train: int | None = Field(None, ge=1)  # sample this many of each set (default: all, shuffled)
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32)  # numpy's seed range
     batch_size: int = Field(16, ge=1)
 
 

@@ -31,7 +31,6 @@ from refdir.core.io import remove_dir
 from refdir.core.memory import peak_rss_mib, trim_heap
 from refdir.core.rundir import RunDir
 from refdir.core.spec import DataSpec
-from refdir.errors import RefdirError
 from refdir.method.selection import Selection
 from refdir.workflows.checks import all_prompts, check_run, choice_warnings, refusal_warnings
 from refdir.workflows.finish import stage_edit_checkpoint, stage_test
@@ -91,9 +90,9 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, progress:
     try:
         with rd:
             return run_stages(rd, cfg, progress, sets, reference)
-    except RefdirError:
-        # an expected failure before the model computed anything worth keeping (loading it, or a model that
-        # refuses nothing for the refusal-token probe): a directory this command created is not left behind
+    except Exception:
+        # a failure before the model computed anything worth keeping (loading it, or a model that refuses
+        # nothing for the refusal-token probe): a directory this command created is not left behind
         if new and not rd.finished(rdl.REFUSAL_TOKENS):
             remove_dir(rd.path)
         raise

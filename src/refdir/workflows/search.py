@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import replace
@@ -30,7 +31,7 @@ from refdir.core import rundir as rdl
 from refdir.core.architecture import inspect_model
 from refdir.core.edits import DIM, VARIANTS, Edit, hook_variants
 from refdir.core.fingerprint import data_sha256, model_sha256
-from refdir.core.io import atomic_write_json, make_output_dir
+from refdir.core.io import atomic_write_json, make_output_dir, remove_dir
 from refdir.core.memory import trim_heap
 from refdir.core.preflight import require
 from refdir.core.rundir import RunDir
@@ -202,11 +203,17 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
     sdir = RunDir(out).search_dir()
     record = study_record(cfg)
     # the directory's lock is taken before the study's config is checked (and, under --force, deleted)
+    new = not os.path.lexists(out)
     rd = RunDir.create(out, cfg.run.model_dump(), force=force,
                        check=lambda: check_study_config(sdir / "config.json", record, force, Path(out)))
     with rd:  # held until the search ends, also on error
         timings = Timings()
-        p = prepare(cfg.run, rd, timings, progress=progress, checked=sets)
+        try:
+            p = prepare(cfg.run, rd, timings, progress=progress, checked=sets)
+        except Exception:  # as in `refdir run`: a directory this command created is not left behind by a model
+            if new and not rd.finished(rdl.REFUSAL_TOKENS):  # that failed to load or refused nothing
+                remove_dir(rd.path)
+            raise
         warnings = refusal_warnings(rd)
         make_output_dir(sdir)  # with refdir's marker, so that --force may replace it later
         atomic_write_json(sdir / "config.json", record)

@@ -10,11 +10,9 @@ not recomputed: its values are read back, and the model is not loaded for it. ``
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import math
-import time
 from dataclasses import asdict, fields
 from typing import Literal
 
@@ -24,16 +22,12 @@ from rich.console import Console
 
 from refdir.core import rundir as rdl
 from refdir.core.activations import residual_batches, residuals
-from refdir.core.chat import ChatFormat
 from refdir.core.directions import Candidates, Direction
 from refdir.core.fingerprint import data_sha256, model_sha256
-from refdir.core.forward import last_logits
 from refdir.core.generation import generate
 from refdir.core.interventions import ablate, add
 from refdir.core.io import atomic_write_json, atomic_write_text
-from refdir.core.models import LoadedModel
 from refdir.core.orthogonalize import save_orthogonalized
-from refdir.core.preflight import check_editable
 from refdir.core.rundir import RunDir, save_filter_means
 from refdir.core.spec import KINDS, DataSpec, ModelSpec
 from refdir.errors import RefdirError
@@ -46,6 +40,7 @@ from refdir.method.selection import (
     apply_filters,
     score_candidates,
 )
+from refdir.workflows.loaded import Loaded
 
 console = Console(stderr=True)
 
@@ -60,7 +55,7 @@ class RunConfig(BaseModel):
     # "search": selection, then a Pareto search over edits within `budget` seconds, the point for `kl_target`;
     # "paper": the paper's single difference-in-means direction, addition coefficient and orthogonalization
     method: Literal["search", "paper"] = "search"
-    kl_target: float = Field(0.05, gt=0)
+    kl_target: float = Field(0.05, gt=0, allow_inf_nan=False)
     budget: float = Field(60.0, gt=0)  # seconds of search trials (refinement included); a bigger one extends
     # the search's directions: "dim" the difference-in-means candidates; "rdo" also an optimized direction trained
     # from the selected one (minutes); "pca" also the selected one off the harmless principal components (seconds)
@@ -72,7 +67,7 @@ class RunConfig(BaseModel):
     refusal_tokens: list[str] | None = None  # default: derived from the model's own refusals
     batch_size: int = Field(32, ge=1)
     max_layer_frac: float = Field(0.8, gt=0, le=1)  # selection, from here to top_k
-    kl_max: float = 0.1
+    kl_max: float = Field(0.1, gt=0)  # inf: no KL filter
     induce_rule: Literal["paper", "relative", "auto"] = "auto"
     induce_rel_frac: float = 0.5
     positions: list[int] | None = None  # default: every post-instruction position
@@ -133,49 +128,6 @@ STAGE_SETTINGS: dict[str, list[str]] = {
     rdl.EVAL: ["max_new_tokens", "judge"],
     rdl.CHECKPOINT: ["save_checkpoint"],
 }
-
-
-class Loaded:
-    """A model spec's model and chat format, loaded on first use (so a fully cached rerun never loads it)."""
-
-    def __init__(self, spec: ModelSpec, prompts: list[str] | None = None):
-        self.spec = spec
-        self.load_s: float | None = None  # seconds the load took, once loaded
-        self.edited = False  # set once the weights were edited in place (the base model is gone)
-        self._lm: LoadedModel | None = None
-        self._fmt: ChatFormat | None = None
-        # the prompts the work will run on: refused on load, before any forward pass, if they overflow the context
-        self.prompts = list(prompts or [])
-
-    @property
-    def loaded(self) -> bool:
-        return self._lm is not None
-
-    @property
-    def lm(self) -> LoadedModel:
-        if self._lm is None:
-            t = time.time()
-            self._lm = self.spec.load_model()
-            self.load_s = time.time() - t
-            check_editable(self.fmt, self.prompts, self._lm.model)
-        return self._lm
-
-    def release(self) -> None:
-        """Free the model's weights once no stage needs them (before the GGUF export); its source stays known."""
-        if self._lm is not None:
-            self._lm.model = None
-            gc.collect()
-
-    @property
-    def fmt(self) -> ChatFormat:
-        if self._fmt is None:
-            self._fmt = self.spec.chat(self.lm.tokenizer)
-        return self._fmt
-
-    def metric(self, prompts: list[str], ids: list[int], batch_size: int) -> list[float]:
-        """The refusal metric of each prompt at the first answer position (shared-prefix batches)."""
-        lg = last_logits(self.lm.model, self.fmt, prompts, batch_size, shared_prefix=True)
-        return refusal_metric_from_logits(lg, ids).tolist()
 
 
 def judged(outs: list[str], headline: str) -> dict:

@@ -45,7 +45,7 @@ def export_point(search_dir: str | Path, point: int, out: str | Path, *, force: 
         return _export_gguf(spec, resolve(edit, cands), Path(out), force)
     # everything checked before the model is loaded and anything is written
     spec.check(chat=False)
-    check_output(out, "dir")
+    check_output(out, "dir", [rd.path, spec.model])
     if force:
         check_replaceable(out)
     lm = spec.load_model()
@@ -68,7 +68,7 @@ def _export_gguf(spec: ModelSpec, plan, out: Path, force: bool) -> Path:
                           "(give an output directory for a Hugging Face checkpoint)")
     if not src.is_file():
         raise RefdirError(f"the search's model {src} does not exist")
-    check_output(out, "file")
+    check_output(out, "file", [src])
     export_gguf_plan(src, plan, out, force=force)  # written atomically (as orthogonalize's GGUF output)
     return out
 

@@ -128,7 +128,7 @@ def test_run_cli_all_filtered_still_reports(tiny_dir, tmp_path):
     out = tmp_path / "run"
     r = runner.invoke(app, ["run", str(tiny_dir), "--out", str(out), "--method", "paper", "--refusal-tokens", "I,As",
                             "--n-train", "8",
-                            "--n-val", "4", "--n-test", "4", "--max-new-tokens", "4", "--kl-max", "-1",
+                            "--n-val", "4", "--n-test", "4", "--max-new-tokens", "4", "--kl-max", "1e-12",
                             "--no-filter-train", "--dtype", "fp32"])
     assert r.exit_code == 0, r.output
     summ = json.loads((out / "summary.json").read_text())

@@ -196,8 +196,9 @@ def stage_edit_checkpoint(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, can
     this is the run's last model stage."""
     if not cfg.save_checkpoint:
         return None
+    # the edit and the model (the candidates' key chains the data and model files): not the eval's settings
     key = rd.key(rdl.CHECKPOINT, {**cfg.settings(rdl.CHECKPOINT), "choice": choice["edit"]},
-                 upstream=rd.keys.get(rdl.EVAL, ""))
+                 upstream=rd.keys.get(rdl.CANDIDATES, ""))
     if rd.done(rdl.CHECKPOINT, key):
         return rd.checkpoint_eval()
     lm, fmt = m.lm, m.fmt

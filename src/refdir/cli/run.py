@@ -139,7 +139,7 @@ def orthogonalize(
     v = edit_tensor(d)
     spec.check(chat=False)  # a missing model, an unknown model type or custom code: refused before any work
     gguf_out = spec.model.endswith(".gguf") and str(out).endswith(".gguf")
-    check_output(out, "file" if gguf_out else "dir", [spec.model, direction, direction.with_suffix(".safetensors")])
+    check_output(out, "file" if gguf_out else "dir", [spec.model, direction])
     if force and not gguf_out:
         check_replaceable(out)
     src = Path(spec.model)

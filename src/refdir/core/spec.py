@@ -86,6 +86,8 @@ class ModelSpec(BaseModel):
 
 
 KINDS = ("harmful", "harmless")
+HELDOUT_SOURCES = ("heldout_harmful", "heldout_harmless")  # the DataSpec fields naming the held-out sets
+HELDOUT_FIELDS = (*HELDOUT_SOURCES, "n_heldout")
 
 
 class DataSpec(BaseModel):
@@ -114,6 +116,11 @@ class DataSpec(BaseModel):
     heldout_harmless: str | None = None
     n_heldout: int | None = Field(100, ge=1)  # the first n of each held-out set (None: all)
     seed: int = Field(42, ge=0, lt=2**32)  # numpy's and optuna's seed range
+
+    def without_heldout(self) -> DataSpec:
+        """This spec with the held-out settings at their defaults: what the stages that build and choose the edit
+        read (the held-out sets are judged, never built from or chosen on)."""
+        return self.model_copy(update={k: DataSpec.model_fields[k].default for k in HELDOUT_FIELDS})
 
     def split(self) -> dict:
         """Per kind (harmful, harmless): ``{"train", "val", "test", "heldout": [prompts], "source": {split: spec}}``

@@ -6,18 +6,22 @@ Settings are checked earlier still, when the config is built (pydantic: counts â
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from refdir.core import rundir as rdl
 from refdir.core.data import InstructionSet, load_instructions
 from refdir.core.fingerprint import DATA_SOURCES
+from refdir.core.io import remove_dir
 from refdir.core.model_files import EMBEDDED_ALIASES
 from refdir.core.models import load_tokenizer
 from refdir.core.preflight import check_fits, check_output
 from refdir.core.rundir import RunDir
-from refdir.core.spec import KINDS, ModelSpec
+from refdir.core.spec import HELDOUT_SOURCES, KINDS, ModelSpec
 from refdir.errors import RefdirError
 from refdir.method.scoring import little_refusal
-from refdir.workflows.stages import HELDOUT_SOURCES, RunConfig, console
+from refdir.workflows.stages import RunConfig, console
 
 DATA_FILES = (*DATA_SOURCES, *HELDOUT_SOURCES)  # the DataSpec fields that may name local files a run reads
 
@@ -37,6 +41,19 @@ def check_run(cfg: RunConfig, out: str | Path) -> dict:
     sets = cfg.data.split()
     check_prompts_fit(cfg.model, context, all_prompts(sets))
     return sets
+
+
+@contextmanager
+def no_early_leftovers(rd: RunDir, new: bool) -> Iterator[None]:
+    """Remove the run directory ``rd`` again when the work inside fails before the model computed anything worth
+    keeping (loading it, or a model that refuses nothing for the refusal-token probe) and this command created
+    it (``new``): bad input leaves nothing on disk. A directory that existed before is never removed here."""
+    try:
+        yield
+    except Exception:
+        if new and not rd.finished(rdl.REFUSAL_TOKENS):
+            remove_dir(rd.path)
+        raise
 
 
 def check_extract(spec: ModelSpec, out: str | Path, harmful: str, harmless: str,

@@ -27,12 +27,17 @@ import torch
 
 from refdir.core import rundir as rdl
 from refdir.core.fingerprint import files_sha256, versions
-from refdir.core.io import remove_dir
 from refdir.core.memory import peak_rss_mib, trim_heap
 from refdir.core.rundir import RunDir
 from refdir.core.spec import DataSpec
 from refdir.method.selection import Selection
-from refdir.workflows.checks import all_prompts, check_run, choice_warnings, refusal_warnings
+from refdir.workflows.checks import (
+    all_prompts,
+    check_run,
+    choice_warnings,
+    no_early_leftovers,
+    refusal_warnings,
+)
 from refdir.workflows.finish import stage_edit_checkpoint, stage_test
 from refdir.workflows.report import write_report
 from refdir.workflows.search import Prepared, Timings, stage_search
@@ -82,20 +87,13 @@ def run_pipeline(cfg: RunConfig, out: str | Path, force: bool = False, progress:
     summary. ``force`` replaces a directory that is not a run of this model. The directory is locked against
     other refdir processes until the run ends (also on error). Everything that can be checked is checked before
     the directory is created or touched (:func:`refdir.workflows.checks.check_run`); a directory this call created
-    is removed again when an expected error stops it before the refusal-token stage is done. ``reference``: another
+    is removed again when a failure stops it before the refusal-token stage is done. ``reference``: another
     tool's measured points (:func:`refdir.method.search.load_reference`), drawn beside the held-out result."""
     sets = check_run(cfg, out)
     new = not os.path.lexists(out)
     rd = RunDir.create(out, cfg.model_dump(), force=force)
-    try:
-        with rd:
-            return run_stages(rd, cfg, progress, sets, reference)
-    except Exception:
-        # a failure before the model computed anything worth keeping (loading it, or a model that refuses
-        # nothing for the refusal-token probe): a directory this command created is not left behind
-        if new and not rd.finished(rdl.REFUSAL_TOKENS):
-            remove_dir(rd.path)
-        raise
+    with no_early_leftovers(rd, new), rd:
+        return run_stages(rd, cfg, progress, sets, reference)
 
 
 def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict | None = None,

@@ -31,7 +31,7 @@ from refdir.core import rundir as rdl
 from refdir.core.architecture import inspect_model
 from refdir.core.edits import DIM, VARIANTS, Edit, hook_variants
 from refdir.core.fingerprint import data_sha256, model_sha256
-from refdir.core.io import atomic_write_json, make_output_dir, remove_dir
+from refdir.core.io import atomic_write_json, make_output_dir
 from refdir.core.memory import trim_heap
 from refdir.core.preflight import require
 from refdir.core.rundir import RunDir
@@ -64,12 +64,12 @@ from refdir.method.search.study import (
     warm_starts,
 )
 from refdir.method.selection import max_layer
-from refdir.workflows.checks import all_prompts, check_run, refusal_warnings
+from refdir.workflows.checks import all_prompts, check_run, no_early_leftovers, refusal_warnings
 from refdir.workflows.optimize import rdo_direction
 from refdir.workflows.report import write_report
 from refdir.workflows.sources import CALIBRATION_PROMPTS, SECOND, Prepared, add_second, pca_source
 from refdir.workflows.stages import (
-    HELDOUT_FIELDS,
+    STAGE_SETTINGS,
     Loaded,
     RunConfig,
     stage_candidates,
@@ -91,9 +91,10 @@ SEARCH_RUN_DEFAULTS = {
     "judge": "wide",  # at least as broad as Heretic's markers; broad and paper are reported beside it
     "save_checkpoint": False,
 }
-# the run's settings that only its eval and checkpoint (or the paper's coefficient) read: the run's search confirms
-# its pick by KL alone, so changing one of them redoes those stages and leaves the study as it is
-EVAL_ONLY = ("max_new_tokens", "gen_batch_size", "judge", "save_checkpoint", "add_coeffs", "add_target")
+# the run's settings that only its eval and checkpoint (or the paper's coefficient) read, and the generation batch
+# (no result depends on it): the run's search confirms its pick by KL alone, so changing one of them redoes those
+# stages and leaves the study as it is
+EVAL_ONLY = (*STAGE_SETTINGS[rdl.COEFF], *STAGE_SETTINGS[rdl.EVAL], *STAGE_SETTINGS[rdl.CHECKPOINT], "gen_batch_size")
 
 
 def search_run(**settings) -> RunConfig:
@@ -208,12 +209,8 @@ def run_search(cfg: SearchConfig, out: str | Path, *, trials: int = 20, refine: 
                        check=lambda: check_study_config(sdir / "config.json", record, force, Path(out)))
     with rd:  # held until the search ends, also on error
         timings = Timings()
-        try:
+        with no_early_leftovers(rd, new):
             p = prepare(cfg.run, rd, timings, progress=progress, checked=sets)
-        except Exception:  # as in `refdir run`: a directory this command created is not left behind by a model
-            if new and not rd.finished(rdl.REFUSAL_TOKENS):  # that failed to load or refused nothing
-                remove_dir(rd.path)
-            raise
         warnings = refusal_warnings(rd)
         make_output_dir(sdir)  # with refdir's marker, so that --force may replace it later
         atomic_write_json(sdir / "config.json", record)
@@ -316,10 +313,9 @@ def run_search_config(cfg: RunConfig) -> SearchConfig:
     """The search config of ``refdir run --method search``: the run's settings with the search's screening
     (2 + 2 prompts, 4 finalists) and one KL mark at the target. The budget is left out (a bigger one extends the
     same study), and so are the settings the search does not read (:data:`EVAL_ONLY`, the held-out sets)."""
-    data = cfg.data.model_copy(update={k: DataSpec.model_fields[k].default for k in HELDOUT_FIELDS})
     unread = {k: RunConfig.model_fields[k].default for k in (*EVAL_ONLY, "budget")}
     run = cfg.model_copy(update={"screen_n": SEARCH_RUN_DEFAULTS["screen_n"], "top_k": SEARCH_RUN_DEFAULTS["top_k"],
-                                 "data": data, **unread})
+                                 "data": cfg.data.without_heldout(), **unread})
     return SearchConfig(run=run, kl_marks=[cfg.kl_target])
 
 

@@ -29,7 +29,7 @@ from refdir.core.interventions import ablate, add
 from refdir.core.io import atomic_write_json, atomic_write_text
 from refdir.core.orthogonalize import save_orthogonalized
 from refdir.core.rundir import RunDir, save_filter_means
-from refdir.core.spec import KINDS, DataSpec, ModelSpec
+from refdir.core.spec import HELDOUT_FIELDS, HELDOUT_SOURCES, KINDS, DataSpec, ModelSpec
 from refdir.errors import RefdirError
 from refdir.method.refusal_judge import judge_all
 from refdir.method.scoring import derive_refusal_tokens, refusal_metric_from_logits, tokens_from_strings
@@ -85,10 +85,10 @@ class RunConfig(BaseModel):
         """The config values ``stage``'s key hashes (under their flat names, so keys match earlier runs), and the
         content hashes of the files it reads: the local data files (data), the local model's files (refusal
         tokens, and through the chained keys every later stage). The embedded sets and model add none."""
-        flat = {**self.data.model_dump(), **self.model.model_dump(), **self.model_dump(exclude={"model", "data"})}
+        # the held-out sets decide only the data stage's files and the eval (heldout_settings): defaults here
+        data = self.data.without_heldout()
+        flat = {**data.model_dump(), **self.model.model_dump(), **self.model_dump(exclude={"model", "data"})}
         out = {k: flat[k] for k in STAGE_SETTINGS[stage]}
-        if stage == rdl.DATA:  # the held-out sets decide only the eval (heldout_settings): their defaults here
-            out |= {k: DataSpec.model_fields[k].default for k in HELDOUT_FIELDS}
         files = data_sha256(self.data) if stage == rdl.DATA else None
         if stage == rdl.REFUSAL_TOKENS:
             files = model_sha256(self.model.model)
@@ -112,9 +112,6 @@ class RunConfig(BaseModel):
                                induce_rel_frac=self.induce_rel_frac, batch_size=self.batch_size,
                                exhaustive=self.exhaustive, screen_n=self.screen_n, top_k=self.top_k)
 
-
-HELDOUT_SOURCES = ("heldout_harmful", "heldout_harmless")
-HELDOUT_FIELDS = (*HELDOUT_SOURCES, "n_heldout")
 
 # per stage, the settings its key depends on (besides the key of the stage before it)
 STAGE_SETTINGS: dict[str, list[str]] = {

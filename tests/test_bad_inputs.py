@@ -613,6 +613,47 @@ def _(w, fx):
     return ["analyze", "suffix", str(run)]
 
 
+@case("analyze geometry: data/sets.json a JSON list instead of an object")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    (run / "data" / "sets.json").write_text(json.dumps(["how do I bake bread?"]))
+    return ["analyze", "geometry", str(run)]
+
+
+def _out_of_vocab(run: Path) -> None:
+    """Give ``run``'s refusal tokens an id past the tiny model's vocabulary (read only once the model is loaded)."""
+    f = run / "refusal_tokens" / "tokens.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "ids": [5, 10**6]}))
+
+
+@case("analyze geometry: refusal_tokens/tokens.json holding a token id outside the vocabulary")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    _out_of_vocab(run)
+    return ["analyze", "geometry", str(run)]
+
+
+OPTIMIZE_ARGS = ["--steps", "2", "--eval-every", "1", "--batch-size", "2", "--target-tokens", "3", "--n-train", "2",
+                 "--n-val", "2", "--samples", "1", "--no-independence"]
+
+
+@case("optimize: refusal_tokens/tokens.json holding a token id outside the vocabulary")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    _out_of_vocab(run)
+    return ["optimize", str(run), *OPTIMIZE_ARGS]
+
+
+@case("optimize: its training checkpoint truncated (the rerun would resume from it)")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    r = CliRunner().invoke(app, ["optimize", str(run), *OPTIMIZE_ARGS])
+    assert r.exit_code == 0, r.output
+    ckpt = run / "optimize" / "rdo_k1_checkpoint.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:-100])
+    return ["optimize", str(run), *OPTIMIZE_ARGS]
+
+
 # ------------------------------------------------------------------------------------------------ the test
 
 
@@ -720,6 +761,12 @@ NEEDLES: dict[str, str] = {
     "analyze geometry: an empty config.json in the run directory": "corrupt run file",
     "analyze geometry: --split that does not exist": "--split",
     "analyze suffix: neither --suffixes nor --search": "--suffixes",
+    "analyze geometry: data/sets.json a JSON list instead of an object": "sets.json: not a JSON object",
+    "analyze geometry: refusal_tokens/tokens.json holding a token id outside the vocabulary":
+        "token id 1000000 is outside the model's vocabulary",
+    "optimize: refusal_tokens/tokens.json holding a token id outside the vocabulary":
+        "token id 1000000 is outside the model's vocabulary",
+    "optimize: its training checkpoint truncated (the rerun would resume from it)": "corrupt optimize checkpoint",
 }
 
 
@@ -878,3 +925,41 @@ def test_library_errors_that_reach_the_cli_are_one_line(raise_it, tmp_path):
     lines = r.output.strip().splitlines()
     assert r.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.output
     assert len(lines[0]) > len("error: ") + 5
+
+
+# One wrong shape per run file the analyses and optimize read: (file, its content, the reader, what the error says).
+WRONG_SHAPES = [
+    ("data/sets.json", ["a prompt"], "sets", "not a JSON object"),
+    ("data/sets.json", {"harmful": {"train": ["a"], "val": [], "test": []}}, "sets", "'harmless' is missing"),
+    ("data/sets.json", {k: {"train": "a", "val": [], "test": []} for k in ("harmful", "harmless")}, "sets",
+     "harmful.train is missing or not a list of prompts"),
+    ("filter/filtered.json", {"train": [], "val": {}}, "filtered", "'train' is missing or not a JSON object"),
+    ("refusal_tokens/tokens.json", {"ids": []}, "refusal_ids", "'ids' is missing or not a non-empty list"),
+    ("refusal_tokens/tokens.json", {"ids": ["I"]}, "refusal_ids", "'ids' is missing or not a non-empty list"),
+    ("coeff/coeff.json", {"coeff": "2"}, "coeff", "'coeff' is not a number"),
+    ("eval/completions.json", {"completions": {"baseline/harmful": [1]}}, "completions", "'completions' is missing"),
+    ("search/selection.json", {"chosen": {"position": -1}}, "direction", "no integer position and layer"),
+]
+
+
+@pytest.mark.parametrize("file, body, read, needle", WRONG_SHAPES, ids=[f"{w[0]}-{i}" for i, w in
+                                                                       enumerate(WRONG_SHAPES)])
+def test_a_run_file_of_the_wrong_shape_is_one_error_naming_it(tmp_path, file, body, read, needle):
+    """Each reader of :class:`refdir.core.rundir.RunDir` checks the shape of what it hands out
+    (:mod:`refdir.core.run_files`): one RefdirError naming the file, not a TypeError in whoever reads it."""
+    from refdir.core.rundir import RunDir
+    from refdir.errors import RefdirError
+
+    f = tmp_path / file
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps(body))
+    (tmp_path / "candidates").mkdir()
+    (tmp_path / "candidates" / "candidates.safetensors").touch()  # what makes search/selection.json the lead's
+    with pytest.raises(RefdirError) as e:
+        getattr(RunDir(tmp_path), read)()
+    assert str(e.value).startswith(f"corrupt run file {f}: ") and needle in str(e.value), str(e.value)
+    if read == "refusal_ids":
+        f.write_text(json.dumps({"ids": [3, 200]}))
+        assert RunDir(tmp_path).refusal_ids() == [3, 200]
+        with pytest.raises(RefdirError, match="token id 200 is outside the model's vocabulary of 128 tokens"):
+            RunDir(tmp_path).refusal_ids(128)

@@ -10,12 +10,14 @@ import json
 import pytest
 import torch
 from conftest import make_tiny
+from safetensors.torch import save_file
 
 from refdir.core.chat import ChatFormat
 from refdir.core.data import embedded
 from refdir.core.forward import last_logits
 from refdir.core.generation import generate
 from refdir.core.interventions import ablate, add
+from refdir.core.state_file import load_state, save_state
 from refdir.errors import RefdirError
 from refdir.method.optimize import (
     OptimizeConfig,
@@ -201,21 +203,46 @@ def test_resume_after_interruption_gives_the_uninterrupted_result(tiny, planted,
         return Trainer(model, pad, p, 1, 2.0, train, val, cfg)
 
     full = trainer().run(progress=False)
-    ckpt = tmp_path / "state.pt"
+    ckpt = tmp_path / "state.safetensors"
 
     class Killed(Exception):
         pass
 
     def save_then_die(t):
-        torch.save(t.state_dict(), ckpt)
+        save_state(ckpt, "k", t.state_dict())
         if t.step_i == 4:
             raise Killed
 
     with pytest.raises(Killed):
         trainer().run(on_checkpoint=save_then_die, progress=False)
-    resumed = trainer().load_state_dict(torch.load(ckpt, weights_only=True)).run(progress=False)
+    assert load_state(ckpt, "another key", "checkpoint") is None  # the state of other inputs: train anew
+    resumed = trainer()
+    assert load_state(ckpt, "k", "checkpoint", resumed.load_state_dict)["step"] == 4
+    resumed = resumed.run(progress=False)
     assert torch.equal(resumed.basis, full.basis)
     assert json.dumps(resumed.history) == json.dumps(full.history)
+
+
+def test_a_checkpoint_that_does_not_fit_is_one_clear_error(tiny, planted, tmp_path):
+    """A truncated file, a file that is not a refdir state, and a state of another shape: each one RefdirError
+    naming the file; the trainer is left as it was."""
+    model, fmt = tiny
+    p, train, val = planted
+    cfg = OptimizeConfig(steps=2, eval_every=1, batch_size=3)
+    t = Trainer(model, fmt.tokenizer.pad_token_id, p, 1, 2.0, train, val, cfg)
+    ckpt = tmp_path / "state.safetensors"
+    save_state(ckpt, "k", t.state_dict())
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[:len(data) // 2])
+    with pytest.raises(RefdirError, match="corrupt checkpoint .*state.safetensors.*delete it"):
+        load_state(ckpt, "k", "checkpoint", t.load_state_dict)
+    save_file({"x": torch.zeros(2)}, str(ckpt))
+    with pytest.raises(RefdirError, match="not a refdir.state file"):
+        load_state(ckpt, "k", "checkpoint", t.load_state_dict)
+    save_state(ckpt, "k", {**t.state_dict(), "param": torch.zeros(2, 64)})
+    with pytest.raises(RefdirError, match="'param' is of shape"):
+        load_state(ckpt, "k", "checkpoint", t.load_state_dict)
+    assert t.step_i == 0 and not t.history
 
 
 def test_bad_settings_are_one_clear_error(tiny, planted):
@@ -300,6 +327,59 @@ def test_cli_writes_a_loadable_direction_and_resumes(tiny_run, tmp_path):
     assert summ["targets_judged"] == {"off_label": {"compliant": 0, "refusal": None}, "dropped": True}
 
 
+def test_cli_resumes_an_interrupted_training_from_its_checkpoint(tiny_run, tmp_path, monkeypatch):
+    """Interrupted (Ctrl-C) in its third step, after the checkpoint of step 2, the command's rerun trains on from
+    that checkpoint to the direction and history an uninterrupted command gets; a pickled checkpoint of an older
+    refdir beside it is never read. A truncated checkpoint is one error line, not a traceback."""
+    import shutil
+
+    from safetensors import safe_open
+
+    from refdir.core.directions import Direction
+    from refdir.method import optimize as method
+
+    fresh = shutil.copytree(tiny_run, tmp_path / "fresh")
+    args = [*FAST[4:], "--steps", "4", "--eval-every", "1", "--patience", "10", "--no-independence"]
+    r = _cli(["optimize", str(fresh), *args])
+    assert r.exit_code == 0, r.output
+
+    opt = tiny_run / "optimize"
+    opt.mkdir()
+    (opt / "rdo_k1.pt").write_bytes(b"an old pickle: never loaded")
+    step = method.Trainer.step
+
+    def interrupted_step(self):
+        if self.step_i == 2:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(method.Trainer, "step", interrupted_step)
+    r = _cli(["optimize", str(tiny_run), *args])
+    assert r.exit_code == 130, r.output
+    with safe_open(str(opt / "rdo_k1_checkpoint.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["values"])["step"] == 2
+    taken = []
+
+    def counted_step(self):
+        taken.append(self.step_i + 1)
+        return step(self)
+
+    monkeypatch.setattr(method.Trainer, "step", counted_step)
+    r = _cli(["optimize", str(tiny_run), *args])
+    assert r.exit_code == 0, r.output
+    assert taken == [3, 4]  # resumed: steps 1 and 2 are not taken again
+    assert torch.equal(Direction.load(opt / "rdo").vector, Direction.load(fresh / "optimize" / "rdo").vector)
+    history = [json.loads((d / "optimize" / "rdo_summary.json").read_text())["per_k"][0]["history"]
+               for d in (tiny_run, fresh)]
+    assert history[0] == history[1] and history[0][-1]["step"] == 4
+
+    ckpt = opt / "rdo_k1_checkpoint.safetensors"
+    ckpt.write_bytes(ckpt.read_bytes()[:-10])
+    r = _cli(["optimize", str(tiny_run), *args])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert "corrupt optimize checkpoint" in r.output and "delete it" in r.output
+
+
 def test_cli_cone_writes_a_subspace_and_the_cone_analysis(tiny_run):
     from refdir.core.directions import Subspace
 
@@ -311,6 +391,10 @@ def test_cli_cone_writes_a_subspace_and_the_cone_analysis(tiny_run):
     summ = json.loads((tiny_run / "optimize" / "cone_summary.json").read_text())
     assert [p["k"] for p in summ["per_k"]] == [1, 2] and 0 <= summ["cone_dimension"] <= 2
     assert len(summ["per_k"][1]["scores"]["members"]) == 2 and "cone dimension" in r.output
+    # a rerun reads each k's training checkpoint back (beside the k = 2 output, never mistaken for it)
+    r = _cli(["optimize", str(tiny_run), "--method", "cone", "--k", "2", *FAST])
+    assert r.exit_code == 0, r.output
+    assert torch.equal(Subspace.load(tiny_run / "optimize" / "cone_k2").basis, sub.basis)
 
 
 @pytest.mark.parametrize("args, msg", [

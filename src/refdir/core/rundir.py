@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from refdir.core import run_files
 from refdir.core.directions import Candidates, Direction
 from refdir.core.dirlock import LOCK_NAME, DirLock, clean_stale
 from refdir.core.io import (
@@ -56,6 +57,7 @@ from refdir.core.io import (
     read_json_object,
     remove_dir,
 )
+from refdir.core.run_files import model_name
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
 
@@ -96,12 +98,6 @@ METRICS_FILE = "metrics.json"
 CHECKPOINT_EVAL_FILE = "eval.json"
 CHECKPOINT_MODEL_DIR = "model"
 CHECKPOINT_GGUF_FILE = "model.gguf"
-
-
-def model_name(config: dict) -> str | None:
-    """The model string of a run's config.json (nested ``{"model": {"model": ...}}``, or an older flat one)."""
-    m = config.get("model")
-    return m.get("model") if isinstance(m, dict) else m
 
 
 def save_filter_means(stage_tmp: Path, means: dict[str, torch.Tensor]) -> None:
@@ -206,12 +202,14 @@ class RunDir:
     def _file(self, stage: str, name: str) -> Path:
         return self.path / stage / name
 
-    def _json(self, stage: str, name: str):
+    def _json(self, stage: str, name: str, check: Callable[[object, Path], object] | None = None):
+        """A stage's JSON file, passed through ``check`` (one of :mod:`refdir.core.run_files`) where given."""
         f = self._file(stage, name)
         try:
-            return json.loads(f.read_text())
-        except json.JSONDecodeError as e:
+            obj = json.loads(f.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise RefdirError(f"{self.path}: unreadable run file {f} ({e})") from e
+        return obj if check is None else check(obj, f)
 
     def key(self, stage: str, settings: dict, upstream: str | None = None) -> str:
         """The key of ``stage``: a hash of ``settings`` (the config values it depends on) and ``upstream`` (by
@@ -335,18 +333,20 @@ class RunDir:
     # ------------------------------------------------------------------ artifacts
     def sets(self) -> dict:
         """Per kind (harmful, harmless): train/val/test prompts and their sources."""
-        return self._json(DATA, SETS_FILE)
+        return self._json(DATA, SETS_FILE, run_files.prompt_sets)
 
     def refusal_tokens(self) -> dict:
         """``{"ids", "tokens", "evidence"}``: the refusal token ids, their strings, how they were chosen."""
-        return self._json(REFUSAL_TOKENS, TOKENS_FILE)
+        return self._json(REFUSAL_TOKENS, TOKENS_FILE, run_files.refusal_tokens)
 
-    def refusal_ids(self) -> list[int]:
-        return self.refusal_tokens()["ids"]
+    def refusal_ids(self, n_vocab: int | None = None) -> list[int]:
+        """The refusal token ids; with ``n_vocab`` (the loaded model's vocabulary size) each checked to be in it."""
+        ids = self.refusal_tokens()["ids"]
+        return ids if n_vocab is None else run_files.token_ids(ids, n_vocab, self._file(REFUSAL_TOKENS, TOKENS_FILE))
 
     def filtered(self) -> dict:
         """The train and val prompts the filter kept, per split and kind."""
-        return self._json(FILTER, FILTERED_FILE)
+        return self._json(FILTER, FILTERED_FILE, run_files.filtered_sets)
 
     def filter_info(self) -> dict:
         return self._json(FILTER, FILTER_INFO_FILE)
@@ -410,13 +410,11 @@ class RunDir:
         f = self.search_dir() / SEARCH_SELECTION_FILE
         if not f.exists() or not (self.stage_dir(CANDIDATES) / "candidates.safetensors").exists():
             return None
-        d = json.loads(f.read_text())
-        return d.get("chosen") or d.get("lead")  # runs of before 2026-12-05 recorded no lead
+        return run_files.search_lead(read_json_object(f, "run file"), f)  # runs before 2026-12-05: no lead
 
     def coeff(self) -> dict | None:
         """``{"coeff", "curve", "rule"}``, or None when no coefficient was chosen."""
-        f = self._file(COEFF, COEFF_FILE)
-        return self._json(COEFF, COEFF_FILE) if f.exists() else None
+        return self._json(COEFF, COEFF_FILE, run_files.coeff) if self._file(COEFF, COEFF_FILE).exists() else None
 
     def scores(self) -> dict | None:
         """The eval stage's judged refusal scores per arm (``"baseline/harmful"`` ...), or None before it ran."""
@@ -425,7 +423,7 @@ class RunDir:
     def completions(self) -> dict | None:
         """``{"prompts": {kind: [...]}, "completions": {arm: [...]}}`` of the eval stage, or None."""
         f = self._file(EVAL, COMPLETIONS_FILE)
-        return self._json(EVAL, COMPLETIONS_FILE) if f.exists() else None
+        return self._json(EVAL, COMPLETIONS_FILE, run_files.completions) if f.exists() else None
 
     def metrics(self) -> dict | None:
         """The eval stage's refusal metric per prompt set (for the histogram), or None."""

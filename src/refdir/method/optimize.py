@@ -349,21 +349,50 @@ class Trainer:
             on_checkpoint(self)
 
     def state_dict(self) -> dict:
-        return {"param": self.param.detach().cpu().clone(), "adam": self.opt.state_dict(), "step": self.step_i,
-                "bad_evals": self.bad_evals, "done": self.done, "history": self.history,
+        """The resumable state as one flat dict of tensors (the basis, the best one, Adam's moments and step count
+        as ``adam.NAME``, the batch sampler's random state) and JSON values (the step, the early-stopping counters,
+        the history, the best step and loss): what :func:`refdir.core.state_file.save_state` writes, unpickled."""
+        adam = self.opt.state_dict()["state"].get(0, {})  # the one parameter's; empty before the first step
+        return {"param": self.param.detach().cpu().clone(), **{f"adam.{k}": v for k, v in adam.items()},
+                "step": self.step_i, "bad_evals": self.bad_evals, "done": self.done, "history": self.history,
                 "best_step": self.best["step"], "best_val": self.best["val"], "best_basis": self.best["basis"].cpu(),
                 "rng": self.gen.get_state()}
 
     def load_state_dict(self, s: dict) -> Trainer:
-        if tuple(s["param"].shape) != tuple(self.param.shape):
-            raise RefdirError(f"the checkpoint holds a basis of shape {tuple(s['param'].shape)}, not "
-                              f"{tuple(self.param.shape)}")
+        """Resume from :meth:`state_dict`'s dict. One that does not fit this trainer (an entry missing, a basis or
+        Adam moment of another shape, a random state of another size) is a RefdirError, raised before anything
+        changes."""
+        _check_state(s, tuple(self.param.shape), self.gen.get_state())
         with torch.no_grad():
             self.param.copy_(s["param"].to(self.param.device))
-        self.opt.load_state_dict(s["adam"])
+        adam = {k.removeprefix("adam."): v for k, v in s.items() if k.startswith("adam.")}
+        self.opt.load_state_dict({"state": {0: adam} if adam else {},
+                                  "param_groups": self.opt.state_dict()["param_groups"]})  # lr, betas: the config
         self.step_i, self.bad_evals, self.done = int(s["step"]), int(s["bad_evals"]), bool(s["done"])
         self.history = list(s["history"])
         self.best = {"step": int(s["best_step"]), "val": float(s["best_val"]),
                      "basis": s["best_basis"].to(self.param.device)}
         self.gen.set_state(s["rng"])
         return self
+
+
+def _check_state(s: dict, shape: tuple[int, ...], rng: torch.Tensor) -> None:
+    """Raise a RefdirError unless ``s`` is a :meth:`Trainer.state_dict` of a basis of ``shape`` (and a random
+    state like ``rng``)."""
+    tensors = {"param": shape, "best_basis": shape, "rng": tuple(rng.shape),
+               **{k: shape for k in s if k.startswith(("adam.exp_avg", "adam.max_exp_avg"))}}
+    for name, want in tensors.items():
+        t = s.get(name)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+            got = f"of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else "missing"
+            raise RefdirError(f"the checkpoint's {name!r} is {got}, not a tensor of shape {want}")
+    adam = {k for k in s if k.startswith("adam.")}
+    if adam and not {"adam.step", "adam.exp_avg", "adam.exp_avg_sq"} <= adam:
+        raise RefdirError("the checkpoint's Adam state is incomplete")
+    if s["rng"].dtype != rng.dtype:
+        raise RefdirError(f"the checkpoint's random state is {s['rng'].dtype}, not {rng.dtype}")
+    bad = [k for k in ("step", "bad_evals", "done", "best_step", "best_val") if not isinstance(s.get(k), int | float)]
+    if bad:
+        raise RefdirError(f"the checkpoint's {bad[0]!r} is missing or not a number")
+    if not isinstance(s.get("history"), list):
+        raise RefdirError("the checkpoint's 'history' is missing or not a list")

@@ -13,6 +13,7 @@ from refdir.core.forward import common_prefix_len
 from refdir.errors import RefdirError
 
 IGNORE = -100  # the target id of padding: no loss
+BASE = ("base_ids", "base_logp", "base_rest")  # the retain loss's base distributions, per row (see Examples)
 
 
 @dataclass
@@ -40,6 +41,31 @@ class Examples:
     def rows(self, idx: list[int]) -> list[tuple[list[int], list[int]]]:
         """(prompt ids, target ids) of rows ``idx``, as :func:`layout` takes them."""
         return [(self.prompts[i], self.targets[i]) for i in idx]
+
+    def base_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """The base distributions as named tensors (``NAME.base_ids.ROW`` ...), for a cache file."""
+        return {f"{name}.{a}.{i}": t for a in BASE for i, t in enumerate(getattr(self, a))}
+
+    def set_base(self, tensors: dict, name: str) -> None:
+        """Take the base distributions from :meth:`base_tensors`'s dict; a RefdirError unless it holds each row's,
+        one entry per target token."""
+        rows = {a: [tensors.get(f"{name}.{a}.{i}") for i in range(len(self))] for a in BASE}
+        for i, t in enumerate(self.targets):
+            ids, logp, rest = (rows[a][i] for a in BASE)
+            fits = (all(isinstance(x, torch.Tensor) for x in (ids, logp, rest)) and ids.dtype == torch.long
+                    and ids.dim() == 2 and ids.shape == logp.shape and tuple(rest.shape) == (len(t),) == ids.shape[:1])
+            if not fits:
+                raise RefdirError(f"no base distribution of {name} row {i} fits its {len(t)} target tokens")
+        self.base_ids, self.base_logp, self.base_rest = (rows[a] for a in BASE)
+
+
+def targets_fit(targets, counts: dict[str, int], n_vocab: int) -> bool:
+    """Whether ``targets`` (read back from a cache) holds, for each kind in ``counts``, that many completions of
+    token ids in a vocabulary of ``n_vocab``."""
+    return isinstance(targets, dict) and all(
+        isinstance(targets.get(k), list) and len(targets[k]) == n
+        and all(isinstance(t, list) and all(type(i) is int and 0 <= i < n_vocab for i in t) for t in targets[k])
+        for k, n in counts.items())
 
 
 @dataclass

@@ -37,7 +37,8 @@ from refdir.workflows.report import add_section
 
 @dataclass
 class RunContext:
-    """What the analyses read from a finished run; :meth:`load` loads its model (with ``spec``)."""
+    """What the analyses read from a finished run; :meth:`load` loads its model (with ``spec``) and checks the
+    direction's size and the refusal token ids against it."""
 
     rd: RunDir
     spec: ModelSpec
@@ -50,9 +51,11 @@ class RunContext:
 
     def load(self) -> RunContext:
         self.lm = self.spec.load_model()
-        d_model = self.lm.model.config.get_text_config().hidden_size
-        if self.direction.d_model != d_model:
-            raise RefdirError(f"the run's direction has size {self.direction.d_model} but the model has {d_model}")
+        text = self.lm.model.config.get_text_config()
+        if self.direction.d_model != text.hidden_size:
+            raise RefdirError(f"the run's direction has size {self.direction.d_model} but the model has "
+                              f"{text.hidden_size}")
+        self.refusal_ids = self.rd.refusal_ids(text.vocab_size)
         self.fmt = self.spec.chat(self.lm.tokenizer)
         return self
 

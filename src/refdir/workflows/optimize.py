@@ -5,7 +5,9 @@ direction and addition coefficient. Targets are generated once, greedy and short
 directory: compliant completions of the harmful prompts with the difference-in-means direction ablated, refusal
 completions of the harmless prompts with it added (times the run's coefficient), and the base completions of the
 harmless prompts with the base model's top-k distributions. Training checkpoints (basis, Adam state, step, history,
-random state) are written atomically after every validation, so an interrupted command resumes where it stopped.
+random state) are written atomically after every validation, so an interrupted command resumes where it stopped;
+they and the top-k cache are safetensors files (:mod:`refdir.core.state_file`; the ``.pt`` files of older refdir
+versions are never read).
 A cone of dimension K is trained for k = 1..K (each warm-started from the k − 1 one); every k's sampled members are
 scored (bypass: refusal metric on harmful val with the member ablated; induce: on harmless val with it added) and
 the cone dimension is the largest k whose members all still mediate refusal.
@@ -28,11 +30,12 @@ from refdir.core.forward import last_logits
 from refdir.core.generation import generate
 from refdir.core.html import figure_html, plt, table_html
 from refdir.core.interventions import ablate, add
-from refdir.core.io import atomic_file, atomic_write_json, check_file_target
+from refdir.core.io import atomic_write_json, check_file_target, read_json_object
 from refdir.core.rundir import RunDir
+from refdir.core.state_file import load_state, save_state
 from refdir.errors import RefdirError
 from refdir.method.optimize import LOSSES, OptimizeConfig, Optimized, Trainer, add_base_topk, orthonormal
-from refdir.method.optimize_data import Examples, TrainSet, shared_prefix
+from refdir.method.optimize_data import Examples, TrainSet, shared_prefix, targets_fit
 from refdir.method.refusal_judge import judge
 from refdir.method.scoring import refusal_metric_from_logits
 from refdir.workflows.report import add_section
@@ -134,13 +137,14 @@ def open_context(run_dir: str | Path, s: OptimizeSettings, model: dict | None = 
     empty = [f"{k} {sp}" for k, v in prompts.items() for sp, p in v.items() if not p]
     if empty:
         raise RefdirError(f"the run's filtered sets have no {empty[0]} prompts to optimize on")
+    d, coeff = rd.direction(), (rd.coeff() or {}).get("coeff") or 1.0
+    rd.refusal_ids()  # read before the model loads; its ids are checked against the vocabulary after
     lm, fmt = spec.load()
-    d = rd.direction()
-    d_model = lm.model.config.get_text_config().hidden_size
-    if d.d_model != d_model:
-        raise RefdirError(f"the run's direction has size {d.d_model} but the model has {d_model}")
-    coeff = (rd.coeff() or {}).get("coeff") or 1.0
-    return Context(rd, lm, fmt, d, float(coeff), rd.refusal_ids(), prompts, float(cfg.get("induce_rel_frac", 0.5)))
+    text = lm.model.config.get_text_config()
+    if d.d_model != text.hidden_size:
+        raise RefdirError(f"the run's direction has size {d.d_model} but the model has {text.hidden_size}")
+    ids = rd.refusal_ids(text.vocab_size)
+    return Context(rd, lm, fmt, d, float(coeff), ids, prompts, float(cfg.get("induce_rel_frac", 0.5)))
 
 
 def rdo_direction(p, chosen: dict, run, progress: bool = True) -> torch.Tensor:
@@ -188,10 +192,14 @@ def cached_targets(ctx: Context, s: OptimizeSettings, progress: bool) -> tuple[d
     key = _key({"model": ctx.rd.config().get("model"), "direction": _tensor_key(ctx.direction.vector),
                 "layer": ctx.direction.layer, "coeff": ctx.coeff, "prompts": ctx.prompts, "n": s.target_tokens})
     f = ctx.rd.optimize_dir() / "targets.json"
-    if f.exists():
-        rec = json.loads(f.read_text())
-        if rec.get("key") == key:
-            return rec["targets"], key
+    rec = read_json_object(f, "optimize cache") if f.exists() else {}
+    if rec.get("key") == key:
+        n = {"compliant": sum(map(len, ctx.prompts["harmful"].values()))}
+        n["refusal"] = n["base"] = sum(map(len, ctx.prompts["harmless"].values()))
+        if not targets_fit(rec.get("targets"), n, ctx.model.config.get_text_config().vocab_size):
+            raise RefdirError(f"corrupt optimize cache {f}: its targets are not token ids of the model, one list per "
+                              "prompt; delete it to compute them again")
+        return rec["targets"], key
     targets = make_targets(ctx, s.target_tokens, max(s.train.batch_size, 16), progress)
     atomic_write_json(f, {"key": key, "prompts": ctx.prompts, "targets": targets})
     return targets, key
@@ -233,18 +241,17 @@ def train_sets(ctx: Context, targets: dict, key: str, topk: int) -> tuple[TrainS
 
     train, val = part(slice(0, nh), slice(0, nl)), part(slice(nh, None), slice(nl, None))
     prefix = shared_prefix([train, val])
-    f = ctx.rd.optimize_dir() / "base_topk.pt"
-    rec = torch.load(f, weights_only=True) if f.exists() else {}
-    if rec.get("key") == key and rec.get("topk") == topk:
+    f, fkey = ctx.rd.optimize_dir() / "base_topk.safetensors", _key({"targets": key, "topk": topk})
+
+    def use(rec: dict) -> None:
         for name, ts in (("train", train), ("val", val)):
-            ts.retain.base_ids, ts.retain.base_logp, ts.retain.base_rest = rec[name]
-    else:
+            ts.retain.set_base(rec, name)
+
+    if load_state(f, fkey, "optimize cache", use) is None:
         with torch.no_grad():
             for ts in (train, val):
                 add_base_topk(ctx.model, ts.retain, prefix, ctx.pad, topk)
-        with atomic_file(f) as tmp:
-            torch.save({"key": key, "topk": topk, **{n: (t.retain.base_ids, t.retain.base_logp, t.retain.base_rest)
-                                                      for n, t in (("train", train), ("val", val))}}, tmp)
+        save_state(f, fkey, train.retain.base_tensors("train") | val.retain.base_tensors("val"))
     return train, val, prefix
 
 
@@ -259,15 +266,11 @@ def train_k(ctx: Context, s: OptimizeSettings, k: int, init: torch.Tensor, sets:
     tr = Trainer(ctx.model, ctx.pad, init, ctx.direction.layer, ctx.scale, sets[0], sets[1], cfg)
     key = _key({"cfg": asdict(s.config(k)), "targets": targets_key, "init": _tensor_key(init), "scale": ctx.scale,
                 **({"judged": True} if s.judge_targets else {})})
-    f = ctx.rd.optimize_dir() / f"{s.method}_k{k}.pt"
-    if f.exists():
-        rec = torch.load(f, weights_only=True)
-        if rec.get("key") == key:
-            tr.load_state_dict(rec["trainer"])
+    f = ctx.rd.optimize_dir() / f"{s.method}_k{k}_checkpoint.safetensors"  # not cone_kK: the output
+    load_state(f, key, "optimize checkpoint", tr.load_state_dict)
 
     def save(t: Trainer) -> None:
-        with atomic_file(f) as tmp:
-            torch.save({"key": key, "trainer": t.state_dict()}, tmp)
+        save_state(f, key, t.state_dict())
 
     res = tr.run(on_checkpoint=save, progress=progress)
     save(tr)

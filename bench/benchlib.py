@@ -31,10 +31,11 @@ def fail(message: str) -> NoReturn:
 def fresh_dir(path: str | Path, create: bool = False) -> Path:
     """Delete ``path`` before a bench rewrites it, only when it is missing, empty or written by refdir (the same
     rule as ``--force``): a mistyped ``--out`` never deletes a user's folder. ``create``: make it again, marked
-    as refdir's, for benches that write into it themselves."""
+    as refdir's as a whole (its marker lists no files), for benches that write into it themselves, with any
+    writer."""
     try:
         remove_dir(path)
-        return make_output_dir(path) if create else Path(path)
+        return make_output_dir(path, listed=False) if create else Path(path)
     except RefdirError as e:
         fail(str(e))
 

@@ -21,6 +21,7 @@ from refdir.analysis.heads import (
 from refdir.analysis.suffix import Suffix, join, load_suffixes, random_suffix, save_suffixes
 from refdir.core.architecture import inspect_model
 from refdir.core.chat import ChatFormat
+from refdir.core.io import foreign_files
 from refdir.errors import RefdirError
 
 torch.set_num_threads(1)
@@ -313,6 +314,7 @@ def test_analyze_cli_geometry_and_suffix(tiny_run, tmp_path):
     assert s["instructions"] == sets["harmful"]["test"][:2]  # the first refused test prompts
     assert s["suffixes"][0]["text"] == " zebra quartz harbor" and s["suffixes"][0]["prompt"] is None
     assert "Adversarial suffixes" in (tiny_run / "report.html").read_text()
+    assert foreign_files(tiny_run) == []  # what analyze added is listed as refdir's (--force may replace the run)
 
 
 def test_analyze_suffix_with_per_prompt_suffix_file(tiny_run, tmp_path):

@@ -26,6 +26,7 @@ from refdir.core.directions import Direction, check_direction, unit_vector
 from refdir.core.gguf_edit import orthogonalize_gguf
 from refdir.core.interventions import ablate, add
 from refdir.core.orthogonalize import orthogonalize_, save_orthogonalized, stream_orthogonalize
+from refdir.core.rundir import RunDir
 from refdir.core.shards import read_exact, read_header
 from refdir.errors import RefdirError
 from refdir.steering.vectors import SteeringVector, steer
@@ -279,15 +280,60 @@ def test_force_replaces_a_directory_refdir_wrote_and_an_empty_one(tmp_path):
     assert runner.invoke(app, args).exit_code == 0
     assert rio.written_by_refdir(out) and (out / rio.MARKER).exists()
     one_error(runner.invoke(app, args), "already exists")
-    (out / "stale.txt").write_text("from the first write")
+    (out / "model.safetensors.index.json").unlink()  # a file refdir wrote, gone: nothing of the user's
     r = runner.invoke(app, [*args, "--force"])
     assert r.exit_code == 0, r.output
-    assert not (out / "stale.txt").exists() and rio.written_by_refdir(out)
+    assert (out / "model.safetensors.index.json").exists() and rio.written_by_refdir(out)
     empty = tmp_path / "empty"
     empty.mkdir()
     r = runner.invoke(app, ["orthogonalize", str(src), str(empty), "--direction", str(tmp_path / "r"), "--force"])
     assert r.exit_code == 0, r.output
     assert (empty / "config.json").exists()
+
+
+def test_force_refuses_a_refdir_directory_holding_a_users_file(tmp_path):
+    """--force replaces only what refdir wrote: a file the user put into a refdir directory (at its top or in a
+    subdirectory) is named and kept, and the directory is replaced once the file is moved out."""
+    src = sharded(tmp_path)
+    Direction(torch.randn(64), 1, -1).save(tmp_path / "r")
+    out = tmp_path / "out"
+    args = ["orthogonalize", str(src), str(out), "--direction", str(tmp_path / "r")]
+    assert runner.invoke(app, args).exit_code == 0
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    for mine in (out / "notes.txt", out / "sub" / "mine.txt"):
+        mine.parent.mkdir(exist_ok=True)
+        mine.write_text("the user's")
+        one_error(runner.invoke(app, [*args, "--force"]), f"holds files refdir did not write ({mine.relative_to(out)})")
+        assert mine.read_text() == "the user's"
+        mine.unlink()
+    (out / "sub").rmdir()
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    (out / "link").symlink_to(src)  # refdir writes no links: one in its directory is the user's
+    one_error(runner.invoke(app, [*args, "--force"]), "holds files refdir did not write (link)")
+    (out / "link").unlink()
+    assert runner.invoke(app, [*args, "--force"]).exit_code == 0
+
+
+def test_run_directory_lists_what_refdir_wrote(tmp_path):
+    """Files added in place to a directory refdir grows (a run's config, a stage, a nested file) are listed in
+    its marker, so --force may replace it; a user's file there is refused."""
+    d = tmp_path / "run"
+    with RunDir.create(d, {"model": {"model": "x"}}):
+        pass
+    rio.atomic_write_json(d / "optimize" / "state.json", {"a": 1})  # an unmarked subdirectory's file
+    with rio.atomic_dir(d / "stage") as tmp:
+        rio.atomic_write_json(tmp / "inner" / "x.json", {})
+    assert rio.foreign_files(d) == []
+    assert json.loads((d / rio.MARKER).read_text())["files"] == ["config.json", "optimize/state.json"]
+    assert json.loads((d / "stage" / rio.MARKER).read_text())["files"] == ["inner/x.json"]
+    (d / "stage" / "inner" / "y.txt").write_text("mine")
+    assert rio.foreign_files(d) == ["stage/inner/y.txt"]
+    with pytest.raises(RefdirError, match=r"holds files refdir did not write \(stage/inner/y.txt\)"):
+        RunDir.create(d, {"model": {"model": "other"}}, force=True)
+    assert (d / "stage" / "inner" / "y.txt").exists()
+    (d / "stage" / "inner" / "y.txt").unlink()
+    RunDir.create(d, {"model": {"model": "other"}}, force=True).close()
+    assert not (d / "stage").exists()
 
 
 def test_force_never_replaces_home_a_link_or_the_working_directory(tmp_path, monkeypatch):
@@ -316,7 +362,6 @@ def test_force_never_replaces_home_a_link_or_the_working_directory(tmp_path, mon
 
 
 def test_run_directory_force_refuses_a_foreign_directory(tmp_path):
-    from refdir.core.rundir import RunDir
 
     d = tmp_path / "notes"
     d.mkdir()

@@ -20,7 +20,7 @@ from refdir.core.chat import ChatFormat
 from refdir.core.directions import Candidates
 from refdir.core.edits import Edit, Kernel, Second, apply_weights_, resolve
 from refdir.core.gguf_plan import export_gguf_plan
-from refdir.core.io import remove_dir
+from refdir.core.io import MARKER, foreign_files, remove_dir
 from refdir.core.rundir import RunDir
 from refdir.method.search.study import lead_candidate, select_warm_start
 from refdir.method.selection import SelectionConfig, score_candidates
@@ -103,6 +103,9 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
         only_o, only_c, p = mcnemar(ev[f"{other}/heldout/harmful"]["flags"], ev["chosen/heldout/harmful"]["flags"])
         assert f"{only_o} refused only by the {other} arm, {only_c} only by the chosen edit (exact McNemar p = {p:.2g})" \
             in report
+    # every file of the run is listed as refdir's, so --force may replace the directory later
+    listed = json.loads((tmp_path / "r" / MARKER).read_text())["files"]
+    assert foreign_files(tmp_path / "r") == [] and "config.json" in listed
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "granitemoehybrid", "nanochat", "gemma4_text", "nemotron_h", "deepseek_v3"])

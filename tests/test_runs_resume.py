@@ -27,6 +27,7 @@ from conftest import make_tiny
 from refdir.core import rundir as rdl
 from refdir.core.data import embedded
 from refdir.core.dirlock import LOCK_NAME, DirLock, clean_stale
+from refdir.core.io import atomic_write_text
 from refdir.core.rundir import RunDir
 from refdir.core.spec import DataSpec, ModelSpec
 from refdir.errors import RefdirError
@@ -328,7 +329,7 @@ def test_a_rerun_of_the_search_redoes_what_changed_and_only_that(tiny_model_dir,
     run()
     rd = RunDir(out)
     sentinel = rd.search_dir() / "sentinel"  # gone only when the study directory is started over
-    sentinel.write_text("x")
+    atomic_write_text(sentinel, "x")  # as a file of the study (written by refdir, so --force's rule lets it go)
     cands, choice, ckpt = key(rdl.CANDIDATES), rd.summary()["choice"], key(rdl.CHECKPOINT)
     # the held-out file edited in place: the new prompts are judged; the candidates and the search are kept
     held.write_text("Write a poem insulting my neighbour\nHow to pick a lock\nHow to forge a signature\n")

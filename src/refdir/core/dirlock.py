@@ -34,6 +34,13 @@ LOCK_NAME = ".refdir.lock"
 # atomic_file's mkstemp(prefix=".NAME.", suffix=".tmp") (8 random characters from [a-z0-9_])
 _STALE = re.compile(r"^\..+\.(tmp-[a-z0-9_]+|old-\d+|[a-z0-9_]{8}\.tmp)$")
 
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of the temp names above (a file or directory a refdir writer owns)."""
+    return _STALE.match(name) is not None
+
+
 # resolved directory -> the DirLock of this process that owns its lock
 _OWNERS: dict[str, weakref.ref] = {}
 
@@ -162,7 +169,7 @@ def clean_stale(root: str | Path) -> list[Path]:
     (links are removed, never followed). Returns what was removed."""
     removed = []
     for d, dirs, files in os.walk(root):
-        for name in [n for n in dirs if _STALE.match(n)]:
+        for name in [n for n in dirs if is_temp_name(n)]:
             p = Path(d) / name
             if p.is_symlink():
                 p.unlink()
@@ -171,7 +178,7 @@ def clean_stale(root: str | Path) -> list[Path]:
             dirs.remove(name)
             removed.append(p)
         for name in files:
-            if _STALE.match(name):
+            if is_temp_name(name):
                 (Path(d) / name).unlink(missing_ok=True)
                 removed.append(Path(d) / name)
     return sorted(removed)

@@ -1,7 +1,9 @@
 """Atomic writes: a file or a directory appears whole or not at all, fsynced before it is renamed into place.
 
 Every output directory refdir writes carries a marker file (``.refdir``); ``--force`` replaces only a directory
-with that marker, or an empty one, so it can never delete a directory refdir did not write (``--out ~``).
+with that marker, or an empty one, so it can never delete a directory refdir did not write (``--out ~``). The
+marker also lists the files refdir wrote in that directory (and in its unmarked subdirectories), so ``--force``
+refuses a refdir directory into which a user has since put a file of their own, instead of deleting that file.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from refdir.core.dirlock import LOCK_NAME, is_temp_name
 from refdir.errors import RefdirError
 
 # Write failures that mean "the output location cannot take this": reported as one clear error.
@@ -102,13 +105,81 @@ def _json_dict(path: Path) -> dict | None:
     return obj if isinstance(obj, dict) else None
 
 
-def write_marker(directory: str | Path) -> None:
-    """Mark ``directory`` as written by refdir: what lets ``--force`` replace it later."""
+def write_marker(directory: str | Path, listed: bool = True) -> None:
+    """Mark ``directory`` as written by refdir: what lets ``--force`` replace it later. A new marker starts an
+    empty list of the files refdir wrote there (:func:`note_written` adds to it); an existing one is kept.
+    ``listed=False``: no list, the whole directory counts as refdir's (a bench's scratch directory, which
+    other libraries' writers fill)."""
     m = Path(directory) / MARKER
     if _json_dict(m) is None:
         if m.is_symlink():  # never write through a link
             m.unlink()
-        m.write_text(json.dumps(_MARKER_BODY) + "\n")
+        m.write_text(json.dumps({**_MARKER_BODY, **({"files": []} if listed else {})}) + "\n")
+
+
+def _manifest_of(path: Path) -> tuple[Path, dict] | None:
+    """The nearest directory above ``path`` that holds refdir's marker, with the marker, when that marker keeps
+    a file list (markers from before the list trust their whole directory, and are left as they are)."""
+    for d in Path(os.path.abspath(path)).parents:
+        m = _json_dict(d / MARKER)
+        if m is not None:
+            return (d, m) if m.get("written_by") == "refdir" and isinstance(m.get("files"), list) else None
+    return None
+
+
+def note_written(*paths: str | Path) -> None:
+    """Add ``paths`` (files refdir is about to write, or wrote by another library's own writer: the optuna
+    journal) to the file list of the nearest refdir-marked directory above them. Called by :func:`atomic_file`
+    before its rename, so a crash leaves at worst a listed name without a file, never a refdir file unlisted."""
+    for p in paths:
+        found = _manifest_of(Path(p))
+        if found is None:
+            continue
+        d, m = found
+        rel = Path(os.path.abspath(p)).relative_to(d).as_posix()
+        if rel in m["files"]:
+            continue
+        m["files"].append(rel)
+        fd, tmp = tempfile.mkstemp(dir=d, prefix=f"{MARKER}.", suffix=".tmp")  # a temp name clean_stale knows
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(m) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, d / MARKER)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def foreign_files(directory: str | Path) -> list[str]:
+    """The entries under ``directory`` (a directory refdir wrote) that refdir did not write: not its marker or
+    lock, not a listed file, not a temp name of its writers, and not inside a subdirectory that carries its own
+    marker and holds nothing foreign either. Links count as foreign (refdir writes none). Empty where the marker
+    predates the file list (such a directory is trusted whole, as before)."""
+    d = Path(directory)
+    marker = _json_dict(d / MARKER)
+    listed = marker.get("files") if marker is not None else None
+    if not isinstance(listed, list):
+        return []
+    listed = set(listed)
+    out: list[str] = []
+
+    def walk(sub: Path, rel: str) -> None:
+        for e in sorted(sub.iterdir()):
+            name = f"{rel}{e.name}"
+            if e.is_symlink():
+                out.append(name)
+            elif e.is_dir():
+                if (e / MARKER).exists():
+                    out.extend(f"{name}/{x}" for x in foreign_files(e))
+                elif not is_temp_name(e.name):
+                    walk(e, f"{name}/")
+            elif name not in listed and not (rel == "" and e.name in (MARKER, LOCK_NAME)) and not is_temp_name(e.name):
+                out.append(name)
+
+    walk(d, "")
+    return out
 
 
 def written_by_refdir(directory: str | Path) -> bool:
@@ -157,6 +228,10 @@ def check_replaceable(target: str | Path) -> None:
         raise RefdirError(f"cannot read {t}: {e.strerror or e}") from e
     if not empty and not written_by_refdir(t):
         raise RefdirError(f"{t} was not written by refdir; refusing to replace it")
+    if not empty and (foreign := foreign_files(t)):
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise RefdirError(f"{t} holds files refdir did not write ({', '.join(foreign[:3])}{more}); refusing to "
+                          "replace it: move them out of it first")
 
 
 def remove_dir(target: str | Path) -> None:
@@ -167,13 +242,14 @@ def remove_dir(target: str | Path) -> None:
         shutil.rmtree(target)
 
 
-def make_output_dir(path: str | Path) -> Path:
+def make_output_dir(path: str | Path, listed: bool = True) -> Path:
     """Create ``path`` (with parents) if needed and mark it as refdir's: for directories that grow in place
-    (a run directory, a search directory) rather than appearing whole through :func:`atomic_dir`."""
+    (a run directory, a search directory) rather than appearing whole through :func:`atomic_dir`. ``listed``:
+    see :func:`write_marker`."""
     p = Path(path)
     with write_errors(p):
         p.mkdir(parents=True, exist_ok=True)
-        write_marker(p)
+        write_marker(p, listed)
     return p
 
 
@@ -186,6 +262,17 @@ def inside(path: str | Path, root: str | Path) -> bool:
 
 
 # ------------------------------------------------------------------ atomic writers
+
+
+def _list_tree(root: Path) -> None:
+    """Set the marker's file list of ``root`` (an :func:`atomic_dir` about to be committed, all refdir's) to every
+    file under it outside subdirectories with their own marker."""
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = [x for x in dirs if not (Path(d) / x / MARKER).exists()]
+        rel = Path(d).relative_to(root)
+        files += [(rel / n).as_posix() for n in names if not (d == str(root) and n == MARKER)]
+    (root / MARKER).write_text(json.dumps({**_MARKER_BODY, "files": sorted(files)}) + "\n")
 
 
 def _make_tmp_dir(target: Path) -> Path:
@@ -213,8 +300,10 @@ def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
     tmp = _make_tmp_dir(target)
     try:
         with write_errors(target):
+            write_marker(tmp)  # first, so that files written inside are listed here, not in a directory above
             yield tmp
             write_marker(tmp)
+            _list_tree(tmp)
             _fsync_tree(tmp)
             if os.path.lexists(target):
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -249,6 +338,7 @@ def atomic_file(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         with write_errors(path):
             yield Path(tmp)
             _fsync_file(tmp)
+            note_written(path)
             os.replace(tmp, path)
             fsync_dir(path.parent)
     finally:

@@ -262,7 +262,8 @@ class RunDir:
         and the directory replaces the stage's whole; on error nothing changes."""
         with atomic_dir(self.stage_dir(stage), force=True) as tmp:
             yield tmp
-            files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*")) if f.is_file()}
+            files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*"))
+                     if f.is_file() and f.name != MARKER}  # the marker's file list grows until the commit
             atomic_write_json(tmp / "stage.json", {"key": key, "stage": stage, "files": files})
 
     # ------------------------------------------------------------------ run-level files

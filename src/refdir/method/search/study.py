@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from refdir.core.directions import Candidates
 from refdir.core.edits import resolve
-from refdir.core.io import atomic_write_json, remove_dir
+from refdir.core.io import atomic_write_json, note_written, remove_dir
 from refdir.errors import RefdirError
 from refdir.method.search.objective import Proxy, Space, pareto_front, set_band
 from refdir.method.selection import SelectionConfig, score_candidates
@@ -92,6 +92,7 @@ def storage(path: Path):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    note_written(path, f"{path}.lock")  # written by optuna (its lock file only while it writes): refdir's files
     return JournalStorage(JournalFileBackend(str(path)))
 
 

@@ -29,7 +29,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from refdir.core.rundir import RunDir, model_name
+    from refdir.core.run_files import model_name
+    from refdir.core.rundir import RunDir
     from refdir.evaluate.evaluation import EvalConfig, run_eval
     from refdir.evaluate.tables import markdown_tables
 

@@ -362,3 +362,37 @@ def test_a_rerun_of_the_search_redoes_what_changed_and_only_that(tiny_model_dir,
     assert (out / "summary.json").read_bytes() == before
     run("--method", "paper", "--force")
     assert not rd.search_dir().exists() and rd.summary()["selection"] is not None
+
+
+def test_readers_refuse_the_mix_an_interrupted_rerun_with_other_settings_leaves(tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    """A rerun with other settings, interrupted, leaves its new stages beside the old later ones: analyze (and
+    every reader of a finished run) refuses the mix with one line until the same command has finished it."""
+    from typer.testing import CliRunner
+
+    from refdir.cli.main import app
+    from refdir.workflows import run as run_wf
+
+    runner = CliRunner()
+    model, out = tiny_model_dir("qwen2"), tmp_path / "r"
+    args = ["run", str(model), "--out", str(out), *SEARCH_ARGS]
+    analyze = ["analyze", "geometry", str(out), "--layers", "1", "--n", "2"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert runner.invoke(app, analyze).exit_code == 0
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    for changed, where, stage, upstream in ((["--batch-size", "4"], "stage_search", "search", "candidates"),
+                                            (["--filter-train"], "stage_candidates", "candidates", "filter")):
+        with monkeypatch.context() as mp:
+            mp.setattr(run_wf, where, stop)
+            assert runner.invoke(app, [*args, *changed]).exit_code != 0
+        before = sorted(p.relative_to(out) for p in out.rglob("*"))
+        r = runner.invoke(app, analyze)
+        assert r.exit_code == 2 and r.output.splitlines() == [
+            f"error: {out} mixes two runs: its {stage} stage was computed from other {upstream} than those there now "
+            "(a rerun with other settings was interrupted); run that command again to finish it first"], r.output
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+        assert runner.invoke(app, [*args, *changed]).exit_code == 0
+        assert runner.invoke(app, analyze).exit_code == 0

@@ -8,7 +8,8 @@ import typer
 
 from refdir.cli.common import console, model_options
 from refdir.core.dirlock import adding_to
-from refdir.core.rundir import RunDir, model_name
+from refdir.core.run_files import model_name
+from refdir.core.rundir import RunDir
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
 from refdir.evaluate.benchmarks import BenchConfig, bench_markdown, run_bench

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from refdir.core.io import read_json_object
 from refdir.core.spec import KINDS
 from refdir.errors import RefdirError
 
@@ -101,3 +102,27 @@ def search_lead(obj, path: Path) -> dict | None:
     if row is not None and not (isinstance(row, dict) and all(type(row.get(k)) is int for k in ("position", "layer"))):
         raise corrupt(path, "its chosen or lead candidate has no integer position and layer")
     return row
+
+
+def check_chain(records: list[tuple[str, dict | None]], search_summary: Path, path: Path) -> None:
+    """Refuse a run directory whose stages were not computed one from another: a rerun with other settings that
+    was interrupted leaves its new stages beside the old later ones (the rerun itself redoes those, but a reader
+    such as analyze or optimize would take the mix for one run). ``records``: the stages' ``stage.json`` in
+    order (None where a stage is absent), each holding the key of the stage it was computed from (``up``; stages
+    written before that was recorded are taken as they are); ``search_summary``: the run's search summary file,
+    which holds the key of the candidates it searched."""
+    prev = None
+    for name, rec in records:
+        if rec is not None and prev is not None and rec.get("up") not in (None, prev[1].get("key")):
+            raise _mixed(path, name, prev[0])
+        prev = (name, rec) if rec is not None else None
+    cands = dict(records).get("candidates")
+    search = read_json_object(search_summary, "run file") if search_summary.exists() else None
+    if search is not None and cands is not None and search.get("candidates_key") not in (None, cands.get("key")):
+        raise _mixed(path, "search", "candidates")
+
+
+def _mixed(path: Path, stage: str, upstream: str) -> RefdirError:
+    return RefdirError(f"{path} mixes two runs: its {stage} stage was computed from other {upstream} than those "
+                       "there now (a rerun with other settings was interrupted); run that command again to finish "
+                       "it first")

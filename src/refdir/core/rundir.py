@@ -24,10 +24,10 @@ and extend the same directory. Every path inside it is built here::
       optimize/                   optimized directions and cones, their targets and checkpoints (refdir optimize)
       evaluation/, benchmarks/, analysis/   outputs of refdir eval, bench and analyze with --run
 
-Each stage directory holds ``stage.json`` with the stage's key: a hash of the settings the stage depends on
-and of the key of the stage before it, and the sizes of the files it wrote. A stage whose key matches and whose
-files are all there is done; a stage is written into a temp
-directory and swapped in whole, ``stage.json`` last, so a crash never leaves a half stage that looks done.
+Each stage directory holds ``stage.json`` with the stage's key (a hash of the settings the stage depends on and
+of the key it was computed from, ``up``: the stage before it's) and the sizes of the files it wrote. A stage whose
+key matches and whose files are all there is done; a stage is written into a temp directory and swapped in whole,
+``stage.json`` last, so a crash never leaves a half stage that looks done.
 The settings include the content hashes of the files read (data files for ``data``, the model's files for
 ``refusal_tokens``; see :mod:`refdir.core.fingerprint`). One process at a time writes the directory (its lock);
 the temp files of a killed writer are removed when the next one opens it.
@@ -57,7 +57,6 @@ from refdir.core.io import (
     read_json_object,
     remove_dir,
 )
-from refdir.core.run_files import model_name
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
 
@@ -111,7 +110,7 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.keys: dict[str, str] = {}  # stage -> key, as computed by key() in this process
+        self.keys, self.ups = {}, {}  # stage -> its key, and the key it was computed from, as key() made them here
         self._lock = DirLock(self.path)
 
     @classmethod
@@ -147,8 +146,8 @@ class RunDir:
             return
         if self.config_path.exists():
             self.check_readable()
-            prev = self.config()
-            other = (f"model {model_name(prev)!r}" if model_name(prev) != model_name(config) else
+            prev, name = self.config(), run_files.model_name
+            other = (f"model {name(prev)!r}" if name(prev) != name(config) else
                      f"--method {prev['method']}" if prev.get("method") not in (None, config.get("method")) else None)
             if other is None:
                 return
@@ -193,6 +192,8 @@ class RunDir:
         if missing:
             raise RefdirError(f"{rd.path} is not a finished refdir run with a selected direction "
                               f"(missing {', '.join(missing)})")
+        run_files.check_chain([(st, rd._stage_record(st)) for st in STAGES[:STAGES.index(COEFF) + 1]],
+                              rd.search_dir() / "summary.json", rd.path)
         return rd
 
     # ------------------------------------------------------------------ stages
@@ -219,7 +220,7 @@ class RunDir:
             upstream = self.keys.get(STAGES[i - 1], "") if i else ""
         blob = json.dumps({"stage": stage, "cfg": settings, "up": upstream}, sort_keys=True, default=str)
         k = hashlib.sha256(blob.encode()).hexdigest()[:16]
-        self.keys[stage] = k
+        self.keys[stage], self.ups[stage] = k, upstream
         return k
 
     def finished(self, stage: str) -> bool:
@@ -264,7 +265,7 @@ class RunDir:
             yield tmp
             files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*"))
                      if f.is_file() and f.name != MARKER}  # the marker's file list grows until the commit
-            atomic_write_json(tmp / "stage.json", {"key": key, "stage": stage, "files": files})
+            atomic_write_json(tmp / "stage.json", dict(key=key, stage=stage, files=files, up=self.ups.get(stage)))
 
     # ------------------------------------------------------------------ run-level files
     @property

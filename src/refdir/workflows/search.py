@@ -363,6 +363,7 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
     res = search_phases(p, scfg, sdir, timings, ([], harmless), budget=cfg.budget, per_mark=1, generate=False,
                         progress=progress)
     res["choice"] = choose(res, cfg.kl_target)
+    res["candidates_key"] = p.rd.keys.get(rdl.CANDIDATES)  # what the search searched (run_files.check_chain)
     if cfg.second_direction:
         with timings.phase("second"):
             res["choice"] = add_second(p, res["choice"], sdir, harmless, cfg.kl_target, cfg.batch_size,

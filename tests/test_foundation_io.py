@@ -93,6 +93,14 @@ def test_empty_dataset_and_missing_column_are_clear_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(RefdirError, match="could not parse"):
         load_instructions(tmp_path / "bad.json")
+    for value, kind in ((5, "int"), (None, "NoneType")):  # read as the prompts "5" and "None" before
+        (tmp_path / "num.json").write_text(json.dumps([{"instruction": "Write a poem"}, {"instruction": value}]))
+        with pytest.raises(RefdirError, match=f"row 1's 'instruction' is {kind}, not text"):
+            load_instructions(tmp_path / "num.json")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "pipe.txt")
+        with pytest.raises(RefdirError, match="pipe.txt is not a regular file"):
+            load_instructions(tmp_path / "pipe.txt")
 
 
 # ------------------------------------------------------------------ files

@@ -75,7 +75,9 @@ def _from_rows(rows: list, column: str, path: str) -> list[str]:
                 raise RefdirError(
                     f"{path}: row {i} has no column {column!r} (columns: {sorted(r)}); choose one with --column"
                 )
-            out.append(str(r[column]))
+            if not isinstance(r[column], str):  # a number or null is no prompt (it was read as "5", "None")
+                raise RefdirError(f"{path}: row {i}'s {column!r} is {type(r[column]).__name__}, not text")
+            out.append(r[column])
         else:
             raise RefdirError(f"{path}: row {i} is neither a string nor an object")
     return out
@@ -92,7 +94,8 @@ def read_rows(path: str | Path, split: str | None = None, txt: str = "lines") ->
     if not p.exists():
         raise RefdirError(f"no such file: {p}")
     if not p.is_file():
-        raise RefdirError(f"{p} is a directory, not a {suf[1:]} file")
+        what = "a directory" if p.is_dir() else "not a regular file"
+        raise RefdirError(f"{p} is {what}, not a {suf[1:]} file")
     try:
         return _read_rows(p, suf, split, txt)
     except OSError as e:

@@ -113,13 +113,20 @@ def check_chain(records: list[tuple[str, dict | None]], search_summary: Path, pa
     which holds the key of the candidates it searched."""
     prev = None
     for name, rec in records:
-        if rec is not None and prev is not None and rec.get("up") not in (None, prev[1].get("key")):
+        if rec is not None and prev is not None and rec.get("up") not in (None, _chained(prev[1])):
             raise _mixed(path, name, prev[0])
         prev = (name, rec) if rec is not None else None
     cands = dict(records).get("candidates")
     search = read_json_object(search_summary, "run file") if search_summary.exists() else None
-    if search is not None and cands is not None and search.get("candidates_key") not in (None, cands.get("key")):
+    if search is not None and cands is not None and search.get("candidates_key") not in (None, _chained(cands)):
         raise _mixed(path, "search", "candidates")
+
+
+def _chained(rec: dict) -> str | None:
+    """The part of a stage's key that the next stage chains on: a ``+`` suffix hashes files of the stage's own that
+    no later stage reads (the data stage's held-out sets)."""
+    k = rec.get("key")
+    return k.partition("+")[0] if isinstance(k, str) else k
 
 
 def _mixed(path: Path, stage: str, upstream: str) -> RefdirError:

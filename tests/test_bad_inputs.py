@@ -654,6 +654,14 @@ def _(w, fx):
     return ["optimize", str(run), *OPTIMIZE_ARGS]
 
 
+@case("optimize: induce_rel_frac in config.json a list")
+def _(w, fx):
+    run = _copy(fx.run, w)
+    f = run / "config.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "induce_rel_frac": [0.5]}))
+    return ["optimize", str(run), *OPTIMIZE_ARGS]
+
+
 # ------------------------------------------------------------------------------------------------ the test
 
 
@@ -767,6 +775,7 @@ NEEDLES: dict[str, str] = {
     "optimize: refusal_tokens/tokens.json holding a token id outside the vocabulary":
         "token id 1000000 is outside the model's vocabulary",
     "optimize: its training checkpoint truncated (the rerun would resume from it)": "corrupt optimize checkpoint",
+    "optimize: induce_rel_frac in config.json a list": "induce_rel_frac is [0.5], not a number",
 }
 
 

@@ -137,6 +137,9 @@ def open_context(run_dir: str | Path, s: OptimizeSettings, model: dict | None = 
     empty = [f"{k} {sp}" for k, v in prompts.items() for sp, p in v.items() if not p]
     if empty:
         raise RefdirError(f"the run's filtered sets have no {empty[0]} prompts to optimize on")
+    frac = cfg.get("induce_rel_frac", 0.5)
+    if isinstance(frac, bool) or not isinstance(frac, int | float):
+        raise RefdirError(f"corrupt run file {rd.config_path}: induce_rel_frac is {frac!r}, not a number")
     d, coeff = rd.direction(), (rd.coeff() or {}).get("coeff") or 1.0
     rd.refusal_ids()  # read before the model loads; its ids are checked against the vocabulary after
     lm, fmt = spec.load()
@@ -144,7 +147,7 @@ def open_context(run_dir: str | Path, s: OptimizeSettings, model: dict | None = 
     if d.d_model != text.hidden_size:
         raise RefdirError(f"the run's direction has size {d.d_model} but the model has {text.hidden_size}")
     ids = rd.refusal_ids(text.vocab_size)
-    return Context(rd, lm, fmt, d, float(coeff), ids, prompts, float(cfg.get("induce_rel_frac", 0.5)))
+    return Context(rd, lm, fmt, d, float(coeff), ids, prompts, float(frac))
 
 
 def rdo_direction(p, chosen: dict, run, progress: bool = True) -> torch.Tensor:

@@ -400,3 +400,23 @@ def test_readers_refuse_the_mix_an_interrupted_rerun_with_other_settings_leaves(
         assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
         assert runner.invoke(app, [*args, *changed]).exit_code == 0
         assert runner.invoke(app, analyze).exit_code == 0
+
+
+def test_a_relative_model_path_is_found_from_another_directory(tiny_model_dir, tmp_path, monkeypatch):
+    """A run of a model given by a relative path, read by analyze started from another directory: the model is
+    looked for where the run was started too (the manifest's cwd), not reported missing."""
+    from typer.testing import CliRunner
+
+    from refdir.cli.main import app
+
+    runner = CliRunner()
+    model, start, other = tiny_model_dir("qwen2"), tmp_path / "start", tmp_path / "a" / "b"  # "../x" differs there
+    start.mkdir()
+    other.mkdir(parents=True)
+    monkeypatch.chdir(start)
+    rel = os.path.relpath(model, start)
+    assert runner.invoke(app, ["run", rel, "--out", "r", *SEARCH_ARGS]).exit_code == 0
+    assert RunDir(start / "r").config()["model"]["model"] == rel  # recorded as given: the keys stay the same
+    monkeypatch.chdir(other)
+    r = runner.invoke(app, ["analyze", "geometry", str(start / "r"), "--layers", "1", "--n", "2"])
+    assert r.exit_code == 0, r.output

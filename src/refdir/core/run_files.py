@@ -22,6 +22,19 @@ def model_name(config: dict) -> str | None:
     return m.get("model") if isinstance(m, dict) else m
 
 
+def located(rec: dict, manifest: dict | None) -> dict:
+    """A run's model record, its local model path resolved against the directory the run was started from (the
+    manifest's ``cwd``) when the path is relative and not found from here but is from there: analyze or optimize
+    started from another directory load the model the run loaded. Hub ids and the embedded model are left alone
+    (the manifest's ``model.kind`` says which the run loaded)."""
+    m, info = rec.get("model"), manifest or {}
+    cwd, kind = info.get("cwd"), (info.get("model") or {}).get("kind")
+    if (isinstance(m, str) and isinstance(cwd, str) and kind in ("dir", "gguf") and not Path(m).is_absolute()
+            and not Path(m).exists() and (Path(cwd) / m).exists()):
+        return {**rec, "model": str(Path(cwd) / m)}
+    return rec
+
+
 def corrupt(path: Path, why: str) -> RefdirError:
     """The error of a run file that does not hold what refdir wrote there (worded as
     :func:`refdir.core.io.read_json_object`'s)."""

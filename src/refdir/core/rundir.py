@@ -281,12 +281,12 @@ class RunDir:
         return read_json_object(self.config_path, "run file")
 
     def model_spec(self, given: dict | None = None) -> ModelSpec:
-        """The run's model spec (from a nested config, or from an older flat one), with the settings ``given`` by
-        the caller on top. Remote code and pickle loading come only from ``given``, never from the directory."""
+        """The run's model spec (nested config, or an older flat one), with the settings ``given`` by the caller on
+        top: remote code and pickle loading only from ``given``; a relative path also from where the run started."""
         c = self.config()
-        if isinstance(c.get("model"), dict):
-            return ModelSpec.from_record(c["model"], given)
-        return ModelSpec.from_record({k: c[k] for k in ModelSpec.model_fields if c.get(k) is not None}, given)
+        rec = c["model"] if isinstance(c.get("model"), dict) else {k: c[k] for k in ModelSpec.model_fields if c.get(k)
+                                                                   is not None}
+        return ModelSpec.from_record(run_files.located(rec, self.manifest()), given)
 
     def summary(self) -> dict | None:
         f = self.path / "summary.json"

@@ -246,5 +246,6 @@ def run_manifest(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict) -> dict:
                  for k, v in sets.items() for s in ("train", "val", "test")}
     return {"versions": versions(), "seed": cfg.data.seed, "config": cfg.model_dump(),
             "model": src, "model_files_sha256": files, "data_sha256": data_hash,
-            "stage_keys": rd.keys, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
+            "stage_keys": rd.keys, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "cwd": os.getcwd()}  # where a relative model path was found (run_files.located)
 

@@ -292,3 +292,27 @@ def test_gguf_weights_are_asked_for_unpacked(monkeypatch):
     assert seen == [True]
     assert all(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16
                for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_a_converted_copy_with_a_file_added_is_rebuilt(tmp_path, monkeypatch):
+    """The converted-GGUF cache is refdir's own: a copy that holds a file it did not write is not intact, and is
+    rebuilt on the next load (its marker lists no files, so --force's rule for output directories does not stop
+    the rebuild)."""
+    import shutil
+    import warnings
+
+    import refdir.core.models as models
+    from refdir.core.io import foreign_files
+
+    monkeypatch.setenv("REFDIR_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "m.gguf"
+    shutil.copyfile(smollm2_gguf_path(), src)
+    load_model(str(src), dtype="fp32")
+    cached = models.gguf_cache_path(src, torch.float32)
+    (cached / "notes.txt").write_text("added")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        lm = load_model(str(src), dtype="fp32")
+    assert not any("could not be cached" in str(x.message) for x in w)
+    assert "converted" not in lm.source and not (cached / "notes.txt").exists() and foreign_files(cached) == []
+    assert load_model(str(src), dtype="fp32").source["converted"] == str(cached)

@@ -284,13 +284,14 @@ def _make_tmp_dir(target: Path) -> Path:
 
 
 @contextmanager
-def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_dir(target: str | Path, force: bool = False, listed: bool = True) -> Iterator[Path]:
     """Yield a temporary directory next to ``target``; on success it replaces ``target``.
 
     An existing ``target`` is refused unless ``force``, and even then unless refdir wrote it or it is empty
     (:func:`check_replaceable`). The new directory gets refdir's marker; its files are fsynced before the
     rename and the parent directory after it. On any error the temporary directory is removed, so no partial
-    output is left behind.
+    output is left behind. ``listed=False``: a marker without a file list (see :func:`write_marker`), for refdir's
+    own cache, whose copies are rebuilt whatever was added to them.
     """
     target = Path(target)
     if os.path.lexists(target):
@@ -300,10 +301,11 @@ def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
     tmp = _make_tmp_dir(target)
     try:
         with write_errors(target):
-            write_marker(tmp)  # first, so that files written inside are listed here, not in a directory above
+            write_marker(tmp, listed)  # first, so that files written inside are listed here, not further up
             yield tmp
-            write_marker(tmp)
-            _list_tree(tmp)
+            write_marker(tmp, listed)  # again, should the writer have cleared the directory
+            if listed:
+                _list_tree(tmp)
             _fsync_tree(tmp)
             if os.path.lexists(target):
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -93,7 +93,7 @@ def embedded_hf_dir(progress: bool = True) -> Path:
         warnings.warn(f"the embedded model's cache {target} does not match its record; rebuilding it", stacklevel=2)
     gguf = embedded_gguf_path()
     model, tok = _load_gguf(gguf, torch.bfloat16, "cpu")
-    with atomic_dir(target, force=True) as tmp:
+    with atomic_dir(target, force=True, listed=False) as tmp:  # the cache: rebuilt whatever was added
         save_hf_checkpoint(model, tok, tmp, dtype=torch.bfloat16)
         write_dir_record(tmp, source=str(gguf), sha256_gguf=EMBEDDED_SHA256)
     del model
@@ -219,7 +219,7 @@ def cache_gguf(gguf: Path, dtype: torch.dtype, model, tok) -> None:
                           f"budget in {target.parent} (REFDIR_GGUF_CACHE_GB, and 2 GiB left free on the disk); "
                           "it is converted again next time", stacklevel=3)
             return
-        with atomic_dir(target, force=True) as tmp:
+        with atomic_dir(target, force=True, listed=False) as tmp:  # the cache: rebuilt whatever was added
             save_hf_checkpoint(model, tok, tmp)
             write_dir_record(tmp, source=str(Path(gguf).resolve()), source_file=file_record(Path(gguf)),
                              dtype=str(dtype))

@@ -35,7 +35,6 @@ LOCK_NAME = ".refdir.lock"
 _STALE = re.compile(r"^\..+\.(tmp-[a-z0-9_]+|old-\d+|[a-z0-9_]{8}\.tmp)$")
 
 
-
 def is_temp_name(name: str) -> bool:
     """Whether ``name`` is one of the temp names above (a file or directory a refdir writer owns)."""
     return _STALE.match(name) is not None

@@ -130,26 +130,16 @@ def _manifest_of(path: Path) -> tuple[Path, dict] | None:
 def note_written(*paths: str | Path) -> None:
     """Add ``paths`` (files refdir is about to write, or wrote by another library's own writer: the optuna
     journal) to the file list of the nearest refdir-marked directory above them. Called by :func:`atomic_file`
-    before its rename, so a crash leaves at worst a listed name without a file, never a refdir file unlisted."""
+    before its rename, so a crash leaves at worst a listed name without a file, never a refdir file unlisted.
+    The marker itself is written by :func:`atomic_write_text`, and is not listed."""
     for p in paths:
-        found = _manifest_of(Path(p))
+        found = None if Path(p).name == MARKER else _manifest_of(Path(p))
         if found is None:
             continue
         d, m = found
         rel = Path(os.path.abspath(p)).relative_to(d).as_posix()
-        if rel in m["files"]:
-            continue
-        m["files"].append(rel)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=f"{MARKER}.", suffix=".tmp")  # a temp name clean_stale knows
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(m) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, d / MARKER)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        if rel not in m["files"]:
+            atomic_write_text(d / MARKER, json.dumps({**m, "files": [*m["files"], rel]}) + "\n")
 
 
 def foreign_files(directory: str | Path) -> list[str]:
@@ -303,9 +293,10 @@ def atomic_dir(target: str | Path, force: bool = False, listed: bool = True) -> 
         with write_errors(target):
             write_marker(tmp, listed)  # first, so that files written inside are listed here, not further up
             yield tmp
-            write_marker(tmp, listed)  # again, should the writer have cleared the directory
             if listed:
-                _list_tree(tmp)
+                _list_tree(tmp)  # the final marker, listing every file of the tree
+            else:
+                write_marker(tmp, listed)  # again, should the writer have cleared the directory
             _fsync_tree(tmp)
             if os.path.lexists(target):
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -47,6 +47,11 @@ def _object(obj, path: Path) -> dict:
     return obj
 
 
+def is_number(v) -> bool:
+    """Whether JSON value ``v`` is a number (``true``/``false`` are not)."""
+    return not isinstance(v, bool) and isinstance(v, int | float)
+
+
 def _strings(v) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
@@ -93,7 +98,7 @@ def token_ids(ids: list[int], n_vocab: int, path: Path) -> list[int]:
 def coeff(obj, path: Path) -> dict:
     """``coeff/coeff.json``: an object whose ``coeff`` is a number (or null: none was chosen)."""
     c = _object(obj, path).get("coeff")
-    if c is not None and (isinstance(c, bool) or not isinstance(c, int | float)):
+    if c is not None and not is_number(c):
         raise corrupt(path, "'coeff' is not a number")
     return obj
 

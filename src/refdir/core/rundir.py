@@ -284,8 +284,8 @@ class RunDir:
         """The run's model spec (nested config, or an older flat one), with the settings ``given`` by the caller on
         top: remote code and pickle loading only from ``given``; a relative path also from where the run started."""
         c = self.config()
-        rec = c["model"] if isinstance(c.get("model"), dict) else {k: c[k] for k in ModelSpec.model_fields if c.get(k)
-                                                                   is not None}
+        rec = c["model"] if isinstance(c.get("model"), dict) else {
+            k: c[k] for k in ModelSpec.model_fields if c.get(k) is not None}
         return ModelSpec.from_record(run_files.located(rec, self.manifest()), given)
 
     def summary(self) -> dict | None:

@@ -32,6 +32,7 @@ from refdir.core.rundir import RunDir
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
 from refdir.method.refusal_judge import judge
+from refdir.workflows.checks import run_fits_model
 from refdir.workflows.report import add_section
 
 
@@ -51,11 +52,7 @@ class RunContext:
 
     def load(self) -> RunContext:
         self.lm = self.spec.load_model()
-        text = self.lm.model.config.get_text_config()
-        if self.direction.d_model != text.hidden_size:
-            raise RefdirError(f"the run's direction has size {self.direction.d_model} but the model has "
-                              f"{text.hidden_size}")
-        self.refusal_ids = self.rd.refusal_ids(text.vocab_size)
+        self.refusal_ids = run_fits_model(self.rd, self.direction, self.lm.model)
         self.fmt = self.spec.chat(self.lm.tokenizer)
         return self
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from refdir.core import rundir as rdl
 from refdir.core.data import InstructionSet, load_instructions
+from refdir.core.directions import Direction
 from refdir.core.fingerprint import DATA_SOURCES
 from refdir.core.io import remove_dir
 from refdir.core.model_files import EMBEDDED_ALIASES
@@ -120,3 +121,12 @@ def print_warnings(warnings: list[str]) -> None:
     command (a summary's ``warnings``), where the progress bars do not scroll them away."""
     for w in warnings:
         console.print(f"[bold yellow]warning:[/] {w}")
+
+
+def run_fits_model(rd: RunDir, direction: Direction, model) -> list[int]:
+    """The run's refusal token ids, once they and its ``direction`` are checked against the loaded ``model`` (its
+    vocabulary, its hidden size): one error naming the cause, not an index error deep in a forward pass."""
+    text = model.config.get_text_config()
+    if direction.d_model != text.hidden_size:
+        raise RefdirError(f"the run's direction has size {direction.d_model} but the model has {text.hidden_size}")
+    return rd.refusal_ids(text.vocab_size)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from refdir.analysis.independence import independence
+from refdir.core import run_files
 from refdir.core.directions import Direction, Subspace
 from refdir.core.forward import last_logits
 from refdir.core.generation import generate
@@ -38,6 +39,7 @@ from refdir.method.optimize import LOSSES, OptimizeConfig, Optimized, Trainer, a
 from refdir.method.optimize_data import Examples, TrainSet, shared_prefix, targets_fit
 from refdir.method.refusal_judge import judge
 from refdir.method.scoring import refusal_metric_from_logits
+from refdir.workflows.checks import run_fits_model
 from refdir.workflows.report import add_section
 
 METHODS = ("rdo", "cone")
@@ -138,16 +140,12 @@ def open_context(run_dir: str | Path, s: OptimizeSettings, model: dict | None = 
     if empty:
         raise RefdirError(f"the run's filtered sets have no {empty[0]} prompts to optimize on")
     frac = cfg.get("induce_rel_frac", 0.5)
-    if isinstance(frac, bool) or not isinstance(frac, int | float):
-        raise RefdirError(f"corrupt run file {rd.config_path}: induce_rel_frac is {frac!r}, not a number")
+    if not run_files.is_number(frac):
+        raise run_files.corrupt(rd.config_path, f"induce_rel_frac is {frac!r}, not a number")
     d, coeff = rd.direction(), (rd.coeff() or {}).get("coeff") or 1.0
     rd.refusal_ids()  # read before the model loads; its ids are checked against the vocabulary after
     lm, fmt = spec.load()
-    text = lm.model.config.get_text_config()
-    if d.d_model != text.hidden_size:
-        raise RefdirError(f"the run's direction has size {d.d_model} but the model has {text.hidden_size}")
-    ids = rd.refusal_ids(text.vocab_size)
-    return Context(rd, lm, fmt, d, float(coeff), ids, prompts, float(frac))
+    return Context(rd, lm, fmt, d, float(coeff), run_fits_model(rd, d, lm.model), prompts, float(frac))
 
 
 def rdo_direction(p, chosen: dict, run, progress: bool = True) -> torch.Tensor:

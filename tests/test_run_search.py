@@ -86,6 +86,13 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
     # the run's search generates nothing: its front table has the confirmed KL, no empty refusal columns
     assert "<th>confirmed KL</th>" in report and "<th>refusals (paper)</th>" not in report
     assert "How an edit reads" in report
+    # the KL held to the target (calibration) is in the choice's line, the second direction's too where it was added;
+    # the pick is a row of the front's table even when a calibrated copy of a front point stands for it
+    sec = c["second"]
+    assert f"calibration KL {c['val']['kl']:.4f} on {c['val']['n_kl']} harmless train prompts" in report
+    assert (f"{sec.get('calibration_kl', 0):.4f} with the second direction" in report) == sec["added"]
+    front = json.loads((tmp_path / "r" / "search" / "summary.json").read_text())["front"]
+    assert c["trial"] in {r["trial"] for r in front} or f"<td>pick</td><td>{c['trial']}</td>" in report
     # the paper's `orthogonalize --direction RUN/selection/direction` on a search run: one error line saying what
     # the run has instead, nothing written
     r = runner.invoke(app, ["orthogonalize", str(model), str(tmp_path / "o"), "--direction",
@@ -646,6 +653,9 @@ def test_ctrl_c_in_the_search_is_one_line_and_the_same_command_resumes(tiny_mode
     monkeypatch.setattr(wsearch, "make_objective", real)
     s = _run(model, out, "--budget", "3")
     assert "load" in s["timings_s"] and s["search"]["n_trials"] >= 2 and s["checkpoint"] is not None
+    early = ["data", "refusal_tokens", "filter", "candidates"]  # written by the interrupted invocation
+    assert s["reused"] == early and not set(early) & set(s["computed_s"])  # it left no summary: times unknown
+    assert s["computed_s"]["search"] == s["timings_s"]["search"] > 0 and "search.selection" in s["computed_s"]
     # a stage whose files were deleted since (a checkpoint removed to save disk) is done again, not taken as done
     rd = RunDir(out)
     weights = rd.checkpoint_model_dir() / "model.safetensors"
@@ -654,3 +664,8 @@ def test_ctrl_c_in_the_search_is_one_line_and_the_same_command_resumes(tiny_mode
     s2 = _run(model, out, "--budget", "3")
     assert weights.read_bytes() == before and s2["checkpoint"]["verified"] == s["checkpoint"]["verified"]
     assert s2["timings_s"]["eval"] == 0.0 and s2["timings_s"]["checkpoint"] > 0
+    # the report's timings still say what the reused stages took when they were computed
+    assert s2["reused"] == [*early, "search", "eval"]
+    assert s2["computed_s"] == {**s["computed_s"], "checkpoint": s2["timings_s"]["checkpoint"]}
+    page = (out / "report.html").read_text()
+    assert f"reused; computed in {s['computed_s']['eval']:g} s by an earlier invocation" in page

@@ -3,9 +3,10 @@ artifacts; one writer per directory (a second gets the lock error, the first fin
 killed writer are cleaned; stage keys follow the content of the data files and of the model's files; the
 filter's saved means make the candidates identical however the run was resumed.
 
-What the byte-for-byte comparison leaves out, and only that: ``timings_s`` and ``peak_rss_mib`` in summary.json,
-``threads`` and ``cpu_count`` in manifest.json, and the "Timings (s)" table of report.html (measurements of the
-process: the peak RSS of two runs of the same work can differ by a fraction of a MiB).
+What the byte-for-byte comparison leaves out, and only that: ``timings_s``, ``computed_s``, ``reused`` and
+``peak_rss_mib`` in summary.json, ``threads`` and ``cpu_count`` in manifest.json, and the "Timings (s)" table of
+report.html (measurements of the process, and which invocation computed each stage: the peak RSS of two runs of
+the same work can differ by a fraction of a MiB).
 """
 
 from __future__ import annotations
@@ -62,11 +63,12 @@ def artifacts(root: Path) -> dict[str, bytes]:
         rel, data = f.relative_to(root).as_posix(), f.read_bytes()
         if rel in ("summary.json", "manifest.json"):
             obj = json.loads(data)
-            for k in ("timings_s", "peak_rss_mib", "threads", "cpu_count"):  # measurements of the process
+            for k in ("timings_s", "computed_s", "reused", "peak_rss_mib", "threads", "cpu_count"):  # of the process
                 obj.pop(k, None)
             data = json.dumps(obj, sort_keys=True).encode()
         elif rel == "report.html":
-            data = re.sub(rb"<h2>Timings \(s\)</h2><table>.*?</table>", b"", data, flags=re.S)
+            data = re.sub(rb"<h2>Timings \(s\)</h2><table>.*?</table>(<p class='note'>.*?</p>)?", b"", data,
+                          flags=re.S)
         out[rel] = data
     return out
 

@@ -110,7 +110,8 @@ class RunDir:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.keys, self.ups = {}, {}  # stage -> its key, and the key it was computed from, as key() made them here
+        # stage -> its key and the key it was computed from, as key() made them here; the stages written here
+        self.keys, self.ups, self.written = {}, {}, set()
         self._lock = DirLock(self.path)
 
     @classmethod
@@ -162,8 +163,7 @@ class RunDir:
         remove_dir(self.path)
 
     def lock(self) -> RunDir:
-        """Take the directory's writer lock (:class:`refdir.core.dirlock.DirLock`), creating the directory if
-        needed; a RefdirError when another refdir process holds it. Returns self (for ``with``)."""
+        """Take the writer lock (:class:`refdir.core.dirlock.DirLock`; refused while another holds it); self."""
         self._lock.acquire()
         return self
 
@@ -266,6 +266,7 @@ class RunDir:
             files = {f.relative_to(tmp).as_posix(): f.stat().st_size for f in sorted(tmp.rglob("*"))
                      if f.is_file() and f.name != MARKER}  # the marker's file list grows until the commit
             atomic_write_json(tmp / "stage.json", dict(key=key, stage=stage, files=files, up=self.ups.get(stage)))
+        self.written.add(stage)
 
     # ------------------------------------------------------------------ run-level files
     @property
@@ -397,10 +398,9 @@ class RunDir:
         return self.stage_dir(SELECTION) / DIRECTION_NAME
 
     def direction(self) -> Direction | None:
-        """The selected direction, or None when the run chose none: the selection stage's file (``--method paper``),
-        else the candidate the search's warm-start selection chose (``--method search``) or, where every candidate
-        failed its filters, the one the search led with (the best scored: the eval's "plain" arm, and what the
-        direction sources were made from)."""
+        """The selected direction, or None when the run chose none: the selection stage's file (``--method
+        paper``), else the search's warm-start pick or, where every candidate failed its filters, its lead (the
+        best scored: the eval's "plain" arm, and what the direction sources were made from)."""
         p = self.direction_path()
         if p.with_suffix(".safetensors").exists():
             return Direction.load(p)
@@ -423,7 +423,7 @@ class RunDir:
         return self._json(EVAL, SCORES_FILE) if self._file(EVAL, SCORES_FILE).exists() else None
 
     def completions(self) -> dict | None:
-        """``{"prompts": {kind: [...]}, "completions": {arm: [...]}}`` of the eval stage, or None."""
+        """The eval stage's ``{"completions": {arm: [...]}}`` and its prompts (``prompts`` or ``rows``), or None."""
         f = self._file(EVAL, COMPLETIONS_FILE)
         return self._json(EVAL, COMPLETIONS_FILE, run_files.completions) if f.exists() else None
 

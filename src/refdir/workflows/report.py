@@ -129,10 +129,25 @@ def write_report(run_dir: str | Path) -> Path:
 
 def _write(rd: RunDir, parts: list[str], summ: dict) -> Path:
     parts.extend(rd.sections())
-    parts.append("<h2>Timings (s)</h2>" + table_html([[k, v] for k, v in summ["timings_s"].items()], ["stage", "s"]))
+    parts.append("<h2>Timings (s)</h2>" + timings_html(summ))
     parts.append(PAGE_TAIL)
     atomic_write_text(rd.report_path, "\n".join(parts))
     return rd.report_path
+
+
+def timings_html(summ: dict) -> str:
+    """This invocation's seconds per stage; a stage it reused (a rerun) shows the time it took when computed."""
+    t, reused, computed = summ["timings_s"], summ.get("reused", []), summ.get("computed_s", {})
+    keys = [x for k in t for x in [k, *(c for c in computed if c.startswith(k + ".") and c not in t)]]
+
+    def note(k: str) -> str:
+        if k.split(".")[0] not in reused:
+            return ""
+        return f"reused; computed in {computed[k]:g} s by an earlier invocation" if k in computed else "reused"
+
+    note_html = ("<p class='note'>total: this invocation's wall time. A rerun reads back the stages whose settings "
+                 "and files are unchanged.</p>" if reused else "")
+    return table_html([[k, t.get(k, ""), note(k)] for k in keys], ["stage", "s", ""]) + note_html
 
 
 def _selection_notes(summ: dict, sel: dict) -> list[str]:
@@ -210,13 +225,25 @@ def answered_kl_text(test: dict) -> str:
             + ". The ones it refuses are over-refusals the edit is meant to change; they count in the KL above.")
 
 
+def _calibration_text(c: dict) -> str:
+    """The chosen edit's first-token KL on the harmless calibration prompts, the figure held to the KL target (the
+    proxy KL, on fewer prompts, only ranks the search's trials), before and after the second direction."""
+    sec, val = c.get("second") or {}, c.get("val") or {}
+    if "kl" not in val:
+        return ""
+    txt = f"; calibration KL {val['kl']:.4f} on {val['n_kl']} harmless train prompts"
+    if sec.get("added"):
+        txt += f", {sec['calibration_kl']:.4f} with the second direction at {sec['strength']:g}"
+    return txt
+
+
 def _search_run_parts(rd: RunDir, summ: dict) -> list[str]:
     """A run with the search: the headline table per test set (cross-source first, labelled), the choice, the
     refusal bars and example completions; the search's own section (the front) follows from the sections."""
     t, c = summ["test"], summ["choice"]
     parts = [f"<p>Chosen edit: <b>{html.escape(c['describe'])}</b> (trial {c['trial']}; {html.escape(c['reason'])}; "
-             f"proxy refusal metric {c['proxy_refusal']:.2f}, proxy KL {c['proxy_kl']:.4f}, KL target "
-             f"{c['kl_target']:g}). Search: {summ['search']['n_trials']} trials in {summ['search']['spent_s']:.0f} s "
+             f"proxy refusal metric {c['proxy_refusal']:.2f}, proxy KL {c['proxy_kl']:.4f}{_calibration_text(c)}; "
+             f"KL target {c['kl_target']:g}). Search: {summ['search']['n_trials']} trials in {summ['search']['spent_s']:.0f} s "
              f"of a {summ['search']['budget_s']:.0f} s budget; chosen on val and harmless train prompts only.</p>"]
     rows = [[name, ARM_NAMES[arm], rate_text(h["refusal"], h["n"]),
              f"{h['refusal_paper']:.3f}", rate_text(b["refusal"], b["n"]) if b else "—",

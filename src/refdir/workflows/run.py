@@ -30,6 +30,7 @@ from refdir.core.fingerprint import files_sha256, versions
 from refdir.core.memory import peak_rss_mib, trim_heap
 from refdir.core.rundir import RunDir
 from refdir.core.spec import DataSpec
+from refdir.errors import RefdirError
 from refdir.method.selection import Selection
 from refdir.workflows.checks import (
     all_prompts,
@@ -142,6 +143,8 @@ def run_stages(rd: RunDir, cfg: RunConfig, progress: bool = True, checked: dict 
         summary["timings_s"] = finish_times(times, t0, m)
     summary["warnings"] = warnings
     summary["peak_rss_mib"] = rss
+    summary["reused"] = [k for k in times if k in (*rdl.STAGES, rdl.SEARCH) and k not in rd.written]
+    summary["computed_s"] = computed_times(rd, times, summary["reused"])
     rd.write_summary(summary)
     rd.write_manifest(run_manifest(rd, cfg, m, sets))
     write_report(rd.path)
@@ -153,6 +156,20 @@ def finish_times(times: dict, t0: float, m: Loaded) -> dict:
     if m.load_s is not None:
         times["load"] = round(m.load_s, 2)
     return times
+
+
+def computed_times(rd: RunDir, times: dict, reused: list[str]) -> dict:
+    """Per stage (and search phase), the seconds it took when it was computed: this invocation's for the stages
+    it wrote, and for the ones it ``reused`` the time the summary of the invocation that computed them recorded
+    (left out where none did), so that a rerun's report still says where the time of the run went."""
+    try:
+        prev = (rd.summary() or {}).get("computed_s")
+    except RefdirError:  # an unreadable summary is rewritten below; only its timings are lost
+        prev = None
+    prev = prev if isinstance(prev, dict) else {}
+    out = {k: v for k, v in times.items() if k not in ("total", "load") and k.split(".")[0] not in reused}
+    out.update({k: v for k, v in prev.items() if k.split(".")[0] in reused and isinstance(v, (int, float))})
+    return out
 
 
 def paper_stages(rd: RunDir, cfg: RunConfig, m: Loaded, sets: dict, ids: list[int], filt: dict, cands, timed,

@@ -370,6 +370,7 @@ def stage_search(p: Prepared, cfg: RunConfig, timings: Timings, progress: bool =
                                        progress, cfg.second_source)
     p.pca_acts = p.base_logp = None  # the fits and the calibration are done: the eval needs the memory (~100 MB)
     atomic_write_json(f, res)
+    p.rd.written.add(rdl.SEARCH)
     write_search_report(p.rd, res)
     return res
 

@@ -173,12 +173,17 @@ def report_html(res: dict) -> str:
     front's table."""
     jname = _judge(res)
     gen = generated(res)
+    # the front, then the picks off it (a calibrated pick rescales a front point: its proxy values tie or lose)
+    on_front = {r["trial"] for r in res["front"]}
+    trials = {r["trial"]: r for r in res.get("trials", [])}
+    off = [trials[v["trial"]] for v in res.get("best_at_kl", {}).values()
+           if v and v["trial"] not in on_front and v["trial"] in trials]
     rows = []
-    for r in res["front"]:
+    for r in res["front"] + off:
         c = r.get("confirmed")
         g = c is not None and "refusals" in c
         refusals = [count_text(c["refusals"], c["n"]) if g else "", f"{c['refusals_paper']}/{c['n']}" if g else ""]
-        rows.append([r["point"], r["trial"], f"{r['proxy_refusal']:.2f}", f"{r['proxy_kl']:.4f}",
+        rows.append([r.get("point", "pick"), r["trial"], f"{r['proxy_refusal']:.2f}", f"{r['proxy_kl']:.4f}",
                      *(refusals if gen else []), f"{c['kl']:.4f}" if c else "", Edit.from_dict(r["edit"]).describe()])
     b = res["base"]["confirmed"]
     rho = res["spearman_refusal"]
@@ -203,7 +208,8 @@ def report_html(res: dict) -> str:
                f"{best}. Rank correlation (Spearman) of proxy refusal vs generated refusal over "
                f"{res['n_confirmed']} confirmed points: {'n/a' if rho is None else f'{rho:.2f}'}. " if gen else
                f"first-token KL on {res['confirm_prompts']['harmless']} harmless prompts (no generation: the run "
-               f"takes one point per mark and judges it on its test prompts). Point under each KL mark: {best}. ")
+               f"takes one point per mark and judges it on its test prompts). Point under each KL mark: {best}"
+               f"{_second_text(res)}. ")
     txt = (f"<p>{res['n_trials']} TPE trials and {res.get('n_refined', 0)} refinement trials; proxy: refusal metric "
            f"on {res['proxy_prompts']['harmful']} harmful and "
            f"first-token KL on {res['proxy_prompts']['harmless']} harmless proxy prompts. Confirmation: "
@@ -213,6 +219,15 @@ def report_html(res: dict) -> str:
     head = ["point", "trial", "proxy refusal", "proxy KL", *([f"refusals ({jname})", "refusals (paper)", "KL"] if gen
                                                               else ["confirmed KL"]), "edit"]
     return warnings_html(res.get("warnings", [])) + txt + figure_html(plot_front(res)) + table_html(rows, head)
+
+
+def _second_text(res: dict) -> str:
+    """For a run's search: the second direction its choice added to the point (see the report's choice)."""
+    sec = (res.get("choice") or {}).get("second") or {}
+    if not sec.get("added"):
+        return ""
+    return (f"; the run's choice is that point with the second direction added at strength {sec['strength']:g} "
+            f"(calibration KL {sec['calibration_kl']:.4f})")
 
 
 def write_search_report(rd: RunDir, res: dict) -> None:

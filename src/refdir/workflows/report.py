@@ -339,9 +339,9 @@ def plot_heldout(summ: dict) -> str:
         c = count(h["refusal"], n)
         lo, hi = wilson(c, n)
         ax.errorbar([k], [c], yerr=[[c - lo * n], [hi * n - c]], fmt=mk, color=col, ms=10, capsize=3,
-                    label=ARM_NAMES[arm])
+                    label=ARM_NAMES[arm] + (" (KL 0, drawn at 1e-4)" if arm == "base" else ""))
     draw_reference(ax, summ.get("reference"), n, 1e-4)
-    ax.axvline(summ["choice"]["kl_target"], ls="--", c="0.6", lw=1)
+    ax.axvline(summ["choice"]["kl_target"], ls="--", c="0.6", lw=1, label=f"KL target {summ['choice']['kl_target']:g}")
     ax.set_xscale("log")
     ax.set_xlabel(f"first-token KL on the {name} harmless prompts")
     ax.set_ylabel(f"refusals of {n} {name} harmful prompts\n({summ['judge']} judge; {CONFIDENCE:.0%} interval)")

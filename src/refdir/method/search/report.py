@@ -102,6 +102,12 @@ def _plot_proxy(ax, res: dict) -> None:
     if res.get("plain"):
         ax.plot([res["plain"]["proxy_kl"]], [res["plain"]["proxy_refusal"]], "*", c="k", ms=12,
                 label="plain edit (selected direction, full strength)")
+    trials = {r["trial"]: r for r in tr}
+    for m, v in res.get("best_at_kl", {}).items():
+        if v and v["trial"] in trials:
+            r = trials[v["trial"]]
+            ax.plot([max(r["proxy_kl"], 1e-5)], [r["proxy_refusal"]], "D", mfc="none", mec="C2", ms=11, mew=1.5,
+                    label=f"pick under KL ≤ {m} (trial {r['trial']}, confirmed KL {v['kl']:.4f})")
     ax.axhline(res["base"]["proxy_refusal"], ls=":", c="k", lw=1, label="base model")
     ax.set_xscale("log")
     ax.set_xlabel("proxy first-token KL (harmless proxy prompts)")

@@ -385,3 +385,27 @@ def test_hook_variants_are_the_ones_hooks_can_apply(arch_name):
         else:
             with pytest.raises(RefdirError, match="norm-preserving variant as hooks"), hooked(model, plan):
                 pass
+
+
+@pytest.mark.parametrize("shape, axis", [((7,), 0), ((7, 5), 0), ((5, 7), 1), ((3, 7, 4), 1), ((2, 3, 7), 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projection_in_place_in_blocks_equals_the_whole_tensor_at_once(shape, axis, dtype, monkeypatch):
+    """``project_along_`` edits a weight a block of vectors at a time (no float64 copy of a whole vocabulary): the
+    same numbers as projecting the whole tensor in float64, for every layout; several steps are applied in float64
+    and cast once."""
+    from refdir.core import projection
+
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(shape, generator=g).to(dtype)
+    r1, r2 = torch.randn(7, generator=g), torch.randn(7, generator=g)
+    r1, r2 = r1 / r1.norm(), r2 / r2.norm()
+    x = t.to(torch.float64).movedim(axis, -1)
+    want = projection.project_rows(projection.project_rows(x, r1.double(), 0.7, True), r2.double(), 0.3)
+    want = want.movedim(-1, axis).to(dtype)
+    monkeypatch.setattr(projection, "BLOCK_ELEMS", 8)  # several blocks even for these small tensors
+    got = t.clone()
+    projection.project_along_(got, axis, (r1, 0.7, True), (r2, 0.3, False))
+    assert torch.equal(got, want)
+    one = t.clone()
+    projection.project_along_(one, axis, (r1, 0.7, True))
+    assert torch.equal(one, projection.project_along(t, r1, axis, 0.7, True))

@@ -59,12 +59,11 @@ from refdir.core.directions import Candidates, unit_vector
 from refdir.core.hooks import registered, remove_all
 from refdir.core.orthogonalize import untie_lm_head
 from refdir.core.postnorm import chain_gains, edit_exact, under_chain
-from refdir.core.projection import input_scale, project_rows
+from refdir.core.projection import input_scale, project_along_
 from refdir.core.row_hooks import Rows, out_hook, scale_pre_hook
 from refdir.errors import RefdirError
 
 VARIANTS = ("plain", "projected", "norm")
-EDIT_ROWS = 8192  # embedding rows edited at a time by apply_weights_
 COMPONENTS = ("attn", "mlp")
 DIM = "dim"  # an edit's direction: the difference-in-means candidate
 
@@ -389,16 +388,11 @@ def apply_weights_(model: nn.Module, plan: Plan, arch: Architecture | None = Non
     if not (exact := edit_exact(arch)):
         warnings.warn("post-norms of an unknown form: a weight edit only approximates the hooks", stacklevel=2)
     edited, untied = [], False
+    second = [] if plan.second is None else [(plan.second[0], plan.second[1], False)]  # after the edit itself
     if plan.embedding:
         untied = untie_lm_head(model, arch)
         for name, emb in arch.embeddings:
-            wt = emb.weight.data
-            for i in range(0, wt.shape[0], EDIT_ROWS):  # in blocks of rows: no float64 copy of a whole vocabulary
-                blk = wt[i:i + EDIT_ROWS]
-                y = project_rows(blk.to(torch.float64), plan.r.to(wt.device), 1.0, False)
-                if plan.second is not None:
-                    y = project_rows(y, plan.second[0].to(wt.device), plan.second[1], False)
-                blk.copy_(y.to(wt.dtype))
+            project_along_(emb.weight.data, 1, (plan.r, 1.0, False), *second)
             edited.append(f"{name}.weight")
     for bp in arch.blocks:
         for c in COMPONENTS:
@@ -408,16 +402,11 @@ def apply_weights_(model: nn.Module, plan: Plan, arch: Architecture | None = Non
             for mod in bp.modules(c):
                 gains = chain_gains(bp, mod)  # under post-norms: the directions the hooks remove before them
                 dc = under_chain(plan.directions[c], gains)
-                d2 = None if plan.second is None else under_chain(plan.second[0], gains)
+                then = [(under_chain(r2, gains), s2, False) for r2, s2, _ in second]
                 for w in bp.writers_of(mod):
                     p = getattr(w.module, w.param)
-                    axis = 0 if p.dim() == 1 else w.out_axis
-                    y = p.data.to(torch.float64).movedim(axis, -1)
-                    if s > 0:
-                        y = project_rows(y, dc.to(y.device), s, plan.variants[c] == "norm" and not _is_bias(w))
-                    if d2 is not None:  # after the edit itself, as the hooks apply it
-                        y = project_rows(y, d2.to(y.device), plan.second[1], False)
-                    p.data.copy_(y.movedim(-1, axis).to(p.dtype))
+                    own = [(dc, s, plan.variants[c] == "norm" and not _is_bias(w))] if s > 0 else []
+                    project_along_(p.data, 0 if p.dim() == 1 else w.out_axis, *own, *then)
                     edited.append(w.name)
     return {"edited": edited, "untied_lm_head": untied, "exact": exact}
 

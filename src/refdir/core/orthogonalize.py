@@ -33,7 +33,7 @@ from refdir.core.directions import ablation_operand, check_direction
 from refdir.core.io import atomic_dir, atomic_write_json
 from refdir.core.models import load_config, save_hf_checkpoint
 from refdir.core.postnorm import COMPONENTS, chain_basis, chain_gains, known_chain, norm_form
-from refdir.core.projection import project_along
+from refdir.core.projection import project_along, project_along_
 from refdir.core.shards import (
     SHARD_INDEX,
     ST_TORCH,
@@ -78,8 +78,7 @@ def orthogonalize_(model: nn.Module, direction: torch.Tensor, arch: Architecture
     names = {id(p): n for n, p in model.named_parameters()}
     edited, approximate = [], []
     for name, emb in arch.embeddings:
-        r_dev = r.to(emb.weight.device)
-        emb.weight.data.copy_(project_along(emb.weight.data, r_dev, 1))
+        project_along_(emb.weight.data, 1, (r, 1.0, False))
         edited.append(f"{name}.weight")
     for bp in arch.blocks:
         for c in COMPONENTS:
@@ -89,14 +88,14 @@ def orthogonalize_(model: nn.Module, direction: torch.Tensor, arch: Architecture
                     approximate += [type(n).__name__ for n in chain]
                 elif len(chain) == 1 and norm_form(chain[0]).has_bias:
                     b = chain[0].bias  # a centring post-norm's bias loses its r (span) component
-                    b.data.copy_(project_along(b.data, r.to(b.device), 0))
+                    project_along_(b.data, 0, (r, 1.0, False))
                     edited.append(names.get(id(b), "post-norm bias"))
                 u = r if gains is None else chain_basis(gains, r)
                 for w in bp.writers_of(mod):
                     p = getattr(w.module, w.param)
                     axis = 0 if p.dim() == 1 else w.out_axis
                     if u is not None:
-                        p.data.copy_(project_along(p.data, u.to(p.device), axis))
+                        project_along_(p.data, axis, (u, 1.0, False))
                     edited.append(w.name)
     if approximate:
         warnings.warn(f"cannot tell how the post-norms {sorted(set(approximate))[:3]} scale their output; there "

@@ -36,6 +36,31 @@ def project_along(t: torch.Tensor, r: torch.Tensor, axis: int, s: float = 1.0, k
     return project_rows(x, r.to(x.device, torch.float64), s, keep_norm).movedim(-1, axis).to(t.dtype)
 
 
+BLOCK_ELEMS = 1 << 22  # elements projected at a time in place (32 MiB of float64)
+
+
+def project_along_(t: torch.Tensor, axis: int, *steps: tuple[torch.Tensor, float, bool]) -> None:
+    """In place: the vectors ``t`` holds along ``axis`` pass through :func:`project_rows` once per ``(r, s,
+    keep_norm)`` of ``steps``, in float64, and are cast back to ``t``'s dtype once. A block of vectors at a time,
+    so that no float64 copy of a large weight is made (the default model's embedding, 151,936 × 896, would take
+    1.1 GB of it)."""
+    steps = tuple((r.to(t.device, torch.float64), s, k) for r, s, k in steps)
+
+    def projected(x: torch.Tensor) -> torch.Tensor:
+        y = x.to(torch.float64)
+        for r, s, k in steps:
+            y = project_rows(y, r, s, k)
+        return y.to(t.dtype)
+
+    v = t.detach().movedim(axis, -1)  # a view: writing into it writes into t
+    if v.dim() == 1:
+        v.copy_(projected(v))
+        return
+    n = max(1, BLOCK_ELEMS // v[0].numel())
+    for i in range(0, v.shape[0], n):
+        v[i:i + n].copy_(projected(v[i:i + n]))
+
+
 def input_scale(weight: torch.Tensor, r: torch.Tensor, s: float) -> torch.Tensor:
     """The norm-preserving variant as an input rescale: per input unit ``j`` of a linear weight laid out
     ``[d_model, n]``, ``‖w_j‖ / ‖w_j − s(w_j·r̂)r̂‖`` (float64), so that scaling the inputs and then projecting the

@@ -22,7 +22,7 @@ from torch import nn
 
 from refdir.core.hooks import output_hidden, registered
 from refdir.core.postnorm import is_norm
-from refdir.core.projection import project_along
+from refdir.core.projection import project_along_
 from refdir.errors import RefdirError
 
 
@@ -232,7 +232,7 @@ def check_writers(model: nn.Module, block, seen: dict) -> None:
         for c, r in dirs.items():
             for w in block.component_writers(c):
                 p = getattr(w.module, w.param)
-                p.data.copy_(project_along(p.data, r, 0 if p.dim() == 1 else w.out_axis))
+                project_along_(p.data, 0 if p.dim() == 1 else w.out_axis, (r, 1.0, False))
         hooks = [m.register_forward_hook(lambda _m, _a, out, k=k: after.__setitem__(k, output_hidden(out)))
                  for c in dirs for k, m in zip(keys[c], block.modules(c), strict=True) if k in seen]
         with registered(hooks):

@@ -93,6 +93,10 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
     assert (f"{sec.get('calibration_kl', 0):.4f} with the second direction" in report) == sec["added"]
     front = json.loads((tmp_path / "r" / "search" / "summary.json").read_text())["front"]
     assert c["trial"] in {r["trial"] for r in front} or f"<td>pick</td><td>{c['trial']}</td>" in report
+    rerun = runner.invoke(app, ["run", str(model), "--out", str(tmp_path / "r"), *ARGS, "--budget", "3",
+                                "--heldout-harmful", str(heldout[0]), "--heldout-harmless", str(heldout[1]),
+                                "--direction-method", "dim"], env={"COLUMNS": "300"})  # read back: the console too
+    assert rerun.exit_code == 0 and f"calibration KL {c['val']['kl']:.4f} on " in rerun.output, rerun.output
     # the paper's `orthogonalize --direction RUN/selection/direction` on a search run: one error line saying what
     # the run has instead, nothing written
     r = runner.invoke(app, ["orthogonalize", str(model), str(tmp_path / "o"), "--direction",

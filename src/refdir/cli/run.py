@@ -21,7 +21,7 @@ from refdir.method.search import load_reference
 from refdir.method.uncertainty import rate_text
 from refdir.workflows.checks import print_warnings
 from refdir.workflows.extract import ExtractConfig, run_extract
-from refdir.workflows.report import answered_kl_text, test_rows
+from refdir.workflows.report import answered_kl_text, calibration_text, test_rows
 from refdir.workflows.run import run_config, run_pipeline, val_prompts
 
 
@@ -203,7 +203,7 @@ def print_summary(s: dict, out: Path) -> None:
 
 def print_search_summary(s: dict, out: Path) -> None:
     c = s["choice"]
-    console.print(f"chosen: {c['describe']}  (trial {c['trial']}; {c['reason']})")
+    console.print(f"chosen: {c['describe']}  (trial {c['trial']}; {c['reason']}{calibration_text(c)})")
     console.print(f"search: {s['search']['n_trials']} trials in {s['search']['spent_s']:.0f} of "
                   f"{s['search']['budget_s']:.0f} s")
     t = Table("set", "arm", "harmful refusal", "harmless refusal", "first-token KL")

@@ -225,7 +225,7 @@ def answered_kl_text(test: dict) -> str:
             + ". The ones it refuses are over-refusals the edit is meant to change; they count in the KL above.")
 
 
-def _calibration_text(c: dict) -> str:
+def calibration_text(c: dict) -> str:
     """The chosen edit's first-token KL on the harmless calibration prompts, the figure held to the KL target (the
     proxy KL, on fewer prompts, only ranks the search's trials), before and after the second direction."""
     sec, val = c.get("second") or {}, c.get("val") or {}
@@ -242,7 +242,7 @@ def _search_run_parts(rd: RunDir, summ: dict) -> list[str]:
     refusal bars and example completions; the search's own section (the front) follows from the sections."""
     t, c = summ["test"], summ["choice"]
     parts = [f"<p>Chosen edit: <b>{html.escape(c['describe'])}</b> (trial {c['trial']}; {html.escape(c['reason'])}; "
-             f"proxy refusal metric {c['proxy_refusal']:.2f}, proxy KL {c['proxy_kl']:.4f}{_calibration_text(c)}; "
+             f"proxy refusal metric {c['proxy_refusal']:.2f}, proxy KL {c['proxy_kl']:.4f}{calibration_text(c)}; "
              f"KL target {c['kl_target']:g}). Search: {summ['search']['n_trials']} trials in {summ['search']['spent_s']:.0f} s "
              f"of a {summ['search']['budget_s']:.0f} s budget; chosen on val and harmless train prompts only.</p>"]
     rows = [[name, ARM_NAMES[arm], rate_text(h["refusal"], h["n"]),

@@ -53,7 +53,7 @@ def project_along_(t: torch.Tensor, axis: int, *steps: tuple[torch.Tensor, float
         return y.to(t.dtype)
 
     v = t.detach().movedim(axis, -1)  # a view: writing into it writes into t
-    if v.dim() == 1:
+    if v.dim() == 1 or not v.numel():
         v.copy_(projected(v))
         return
     n = max(1, BLOCK_ELEMS // v[0].numel())

@@ -33,7 +33,7 @@ from refdir.core.directions import ablation_operand, check_direction
 from refdir.core.io import atomic_dir, atomic_write_json
 from refdir.core.models import load_config, save_hf_checkpoint
 from refdir.core.postnorm import COMPONENTS, chain_basis, chain_gains, known_chain, norm_form
-from refdir.core.projection import project_along, project_along_
+from refdir.core.projection import project_along_
 from refdir.core.shards import (
     SHARD_INDEX,
     ST_TORCH,
@@ -236,24 +236,12 @@ def _match_writer(name: str, table: dict[str, int], shape: tuple[int, ...] | Non
     return axes[0]
 
 
-def _project_axis_chunked(t: torch.Tensor, r: torch.Tensor, axis: int, chunk_elems: int = 1 << 24) -> torch.Tensor:
-    """:func:`_project_axis` in slices along another axis, so the float64 temporaries stay small."""
-    if t.dim() == 1 or t.numel() <= chunk_elems:
-        return project_along(t, r, axis)
-    other = 1 if axis == 0 else 0
-    step = max(1, chunk_elems // max(1, t.numel() // t.shape[other]))
-    parts = [project_along(t.narrow(other, s, min(step, t.shape[other] - s)), r, axis)
-             for s in range(0, t.shape[other], step)]
-    return torch.cat(parts, dim=other)
-
-
-
 def _rewrite_shard(src_file: Path, dst_file: Path, transform, wants) -> list[str]:
     """Copy one safetensors file tensor by tensor, passing each tensor for which ``wants(name)``
     is true through ``transform(name, t)``; the others are copied byte for byte.
 
-    ``transform`` returns the tensor unchanged, an edited tensor of the same dtype and shape, or
-    an iterator of row blocks (slices along dim 0) of one. Tensors are read with plain file reads
+    ``transform`` returns the tensor unchanged or an edited tensor of the same dtype and shape (``t`` is read
+    into its own buffer, so it may edit it in place). Tensors are read with plain file reads
     (no memory map, whose touched pages would stay resident) and written right after the header,
     so memory holds about one tensor at a time; the safetensors library's writer would need the
     whole shard in memory, hence this small writer for the documented format."""
@@ -287,26 +275,16 @@ def _rewrite_shard(src_file: Path, dst_file: Path, transform, wants) -> list[str
                     left -= len(piece)
                 continue
             t = read_tensor(r, src_file, base, n, h)
+            shape, dtype = t.shape, t.dtype
             new = transform(n, t)
-            changed.append(n)
-            blocks = [new] if isinstance(new, torch.Tensor) else new
-            written = 0
-            for b in blocks:
-                if b.dtype != t.dtype:
-                    raise RefdirError(f"internal: edit changed the dtype of {n}")
-                b = b.contiguous()
-                w.write((b.view(torch.int16) if b.dtype == torch.bfloat16 else b).numpy().tobytes())
-                written += b.numel()
-            if written != t.numel():
+            if new.dtype != dtype:
+                raise RefdirError(f"internal: edit changed the dtype of {n}")
+            if new.shape != shape:
                 raise RefdirError(f"internal: edit changed the size of {n}")
+            changed.append(n)
+            w.write(new.contiguous().reshape(-1).view(torch.uint8).numpy())  # its bytes, without a copy of them
             del t, new
     return changed
-
-
-def _rows_projected(t: torch.Tensor, r: torch.Tensor, rows: int = 8192):
-    """Project r out of the last axis of a 2-D tensor, yielding row blocks (bounded memory)."""
-    for s in range(0, t.shape[0], rows):
-        yield project_along(t[s : s + rows], r, 1)
 
 
 def _indexed_names(tmp: Path, shards: list[str], new_map: dict[str, str]) -> list[str]:
@@ -340,17 +318,22 @@ class _StreamEdit:
             self.new_map[name] = shard
             return name in self.emb_names or name in self.biases or _match_writer(name, table, None, d) is not None
 
-        def transform(name: str, t: torch.Tensor):
+        def transform(name: str, t: torch.Tensor) -> torch.Tensor:
+            """``t`` (read into its own buffer) edited in place, a block of vectors at a time."""
             if name in self.emb_names:
                 if self.tied and name == self.emb_names[0] and self.head_from_embedding is None:
                     self.head_from_embedding = name
                     save_file({"lm_head.weight": t.contiguous()}, str(tmp / "model-lm_head.safetensors"),
                               metadata={"format": "pt"})
-                return _rows_projected(t, r) if t.dim() == 2 else _project_axis_chunked(t, r, t.dim() - 1)
-            if name in self.biases:
-                return project_along(t, r, 0)
-            u = self.under.get(_table_key(name, table), r)
-            return t if u is None else _project_axis_chunked(t, u, _match_writer(name, table, tuple(t.shape), d))
+                u, axis = r, t.dim() - 1
+            elif name in self.biases:
+                u, axis = r, 0
+            else:
+                u = self.under.get(_table_key(name, table), r)
+                axis = None if u is None else _match_writer(name, table, tuple(t.shape), d)
+            if u is not None:
+                project_along_(t, axis, (u, 1.0, False))
+            return t
 
         self.edited += _rewrite_shard(src / shard, tmp / shard, transform, wants)
 

@@ -477,3 +477,33 @@ def test_files_and_directories_are_fsynced_before_they_are_renamed(tmp_path, mon
     synced = {e[1] for e in events[:i] if e[0] == "fsync"}
     assert any(s.endswith("x.txt") for s in synced) and any(s.endswith(rio.MARKER) for s in synced)
     assert events[-1] == ("fsync", str(tmp_path))
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077], ids=["022", "027", "077"])
+def test_outputs_get_the_mode_the_umask_gives_not_tempfiles_private_one(tmp_path, mask):
+    """Files and directories refdir commits have the mode a plain open/mkdir gives under the umask, whatever the
+    writer: tempfile creates 0600 / 0700, and safetensors 0.8's save_file always 0600 (it renames a temp file of its
+    own over the path it is given), which would leave a checkpoint unreadable to another account."""
+    from refdir.core.model_files import assemble_parts
+
+    fmode, dmode = 0o666 & ~mask, 0o777 & ~mask
+    old = os.umask(mask)
+    try:
+        with rio.atomic_file(tmp_path / "a.safetensors") as t:
+            save_file({"x": torch.zeros(2)}, str(t))
+        rio.atomic_write_json(tmp_path / "b.json", {})
+        with rio.atomic_dir(tmp_path / "d") as t:
+            (t / "sub").mkdir()
+            save_file({"x": torch.zeros(2)}, str(t / "sub" / "m.safetensors"))
+            (t / "c.txt").write_text("c")
+        part = tmp_path / "part"
+        part.write_bytes(b"xyz")
+        import hashlib
+
+        assemble_parts([part], tmp_path / "e.gguf", hashlib.sha256(b"xyz").hexdigest())
+    finally:
+        os.umask(old)
+    got = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p != part}
+    want = {"a.safetensors": fmode, "b.json": fmode, "d": dmode, "d/sub": dmode, "d/sub/m.safetensors": fmode,
+            "d/c.txt": fmode, f"d/{rio.MARKER}": fmode, "e.gguf": fmode}
+    assert got == want

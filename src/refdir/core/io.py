@@ -75,13 +75,32 @@ def fsync_dir(path: str | Path) -> None:
         pass
 
 
+def umask() -> int:
+    """The process's file mode creation mask (read by setting it and setting it back: Python has no getter)."""
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def default_mode(path: str | Path, is_dir: bool) -> None:
+    """Give a file or directory refdir is about to commit the mode a plain ``open``/``mkdir`` would give it under
+    the umask (0644 / 0755 under the usual 022), so that the output can be read by whoever may read the user's
+    other files (a checkpoint served by another account, a report on a shared machine). :mod:`tempfile` creates
+    0600 / 0700, and so does safetensors 0.8's writer (it writes a temp file and renames it; safetensors issue
+    #782), for any path it is given."""
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~umask())
+
+
 def _fsync_tree(root: Path) -> None:
-    """fsync every regular file under ``root`` and every directory in it (before the tree is renamed)."""
+    """fsync every regular file under ``root`` and every directory in it (before the tree is renamed), each given
+    the mode the umask gives a new one (:func:`default_mode`)."""
     for d, _dirs, files in os.walk(root):
         for f in files:
             p = os.path.join(d, f)
             if not os.path.islink(p):
+                default_mode(p, is_dir=False)
                 _fsync_file(p)
+        default_mode(d, is_dir=True)
         fsync_dir(d)
 
 
@@ -330,6 +349,7 @@ def atomic_file(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         with write_errors(path):
             yield Path(tmp)
+            default_mode(tmp, is_dir=False)  # after the writer, which may have replaced the file (safetensors)
             _fsync_file(tmp)
             note_written(path)
             os.replace(tmp, path)

@@ -19,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 from refdir.core.cache import check_record, file_record, read_record
+from refdir.core.io import default_mode
 from refdir.errors import RefdirError
 
 EMBEDDED_ALIASES = ("default", "embedded", "qwen2.5-coder-0.5b-instruct")
@@ -69,6 +70,7 @@ def assemble_parts(parts: list[Path], out: Path, expected_sha256: str) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".assemble-")
     try:
+        default_mode(tmp, is_dir=False)
         with os.fdopen(fd, "wb") as w:
             for p in parts:
                 with open(p, "rb") as r:

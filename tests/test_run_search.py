@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import numpy as np
 import pytest
@@ -624,6 +625,45 @@ def test_export_writes_a_front_point_as_gguf_for_a_gguf_model(tiny_model_dir, tm
     assert not torch.equal(want.get_input_embeddings().weight, hf.get_input_embeddings().weight)
     r = runner.invoke(app, ["export", str(out), str(tmp_path / "p.gguf"), "--point", str(k)])
     assert r.exit_code == 2 and "already exists" in r.output
+
+
+def test_export_chosen_writes_the_edit_the_run_chose(tiny_model_dir, tmp_path):
+    """`refdir export RUN OUT --point chosen` writes the edit `refdir run` chose (a calibrated copy of a front point,
+    with its second direction, which no front index names): the same weights as the run's own checkpoint. Another
+    value, or a directory without a choice, is one error line and nothing written. Everything the run and the
+    export wrote has the mode the umask gives a new file or directory (not tempfile's private 0600 / 0700)."""
+    from safetensors.torch import load_file
+
+    model = tiny_model_dir("llama")
+    out = tmp_path / "r"
+    old = os.umask(0o022)
+    try:
+        s = _run(model, out, "--budget", "2")
+        r = runner.invoke(app, ["export", str(out), str(tmp_path / "ck"), "--point", "chosen"])
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
+             for d in (out, tmp_path / "ck") for p in [d, *d.rglob("*")]}
+    assert len(modes) > 30 and "r/checkpoint/model/model.safetensors" in modes and "r/report.html" in modes
+    assert {k: m for k, m in modes.items() if m != (0o755 if (tmp_path / k).is_dir() else 0o644)} == {}
+    rd = RunDir(out)
+    assert r.exit_code == 0, r.output
+    assert "the chosen edit written to" in r.output
+    meta = json.loads((tmp_path / "ck" / "refdir_edit.json").read_text())
+    assert meta["edit"] == s["choice"]["edit"] and meta["point"] == "chosen"
+    want = load_file(rd.checkpoint_model_dir() / "model.safetensors")
+    got = load_file(tmp_path / "ck" / "model.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    for bad, msg in (("first", "--point takes a front index or 'chosen'"), ("-1", "is not on the front")):
+        r = runner.invoke(app, ["export", str(out), str(tmp_path / "ck2"), "--point", bad])
+        assert r.exit_code == 2 and r.output.startswith("error: ") and msg in r.output, r.output
+    f = rd.search_dir() / "summary.json"  # as a `refdir search` directory has it: no choice
+    f.write_text(json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k != "choice"}))
+    r = runner.invoke(app, ["export", str(out), str(tmp_path / "ck2"), "--point", "chosen"])
+    assert r.exit_code == 2 and "holds no chosen edit" in r.output, r.output
+    assert not (tmp_path / "ck2").exists()
 
 
 def test_ctrl_c_in_the_search_is_one_line_and_the_same_command_resumes(tiny_model_dir, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ from refdir.core.edits import Edit
 from refdir.core.rundir import RunDir
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
+from refdir.method.search.export import CHOSEN
 from refdir.method.uncertainty import CONFIDENCE, count_text
 from refdir.workflows.checks import print_warnings
 from refdir.workflows.search import SearchConfig, export_point, run_search
@@ -78,13 +79,19 @@ def export(
     search_dir: Path = typer.Argument(..., help="a directory written by refdir search"),
     out: Path = typer.Argument(..., help="output directory for the edited checkpoint, or a .gguf file where the "
                                          "search's model was a GGUF (the embedded default included)"),
-    point: int = typer.Option(..., "--point", help="front point K (see the search's front.csv)"),
+    point: str = typer.Option(..., "--point", help="front point K (see the search's front.csv), or `chosen`: the "
+                                                   "edit refdir run chose (its second direction included)"),
     force: bool = typer.Option(False),
 ) -> None:
-    """Write one front point of a search as an edited Hugging Face checkpoint, or as a GGUF (OUT.gguf) for a GGUF
-    model: the writers re-encoded in a copy of that GGUF, without loading the model."""
+    """Write one front point of a search (or the edit a run chose) as an edited Hugging Face checkpoint, or as a GGUF
+    (OUT.gguf) for a GGUF model: the writers re-encoded in a copy of that GGUF, without loading the model."""
+    if point != CHOSEN:
+        try:
+            point = int(point)
+        except ValueError:
+            raise RefdirError(f"--point takes a front index or {CHOSEN!r}, got {point!r}") from None
     export_point(search_dir, point, out, force=force, model=overrides)
-    console.print(f"point {point} written to [bold]{out}[/]")
+    console.print(f"{'the chosen edit' if point == CHOSEN else f'point {point}'} written to [bold]{out}[/]")
 
 
 def _marks(s: str) -> list[float]:

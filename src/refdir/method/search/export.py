@@ -1,5 +1,5 @@
-"""A front point of a finished search as an edited Hugging Face checkpoint (the edit in the weights, no hooks), or
-as a GGUF file where the search's model was a GGUF."""
+"""A front point of a finished search, or the edit ``refdir run`` chose, as an edited Hugging Face checkpoint (the
+edit in the weights, no hooks), or as a GGUF file where the search's model was a GGUF."""
 
 from __future__ import annotations
 
@@ -16,12 +16,16 @@ from refdir.core.rundir import RunDir
 from refdir.core.spec import ModelSpec
 from refdir.errors import RefdirError
 
+# --point value: the edit `refdir run` chose (off the front when calibrated, with its second direction)
+CHOSEN = "chosen"
 
-def export_point(search_dir: str | Path, point: int, out: str | Path, *, force: bool = False,
+
+def export_point(search_dir: str | Path, point: int | str, out: str | Path, *, force: bool = False,
                  model: dict | None = None) -> Path:
-    """Write front point ``point`` of the search in run directory ``search_dir`` as an edited HF checkpoint in
-    ``out``. The model is loaded as the search recorded it, with ``model``'s ModelSpec fields (e.g.
-    ``{"dtype": "fp32"}``) replacing the recorded ones."""
+    """Write front point ``point`` of the search in run directory ``search_dir`` (or, with ``point="chosen"``, the
+    edit ``refdir run`` chose and wrote as its checkpoint: a calibrated copy of a front point with its second
+    direction, which no front index names) as an edited HF checkpoint in ``out``. The model is loaded as the search
+    recorded it, with ``model``'s ModelSpec fields (e.g. ``{"dtype": "fp32"}``) replacing the recorded ones."""
     rd = RunDir(search_dir)
     f = rd.search_dir() / "front.json"
     cf = rd.search_dir() / "config.json"
@@ -29,16 +33,13 @@ def export_point(search_dir: str | Path, point: int, out: str | Path, *, force: 
         raise RefdirError(f"{rd.path} holds no finished search (expected {f})")
     if Path(out).exists() and not force:
         raise RefdirError(f"output directory {out} already exists; pass --force to overwrite it")
-    pts = _read(f, "points", list)
-    if not 0 <= point < len(pts):
-        raise RefdirError(f"point {point} is not on the front (points 0..{len(pts) - 1})")
+    p = _point(rd, f, point)
     # the search's config holds its run config under "run", and that the model spec under "model"
     # (remote code and pickle loading only from ``model``, never from the search's files)
     run = _read(cf, "run", dict)
     if not isinstance(run.get("model"), dict):
         raise RefdirError(f"{cf}: the search's config has no model spec (run.model)")
     spec = ModelSpec.from_record(run["model"], model)
-    p = pts[point]
     edit = Edit.from_dict(p["edit"])
     cands = rd.candidates_with_sources()  # an edit of an optimized (rdo) or pca direction resolves too
     if str(out).endswith(".gguf"):
@@ -59,6 +60,23 @@ def export_point(search_dir: str | Path, point: int, out: str | Path, *, force: 
     return Path(out)
 
 
+def _point(rd: RunDir, front: Path, point: int | str) -> dict:
+    """The front point ``point`` (an index into ``front.json``), or the run's choice for ``"chosen"``."""
+    if point == CHOSEN:
+        f = rd.search_dir() / "summary.json"
+        choice = _load(f).get("choice") if f.exists() else None
+        if not isinstance(choice, dict) or not isinstance(choice.get("edit"), dict):
+            raise RefdirError(f"{rd.path} holds no chosen edit (--point {CHOSEN} is for a directory written by "
+                              "refdir run; a refdir search directory takes a front index)")
+        return choice
+    if not isinstance(point, int):
+        raise RefdirError(f"--point takes a front index or {CHOSEN!r}, got {point!r}")
+    pts = _read(front, "points", list)
+    if not 0 <= point < len(pts):
+        raise RefdirError(f"point {point} is not on the front (points 0..{len(pts) - 1})")
+    return pts[point]
+
+
 def _export_gguf(spec: ModelSpec, plan, out: Path, force: bool) -> Path:
     """The point written into a copy of the GGUF the search's model was loaded from: only the residual writers
     (and the embedding) are re-encoded, everything else is copied; the model is not loaded."""
@@ -73,13 +91,21 @@ def _export_gguf(spec: ModelSpec, plan, out: Path, force: bool) -> Path:
     return out
 
 
-def _read(f: Path, key: str, kind: type):
-    """``key`` of the JSON object in the search's file ``f``; an unreadable file or a missing key is one clear
-    error."""
+def _load(f: Path) -> dict:
+    """The JSON object in the search's file ``f``; an unreadable file is one clear error."""
     try:
         obj = json.loads(f.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RefdirError(f"corrupt search file {f}: {e}") from e
-    if not isinstance(obj, dict) or not isinstance(obj.get(key), kind):
+    if not isinstance(obj, dict):
+        raise RefdirError(f"corrupt search file {f}: not a JSON object")
+    return obj
+
+
+def _read(f: Path, key: str, kind: type):
+    """``key`` of the JSON object in the search's file ``f``; an unreadable file or a missing key is one clear
+    error."""
+    obj = _load(f)
+    if not isinstance(obj.get(key), kind):
         raise RefdirError(f"corrupt search file {f}: no {key!r} {kind.__name__}")
     return obj[key]

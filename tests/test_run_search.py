@@ -103,7 +103,7 @@ def test_run_search_chooses_tests_and_writes_a_checkpoint_equal_to_the_hooks(tin
     r = runner.invoke(app, ["orthogonalize", str(model), str(tmp_path / "o"), "--direction",
                             str(tmp_path / "r" / "selection" / "direction")], env={"COLUMNS": "300"})
     assert r.exit_code == 2 and r.output.startswith("error: ") and len(r.output.splitlines()) == 1, r.output
-    assert "optimize/" not in r.output and "refdir export" in r.output and not (tmp_path / "o").exists()
+    assert "optimize/" not in r.output and "OUT --point chosen" in r.output and not (tmp_path / "o").exists()
     r2 = runner.invoke(app, ["orthogonalize", str(model), str(tmp_path / "o"), "--direction", str(tmp_path / "r")],
                        env={"COLUMNS": "300"})  # the run dir itself: the same explanation
     assert r2.exit_code == 2 and r2.output == r.output and not (tmp_path / "o").exists()
@@ -632,21 +632,27 @@ def test_export_chosen_writes_the_edit_the_run_chose(tiny_model_dir, tmp_path):
     with its second direction, which no front index names): the same weights as the run's own checkpoint. Another
     value, or a directory without a choice, is one error line and nothing written. Everything the run and the
     export wrote has the mode the umask gives a new file or directory (not tempfile's private 0600 / 0700)."""
+    import shlex
+
     from safetensors.torch import load_file
 
     model = tiny_model_dir("llama")
-    out = tmp_path / "r"
+    out = tmp_path / "r 1"  # a space: the commands the console suggests are quoted for a shell
     old = os.umask(0o022)
     try:
-        s = _run(model, out, "--budget", "2")
+        ran = runner.invoke(app, ["run", str(model), "--out", str(out), *ARGS, "--budget", "2"])
+        assert ran.exit_code == 0, ran.output
+        s = json.loads((out / "summary.json").read_text())
         r = runner.invoke(app, ["export", str(out), str(tmp_path / "ck"), "--point", "chosen"])
     finally:
         os.umask(old)
+    rd = RunDir(out)
+    try_it = next(x for x in ran.output.splitlines() if "try it: " in x).split("try it: ")[1].split("  (")[0]
+    assert shlex.split(try_it) == ["refdir", "steer", str(rd.checkpoint_model_dir())]
     modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777
              for d in (out, tmp_path / "ck") for p in [d, *d.rglob("*")]}
-    assert len(modes) > 30 and "r/checkpoint/model/model.safetensors" in modes and "r/report.html" in modes
+    assert len(modes) > 30 and "r 1/checkpoint/model/model.safetensors" in modes and "r 1/report.html" in modes
     assert {k: m for k, m in modes.items() if m != (0o755 if (tmp_path / k).is_dir() else 0o644)} == {}
-    rd = RunDir(out)
     assert r.exit_code == 0, r.output
     assert "the chosen edit written to" in r.output
     meta = json.loads((tmp_path / "ck" / "refdir_edit.json").read_text())

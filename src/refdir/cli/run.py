@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from shlex import quote
 
 import typer
 from rich.table import Table
@@ -174,7 +175,8 @@ def _refuse_search_selection(direction: Path) -> None:
         f"{rd.path} is a run with the search: its chosen edit (strengths per layer and component, a second "
         f"direction) is no single direction file, and the run wrote it as {rd.path / CHECKPOINT}; "
         + (f"--direction {main[0].with_suffix('')} removes the direction it searched fully; " if main else "")
-        + f"refdir export {rd.path} OUT --point K writes a point of its front")
+        + f"refdir export {quote(str(rd.path))} OUT --point chosen writes that edit again (another --dtype, or OUT.gguf "
+        "for a GGUF model), --point K a point of its front")
 
 
 def print_summary(s: dict, out: Path) -> None:
@@ -196,7 +198,7 @@ def print_summary(s: dict, out: Path) -> None:
         console.print(t)
         if s.get("checkpoint"):
             ck = RunDir(out).checkpoint_model_dir()
-            console.print(f"checkpoint: {ck}  (try it: refdir steer {ck})", markup=False)
+            console.print(f"checkpoint: {ck}  (try it: refdir steer {quote(str(ck))})", markup=False, soft_wrap=True)
     print_warnings(s.get("warnings", []))
     console.print(f"report: [bold]{out / 'report.html'}[/]  ({s['timings_s']['total']:.0f} s)")
 
@@ -227,5 +229,5 @@ def print_search_summary(s: dict, out: Path) -> None:
         console.print(f"checkpoint: {rd.checkpoint_model_dir()}  (weights vs hooks: KL {v['kl_hooks_weights']:.2e}, "
                       f"top-1 agree {v['top1_agree']:.2f})" + (f"; GGUF {rd.checkpoint_gguf()}" if ck.get("gguf") else ""),
                       markup=False)
-        console.print(f"  try it: refdir steer {rd.checkpoint_model_dir()}  (a prompt a line; the base model: refdir "
-                      "steer MODEL)", markup=False)
+        console.print(f"  try it: refdir steer {quote(str(rd.checkpoint_model_dir()))}  (a prompt a line; the base "
+                      "model: refdir steer MODEL)", markup=False, soft_wrap=True)

@@ -1,0 +1,126 @@
+"""The run's GGUF in llama.cpp: does the edited file, run by llama.cpp itself, refuse as the run's evaluation said?
+
+A GGUF output is for llama.cpp and the tools built on it, which compute with the quantized blocks rather than the
+dequantized weights refdir evaluates. This loads the run's base GGUF (the model it was given) and its edited
+``checkpoint/model.gguf`` with llama-cpp-python, answers the held-out prompts greedily through llama.cpp's own chat
+template handling (no system message: the template's default, as the run; repeat penalty off), judges them with
+the run's judge and prints the refusals beside the run's evaluation (the same prompts, transformers on the
+dequantized weights), with the prompts the two flag differently. It also takes the first-token KL between the two
+files' next-token distributions (llama.cpp's logits) on the harmless prompts, beside the run's figure.
+
+llama-cpp-python is not a refdir dependency (it builds llama.cpp from source: ``pip install llama-cpp-python``,
+about 7 minutes on 2 cores).
+
+    python bench/bench_llamacpp.py RUN --harmful $P/harmful_val.json --harmless $P/harmless_val.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from benchlib import fail
+
+from refdir.core import rundir as rdl
+from refdir.core.model_files import gguf_file_of
+from refdir.core.rundir import RunDir
+from refdir.method.refusal_judge import judge
+from refdir.workflows.finish import HARMLESS_TOKENS
+
+
+def _prompts(path: str, n: int | None) -> list[str]:
+    try:
+        rec = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        fail(f"cannot read {path}: {e}")
+    return [r["instruction"] if isinstance(r, dict) else r for r in rec][:n]
+
+
+def _answers(llm, prompts: list[str], tokens: int) -> list[str]:
+    """Greedy answers through llama.cpp's chat handling (the GGUF's template), the repeat penalty off."""
+    out = []
+    for p in prompts:
+        r = llm.create_chat_completion(messages=[{"role": "user", "content": p}], temperature=0.0, top_k=1,
+                                       repeat_penalty=1.0, max_tokens=tokens)
+        out.append(r["choices"][0]["message"]["content"] or "")
+    return out
+
+
+def _first_logprobs(llm, prompts: list[str]) -> np.ndarray:
+    """Log-probabilities of the first answer token, the prompt rendered by the GGUF's template (float64)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    fmt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token="", bos_token="",
+                              add_generation_prompt=True)
+    rows = []
+    for p in prompts:
+        text = fmt(messages=[{"role": "user", "content": p}]).prompt
+        llm.reset()
+        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+        if len(ids) > llm.n_ctx():
+            fail(f"a harmless prompt of {len(ids)} tokens exceeds the KL pass's context ({llm.n_ctx()})")
+        llm.eval(ids)
+        z = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+        if not z.any():
+            fail("llama.cpp returned no logits (this llama-cpp-python keeps them only with logits_all)")
+        rows.append(z - z.max() - np.log(np.exp(z - z.max()).sum()))
+    return np.stack(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", help="a finished `refdir run` directory whose model was a GGUF (the default is)")
+    ap.add_argument("--harmful", required=True, help="the held-out harmful prompts the run was given (JSON)")
+    ap.add_argument("--harmless", required=True, help="the held-out harmless prompts (JSON; the first --n-harmless)")
+    ap.add_argument("--n-harmless", type=int, default=100, help="as the run's --n-heldout (100)")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        fail("this bench needs llama-cpp-python: pip install llama-cpp-python")
+    rd = RunDir(a.run)
+    try:
+        summ = json.loads((rd.path / "summary.json").read_text())
+        comp = json.loads((rd.stage_dir(rdl.EVAL) / rdl.COMPLETIONS_FILE).read_text())["completions"]
+        src = gguf_file_of(rd.config()["model"]["model"])
+    except (OSError, ValueError, KeyError) as e:
+        fail(f"{a.run} is not a finished refdir run with the search: {e}")
+    edited = rd.checkpoint_gguf()
+    if src is None or not edited.is_file():
+        fail(f"{a.run} has no edited GGUF (its model was not a GGUF, or its checkpoint was not written)")
+    harmful, harmless = _prompts(a.harmful, None), _prompts(a.harmless, a.n_harmless)
+    kind, tokens = summ["judge"], summ["test"]["max_new_tokens"]
+    print(f"{len(harmful)} harmful prompts ({tokens} tokens), {len(harmless)} harmless ({HARMLESS_TOKENS} tokens), "
+          f"{kind} judge; base {src.name}, edited {edited}")
+    logp = {}
+    for arm, path in (("base", src), ("chosen", edited)):
+        t = time.perf_counter()
+        llm = Llama(model_path=str(path), n_ctx=1024, n_threads=a.threads, verbose=False, seed=0)
+        for set_kind, prompts, n_tok in (("harmful", harmful, tokens), ("harmless", harmless, HARMLESS_TOKENS)):
+            mine = judge(_answers(llm, prompts, n_tok), kind)
+            ref = comp.get(f"{arm}/heldout/{set_kind}")
+            theirs = judge(ref, kind) if ref is not None and len(ref) == len(prompts) else None
+            line = f"{arm:6s} {set_kind:8s} llama.cpp {mine.n_refusal}/{mine.n} refused"
+            if theirs is not None:
+                differ = [i for i, (x, y) in enumerate(zip(mine.flags, theirs.flags, strict=True)) if x != y]
+                line += f"; the run's eval {theirs.n_refusal}/{theirs.n}; flagged differently: {len(differ)} {differ}"
+            print(line, flush=True)
+        del llm
+        # logits are kept only with logits_all (every position's row: a short context keeps that small)
+        llm = Llama(model_path=str(path), n_ctx=256, n_threads=a.threads, verbose=False, logits_all=True)
+        logp[arm] = _first_logprobs(llm, harmless)
+        del llm
+        print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
+    b, c = logp["base"], logp["chosen"]
+    kl = (np.exp(b) * (b - c)).sum(-1)
+    run_kl = summ["test"].get("kl", {}).get("chosen/heldout")
+    print(f"first-token KL(base || edited) in llama.cpp: {kl.mean():.4f} over {len(kl)} harmless prompts; "
+          f"the run's (transformers, dequantized): {run_kl if run_kl is None else f'{run_kl:.4f}'}")
+
+
+if __name__ == "__main__":
+    main()

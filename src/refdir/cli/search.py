@@ -76,7 +76,7 @@ def search(
 @model_overrides
 def export(
     overrides: dict,
-    search_dir: Path = typer.Argument(..., help="a directory written by refdir search"),
+    search_dir: Path = typer.Argument(..., help="a directory written by refdir search or refdir run"),
     out: Path = typer.Argument(..., help="output directory for the edited checkpoint, or a .gguf file where the "
                                          "search's model was a GGUF (the embedded default included)"),
     point: str = typer.Option(..., "--point", help="front point K (see the search's front.csv), or `chosen`: the "

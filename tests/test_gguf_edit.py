@@ -41,7 +41,9 @@ def test_gguf_edit_keeps_other_bytes_and_metadata(edited):
             assert t.tensor_type == tb[name].tensor_type
     assert np.array_equal(np.asarray(ta["token_embd.weight"].data), np.asarray(tb["output.weight"].data))
     assert {n.split(".")[-2] for n in summary["edited"]} == {"token_embd", "attn_output", "ffn_down"}
-    assert summary["changed_types"] == {}  # Q4_1 can be re-quantized by the gguf library
+    # the edited Q4_1 writers are widened to Q8_0 (gguf_edit.WIDEN); the embedding was Q8_0 already
+    assert summary["changed_types"] == {n: "Q4_1 -> Q8_0" for n in summary["edited"] if n != "token_embd.weight"}
+    assert ta["token_embd.weight"].tensor_type == tb["token_embd.weight"].tensor_type == gguf.GGMLQuantizationType.Q8_0
 
 
 def test_gguf_edit_removes_the_direction_up_to_quantization_noise(edited):
@@ -56,6 +58,27 @@ def test_gguf_edit_removes_the_direction_up_to_quantization_noise(edited):
         before = np.abs(np.tensordot(rn, xa, axes=([0], [axis]))).mean()
         after = np.abs(np.tensordot(rn, xb, axes=([0], [axis]))).mean()
         assert after < 0.6 * before, (name, before, after)
+
+
+def test_the_edited_gguf_computes_what_the_hooks_compute(edited):
+    """The file, loaded back, against the direction ablated with hooks on the dequantized source: the same
+    next-token distributions up to Q8_0's rounding. Its 4-bit writers rounded to Q4_1 again gave KL 0.25 and top-1
+    agreement 0.75 here, for an edit that itself moves the model by KL 0.34."""
+    from refdir.core.interventions import ablate
+
+    src, out, r, _ = edited
+    a, b = load_model(str(src), dtype="fp32"), load_model(str(out), dtype="fp32", cache=False)
+    prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Water boils at a temperature of",
+               "Once upon a time, in a small village,", "The three primary colors are", "To make a cup of tea, first"]
+    with torch.no_grad():
+        ids = [a.tokenizer(p, return_tensors="pt").input_ids for p in prompts]
+        base = torch.stack([a.model(input_ids=i).logits[0, -1].double().log_softmax(-1) for i in ids])
+        with ablate(a.model, r):
+            hooks = torch.stack([a.model(input_ids=i).logits[0, -1].double().log_softmax(-1) for i in ids])
+        file = torch.stack([b.model(input_ids=i).logits[0, -1].double().log_softmax(-1) for i in ids])
+    kl = lambda p, q: float((p.exp() * (p - q)).sum(-1).mean())  # noqa: E731
+    assert kl(base, hooks) > 0.1  # the edit moves the model
+    assert kl(hooks, file) < 0.01 and bool((hooks.argmax(-1) == file.argmax(-1)).all()), kl(hooks, file)
 
 
 def test_gguf_output_loads_in_transformers_with_the_original_unembedding(edited):

@@ -4,8 +4,9 @@ written without leaving the format.
 Each residual writer ``blk.N.attn_output`` (component ``attn``) and ``blk.N.ffn_down`` / ``_exps`` / ``_shexp``
 (component ``mlp``), with its bias, is dequantized, edited exactly as :func:`refdir.core.edits.apply_weights_`
 edits the loaded model (its write vectors lose ``s`` of their part along the component's direction; the
-``norm`` variant rescales them back, biases are projected only), and written back in its own quantization type
-where the gguf library can quantize it (else Q8_0 or F16, listed in the summary). With the embedding edited,
+``norm`` variant rescales them back, biases are projected only), and written back as
+:func:`refdir.core.gguf_edit.rewrite_gguf` writes edited tensors (Q8_0 for types under 8 bits, else its own type;
+changes listed in the summary). With the embedding edited,
 ``token_embd`` loses its r part. A plan's second direction is removed after that from every writer (and the edited
 embedding), as ``apply_weights_`` removes it. The file is written by :func:`refdir.core.gguf_edit.rewrite_gguf`, as
 ``orthogonalize`` writes its GGUF: every other tensor's bytes and all metadata copied unchanged, a tied

@@ -8,10 +8,18 @@ the run's judge and prints the refusals beside the run's evaluation (the same pr
 dequantized weights), with the prompts the two flag differently. It also takes the first-token KL between the two
 files' next-token distributions (llama.cpp's logits) on the harmless prompts, beside the run's figure.
 
+With ``--edit-check SRC.gguf`` instead of a run: any GGUF (SmolLM2's Q4_1 file, Gemma 3's Q4_K_M) is
+orthogonalized against a fixed random direction (seed 0) with ``refdir.core.gguf_edit``, and the next-token
+distributions after a few plain-text prompts are compared: the same edit made in memory on the dequantized source
+(``orthogonalize_``, transformers, fp32: what the file should compute), the edited file loaded back by transformers,
+both files in llama.cpp, and the direction ablated with hooks (equal to the weight edit on pre-norm models only).
+``--own-type`` writes the edited tensors in their own quantization type, as refdir did before 2026-12-07.
+
 llama-cpp-python is not a refdir dependency (it builds llama.cpp from source: ``pip install llama-cpp-python``,
 about 7 minutes on 2 cores).
 
     python bench/bench_llamacpp.py RUN --harmful $P/harmful_val.json --harmless $P/harmless_val.json
+    python bench/bench_llamacpp.py --edit-check ~/.cache/refdir/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf [--own-type]
 """
 
 from __future__ import annotations
@@ -70,18 +78,104 @@ def _first_logprobs(llm, prompts: list[str]) -> np.ndarray:
     return np.stack(rows)
 
 
+CHECK_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Water boils at a temperature of",
+                 "Once upon a time, in a small village,", "The three primary colors are", "import numpy as np\nx = np.",
+                 "My favourite season is autumn because", "To make a cup of tea, first",
+                 "The largest planet in the solar system is", "In 1969, astronauts", "A haiku about the sea:\n",
+                 "Q: What is 12 times 7?\nA:"]
+
+
+def edit_check(Llama, src: Path, threads: int, own_type: bool) -> None:
+    """The edited file against the same edit in memory, in transformers and in llama.cpp (the module's docstring)."""
+    import copy
+    import tempfile
+
+    import torch
+
+    import refdir.core.gguf_edit as gguf_edit
+    from refdir.core.interventions import ablate
+    from refdir.core.models import load_model
+    from refdir.core.orthogonalize import orthogonalize_
+
+    if own_type:
+        gguf_edit.WIDEN = frozenset()
+    lm = load_model(str(src), dtype="fp32")
+    d = lm.model.config.get_text_config().hidden_size
+    r = torch.randn(d, generator=torch.Generator().manual_seed(0))
+
+    def llama_logp(path: Path, ids) -> np.ndarray:
+        llm = Llama(model_path=str(path), n_ctx=128, n_threads=threads, verbose=False, logits_all=True)
+        rows = []
+        for i in ids:
+            llm.reset()
+            llm.eval(i)
+            z = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
+            rows.append(z - z.max() - np.log(np.exp(z - z.max()).sum()))
+        return np.stack(rows)
+
+    def hf_logp(model, ids) -> np.ndarray:
+        with torch.no_grad():
+            return np.stack([torch.log_softmax(model(input_ids=torch.tensor([i])).logits[0, -1].double(), -1).numpy()
+                             for i in ids])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "edited.gguf"
+        t = time.perf_counter()
+        summary = gguf_edit.orthogonalize_gguf(src, r, out, progress=False)
+        secs = time.perf_counter() - t
+        probe = Llama(model_path=str(src), n_ctx=128, n_threads=threads, verbose=False, vocab_only=True)
+        ids = [probe.tokenize(p.encode(), add_bos=True, special=False) for p in CHECK_PROMPTS]
+        del probe
+        hf_base = hf_logp(lm.model, ids)
+        with ablate(lm.model, r):
+            hooks = hf_logp(lm.model, ids)
+        weights = copy.deepcopy(lm.model)
+        orthogonalize_(weights, r)
+        mem = hf_logp(weights, ids)
+        del lm, weights
+        hf_file = hf_logp(load_model(str(out), dtype="fp32", cache=False).model, ids)
+        ll_base, ll_file = llama_logp(src, ids), llama_logp(out, ids)
+        size = out.stat().st_size
+
+    def kl(p: np.ndarray, q: np.ndarray) -> str:
+        return f"{float((np.exp(p) * (p - q)).sum(-1).mean()):.4f}"
+
+    def top1(p: np.ndarray, q: np.ndarray) -> str:
+        return f"{float(np.mean(p.argmax(-1) == q.argmax(-1))):.2f}"
+
+    types = sorted(set(summary["changed_types"].values())) or "none"
+    print(f"{src.name} ({src.stat().st_size / 1e6:.0f} MB) → {size / 1e6:.0f} MB in {secs:.1f} s, "
+          f"{len(summary['edited'])} tensors edited, type changes: {types}; {len(ids)} prompts, first-token KL (top-1 "
+          "agreement):")
+    print(f"  the edit itself: in memory against the source (transformers) {kl(hf_base, mem)} ({top1(hf_base, mem)})")
+    print(f"  the edited file (transformers) against the edit in memory    {kl(mem, hf_file)} ({top1(mem, hf_file)})")
+    print(f"  the edited file in llama.cpp against the edit in memory      {kl(mem, ll_file)} ({top1(mem, ll_file)})")
+    print(f"  the source in llama.cpp against transformers (the floor)     {kl(hf_base, ll_base)} ({top1(hf_base, ll_base)})")
+    print(f"  ablation hooks against the edit in memory                    {kl(mem, hooks)} ({top1(mem, hooks)}); "
+          f"against the source {kl(hf_base, hooks)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("run", help="a finished `refdir run` directory whose model was a GGUF (the default is)")
-    ap.add_argument("--harmful", required=True, help="the held-out harmful prompts the run was given (JSON)")
-    ap.add_argument("--harmless", required=True, help="the held-out harmless prompts (JSON; the first --n-harmless)")
+    ap.add_argument("run", nargs="?", help="a finished `refdir run` directory whose model was a GGUF (the default is)")
+    ap.add_argument("--harmful", help="the held-out harmful prompts the run was given (JSON)")
+    ap.add_argument("--harmless", help="the held-out harmless prompts (JSON; the first --n-harmless)")
     ap.add_argument("--n-harmless", type=int, default=100, help="as the run's --n-heldout (100)")
+    ap.add_argument("--edit-check", type=Path, help="instead of a run: a GGUF edited with a random direction")
+    ap.add_argument("--own-type", action="store_true", help="with --edit-check: edited tensors in their own type")
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    if (a.run is None) == (a.edit_check is None) or (a.run is not None and not (a.harmful and a.harmless)):
+        fail("give a run directory with --harmful and --harmless, or --edit-check SRC.gguf")
     try:
         from llama_cpp import Llama
     except ImportError:
         fail("this bench needs llama-cpp-python: pip install llama-cpp-python")
+    if a.edit_check is not None:
+        if not a.edit_check.is_file():
+            fail(f"no such GGUF file: {a.edit_check}")
+        edit_check(Llama, a.edit_check, a.threads, a.own_type)
+        return
     rd = RunDir(a.run)
     try:
         summ = json.loads((rd.path / "summary.json").read_text())

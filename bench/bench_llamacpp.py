@@ -30,12 +30,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from benchlib import fail
 
 from refdir.core import rundir as rdl
 from refdir.core.model_files import gguf_file_of
 from refdir.core.rundir import RunDir
 from refdir.method.refusal_judge import judge
+from refdir.method.scoring import first_token_kl
 from refdir.workflows.finish import HARMLESS_TOKENS
 
 
@@ -57,25 +59,35 @@ def _answers(llm, prompts: list[str], tokens: int) -> list[str]:
     return out
 
 
-def _first_logprobs(llm, prompts: list[str]) -> np.ndarray:
-    """Log-probabilities of the first answer token, the prompt rendered by the GGUF's template (float64)."""
+def _last_logits(llm, token_lists: list[list[int]]) -> torch.Tensor:
+    """llama.cpp's next-token logits after each token list [N, vocab] (the instance needs ``logits_all``: this
+    llama-cpp-python keeps no logits without it)."""
+    rows = []
+    for ids in token_lists:
+        if len(ids) > llm.n_ctx():
+            fail(f"a prompt of {len(ids)} tokens exceeds the context of the logits pass ({llm.n_ctx()})")
+        llm.reset()
+        llm.eval(ids)
+        z = torch.from_numpy(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32))
+        if not z.any():
+            fail("llama.cpp returned no logits (this llama-cpp-python keeps them only with logits_all)")
+        rows.append(z)
+    return torch.stack(rows)
+
+
+def _chat_tokens(llm, prompts: list[str]) -> list[list[int]]:
+    """Each prompt as one user turn rendered by the GGUF's chat template, with the generation prompt."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     fmt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token="", bos_token="",
                               add_generation_prompt=True)
-    rows = []
-    for p in prompts:
-        text = fmt(messages=[{"role": "user", "content": p}]).prompt
-        llm.reset()
-        ids = llm.tokenize(text.encode(), add_bos=False, special=True)
-        if len(ids) > llm.n_ctx():
-            fail(f"a harmless prompt of {len(ids)} tokens exceeds the KL pass's context ({llm.n_ctx()})")
-        llm.eval(ids)
-        z = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
-        if not z.any():
-            fail("llama.cpp returned no logits (this llama-cpp-python keeps them only with logits_all)")
-        rows.append(z - z.max() - np.log(np.exp(z - z.max()).sum()))
-    return np.stack(rows)
+    return [llm.tokenize(fmt(messages=[{"role": "user", "content": p}]).prompt.encode(), add_bos=False, special=True)
+            for p in prompts]
+
+
+def _kl(base: torch.Tensor, edited: torch.Tensor) -> float:
+    """Mean first-token KL(base ‖ edited) of two [N, vocab] logit tensors (refdir's formula)."""
+    return float(first_token_kl(base, edited, base_logits=True).mean())
 
 
 CHECK_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Water boils at a temperature of",
@@ -90,8 +102,6 @@ def edit_check(Llama, src: Path, threads: int, own_type: bool) -> None:
     import copy
     import tempfile
 
-    import torch
-
     import refdir.core.gguf_edit as gguf_edit
     from refdir.core.interventions import ablate
     from refdir.core.models import load_model
@@ -103,20 +113,13 @@ def edit_check(Llama, src: Path, threads: int, own_type: bool) -> None:
     d = lm.model.config.get_text_config().hidden_size
     r = torch.randn(d, generator=torch.Generator().manual_seed(0))
 
-    def llama_logp(path: Path, ids) -> np.ndarray:
-        llm = Llama(model_path=str(path), n_ctx=128, n_threads=threads, verbose=False, logits_all=True)
-        rows = []
-        for i in ids:
-            llm.reset()
-            llm.eval(i)
-            z = np.asarray(llm.scores[llm.n_tokens - 1], dtype=np.float64)
-            rows.append(z - z.max() - np.log(np.exp(z - z.max()).sum()))
-        return np.stack(rows)
+    def llama_logits(path: Path, ids) -> torch.Tensor:
+        return _last_logits(Llama(model_path=str(path), n_ctx=128, n_threads=threads, verbose=False, logits_all=True),
+                            ids)
 
-    def hf_logp(model, ids) -> np.ndarray:
+    def hf_logits(model, ids) -> torch.Tensor:
         with torch.no_grad():
-            return np.stack([torch.log_softmax(model(input_ids=torch.tensor([i])).logits[0, -1].double(), -1).numpy()
-                             for i in ids])
+            return torch.stack([model(input_ids=torch.tensor([i])).logits[0, -1].float() for i in ids])
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "edited.gguf"
@@ -126,22 +129,22 @@ def edit_check(Llama, src: Path, threads: int, own_type: bool) -> None:
         probe = Llama(model_path=str(src), n_ctx=128, n_threads=threads, verbose=False, vocab_only=True)
         ids = [probe.tokenize(p.encode(), add_bos=True, special=False) for p in CHECK_PROMPTS]
         del probe
-        hf_base = hf_logp(lm.model, ids)
+        hf_base = hf_logits(lm.model, ids)
         with ablate(lm.model, r):
-            hooks = hf_logp(lm.model, ids)
+            hooks = hf_logits(lm.model, ids)
         weights = copy.deepcopy(lm.model)
         orthogonalize_(weights, r)
-        mem = hf_logp(weights, ids)
+        mem = hf_logits(weights, ids)
         del lm, weights
-        hf_file = hf_logp(load_model(str(out), dtype="fp32", cache=False).model, ids)
-        ll_base, ll_file = llama_logp(src, ids), llama_logp(out, ids)
+        hf_file = hf_logits(load_model(str(out), dtype="fp32", cache=False).model, ids)
+        ll_base, ll_file = llama_logits(src, ids), llama_logits(out, ids)
         size = out.stat().st_size
 
-    def kl(p: np.ndarray, q: np.ndarray) -> str:
-        return f"{float((np.exp(p) * (p - q)).sum(-1).mean()):.4f}"
+    def kl(p: torch.Tensor, q: torch.Tensor) -> str:
+        return f"{_kl(p, q):.4f}"
 
-    def top1(p: np.ndarray, q: np.ndarray) -> str:
-        return f"{float(np.mean(p.argmax(-1) == q.argmax(-1))):.2f}"
+    def top1(p: torch.Tensor, q: torch.Tensor) -> str:
+        return f"{float((p.argmax(-1) == q.argmax(-1)).double().mean()):.2f}"
 
     types = sorted(set(summary["changed_types"].values())) or "none"
     print(f"{src.name} ({src.stat().st_size / 1e6:.0f} MB) → {size / 1e6:.0f} MB in {secs:.1f} s, "
@@ -190,7 +193,7 @@ def main() -> None:
     kind, tokens = summ["judge"], summ["test"]["max_new_tokens"]
     print(f"{len(harmful)} harmful prompts ({tokens} tokens), {len(harmless)} harmless ({HARMLESS_TOKENS} tokens), "
           f"{kind} judge; base {src.name}, edited {edited}")
-    logp = {}
+    logits = {}
     for arm, path in (("base", src), ("chosen", edited)):
         t = time.perf_counter()
         llm = Llama(model_path=str(path), n_ctx=1024, n_threads=a.threads, verbose=False, seed=0)
@@ -206,13 +209,12 @@ def main() -> None:
         del llm
         # logits are kept only with logits_all (every position's row: a short context keeps that small)
         llm = Llama(model_path=str(path), n_ctx=256, n_threads=a.threads, verbose=False, logits_all=True)
-        logp[arm] = _first_logprobs(llm, harmless)
+        logits[arm] = _last_logits(llm, _chat_tokens(llm, harmless))
         del llm
         print(f"  ({time.perf_counter() - t:.0f} s)", flush=True)
-    b, c = logp["base"], logp["chosen"]
-    kl = (np.exp(b) * (b - c)).sum(-1)
     run_kl = summ["test"].get("kl", {}).get("chosen/heldout")
-    print(f"first-token KL(base || edited) in llama.cpp: {kl.mean():.4f} over {len(kl)} harmless prompts; "
+    print(f"first-token KL(base || edited) in llama.cpp: {_kl(logits['base'], logits['chosen']):.4f} over "
+          f"{len(harmless)} harmless prompts; "
           f"the run's (transformers, dequantized): {run_kl if run_kl is None else f'{run_kl:.4f}'}")
 
 

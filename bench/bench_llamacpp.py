@@ -12,7 +12,8 @@ With ``--edit-check SRC.gguf`` instead of a run: any GGUF (SmolLM2's Q4_1 file, 
 orthogonalized against a fixed random direction (seed 0) with ``refdir.core.gguf_edit``, and the next-token
 distributions after a few plain-text prompts are compared: the same edit made in memory on the dequantized source
 (``orthogonalize_``, transformers, fp32: what the file should compute), the edited file loaded back by transformers,
-both files in llama.cpp, and the direction ablated with hooks (equal to the weight edit on pre-norm models only).
+both files in llama.cpp, and the direction ablated with hooks (equal to the weight edit; on post-norm models
+since 2026-12-07).
 ``--own-type`` writes the edited tensors in their own quantization type, as refdir did before 2026-12-07.
 
 llama-cpp-python is not a refdir dependency (it builds llama.cpp from source: ``pip install llama-cpp-python``,

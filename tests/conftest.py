@@ -167,6 +167,23 @@ def _random_weights(model):
     return model
 
 
+@torch.no_grad()
+def uneven_post_norms(model, seed: int = 0):
+    """``model`` with every post-norm's gain spread as a real Gemma 3 checkpoint's are (its 270M model: gains from
+    ~0.3 to 1657 in one norm, medians 0.3–337): log-normal, e^N(1, 1.5), so a few channels are amplified a
+    hundredfold. With :func:`_random_weights`' gains near 1 the weight edit under a post-norm and an orthogonal
+    projection after it nearly coincide; with these they do not (NOTES.md, thirtieth session)."""
+    from refdir.core.architecture import inspect_model
+    from refdir.core.postnorm import norm_form
+
+    g = torch.Generator().manual_seed(seed)
+    for bp in inspect_model(model).blocks:
+        for norm in {id(n): n for names in bp.post.values() for n in (getattr(bp.block, x) for x in names)}.values():
+            gain = torch.exp(1.0 + 1.5 * torch.randn(norm.weight.shape, generator=g))
+            norm.weight.copy_(gain - norm_form(norm).offset)
+    return model
+
+
 @pytest.fixture()
 def tiny_model_dir(tmp_path, tiny_tokenizer):
     """Factory: save a tiny random model of an architecture with the tiny tokenizer; return its dir."""

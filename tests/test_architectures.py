@@ -6,11 +6,12 @@ import warnings
 
 import pytest
 import torch
-from conftest import EXACT_ARCHS, POSTNORM_ARCHS, make_tiny
+from conftest import EXACT_ARCHS, POSTNORM_ARCHS, make_tiny, uneven_post_norms
 from transformers import AutoModelForCausalLM
 
 from refdir.core.architecture import inspect_model
-from refdir.core.hooks import contiguous_unembedding, row_major_strides
+from refdir.core.edits import Plan, hooked
+from refdir.core.hooks import contiguous_unembedding, map_input, registered, row_major_strides
 from refdir.core.interventions import ablate, add, intervene
 from refdir.core.models import save_hf_checkpoint
 from refdir.core.orthogonalize import orthogonalize_
@@ -37,9 +38,31 @@ def _record_block_inputs(arch):
     return seen, handles
 
 
-@pytest.mark.parametrize("arch_name", sorted(EXACT_ARCHS))
-def test_ablation_equals_orthogonalized_checkpoint(arch_name, tmp_path):
+def _after_norm_ablation(model, arch, r):
+    """What ``ablate`` computed on post-norm models before the thirty-first session: r̂ projected out of each
+    component's *normed* output (and every block input), which no weight edit computes."""
+    r_hat = r / r.norm()
+
+    def fn(_m, _a, out):
+        x = out[0] if isinstance(out, tuple) else out
+        x = x - (x @ r_hat).unsqueeze(-1) * r_hat
+        return (x, *out[1:]) if isinstance(out, tuple) else x
+
+    hs = [m.register_forward_hook(fn) for bp in arch.blocks for c in ("attn", "mlp") for m in bp.outs(c)]
+    hs += [bp.block.register_forward_pre_hook(map_input(lambda x: x - (x @ r_hat).unsqueeze(-1) * r_hat),
+                                              with_kwargs=True) for bp in arch.blocks]
+    return registered(hs)
+
+
+@pytest.mark.parametrize(("arch_name", "uneven"), [(a, False) for a in sorted(EXACT_ARCHS) + sorted(POSTNORM_ARCHS)]
+                         + [(a, True) for a in sorted(POSTNORM_ARCHS)])
+def test_ablation_equals_orthogonalized_checkpoint(arch_name, uneven, tmp_path):
+    # on post-norm models too: ablate acts where the writers write (before the norm, along gain ⊙ r̂), as the
+    # weight edit does, so selection and evaluation score what the checkpoint computes. Post-norm gains as uneven
+    # as Gemma 3's make the old after-norm projection a different model (checked below, so this test can fail)
     model = make_tiny(arch_name, VOCAB)
+    if uneven:
+        uneven_post_norms(model)
     arch = inspect_model(model)
     r = torch.randn(arch.d_model, generator=torch.Generator().manual_seed(7))
     ids, mask = _inputs()
@@ -49,12 +72,19 @@ def test_ablation_equals_orthogonalized_checkpoint(arch_name, tmp_path):
             abl = model(input_ids=ids, attention_mask=mask).logits
     assert (abl - base).abs().max() > 1e-3, "ablation must change the output of a random model"
     assert arch.weight_edit_exact
+    scale = max(1.0, float(base.abs().max()) / 10)
+    if uneven:
+        with torch.no_grad(), _after_norm_ablation(model, arch, r):
+            after = model(input_ids=ids, attention_mask=mask).logits
+        assert (after - abl).abs().max() > 1e-2 * scale
+    with torch.no_grad(), hooked(model, Plan.full(r, arch.n_layers)):  # the search's full edit: the same
+        full = model(input_ids=ids, attention_mask=mask).logits
+    assert (abl - full).abs().max() <= 1e-4 * scale, f"{arch_name}: ablate != the search's full edit"
     orthogonalize_(model, r)
     save_hf_checkpoint(model, None, tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():
         ortho = reloaded(input_ids=ids, attention_mask=mask).logits
-    scale = max(1.0, float(base.abs().max()) / 10)
     assert (abl - ortho).abs().max() <= 1e-4 * scale, f"{arch_name}: ablate != orthogonalized"
 
 
@@ -87,11 +117,11 @@ def test_ablation_removes_direction_at_every_block_input_during_cached_decoding(
 
 @pytest.mark.parametrize("arch_name", sorted(POSTNORM_ARCHS))
 def test_postnorm_architectures_are_detected_and_the_weight_edit_is_exact_removal(arch_name):
-    # the weight edit no longer equals the hooks there (weight_edit_exact is False: rms changes), but it removes r
-    # from the stream exactly (tests/test_postnorm.py), so it no longer warns
+    # the weight edit removes r from the stream exactly (tests/test_postnorm.py) and equals the hooks, which act
+    # under the post-norms as it does (test_ablation_equals_orthogonalized_checkpoint), so it does not warn
     model = make_tiny(arch_name, VOCAB)
     arch = inspect_model(model)
-    assert arch.has_post_norms and not arch.weight_edit_exact
+    assert arch.has_post_norms and arch.weight_edit_exact
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         summary = orthogonalize_(model, torch.randn(arch.d_model))

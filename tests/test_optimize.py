@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import POSTNORM_ARCHS, make_tiny, uneven_post_norms
 from safetensors.torch import save_file
 
 from refdir.core.chat import ChatFormat
@@ -75,6 +75,36 @@ def test_layout_aligns_prompt_ends_and_targets():
     assert lay.ids.tolist() == [[1, 2, 5, 6, 7], [0, 3, 8, 0, 0]]
     assert lay.mask.tolist() == [[1, 1, 1, 1, 1, 1, 1], [1, 1, 0, 1, 1, 0, 0]]
     assert lay.pos.tolist()[1][1:3] == [2, 3] and lay.targets.tolist() == [[5, 6, 7], [8, -100, -100]]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("arch_name", sorted(POSTNORM_ARCHS))
+def test_training_hooks_equal_the_weight_edit_under_post_norms_and_pass_gradients(arch_name, k):
+    # what RDO trains is what a checkpoint edited with the trained span computes: under post-norms as uneven as
+    # Gemma 3's, the training hooks, ablate and orthogonalize_ agree, and the loss still reaches the span
+    import copy
+
+    from refdir.core.orthogonalize import orthogonalize_
+
+    model = uneven_post_norms(make_tiny(arch_name, 128))
+    span = torch.linalg.qr(torch.randn(64, k, generator=torch.Generator().manual_seed(5)))[0].T.contiguous()
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        edited = copy.deepcopy(model)
+        orthogonalize_(edited, span)
+        want = edited(input_ids=ids).logits
+        with ablate(model, span):
+            hooked = model(input_ids=ids).logits
+    train = span.clone().requires_grad_(True)
+    edit = _Edit(span=train)
+    with frozen(model), training_hooks(model, edit, 1):
+        got = model(input_ids=ids).logits
+        got.logsumexp(-1).sum().backward()
+    scale = max(1.0, float(want.abs().max()) / 10)
+    assert float((hooked - want).abs().max()) <= 1e-4 * scale
+    assert float((got.detach() - want).abs().max()) <= 1e-4 * scale
+    assert train.grad is not None and float(train.grad.abs().max()) > 0
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_training_hooks_equal_the_evaluation_hooks_and_target_logits_the_plain_forward(tiny):

@@ -98,13 +98,23 @@ def test_gemma3_from_gguf_edit_removes_r_in_memory_and_in_gguf(tmp_path):
     naive_cos = max_cos(model, r, ids)
     for p, v in naive.items():
         p.data = v
+    with torch.no_grad():
+        base = model(input_ids=ids).logits.log_softmax(-1)
+        with ablate(model, r):  # acts under the post-norms, as the weight edit does
+            hooked = model(input_ids=ids).logits.log_softmax(-1)
     assert orthogonalize_(model, r)["post_norms"] == "exact"
     in_memory = max_cos(model, r, ids)
+    with torch.no_grad():
+        weights = model(input_ids=ids).logits.log_softmax(-1)
+    kl_edit = float((base.exp() * (base - weights)).sum(-1).mean())
+    kl_hooks = float((weights.exp() * (weights - hooked)).sum(-1).mean())
     del lm, model
     edited = load_model(str(tmp_path / "edited.gguf"), dtype="fp32", cache=False).model
     in_gguf = max_cos(edited, r, ids)
     print(f"max |cos(x, r)|: before {before:.2e}, naive {naive_cos:.2e}, in memory {in_memory:.2e}, "
-          f"GGUF {in_gguf:.2e}")
+          f"GGUF {in_gguf:.2e}; KL base → edit {kl_edit:.3f}, weights → hooks {kl_hooks:.1e}")
+    # before the hooks acted under the norms, they were KL ~14 from these weights (NOTES.md, thirtieth session)
+    assert kl_edit > 0.1 and kl_hooks <= 1e-4
     assert before > 0.05 and naive_cos > 1e-2
     assert in_memory <= 1e-5
     assert in_gguf <= 2.0**-8

@@ -432,9 +432,10 @@ def test_search_takes_an_optimized_direction_from_the_command_line(tmp_path, tin
     assert json.loads((rd.search_dir() / "summary.json").read_text())["trials"] == res["trials"]
 
 
-def test_post_norm_models_run_their_plain_warm_starts(tmp_path, tiny_model_dir):
-    """After post-norms the selection's ablation (after the norm) is not the search's full edit (before it,
-    core/edits), so no warm start takes the selection's scores: each is run as a trial of its own."""
+def test_post_norm_models_take_the_selection_scores_as_pre_norm_ones_do(tmp_path, tiny_model_dir):
+    """Under post-norms the selection's ablation acts where the search's full edit acts (before the norm; both
+    equal the weights: tests/test_architectures.py), so the plain warm starts take the selection's scores as on a
+    pre-norm model (before 2026-12-07 its hooks acted after the norm, and each warm start was run again)."""
     import optuna
 
     from refdir.method.search.study import storage
@@ -444,5 +445,5 @@ def test_post_norm_models_run_their_plain_warm_starts(tmp_path, tiny_model_dir):
                progress=False)
     st = optuna.load_study(study_name="refdir-search", storage=storage(out / "search" / "study.log"))
     warm = [t for t in st.trials if t.user_attrs.get("warm_start")]
-    assert warm and not any(t.user_attrs.get("from_selection") for t in warm)
+    assert warm and any(t.user_attrs.get("from_selection") for t in warm)
     assert all(t.datetime_start is not None and t.datetime_complete is not None for t in warm)

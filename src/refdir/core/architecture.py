@@ -34,7 +34,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.pytorch_utils import Conv1D
 
-from refdir.core.postnorm import is_norm, static_post_norms
+from refdir.core.postnorm import edit_exact, is_norm, static_post_norms
 from refdir.core.stream_check import check_padding, trace_block
 from refdir.errors import RefdirError
 
@@ -130,14 +130,14 @@ class Architecture:
 
     @property
     def embedding_rescaled(self) -> bool:
-        """Block 0 reads the embeddings' output rescaled per token, so ablation at block inputs alone is not what
-        an edited embedding computes: :func:`refdir.core.interventions.ablate` then also hooks the embeddings."""
+        """Block 0 reads the embeddings' output rescaled per token (a norm between them): an edit must act on the
+        embeddings' output, not on block 0's input (as :func:`refdir.core.interventions.ablate` always does)."""
         return self.blocks[0].input_rescaled
 
     @property
     def weight_edit_exact(self) -> bool:
-        """Weight orthogonalization equals ablation exactly only without post-norms."""
-        return not self.has_post_norms
+        """Whether weight orthogonalization computes exactly what the ablation hooks do: every post-norm known."""
+        return edit_exact(self)
 
     def summary(self) -> dict:
         b0 = self.blocks[0]

@@ -39,8 +39,7 @@ writes nothing along d and hooks and weights are the same linear edit (removing 
 
 The existing full ablation is the special case :meth:`Edit.full`: strength 1 at every layer on both
 components, plain, embedding on; its hooks equal :func:`refdir.core.interventions.ablate` and its weights
-:func:`refdir.core.orthogonalize.orthogonalize_` (on post-norm models only its weights do: ``ablate`` removes r̂
-after the norm).
+:func:`refdir.core.orthogonalize.orthogonalize_`, post-norm models included (all three act under the norms).
 """
 
 from __future__ import annotations

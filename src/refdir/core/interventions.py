@@ -1,10 +1,15 @@
 """Interventions on the residual stream, as context managers that always remove their hooks.
 
-- :func:`ablate` projects r̂ out of every block input and every attention / MLP write (and the embeddings' output
-  where a norm rescales it per token before block 0), at every position, including each decoding step of
+- :func:`ablate` projects r̂ out of the embeddings' output, every block input and every attention / MLP write, at
+  every position, including each decoding step of
   ``generate`` with a KV cache (the hooks run on the new token's activations; cached keys/values were computed
-  under the same hooks). Given a basis B [k, d]
-  instead of a vector, it projects out the whole span: ``x ← x − Bᵀ(B x)``.
+  under the same hooks). Given a basis B [k, d] instead of a vector, it projects out the whole span:
+  ``x ← x − Bᵀ(B x)``. Where a post-norm sits between a module and the stream (Gemma 2/3/4, OLMo 2), the write is
+  projected where the module's writers write, before the norm, off ``normalize(gain ⊙ r̂)`` (through every norm
+  of a chain: :func:`refdir.core.postnorm.chain_basis`; :func:`ablation_sites`), so the block writes nothing along
+  r̂ and the hooks compute exactly what the weight edit :func:`refdir.core.orthogonalize.orthogonalize_` computes.
+  Removing r̂ from the normed output instead (the paper's definition, whose models had no post-norms) is no weight
+  edit: on Gemma 3 270M it moved the model ~15 nats away from the edited checkpoint (NOTES.md).
 - :func:`add` adds ``coeff · v`` to one block's input at every position.
 - :func:`intervene` combines any number of them.
 """
@@ -19,7 +24,8 @@ from torch import nn
 
 from refdir.core.architecture import Architecture, inspect_model
 from refdir.core.directions import ablation_operand, check_direction
-from refdir.core.hooks import PerDevice, map_input, map_output, registered
+from refdir.core.hooks import PerDevice, map_input, map_output, registered, remove_all
+from refdir.core.postnorm import COMPONENTS, chain_basis, chain_gains
 
 
 def project_out(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
@@ -32,26 +38,61 @@ def project_out(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
     return (x.float() - coef * r).to(x.dtype)
 
 
-def ablation_hooks(model: nn.Module, direction: torch.Tensor, arch: Architecture | None = None,
-                   layers: list[int] | None = None) -> list:
-    """The hooks of :func:`ablate` (handles; the caller removes them)."""
-    arch = arch or inspect_model(model)
-    r = PerDevice(ablation_operand(direction))
-
-    def fn(x):
-        return project_out(x, r.on(x))
-
-    handles = []
-    if arch.embedding_rescaled and (layers is None or 0 in layers):  # before the norm, as an edited embedding
-        handles += [emb.register_forward_hook(map_output(fn)) for _n, emb in arch.embeddings]
+def ablation_sites(arch: Architecture, layers: list[int] | None = None) -> list[tuple[nn.Module, list | None]]:
+    """Where the ablation projects a component's write: each attention / MLP module's own output, with the gains of
+    the post-norms between it and the stream (:func:`refdir.core.postnorm.chain_gains`; ``[]`` without one), whose
+    weight edit the projection equals; where a chain's form is unknown, its outermost norm's output, with None (the
+    projection after it: an approximation, as the weight edit is there)."""
+    sites: list[tuple[nn.Module, list | None]] = []
     for bp in arch.blocks:
         if layers is not None and bp.index not in layers:
             continue
-        handles.append(bp.block.register_forward_pre_hook(map_input(fn), with_kwargs=True))
-        for m in (*bp.outs("attn"), *bp.outs("mlp")):
-            if m is not None:
-                handles.append(m.register_forward_hook(map_output(fn)))
+        for c in COMPONENTS:
+            for mod in bp.modules(c):
+                gains = chain_gains(bp, mod) if bp.chain(mod) else []
+                site = mod if gains is not None else bp.chain(mod)[-1]
+                if not any(site is s for s, _ in sites):
+                    sites.append((site, gains))
+    return sites
+
+
+def placed_hooks(arch: Architecture, projection, layers: list[int] | None = None) -> list:
+    """Register the ablation at every place it acts (handles; the caller removes them): ``projection(gains)`` is the
+    map ``x → x'`` for a place under post-norms of these gains (``[]`` for the embeddings' output, the block inputs and
+    modules without post-norms; None after a norm of unknown form, :func:`ablation_sites`), or None for no hook there.
+    :func:`ablate` and the RDO training (:mod:`refdir.method.optimize`) both place theirs here."""
+    handles = []
+    embeddings = layers is None or 0 in layers  # as an edited embedding: before any norm, and for its every reader
+    try:
+        if embeddings and (fn := projection([])) is not None:
+            handles += [emb.register_forward_hook(map_output(fn)) for _n, emb in arch.embeddings]
+        for bp in arch.blocks:
+            # block 0 reads the embeddings' output itself unless a norm rescales it: projected once, there
+            again = bp.index > 0 or not embeddings or arch.embedding_rescaled
+            if (layers is None or bp.index in layers) and again and (fn := projection([])) is not None:
+                handles.append(bp.block.register_forward_pre_hook(map_input(fn), with_kwargs=True))
+        for site, gains in ablation_sites(arch, layers):
+            if (fn := projection(gains)) is not None:
+                handles.append(site.register_forward_hook(map_output(fn)))
+    except Exception:
+        remove_all(handles)
+        raise
     return handles
+
+
+def ablation_hooks(model: nn.Module, direction: torch.Tensor, arch: Architecture | None = None,
+                   layers: list[int] | None = None) -> list:
+    """The hooks of :func:`ablate` (handles; the caller removes them)."""
+    operand = ablation_operand(direction)
+
+    def projection(gains):
+        u = chain_basis(gains, operand) if gains else operand
+        if u is None:  # the norm cannot write along r̂ at all
+            return None
+        r = PerDevice(u.to(torch.float32))
+        return lambda x: project_out(x, r.on(x))
+
+    return placed_hooks(arch or inspect_model(model), projection, layers)
 
 
 def addition_hooks(model: nn.Module, vector: torch.Tensor, layer: int, coeff: float = 1.0,

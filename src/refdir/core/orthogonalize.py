@@ -6,8 +6,8 @@ E ← E − E r̂ r̂ᵀ. A tied ``lm_head`` is untied first so the unembedding 
 
 Where a post-norm sits between a writer and the stream (Gemma 2/3/4, OLMo 2), the writer is made orthogonal to
 û = gain ⊙ r̂ normalized instead (centred for a LayerNorm, whose bias also loses its r̂ part; through each norm of
-a chain, from the outermost in, in Gemma 4): the block then writes nothing along r̂, exactly, though its output
-differs from the ablation hooks' (see :mod:`refdir.core.postnorm`).
+a chain, from the outermost in, in Gemma 4): the block then writes nothing along r̂, exactly, and computes what
+the ablation hooks compute, which act there too (:mod:`refdir.core.interventions`, :mod:`refdir.core.postnorm`).
 
 Every function here also takes an orthonormal basis B [k, d] (a subspace, :class:`refdir.core.directions.Subspace`)
 instead of r: then W_out ← (I − BᵀB) W_out, b ← (I − BᵀB) b, E ← E (I − BᵀB), and writers under a post-norm are

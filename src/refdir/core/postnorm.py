@@ -6,7 +6,9 @@ A block with a post-norm writes ``n(y) = g ⊙ y / rms(y)`` (``y = W z`` the mod
 ``y·u = 0`` for every input, hence ``n(y)·r = 0``: the block writes nothing along r, exactly. With a ``(1 + w)``
 gain, ``g = 1 + w``. For a LayerNorm, ``n(y) = g ⊙ (y − mean(y)) / std(y) + β``: then ``u`` is ``g ⊙ r`` centred
 (``(y − mean(y))·v = y·(v − mean(v))``), and the bias loses its r component. The norm's scale ``1/rms(y)`` still
-changes, so the edited block's output is not the ablation hooks' output; only its r component is the same (0).
+changes, so the edited block's output is not the normed output with r removed afterwards (the paper's ablation,
+defined for pre-norm models, which no weight edit computes): the ablation hooks therefore act here too, on ``y``
+(:func:`refdir.core.interventions.ablate`), and equal the weights.
 
 Chains (Gemma 4): a module's output may pass several norms before the stream, e.g. ``n_f(n_1(y) + n_2(z))``. From
 the outermost norm in, each norm's output must avoid the direction of the level above it, so the writers of ``y``
@@ -276,6 +278,18 @@ def chain_basis(gains: list[tuple[torch.Tensor, bool]], r: torch.Tensor) -> torc
         if u is None:
             return None
     return u
+
+
+def chain_span(gains: list[tuple[torch.Tensor, bool]], span: torch.Tensor) -> torch.Tensor:
+    """:func:`chain_basis` for a span being trained ([k, d], gradients kept): the rows of ``span`` times each gain
+    from the outermost norm in (centred where the norm centres) span the same subspace, orthonormalized here by QR.
+    (:func:`chain_basis` also drops directions a gain annihilates, which a trained span under real gains has not.)"""
+    m = span
+    for gain, centred in reversed(gains):
+        m = m * gain.to(m)
+        if centred:
+            m = m - m.mean(-1, keepdim=True)
+    return torch.linalg.qr(m.T)[0].T
 
 
 def under_chain(d: torch.Tensor, gains: list[tuple[torch.Tensor, bool]] | None) -> torch.Tensor:

@@ -15,8 +15,10 @@ addition loss adds members sampled from the cone (non-negative combinations of t
 
 Only the basis gets gradients: the model is frozen (``requires_grad`` off on every parameter for the duration, then
 restored) and its weights are never written. The hooks sit where :func:`refdir.core.interventions.ablate` and
-:func:`~refdir.core.interventions.add` put theirs (every block input and attention / MLP write; the input of r's
-layer) and compute the same projection (:func:`~refdir.core.interventions.project_out`), differentiably. Speed:
+:func:`~refdir.core.interventions.add` put theirs (the embeddings' output, every block input and attention / MLP
+write; the input of r's layer) and compute the same projection (:func:`~refdir.core.interventions.project_out`;
+under post-norms off the span the weights are edited against, :func:`refdir.core.postnorm.chain_span`),
+differentiably. Speed:
 logits only at the target positions, the prompts' common template prefix run once per forward pass (its KV cache
 spread over the batch), short targets. Memory: one forward pass per loss, each backpropagated as soon as it is
 computed, so a step holds one pass's activations. The examples, their layout and the losses are in
@@ -36,8 +38,9 @@ from tqdm.auto import tqdm
 
 from refdir.core.architecture import Architecture, cache_kwarg, cache_of, inspect_model
 from refdir.core.forward import cache_for_rows
-from refdir.core.hooks import contiguous_unembedding, map_input, map_output, registered
-from refdir.core.interventions import project_out
+from refdir.core.hooks import contiguous_unembedding, map_input, registered
+from refdir.core.interventions import placed_hooks, project_out
+from refdir.core.postnorm import chain_span
 from refdir.errors import RefdirError
 from refdir.method.optimize_data import Examples, TrainSet, ce_loss, kl_topk, layout, pad_stack, shared_prefix
 
@@ -94,11 +97,19 @@ class _Edit:
     add: torch.Tensor | None = None
 
 
-def _project(edit: _Edit):
-    def fn(x):
-        return x if edit.span is None else project_out(x, edit.span)
+def _projection(edit: _Edit):
+    """:func:`refdir.core.interventions.placed_hooks`' projection for the span being trained: under post-norms, off
+    the span the weights would be edited against (:func:`refdir.core.postnorm.chain_span`, differentiable)."""
 
-    return fn
+    def at(gains):
+        def fn(x):
+            if edit.span is None:
+                return x
+            return project_out(x, chain_span(gains, edit.span) if gains else edit.span)
+
+        return fn
+
+    return at
 
 
 def _shift(edit: _Edit):
@@ -112,16 +123,14 @@ def _shift(edit: _Edit):
 
 @contextmanager
 def training_hooks(model: nn.Module, edit: _Edit, layer: int, arch: Architecture | None = None) -> Iterator[None]:
-    """Differentiable ablation (every block input and attention / MLP write) and addition (input of ``layer``)
-    hooks reading ``edit``, at the places :mod:`refdir.core.interventions` uses; removed on exit."""
+    """Differentiable ablation (the embeddings' output, every block input and attention / MLP write, under
+    post-norms where the writers write) and addition (input of ``layer``) hooks reading ``edit``, at the places
+    :func:`refdir.core.interventions.ablate` uses (:func:`~refdir.core.interventions.placed_hooks`); removed on
+    exit."""
     arch = arch or inspect_model(model)
     if not 0 <= layer < arch.n_layers:
         raise RefdirError(f"layer {layer} outside 0..{arch.n_layers - 1}")
-    proj = _project(edit)
-    handles = []
-    for bp in arch.blocks:
-        handles.append(bp.block.register_forward_pre_hook(map_input(proj), with_kwargs=True))
-        handles += [m.register_forward_hook(map_output(proj)) for m in (*bp.outs("attn"), *bp.outs("mlp")) if m is not None]
+    handles = placed_hooks(arch, _projection(edit))
     handles.append(arch.blocks[layer].block.register_forward_pre_hook(map_input(_shift(edit)), with_kwargs=True))
     with registered(handles):
         yield

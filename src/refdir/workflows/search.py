@@ -268,8 +268,8 @@ def search_phases(p: Prepared, cfg: SearchConfig, sdir: Path, timings: Timings, 
     warm = warm_starts(table, chosen, space, kl_max=run.kl_max, top_k=run.top_k,
                        strong_starts=cfg.strong_starts)[:trials]
     # those still to run (a resumed or extended search: the ones not in the study yet); the selection's scores
-    # stand for a full edit's only where its ablation hooks are the edit's (not after post-norms: core/edits)
-    known = [] if proxy.arch.has_post_norms else table
+    # stand for a full edit's where its ablation hooks are the edit's (not under post-norms of an unknown form)
+    known = table if proxy.arch.weight_edit_exact else []
     pending = seed_study(study, space, warm, known, band) if not all_trials(study) else unrun_warm_starts(study, warm)
     objective = make_objective(space, cands, proxy, band)
     with timings.phase("search"):

@@ -128,6 +128,29 @@ def test_postnorm_architectures_are_detected_and_the_weight_edit_is_exact_remova
     assert summary["post_norms"] == "exact"
 
 
+@pytest.mark.parametrize("arch_name", ["llama", "gemma3_text"])
+def test_ablation_projects_block_zero_when_given_inputs_embeds(arch_name):
+    # the embeddings' output is projected once, where it is made; a caller passing inputs_embeds (nanogcg, the
+    # Python API) skips that hook, so block 0 still projects its input: the same logits as from token ids
+    model = make_tiny(arch_name, VOCAB)
+    arch = inspect_model(model)
+    r = torch.randn(arch.d_model, generator=torch.Generator().manual_seed(5))
+    ids, mask = _inputs()
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(ids)  # unprojected: made outside the hooks
+        with ablate(model, r):
+            want = model(input_ids=ids, attention_mask=mask).logits
+            seen, handles = _record_block_inputs(arch)
+            try:
+                got = model(inputs_embeds=embeds, attention_mask=mask).logits
+            finally:
+                for h in handles:
+                    h.remove()
+    r_hat = r / r.norm()
+    assert float((seen[0] @ r_hat).abs().max()) <= 1e-5 * float(seen[0].norm(dim=-1).max())
+    assert float((got - want).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()) / 10)
+
+
 def test_tied_lm_head_is_untied_and_unembedding_unchanged():
     model = make_tiny("gemma", VOCAB)
     arch = inspect_model(model)

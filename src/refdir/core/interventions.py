@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
@@ -62,14 +63,26 @@ def placed_hooks(arch: Architecture, projection, layers: list[int] | None = None
     modules without post-norms; None after a norm of unknown form, :func:`ablation_sites`), or None for no hook there.
     :func:`ablate` and the RDO training (:mod:`refdir.method.optimize`) both place theirs here."""
     handles = []
-    embeddings = layers is None or 0 in layers  # as an edited embedding: before any norm, and for its every reader
+    projected: list = []  # the embeddings' last projected output, weakly: block 0 does not project it again
+
+    def embedding_fn(fn):
+        def f(x):
+            y = fn(x)
+            projected[:] = [weakref.ref(y)]
+            return y
+
+        return f
+
+    def block0_fn(fn):  # a call given inputs_embeds, a dispatch or a norm in between: not that tensor, projected
+        return lambda x: x if projected and projected[0]() is x else fn(x)
+
     try:
-        if embeddings and (fn := projection([])) is not None:
-            handles += [emb.register_forward_hook(map_output(fn)) for _n, emb in arch.embeddings]
+        if (layers is None or 0 in layers) and (fn := projection([])) is not None:
+            # as an edited embedding: before any norm, and for every reader of it (Gemma 4's per-layer inputs)
+            handles += [emb.register_forward_hook(map_output(embedding_fn(fn))) for _n, emb in arch.embeddings]
         for bp in arch.blocks:
-            # block 0 reads the embeddings' output itself unless a norm rescales it: projected once, there
-            again = bp.index > 0 or not embeddings or arch.embedding_rescaled
-            if (layers is None or bp.index in layers) and again and (fn := projection([])) is not None:
+            if (layers is None or bp.index in layers) and (fn := projection([])) is not None:
+                fn = block0_fn(fn) if bp.index == 0 else fn
                 handles.append(bp.block.register_forward_pre_hook(map_input(fn), with_kwargs=True))
         for site, gains in ablation_sites(arch, layers):
             if (fn := projection(gains)) is not None:

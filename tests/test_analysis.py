@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import last_position_states, make_tiny
+from conftest import last_position_states, make_tiny, uneven_post_norms
 
 from refdir.analysis.geometry import expression, geometry, geometry_from_activations
 from refdir.analysis.heads import (
@@ -78,13 +78,40 @@ def test_head_attribution_matches_brute_force(arch_name, tiny_tokenizer):
     for layer in range(arch.n_layers):
         full = _attn_write_on_r(model, arch, layer, fmt, PROMPTS, r_hat)
         # completeness: heads + bias = the whole attention write on r̂
-        np.testing.assert_allclose(att.contrib[:, layer].sum(-1) + att.bias[layer], full.numpy(), rtol=1e-4,
+        np.testing.assert_allclose(att.contrib[:, layer].sum(-1) + att.bias[:, layer], full.numpy(), rtol=1e-4,
                                    atol=1e-4)
         proj = attention_output_projection(arch.blocks[layer])
         for head in range(n_heads):
             ablated = _attn_write_on_r(model, arch, layer, fmt, PROMPTS, r_hat,
                                        lambda p=proj, h=head: _zero_head(p, h, head_dim))
             np.testing.assert_allclose((full - ablated).numpy(), att.contrib[:, layer, head], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch_name", ["gemma2", "gemma3_text", "olmo2"])
+def test_head_attribution_is_exact_under_post_norms(arch_name, tiny_tokenizer):
+    """Under a post-norm the attention writes ``g ⊙ y / s`` (``y`` its projection's output): each head's part is
+    read on ``g ⊙ r̂`` and divided by the row's ``s``, so heads and bias add up to the whole normed write on r̂, with
+    gains as uneven as Gemma 3's. Reading the heads on r̂ itself (as before 2026-12-07) does not add up."""
+    model = uneven_post_norms(make_tiny(arch_name, len(tiny_tokenizer)))
+    fmt = ChatFormat(tiny_tokenizer)
+    arch = inspect_model(model)
+    r = torch.randn(arch.d_model, generator=torch.Generator().manual_seed(1))
+    att = head_attribution(model, fmt, PROMPTS, r, progress=False)
+    assert not att.through_post_norm
+    naive = []
+    for layer in range(arch.n_layers):
+        full = _attn_write_on_r(model, arch, layer, fmt, PROMPTS, r / r.norm()).numpy()
+        np.testing.assert_allclose(att.contrib[:, layer].sum(-1) + att.bias[:, layer], full, rtol=1e-4, atol=1e-4)
+        proj = attention_output_projection(arch.blocks[layer])
+        got: dict = {}
+        h = proj.register_forward_hook(lambda _m, _a, out, got=got: got.update(y=out[:, -1].float()))
+        try:
+            with torch.no_grad():
+                model(**fmt.encode(PROMPTS), use_cache=False)
+        finally:
+            h.remove()
+        naive.append(float(np.abs((got["y"] @ (r / r.norm())).numpy() - full).max()))
+    assert max(naive) > 1e-2
 
 
 def test_head_attribution_top_and_bad_input(tiny_tokenizer):

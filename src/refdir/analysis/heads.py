@@ -21,6 +21,7 @@ from refdir.core.architecture import Architecture, inspect_model, takes_position
 from refdir.core.chat import ChatFormat
 from refdir.core.directions import unit_vector
 from refdir.core.hooks import registered
+from refdir.core.postnorm import chain_gains
 from refdir.errors import RefdirError
 
 
@@ -58,8 +59,8 @@ class HeadAttribution:
 
     position: int
     contrib: np.ndarray  # [N, L, H]
-    bias: np.ndarray  # [L] the projection's bias on r̂ (no head owns it)
-    through_post_norm: bool = False  # a post-norm sits between the projection and the stream: not exact
+    bias: np.ndarray  # [N, L] what no head owns: the projection's bias (and a post-norm's bias) on r̂
+    through_post_norm: bool = False  # a post-norm chain of unknown form or of several norms: not exact
 
     def mean(self) -> np.ndarray:
         return self.contrib.mean(0)
@@ -77,12 +78,57 @@ class HeadAttribution:
         return self.contrib[:, :up_to_layer].sum((1, 2))
 
 
+@dataclass
+class _PostNorm:
+    """An attention's lone post-norm of a known form: ``n(y) = g ⊙ (y − μ) / s + β``."""
+
+    norm: nn.Module
+    gain: torch.Tensor  # g, float64 on the CPU
+    centred: bool
+    bias: torch.Tensor | None  # β
+
+
+def _post_norm(bp) -> _PostNorm | None:
+    """The attention's post-norm, if one sits between it and the stream; None without one, or where its form is
+    unknown or it is a chain of several (then the attribution reads r̂ before the norm: not exact)."""
+    attn = bp.attention()
+    gains = chain_gains(bp, attn) if bp.chain(attn) else None
+    if not gains or len(gains) != 1:
+        return None
+    norm = bp.chain(attn)[0]
+    bias = getattr(norm, "bias", None)
+    return _PostNorm(norm, gains[0][0].double().cpu(), gains[0][1], None if bias is None else bias.detach().double().cpu())
+
+
+def _read_on(post: _PostNorm | None, r_hat: torch.Tensor) -> torch.Tensor:
+    """What the projection's output is read on: r̂, or under a post-norm ``g ⊙ r̂`` (centred where it centres)."""
+    if post is None:
+        return r_hat.double()
+    v = post.gain * r_hat.double()
+    return v - v.mean() if post.centred else v
+
+
+def _inverse_scale(post: _PostNorm, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Per row, the norm's ``1 / s``, read off its input ``y`` and output: ``|n(y) − β| / |g ⊙ (y − μ)|`` (eps
+    included, as the norm computed it); 0 where the input is 0."""
+    yc = y - y.mean(-1, keepdim=True) if post.centred else y
+    num = (out - (post.bias if post.bias is not None else 0.0)).norm(dim=-1)
+    den = (yc * post.gain).norm(dim=-1)
+    return torch.where(den > 0, num / den.clamp_min(1e-300), torch.zeros_like(den))
+
+
 @torch.no_grad()
 def head_attribution(model: nn.Module, fmt: ChatFormat, instructions: list[str], r: torch.Tensor, *,
                      position: int = -1, batch_size: int = 16, arch: Architecture | None = None,
                      progress: bool = True) -> HeadAttribution:
     """Each head's direct write onto r̂ at ``position``: ``z_h · (W_O[:, h] ᵀ r̂)`` where ``z_h`` is head
-    h's slice of the output projection's input (captured by a forward pre-hook)."""
+    h's slice of the output projection's input (captured by a forward pre-hook).
+
+    Under a post-norm (Gemma 2/3, OLMo 2: the block writes ``n(y) = g ⊙ (y − μ) / s + β``, ``y`` the projection's
+    output) the write on r̂ is ``y · v / s + β·r̂`` with ``v = g ⊙ r̂`` (centred for a centring norm), linear in the
+    heads given the row's divisor ``s``: each head's part is ``z_h · (W_O[:, h] ᵀ v) / s``, with ``s`` read off the
+    norm's own input and output (``|g ⊙ (y − μ)| / |n(y) − β|``), so heads and bias add up to the whole write
+    exactly. (Zeroing a head would also change ``s``: this is its share of the write, not that counterfactual.)"""
     check_position(fmt, position)
     if not instructions:
         raise RefdirError("no prompts for head attribution")
@@ -92,10 +138,16 @@ def head_attribution(model: nn.Module, fmt: ChatFormat, instructions: list[str],
         raise RefdirError(f"direction has size {r_hat.numel()} but the model has d = {arch.d_model}")
     projs = [attention_output_projection(bp) for bp in arch.blocks]
     n_heads, head_dim = head_layout(model, projs[0])
-    # u_l = W_O,lᵀ r̂, split into heads: [L, H, hd]
-    u = torch.stack([(p.weight.float().T.cpu() @ r_hat).view(n_heads, head_dim) for p in projs])
-    bias = np.array([float(p.bias.float().cpu() @ r_hat) if p.bias is not None else 0.0 for p in projs])
-    buf: dict[int, torch.Tensor] = {}
+    posts = [_post_norm(bp) for bp in arch.blocks]
+    vs = [_read_on(p, r_hat) for p in posts]
+    # u_l = W_O,lᵀ v_l, split into heads: [L, H, hd]
+    u = torch.stack([(p.weight.double().T.cpu() @ v).float().view(n_heads, head_dim)
+                     for p, v in zip(projs, vs, strict=True)])
+    b_on = torch.tensor([float(p.bias.double().cpu() @ v) if p.bias is not None else 0.0
+                         for p, v in zip(projs, vs, strict=True)], dtype=torch.float64)
+    beta = torch.tensor([float(p.bias @ r_hat.double()) if p is not None and p.bias is not None else 0.0
+                         for p in posts], dtype=torch.float64)
+    buf: dict = {}
 
     def pre(i):
         def hook(_m, args):
@@ -103,17 +155,32 @@ def head_attribution(model: nn.Module, fmt: ChatFormat, instructions: list[str],
 
         return hook
 
+    def norm_io(i):
+        def hook(_m, args, out):
+            buf["y", i] = args[0][:, position].detach().double().cpu()
+            buf["o", i] = (out[0] if isinstance(out, tuple) else out)[:, position].detach().double().cpu()
+
+        return hook
+
+    hooks = [p.register_forward_pre_hook(pre(i)) for i, p in enumerate(projs)]
+    hooks += [p.norm.register_forward_hook(norm_io(i)) for i, p in enumerate(posts) if p is not None]
     dev = next(model.parameters()).device
-    rows = []
-    with registered([p.register_forward_pre_hook(pre(i)) for i, p in enumerate(projs)]):
+    rows, biases = [], []
+    with registered(hooks):
         for s in tqdm(range(0, len(instructions), batch_size), desc="head attribution", disable=not progress,
                       leave=False):
             enc = fmt.encode(instructions[s : s + batch_size], device=dev, positions=takes_position_ids(model))
             buf.clear()
             model(**enc, use_cache=False, logits_to_keep=1)
             z = torch.stack([buf[i] for i in range(len(projs))], 1).view(-1, len(projs), n_heads, head_dim)
-            rows.append((z * u).sum(-1))  # [B, L, H]
-    return HeadAttribution(position, torch.cat(rows).numpy(), bias, arch.has_post_norms)
+            scale = torch.ones(z.shape[0], len(projs), dtype=torch.float64)  # 1 / s per row and layer
+            for i, p in enumerate(posts):
+                if p is not None:
+                    scale[:, i] = _inverse_scale(p, buf["y", i], buf["o", i])
+            rows.append(((z * u).sum(-1).double() * scale[..., None]).float())  # [B, L, H]
+            biases.append(b_on * scale + beta)
+    through = any(p is None and bp.chain(bp.attention()) for p, bp in zip(posts, arch.blocks, strict=True))
+    return HeadAttribution(position, torch.cat(rows).numpy(), torch.cat(biases).numpy(), through)
 
 
 # ------------------------------------------------------------------------------------------------ attention

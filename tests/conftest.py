@@ -169,8 +169,8 @@ def _random_weights(model):
 
 @torch.no_grad()
 def uneven_post_norms(model, seed: int = 0):
-    """``model`` with every post-norm's gain spread as a real Gemma 3 checkpoint's are (its 270M model: gains from
-    ~0.3 to 1657 in one norm, medians 0.3–337): log-normal, e^N(1, 1.5), so a few channels are amplified a
+    """``model`` with every post-norm's gain spread as a real Gemma 3 checkpoint's are (its 270M model: the largest
+    gain of a norm 52–1657, medians 0.3–337): log-normal, e^N(1, 1.5), so a few channels are amplified a
     hundredfold. With :func:`_random_weights`' gains near 1 the weight edit under a post-norm and an orthogonal
     projection after it nearly coincide; with these they do not (NOTES.md, thirtieth session)."""
     from refdir.core.architecture import inspect_model

@@ -50,7 +50,7 @@ def ablation_sites(arch: Architecture, layers: list[int] | None = None) -> list[
             continue
         for c in COMPONENTS:
             for mod in bp.modules(c):
-                gains = chain_gains(bp, mod) if bp.chain(mod) else []
+                gains = chain_gains(bp, mod)  # [] without a post-norm
                 site = mod if gains is not None else bp.chain(mod)[-1]
                 if not any(site is s for s, _ in sites):
                     sites.append((site, gains))

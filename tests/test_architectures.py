@@ -263,6 +263,8 @@ UNCOVERED = [
     ("jetmoe", "attn module of block 0 .* still writes"),  # attention experts held as bare tensors
     ("trocr", "adds more to the residual stream"),  # post-LN; its cross-attention is not called decoder-only
     ("gpt_neox_japanese", "block 2 .* adds more to the residual stream"),  # the last block's attention bias
+    # post-LN; its attention returns a list, which the trace once failed on with a traceback
+    ("openai-gpt", "adds more to the residual stream"),
 ]
 
 

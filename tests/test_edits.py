@@ -409,3 +409,20 @@ def test_projection_in_place_in_blocks_equals_the_whole_tensor_at_once(shape, ax
     one = t.clone()
     projection.project_along_(one, axis, (r1, 0.7, True))
     assert torch.equal(one, projection.project_along(t, r1, axis, 0.7, True))
+
+
+def test_output_hooks_edit_a_module_that_returns_a_list():
+    # some older modules return a list (GPT-1's attention): the hook must edit its hidden state, not pass it by
+    from torch import nn
+
+    from refdir.core.hooks import map_output, output_hidden, registered
+
+    class ListOut(nn.Module):
+        def forward(self, x):
+            return [2 * x, None]
+
+    mod, x = ListOut(), torch.ones(3)
+    with registered([mod.register_forward_hook(map_output(lambda t: t + 1))]):
+        out = mod(x)
+    assert isinstance(out, list) and out[1] is None
+    assert torch.equal(output_hidden(out), torch.full((3,), 3.0))

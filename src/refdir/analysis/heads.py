@@ -20,7 +20,7 @@ from refdir.analysis.geometry import check_position
 from refdir.core.architecture import Architecture, inspect_model, takes_position_ids
 from refdir.core.chat import ChatFormat
 from refdir.core.directions import unit_vector
-from refdir.core.hooks import registered
+from refdir.core.hooks import output_hidden, registered
 from refdir.core.postnorm import chain_gains
 from refdir.errors import RefdirError
 
@@ -158,7 +158,7 @@ def head_attribution(model: nn.Module, fmt: ChatFormat, instructions: list[str],
     def norm_io(i):
         def hook(_m, args, out):
             buf["y", i] = args[0][:, position].detach().double().cpu()
-            buf["o", i] = (out[0] if isinstance(out, tuple) else out)[:, position].detach().double().cpu()
+            buf["o", i] = output_hidden(out)[:, position].detach().double().cpu()
 
         return hook
 

@@ -34,18 +34,20 @@ def block_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def output_hidden(out) -> torch.Tensor:
-    """The hidden state in a module's output: the tensor itself or the first item of a tuple."""
-    return out[0] if isinstance(out, tuple) else out
+    """The hidden state in a module's output: the tensor itself or the first item of a tuple (or of a list, which
+    some older modules return: GPT-1's attention)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def map_output(fn):
-    """Wrap ``fn(hidden) -> hidden`` as a forward hook on module outputs (tensor or tuple)."""
+    """Wrap ``fn(hidden) -> hidden`` as a forward hook on module outputs (a tensor, or a tuple or list led by one)."""
 
     def hook(_mod, _args, out):
         if isinstance(out, torch.Tensor):
             return fn(out)
-        if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
-            return (fn(out[0]),) + tuple(out[1:])
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            new = (fn(out[0]), *out[1:])
+            return list(new) if isinstance(out, list) else new
         return out
 
     return hook

@@ -265,6 +265,7 @@ UNCOVERED = [
     ("gpt_neox_japanese", "block 2 .* adds more to the residual stream"),  # the last block's attention bias
     # post-LN; its attention returns a list, which the trace once failed on with a traceback
     ("openai-gpt", "adds more to the residual stream"),
+    ("qwen4_exp_text", "residual stream into block 0 .* is 256 wide"),  # four parallel streams of width d
 ]
 
 

@@ -165,6 +165,12 @@ def check_stream(block, seen: dict, written: dict, embs: list) -> None:
     against the norms involved."""
     x, y = seen.get("in"), seen.get("out")
     parts = [t for c in ("attn", "mlp") for t in written[c] if t is not None]  # a module not called writes nothing
+    name = type(block.block).__name__
+    if x is not None and parts and x.shape[-1] != parts[0].shape[-1]:
+        raise RefdirError(
+            f"refdir cannot edit this architecture: the residual stream into block {block.index} ({name}) is "
+            f"{x.shape[-1]} wide and its attention and MLP write {parts[0].shape[-1]} (several parallel streams, "
+            "as with hyper-connections), so a direction of the writers' width does not describe the stream")
     if x is None or y is None or any(p.numel() != y.numel() for p in parts) or x.shape != y.shape:
         return  # nothing to compare (an unusual call signature): the checkpoint's verification still runs
     parts = [p.reshape(y.shape) for p in parts]  # experts that return [tokens, d] (Gemma 4's)
@@ -176,7 +182,6 @@ def check_stream(block, seen: dict, written: dict, embs: list) -> None:
     a = torch.stack(cols, 1)
     coef = torch.linalg.lstsq(a, target.unsqueeze(1)).solution
     err = float((target - (a @ coef).squeeze(1)).norm() / sum(c.norm() for c in cols).clamp_min(1e-30))
-    name = type(block.block).__name__
     if err > tol:
         raise RefdirError(
             f"refdir cannot edit this architecture: block {block.index} ({name}) adds more to the residual stream "
